@@ -1,0 +1,6 @@
+import os
+
+# Keep tests single-threaded-friendly and quiet; tests that need several devices start a subprocess
+# with XLA_FLAGS=--xla_force_host_platform_device_count=8 (faking devices slows everything else).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
