@@ -1,0 +1,42 @@
+"""Image grids and PNG files."""
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """float images in [-1, 1] (any leading dims, [..., H, W, 3]) -> uint8 in [0, 255]."""
+  images = np.asarray(images, dtype=np.float32)
+  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, *, columns: int | None = None, pad: int = 2,
+              pad_value: int = 255, scale: int = 1) -> np.ndarray:
+  """Tiles uint8 images [N, H, W, 3] into one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, 3]."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {images.shape}")
+  if scale > 1:
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+  n, h, w, _ = images.shape
+  columns = columns or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / columns))
+  grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), pad_value, np.uint8)
+  for i, image in enumerate(images):
+    r, c = divmod(i, columns)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = image
+  return grid
+
+
+def save_png(image: np.ndarray, path: str) -> str:
+  """Writes uint8 [H, W, 3] to `path` (parents created)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(np.asarray(image, np.uint8)).save(path)
+  return path
+
+
+def load_png(path: str) -> np.ndarray:
+  """Reads any image file as uint8 [H, W, 3]."""
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
