@@ -1,0 +1,72 @@
+"""The `vqlm` command: `vqlm <command> [flags]`. Parses and dispatches; the work lives elsewhere.
+
+Commands:
+  train     train a stage from a config (`--config configs/tokenizer.py:size=small --workdir RUN`)
+  eval      evaluate a run directory and write RUN/eval.json
+  encode    encode a data set with a trained image tokenizer into code shards
+  text      train the SentencePiece model of a data set's captions (`vqlm text train ...`)
+  generate  draw images from text prompts with a trained LM run
+  caption   describe an image with a trained LM run
+  demo      the built-in end-to-end demo (all stages on the shapes data)
+  info      print a config's model and its parameter count
+  compile   compile the train step ahead of time and print its memory use
+  bench     benchmarks (`vqlm bench lm|sample|tokenizer ...`)
+
+User errors (bad config keys, missing files, mismatched checkpoints, bad images) print one line
+`vqlm: error: ...` naming the fix, and exit with status 2; no traceback.
+"""
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "vqlm.commands.train",
+    "eval": "vqlm.commands.evaluate",
+    "encode": "vqlm.commands.encode",
+    "text": "vqlm.commands.text",
+    "generate": "vqlm.commands.generate",
+    "caption": "vqlm.commands.caption",
+    "demo": "vqlm.commands.demo",
+    "info": "vqlm.commands.info",
+    "compile": "vqlm.commands.compile",
+    "bench": "vqlm.bench",
+}
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               PermissionError)
+
+
+def usage() -> str:
+  lines = ["usage: vqlm <command> [--flags]   (vqlm <command> --help for its flags)", "", "commands:"]
+  for name in COMMANDS:
+    lines.append(f"  {name}")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    return 0
+  command = argv[1]
+  if command not in COMMANDS:
+    print(f"vqlm: error: unknown command '{command}'; valid: {', '.join(COMMANDS)}",
+          file=sys.stderr)
+    return 2
+  from absl import flags
+  module = importlib.import_module(COMMANDS[command])
+  try:
+    return int(module.main([f"vqlm {command}"] + argv[2:]) or 0)
+  except USER_ERRORS as e:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"vqlm: error: {message}", file=sys.stderr)
+    return 2
+  except flags.Error as e:
+    print(f"vqlm: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("vqlm: interrupted; run the same command to resume", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

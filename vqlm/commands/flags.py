@@ -1,0 +1,44 @@
+"""Per-command flag parsing on a fresh absl FlagValues (so commands can run in-process repeatedly)."""
+import os
+from collections.abc import Callable
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+
+def parse(argv: list[str], define: Callable[[flags.FlagValues], None], *,
+          config: bool = False) -> flags.FlagValues:
+  """Defines `define(fv)`'s flags (plus `--config` with overrides if asked) and parses `argv`.
+
+  `--config path.py:arg` loads `get_config(arg)`; `--config.train.steps=100` overrides a field;
+  an unknown field fails with absl's error naming it.
+  """
+  fv = flags.FlagValues()
+  if config:
+    config_flags.DEFINE_config_file("config", None, "config file: path.py[:key=value,...]",
+                                    flag_values=fv, lock_config=True, sys_argv=list(argv))
+  define(fv)
+  fv(argv)
+  return fv
+
+
+def check_workdir(workdir: str) -> str:
+  """Returns the absolute workdir; its parent must exist (the workdir itself is created)."""
+  if not workdir:
+    raise ValueError("--workdir is required: a directory for this run's outputs")
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  parent = os.path.dirname(workdir)
+  if not os.path.isdir(parent):
+    raise ValueError(f"the parent of --workdir {workdir} does not exist; create {parent} first "
+                     "or choose another path")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file; choose a directory")
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
+def require_config(fv: flags.FlagValues) -> ml_collections.ConfigDict:
+  if fv["config"].value is None:
+    raise ValueError("--config is required, e.g. --config configs/tokenizer.py:size=small")
+  return fv["config"].value
