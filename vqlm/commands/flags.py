@@ -7,9 +7,20 @@ from absl import flags
 from ml_collections import config_flags
 
 
-def parse(argv: list[str], define: Callable[[flags.FlagValues], None], *,
+class _Definer:
+  """`f.DEFINE_string(name, default, help)` etc. on one FlagValues instead of absl's global one."""
+
+  def __init__(self, fv: flags.FlagValues):
+    self._fv = fv
+
+  def __getattr__(self, name: str):
+    define = getattr(flags, name)
+    return lambda *args, **kwargs: define(*args, flag_values=self._fv, **kwargs)
+
+
+def parse(argv: list[str], define: Callable[[_Definer], None], *,
           config: bool = False) -> flags.FlagValues:
-  """Defines `define(fv)`'s flags (plus `--config` with overrides if asked) and parses `argv`.
+  """Defines `define(f)`'s flags (plus `--config` with overrides if asked) and parses `argv`.
 
   `--config path.py:arg` loads `get_config(arg)`; `--config.train.steps=100` overrides a field;
   an unknown field fails with absl's error naming it.
@@ -18,7 +29,7 @@ def parse(argv: list[str], define: Callable[[flags.FlagValues], None], *,
   if config:
     config_flags.DEFINE_config_file("config", None, "config file: path.py[:key=value,...]",
                                     flag_values=fv, lock_config=True, sys_argv=list(argv))
-  define(fv)
+  define(_Definer(fv))
   fv(argv)
   return fv
 

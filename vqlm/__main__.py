@@ -1,0 +1,5 @@
+import sys
+
+from vqlm.cli import main
+
+sys.exit(main())

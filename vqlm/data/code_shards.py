@@ -1,0 +1,166 @@
+"""Pre-encoded data: code grids + texts in ArrayRecord shards, with a manifest.
+
+`vqlm encode` runs a trained image tokenizer over a source once; the LM then reads these shards
+(random access through grain's ArrayRecordDataSource) instead of re-encoding every step.
+
+Layout of an encoded directory:
+  manifest.json                 tokenizer run, grid, codebook size, counts, shard list
+  <split>-00000-of-00008.array_record ...
+
+Each record is msgpack: {"index": int, "codes": int32 [h, w] (or [T, h, w] for video),
+"text": str}. A shard is written to a temporary name and renamed when complete, so a killed run
+leaves only whole shards and a re-run skips them.
+"""
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.serialization
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+MANIFEST = "manifest.json"
+
+
+def shard_name(split: str, shard: int, num_shards: int) -> str:
+  return f"{split}-{shard:05d}-of-{num_shards:05d}.array_record"
+
+
+def serialize(record: dict[str, Any]) -> bytes:
+  return flax.serialization.msgpack_serialize(
+      {"index": int(record["index"]), "codes": np.asarray(record["codes"], np.int32),
+       "text": str(record.get("text", ""))})
+
+
+def deserialize(data: bytes) -> dict[str, Any]:
+  return flax.serialization.msgpack_restore(data)
+
+
+def read_manifest(directory: str) -> dict:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory} holds no encoded data ({MANIFEST} missing); run "
+                            "`vqlm encode --tokenizer TOKENIZER_RUN --out DIR` first")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _write_manifest(directory: str, manifest: dict) -> None:
+  tmp = os.path.join(directory, MANIFEST + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(directory, MANIFEST))
+
+
+class CodeShards:
+  """Random access over one split's shards: `len`, `[i] -> {"index", "codes", "text"}`."""
+
+  def __init__(self, directory: str, split: str):
+    import grain
+    self.manifest = read_manifest(directory)
+    info = self.manifest["splits"].get(split)
+    if info is None:
+      raise ValueError(f"split '{split}' was not encoded in {directory}; encoded: "
+                       f"{', '.join(self.manifest['splits'])}")
+    missing = [s for s in info["shards"] if not s["complete"]]
+    if missing:
+      raise ValueError(f"{len(missing)} shard(s) of split '{split}' in {directory} are "
+                       "incomplete; re-run the same `vqlm encode` command to finish them")
+    paths = [os.path.join(directory, s["file"]) for s in info["shards"]]
+    self._source = grain.sources.ArrayRecordDataSource(paths)
+    self.grid = tuple(self.manifest["grid"])
+    self.codebook_size = int(self.manifest["codebook_size"])
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return deserialize(self._source[i])
+
+
+def _batches(indices: Sequence[int], batch_size: int) -> Iterator[Sequence[int]]:
+  for start in range(0, len(indices), batch_size):
+    yield indices[start:start + batch_size]
+
+
+def encode_split(run, source, directory: str, *, split: str, shard_size: int = 10_000,
+                 batch_size: int = 256, progress: bool = True,
+                 log_fn=print) -> dict[str, Any]:
+  """Encodes every item of `source` with the tokenizer `run` into shards of `directory`.
+
+  Items with an "image" [H, W, 3] give codes [h, w]; items with "frames" [T, H, W, 3] give
+  [T, h, w]. Returns this split's manifest entry (with images/s of the encoding).
+  """
+  from array_record.python.array_record_module import ArrayRecordWriter
+  os.makedirs(directory, exist_ok=True)
+  n = len(source)
+  if n == 0:
+    raise ValueError(f"the '{split}' split is empty; nothing to encode")
+  num_shards = max(1, -(-n // shard_size))
+  manifest = _load_or_new_manifest(directory, run)
+  entry = manifest["splits"].get(split)
+  if entry is None or entry["num_shards"] != num_shards or entry["num_records"] != n:
+    entry = {"num_records": n, "num_shards": num_shards, "shards": [
+        {"file": shard_name(split, s, num_shards), "start": s * shard_size,
+         "stop": min(n, (s + 1) * shard_size), "complete": False} for s in range(num_shards)]}
+  manifest["splits"][split] = entry
+  todo = [s for s in entry["shards"] if not (
+      s["complete"] and os.path.exists(os.path.join(directory, s["file"])))]
+  mine = [s for i, s in enumerate(todo) if i % jax.process_count() == jax.process_index()]
+  skipped = num_shards - len(todo)
+  if skipped:
+    log_fn(f"encode {split}: {skipped} of {num_shards} shard(s) already done, skipping them")
+  total = sum(s["stop"] - s["start"] for s in mine)
+  bar = tqdm(total=total, desc=f"encode {split}", unit="img", disable=not progress)
+  images_done, seconds = 0, 0.0
+  for shard in mine:
+    path = os.path.join(directory, shard["file"])
+    writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
+    for batch_indices in _batches(range(shard["start"], shard["stop"]), batch_size):
+      items = [source[i] for i in batch_indices]
+      start = time.perf_counter()
+      codes, count = _encode_items(run, items)
+      seconds += time.perf_counter() - start
+      images_done += count
+      for i, item, c in zip(batch_indices, items, codes):
+        writer.write(serialize({"index": i, "codes": c, "text": item.get("text", "")}))
+      bar.update(len(items))
+    writer.close()
+    os.replace(path + ".tmp", path)
+    shard["complete"] = True
+    if jax.process_index() == 0:
+      _write_manifest(directory, manifest)
+  bar.close()
+  entry["images_per_sec"] = images_done / seconds if seconds else None
+  if jax.process_index() == 0:
+    _write_manifest(directory, manifest)
+  return entry
+
+
+def _encode_items(run, items: list[dict]) -> tuple[list[np.ndarray], int]:
+  if "frames" in items[0]:
+    frames = np.stack([item["frames"] for item in items])  # [B, T, H, W, 3]
+    b, t = frames.shape[:2]
+    codes = run.encode(frames.reshape((b * t,) + frames.shape[2:]))
+    return list(codes.reshape((b, t) + codes.shape[1:])), b * t
+  images = np.stack([item["image"] for item in items])
+  return list(run.encode(images)), len(items)
+
+
+def _load_or_new_manifest(directory: str, run) -> dict:
+  identity = {"tokenizer_run": os.path.abspath(run.workdir), "tokenizer_step": run.step,
+              "grid": list(run.grid), "codebook_size": run.codebook_size,
+              "image_size": run.image_size}
+  path = os.path.join(directory, MANIFEST)
+  if os.path.exists(path):
+    manifest = read_manifest(directory)
+    same = all(manifest.get(k) == v for k, v in identity.items())
+    if same:
+      return manifest
+    raise ValueError(f"{directory} already holds codes of another tokenizer "
+                     f"({manifest.get('tokenizer_run')} step {manifest.get('tokenizer_step')}); "
+                     "choose a new --out directory")
+  return {**identity, "splits": {}}
