@@ -14,8 +14,8 @@ from configs.common import choose, mesh_config, parse_arg
 import ml_collections
 
 SIZES = {
-    # Test-sized: 16x16 images, factor 4 -> 4x4 codes.
-    "tiny": dict(image_size=16, channels=8, channel_multipliers=(1, 1, 2), num_res_blocks=1,
+    # Test-sized: 32x32 images, factor 4 -> 8x8 codes, a few thousand parameters.
+    "tiny": dict(image_size=32, channels=8, channel_multipliers=(1, 1, 2), num_res_blocks=1,
                  attention=False, latent_dim=8, codebook_size=32, code_dim=4, batch_size=8,
                  steps=20, lr=2e-3),
     # The CPU demo: 32x32, factor 4 -> 8x8 = 64 image tokens (STACK-NOTES: ~475 images/s).
@@ -100,4 +100,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.size == "tiny" or arg.runlocal:
     c.train.update(log_every=5, sample_every=10, checkpoint_every=10)
     c.eval.update(num_examples=32, batch_size=16)
+    if arg.data == "shapes":
+      c.data.source_kwargs.sizes = {"train": 256, "validation": 32, "test": 32, "test_heldout": 32}
   return c
