@@ -1,0 +1,96 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqlm.nn.autoencoder import (AttnBlock, Decoder, Encoder, ResBlock, factor_of, num_groups,
+                                 output_conv)
+
+
+def _images(b=2, h=16, w=16, seed=0):
+  return jax.random.uniform(jax.random.key(seed), (b, h, w, 3), minval=-1.0, maxval=1.0)
+
+
+def test_num_groups_divides_channels_and_caps_at_32():
+  assert [num_groups(c) for c in (8, 12, 16, 40, 48, 64, 96, 3)] == [8, 12, 16, 20, 24, 32, 32, 3]
+  for c in range(1, 200):
+    g = num_groups(c)
+    assert c % g == 0 and g <= 32
+
+
+@pytest.mark.parametrize("mults,factor", [((1,), 1), ((1, 2), 2), ((1, 2, 2), 4),
+                                          ((1, 1, 2, 2), 8), ((1, 1, 2, 2, 4), 16)])
+def test_encoder_decoder_shapes_for_each_factor(mults, factor):
+  enc = Encoder(channels=8, channel_multipliers=mults, latent_dim=5, attention_at_lowest=True)
+  dec = Decoder(channels=8, channel_multipliers=mults, attention_at_lowest=True)
+  assert factor_of(mults) == enc.factor == dec.factor == factor
+  x = jax.ShapeDtypeStruct((2, 32, 48, 3), jnp.float32)
+  enc_vars = jax.eval_shape(enc.init, jax.random.key(0), x)
+  z = jax.eval_shape(enc.apply, enc_vars, x)
+  assert z.shape == (2, 32 // factor, 48 // factor, 5)
+  dec_vars = jax.eval_shape(dec.init, jax.random.key(0), z)
+  out = jax.eval_shape(dec.apply, dec_vars, z)
+  assert out.shape == (2, 32, 48, 3) and out.dtype == jnp.float32
+
+
+def test_empty_multipliers_rejected():
+  with pytest.raises(ValueError, match="channel_multipliers"):
+    factor_of(())
+
+
+def test_attention_only_at_lowest_when_asked():
+  x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
+  with_attn = jax.eval_shape(Encoder(channels=8, attention_at_lowest=True).init,
+                             jax.random.key(0), x)["params"]
+  without = jax.eval_shape(Encoder(channels=8).init, jax.random.key(0), x)["params"]
+  assert "attn" in with_attn["mid"] and "res2" in with_attn["mid"]
+  assert "attn" not in without["mid"]
+
+
+def test_bf16_compute_keeps_float32_params_and_output():
+  dec = Decoder(channels=8, channel_multipliers=(1, 2), dtype=jnp.bfloat16)
+  z = jnp.ones((1, 4, 4, 6), jnp.bfloat16)
+  variables = dec.init(jax.random.key(0), z)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  out = dec.apply(variables, z)
+  assert out.dtype == jnp.float32 and out.shape == (1, 8, 8, 3)
+  assert np.isfinite(np.asarray(out)).all()
+
+
+def test_resblock_projects_skip_only_when_channels_change():
+  x = jnp.ones((1, 4, 4, 8))
+  same = ResBlock(8).init(jax.random.key(0), x)["params"]
+  wider = ResBlock(16).init(jax.random.key(0), x)["params"]
+  assert "skip" not in same and wider["skip"]["kernel"].shape == (1, 1, 8, 16)
+  assert ResBlock(16).apply({"params": wider}, x).shape == (1, 4, 4, 16)
+
+
+def test_attention_is_permutation_equivariant_over_positions():
+  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+  block = AttnBlock()
+  variables = block.init(jax.random.key(0), x)
+  perm = np.random.default_rng(0).permutation(16)
+  shuffled = x.reshape(2, 16, 8)[:, perm].reshape(2, 4, 4, 8)
+  out = block.apply(variables, x).reshape(2, 16, 8)
+  out_shuffled = block.apply(variables, shuffled).reshape(2, 16, 8)
+  np.testing.assert_allclose(out_shuffled, out[:, perm], atol=1e-5)
+
+
+def test_output_conv_matches_decoder_last_layer():
+  dec = Decoder(channels=8, channel_multipliers=(1, 2))
+  z = jax.random.normal(jax.random.key(2), (2, 4, 4, 6))
+  variables = dec.init(jax.random.key(0), z)
+  out, state = dec.apply(variables, z, mutable=["intermediates"])
+  features = state["intermediates"]["last_features"][0]
+  conv = variables["params"]["conv_out"]
+  np.testing.assert_allclose(output_conv(features, conv["kernel"]) + conv["bias"], out,
+                             atol=1e-5)
+
+
+def test_encoder_real_forward_is_finite_and_input_dependent():
+  enc = Encoder(channels=8, channel_multipliers=(1, 2), latent_dim=4)
+  x = _images()
+  variables = enc.init(jax.random.key(0), x)
+  z1, z2 = enc.apply(variables, x), enc.apply(variables, _images(seed=1))
+  assert z1.shape == (2, 8, 8, 4) and np.isfinite(np.asarray(z1)).all()
+  assert float(jnp.abs(z1 - z2).max()) > 1e-3

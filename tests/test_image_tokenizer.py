@@ -1,0 +1,129 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqlm.nn import image_tokenizer as tok
+from vqlm.nn.image_tokenizer import ImageTokenizer
+
+ENCODER = {"channels": 8, "channel_multipliers": (1, 2), "num_res_blocks": 1, "latent_dim": 6}
+BOTTLENECKS = {
+    "identity": {"kind": "identity"},
+    "gaussian": {"kind": "gaussian", "latent_dim": 4},
+    "vq": {"kind": "vq", "codebook_size": 32, "code_dim": 3, "l2_normalize": True},
+    "fsq": {"kind": "fsq", "levels": (5, 4, 3)},
+}
+
+
+def _images(seed=0, b=2, size=16):
+  return jax.random.uniform(jax.random.key(seed), (b, size, size, 3), minval=-1.0, maxval=1.0)
+
+
+def _model(kind):
+  return ImageTokenizer(encoder=ENCODER, bottleneck=BOTTLENECKS[kind])
+
+
+@pytest.fixture(scope="module")
+def vq():
+  model = _model("vq")
+  return model, model.init(jax.random.key(0), _images())
+
+
+@pytest.mark.parametrize("kind", list(BOTTLENECKS))
+def test_shapes_of_every_kind(kind):
+  model = _model(kind)
+  x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  recon, aux = jax.eval_shape(model.apply, variables, x)
+  assert recon.shape == (2, 16, 16, 3) and recon.dtype == jnp.float32
+  assert set(variables["params"]) - {"quantizer"} == {"enc", "dec"}
+  latent = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.encode_latent),
+                          variables, x)
+  assert latent.shape == (2, 8, 8, 4 if kind == "gaussian" else 6)
+  if model.is_discrete:
+    codes = jax.eval_shape(lambda v, x: tok.encode(model, v, x), variables, x)
+    assert codes.shape == (2, 8, 8) and codes.dtype == jnp.int32
+    assert aux["indices"].shape == (2, 8, 8)
+    images = jax.eval_shape(lambda v, c: tok.decode(model, v, c), variables, codes)
+    assert images.shape == (2, 16, 16, 3) and images.dtype == jnp.float32
+    k = jax.eval_shape(lambda v: tok.codebook(model, v), variables)
+    assert k.shape == (model.codebook_size, 3)
+
+
+def test_properties():
+  model = _model("fsq")
+  assert model.factor == 2 and model.grid_shape(32, 16) == (16, 8)
+  assert model.codebook_size == 60 and model.is_discrete
+  assert _model("vq").codebook_size == 32
+  assert _model("identity").codebook_size == 0 and not _model("identity").is_discrete
+
+
+def test_decode_of_encode_equals_the_eval_forward(vq):
+  model, variables = vq
+  x = _images(1)
+  codes = jax.jit(lambda v, x: tok.encode(model, v, x))(variables, x)
+  recon = jax.jit(lambda v, c: tok.decode(model, v, c))(variables, codes)
+  forward, aux = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(codes, aux["indices"])
+  np.testing.assert_allclose(recon, forward, atol=1e-5)
+  # decode only sees codebook vectors: the latents are out-projected codebook rows.
+  latents = model.apply(variables, x, method=model.encode_latent)
+  rows = tok.codebook(model, variables)[codes]
+  out = variables["params"]["quantizer"]["proj_out"]
+  np.testing.assert_allclose(latents, rows @ out["kernel"] + out["bias"], atol=1e-5)
+  np.testing.assert_allclose(model.apply(variables, latents, method=model.decode_latent),
+                             forward, atol=1e-5)
+
+
+def test_straight_through_gradient_reaches_the_encoder(vq):
+  model, variables = vq
+  x = _images(2)
+
+  def recon_loss(params):
+    recon, _ = model.apply({**variables, "params": params}, x, train=False)
+    return jnp.mean(jnp.abs(recon - x))
+
+  grads = jax.grad(recon_loss)(variables["params"])
+  for part in ("enc", "dec"):
+    norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads[part]))))
+    assert norm > 0, part
+  assert float(jnp.abs(grads["quantizer"]["proj_in"]["kernel"]).max()) > 0
+
+
+@pytest.mark.parametrize("shape", [(2, 15, 16, 3), (2, 16, 16, 1), (16, 16, 3), (2, 16, 16, 4)])
+def test_bad_image_shapes_raise_one_line(vq, shape):
+  model, variables = vq
+  with pytest.raises(ValueError, match=r"\[B, H, W, 3\] with H and W divisible by 2") as err:
+    tok.encode(model, variables, jnp.zeros(shape))
+  assert "\n" not in str(err.value)
+  with pytest.raises(ValueError, match="divisible"):
+    model.apply(variables, jnp.zeros(shape))
+
+
+def test_continuous_tokenizer_has_no_codes():
+  model = _model("identity")
+  variables = model.init(jax.random.key(0), _images())
+  with pytest.raises(ValueError, match="encode_latent"):
+    tok.encode(model, variables, _images())
+  with pytest.raises(ValueError, match="discrete"):
+    tok.codebook(model, variables)
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="latent_dim"):
+    ImageTokenizer(encoder=ENCODER, bottleneck={"kind": "vq", "latent_dim": 5}).init(
+        jax.random.key(0), _images())
+  with pytest.raises(ValueError, match="kind"):
+    ImageTokenizer(encoder=ENCODER, bottleneck={"codebook_size": 4}).init(
+        jax.random.key(0), _images())
+
+
+def test_decoder_mirrors_encoder_unless_given():
+  model = ImageTokenizer(encoder=ENCODER, bottleneck={"kind": "identity"},
+                         decoder={"channels": 4, "channel_multipliers": (1, 1)})
+  x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  assert params["dec"]["conv_out"]["kernel"].shape == (3, 3, 4, 3)
+  mirrored = jax.eval_shape(_model("identity").init, jax.random.key(0), x)["params"]
+  assert mirrored["dec"]["conv_out"]["kernel"].shape == (3, 3, 8, 3)
+  assert mirrored["dec"]["conv_in"]["kernel"].shape == (3, 3, 6, 16)

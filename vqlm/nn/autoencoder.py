@@ -1,0 +1,175 @@
+"""Convolutional ResNet encoder and decoder of the image tokenizer (taming / MaskGIT family).
+
+Resolution scheme: one *level* per entry of `channel_multipliers`. Level `i` runs `num_res_blocks`
+residual blocks at `channels * channel_multipliers[i]` channels; between consecutive levels the
+resolution halves (encoder) or doubles (decoder). The down-sampling factor is therefore
+`2 ** (len(channel_multipliers) - 1)`: (1, 2) -> 2, (1, 2, 2) -> 4, (1, 1, 2, 2) -> 8,
+(1, 1, 2, 2, 4) -> 16. At the lowest resolution a middle block (residual block, optional
+self-attention + another residual block) sits between the levels and the latent projection.
+
+The decoder mirrors the encoder: levels in reverse order, nearest-neighbour up-sampling followed by
+a 3x3 convolution. Its output is float32 whatever the compute `dtype`.
+"""
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+  """The largest group count <= `max_groups` that divides `channels` (GroupNorm)."""
+  for g in range(min(max_groups, channels), 0, -1):
+    if channels % g == 0:
+      return g
+  return 1
+
+
+def factor_of(channel_multipliers: Sequence[int]) -> int:
+  """The spatial down-sampling factor implied by `channel_multipliers`."""
+  if not channel_multipliers:
+    raise ValueError("channel_multipliers must have at least one entry, e.g. (1, 2, 2)")
+  return 2 ** (len(channel_multipliers) - 1)
+
+
+class ResBlock(nn.Module):
+  """GroupNorm -> swish -> conv3x3, twice, plus a (1x1-projected) skip.  [B,H,W,C] -> [B,H,W,F]."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = lambda f, k, name: nn.Conv(f, (k, k), padding="SAME", dtype=self.dtype,
+                                      param_dtype=self.param_dtype, name=name)
+    norm = lambda c, name: nn.GroupNorm(num_groups(c), dtype=self.dtype,
+                                        param_dtype=self.param_dtype, name=name)
+    h = conv(self.features, 3, "conv1")(nn.swish(norm(x.shape[-1], "norm1")(x)))
+    h = conv(self.features, 3, "conv2")(nn.swish(norm(self.features, "norm2")(h)))
+    if x.shape[-1] != self.features:
+      x = conv(self.features, 1, "skip")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all positions, residual.  [B,H,W,C] -> [B,H,W,C].
+
+  Logits and softmax are computed in float32.
+  """
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hh, ww, c = x.shape
+    dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    h = nn.GroupNorm(num_groups(c), dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="norm")(x).reshape(b, hh * ww, c)
+    q, k, v = dense("query")(h), dense("key")(h), dense("value")(h)
+    logits = jnp.einsum("bqc,bkc->bqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    weights = jax.nn.softmax(logits / jnp.sqrt(jnp.float32(c)), axis=-1)
+    out = jnp.einsum("bqk,bkc->bqc", weights.astype(self.dtype), v)
+    return x + dense("proj")(out).reshape(b, hh, ww, c)
+
+
+class MiddleBlock(nn.Module):
+  """The lowest-resolution block: ResBlock [-> AttnBlock -> ResBlock]."""
+  features: int
+  attention: bool
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = ResBlock(self.features, name="res1", **kw)(x)
+    if self.attention:
+      x = AttnBlock(name="attn", **kw)(x)
+      x = ResBlock(self.features, name="res2", **kw)(x)
+    return x
+
+
+class Encoder(nn.Module):
+  """Images [B,H,W,3] in [-1, 1] -> latents [B,H/f,W/f,latent_dim] (f = `factor`)."""
+  channels: int = 64
+  channel_multipliers: Sequence[int] = (1, 2, 2)
+  num_res_blocks: int = 1
+  attention_at_lowest: bool = False
+  latent_dim: int = 16
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def factor(self) -> int:
+    return factor_of(self.channel_multipliers)
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.Conv(self.channels, (3, 3), padding="SAME", name="conv_in", **kw)(images)
+    levels = len(self.channel_multipliers)
+    for i, mult in enumerate(self.channel_multipliers):
+      for j in range(self.num_res_blocks):
+        h = ResBlock(self.channels * mult, name=f"down{i}_res{j}", **kw)(h)
+      if i < levels - 1:
+        h = nn.avg_pool(h, (2, 2), strides=(2, 2))
+    top = self.channels * self.channel_multipliers[-1]
+    h = MiddleBlock(top, self.attention_at_lowest, name="mid", **kw)(h)
+    h = nn.swish(nn.GroupNorm(num_groups(top), name="norm_out", **kw)(h))
+    return nn.Conv(self.latent_dim, (1, 1), name="conv_out", **kw)(h)
+
+
+class Decoder(nn.Module):
+  """Latents [B,h,w,C] -> images [B,h*f,w*f,out_channels] float32 (f = `factor`).
+
+  The features entering the final 3x3 convolution `conv_out` are sown as
+  `intermediates/last_features` (when that collection is mutable) so a training step can compute
+  gradients with respect to the last layer (adaptive GAN weight) without a second backward pass.
+  """
+  channels: int = 64
+  channel_multipliers: Sequence[int] = (1, 2, 2)
+  num_res_blocks: int = 1
+  attention_at_lowest: bool = False
+  out_channels: int = 3
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def factor(self) -> int:
+    return factor_of(self.channel_multipliers)
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    top = self.channels * self.channel_multipliers[-1]
+    h = nn.Conv(top, (3, 3), padding="SAME", name="conv_in", **kw)(z)
+    h = MiddleBlock(top, self.attention_at_lowest, name="mid", **kw)(h)
+    levels = len(self.channel_multipliers)
+    for i in reversed(range(levels)):
+      features = self.channels * self.channel_multipliers[i]
+      for j in range(self.num_res_blocks):
+        h = ResBlock(features, name=f"up{i}_res{j}", **kw)(h)
+      if i > 0:
+        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+        h = nn.Conv(features, (3, 3), padding="SAME", name=f"up{i}_conv", **kw)(h)
+    h = nn.swish(nn.GroupNorm(num_groups(h.shape[-1]), name="norm_out", **kw)(h))
+    self.sow("intermediates", "last_features", h)
+    out = nn.Conv(self.out_channels, (3, 3), padding="SAME", name="conv_out", **kw)(h)
+    return out.astype(jnp.float32)
+
+
+def output_conv(features: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The decoder's `conv_out` without bias, as a function of its kernel (for last-layer grads).
+
+  Args:
+    features: [B, H, W, C] the sown `last_features`.
+    kernel: [3, 3, C, out_channels] `conv_out/kernel`.
+  Returns:
+    [B, H, W, out_channels] float32.
+  """
+  return jax.lax.conv_general_dilated(
+      features.astype(jnp.float32), kernel.astype(jnp.float32), window_strides=(1, 1),
+      padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -1,0 +1,359 @@
+"""Decoder-only transformer over the unified vocabulary (text ids, specials, image codes).
+
+Pre-norm Llama-style blocks (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP), switches for
+scanning the layers (`nn.scan`, params stacked on a leading "layers" axis) and rematerialisation
+(`nn.remat` with a `jax.checkpoint_policies` policy), and a KV cache for decoding (see
+`vqlm.nn.attention` for the slot = position design).
+
+Image tokens are ids in `[image_offset, image_offset + image_size)`. Their embeddings are either
+learned rows of the table (`image_embed_init="learned"`) or a learned projection of the image
+tokenizer's fixed codebook (`"codebook"`): the codebook `[image_size, codebook_dim]` is not a
+parameter but the variable collection `"codebook"` (`{"embed": {"vectors": ...}}`), passed to
+`apply` next to the params. With `rope_2d`, image tokens get 2D rotary positions (row, col of the
+`grid`) and other tokens 1D positions (`layers.image_rows_cols`).
+"""
+from collections.abc import Sequence
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vqlm.nn import attention
+from vqlm.nn import layers
+
+DType = Any
+Cache = dict[str, Any]
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+IMAGE_EMBED_INITS = ("learned", "codebook")
+
+
+class Block(nn.Module):
+  """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+
+  `__call__(x[B, S, D], cache, sin, cos, mask, positions) -> (x, new_cache)`; all arguments are
+  arrays or None so the block can be scanned and rematerialised.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  qk_norm: bool = False
+  attention_impl: str = "xla"
+  norm_eps: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cache, sin, cos, mask, positions):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layers.RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
+    h, new_cache = attention.Attention(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        qk_norm=self.qk_norm, attention_impl=self.attention_impl, norm_eps=self.norm_eps,
+        name="attn", **kw)(h, sin=sin, cos=cos, mask=mask, cache=cache, positions=positions)
+    x = layers.constrain(x + h, layers.ACT_EMBED)
+    h = layers.RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
+    h = layers.MLP(self.mlp_dim, name="mlp", **kw)(h)
+    x = layers.constrain(x + h, layers.ACT_EMBED)
+    return x, new_cache
+
+
+class TokenEmbed(nn.Module):
+  """The unified embedding table `[vocab_size, dim]`, tied output projection via `attend`.
+
+  With `codebook_dim > 0`, rows `[image_offset, image_offset + image_size)` are
+  `codebook @ codebook_proj` (learned `[codebook_dim, dim]` projection of the fixed codebook
+  variable) and the learned `embedding` holds only the other `vocab_size - image_size` rows.
+  """
+  vocab_size: int
+  dim: int
+  image_offset: int = 0
+  image_size: int = 0
+  codebook_dim: int = 0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def table(self) -> jax.Array:
+    """The full `[vocab_size, dim]` table in `dtype`."""
+    init = nn.initializers.normal(stddev=1.0 / math.sqrt(self.dim))
+    learned_rows = self.vocab_size - (self.image_size if self.codebook_dim else 0)
+    emb = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
+                     (learned_rows, self.dim), self.param_dtype)
+    emb = jnp.asarray(emb, self.dtype)
+    if not self.codebook_dim:
+      return emb
+    if not self.is_initializing() and not self.has_variable("codebook", "vectors"):
+      raise ValueError("image_embed_init='codebook' needs the image tokenizer's codebook: pass "
+                       "variables={'params': ..., 'codebook': {'embed': {'vectors': [K, D]}}}.")
+    codebook = self.variable("codebook", "vectors", jnp.zeros,
+                             (self.image_size, self.codebook_dim), jnp.float32).value
+    proj = layers.Dense(self.dim, axes=("codebook", "embed"), name="codebook_proj",
+                        dtype=self.dtype, param_dtype=self.param_dtype)
+    image_rows = proj(jax.lax.stop_gradient(codebook))
+    off = self.image_offset
+    return jnp.concatenate([emb[:off], image_rows, emb[off:]], axis=0)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """`ids[B, S]` -> `[B, S, dim]`."""
+    return jnp.take(self.table(), ids, axis=0)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """`x[B, S, dim]` -> logits `[B, S, vocab_size]` in float32."""
+    return jnp.einsum("bsd,vd->bsv", x, self.table(), preferred_element_type=jnp.float32)
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. `__call__(tokens[B, S]) -> (logits[B, S, vocab_size] float32, cache)`.
+
+  Attributes:
+    vocab_size: size of the unified vocabulary (the padded table size).
+    dim, num_layers, num_heads, mlp_dim: width, depth, query heads, SwiGLU hidden size.
+    num_kv_heads: key/value heads (grouped-query attention); None = num_heads.
+    head_dim: None = dim // num_heads.
+    qk_norm: RMSNorm on queries and keys (per head).
+    tie_embeddings: logits from the embedding table; else a separate `head[embed, vocab]`.
+    rope_theta: RoPE base.
+    rope_2d: 2D rotary positions for image tokens (needs image_size, grid, head_dim % 4 == 0).
+    image_offset, image_size, grid: where image ids start, how many there are, `(h, w)` per image.
+    image_embed_init: "learned" | "codebook" (then codebook_dim is the codebook's width).
+    scan_layers: `nn.scan` over the blocks (params and cache stacked on a leading layer axis).
+    remat_policy: one of REMAT_POLICIES ("none", "full", "dots", "dots_with_no_batch_dims", ...).
+    norm_eps: RMSNorm epsilon.
+    dtype: compute dtype; param_dtype: parameter dtype (dtypes or names like "bfloat16").
+    attention_impl: "xla" (einsum, float32 softmax) | "cudnn" (fused kernel on GPU, bf16).
+  """
+  vocab_size: int
+  dim: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  qk_norm: bool = False
+  tie_embeddings: bool = True
+  rope_theta: float = 10_000.0
+  rope_2d: bool = False
+  image_offset: int = 0
+  image_size: int = 0
+  grid: Sequence[int] | None = None
+  image_embed_init: str = "learned"
+  codebook_dim: int = 0
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  norm_eps: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  attention_impl: str = "xla"
+
+  @nn.nowrap
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @nn.nowrap
+  def head_size(self) -> int:
+    return self.head_dim or self.dim // self.num_heads
+
+  @nn.nowrap
+  def validate(self) -> None:
+    """Raises ValueError on inconsistent settings."""
+    _validate(**{f: getattr(self, f) for f in _FIELDS})
+
+  @nn.nowrap
+  def init_cache(self, batch: int, max_len: int, dtype: DType = jnp.float32) -> Cache:
+    """The zero KV cache for `batch` rows of up to `max_len` positions.
+
+    Returns `{"layers": per-layer caches}`: a list of `{"k", "v": [B, L, KVH, Dh]}` dicts, or, with
+    `scan_layers`, one dict of `[num_layers, B, L, KVH, Dh]` arrays. With `rope_2d` it also holds
+    `"image_run": [B, L] int32` (the image-run count at each slot, see `layers.image_run_index`).
+    """
+    self.validate()
+    one = lambda: attention.init_kv_cache(batch, max_len, self.kv_heads(), self.head_size(),
+                                          dtype)
+    if self.scan_layers:
+      stacked = jax.tree.map(lambda x: jnp.zeros((self.num_layers,) + x.shape, x.dtype), one())
+      cache = {"layers": stacked}
+    else:
+      cache = {"layers": [one() for _ in range(self.num_layers)]}
+    if self.rope_2d:
+      cache["image_run"] = jnp.zeros((batch, max_len), jnp.int32)
+    return cache
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache: Cache | None = None,
+               decode: bool = False) -> tuple[jax.Array, Cache | None]:
+    """Logits for `tokens[B, S]`.
+
+    Args:
+      tokens: `[B, S]` int32 unified ids.
+      positions: `[B, S]` int32 (default `0..S-1`); the cache slots when decoding.
+      segment_ids: `[B, S]` int32 packing segments (attention stays within a segment; 0 = padding
+        is its own segment). Not allowed with `decode`.
+      cache: from `init_cache` (or a previous call); only with `decode=True`.
+      decode: write the tokens' keys/values into the cache at `positions` and attend over the
+        cache. Prefill a right-padded prompt batch at positions 0..S-1 (row b's next-token logits
+        are `logits[b, n_b - 1]` for a prompt of n_b tokens), then feed one token per row per
+        call at that row's next position (`n_b`, `n_b + 1`, ...). Logits at pad slots are junk.
+    Returns:
+      `(logits [B, S, vocab_size] float32, new cache or None)`.
+    """
+    self.validate()
+    b, s = tokens.shape
+    if decode and (cache is None or positions is None):
+      raise ValueError("decode=True needs `cache=model.init_cache(...)` and explicit `positions`.")
+    if cache is not None and not decode:
+      raise ValueError("A cache was passed without decode=True; pass decode=True to use it.")
+    if decode and segment_ids is not None:
+      raise ValueError("segment_ids are not supported with decode=True; right-pad prompts and use "
+                       "per-row positions instead.")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    positions = jnp.asarray(positions, jnp.int32)
+    kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+    head_dim = self.head_size()
+
+    embed = TokenEmbed(self.vocab_size, self.dim, image_offset=self.image_offset,
+                       image_size=self.image_size,
+                       codebook_dim=self.codebook_dim if self.image_embed_init == "codebook" else 0,
+                       name="embed", **kw)
+    x = layers.constrain(embed(tokens), layers.ACT_EMBED)
+
+    new_cache = None if cache is None else {}
+    if self.rope_2d:
+      is_image = (tokens >= self.image_offset) & (tokens < self.image_offset + self.image_size)
+      if decode:
+        prev_slot = jnp.maximum(positions[:, 0] - 1, 0)
+        previous = jnp.take_along_axis(cache["image_run"], prev_slot[:, None], axis=1)[:, 0]
+        previous = jnp.where(positions[:, 0] > 0, previous, 0)
+        run = layers.image_run_index(is_image, previous=previous)
+        rows_idx = jnp.arange(b)[:, None]
+        new_cache["image_run"] = cache["image_run"].at[rows_idx, positions].set(run)
+      else:
+        starts = None
+        if segment_ids is not None:
+          starts = jnp.concatenate([jnp.ones((b, 1), bool),
+                                    segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        run = layers.image_run_index(is_image, starts=starts)
+      rows, cols = layers.image_rows_cols(positions, run, tuple(self.grid))
+      sin, cos = layers.rope_2d(rows, cols, head_dim, self.rope_theta)
+    else:
+      sin, cos = layers.rope_1d(positions, head_dim, self.rope_theta)
+
+    if decode:
+      cache_len = jax.tree.leaves(cache["layers"])[0].shape[-3]
+      mask = attention.make_decode_mask(positions, cache_len)
+    elif segment_ids is not None:
+      mask = attention.make_attention_mask(segment_ids)
+    else:
+      mask = None
+    layer_positions = positions if decode else None
+
+    block_kw = dict(num_heads=self.num_heads, num_kv_heads=self.kv_heads(), head_dim=head_dim,
+                    mlp_dim=self.mlp_dim, qk_norm=self.qk_norm,
+                    attention_impl=self.attention_impl, norm_eps=self.norm_eps, **kw)
+    block_cls = Block
+    policy = REMAT_POLICIES[self.remat_policy]
+    if self.remat_policy != "none":
+      block_cls = nn.remat(Block, policy=policy, prevent_cse=not self.scan_layers)
+    layer_cache = None if cache is None else cache["layers"]
+    if self.scan_layers:
+      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, out_cache = stack(name="layers", **block_kw)(x, layer_cache, sin, cos, mask,
+                                                      layer_positions)
+    else:
+      out_cache = []
+      for i in range(self.num_layers):
+        c = None if layer_cache is None else layer_cache[i]
+        x, c = block_cls(name=f"layer_{i}", **block_kw)(x, c, sin, cos, mask, layer_positions)
+        out_cache.append(c)
+    if new_cache is not None:
+      new_cache["layers"] = out_cache
+
+    x = layers.RMSNorm(self.norm_eps, name="final_norm", **kw)(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      head = layers.Dense(self.vocab_size, axes=("embed", "vocab"), name="head", **kw)
+      logits = head(x).astype(jnp.float32)
+    logits = layers.constrain(logits, layers.ACT_VOCAB)
+    return logits, new_cache
+
+
+_FIELDS = ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim", "num_kv_heads", "head_dim",
+           "qk_norm", "tie_embeddings", "rope_theta", "rope_2d", "image_offset", "image_size",
+           "grid", "image_embed_init", "codebook_dim", "scan_layers", "remat_policy", "norm_eps",
+           "dtype", "param_dtype", "attention_impl")
+
+
+def _validate(*, vocab_size, dim, num_layers, num_heads, mlp_dim, num_kv_heads=None,
+              head_dim=None, rope_2d=False, image_offset=0, image_size=0, grid=None,
+              image_embed_init="learned", codebook_dim=0, remat_policy="none",
+              attention_impl="xla", **unused) -> None:
+  del unused
+  for name, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers),
+                      ("num_heads", num_heads), ("mlp_dim", mlp_dim)):
+    if value <= 0:
+      raise ValueError(f"Transformer {name}={value} must be > 0.")
+  kvh = num_kv_heads or num_heads
+  if num_heads % kvh:
+    raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={kvh}.")
+  if not head_dim and dim % num_heads:
+    raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}; set head_dim.")
+  hd = head_dim or dim // num_heads
+  if hd % 2:
+    raise ValueError(f"head_dim={hd} must be even for RoPE.")
+  if image_offset < 0 or image_size < 0 or image_offset + image_size > vocab_size:
+    raise ValueError(f"image ids [{image_offset}, {image_offset + image_size}) must lie inside "
+                     f"the vocabulary of size {vocab_size}.")
+  if rope_2d:
+    if hd % 4:
+      raise ValueError(f"rope_2d needs head_dim divisible by 4, got {hd}.")
+    if image_size <= 0 or grid is None or len(grid) != 2 or min(grid) <= 0:
+      raise ValueError("rope_2d needs image_size > 0 and grid=(h, w) of the image code grid.")
+  if image_embed_init not in IMAGE_EMBED_INITS:
+    raise ValueError(f"image_embed_init={image_embed_init!r}; use one of {IMAGE_EMBED_INITS}.")
+  if image_embed_init == "codebook" and (codebook_dim <= 0 or image_size <= 0):
+    raise ValueError("image_embed_init='codebook' needs image_size > 0 and codebook_dim > 0 (the "
+                     "image tokenizer's codebook width).")
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy={remat_policy!r}; use one of {tuple(REMAT_POLICIES)}.")
+  if attention_impl not in attention.IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl={attention_impl!r}; use one of "
+                     f"{attention.IMPLEMENTATIONS}.")
+
+
+def count_params(**model_kwargs: Any) -> int:
+  """Closed-form number of parameters of `Transformer(**model_kwargs)` (the codebook excluded)."""
+  unknown = set(model_kwargs) - set(_FIELDS)
+  if unknown:
+    raise ValueError(f"count_params got unknown arguments {sorted(unknown)}; valid: {_FIELDS}.")
+  _validate(**model_kwargs)
+  d, v = model_kwargs["dim"], model_kwargs["vocab_size"]
+  heads = model_kwargs["num_heads"]
+  kvh = model_kwargs.get("num_kv_heads") or heads
+  hd = model_kwargs.get("head_dim") or d // heads
+  mlp = model_kwargs["mlp_dim"]
+  attn = d * heads * hd * 2 + d * kvh * hd * 2
+  if model_kwargs.get("qk_norm", False):
+    attn += 2 * hd
+  block = attn + 3 * d * mlp + 2 * d
+  total = model_kwargs["num_layers"] * block + d  # blocks + final norm
+  if model_kwargs.get("image_embed_init", "learned") == "codebook":
+    total += (v - model_kwargs["image_size"]) * d + model_kwargs["codebook_dim"] * d
+  else:
+    total += v * d
+  if not model_kwargs.get("tie_embeddings", True):
+    total += d * v
+  return total

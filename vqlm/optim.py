@@ -1,0 +1,87 @@
+"""The optimizer both stages use: AdamW, linear warm-up + cosine decay, global-norm clipping,
+weight decay only on weight matrices, optional gradient accumulation.
+
+Works on plain and on boxed (`nn.LogicallyPartitioned`) parameter trees: the optimizer state then
+carries the same logical axis names as the params.
+"""
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import optax
+
+# A parameter whose path contains one of these (case-insensitive) is never decayed.
+NO_DECAY_NAMES = ("embed", "norm", "scale", "bias", "codebook")
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def default_decay_mask(params: Any) -> Any:
+  """True for leaves that get weight decay: arrays with ndim >= 2 whose path names no norm,
+  scale, bias, embedding or codebook. Returns a tree of bools shaped like the unboxed params
+  (a prefix of a boxed tree, which is what `optax.masked` needs)."""
+
+  def decay(path, leaf) -> bool:
+    names = "/".join(_key_name(k) for k in path).lower()
+    return leaf.ndim >= 2 and not any(word in names for word in NO_DECAY_NAMES)
+
+  return jax.tree_util.tree_map_with_path(decay, nn.meta.unbox(params))
+
+
+def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int,
+                  end_lr_fraction: float = 0.1) -> optax.Schedule:
+  """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then cosine decay to
+  `learning_rate * end_lr_fraction` at `total_steps` (constant afterwards)."""
+  if total_steps <= 0 or warmup_steps < 0 or warmup_steps >= total_steps:
+    raise ValueError(f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
+                     f"total_steps={total_steps}.")
+  if not 0.0 <= end_lr_fraction <= 1.0:
+    raise ValueError(f"end_lr_fraction={end_lr_fraction} must be in [0, 1].")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
+      decay_steps=total_steps, end_value=learning_rate * end_lr_fraction)
+
+
+def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
+                   end_lr_fraction: float = 0.1, weight_decay: float = 0.0, b1: float = 0.9,
+                   b2: float = 0.95, eps: float = 1e-8, clip_norm: float | None = 1.0,
+                   grad_accum_steps: int = 1,
+                   decay_mask_fn: Callable[[Any], Any] = default_decay_mask
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with warm-up + cosine schedule, clipping and masked weight decay.
+
+  Args:
+    learning_rate: peak learning rate.
+    warmup_steps, total_steps: in optimizer updates (with accumulation, one update per
+      `grad_accum_steps` calls; the schedule at train step t is `schedule(t // grad_accum_steps)`).
+    end_lr_fraction: final learning rate as a fraction of the peak.
+    weight_decay: decoupled weight decay (multiplied by the learning rate), on `decay_mask_fn`
+      leaves only.
+    b1, b2, eps: Adam moments.
+    clip_norm: clip gradients to this global norm (None or 0: no clipping).
+    grad_accum_steps: > 1 wraps the chain in `optax.MultiSteps` (mean of the micro-batches).
+    decay_mask_fn: params -> tree of bools (True = decay).
+  Returns:
+    `(optimizer, schedule)`.
+  """
+  if grad_accum_steps < 1:
+    raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1.")
+  if clip_norm is not None and clip_norm < 0:
+    raise ValueError(f"clip_norm={clip_norm} must be >= 0 (0 or None disables clipping).")
+  schedule = make_schedule(learning_rate=learning_rate, warmup_steps=warmup_steps,
+                           total_steps=total_steps, end_lr_fraction=end_lr_fraction)
+  parts = []
+  if clip_norm:
+    parts.append(optax.clip_by_global_norm(clip_norm))
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=decay_mask_fn))
+  tx = optax.chain(*parts)
+  if grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps).gradient_transformation()
+  return tx, schedule

@@ -1,0 +1,299 @@
+"""KV-cache sampling: one jitted prefill + one `lax.while_loop` that adds a token per row per step.
+
+Static shapes throughout (no recompilation across prompts):
+  * prompts are right-padded to a bucket (a multiple of `prompt_bucket`) and prefilled at
+    positions `0..S-1`; each row then continues at its own length `n_r` (slot = position, see
+    `vqlm.nn.attention`), so prompts of different lengths share one batch;
+  * `max_new_tokens` is static and the cache holds `S + max_new_tokens` slots;
+  * the batch may be padded to a fixed `batch_size` with inactive rows (they start done).
+
+The loop step feeds each row's last token at its next position, takes the logits, applies
+classifier-free guidance (image positions only), the modality constraints, the per-row
+text/image sampling settings, draws, and advances the constraint machine. Rows that stopped emit
+`<pad>`; the loop exits when every row stopped. Nothing in the loop syncs with the host, so it runs
+unchanged under a mesh (the model's logical sharding constraints apply).
+
+Classifier-free guidance: the conditional rows `[0, B)` and unconditional rows `[B, 2B)` (the
+prompt with the caption dropped, `<bos> <boi>` as trained with caption dropout) run as one doubled
+batch; on image codes `logits = uncond + scale * (cond - uncond)`, and both halves are fed the same
+sampled token. The scale is a traced argument.
+
+Randomness: row `r` draws at step `t` with `fold_in(fold_in(key(seed), row_seeds[r]), t)`, so a
+row's sample depends on its seed, not on its batch neighbours.
+"""
+from collections.abc import Sequence
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vqlm.sample import constraints as cons
+from vqlm.sample import processors
+from vqlm.vocab import Vocab
+
+
+@flax.struct.dataclass
+class SamplerState:
+  """The while-loop carry.
+
+  Attributes:
+    step: int32 scalar, tokens generated so far.
+    tokens: `[B, T]` int32 generated ids (`<pad>` where not yet generated or after a stop).
+    feed: `[R]` int32 the token each model row is fed next (R = B, or 2B with guidance).
+    positions: `[R]` int32 its position (= cache slot).
+    cache: the model's KV cache for R rows.
+    row_keys: `[B]` PRNG keys.
+    machine: the modality constraint state of the B rows.
+    logits: `[B, T, V]` float32 logits after guidance (only with `return_logits`, else None).
+  """
+  step: jax.Array
+  tokens: jax.Array
+  feed: jax.Array
+  positions: jax.Array
+  cache: Any
+  row_keys: jax.Array
+  machine: cons.ConstraintState
+  logits: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+  """Generated ids of the caller's rows.
+
+  Attributes:
+    tokens: `[B, T]` int32; `<pad>` after a row stopped.
+    lengths: `[B]` int32 tokens generated per row (the stop token included).
+    logits: `[B, T, V]` float32 logits after guidance, before constraints (`return_logits`).
+  """
+  tokens: np.ndarray
+  lengths: np.ndarray
+  logits: np.ndarray | None = None
+
+
+def bucket(n: int, multiple: int) -> int:
+  """`n` rounded up to a multiple of `multiple` (the padded prompt length)."""
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def _generate(variables, prompt_tokens, prompt_lengths, machine, row_keys, sampling, cfg_scale,
+              *, model: nn.Module, spec: cons.Spec, max_new_tokens: int, use_cfg: bool,
+              return_logits: bool, cache_dtype: Any) -> tuple[jax.Array, jax.Array, Any]:
+  """Prefill + decode loop (traced). `prompt_tokens[R, S]`, `prompt_lengths[R]` -> tokens."""
+  r, s = prompt_tokens.shape
+  b = machine.last.shape[0]
+  t_max = max_new_tokens
+  cache = model.init_cache(r, s + t_max, cache_dtype)
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (r, s))
+  _, cache = model.apply(variables, prompt_tokens, positions=positions, cache=cache, decode=True)
+  last_pos = prompt_lengths - 1
+  feed = jnp.take_along_axis(prompt_tokens, last_pos[:, None], axis=1)[:, 0]
+  filter_ids = processors.needs_filtering(sampling)
+  v = spec.padded_size
+
+  state = SamplerState(
+      step=jnp.zeros((), jnp.int32),
+      tokens=jnp.full((b, t_max), spec.pad_id, jnp.int32),
+      feed=feed, positions=last_pos, cache=cache, row_keys=row_keys, machine=machine,
+      logits=jnp.zeros((b, t_max, v), jnp.float32) if return_logits else None)
+
+  def cond(st: SamplerState) -> jax.Array:
+    return (st.step < t_max) & ~jnp.all(st.machine.done)
+
+  def body(st: SamplerState) -> SamplerState:
+    logits, cache = model.apply(variables, st.feed[:, None], positions=st.positions[:, None],
+                                cache=st.cache, decode=True)
+    logits = logits[:, 0].astype(jnp.float32)
+    m = st.machine
+    in_image = m.codes_left > 0
+    if use_cfg:
+      cond_l, uncond_l = logits[:b], logits[b:]
+      guided = uncond_l + cfg_scale * (cond_l - uncond_l)
+      logits = jnp.where(in_image[:, None], guided, cond_l)
+    forced, klass = cons.forced_and_class(spec, m, t_max - st.step)
+    allowed = cons.allowed_ids(spec, forced, klass)
+    masked = jnp.where(allowed, logits, processors.NEG_INF)
+    temperature, top_k, top_p = processors.row_settings(sampling, in_image)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(st.row_keys, st.step)
+    token = processors.sample(keys, masked, temperature, top_k, top_p, filter_ids=filter_ids)
+    token = jnp.where(forced >= 0, forced, token)
+    tokens = jax.lax.dynamic_update_slice(st.tokens, token[:, None], (0, st.step))
+    out_logits = st.logits
+    if return_logits:
+      out_logits = jax.lax.dynamic_update_slice(st.logits, logits[:, None], (0, st.step, 0))
+    feed = jnp.concatenate([token, token]) if use_cfg else token
+    return SamplerState(step=st.step + 1, tokens=tokens, feed=feed, positions=st.positions + 1,
+                        cache=cache, row_keys=st.row_keys, machine=cons.update(spec, m, token),
+                        logits=out_logits)
+
+  state = jax.lax.while_loop(cond, body, state)
+  lengths = jnp.sum(state.tokens != spec.pad_id, axis=1).astype(jnp.int32)
+  return state.tokens, lengths, state.logits
+
+
+class Sampler:
+  """Samples continuations of prompts with a `vqlm.nn.transformer.Transformer`.
+
+  Args:
+    model: the Transformer (its `vocab_size` must be `vocab.padded_size`).
+    variables: `{"params": ...}` (+ `"codebook"` for codebook-initialised image embeddings).
+    vocab: the run's Vocab.
+    mesh, rules: optional mesh and logical-axis rules; the call then runs inside them and the
+      batch is sharded over the mesh's data x fsdp axes when it divides evenly.
+    prompt_bucket: prompt lengths are padded to a multiple of this.
+    cache_dtype: KV cache dtype (default: the model's compute dtype).
+  """
+
+  def __init__(self, model: nn.Module, variables: dict[str, Any], vocab: Vocab, *,
+               mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None,
+               prompt_bucket: int = 16, cache_dtype: Any = None):
+    if model.vocab_size != vocab.padded_size:
+      raise ValueError(f"the model's vocab_size={model.vocab_size} is not the vocab's "
+                       f"padded_size={vocab.padded_size}; load the model and vocab of one run.")
+    if prompt_bucket <= 0:
+      raise ValueError(f"prompt_bucket={prompt_bucket} must be >= 1.")
+    self.model = model
+    self.variables = nn.meta.unbox(variables)
+    self.vocab = vocab
+    self.mesh = mesh
+    self.rules = tuple(rules or ())
+    self.prompt_bucket = prompt_bucket
+    self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
+    self._jitted = {}
+
+  def _fn(self, mode: str, max_new_tokens: int, use_cfg: bool, return_logits: bool):
+    key = (mode, max_new_tokens, use_cfg, return_logits)
+    if key not in self._jitted:
+      fn = functools.partial(
+          _generate, model=self.model, spec=cons.Spec.from_vocab(self.vocab, mode),
+          max_new_tokens=max_new_tokens, use_cfg=use_cfg, return_logits=return_logits,
+          cache_dtype=self.cache_dtype)
+      self._jitted[key] = jax.jit(fn)
+    return self._jitted[key]
+
+  def _context(self):
+    if self.mesh is None:
+      return _NullContext()
+    return _MeshContext(self.mesh, self.rules)
+
+  def _put(self, x: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(x)
+    divisor = self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
+    axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.shape)
+    spec = P(axes) if x.ndim and x.shape[0] % divisor == 0 else P()
+    return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+  def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               mode: str = "interleaved",
+               sampling: processors.SamplingConfig | None = None, seed: int = 0,
+               row_seeds: Sequence[int] | None = None, cfg_scale: float | None = None,
+               uncond_prompts: Sequence[Sequence[int]] | None = None,
+               num_images: int | Sequence[int] = 1, batch_size: int | None = None,
+               return_logits: bool = False) -> SampleOutput:
+    """Generates up to `max_new_tokens` ids after each prompt.
+
+    Args:
+      prompts: B prompts of unified ids (each starting with `<bos>`), any lengths.
+      max_new_tokens: static length of the decode loop (a row may stop earlier).
+      mode: "text" | "image" | "interleaved" | "video" (see `vqlm.sample.constraints`).
+      sampling: text and image settings (default: temperature 1 for both).
+      seed: the base seed; row r uses `row_seeds[r]` (default r) folded into it.
+      cfg_scale: classifier-free guidance scale on image codes; None = no guidance (no doubled
+        batch). A traced value: changing it does not recompile.
+      uncond_prompts: the B unconditional prompts for guidance (default `<bos> <boi>`).
+      num_images: "image"/"video" modes: images to finish per row (see `initial_state`).
+      batch_size: pad the batch to this many rows (inactive) so every call has one shape.
+      return_logits: also return the logits after guidance, `[B, T, V]`.
+    Returns:
+      SampleOutput of the B rows.
+    """
+    sampling = (sampling or processors.SamplingConfig()).check()
+    b = len(prompts)
+    if b == 0:
+      raise ValueError("no prompts given; pass at least one prompt.")
+    if max_new_tokens <= 0:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+    full = b if batch_size is None else batch_size
+    if full < b:
+      raise ValueError(f"{b} prompts exceed batch_size={batch_size}; split them into batches.")
+    use_cfg = cfg_scale is not None
+    prompts = [list(np.asarray(p, np.int64).reshape(-1)) for p in prompts]
+    if use_cfg:
+      if uncond_prompts is None:
+        uncond_prompts = [[self.vocab.bos_id, self.vocab.boi_id]] * b
+      uncond_prompts = [list(np.asarray(p, np.int64).reshape(-1)) for p in uncond_prompts]
+      if len(uncond_prompts) != b:
+        raise ValueError(f"{len(uncond_prompts)} unconditional prompts for {b} prompts; pass one "
+                         "per prompt.")
+    pad_rows = full - b
+    active = [True] * b + [False] * pad_rows
+    rows = prompts + [prompts[0]] * pad_rows
+    counts = np.broadcast_to(np.asarray(num_images), (b,))
+    counts = np.concatenate([counts, np.ones(pad_rows, counts.dtype)])
+    spec = cons.Spec.from_vocab(self.vocab, mode)
+    machine = cons.initial_state(spec, rows, num_images=counts, active=active)
+    if use_cfg:
+      uncond = list(uncond_prompts) + [uncond_prompts[0]] * pad_rows
+      cons.initial_state(spec, uncond, num_images=counts, active=[False] * full)  # Validates ids.
+      rows = rows + uncond
+    need = cons.min_new_tokens(spec, machine)
+    if max_new_tokens < need:
+      raise ValueError(f"max_new_tokens={max_new_tokens} cannot finish the requested images; "
+                       f"use at least {need}.")
+    lengths = np.asarray([len(p) for p in rows], np.int32)
+    s = bucket(int(lengths.max()), self.prompt_bucket)
+    tokens = np.full((len(rows), s), self.vocab.pad_id, np.int32)
+    for i, p in enumerate(rows):
+      tokens[i, :len(p)] = p
+    if row_seeds is None:
+      row_seeds = range(b)
+    row_seeds = np.asarray(list(row_seeds), np.uint32)
+    if row_seeds.shape != (b,):
+      raise ValueError(f"row_seeds has {row_seeds.shape[0]} entries for {b} prompts.")
+    row_seeds = np.concatenate([row_seeds, np.zeros(pad_rows, np.uint32)])
+    base = jax.random.key(seed)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(row_seeds))
+    machine = jax.tree.map(self._put, machine)
+    scale = jnp.asarray(1.0 if cfg_scale is None else cfg_scale, jnp.float32)
+    fn = self._fn(mode, int(max_new_tokens), use_cfg, return_logits)
+    with self._context():
+      out_tokens, out_lengths, logits = fn(
+          self.variables, self._put(tokens), self._put(lengths), machine, keys,
+          sampling.as_arrays(), scale)
+    out_tokens, out_lengths = jax.device_get((out_tokens, out_lengths))
+    logits = None if logits is None else np.asarray(jax.device_get(logits))[:b]
+    return SampleOutput(tokens=np.asarray(out_tokens)[:b], lengths=np.asarray(out_lengths)[:b],
+                        logits=logits)
+
+
+class _NullContext:
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+class _MeshContext:
+  """The mesh (as the abstract mesh of jit) and flax's logical-axis rules."""
+
+  def __init__(self, mesh: Mesh, rules):
+    self._stack = [jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh,
+                   nn.logical_axis_rules(rules)]
+
+  def __enter__(self):
+    for cm in self._stack:
+      cm.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    for cm in reversed(self._stack):
+      cm.__exit__(*exc)
+    return False

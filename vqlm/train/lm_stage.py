@@ -1,0 +1,250 @@
+"""Stage 2 from a config: text model + vocabulary, LM examples from code shards, the LM task, the loop.
+
+An LM run directory records everything generation needs: `config.json` (with the tokenizer run's
+path and the encoded data directory), `vocab.json` and `text.model` (SentencePiece).
+"""
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vqlm import mesh as mesh_lib
+from vqlm import runs
+from vqlm.checkpoint import Checkpointer
+from vqlm.data import pipeline
+from vqlm.data.code_shards import CodeShards, read_manifest
+from vqlm.data.sequences import SequenceBuilder, needed_seq_len
+from vqlm.nn.transformer import Transformer
+from vqlm.optim import make_optimizer
+from vqlm.text import TextTokenizer, train_sentencepiece
+from vqlm.train import loop
+from vqlm.train.lm import LMTask, eval_summary
+from vqlm.train.tokenizer_stage import as_kwargs
+from vqlm.vocab import Vocab
+
+TEXT_MODEL = "text.model"
+VOCAB_FILE = "vocab.json"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_kwargs(config: ml_collections.ConfigDict, vocab: Vocab) -> dict[str, Any]:
+  """Transformer kwargs: the config's model section + sizes from the vocabulary."""
+  kw = as_kwargs(config.model)
+  kw["dtype"] = _DTYPES[kw["dtype"]]
+  kw["param_dtype"] = _DTYPES[kw["param_dtype"]]
+  if not kw.get("head_dim"):
+    kw["head_dim"] = None
+  if kw.get("image_embed_init") == "codebook":
+    kw["codebook_dim"] = int(config.data.get("codebook_dim", 0))
+  kw.update(vocab_size=vocab.padded_size, image_offset=vocab.image_offset,
+            image_size=vocab.image_size, grid=tuple(vocab.grid))
+  return kw
+
+
+def prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=print) -> Vocab:
+  """Trains (or copies) the SentencePiece model into the run and writes `vocab.json`.
+
+  An existing `vocab.json` is kept, after checking that it matches the encoded data.
+  """
+  manifest = read_manifest(config.data.codes)
+  grid, codebook_size = tuple(manifest["grid"]), int(manifest["codebook_size"])
+  vocab_path = os.path.join(workdir, VOCAB_FILE)
+  if os.path.exists(vocab_path):
+    vocab = Vocab.load(vocab_path)
+    if tuple(vocab.grid) != grid or vocab.image_size != codebook_size:
+      raise ValueError(
+          f"{vocab_path} was made for a {vocab.grid} grid of {vocab.image_size} codes but "
+          f"{config.data.codes} holds a {grid} grid of {codebook_size} codes; use a new --workdir")
+    return vocab
+  text_model = os.path.join(workdir, TEXT_MODEL)
+  if config.data.text_model:
+    shutil.copyfile(config.data.text_model, text_model)
+  else:
+    shards = CodeShards(config.data.codes, "train")
+    n = min(len(shards), config.data.text_train_examples)
+    texts = [shards[i]["text"] for i in range(n)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+      raise ValueError(f"the training split of {config.data.codes} has no captions to train the "
+                       "text model on; pass --config.data.text_model=PATH")
+    made = train_sentencepiece(texts, model_prefix=text_model[:-len(".model")],
+                               vocab_size=config.data.text_vocab_size)
+    log_fn(f"trained the text model on {len(texts)} captions: {made}")
+  tokenizer = TextTokenizer.load(text_model)
+  vocab = Vocab(text_size=tokenizer.vocab_size, image_size=codebook_size, grid=grid,
+                text_model=TEXT_MODEL)
+  vocab.save(vocab_path)
+  return vocab
+
+
+def load_text_tokenizer(workdir: str) -> TextTokenizer:
+  return TextTokenizer.load(os.path.join(workdir, TEXT_MODEL))
+
+
+class ExampleTransform:
+  """(index, shard record) -> padded LM example: caption encoded, then the sequence layout."""
+
+  def __init__(self, *, text_model: str, builder: SequenceBuilder):
+    self.text_model = text_model
+    self.builder = builder
+    self._tokenizer = None
+
+  def __call__(self, index: int, record: dict) -> dict[str, np.ndarray]:
+    if self._tokenizer is None:
+      self._tokenizer = TextTokenizer.load(self.text_model)
+    text_ids = self.builder.vocab.encode_text(self._tokenizer, record["text"])
+    return self.builder({"text_ids": text_ids, "codes": record["codes"]}, index)
+
+
+def make_builder(config: ml_collections.ConfigDict, vocab: Vocab, *, seed: int) -> SequenceBuilder:
+  d = config.data
+  return SequenceBuilder(vocab=vocab, mode=d.mode, seq_len=config.train.seq_len,
+                         t2i_ratio=d.t2i_ratio, caption_dropout=d.caption_dropout,
+                         text_weight=config.loss.text_weight, image_weight=config.loss.image_weight,
+                         mask_prompt=d.mask_prompt, seed=seed)
+
+
+def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab) -> None:
+  need = needed_seq_len(vocab, max_text_len=config.data.max_text_len, mode=config.data.mode,
+                        frames=config.data.get("frames", 1))
+  if need > config.train.seq_len:
+    raise ValueError(f"sequences need {need} tokens (captions up to {config.data.max_text_len} "
+                     f"ids + {vocab.tokens_per_image} image codes) but train.seq_len is "
+                     f"{config.train.seq_len}; set --config.train.seq_len={need}")
+
+
+def build_trainer(config: ml_collections.ConfigDict, vocab: Vocab, *,
+                  progress: bool = True) -> loop.Trainer:
+  model = Transformer(**model_kwargs(config, vocab))
+  optimizer, _ = make_optimizer(total_steps=config.train.steps, **as_kwargs(config.optim))
+  codebook = None
+  if config.model.image_embed_init == "codebook":
+    from vqlm.train.tokenizer_stage import load_tokenizer
+    codebook = jnp.asarray(load_tokenizer(config.data.tokenizer).codebook())
+  task = LMTask(model=model, optimizer=optimizer, z_loss_weight=config.loss.z_loss,
+                image_offset=vocab.image_offset, image_size=vocab.image_size, codebook=codebook)
+  t = config.train
+  options = loop.LoopOptions(
+      steps=t.steps, seed=t.seed, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+      checkpoint_minutes=t.checkpoint_minutes, keep_checkpoints=t.keep_checkpoints,
+      max_consecutive_skips=t.max_consecutive_skips, progress=progress,
+      throughput_key="num_tokens")
+  mesh = mesh_lib.make_mesh(as_kwargs(config.mesh.shape))
+  return loop.Trainer(task, mesh=mesh, rules=config.mesh.rules, options=options)
+
+
+def example_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  b, s = config.train.batch_size, config.train.seq_len
+  zeros = np.zeros((b, s), np.int32)
+  return {"tokens": zeros, "targets": zeros, "segment_ids": np.ones((b, s), np.int32),
+          "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)),
+          "loss_weights": np.ones((b, s), np.float32)}
+
+
+def _resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Absolute data paths, and the tokenizer run taken from the code shards' manifest if unset."""
+  if not config.data.codes:
+    raise ValueError("config.data.codes is empty: pass --config.data.codes=DIR made by "
+                     "`vqlm encode`")
+  config.data.codes = os.path.abspath(config.data.codes)
+  manifest = read_manifest(config.data.codes)
+  if not config.data.tokenizer:
+    config.data.tokenizer = manifest["tokenizer_run"]
+  config.data.tokenizer = os.path.abspath(config.data.tokenizer)
+  return config
+
+
+def make_eval_hook(trainer: loop.Trainer, config, vocab: Vocab, text_model: str):
+  """Validation perplexity per modality over `config.eval.num_batches` fixed batches."""
+  shards = CodeShards(config.data.codes, "validation")
+  builder = make_builder(config, vocab, seed=config.train.seed + 1)
+  transform = ExampleTransform(text_model=text_model, builder=builder)
+  ds = pipeline.make_dataset(shards, global_batch_size=config.train.batch_size,
+                             transform=transform, seed=0, shuffle=False, num_epochs=1)
+  batches = [b for _, b in zip(range(config.eval.num_batches), ds)]
+  eval_step = jax.jit(trainer.task.eval_step)
+
+  def hook(state, step):
+    del step
+    totals = None
+    with trainer.context():
+      for batch in batches:
+        sums = jax.device_get(eval_step(state, mesh_lib.global_batch(batch, trainer.mesh)))
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+    return eval_summary(totals)
+
+  return hook
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+          log_fn=print, extra_hooks=()) -> Any:
+  """Trains the LM on pre-encoded data (`config.data.codes`)."""
+  config = _resolve_paths(config)
+  runs.check_same_model(workdir, config, sections=("model",))
+  vocab = prepare_vocab(config, workdir, log_fn=log_fn)
+  check_seq_len(config, vocab)
+  runs.save_config(workdir, config)
+  trainer = build_trainer(config, vocab, progress=progress)
+  text_model = os.path.join(workdir, TEXT_MODEL)
+  transform = ExampleTransform(text_model=text_model,
+                               builder=make_builder(config, vocab, seed=config.train.seed))
+  data_iter = pipeline.make_iterator(
+      CodeShards(config.data.codes, "train"), global_batch_size=config.train.batch_size,
+      transform=transform, seed=config.train.seed, num_threads=config.data.num_threads)
+  hooks = [loop.Hook(every=config.train.eval_every,
+                     fn=make_eval_hook(trainer, config, vocab, text_model), name="valid")]
+  hooks += list(extra_hooks)
+  return loop.run(trainer, data_iter=data_iter, workdir=workdir, hooks=hooks,
+                  meta={"stage": "lm"}, log_fn=log_fn)
+
+
+class LMRun:
+  """A trained LM read back from its run directory: model, params, vocabulary, text tokenizer."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.config = runs.load_config(workdir)
+    if self.config.get("stage") != "lm":
+      raise ValueError(f"{workdir} is not an LM run (stage={self.config.get('stage')}); pass the "
+                       "run directory of `vqlm train --config configs/lm.py...`")
+    vocab_path = os.path.join(workdir, VOCAB_FILE)
+    if not os.path.exists(vocab_path):
+      raise FileNotFoundError(f"{vocab_path} is missing; the LM run is incomplete, train it again")
+    self.vocab = Vocab.load(vocab_path)
+    self.text_tokenizer = load_text_tokenizer(workdir)
+    if self.text_tokenizer.vocab_size != self.vocab.text_size:
+      raise ValueError(f"{TEXT_MODEL} in {workdir} has {self.text_tokenizer.vocab_size} pieces "
+                       f"but vocab.json expects {self.vocab.text_size}; restore the run's own "
+                       "text model")
+    self.model = Transformer(**model_kwargs(self.config, self.vocab))
+    trainer = build_trainer(self.config, self.vocab, progress=False)
+    target = trainer.abstract_target(mesh_lib.global_batch(example_batch(self.config),
+                                                           trainer.mesh))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    restored = ckpt.restore(target)
+    ckpt.close()
+    if restored is None:
+      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train the LM first")
+    self.state = restored.state
+    self.params = restored.state.params
+    self.extra = restored.state.extra
+    self.step = restored.step
+    self.trainer = trainer
+
+  def tokenizer_run(self):
+    """The image tokenizer this LM was trained with (to decode generated codes)."""
+    from vqlm.train.tokenizer_stage import load_tokenizer
+    path = self.config.data.tokenizer
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"the image tokenizer run {path} recorded by {self.workdir} is "
+                              "missing; restore it or pass --tokenizer")
+    run = load_tokenizer(path)
+    if tuple(run.grid) != tuple(self.vocab.grid) or run.codebook_size != self.vocab.image_size:
+      raise ValueError(f"the image tokenizer in {path} ({run.grid} grid, {run.codebook_size} "
+                       f"codes) does not match this LM ({tuple(self.vocab.grid)} grid, "
+                       f"{self.vocab.image_size} codes); pass the tokenizer it was trained with")
+    return run
