@@ -132,7 +132,7 @@ def test_training_lowers_loss_on_a_repeated_batch():
 def test_codebook_task_keeps_the_codebook_fixed_in_extra():
   codebook = jax.random.normal(jax.random.key(3), (K, 5))
   tx, _ = optim.make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
-  model = Transformer(**MODEL, image_embed_init="codebook", codebook_dim=5)
+  model = Transformer(**dict(MODEL, num_layers=1), image_embed_init="codebook", codebook_dim=5)
   with pytest.raises(ValueError, match="codebook"):
     lm.LMTask(model=model, optimizer=tx, z_loss_weight=0.0, image_offset=OFF, image_size=K)
   with pytest.raises(ValueError, match="shape"):

@@ -28,7 +28,7 @@ COMMANDS = {
     "demo": "vqlm.commands.demo",
     "info": "vqlm.commands.info",
     "compile": "vqlm.commands.compile",
-    "bench": "vqlm.bench",
+    "bench": "vqlm.bench.__main__",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
   from absl import flags
   module = importlib.import_module(COMMANDS[command])
   try:
+    if command == "bench":
+      return int(module.main(argv[2:]) or 0)
     return int(module.main([f"vqlm {command}"] + argv[2:]) or 0)
   except USER_ERRORS as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -15,6 +15,8 @@ def main(argv: list[str]) -> int:
       f.DEFINE_string("workdir", None, "run directory (created; resumed if it holds a run)"),
       f.DEFINE_bool("progress", True, "show a progress bar"),
   ), config=True)
+  from vqlm.distributed import maybe_initialize
+  maybe_initialize()
   config = flag_lib.require_config(fv)
   workdir = flag_lib.check_workdir(fv.workdir)
   stage = config.get("stage")

@@ -1,14 +1,17 @@
 """Convolutional ResNet encoder and decoder of the image tokenizer (taming / MaskGIT family).
 
-Resolution scheme: one *level* per entry of `channel_multipliers`. Level `i` runs `num_res_blocks`
-residual blocks at `channels * channel_multipliers[i]` channels; between consecutive levels the
-resolution halves (encoder) or doubles (decoder). The down-sampling factor is therefore
+Resolution scheme: one *level* per entry of `channel_multipliers`; level `i` works at
+`channels * channel_multipliers[i]` channels (its width) and runs `num_res_blocks` residual blocks.
+Between consecutive levels the encoder halves the resolution with a stride-2 3x3 conv that also
+changes the width to the next level's; the decoder doubles it with nearest-neighbour up-sampling
+and a 3x3 conv to the next (lower) level's width. So the down-sampling factor is
 `2 ** (len(channel_multipliers) - 1)`: (1, 2) -> 2, (1, 2, 2) -> 4, (1, 1, 2, 2) -> 8,
 (1, 1, 2, 2, 4) -> 16. At the lowest resolution a middle block (residual block, optional
 self-attention + another residual block) sits between the levels and the latent projection.
+With `num_res_blocks=0` only the strided / up-sampling convs and the middle block remain, which
+keeps full-resolution work small (fast CPU configs).
 
-The decoder mirrors the encoder: levels in reverse order, nearest-neighbour up-sampling followed by
-a 3x3 convolution. Its output is float32 whatever the compute `dtype`.
+The decoder output is float32 whatever the compute `dtype`.
 """
 from collections.abc import Sequence
 from typing import Any
@@ -115,7 +118,8 @@ class Encoder(nn.Module):
       for j in range(self.num_res_blocks):
         h = ResBlock(self.channels * mult, name=f"down{i}_res{j}", **kw)(h)
       if i < levels - 1:
-        h = nn.avg_pool(h, (2, 2), strides=(2, 2))
+        h = nn.Conv(self.channels * self.channel_multipliers[i + 1], (3, 3), strides=(2, 2),
+                    padding="SAME", name=f"down{i}_conv", **kw)(h)
     top = self.channels * self.channel_multipliers[-1]
     h = MiddleBlock(top, self.attention_at_lowest, name="mid", **kw)(h)
     h = nn.swish(nn.GroupNorm(num_groups(top), name="norm_out", **kw)(h))
@@ -154,7 +158,8 @@ class Decoder(nn.Module):
         h = ResBlock(features, name=f"up{i}_res{j}", **kw)(h)
       if i > 0:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-        h = nn.Conv(features, (3, 3), padding="SAME", name=f"up{i}_conv", **kw)(h)
+        h = nn.Conv(self.channels * self.channel_multipliers[i - 1], (3, 3), padding="SAME",
+                    name=f"up{i}_conv", **kw)(h)
     h = nn.swish(nn.GroupNorm(num_groups(h.shape[-1]), name="norm_out", **kw)(h))
     self.sow("intermediates", "last_features", h)
     out = nn.Conv(self.out_channels, (3, 3), padding="SAME", name="conv_out", **kw)(h)

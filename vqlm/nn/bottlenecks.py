@@ -301,16 +301,15 @@ class VectorQuantizer(nn.Module):
       codebook_loss = jnp.zeros((), _F32)
     q_st = flat + jax.lax.stop_gradient(q - flat)
     counts, stats = code_statistics(indices, self.codebook_size)
-    dead_after = self.restart_after or DEFAULT_DEAD_AFTER
     if update:
       if self.ema_decay is not None:
         self._ema_update(jax.lax.stop_gradient(flat), indices, counts)
       self.unused.update(counts)
-      stats["dead_codes"] = jnp.sum(self.unused.dead(dead_after)).astype(_F32)
-      if self.restart_after:
-        self._restart(jax.lax.stop_gradient(flat))
-    else:
-      stats["dead_codes"] = jnp.sum(self.unused.dead(dead_after)).astype(_F32)
+    # Counted before restarts revive them, so the metric shows how many were dead.
+    dead_after = self.restart_after or DEFAULT_DEAD_AFTER
+    stats["dead_codes"] = jnp.sum(self.unused.dead(dead_after)).astype(_F32)
+    if update and self.restart_after:
+      self._restart(jax.lax.stop_gradient(flat))
     z_q = self._from_code_space(q_st.reshape(ze.shape))
     aux = {"loss": commitment + codebook_loss, "commitment": commitment,
            "codebook": codebook_loss, "indices": indices.reshape(ze.shape[:-1]), **stats}

@@ -204,6 +204,7 @@ class Transformer(nn.Module):
         cache. Prefill a right-padded prompt batch at positions 0..S-1 (row b's next-token logits
         are `logits[b, n_b - 1]` for a prompt of n_b tokens), then feed one token per row per
         call at that row's next position (`n_b`, `n_b + 1`, ...). Logits at pad slots are junk.
+        Within one call a row's positions must be consecutive.
     Returns:
       `(logits [B, S, vocab_size] float32, new cache or None)`.
     """

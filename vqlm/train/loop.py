@@ -195,7 +195,9 @@ class _Context:
     self._stack = []
 
   def __enter__(self):
-    mesh_cm = jax.sharding.use_mesh(self._mesh) if hasattr(jax.sharding, "use_mesh") else self._mesh
+    # `with mesh:` is what flax.linen's logical constraints look for (jax.set_mesh is not yet
+    # honoured by linen's `with_logical_constraint` in flax 0.12).
+    mesh_cm = self._mesh
     rules_cm = nn.logical_axis_rules(self._rules)
     self._stack = [mesh_cm, rules_cm]
     for cm in self._stack:

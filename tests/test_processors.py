@@ -1,0 +1,145 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqlm.sample import processors
+from vqlm.sample.processors import SamplingConfig, Settings
+
+V = 50
+
+
+def _logits(seed, b=4, v=V):
+  """Distinct float32 logits (no ties)."""
+  rng = np.random.default_rng(seed)
+  return np.stack([rng.permutation(v).astype(np.float32) * 0.37 - 5.0 for _ in range(b)])
+
+
+def _ref_keep(logits, k, p):
+  """NumPy reference of top-k then top-p on one row."""
+  order = np.argsort(-logits, kind="stable")
+  kk = len(logits) if k <= 0 else min(k, len(logits))
+  kept = order[:kk]
+  z = logits[kept] - logits[kept].max()
+  probs = np.exp(z) / np.exp(z).sum()
+  out = np.zeros(len(logits), bool)
+  mass = 0.0
+  for idx, pr in zip(kept, probs):
+    if mass < p or p >= 1.0 or not out.any():
+      out[idx] = True
+    mass += pr
+  return out
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+  logits = _logits(0)
+  ks = np.array([1, 3, 10, 0])
+  keep = np.asarray(processors.top_k_top_p_mask(logits, ks, np.ones(4)))
+  for row, k in zip(range(4), ks):
+    want = np.zeros(V, bool)
+    want[np.argsort(-logits[row])[:k if k else V]] = True
+    np.testing.assert_array_equal(keep[row], want)
+  assert keep.sum(1).tolist() == [1, 3, 10, V]
+
+
+def test_top_k_breaks_ties_towards_lower_ids():
+  logits = np.zeros((1, 6), np.float32)
+  keep = np.asarray(processors.top_k_top_p_mask(logits, np.array([2]), np.array([1.0])))
+  np.testing.assert_array_equal(keep[0], [True, True, False, False, False, False])
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+  logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05]], np.float32))
+  cases = {0.3: 1, 0.45: 1, 0.55: 2, 0.65: 2, 0.75: 3, 0.8: 3, 0.9: 4, 0.97: 5, 1.0: 5}
+  for p, n in cases.items():
+    keep = np.asarray(processors.top_k_top_p_mask(logits, np.array([0]), np.array([p])))
+    np.testing.assert_array_equal(keep[0], np.arange(5) < n, err_msg=f"top_p={p}")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_k_then_top_p_matches_reference(seed):
+  logits = _logits(seed) * 0.5
+  ks = np.array([0, 5, 20, 2])
+  ps = np.array([0.6, 0.9, 0.3, 1.0], np.float32)
+  keep = np.asarray(processors.top_k_top_p_mask(logits, ks, ps))
+  for row in range(4):
+    np.testing.assert_array_equal(keep[row], _ref_keep(logits[row], ks[row], ps[row]))
+
+
+def test_process_applies_temperature_and_never_unmasks():
+  logits = _logits(1)
+  logits[:, :5] = -np.inf
+  out = np.asarray(processors.process(logits, np.array([2.0, 0.5, 1.0, 0.0]), np.zeros(4, int),
+                                      np.array([1.0, 1.0, 0.999999, 1.0])))
+  assert np.all(np.isneginf(out[:, :5]))
+  np.testing.assert_allclose(out[0, 5:], logits[0, 5:] / 2.0, rtol=1e-6)
+  np.testing.assert_allclose(out[1, 5:], logits[1, 5:] / 0.5, rtol=1e-6)
+  np.testing.assert_allclose(out[3, 5:], logits[3, 5:], rtol=1e-6)  # greedy rows: unscaled
+
+
+def test_greedy_rows_take_the_argmax_and_sampled_rows_respect_the_masks():
+  logits = _logits(2, b=3)
+  temps = np.array([0.0, 1.0, 1.0], np.float32)
+  ks = np.array([0, 3, 0])
+  ps = np.array([1.0, 1.0, 0.5], np.float32)
+  draw = jax.jit(jax.vmap(processors.sample, in_axes=(0, None, None, None, None)))
+  keys = jax.vmap(lambda k: jax.random.split(k, 3))(jax.random.split(jax.random.key(1), 400))
+  ids = np.asarray(draw(keys, logits, temps, ks, ps))  # [400, 3]
+  assert np.all(ids[:, 0] == np.argmax(logits[0]))
+  assert set(ids[:, 1]) <= set(np.argsort(-logits[1])[:3].tolist())
+  assert len(set(ids[:, 1])) == 3
+  allowed = np.flatnonzero(_ref_keep(logits[2], 0, 0.5))
+  assert set(ids[:, 2]) <= set(allowed.tolist())
+
+
+def test_sampling_frequencies_follow_the_tempered_distribution():
+  logits = np.log(np.array([[0.6, 0.3, 0.1]], np.float32))
+  n = 4000
+  keys = jax.random.split(jax.random.key(3), n)
+  sample = jax.jit(jax.vmap(lambda k, t: processors.sample(k[None], logits, t, jnp.zeros(1, int),
+                                                          jnp.ones(1)),
+                            in_axes=(0, None)))
+  for t in (1.0, 2.0):
+    ids = np.asarray(sample(keys, jnp.array([t])))[:, 0]
+    want = np.array([0.6, 0.3, 0.1]) ** (1 / t)
+    want /= want.sum()
+    np.testing.assert_allclose(np.bincount(ids, minlength=3) / n, want, atol=0.03)
+
+
+def test_filter_switch_skips_filtering():
+  logits = _logits(4, b=2)
+  keys = jax.random.split(jax.random.key(0), 2)
+  args = (keys, logits, np.ones(2, np.float32), np.array([1, 1]), np.ones(2, np.float32))
+  on = np.asarray(processors.sample(*args, filter_ids=True))
+  np.testing.assert_array_equal(on, np.argmax(logits, -1))  # top-1 = greedy
+  needs = processors.needs_filtering
+  assert bool(needs(SamplingConfig(text=Settings(top_k=1))))
+  assert bool(needs(SamplingConfig(image=Settings(top_p=0.9))))
+  assert not bool(needs(SamplingConfig()))
+
+
+def test_row_settings_pick_image_settings_inside_runs():
+  config = SamplingConfig(text=Settings(0.7, 5, 0.9), image=Settings(1.3, 0, 1.0)).as_arrays()
+  t, k, p = processors.row_settings(config, jnp.array([True, False]))
+  np.testing.assert_allclose(t, [1.3, 0.7], rtol=1e-6)
+  np.testing.assert_array_equal(k, [0, 5])
+  np.testing.assert_allclose(p, [1.0, 0.9], rtol=1e-6)
+  assert t.dtype == jnp.float32 and k.dtype == jnp.int32
+
+
+def test_settings_are_traced_leaves_so_new_values_do_not_recompile():
+  fn = jax.jit(lambda c, x: processors.row_settings(c, x)[0])
+  fn(SamplingConfig(text=Settings(0.5)).as_arrays(), jnp.array([False]))
+  fn(SamplingConfig(text=Settings(0.9, 7, 0.3)).as_arrays(), jnp.array([False]))
+  assert fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("settings, match", [
+    (Settings(temperature=-1.0), "temperature"),
+    (Settings(top_k=-2), "top_k"),
+    (Settings(top_p=0.0), "top_p"),
+    (Settings(top_p=1.5), "top_p"),
+])
+def test_bad_settings_raise(settings, match):
+  with pytest.raises(ValueError, match=match):
+    SamplingConfig(image=settings).check()

@@ -1,0 +1,209 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqlm.nn.transformer import Transformer
+from vqlm.sample.processors import SamplingConfig, Settings
+from vqlm.sample.sampler import Sampler, bucket
+from vqlm.vocab import Vocab
+
+VOCAB = Vocab(text_size=40, image_size=24, grid=(2, 3), num_reserved=2, pad_to=16)
+HW = VOCAB.tokens_per_image
+BOS, EOS, BOI, EOI, FRAME, PAD = (VOCAB.bos_id, VOCAB.eos_id, VOCAB.boi_id, VOCAB.eoi_id,
+                                  VOCAB.frame_id, VOCAB.pad_id)
+MODEL = dict(vocab_size=VOCAB.padded_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+             mlp_dim=128, image_offset=VOCAB.image_offset, image_size=VOCAB.image_size,
+             grid=VOCAB.grid)
+GREEDY = SamplingConfig.greedy()
+CODES = [VOCAB.image_offset + c for c in (1, 7, 3, 20, 11, 0)]
+
+
+def random_variables(model, seed=0):
+  """Random params of the model's shapes drawn with NumPy (a compiled init costs seconds)."""
+  rng = np.random.default_rng(seed)
+  abstract = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                          jnp.zeros((1, 4), jnp.int32)))
+
+  def draw(path, x):
+    if "scale" in jax.tree_util.keystr(path):
+      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(x.shape), x.dtype)
+    return jnp.asarray(0.15 * rng.standard_normal(x.shape), x.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+@pytest.fixture(scope="module")
+def plain():
+  model = Transformer(**MODEL)
+  return model, random_variables(model)
+
+
+@pytest.fixture(scope="module")
+def sampler(plain):
+  return Sampler(plain[0], plain[1], VOCAB)
+
+
+def _full_logits(model, variables, seqs):
+  """Full forward passes (no cache) over right-padded sequences: `[N, L, V]`."""
+  length = max(len(s) for s in seqs)
+  tokens = np.full((len(seqs), length), PAD, np.int32)
+  for i, s in enumerate(seqs):
+    tokens[i, :len(s)] = s
+  logits, _ = jax.jit(model.apply)(variables, jnp.asarray(tokens))
+  return np.asarray(logits)
+
+
+def _is_code(ids):
+  ids = np.asarray(ids)
+  return (ids >= VOCAB.image_offset) & (ids < VOCAB.size)
+
+
+@pytest.mark.parametrize("variant", ["plain", "rope2d_scan"])
+def test_cached_decoding_matches_a_full_forward_pass(variant, plain):
+  if variant == "plain":
+    model, variables = plain
+  else:
+    model = Transformer(**MODEL, rope_2d=True, scan_layers=True)
+    variables = random_variables(model, seed=1)
+  sampler = Sampler(model, variables, VOCAB)
+  prompts = [[BOS, 3, 4], [BOS, 5, BOI, *CODES, EOI, 9, 8, 7], [BOS] + list(range(1, 20))]
+  sampling = SamplingConfig(text=Settings(temperature=1.0), image=Settings(temperature=1.0))
+  out = sampler(prompts, max_new_tokens=24, mode="interleaved", sampling=sampling, seed=3,
+                return_logits=True)
+  assert out.tokens.shape == (3, 24) and out.logits.shape == (3, 24, VOCAB.padded_size)
+  assert _is_code(out.tokens).any()  # image runs are part of what is checked
+  seqs = [p + out.tokens[r, :out.lengths[r]].tolist() for r, p in enumerate(prompts)]
+  full = _full_logits(model, variables, seqs)
+  for r, p in enumerate(prompts):
+    n = out.lengths[r]
+    np.testing.assert_allclose(out.logits[r, :n], full[r, len(p) - 1:len(p) - 1 + n],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_in_one_doubled_batch_equals_two_separate_passes(plain, sampler):
+  model, variables = plain
+  prompts = [[BOS, 3, 4, 5, BOI], [BOS, 9, BOI]]
+  scale = 3.0
+  out = sampler(prompts, max_new_tokens=HW + 1, mode="image", cfg_scale=scale, seed=0,
+                return_logits=True)
+  for row in out.tokens:  # exactly one grid, then <eoi>
+    assert _is_code(row[:HW]).all() and row[HW] == EOI
+  n = HW + 1
+  full = _full_logits(model, variables, [p + out.tokens[r].tolist() for r, p in enumerate(prompts)]
+                      + [[BOS, BOI] + out.tokens[r].tolist() for r in range(2)])
+  cond, uncond = full[:2], full[2:]
+  for r, p in enumerate(prompts):
+    c = cond[r, len(p) - 1:len(p) - 1 + n]
+    u = uncond[r, 1:1 + n]
+    want = np.concatenate([u[:HW] + scale * (c[:HW] - u[:HW]), c[HW:]])  # guidance on codes only
+    np.testing.assert_allclose(out.logits[r], want, rtol=1e-5, atol=1e-4)
+  # The guided draw differs from the unguided one, and a new scale does not recompile.
+  sampler(prompts, max_new_tokens=HW + 1, mode="image", cfg_scale=0.5, seed=0,
+          return_logits=True)
+  fn = sampler._jitted[("image", HW + 1, True, True)]
+  assert fn._cache_size() == 1
+
+
+def test_prompts_of_different_lengths_in_one_batch_match_each_alone(sampler):
+  prompts = [[BOS, 2], [BOS, 4, 5, BOI, *CODES, EOI, 6], [BOS] + [7, 8, 9] * 7]
+  assert bucket(len(prompts[0]), 16) != bucket(len(prompts[2]), 16)
+  batch = sampler(prompts, max_new_tokens=20, mode="interleaved", sampling=GREEDY)
+  for r, p in enumerate(prompts):
+    alone = sampler([p], max_new_tokens=20, mode="interleaved", sampling=GREEDY, batch_size=3)
+    np.testing.assert_array_equal(alone.tokens[0], batch.tokens[r])
+    assert alone.lengths[0] == batch.lengths[r]
+
+
+def test_same_seed_same_output_and_rows_do_not_depend_on_neighbours(sampler):
+  prompts = [[BOS, 2], [BOS, 4, 5], [BOS, 6]]
+  kw = dict(max_new_tokens=20, mode="interleaved")
+  a = sampler(prompts, seed=7, **kw)
+  b = sampler(prompts, seed=7, **kw)
+  c = sampler(prompts, seed=8, **kw)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert not np.array_equal(a.tokens, c.tokens)
+  # Row 1 alone, with its row seed, draws exactly what it drew inside the batch.
+  alone = sampler([prompts[1]], seed=7, row_seeds=[1], batch_size=3, **kw)
+  np.testing.assert_array_equal(alone.tokens[0], a.tokens[1])
+
+
+def test_text_mode_never_emits_image_ids(sampler):
+  prompts = [[BOS, BOI, *CODES, EOI], [BOS, BOI, *CODES[::-1], EOI]]
+  out = sampler(prompts, max_new_tokens=30, mode="text", seed=1)
+  generated = out.tokens[out.tokens != PAD]
+  assert not _is_code(generated).any()
+  assert not np.isin(generated, [BOI, EOI, FRAME, BOS]).any()
+  assert (generated < VOCAB.size).all()
+
+
+def test_video_mode_frame_structure(sampler):
+  prompt = [BOS, 3, BOI, *CODES, EOI]
+  need = 2 * (HW + 3) + 1  # (<frame> <boi> codes <eoi>) x 2, <eos>
+  with pytest.raises(ValueError, match=f"at least {need}"):
+    sampler([prompt], max_new_tokens=need - 1, mode="video", num_images=2)
+  out = sampler([prompt], max_new_tokens=need, mode="video", num_images=2, seed=2)
+  row = out.tokens[0].tolist()
+  frame = [FRAME, BOI] + ["code"] * HW + [EOI]
+  got = ["code" if _is_code(i) else i for i in row]
+  assert got == frame + frame + [EOS] and out.lengths[0] == need
+
+
+def test_bad_arguments_raise(plain, sampler):
+  model, variables = plain
+  with pytest.raises(ValueError, match="padded_size"):
+    Sampler(Transformer(**{**MODEL, "vocab_size": VOCAB.padded_size + 16}), variables, VOCAB)
+  with pytest.raises(ValueError, match="batch_size"):
+    sampler([[BOS, 1]] * 3, max_new_tokens=4, batch_size=2)
+  with pytest.raises(ValueError, match="at least"):
+    sampler([[BOS, 1, BOI]], max_new_tokens=HW, mode="image")
+  with pytest.raises(ValueError, match="top_p"):
+    sampler([[BOS, 1]], max_new_tokens=4, sampling=SamplingConfig(text=Settings(top_p=0.0)))
+
+
+_MESH_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import sys
+    sys.path.insert(0, {tests!r})
+    import jax, numpy as np, flax.linen as nn
+    from configs.common import DEFAULT_RULES
+    from vqlm import mesh as mesh_lib
+    from vqlm.nn.transformer import Transformer
+    from vqlm.sample.sampler import Sampler
+    import test_sampler as t
+
+    model = Transformer(**t.MODEL)
+    variables = t.random_variables(model)
+    mesh = mesh_lib.make_mesh({{"data": 2, "tensor": 2}})
+    rules = mesh_lib.rules_from_config(DEFAULT_RULES)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 4), "int32"))
+    shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
+    sharded = jax.device_put(variables, shardings)
+    assert sharded["params"]["embed"]["embedding"].sharding.spec[0] == "tensor"
+    prompts = [[t.BOS, 2 + i] + [5] * i for i in range(4)]
+    for kw in (dict(seed=4), dict(seed=4, cfg_scale=2.0, mode="image")):
+      mode = kw.pop("mode", "interleaved")
+      prompts_m = [p + [t.BOI] for p in prompts] if mode == "image" else prompts
+      n = t.HW + 1 if mode == "image" else 12
+      ref = Sampler(model, variables, t.VOCAB)(prompts_m, max_new_tokens=n, mode=mode, **kw)
+      got = Sampler(model, sharded, t.VOCAB, mesh=mesh, rules=rules)(
+          prompts_m, max_new_tokens=n, mode=mode, **kw)
+      np.testing.assert_array_equal(got.tokens, ref.tokens)
+    print("MESH-OK")
+""")
+
+
+def test_sampling_on_a_mesh_matches_one_device():
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), env.get("PYTHONPATH", "")])
+  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT.format(tests=tests)], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert "MESH-OK" in proc.stdout, proc.stderr[-3000:]

@@ -1,0 +1,19 @@
+"""`python -m vqlm.bench <lm|sample|tokenizer|soak> [flags]` (also `vqlm bench ...`)."""
+import importlib
+import sys
+
+BENCHMARKS = {"lm": "vqlm.bench.lm", "sample": "vqlm.bench.sample",
+              "tokenizer": "vqlm.bench.tokenizer", "soak": "vqlm.bench.soak"}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] not in BENCHMARKS:
+    print(f"usage: python -m vqlm.bench <{'|'.join(BENCHMARKS)}> [--flags]", file=sys.stderr)
+    return 2
+  module = importlib.import_module(BENCHMARKS[argv[0]])
+  return int(module.main([f"vqlm.bench {argv[0]}"] + argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

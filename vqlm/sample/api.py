@@ -1,0 +1,358 @@
+"""Generation from a trained LM run: text-to-image, captioning, interleaved and video continuation.
+
+`Generator(run)` wraps a run (anything with `model`, `params`, `vocab`, `text_tokenizer` and
+`tokenizer_run()`, e.g. `vqlm.train.lm_stage.LMRun`) in one `Sampler` whose compiled loops are
+reused across calls. Batches have a fixed size (the last one is padded with inactive rows) and
+prompt lengths are bucketed, so a call never recompiles for a new prompt. Row `i` of a call draws
+with seed `(seed, i)`: results do not depend on `batch_size`. A tqdm bar runs over batches.
+
+The module functions (`generate_images(run, ...)`, ...) reuse one Generator per run object.
+"""
+from collections.abc import Sequence
+import dataclasses
+from typing import Any
+import weakref
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vqlm.sample import constraints as cons
+from vqlm.sample.processors import GREEDY, SamplingConfig, Settings
+from vqlm.sample.sampler import Sampler
+from vqlm.vocab import Vocab
+
+Part = str | np.ndarray | Sequence[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+  """One generated continuation.
+
+  Attributes:
+    ids: int32 generated unified ids (up to and including the stop token).
+    segments: the generated content in order: `str` text runs and uint8 `[H, W, 3]` images (an
+      image the prompt left open is completed with the prompt's codes).
+    text: the generated ids rendered with specials (`"a red<boi><img:3>...<eoi><eos>"`).
+  """
+  ids: np.ndarray
+  segments: list[str | np.ndarray]
+  text: str
+
+
+class Generator:
+  """Generation with one LM run.
+
+  Args:
+    run: an LM run (`LMRun`) or any object with `model`, `params`, `vocab`, `text_tokenizer` and
+      `tokenizer_run()` (the image tokenizer: `encode(uint8 [B,H,W,3]) -> codes [B,h,w]`,
+      `decode(codes) -> uint8 images`, `codebook()`). A `trainer` attribute (mesh + rules) makes
+      sampling run on its mesh.
+    batch_size: rows per sampler call.
+    progress: show a progress bar over batches.
+    image_tokenizer: use this image tokenizer instead of `run.tokenizer_run()`.
+  """
+
+  def __init__(self, run: Any, *, batch_size: int = 8, progress: bool = True,
+               image_tokenizer: Any = None):
+    if batch_size <= 0:
+      raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    self.run = run
+    self.vocab: Vocab = run.vocab
+    self.text_tokenizer = run.text_tokenizer
+    self.batch_size = batch_size
+    self.progress = progress
+    self._image_tokenizer = image_tokenizer
+    variables = {"params": run.params}
+    if getattr(run.model, "image_embed_init", "learned") == "codebook":
+      codebook = np.asarray(self.image_tokenizer.codebook(), np.float32)
+      variables["codebook"] = {"embed": {"vectors": codebook}}
+    trainer = getattr(run, "trainer", None)
+    self.sampler = Sampler(run.model, variables, self.vocab,
+                           mesh=getattr(trainer, "mesh", None),
+                           rules=getattr(trainer, "rules", None))
+
+  @property
+  def image_tokenizer(self) -> Any:
+    if self._image_tokenizer is None:
+      self._image_tokenizer = self.run.tokenizer_run()
+    return self._image_tokenizer
+
+  # ---- prompts ------------------------------------------------------------------------------
+
+  def text_ids(self, text: str) -> list[int]:
+    return self.vocab.encode_text(self.text_tokenizer, text)
+
+  def image_ids(self, codes: np.ndarray) -> list[int]:
+    """`[h, w]` codes -> `<boi> ids <eoi>`."""
+    codes = self.vocab.check_codes(codes)
+    return [self.vocab.boi_id, *self.vocab.image_token(codes.reshape(-1)).tolist(),
+            self.vocab.eoi_id]
+
+  def encode_images(self, images: np.ndarray) -> np.ndarray:
+    """uint8 `[N, H, W, 3]` -> codes `[N, h, w]` with the image tokenizer (checked)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+      raise ValueError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}.")
+    return self.vocab.check_codes(self.image_tokenizer.encode(images))
+
+  def prompt_ids(self, parts: Sequence[Part]) -> list[int]:
+    """`<bos>` + parts: `str` text, uint8 `[H, W, 3]` image, integer `[h, w]` codes (each image
+    wrapped in `<boi> ... <eoi>`), or a 1-D integer sequence of raw unified ids (e.g.
+    `[boi, code ids...]` to leave a run open for image completion)."""
+    ids = [self.vocab.bos_id]
+    for part in parts:
+      if isinstance(part, str):
+        ids += self.text_ids(part)
+        continue
+      arr = np.asarray(part)
+      if arr.ndim == 3 and arr.dtype == np.uint8:
+        ids += self.image_ids(self.encode_images(arr[None])[0])
+      elif arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer):
+        ids += self.image_ids(arr)
+      elif arr.ndim == 1 and (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        ids += [int(i) for i in arr]
+      else:
+        raise ValueError(f"prompt part of type {type(part).__name__} and shape {arr.shape}: use "
+                         "str, uint8 [H, W, 3] images, int [h, w] codes or 1-D int ids.")
+    return ids
+
+  # ---- batching -----------------------------------------------------------------------------
+
+  def _run_batches(self, prompts: list[list[int]], *, desc: str, batch_size: int | None,
+                   **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Samples all prompts in fixed-size batches; returns `(tokens [N, T], lengths [N])`."""
+    bs = batch_size or self.batch_size
+    if bs <= 0:
+      raise ValueError(f"batch_size={bs} must be >= 1.")
+    uncond = kwargs.pop("uncond_prompts", None)
+    num_images = np.broadcast_to(np.asarray(kwargs.pop("num_images", 1)), (len(prompts),))
+    tokens, lengths = [], []
+    starts = range(0, len(prompts), bs)
+    for start in tqdm(starts, desc=desc, disable=not self.progress, unit="batch"):
+      stop = min(start + bs, len(prompts))
+      out = self.sampler(
+          prompts[start:stop], batch_size=bs, row_seeds=range(start, stop),
+          uncond_prompts=None if uncond is None else uncond[start:stop],
+          num_images=num_images[start:stop], **kwargs)
+      tokens.append(out.tokens)
+      lengths.append(out.lengths)
+    return np.concatenate(tokens), np.concatenate(lengths)
+
+  def _image_runs(self, ids: Sequence[int]) -> list[np.ndarray]:
+    """Complete image runs of an id sequence -> code grids `[h, w]`."""
+    grids, run = [], None
+    h, w = self.vocab.grid
+    for i in ids:
+      if i == self.vocab.boi_id:
+        run = []
+      elif run is not None and self.vocab.is_image(int(i)):
+        run.append(int(i) - self.vocab.image_offset)
+      else:
+        if run is not None and len(run) == h * w:
+          grids.append(np.asarray(run, np.int32).reshape(h, w))
+        run = None
+    if run is not None and len(run) == h * w:
+      grids.append(np.asarray(run, np.int32).reshape(h, w))
+    return grids
+
+  def _decode(self, codes: np.ndarray) -> np.ndarray:
+    if len(codes) == 0:
+      return np.zeros((0,), np.uint8)
+    return np.asarray(self.image_tokenizer.decode(np.asarray(codes, np.int32)), np.uint8)
+
+  # ---- tasks --------------------------------------------------------------------------------
+
+  def generate_images(self, prompts: Sequence[str], *, num_per_prompt: int = 1,
+                      cfg_scale: float | None = None, sampling: SamplingConfig | None = None,
+                      seed: int = 0, batch_size: int | None = None, return_codes: bool = False
+                      ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Text-to-image: `num_per_prompt` images per caption, prompt-major order.
+
+    Args:
+      prompts: captions (`<bos> caption <boi>` is the model's prompt).
+      num_per_prompt: images per caption.
+      cfg_scale: classifier-free guidance scale (None or 1.0: none). The unconditional prompt is
+        `<bos> <boi>` (the caption dropped, as in training with caption dropout).
+      sampling: text/image settings (default temperature 1, no top-k/top-p).
+      seed: base seed; image `i` uses `(seed, i)`.
+      batch_size: rows per sampler call (default: the Generator's).
+      return_codes: also return the code grids.
+    Returns:
+      uint8 `[N, H, W, 3]` with `N = len(prompts) * num_per_prompt` (and int32 codes `[N, h, w]`).
+    """
+    if isinstance(prompts, str):
+      raise ValueError("prompts must be a list of strings, not one string; wrap it in a list.")
+    if num_per_prompt <= 0:
+      raise ValueError(f"num_per_prompt={num_per_prompt} must be >= 1.")
+    v = self.vocab
+    rows = [[v.bos_id, *self.text_ids(p), v.boi_id] for p in prompts for _ in
+            range(num_per_prompt)]
+    if not rows:
+      raise ValueError("no prompts given; pass at least one caption.")
+    use_cfg = cfg_scale is not None and float(cfg_scale) != 1.0
+    tokens, _ = self._run_batches(
+        rows, desc="images", batch_size=batch_size, mode="image",
+        max_new_tokens=v.tokens_per_image + 1, sampling=sampling, seed=seed,
+        cfg_scale=float(cfg_scale) if use_cfg else None,
+        uncond_prompts=[[v.bos_id, v.boi_id]] * len(rows) if use_cfg else None)
+    hw = v.tokens_per_image
+    codes = (tokens[:, :hw] - v.image_offset).reshape(len(rows), *v.grid).astype(np.int32)
+    images = self._decode(codes)
+    return (images, codes) if return_codes else images
+
+  def caption_images(self, images: np.ndarray, *, greedy: bool = True,
+                     sampling: SamplingConfig | None = None, seed: int = 0,
+                     max_len: int = 48, batch_size: int | None = None) -> list[str]:
+    """Image-to-text: uint8 `[N, H, W, 3]` -> N captions (greedy by default)."""
+    codes = self.encode_images(images)
+    return self.caption_codes(codes, greedy=greedy, sampling=sampling, seed=seed,
+                              max_len=max_len, batch_size=batch_size)
+
+  def caption_codes(self, codes: np.ndarray, *, greedy: bool = True,
+                    sampling: SamplingConfig | None = None, seed: int = 0, max_len: int = 48,
+                    batch_size: int | None = None) -> list[str]:
+    """Image-to-text from code grids `[N, h, w]` (prompt `<bos> <boi> codes <eoi>`)."""
+    codes = self.vocab.check_codes(codes)
+    if codes.ndim != 3:
+      raise ValueError(f"codes must be [N, h, w], got shape {codes.shape}.")
+    if greedy:
+      if sampling is not None:
+        raise ValueError("greedy=True ignores `sampling`; pass greedy=False to sample.")
+      sampling = SamplingConfig(text=GREEDY, image=GREEDY)
+    rows = [[self.vocab.bos_id, *self.image_ids(c)] for c in codes]
+    tokens, lengths = self._run_batches(rows, desc="captions", batch_size=batch_size, mode="text",
+                                        max_new_tokens=max_len, sampling=sampling, seed=seed)
+    return [self.vocab.decode_text(self.text_tokenizer, t[:n]).strip()
+            for t, n in zip(tokens, lengths)]
+
+  def continue_sequence(self, prompts: Sequence[Sequence[Part]], *, max_new_tokens: int = 128,
+                        mode: str = "interleaved", sampling: SamplingConfig | None = None,
+                        seed: int = 0, cfg_scale: float | None = None,
+                        uncond_prompts: Sequence[Sequence[Part]] | None = None,
+                        num_images: int = 1, batch_size: int | None = None
+                        ) -> list[Continuation]:
+    """Continues mixed prompts (see `prompt_ids` for the parts) in any sampler mode.
+
+    Every image run opened (or left open by the prompt) is completed with exactly `h*w` codes.
+    """
+    if mode not in cons.MODES:
+      raise ValueError(f"mode={mode!r} is not one of {cons.MODES}.")
+    rows = [self.prompt_ids(p) for p in prompts]
+    if not rows:
+      raise ValueError("no prompts given; pass at least one prompt.")
+    uncond = None
+    if cfg_scale is not None:
+      uncond = ([[self.vocab.bos_id, self.vocab.boi_id]] * len(rows) if uncond_prompts is None
+                else [self.prompt_ids(p) for p in uncond_prompts])
+    tokens, lengths = self._run_batches(
+        rows, desc="sequences", batch_size=batch_size, mode=mode, max_new_tokens=max_new_tokens,
+        sampling=sampling, seed=seed, cfg_scale=cfg_scale, uncond_prompts=uncond,
+        num_images=num_images)
+    return [self._continuation(prompt, t[:n]) for prompt, t, n in zip(rows, tokens, lengths)]
+
+  def _continuation(self, prompt: list[int], ids: np.ndarray) -> Continuation:
+    v = self.vocab
+    full = list(prompt) + [int(i) for i in ids]
+    start = len(prompt)
+    # Cut at the start of the prompt's open image run, if any, so the run is decoded whole.
+    open_at = max((i for i, t in enumerate(prompt) if t == v.boi_id), default=-1)
+    if open_at >= 0 and v.eoi_id not in prompt[open_at:]:
+      start = open_at
+    segments, text_run, i = [], [], start
+    while i < len(full):
+      t = full[i]
+      if t == v.boi_id:
+        if text_run:
+          segments.append(v.decode_text(self.text_tokenizer, text_run))
+          text_run = []
+        end = i + 1 + v.tokens_per_image
+        grids = self._image_runs(full[i:end + 1])
+        if grids:
+          segments.append(self._decode(grids[0][None])[0])
+        i = end + 1
+        continue
+      if t < v.text_size:
+        text_run.append(t)
+      i += 1
+    if text_run:
+      segments.append(v.decode_text(self.text_tokenizer, text_run))
+    return Continuation(ids=np.asarray(ids, np.int32), segments=segments,
+                        text=v.decode_text(self.text_tokenizer, ids, keep_specials=True))
+
+  def continue_video(self, frames: np.ndarray, *, num_new_frames: int, caption: str = "",
+                     cfg_scale: float | None = None, sampling: SamplingConfig | None = None,
+                     seed: int = 0) -> np.ndarray:
+    """Video continuation: uint8 frames `[T, H, W, 3]` -> `[num_new_frames, H, W, 3]`.
+
+    The prompt is `<bos> caption <boi> f_1 <eoi> <frame> ... <boi> f_T <eoi>`; the sampler then
+    forces `<frame> <boi>` before each new frame and `<eos>` after the last. With `cfg_scale`, the
+    unconditional prompt drops the caption.
+    """
+    if num_new_frames <= 0:
+      raise ValueError(f"num_new_frames={num_new_frames} must be >= 1.")
+    codes = self.encode_images(np.asarray(frames)) if len(frames) else np.zeros(
+        (0, *self.vocab.grid), np.int32)
+
+    def build(text: str) -> list[int]:
+      ids = [self.vocab.bos_id, *(self.text_ids(text) if text else [])]
+      for t, c in enumerate(codes):
+        ids += ([self.vocab.frame_id] if t else []) + self.image_ids(c)
+      if not len(codes):
+        ids.append(self.vocab.boi_id)
+      return ids
+
+    prompt = build(caption)
+    spec = cons.Spec.from_vocab(self.vocab, "video")
+    state = cons.initial_state(spec, [prompt], num_images=num_new_frames)
+    max_new = cons.min_new_tokens(spec, state)
+    use_cfg = cfg_scale is not None and float(cfg_scale) != 1.0
+    tokens, lengths = self._run_batches(
+        [prompt], desc="video", batch_size=1, mode="video", max_new_tokens=max_new,
+        sampling=sampling, seed=seed, cfg_scale=float(cfg_scale) if use_cfg else None,
+        uncond_prompts=[build("")] if use_cfg else None, num_images=num_new_frames)
+    ids = tokens[0, :lengths[0]].tolist()
+    if not len(codes):
+      ids = [self.vocab.boi_id] + ids
+    grids = self._image_runs(ids)
+    return self._decode(np.stack(grids))
+
+
+_GENERATORS: "weakref.WeakKeyDictionary[Any, Generator]" = weakref.WeakKeyDictionary()
+
+
+def generator_for(run: Any, **kwargs) -> Generator:
+  """The cached Generator of `run` (one per run object, so compiled loops are reused)."""
+  try:
+    gen = _GENERATORS.get(run)
+  except TypeError:  # Not weak-referenceable: no caching.
+    return Generator(run, **kwargs)
+  if gen is None:
+    gen = Generator(run, **kwargs)
+    _GENERATORS[run] = gen
+  return gen
+
+
+def generate_images(run: Any, prompts: Sequence[str], **kwargs: Any
+                    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """`Generator.generate_images` with the run's cached Generator (same keyword arguments)."""
+  return generator_for(run).generate_images(prompts, **kwargs)
+
+
+def caption_images(run: Any, images: np.ndarray, **kwargs: Any) -> list[str]:
+  """`Generator.caption_images` with the run's cached Generator."""
+  return generator_for(run).caption_images(images, **kwargs)
+
+
+def continue_sequence(run: Any, prompts: Sequence[Sequence[Part]], **kwargs: Any
+                      ) -> list[Continuation]:
+  """`Generator.continue_sequence` with the run's cached Generator."""
+  return generator_for(run).continue_sequence(prompts, **kwargs)
+
+
+def continue_video(run: Any, frames: np.ndarray, **kwargs: Any) -> np.ndarray:
+  """`Generator.continue_video` with the run's cached Generator."""
+  return generator_for(run).continue_video(frames, **kwargs)
+
+
+__all__ = ["Continuation", "Generator", "SamplingConfig", "Settings", "caption_images",
+           "continue_sequence", "continue_video", "generate_images", "generator_for"]
