@@ -22,11 +22,11 @@ _SMALL_MODELS = ("tiny", "small")
 SIZES = {
     # Test-sized: seconds on CPU.
     "tiny": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=192, qk_norm=False,
-                 tie_embeddings=True, lr=3e-3, steps=20, batch_size=4, seq_len=64,
+                 tie_embeddings=True, lr=3e-3, steps=20, batch_size=4, seq_len=96,
                  scan_layers=False, remat_policy="none", mesh=dict()),
     # The CPU demo (STACK-NOTES: a 3.7M-param model of this shape ran at 6.2k tokens/s).
     "small": dict(dim=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=768, qk_norm=False,
-                  tie_embeddings=True, lr=2e-3, steps=4000, batch_size=8, seq_len=256,
+                  tie_embeddings=True, lr=2e-3, steps=4000, batch_size=32, seq_len=96,
                   scan_layers=False, remat_policy="none", mesh=dict()),
     "base": dict(dim=768, num_layers=12, num_heads=12, num_kv_heads=12, mlp_dim=2048,
                  qk_norm=True, tie_embeddings=True, lr=6e-4, steps=200_000, batch_size=256,
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(
       codes="", tokenizer="", text_model="", text_vocab_size=512 if small else 32000,
       text_train_examples=100_000, mode="mix", t2i_ratio=0.5, caption_dropout=0.1,
-      mask_prompt=False, max_text_len=48 if small else 128, frames=1, codebook_dim=0,
+      mask_prompt=False, max_text_len=29 if small else 128, frames=1, codebook_dim=0,
       num_threads=2,
   )
 

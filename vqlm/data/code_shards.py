@@ -115,7 +115,7 @@ def encode_split(run, source, directory: str, *, split: str, shard_size: int = 1
     log_fn(f"encode {split}: {skipped} of {num_shards} shard(s) already done, skipping them")
   total = sum(s["stop"] - s["start"] for s in mine)
   bar = tqdm(total=total, desc=f"encode {split}", unit="img", disable=not progress)
-  images_done, seconds = 0, 0.0
+  images_done, seconds, compiled = 0, 0.0, False
   for shard in mine:
     path = os.path.join(directory, shard["file"])
     writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
@@ -123,8 +123,10 @@ def encode_split(run, source, directory: str, *, split: str, shard_size: int = 1
       items = [source[i] for i in batch_indices]
       start = time.perf_counter()
       codes, count = _encode_items(run, items)
-      seconds += time.perf_counter() - start
-      images_done += count
+      if compiled:  # The first batch pays for compilation: leave it out of the throughput.
+        seconds += time.perf_counter() - start
+        images_done += count
+      compiled = True
       for i, item, c in zip(batch_indices, items, codes):
         writer.write(serialize({"index": i, "codes": c, "text": item.get("text", "")}))
       bar.update(len(items))

@@ -88,15 +88,18 @@ def load_text_tokenizer(workdir: str) -> TextTokenizer:
 class ExampleTransform:
   """(index, shard record) -> padded LM example: caption encoded, then the sequence layout."""
 
-  def __init__(self, *, text_model: str, builder: SequenceBuilder):
+  def __init__(self, *, text_model: str, builder: SequenceBuilder, max_text_len: int):
     self.text_model = text_model
     self.builder = builder
+    self.max_text_len = max_text_len
     self._tokenizer = None
 
   def __call__(self, index: int, record: dict) -> dict[str, np.ndarray]:
     if self._tokenizer is None:
       self._tokenizer = TextTokenizer.load(self.text_model)
-    text_ids = self.builder.vocab.encode_text(self._tokenizer, record["text"])
+    # Captions beyond max_text_len are cut (checked up front on the training split, so this
+    # only guards against rare outliers; an over-long example must never stop an epoch).
+    text_ids = self.builder.vocab.encode_text(self._tokenizer, record["text"])[:self.max_text_len]
     return self.builder({"text_ids": text_ids, "codes": record["codes"]}, index)
 
 
@@ -108,7 +111,15 @@ def make_builder(config: ml_collections.ConfigDict, vocab: Vocab, *, seed: int) 
                          mask_prompt=d.mask_prompt, seed=seed)
 
 
-def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab) -> None:
+def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab, text_model: str) -> None:
+  """Fails early if the captions (first 2000 training ones) or images do not fit train.seq_len."""
+  tokenizer = TextTokenizer.load(text_model)
+  shards = CodeShards(config.data.codes, "train")
+  longest = max((len(tokenizer.encode(shards[i]["text"]))
+                 for i in range(min(2000, len(shards)))), default=0)
+  if longest > config.data.max_text_len:
+    raise ValueError(f"captions of up to {longest} text ids exceed data.max_text_len="
+                     f"{config.data.max_text_len}; set --config.data.max_text_len={longest}")
   need = needed_seq_len(vocab, max_text_len=config.data.max_text_len, mode=config.data.mode,
                         frames=config.data.get("frames", 1))
   if need > config.train.seq_len:
@@ -162,7 +173,8 @@ def make_eval_hook(trainer: loop.Trainer, config, vocab: Vocab, text_model: str)
   """Validation perplexity per modality over `config.eval.num_batches` fixed batches."""
   shards = CodeShards(config.data.codes, "validation")
   builder = make_builder(config, vocab, seed=config.train.seed + 1)
-  transform = ExampleTransform(text_model=text_model, builder=builder)
+  transform = ExampleTransform(text_model=text_model, builder=builder,
+                               max_text_len=config.data.max_text_len)
   ds = pipeline.make_dataset(shards, global_batch_size=config.train.batch_size,
                              transform=transform, seed=0, shuffle=False, num_epochs=1)
   batches = [b for _, b in zip(range(config.eval.num_batches), ds)]
@@ -186,12 +198,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   config = _resolve_paths(config)
   runs.check_same_model(workdir, config, sections=("model",))
   vocab = prepare_vocab(config, workdir, log_fn=log_fn)
-  check_seq_len(config, vocab)
+  text_model = os.path.join(workdir, TEXT_MODEL)
+  check_seq_len(config, vocab, text_model)
   runs.save_config(workdir, config)
   trainer = build_trainer(config, vocab, progress=progress)
-  text_model = os.path.join(workdir, TEXT_MODEL)
   transform = ExampleTransform(text_model=text_model,
-                               builder=make_builder(config, vocab, seed=config.train.seed))
+                               builder=make_builder(config, vocab, seed=config.train.seed),
+                               max_text_len=config.data.max_text_len)
   data_iter = pipeline.make_iterator(
       CodeShards(config.data.codes, "train"), global_batch_size=config.train.batch_size,
       transform=transform, seed=config.train.seed, num_threads=config.data.num_threads)

@@ -1,0 +1,161 @@
+"""`python -m vqlm.bench sample --size small`: text-to-image sampling speed against transformers.
+
+Builds the LM of `configs/lm.py` SIZES[size] with random weights over a vocabulary like the
+demo's (1000 text ids + 16 special slots + 512 image codes, an 8x8 grid) and measures image
+tokens/s for generating one grid (64 codes) per prompt at each batch size, compile time excluded
+(the first call's time is printed separately). In the same process it times Hugging Face
+`LlamaForCausalLM.generate(use_cache=True, do_sample=True, max_new_tokens=64)` of the same shape
+and sampling settings (temperature 1, top-k 50), and prints tokens/s and the ratio
+vqlm / transformers. torch and transformers (the `bench` extra) are imported lazily; without them
+the baseline is skipped with a message.
+
+vqlm's timing is end to end (prompt packing, prefill, the 64 codes plus the forced `<eoi>`, and
+the copy back to the host), counting only the 64 image tokens.
+"""
+import argparse
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqlm.nn.transformer import Transformer
+from vqlm.sample.processors import SamplingConfig, Settings
+from vqlm.sample.sampler import Sampler
+from vqlm.vocab import Vocab
+
+PROMPT_TEXT_LEN = 8  # caption ids in each prompt: <bos> caption <boi>
+
+
+def demo_vocab() -> Vocab:
+  """1000 text ids, 6 specials + 10 reserved, 512 image codes, 8x8 grid (padded to 1536)."""
+  return Vocab(text_size=1000, image_size=512, grid=(8, 8), num_reserved=10)
+
+
+def model_kwargs(size: str, vocab: Vocab) -> dict[str, Any]:
+  from configs.lm import SIZES  # Imported here: configs need ml_collections.
+  if size not in SIZES:
+    raise ValueError(f"unknown --size {size!r}; valid: {', '.join(SIZES)}")
+  s = SIZES[size]
+  return dict(vocab_size=vocab.padded_size, dim=s["dim"], num_layers=s["num_layers"],
+              num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], mlp_dim=s["mlp_dim"],
+              qk_norm=s["qk_norm"], tie_embeddings=s["tie_embeddings"],
+              image_offset=vocab.image_offset, image_size=vocab.image_size, grid=vocab.grid)
+
+
+def prompts(vocab: Vocab, batch: int, seed: int = 0) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  text = rng.integers(1, vocab.text_size, size=(batch, PROMPT_TEXT_LEN))
+  return np.concatenate([np.full((batch, 1), vocab.bos_id), text,
+                         np.full((batch, 1), vocab.boi_id)], axis=1).astype(np.int64)
+
+
+def _median_time(fn, repeats: int) -> float:
+  times = []
+  for i in range(repeats):
+    start = time.perf_counter()
+    fn(i)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def bench_vqlm(kw: dict[str, Any], vocab: Vocab, batches: list[int], *, top_k: int,
+               repeats: int) -> dict[int, dict[str, float]]:
+  model = Transformer(**kw)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  sampler = Sampler(model, params, vocab)
+  settings = Settings(temperature=1.0, top_k=top_k, top_p=1.0)
+  sampling = SamplingConfig(text=settings, image=settings)
+  n = vocab.tokens_per_image
+  out = {}
+  for b in batches:
+    rows = prompts(vocab, b).tolist()
+
+    def run(seed):
+      res = sampler(rows, max_new_tokens=n + 1, mode="image", sampling=sampling, seed=seed)
+      assert res.tokens.shape == (b, n + 1)
+
+    start = time.perf_counter()
+    run(0)
+    first = time.perf_counter() - start
+    run(1)  # Warm.
+    t = _median_time(lambda i: run(i + 2), repeats)
+    out[b] = {"first_call_s": first, "seconds": t, "tokens_per_s": b * n / t}
+  return out
+
+
+def bench_transformers(kw: dict[str, Any], vocab: Vocab, batches: list[int], *, top_k: int,
+                       repeats: int) -> dict[int, dict[str, float]] | str:
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    return f"skipped: torch/transformers not installed ({e.name}); pip install -e '.[bench]'"
+  config = transformers.LlamaConfig(
+      vocab_size=kw["vocab_size"], hidden_size=kw["dim"], num_hidden_layers=kw["num_layers"],
+      num_attention_heads=kw["num_heads"], num_key_value_heads=kw["num_kv_heads"],
+      intermediate_size=kw["mlp_dim"], tie_word_embeddings=kw["tie_embeddings"],
+      rms_norm_eps=1e-6, rope_theta=10_000.0, max_position_embeddings=256,
+      bos_token_id=vocab.bos_id, eos_token_id=None, pad_token_id=vocab.pad_id)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).eval()
+  n = vocab.tokens_per_image
+  out = {}
+  for b in batches:
+    ids = torch.as_tensor(prompts(vocab, b))
+    mask = torch.ones_like(ids)
+
+    def run(seed):
+      torch.manual_seed(seed)
+      with torch.inference_mode():
+        res = model.generate(ids, attention_mask=mask, use_cache=True, do_sample=True,
+                             max_new_tokens=n, min_new_tokens=n, temperature=1.0, top_k=top_k,
+                             top_p=1.0, pad_token_id=vocab.pad_id)
+      assert res.shape == (b, ids.shape[1] + n)
+
+    run(0)  # Warm.
+    t = _median_time(lambda i: run(i + 1), repeats)
+    out[b] = {"seconds": t, "tokens_per_s": b * n / t}
+  return out
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog=argv[0] if argv else "vqlm.bench sample",
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument("--size", default="small", help="configs/lm.py size (default: small)")
+  parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+  parser.add_argument("--top_k", type=int, default=50, help="top-k of both samplers (0 = off)")
+  parser.add_argument("--repeats", type=int, default=5, help="timed runs per batch size")
+  parser.add_argument("--skip_transformers", action="store_true", help="time vqlm only")
+  args = parser.parse_args(argv[1:])
+  try:
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+  except ValueError:
+    raise ValueError(f"--batches={args.batches!r} must be comma-separated integers") from None
+  if not batches or min(batches) <= 0 or args.repeats <= 0:
+    raise ValueError("--batches and --repeats must be positive")
+  vocab = demo_vocab()
+  kw = model_kwargs(args.size, vocab)
+  print(f"sample bench: size={args.size} dim={kw['dim']} layers={kw['num_layers']} "
+        f"heads={kw['num_heads']}/{kw['num_kv_heads']} mlp={kw['mlp_dim']} "
+        f"vocab={vocab.padded_size} ({vocab.text_size} text, {vocab.image_size} codes), "
+        f"{vocab.tokens_per_image} image tokens per prompt, top_k={args.top_k}, "
+        f"device={jax.devices()[0].platform}")
+  ours = bench_vqlm(kw, vocab, batches, top_k=args.top_k, repeats=args.repeats)
+  for b, r in ours.items():
+    print(f"vqlm first call (compile + run) at batch {b}: {r['first_call_s']:.2f} s")
+  theirs = ("skipped: --skip_transformers" if args.skip_transformers else
+            bench_transformers(kw, vocab, batches, top_k=args.top_k, repeats=args.repeats))
+  if isinstance(theirs, str):
+    print(f"transformers baseline {theirs}")
+  print(f"{'batch':>5} | {'vqlm tok/s':>11} | {'transformers tok/s':>18} | {'ratio':>6}")
+  for b in batches:
+    mine = ours[b]["tokens_per_s"]
+    if isinstance(theirs, str):
+      print(f"{b:>5} | {mine:>11.0f} | {'-':>18} | {'-':>6}")
+    else:
+      other = theirs[b]["tokens_per_s"]
+      print(f"{b:>5} | {mine:>11.0f} | {other:>18.0f} | {mine / other:>5.2f}x")
+  return 0
