@@ -203,14 +203,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   grid_input = jnp.asarray(grid_images.astype(np.float32) / 127.5 - 1.0)
   writer_dir = os.path.join(workdir, "samples")
   reconstruct = jax.jit(trainer.task.reconstruct)
+  model = ImageTokenizer(**as_kwargs(config.model))
+  discrete = model.codebook_size > 0
+  codebook = jax.jit(lambda params, extra: model.apply(
+      {"params": params, **_collections(extra)}, method=model.codebook))
 
   def save_grid(state, step):
+    """Inputs (top row) vs reconstructions (bottom row), and a snapshot of the codebook."""
     with trainer.context():
       recon = imaging.to_uint8(np.asarray(reconstruct(state.params, state.extra, grid_input)))
+      vectors = np.asarray(codebook(state.params, state.extra)) if discrete else None
     if jax.process_index() == 0:
       both = np.concatenate([grid_images, recon])
       imaging.save_png(imaging.make_grid(both, columns=len(grid_images), scale=2),
                        os.path.join(writer_dir, f"recon_{step:07d}.png"))
+      if vectors is not None:
+        np.save(os.path.join(writer_dir, f"codebook_{step:07d}.npy"), vectors)
     return {"psnr_grid": float(np.mean(reconstruction.psnr(grid_images, recon)))}
 
   hooks = [loop.Hook(every=config.train.sample_every, fn=save_grid, name="valid")]
