@@ -152,7 +152,8 @@ def _np_resize_like_torch(x, size):
     np.add.at(m, (np.arange(size), i0), 1 - (src - i0))
     np.add.at(m, (np.arange(size), i1), src - i0)
     return m
-  return np.einsum("ph,qw,bhwc->bpqc", weights(x.shape[1]), weights(x.shape[2]), x)
+  rows = np.einsum("ph,bhwc->bpwc", weights(x.shape[1]), x)
+  return np.einsum("qw,bpwc->bpqc", weights(x.shape[2]), rows)
 
 
 @pytest.mark.parametrize("size", [7, 400])
@@ -160,7 +161,7 @@ def test_preprocess_matches_torch_style_bilinear(size):
   images = np.random.default_rng(size).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
   got = np.asarray(inception.preprocess(jnp.asarray(images)))
   ref = 2.0 * _np_resize_like_torch(images / 255.0, 299) - 1.0
-  np.testing.assert_allclose(got, ref, atol=2e-5)
+  np.testing.assert_allclose(got, ref, atol=1e-4)  # float32 sample positions: ~5e-5 at most.
   assert got.min() >= -1.0 and got.max() <= 1.0
 
 

@@ -16,6 +16,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+FAULT_ENV = "VQLM_TEST_CHECKPOINT_FAULT"
+
+
+def _fault_injecting_path_class() -> type | None:
+  """A test hook: `VQLM_TEST_CHECKPOINT_FAULT=slow:SECONDS` delays every commit (so a test can
+  kill the process while an async save is in flight); `=enospc` makes every commit fail as if the
+  disk were full. Unset (always, outside tests) it changes nothing."""
+  spec = os.environ.get(FAULT_ENV, "")
+  if not spec:
+    return None
+  import asyncio
+  base = ocp.path.atomicity.AtomicRenameTemporaryPath
+
+  class FaultyTemporaryPath(base):
+
+    async def finalize(self, *args, **kwargs):
+      if spec.startswith("slow:"):
+        await asyncio.sleep(float(spec.split(":", 1)[1]))
+      elif spec == "enospc":
+        raise OSError(28, "No space left on device (injected by " + FAULT_ENV + ")")
+      return await super().finalize(*args, **kwargs)
+
+  return FaultyTemporaryPath
+
+
 class CheckpointMismatchError(ValueError):
   """The checkpoint in the workdir does not fit the configured model."""
 
@@ -68,6 +93,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True,
+        temporary_path_class=_fault_injecting_path_class(),
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
