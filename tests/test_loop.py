@@ -11,7 +11,7 @@ from vqlm.checkpoint import to_numpy
 from vqlm.data import pipeline
 from vqlm.train import loop
 from vqlm.train.metrics import read_metrics
-from tests.toy_task import ToySource, ToyTask, identity_transform
+from vqlm.bench.toy_task import ToySource, ToyTask, identity_transform
 from configs.common import DEFAULT_RULES
 
 

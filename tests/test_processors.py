@@ -7,6 +7,7 @@ from vqlm.sample import processors
 from vqlm.sample.processors import SamplingConfig, Settings
 
 V = 50
+MASK = jax.jit(processors.top_k_top_p_mask)  # One compile per input shape for the whole file.
 
 
 def _logits(seed, b=4, v=V):
@@ -34,7 +35,7 @@ def _ref_keep(logits, k, p):
 def test_top_k_keeps_exactly_the_k_largest():
   logits = _logits(0)
   ks = np.array([1, 3, 10, 0])
-  keep = np.asarray(processors.top_k_top_p_mask(logits, ks, np.ones(4)))
+  keep = np.asarray(MASK(logits, ks, np.ones(4)))
   for row, k in zip(range(4), ks):
     want = np.zeros(V, bool)
     want[np.argsort(-logits[row])[:k if k else V]] = True
@@ -44,7 +45,7 @@ def test_top_k_keeps_exactly_the_k_largest():
 
 def test_top_k_breaks_ties_towards_lower_ids():
   logits = np.zeros((1, 6), np.float32)
-  keep = np.asarray(processors.top_k_top_p_mask(logits, np.array([2]), np.array([1.0])))
+  keep = np.asarray(MASK(logits, np.array([2]), np.array([1.0])))
   np.testing.assert_array_equal(keep[0], [True, True, False, False, False, False])
 
 
@@ -52,7 +53,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
   logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05]], np.float32))
   cases = {0.3: 1, 0.45: 1, 0.55: 2, 0.65: 2, 0.75: 3, 0.8: 3, 0.9: 4, 0.97: 5, 1.0: 5}
   for p, n in cases.items():
-    keep = np.asarray(processors.top_k_top_p_mask(logits, np.array([0]), np.array([p])))
+    keep = np.asarray(MASK(logits, np.array([0]), np.array([p])))
     np.testing.assert_array_equal(keep[0], np.arange(5) < n, err_msg=f"top_p={p}")
 
 
@@ -61,7 +62,7 @@ def test_top_k_then_top_p_matches_reference(seed):
   logits = _logits(seed) * 0.5
   ks = np.array([0, 5, 20, 2])
   ps = np.array([0.6, 0.9, 0.3, 1.0], np.float32)
-  keep = np.asarray(processors.top_k_top_p_mask(logits, ks, ps))
+  keep = np.asarray(MASK(logits, ks, ps))
   for row in range(4):
     np.testing.assert_array_equal(keep[row], _ref_keep(logits[row], ks[row], ps[row]))
 
@@ -69,7 +70,7 @@ def test_top_k_then_top_p_matches_reference(seed):
 def test_process_applies_temperature_and_never_unmasks():
   logits = _logits(1)
   logits[:, :5] = -np.inf
-  out = np.asarray(processors.process(logits, np.array([2.0, 0.5, 1.0, 0.0]), np.zeros(4, int),
+  out = np.asarray(jax.jit(processors.process)(logits, np.array([2.0, 0.5, 1.0, 0.0]), np.zeros(4, int),
                                       np.array([1.0, 1.0, 0.999999, 1.0])))
   assert np.all(np.isneginf(out[:, :5]))
   np.testing.assert_allclose(out[0, 5:], logits[0, 5:] / 2.0, rtol=1e-6)
@@ -106,16 +107,34 @@ def test_sampling_frequencies_follow_the_tempered_distribution():
     np.testing.assert_allclose(np.bincount(ids, minlength=3) / n, want, atol=0.03)
 
 
-def test_filter_switch_skips_filtering():
-  logits = _logits(4, b=2)
-  keys = jax.random.split(jax.random.key(0), 2)
-  args = (keys, logits, np.ones(2, np.float32), np.array([1, 1]), np.ones(2, np.float32))
-  on = np.asarray(processors.sample(*args, filter_ids=True))
-  np.testing.assert_array_equal(on, np.argmax(logits, -1))  # top-1 = greedy
-  needs = processors.needs_filtering
-  assert bool(needs(SamplingConfig(text=Settings(top_k=1))))
-  assert bool(needs(SamplingConfig(image=Settings(top_p=0.9))))
-  assert not bool(needs(SamplingConfig()))
+def test_top_p_with_tied_logits_keeps_lower_ids_first():
+  logits = np.array([[0.0, 1.0, 1.0, 1.0, -1.0]], np.float32)  # probs ~ .16 .32 .32 .32 .06
+  keep = np.asarray(MASK(logits, np.array([0]), np.array([0.5])))
+  np.testing.assert_array_equal(keep[0], [False, True, True, False, False])
+  keep = np.asarray(MASK(logits, np.array([2]), np.array([1.0])))
+  np.testing.assert_array_equal(keep[0], [False, True, True, False, False])
+
+
+def test_masks_handle_infinite_and_extreme_logits():
+  logits = np.array([[-np.inf, 3e38, -3e38, 0.0, -0.0, 1e-30, -np.inf, 5.0]], np.float32)
+  keep = np.asarray(MASK(logits, np.array([3]), np.array([1.0])))
+  np.testing.assert_array_equal(np.flatnonzero(keep[0]), [1, 5, 7])
+  keep = np.asarray(MASK(logits, np.array([0]), np.array([0.5])))
+  np.testing.assert_array_equal(np.flatnonzero(keep[0]), [1])
+
+
+@pytest.mark.parametrize("v", [5, 32, 70])
+def test_categorical_follows_the_distribution_and_skips_zero_probability_ids(v):
+  rng = np.random.default_rng(v)
+  logits = rng.normal(size=(1, v)).astype(np.float32)
+  logits[0, rng.choice(v, size=v // 3, replace=False)] = -np.inf
+  want = np.exp(logits[0] - logits[0][np.isfinite(logits[0])].max())
+  want /= want.sum()
+  u = np.concatenate([np.linspace(0, 1, 20000, endpoint=False), [0.0, np.nextafter(np.float32(1), np.float32(0))]])
+  ids = np.asarray(jax.jit(jax.vmap(lambda x: processors.categorical(x[None], logits)[0]))(
+      jnp.asarray(u, jnp.float32)))
+  assert np.all(want[ids] > 0)
+  np.testing.assert_allclose(np.bincount(ids[:-2], minlength=v) / 20000, want, atol=2e-3)
 
 
 def test_row_settings_pick_image_settings_inside_runs():

@@ -8,6 +8,10 @@ Order (as in Hugging Face `generate`): temperature, then top-k, then top-p on th
 top-k-filtered distribution. A row with `temperature <= 0` is greedy (argmax; top-k/top-p cannot
 change it). Masked ids get `-inf`; a processor never unmasks an id that was already `-inf` (the
 modality constraints are applied before the processors).
+
+Speed (one call per decode step): no sort over the vocabulary. The top-k and top-p boundaries are
+found exactly by bisecting the logits' float bits (32 masked counts/sums over `[B, V]`, each stage
+skipped when no row uses it), and a draw is an inverse-CDF lookup with one uniform per row.
 """
 from typing import Any
 
@@ -90,36 +94,82 @@ def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
   return logits / t[..., None]
 
 
-def _ranks(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`(order, ranks)`: ids sorted by decreasing logit (ties: lower id first), and each id's rank."""
-  order = jnp.argsort(-logits, axis=-1, stable=True)
+def _sortable(x: jax.Array) -> jax.Array:
+  """float32 -> int32 keys in the same order (-inf lowest), so thresholds can be bisected."""
+  i = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.int32)
+  return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+
+
+def _bisect_max(pred, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """Per row, the largest `t` in `[lo, hi)` with `pred(t)` (monotone: true up to a point, and
+  true at `lo`). 32 halvings cover the int32 range."""
+  def body(_, carry):
+    lo, hi = carry
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+    ok = pred(mid)
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+  return jax.lax.fori_loop(0, 32, body, (lo, hi), unroll=4)[0]
+
+
+def _take_prefix(key: jax.Array, threshold: jax.Array, weight: jax.Array,
+                 budget: jax.Array) -> jax.Array:
+  """Ids with `key > threshold`, plus ids at the threshold in id order while the running
+  `weight` of those before them stays `< budget` (ties broken towards the lower id)."""
+  above = key > threshold[:, None]
+  at = key == threshold[:, None]
+  def with_ties(_):
+    before = jnp.cumsum(jnp.where(at, weight, 0), axis=-1) - jnp.where(at, weight, 0)
+    return above | (at & (before < budget[:, None]))
+  # Ties at the threshold are rare: skip the cumulative sum when every row has at most one.
+  ties = jnp.any(jnp.sum(at, axis=-1) > 1)
+  return jax.lax.cond(ties, with_ties, lambda _: above | at, None)
+
+
+def top_k_mask(logits: jax.Array, top_k: jax.Array) -> jax.Array:
+  """bool `[B, V]`: exactly the `top_k[B]` largest logits per row (ties towards the lower id);
+  `top_k <= 0` keeps all. Exact, by bisecting the k-th largest value (no sort)."""
+  logits = jnp.asarray(logits, jnp.float32)
   v = logits.shape[-1]
-  ranks = jnp.zeros_like(order).at[
-      jnp.arange(logits.shape[0])[:, None], order].set(jnp.arange(v, dtype=order.dtype))
-  return order, ranks
+  k = jnp.asarray(top_k, jnp.int32)
+  k = jnp.where(k > 0, jnp.minimum(k, v), v)
+  key = _sortable(logits)
+  kth = _bisect_max(lambda t: jnp.sum(key >= t[:, None], axis=-1) >= k,
+                    key.min(axis=-1), key.max(axis=-1) + 1)
+  above = jnp.sum(key > kth[:, None], axis=-1)
+  return _take_prefix(key, kth, jnp.ones_like(key), (k - above).astype(jnp.int32))
+
+
+def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+  """bool `[B, V]`: in decreasing order, every id whose preceding probability mass is
+  `< top_p[B]` (the smallest set reaching `top_p`; the most likely id always stays); `top_p >= 1`
+  keeps all. Exact, by bisecting the boundary value (no sort)."""
+  logits = jnp.asarray(logits, jnp.float32)
+  p = jnp.asarray(top_p, jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  key = _sortable(logits)
+  boundary = _bisect_max(
+      lambda t: jnp.sum(jnp.where(key >= t[:, None], probs, 0.0), axis=-1) >= p,
+      key.min(axis=-1), key.max(axis=-1) + 1)
+  above = jnp.sum(jnp.where(key > boundary[:, None], probs, 0.0), axis=-1)
+  return _take_prefix(key, boundary, probs, p - above) | (p >= 1.0)[:, None]
 
 
 def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
   """Which ids survive top-k then top-p: `logits[B, V]` (already tempered) -> bool `[B, V]`.
 
-  top-k keeps exactly `k` ids (ties broken towards the lower id), `k = 0` keeps all. top-p keeps,
-  in decreasing order, every id whose preceding mass (within the top-k survivors) is `< top_p`, so
-  the most likely id always survives and the kept mass is the smallest that reaches `top_p`.
+  top-k keeps exactly `k` ids (ties broken towards the lower id), `k = 0` keeps all. top-p then
+  keeps, in decreasing order, every id whose preceding mass within the top-k survivors is
+  `< top_p`. Each stage runs only when some row uses it (`lax.cond`).
   """
   logits = jnp.asarray(logits, jnp.float32)
-  v = logits.shape[-1]
-  top_k = jnp.asarray(top_k, jnp.int32)[..., None]
-  top_p = jnp.asarray(top_p, jnp.float32)[..., None]
-  order, ranks = _ranks(logits)
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-  rank_ids = jnp.arange(v, dtype=jnp.int32)[None, :]
-  keep_k_sorted = rank_ids < k
-  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-  sorted_logits = jnp.where(keep_k_sorted, sorted_logits, NEG_INF)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs
-  keep_sorted = keep_k_sorted & ((before < top_p) | (top_p >= 1.0) | (rank_ids == 0))
-  return jnp.take_along_axis(keep_sorted, ranks, axis=-1)
+  top_k = jnp.asarray(top_k, jnp.int32)
+  top_p = jnp.asarray(top_p, jnp.float32)
+  everything = jnp.ones(logits.shape, bool)
+  keep = jax.lax.cond(jnp.any(top_k > 0), lambda: top_k_mask(logits, top_k), lambda: everything)
+  kept = jnp.where(keep, logits, NEG_INF)
+  keep_p = jax.lax.cond(jnp.any(top_p < 1.0), lambda: top_p_mask(kept, top_p),
+                        lambda: everything)
+  return keep & keep_p
 
 
 def process(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -130,32 +180,55 @@ def process(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
   return jnp.where(keep, scaled, NEG_INF)
 
 
+def _last_true(mask: jax.Array) -> jax.Array:
+  n = mask.shape[-1]
+  return n - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
+
+
+def categorical(u: jax.Array, logits: jax.Array, *, block: int = 32) -> jax.Array:
+  """Inverse-CDF draw: `u[B]` uniform in [0, 1), `logits[B, V]` (-inf = never) -> `[B]` int32.
+
+  Exact sampling from `softmax(logits)` with one uniform per row (a Gumbel-max draw needs V).
+  The CDF is taken in two levels (blocks of `block` ids, then inside the chosen block) so no
+  scan runs over the whole vocabulary; ids with zero probability are never returned.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  b, v = logits.shape
+  vp = -(-v // block) * block
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  p = jnp.pad(jnp.exp(logits - top), ((0, 0), (0, vp - v)))
+  blocks = p.reshape(b, vp // block, block)
+  block_mass = blocks.sum(axis=-1)
+  block_cdf = jnp.cumsum(block_mass, axis=-1)
+  target = jnp.asarray(u, jnp.float32) * block_cdf[:, -1]
+  bi = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), _last_true(block_mass > 0))
+  prev = jnp.take_along_axis(block_cdf, jnp.maximum(bi - 1, 0)[:, None], axis=1)[:, 0]
+  prev = jnp.where(bi > 0, prev, 0.0)
+  inner = jnp.take_along_axis(blocks, bi[:, None, None], axis=1)[:, 0]
+  j = jnp.sum(jnp.cumsum(inner, axis=-1) <= (target - prev)[:, None], axis=-1)
+  j = jnp.minimum(j, _last_true(inner > 0))
+  return (bi * block + j).astype(jnp.int32)
+
+
 def sample(keys: jax.Array, logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array, *, filter_ids: bool | jax.Array = True) -> jax.Array:
+           top_p: jax.Array) -> jax.Array:
   """One id per row: greedy where `temperature <= 0`, else a draw from the processed logits.
 
   Args:
     keys: `[B]` PRNG keys (one per row, so a row's draw does not depend on the batch).
     logits: `[B, V]`; ids that must never be drawn already at `-inf`.
     temperature, top_k, top_p: `[B]` per-row settings.
-    filter_ids: run top-k/top-p (a scalar bool; may be traced). With False only the temperature
-      is applied, which skips a sort over the vocabulary.
   Returns:
     `[B]` int32 ids.
   """
   logits = jnp.asarray(logits, jnp.float32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  sampled = temperature > 0
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  scaled = apply_temperature(logits, temperature)
-  scaled = jax.lax.cond(
-      jnp.asarray(filter_ids),
-      lambda x: jnp.where(top_k_top_p_mask(x, top_k, top_p), x, NEG_INF),
-      lambda x: x, scaled)
-  drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-  return jnp.where(jnp.asarray(temperature) > 0, drawn, greedy)
-
-
-def needs_filtering(config: SamplingConfig) -> jax.Array:
-  """Scalar bool: does any top-k or top-p setting filter ids (else the sort is skipped)?"""
-  def on(s):
-    return (jnp.asarray(s.top_k) > 0) | (jnp.asarray(s.top_p) < 1.0)
-  return on(config.text) | on(config.image)
+  # Greedy rows do not need filtering: switch it off for them (the stages may then be skipped).
+  top_k = jnp.where(sampled, jnp.asarray(top_k, jnp.int32), 0)
+  top_p = jnp.where(sampled, jnp.asarray(top_p, jnp.float32), 1.0)
+  scaled = process(logits, temperature, top_k, top_p)
+  u = jax.vmap(jax.random.uniform)(keys)
+  return jnp.where(sampled, categorical(u, scaled), greedy)

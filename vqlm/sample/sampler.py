@@ -93,7 +93,6 @@ def _generate(variables, prompt_tokens, prompt_lengths, machine, row_keys, sampl
   _, cache = model.apply(variables, prompt_tokens, positions=positions, cache=cache, decode=True)
   last_pos = prompt_lengths - 1
   feed = jnp.take_along_axis(prompt_tokens, last_pos[:, None], axis=1)[:, 0]
-  filter_ids = processors.needs_filtering(sampling)
   v = spec.padded_size
 
   state = SamplerState(
@@ -120,7 +119,7 @@ def _generate(variables, prompt_tokens, prompt_lengths, machine, row_keys, sampl
     masked = jnp.where(allowed, logits, processors.NEG_INF)
     temperature, top_k, top_p = processors.row_settings(sampling, in_image)
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(st.row_keys, st.step)
-    token = processors.sample(keys, masked, temperature, top_k, top_p, filter_ids=filter_ids)
+    token = processors.sample(keys, masked, temperature, top_k, top_p)
     token = jnp.where(forced >= 0, forced, token)
     tokens = jax.lax.dynamic_update_slice(st.tokens, token[:, None], (0, st.step))
     out_logits = st.logits

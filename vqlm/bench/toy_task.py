@@ -1,4 +1,4 @@
-"""A tiny regression task for testing the shared training loop without a real model."""
+"""A tiny regression task: exercises the shared training loop (tests, the soak benchmark)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
