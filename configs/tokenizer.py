@@ -15,12 +15,12 @@ import ml_collections
 
 SIZES = {
     # Test-sized: 32x32 images, factor 4 -> 8x8 codes, a few thousand parameters.
-    "tiny": dict(image_size=32, channels=8, channel_multipliers=(1, 1, 2), num_res_blocks=1,
+    "tiny": dict(image_size=32, channels=8, channel_multipliers=(1, 1, 2), num_res_blocks=0,
                  attention=False, latent_dim=8, codebook_size=32, code_dim=4, batch_size=8,
                  steps=20, lr=2e-3),
     # The CPU demo: 32x32, factor 4 -> 8x8 = 64 image tokens (STACK-NOTES: ~475 images/s).
-    "small": dict(image_size=32, channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1,
-                  attention=False, latent_dim=32, codebook_size=512, code_dim=16, batch_size=64,
+    "small": dict(image_size=32, channels=32, channel_multipliers=(1, 1, 2), num_res_blocks=0,
+                  attention=False, latent_dim=16, codebook_size=512, code_dim=16, batch_size=64,
                   steps=4000, lr=2e-3),
     # LlamaGen-style 256x256, factor 16 -> 16x16, 16384 codes of dim 8.
     "base": dict(image_size=256, channels=128, channel_multipliers=(1, 1, 2, 2, 4),
@@ -43,7 +43,7 @@ def bottleneck_config(kind: str, s: dict) -> dict:
   common = {"kind": kind, "latent_dim": s["latent_dim"]}
   options = {
       "vq": dict(codebook_size=s["codebook_size"], code_dim=s["code_dim"], beta=0.25,
-                 ema_decay=None, kmeans_init=True, restart_after=50),
+                 ema_decay=None, l2_normalize=True, kmeans_init=True, restart_after=50),
       "fsq": dict(levels=(8, 5, 5, 5) if s["codebook_size"] >= 1000 else (8, 8, 8)),
       "gaussian": dict(kl_weight=1e-6),
       "identity": dict(),

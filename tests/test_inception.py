@@ -176,7 +176,7 @@ def test_bad_inputs_raise():
 
 def test_missing_or_bad_weight_file(tmp_path):
   for path in (None, "", str(tmp_path / "nope.npz")):
-    with pytest.raises(ValueError, match="--inception-weights") as err:
+    with pytest.raises(ValueError, match="--inception_weights") as err:
       inception.load_inception_params(path)
     assert "\n" not in str(err.value)
   flat = {k: np.zeros(s, np.float32) for k, s in inception.export_param_names().items()}

@@ -5,8 +5,9 @@ demo's (1000 text ids + 16 special slots + 512 image codes, an 8x8 grid) and mea
 tokens/s for generating one grid (64 codes) per prompt at each batch size, compile time excluded
 (the first call's time is printed separately). In the same process it times Hugging Face
 `LlamaForCausalLM.generate(use_cache=True, do_sample=True, max_new_tokens=64)` of the same shape
-and sampling settings (temperature 1, top-k 50), and prints tokens/s and the ratio
-vqlm / transformers. torch and transformers (the `bench` extra) are imported lazily; without them
+and sampling settings (temperature 1, top-k 50), interleaving the timed runs of both, and prints
+tokens/s and the ratio vqlm / transformers. torch runs with its default thread count and with one
+thread (its default pool can collapse on a busy machine); the ratio is against the faster. torch and transformers (the `bench` extra) are imported lazily; without them
 the baseline is skipped with a message.
 
 vqlm's timing is end to end (prompt packing, prefill, the 64 codes plus the forced `<eoi>`, and
@@ -15,6 +16,7 @@ the copy back to the host), counting only the 64 image tokens.
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -52,42 +54,26 @@ def prompts(vocab: Vocab, batch: int, seed: int = 0) -> np.ndarray:
                          np.full((batch, 1), vocab.boi_id)], axis=1).astype(np.int64)
 
 
-def _median_time(fn, repeats: int) -> float:
-  times = []
-  for i in range(repeats):
-    start = time.perf_counter()
-    fn(i)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def bench_vqlm(kw: dict[str, Any], vocab: Vocab, batches: list[int], *, top_k: int,
-               repeats: int) -> dict[int, dict[str, float]]:
+def vqlm_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int) -> Callable[[int, int], None]:
+  """`run(batch, seed)`: one t2i grid per prompt with the vqlm sampler (compiles per batch)."""
   model = Transformer(**kw)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   sampler = Sampler(model, params, vocab)
   settings = Settings(temperature=1.0, top_k=top_k, top_p=1.0)
   sampling = SamplingConfig(text=settings, image=settings)
   n = vocab.tokens_per_image
-  out = {}
-  for b in batches:
-    rows = prompts(vocab, b).tolist()
 
-    def run(seed):
-      res = sampler(rows, max_new_tokens=n + 1, mode="image", sampling=sampling, seed=seed)
-      assert res.tokens.shape == (b, n + 1)
+  def run(batch: int, seed: int) -> None:
+    res = sampler(prompts(vocab, batch).tolist(), max_new_tokens=n + 1, mode="image",
+                  sampling=sampling, seed=seed)
+    assert res.tokens.shape == (batch, n + 1)
 
-    start = time.perf_counter()
-    run(0)
-    first = time.perf_counter() - start
-    run(1)  # Warm.
-    t = _median_time(lambda i: run(i + 2), repeats)
-    out[b] = {"first_call_s": first, "seconds": t, "tokens_per_s": b * n / t}
-  return out
+  return run
 
 
-def bench_transformers(kw: dict[str, Any], vocab: Vocab, batches: list[int], *, top_k: int,
-                       repeats: int) -> dict[int, dict[str, float]] | str:
+def transformers_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int
+                        ) -> Callable[[int, int, int | None], None] | str:
+  """`run(batch, seed, threads)` with `LlamaForCausalLM.generate`, or a skip message."""
   try:
     import torch
     import transformers
@@ -102,23 +88,30 @@ def bench_transformers(kw: dict[str, Any], vocab: Vocab, batches: list[int], *, 
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(config).eval()
   n = vocab.tokens_per_image
-  out = {}
-  for b in batches:
-    ids = torch.as_tensor(prompts(vocab, b))
-    mask = torch.ones_like(ids)
+  default_threads = torch.get_num_threads()
 
-    def run(seed):
-      torch.manual_seed(seed)
+  def run(batch: int, seed: int, threads: int | None = None) -> None:
+    ids = torch.as_tensor(prompts(vocab, batch))
+    torch.set_num_threads(threads or default_threads)
+    torch.manual_seed(seed)
+    try:
       with torch.inference_mode():
-        res = model.generate(ids, attention_mask=mask, use_cache=True, do_sample=True,
-                             max_new_tokens=n, min_new_tokens=n, temperature=1.0, top_k=top_k,
-                             top_p=1.0, pad_token_id=vocab.pad_id)
-      assert res.shape == (b, ids.shape[1] + n)
+        res = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                             do_sample=True, max_new_tokens=n, min_new_tokens=n,
+                             temperature=1.0, top_k=top_k or None, top_p=1.0,
+                             pad_token_id=vocab.pad_id)
+    finally:
+      torch.set_num_threads(default_threads)
+    assert res.shape == (batch, ids.shape[1] + n)
 
-    run(0)  # Warm.
-    t = _median_time(lambda i: run(i + 1), repeats)
-    out[b] = {"seconds": t, "tokens_per_s": b * n / t}
-  return out
+  run.default_threads = default_threads
+  return run
+
+
+def _timed(fn, *args) -> float:
+  start = time.perf_counter()
+  fn(*args)
+  return time.perf_counter() - start
 
 
 def main(argv: list[str]) -> int:
@@ -138,24 +131,44 @@ def main(argv: list[str]) -> int:
     raise ValueError("--batches and --repeats must be positive")
   vocab = demo_vocab()
   kw = model_kwargs(args.size, vocab)
+  n = vocab.tokens_per_image
   print(f"sample bench: size={args.size} dim={kw['dim']} layers={kw['num_layers']} "
         f"heads={kw['num_heads']}/{kw['num_kv_heads']} mlp={kw['mlp_dim']} "
         f"vocab={vocab.padded_size} ({vocab.text_size} text, {vocab.image_size} codes), "
-        f"{vocab.tokens_per_image} image tokens per prompt, top_k={args.top_k}, "
-        f"device={jax.devices()[0].platform}")
-  ours = bench_vqlm(kw, vocab, batches, top_k=args.top_k, repeats=args.repeats)
-  for b, r in ours.items():
-    print(f"vqlm first call (compile + run) at batch {b}: {r['first_call_s']:.2f} s")
+        f"{n} image tokens per prompt, temperature 1, top_k={args.top_k}, "
+        f"device={jax.devices()[0].platform}, median of {args.repeats}")
+  ours = vqlm_runner(kw, vocab, top_k=args.top_k)
   theirs = ("skipped: --skip_transformers" if args.skip_transformers else
-            bench_transformers(kw, vocab, batches, top_k=args.top_k, repeats=args.repeats))
+            transformers_runner(kw, vocab, top_k=args.top_k))
   if isinstance(theirs, str):
     print(f"transformers baseline {theirs}")
-  print(f"{'batch':>5} | {'vqlm tok/s':>11} | {'transformers tok/s':>18} | {'ratio':>6}")
+  rows = []
   for b in batches:
-    mine = ours[b]["tokens_per_s"]
-    if isinstance(theirs, str):
-      print(f"{b:>5} | {mine:>11.0f} | {'-':>18} | {'-':>6}")
-    else:
-      other = theirs[b]["tokens_per_s"]
-      print(f"{b:>5} | {mine:>11.0f} | {other:>18.0f} | {mine / other:>5.2f}x")
+    first = _timed(ours, b, 0)
+    print(f"vqlm first call at batch {b} (compile + run): {first:.2f} s")
+    ours(b, 1)  # Warm.
+    times = {"vqlm": []}
+    variants = {}
+    if not isinstance(theirs, str):
+      # torch's default thread pool can collapse on a busy machine: time 1 thread as well and
+      # compare against the faster of the two.
+      variants = {f"{theirs.default_threads} threads": theirs.default_threads, "1 thread": 1}
+      for name, threads in variants.items():
+        theirs(b, 0, threads)  # Warm.
+        times[name] = []
+    for i in range(args.repeats):  # Interleaved, so load changes hit all alike.
+      times["vqlm"].append(_timed(ours, b, i + 2))
+      for name, threads in variants.items():
+        times[name].append(_timed(theirs, b, i + 1, threads))
+    rate = {name: b * n / statistics.median(t) for name, t in times.items()}
+    rows.append((b, rate))
+  names = [k for k in rows[0][1] if k != "vqlm"]
+  header = f"{'batch':>5} | {'vqlm tok/s':>10}" + "".join(
+      f" | {'hf ' + k + ' tok/s':>20}" for k in names) + f" | {'vqlm / best hf':>14}"
+  print(header)
+  for b, rate in rows:
+    line = f"{b:>5} | {rate['vqlm']:>10.0f}" + "".join(f" | {rate[k]:>20.0f}" for k in names)
+    best = max((rate[k] for k in names), default=None)
+    line += f" | {rate['vqlm'] / best:>13.2f}x" if best else f" | {'-':>14}"
+    print(line)
   return 0

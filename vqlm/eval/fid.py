@@ -100,7 +100,7 @@ def _check_method(method: str) -> None:
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,
                      eps: float = 1e-6, method: str = "sqrtm") -> float:
-  """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (float64; `mu[D]`, `sigma[D, D]`)."""
+  """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); float64 `mu[D]`, `sigma[D, D]`."""
   _check_method(method)
   mu1, sigma1 = _check_stats(mu1, sigma1, "1")
   mu2, sigma2 = _check_stats(mu2, sigma2, "2")
@@ -156,8 +156,8 @@ def inception_features(variables: Mapping, images: np.ndarray, *,
   """
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError("images must be uint8[N, H, W, 3] (convert with "
-                     f"np.clip(x, 0, 255).astype(np.uint8)), got {images.dtype}{list(images.shape)}")
+    raise ValueError("images must be uint8[N, H, W, 3] (convert with np.clip(x, 0, 255)"
+                     f".astype(np.uint8)), got {images.dtype}{list(images.shape)}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   out = []

@@ -27,13 +27,13 @@ P is the torch module path with "/" for ".": the stem convs "Conv2d_1a_3x3" [3x3
   Mixed_7b/7c (E; in 1280/2048): branch1x1, branch3x3_1, branch3x3_2a, branch3x3_2b,
       branch3x3dbl_1, branch3x3dbl_2, branch3x3dbl_3a, branch3x3dbl_3b, branch_pool
 e.g. "Mixed_7c/branch_pool/conv/kernel" is [1, 1, 2048, 192]. 94 BasicConvs, 470 arrays,
-21,785,568 parameters besides the BatchNorm statistics. `export_param_names(init_inception_params())`
-lists every name with its shape.
+21,785,568 parameters besides the BatchNorm statistics. `export_param_names()` lists every name
+with its shape.
 
 Converting the pytorch-fid weights (pt_inception-2015-12-05-6726825d.pth), where torch is installed:
   sd = {k: v.numpy() for k, v in torch.load(PTH, map_location="cpu").items()}
   numpy.savez("inception_fid.npz", **from_torch_state_dict(sd))
-then pass `--inception-weights inception_fid.npz`. Nothing here downloads anything.
+then pass `vqlm eval --inception_weights inception_fid.npz`. Nothing here downloads anything.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FLAG = "--inception-weights"
+FLAG = "--inception_weights"
 IMAGE_SIZE = 299
 MIN_SIZE = 75
 FEATURE_DIM = 2048
@@ -59,7 +59,7 @@ Variables = dict[str, dict]
 
 
 class BasicConv(nn.Module):
-  """conv (no bias) -> BatchNorm(eps 1e-3, running stats) -> ReLU; `[B, H, W, C] -> [B, H', W', F]`."""
+  """conv (no bias) -> BatchNorm(eps 1e-3) -> ReLU; `[B, H, W, C] -> [B, h, w, F]`."""
   features: int
   kernel_size: tuple[int, int]
   strides: int = 1
@@ -147,7 +147,7 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-  """FIDInceptionE_1 (`pool="avg"`) / FIDInceptionE_2 (`pool="max"`): `[B, H, W, C] -> [B, H, W, 2048]`."""
+  """FIDInceptionE_1 (pool="avg"), FIDInceptionE_2 (pool="max"): [B, H, W, C] -> [B, H, W, 2048]."""
   pool: str = "avg"
 
   @nn.compact
@@ -172,7 +172,7 @@ class InceptionE(nn.Module):
 
 
 class InceptionV3(nn.Module):
-  """FID Inception-v3 up to pool3: `x[B, H, W, 3]` in [-1, 1] (H, W >= 75) -> `[B, 2048]` float32."""
+  """FID Inception-v3 to pool3: `x[B, H, W, 3]` in [-1, 1] (H, W >= 75) -> float32 `[B, 2048]`."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -206,8 +206,8 @@ def preprocess(images: jax.Array, *, image_size: int = IMAGE_SIZE) -> jax.Array:
   half-pixel centres, no antialiasing.
   """
   if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError("Inception input must be uint8[B, H, W, 3] (convert with "
-                     f"np.clip(x, 0, 255).astype(np.uint8)), got {images.dtype}{list(images.shape)}")
+    raise ValueError("Inception input must be uint8[B, H, W, 3] (convert with np.clip(x, 0, 255)"
+                     f".astype(np.uint8)), got {images.dtype}{list(images.shape)}")
   x = images.astype(jnp.float32) / 255.0
   x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3), method="bilinear",
                        antialias=False)
@@ -244,7 +244,7 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def flatten_variables(variables: Mapping) -> dict[str, np.ndarray]:
-  """`{"params", "batch_stats"}` -> flat `{"Conv2d_1a_3x3/conv/kernel": array, ...}` (file names)."""
+  """`{"params", "batch_stats"}` -> flat `{"Conv2d_1a_3x3/conv/kernel": array, ...}`, sorted."""
   flat = {}
   for collection in ("params", "batch_stats"):
     flat.update({k: np.asarray(v) for k, v in _flatten(variables.get(collection, {})).items()})
@@ -307,7 +307,8 @@ def load_inception_params(path: str | os.PathLike | None) -> Variables:
 def from_torch_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """pytorch-fid / torchvision Inception-v3 state dict (NumPy arrays) -> weight-file dict.
 
-  "Mixed_5b.branch1x1.conv.weight" [O, I, kh, kw] -> "Mixed_5b/branch1x1/conv/kernel" [kh, kw, I, O];
+  "Mixed_5b.branch1x1.conv.weight" [O, I, kh, kw] -> "Mixed_5b/branch1x1/conv/kernel"
+  [kh, kw, I, O];
   bn.weight/bias/running_mean/running_var -> bn/scale/bias/mean/var. The classifier ("fc.*"), the
   aux head ("AuxLogits.*") and "num_batches_tracked" are dropped.
   """
@@ -319,8 +320,8 @@ def from_torch_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.
     module, _, layer = module.rpartition(".")
     target = _TORCH_SUFFIX.get(f"{layer}.{suffix}")
     if target is None or not module:
-      raise ValueError(f"unexpected Inception state-dict key {key!r} (expected "
-                       "'<module>.conv.weight' or '<module>.bn.{weight,bias,running_mean,running_var}')")
+      raise ValueError(f"unexpected Inception state-dict key {key!r} (expected '<module>.conv"
+                       ".weight' or '<module>.bn.{weight,bias,running_mean,running_var}')")
     value = np.asarray(value, np.float32)
     if target == "conv/kernel":
       value = value.transpose(2, 3, 1, 0)

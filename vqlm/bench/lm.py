@@ -1,0 +1,142 @@
+"""`python -m vqlm.bench lm --config configs/lm.py:size=small [--batch 8 --seq_len 256]`.
+
+Training throughput of the LM (tokens/s, compile time excluded) and, on an accelerator, model-FLOPs
+utilisation: (6 N + 12 L H Dh S) FLOPs per token (PaLM appendix B) over the device's peak.
+On CPU it also trains the same-shaped Hugging Face `transformers` LlamaForCausalLM (PyTorch, the
+optional `bench` extra) in the same process and prints the ratio vqlm / transformers.
+"""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqlm.bench import peak
+from vqlm.commands import flags as flag_lib
+
+
+def _define(f):
+  f.DEFINE_integer("batch", 8, "sequences per step")
+  f.DEFINE_integer("seq_len", 256, "tokens per sequence")
+  f.DEFINE_integer("vocab", 0, "vocabulary size (default: the size's nominal one)")
+  f.DEFINE_integer("steps", 10, "timed steps (after 2 warm-up steps)")
+  f.DEFINE_integer("repeats", 3, "timed repeats; the best is reported")
+  f.DEFINE_bool("torch", True, "also time transformers' LlamaForCausalLM (CPU only)")
+  f.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default)")
+
+
+def flops_per_token(num_params: int, *, num_layers: int, num_heads: int, head_dim: int,
+                    seq_len: int) -> float:
+  return 6.0 * num_params + 12.0 * num_layers * num_heads * head_dim * seq_len
+
+
+def _vqlm_step(config, vocab: int, batch: int, seq_len: int):
+  from vqlm.nn.transformer import Transformer
+  from vqlm.optim import make_optimizer
+  from vqlm.train.lm import LMTask
+  from vqlm.train.lm_stage import _DTYPES
+  from vqlm.train.tokenizer_stage import as_kwargs
+  kw = as_kwargs(config.model)
+  kw["dtype"], kw["param_dtype"] = _DTYPES[kw["dtype"]], _DTYPES[kw["param_dtype"]]
+  kw["head_dim"] = kw.get("head_dim") or None
+  model = Transformer(vocab_size=vocab, image_offset=vocab // 2, image_size=vocab // 2, **kw)
+  opt, _ = make_optimizer(learning_rate=1e-4, warmup_steps=10, total_steps=1000,
+                          weight_decay=0.1)
+  task = LMTask(model=model, optimizer=opt, z_loss_weight=0.0, image_offset=vocab // 2,
+                image_size=vocab // 2)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
+  data = {"tokens": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+          "loss_weights": jnp.ones((batch, seq_len), jnp.float32),
+          "segment_ids": jnp.ones((batch, seq_len), jnp.int32),
+          "positions": jnp.tile(jnp.arange(seq_len, dtype=jnp.int32), (batch, 1))}
+  import flax.linen as nn
+  state = jax.jit(lambda r: nn.meta.unbox(task.init(r, data)))(jax.random.key(0))
+  step = jax.jit(task.train_step, donate_argnums=0)
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  return model, state, step, data, n
+
+
+def time_vqlm(config, vocab, batch, seq_len, steps, repeats):
+  model, state, step, data, n = _vqlm_step(config, vocab, batch, seq_len)
+  key = jax.random.key(1)
+  start = time.perf_counter()
+  state, m = step(state, data, key)
+  jax.block_until_ready(m["loss"])
+  compile_s = time.perf_counter() - start
+  state, m = step(state, data, key)
+  jax.block_until_ready(m["loss"])
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, m = step(state, data, key)
+    jax.block_until_ready(m["loss"])
+    best = min(best, time.perf_counter() - start)
+  return batch * seq_len * steps / best, compile_s, n, model
+
+
+def time_torch(config, vocab, batch, seq_len, steps, repeats, threads):
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    print("transformers baseline skipped: install the bench extra (pip install -e '.[bench]')")
+    return None
+  if threads:
+    torch.set_num_threads(threads)
+  m = config.model
+  cfg = transformers.LlamaConfig(
+      vocab_size=vocab, hidden_size=m.dim, intermediate_size=m.mlp_dim,
+      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+      num_key_value_heads=m.num_kv_heads, max_position_embeddings=max(seq_len, 2048),
+      tie_word_embeddings=m.tie_embeddings, rms_norm_eps=m.norm_eps, attention_bias=False)
+  cfg._attn_implementation = "sdpa"
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(cfg)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+  tokens = torch.randint(0, vocab, (batch, seq_len))
+
+  def one():
+    out = model(input_ids=tokens, labels=tokens)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  one()
+  one()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      one()
+    best = min(best, time.perf_counter() - start)
+  return batch * seq_len * steps / best
+
+
+def main(argv: list[str]) -> int:
+  fv = flag_lib.parse(argv, _define, config=True)
+  config = flag_lib.require_config(fv)
+  from configs.lm import NOMINAL_VOCAB
+  vocab = fv.vocab or NOMINAL_VOCAB.get(config.get("size", ""), 32768)
+  device = jax.devices()[0]
+  tps, compile_s, n, model = time_vqlm(config, vocab, fv.batch, fv.seq_len, fv.steps, fv.repeats)
+  print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")
+  print(f"model: size={config.get('size')} params={n:,} vocab={vocab} batch={fv.batch} "
+        f"seq_len={fv.seq_len} dtype={config.model.dtype}")
+  print(f"vqlm: {tps:,.0f} tokens/s (compile {compile_s:.1f}s, excluded)")
+  peak_flops = peak.peak_flops(device, config.model.dtype)
+  if peak_flops:
+    fpt = flops_per_token(n, num_layers=model.num_layers, num_heads=model.num_heads,
+                          head_dim=model.head_size(), seq_len=fv.seq_len)
+    mfu = tps * fpt / (peak_flops * jax.device_count())
+    print(f"MFU: {100 * mfu:.1f}% ({fpt / 1e9:.2f} GFLOP/token, peak "
+          f"{peak_flops / 1e12:.0f} TFLOP/s per device)")
+  if fv.torch and device.platform == "cpu":
+    ref = time_torch(config, vocab, fv.batch, fv.seq_len, fv.steps, fv.repeats, fv.threads)
+    if ref:
+      print(f"transformers LlamaForCausalLM: {ref:,.0f} tokens/s")
+      print(f"ratio vqlm / transformers: {tps / ref:.2f}")
+  return 0
