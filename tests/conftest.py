@@ -4,3 +4,8 @@ import os
 # with XLA_FLAGS=--xla_force_host_platform_device_count=8 (faking devices slows everything else).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# The default threefry generator compiles slowly on CPU; tests only need *a* fixed generator.
+jax.config.update("jax_default_prng_impl", "rbg")

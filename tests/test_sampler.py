@@ -73,7 +73,7 @@ def test_cached_decoding_matches_a_full_forward_pass(variant, plain):
     model = Transformer(**MODEL, rope_2d=True, scan_layers=True)
     variables = random_variables(model, seed=1)
   sampler = Sampler(model, variables, VOCAB)
-  prompts = [[BOS, 3, 4], [BOS, 5, BOI, *CODES, EOI, 9, 8, 7], [BOS] + list(range(1, 20))]
+  prompts = [[BOS, 3, BOI, CODES[0]], [BOS, 5, BOI, *CODES, EOI, 9, 8, 7], [BOS] + list(range(1, 20))]
   sampling = SamplingConfig(text=Settings(temperature=1.0), image=Settings(temperature=1.0))
   out = sampler(prompts, max_new_tokens=24, mode="interleaved", sampling=sampling, seed=3,
                 return_logits=True)

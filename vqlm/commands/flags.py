@@ -30,7 +30,12 @@ def parse(argv: list[str], define: Callable[[_Definer], None], *,
     config_flags.DEFINE_config_file("config", None, "config file: path.py[:key=value,...]",
                                     flag_values=fv, lock_config=True, sys_argv=list(argv))
   define(_Definer(fv))
-  fv(argv)
+  try:
+    fv(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field.
+    detail = str(e.args[0] if e.args else e).replace("\n", "; ").replace("'", "")
+    raise ValueError(f"unknown config field {detail} (see the config file for valid fields)"
+                     ) from None
   return fv
 
 

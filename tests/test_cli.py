@@ -1,0 +1,167 @@
+"""The `vqlm` command: user errors are one line naming the fix; the stages run end to end (tiny)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from vqlm import cli
+from vqlm import runs
+
+
+def _main(capsys, *args):
+  code = cli.main(["vqlm", *args])
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def _one_error_line(err):
+  lines = [l for l in err.strip().splitlines() if l.startswith("vqlm: error:")]
+  assert len(lines) == 1, err
+  assert "Traceback" not in err
+  return lines[0]
+
+
+def test_unknown_command(capsys):
+  code, _, err = _main(capsys, "trian")
+  assert code == 2
+  assert "unknown command 'trian'; valid: train" in _one_error_line(err)
+
+
+def test_unknown_config_argument_lists_valid_ones(capsys, tmp_path):
+  code, _, err = _main(capsys, "train", "--config", "configs/tokenizer.py:sise=small",
+                       "--workdir", str(tmp_path / "run"))
+  assert code == 2
+  line = _one_error_line(err)
+  assert "unknown config argument 'sise'" in line and "size" in line
+
+
+def test_unknown_config_field_override(capsys, tmp_path):
+  code, _, err = _main(capsys, "train", "--config", "configs/tokenizer.py:size=tiny",
+                       "--config.train.stepz=3", "--workdir", str(tmp_path / "run"))
+  assert code == 2
+  assert "stepz" in _one_error_line(err)
+
+
+def test_unknown_dataset(capsys, tmp_path):
+  code, _, err = _main(capsys, "train", "--config", "configs/tokenizer.py:data=imagenet",
+                       "--workdir", str(tmp_path / "run"))
+  assert code == 2
+  assert "unknown dataset 'imagenet'; valid: shapes" in _one_error_line(err)
+
+
+def test_missing_workdir_parent(capsys, tmp_path):
+  code, _, err = _main(capsys, "train", "--config", "configs/tokenizer.py:size=tiny",
+                       "--workdir", str(tmp_path / "nope" / "run"))
+  assert code == 2
+  assert "does not exist; create" in _one_error_line(err)
+
+
+def test_not_a_run_directory(capsys, tmp_path):
+  code, _, err = _main(capsys, "eval", "--workdir", str(tmp_path))
+  assert code == 2
+  assert "is not a vqlm run directory" in _one_error_line(err)
+
+
+def test_changed_model_config_is_refused(tmp_path):
+  from configs.tokenizer import get_config
+  runs.save_config(str(tmp_path), get_config("size=tiny"))
+  other = get_config("size=tiny")
+  other.model.encoder.channels = 16
+  with pytest.raises(ValueError, match="model.encoder.channels differs"):
+    runs.check_same_model(str(tmp_path), other)
+
+
+# ---- the stages end to end, on tiny configs ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """A tiny tokenizer run, its code shards and a tiny LM run (about a minute on 2 cores)."""
+  root = tmp_path_factory.mktemp("tiny")
+  data = str(root / "data")
+  tok, codes, lm = str(root / "tok"), str(root / "codes"), str(root / "lm")
+  assert cli.main(["vqlm", "train", "--config", "configs/tokenizer.py:size=tiny",
+                   f"--config.data.data_dir={data}", "--workdir", tok, "--progress=false"]) == 0
+  assert cli.main(["vqlm", "encode", "--tokenizer", tok, "--out", codes]) == 0
+  assert cli.main(["vqlm", "train", "--config", "configs/lm.py:size=tiny",
+                   f"--config.data.codes={codes}", "--workdir", lm, "--progress=false"]) == 0
+  return {"root": root, "tok": tok, "codes": codes, "lm": lm, "data": data}
+
+
+def test_tokenizer_run_writes_eval_grids_and_metrics(tiny):
+  ev = json.load(open(os.path.join(tiny["tok"], "eval.json")))
+  for key in ("psnr", "ssim", "codebook_usage", "scene_agreement"):
+    assert key in ev["tokenizer"]
+  assert ev["config"]["stage"] == "tokenizer"
+  assert any(f.startswith("recon_") for f in os.listdir(os.path.join(tiny["tok"], "samples")))
+  assert os.path.exists(os.path.join(tiny["tok"], "metrics.jsonl"))
+
+
+def test_encoded_shards_round_trip_to_direct_encode(tiny):
+  from vqlm.data.code_shards import CodeShards
+  from vqlm.train.tokenizer_stage import load_tokenizer, source_from_config
+  run = load_tokenizer(tiny["tok"])
+  shards = CodeShards(tiny["codes"], "validation")
+  source = source_from_config(run.config.data, "validation")
+  images = np.stack([source[i]["image"] for i in range(8)])
+  direct = run.encode(images)
+  for i in range(8):
+    record = shards[i]
+    assert record["index"] == i and record["text"] == source[i]["text"]
+    np.testing.assert_array_equal(record["codes"], direct[i])
+
+
+def test_encode_rerun_skips_finished_shards(tiny, capsys):
+  assert cli.main(["vqlm", "encode", "--tokenizer", tiny["tok"], "--out", tiny["codes"],
+                   "--splits", "validation"]) == 0
+  assert "already done, skipping" in capsys.readouterr().out
+
+
+def test_lm_run_has_vocab_text_model_and_losses(tiny):
+  for name in ("vocab.json", "text.model", "config.json", "metrics.jsonl"):
+    assert os.path.exists(os.path.join(tiny["lm"], name))
+  rows = [json.loads(l) for l in open(os.path.join(tiny["lm"], "metrics.jsonl"))]
+  assert any("valid/image_perplexity" in r for r in rows)
+  assert any("train/image_loss" in r for r in rows)
+
+
+def test_lm_refuses_a_different_tokenizer(tiny, tmp_path):
+  from vqlm.train.lm_stage import LMRun
+  other = str(tmp_path / "lm")
+  shutil.copytree(tiny["lm"], other)
+  config = runs.load_config(other)
+  bigger = str(tmp_path / "tok")
+  shutil.copytree(tiny["tok"], bigger)
+  tok_config = runs.load_config(bigger)
+  tok_config.model.bottleneck.codebook_size = 64
+  runs.save_config(bigger, tok_config)
+  config.data.tokenizer = bigger
+  runs.save_config(other, config)
+  with pytest.raises(ValueError, match="does not match the config|does not match this LM"):
+    LMRun(other).tokenizer_run()
+
+
+def test_lm_refuses_a_vocab_that_does_not_match_the_data(tiny, tmp_path):
+  from configs.lm import get_config
+  from vqlm.train import lm_stage
+  from vqlm.vocab import Vocab
+  workdir = str(tmp_path / "lm")
+  os.makedirs(workdir)
+  Vocab(text_size=100, image_size=999, grid=(4, 4)).save(os.path.join(workdir, "vocab.json"))
+  config = get_config("size=tiny")
+  config.data.codes = tiny["codes"]
+  with pytest.raises(ValueError, match="was made for a"):
+    lm_stage.prepare_vocab(config, workdir)
+
+
+def test_lm_refuses_a_text_model_that_does_not_match_the_vocab(tiny, tmp_path):
+  from vqlm.text import train_sentencepiece
+  from vqlm.train.lm_stage import LMRun
+  other = str(tmp_path / "lm")
+  shutil.copytree(tiny["lm"], other)
+  train_sentencepiece(["a b c d e f g h i j k l m n o p"] * 10,
+                      model_prefix=os.path.join(other, "text"), vocab_size=30)
+  with pytest.raises(ValueError, match="restore the run's own text model"):
+    LMRun(other)
