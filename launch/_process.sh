@@ -17,7 +17,8 @@
 # VQLM_COORDINATOR, when already set, is kept (e.g. a login node that cannot run scontrol).
 #
 # Devices (SLURM only): VQLM_DEVICES_PER_PROCESS=n makes this process drive the GPUs
-# SLURM_LOCALID*n .. SLURM_LOCALID*n+n-1 of its node, through JAX_LOCAL_DEVICE_IDS. This must be
+# SLURM_LOCALID*n .. SLURM_LOCALID*n+n-1 of its node (or, when SLURM already bound the task to n
+# GPUs through CUDA_VISIBLE_DEVICES, its visible GPUs 0..n-1), via JAX_LOCAL_DEVICE_IDS. This must be
 # explicit: when jax sees SLURM variables it otherwise sets local_device_ids=[SLURM_LOCALID], i.e.
 # ONE GPU per process, which silently idles 7 of 8 GPUs in a one-process-per-node launch.
 #
@@ -35,6 +36,10 @@ if [[ -n "${SLURM_PROCID:-}" && -n "${SLURM_NTASKS:-}" ]]; then
   if [[ -n "${VQLM_DEVICES_PER_PROCESS:-}" ]]; then
     per="$VQLM_DEVICES_PER_PROCESS"
     first=$((${SLURM_LOCALID:-0} * per))
+    visible="${CUDA_VISIBLE_DEVICES:-}"
+    if [[ -n "$visible" && $(tr ',' '\n' <<<"$visible" | wc -l) -eq "$per" ]]; then
+      first=0  # SLURM already bound this task to exactly its own GPUs.
+    fi
     ids="$first"
     for ((d = first + 1; d < first + per; d++)); do
       ids="$ids,$d"

@@ -29,10 +29,10 @@ if [[ -z "$port" ]]; then
   port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 fi
 
-pids=()
+running=()
 stop_all() {
   local pid
-  for pid in "${pids[@]}"; do
+  for pid in "${running[@]}"; do
     kill "$pid" 2>/dev/null || true
   done
 }
@@ -41,13 +41,22 @@ trap 'stop_all; exit 130' INT TERM
 for ((i = 0; i < num; i++)); do
   VQLM_LOCAL_RANK="$i" VQLM_LOCAL_WORLD="$num" VQLM_PORT="$port" JAX_PLATFORMS=cpu \
     "$here/_process.sh" "$@" > >(sed -u "s/^/[$i] /") 2>&1 &
-  pids+=("$!")
+  running+=("$!")
 done
 
 status=0
-for ((left = num; left > 0; left--)); do
+while ((${#running[@]} > 0)); do
   code=0
-  wait -n "${pids[@]}" || code=$?
+  finished=""
+  wait -n -p finished "${running[@]}" || code=$?
+  if [[ -z "$finished" ]]; then
+    break  # No child left to wait for.
+  fi
+  rest=()
+  for pid in "${running[@]}"; do
+    [[ "$pid" == "$finished" ]] || rest+=("$pid")
+  done
+  running=("${rest[@]}")
   if ((code != 0 && status == 0)); then
     status="$code"
     echo "local_multiprocess.sh: a process exited with status $code; stopping the others" >&2

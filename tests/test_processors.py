@@ -70,8 +70,9 @@ def test_top_k_then_top_p_matches_reference(seed):
 def test_process_applies_temperature_and_never_unmasks():
   logits = _logits(1)
   logits[:, :5] = -np.inf
-  out = np.asarray(jax.jit(processors.process)(logits, np.array([2.0, 0.5, 1.0, 0.0]), np.zeros(4, int),
-                                      np.array([1.0, 1.0, 0.999999, 1.0])))
+  temperature = np.array([2.0, 0.5, 1.0, 0.0])
+  top_p = np.array([1.0, 1.0, 0.999999, 1.0])
+  out = np.asarray(jax.jit(processors.process)(logits, temperature, np.zeros(4, int), top_p))
   assert np.all(np.isneginf(out[:, :5]))
   np.testing.assert_allclose(out[0, 5:], logits[0, 5:] / 2.0, rtol=1e-6)
   np.testing.assert_allclose(out[1, 5:], logits[1, 5:] / 0.5, rtol=1e-6)
@@ -130,7 +131,8 @@ def test_categorical_follows_the_distribution_and_skips_zero_probability_ids(v):
   logits[0, rng.choice(v, size=v // 3, replace=False)] = -np.inf
   want = np.exp(logits[0] - logits[0][np.isfinite(logits[0])].max())
   want /= want.sum()
-  u = np.concatenate([np.linspace(0, 1, 20000, endpoint=False), [0.0, np.nextafter(np.float32(1), np.float32(0))]])
+  last = np.nextafter(np.float32(1), np.float32(0))
+  u = np.concatenate([np.linspace(0, 1, 20000, endpoint=False), [0.0, last]])
   ids = np.asarray(jax.jit(jax.vmap(lambda x: processors.categorical(x[None], logits)[0]))(
       jnp.asarray(u, jnp.float32)))
   assert np.all(want[ids] > 0)

@@ -42,6 +42,25 @@ def usage() -> str:
   return "\n".join(lines)
 
 
+def _quiet_libraries() -> None:
+  """Keep the terminal for vqlm's own progress: library INFO/WARNING logs go unless VQLM_VERBOSE."""
+  import logging
+  import os
+  import warnings
+  if os.environ.get("VQLM_VERBOSE"):
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  logging.getLogger("jax").setLevel(logging.ERROR)
+  warnings.filterwarnings("ignore", category=DeprecationWarning)
+  try:
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+  except ImportError:
+    pass
+
+
 def _flag_error_message(error: BaseException) -> str:
   """absl wraps errors raised while loading a config; report the innermost one, on one line."""
   root = error
@@ -64,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   from absl import flags
+  _quiet_libraries()
   module = importlib.import_module(COMMANDS[command])
   try:
     if command == "bench":

@@ -7,8 +7,9 @@ tokens/s for generating one grid (64 codes) per prompt at each batch size, compi
 `LlamaForCausalLM.generate(use_cache=True, do_sample=True, max_new_tokens=64)` of the same shape
 and sampling settings (temperature 1, top-k 50), interleaving the timed runs of both, and prints
 tokens/s and the ratio vqlm / transformers. torch runs with its default thread count and with one
-thread (its default pool can collapse on a busy machine); the ratio is against the faster. torch and transformers (the `bench` extra) are imported lazily; without them
-the baseline is skipped with a message.
+thread (its default pool can collapse on a busy machine); the ratio is against the faster. torch
+and transformers (the `bench` extra) are imported lazily; without them the baseline is skipped with
+a message.
 
 vqlm's timing is end to end (prompt packing, prefill, the 64 codes plus the forced `<eoi>`, and
 the copy back to the host), counting only the 64 image tokens.

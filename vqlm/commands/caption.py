@@ -35,7 +35,7 @@ def load_images(paths: list[str], size: int | None) -> np.ndarray:
 
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, lambda f: (
-      f.DEFINE_string("workdir", None, "LM run directory (made by `vqlm train` with configs/lm.py)"),
+      f.DEFINE_string("workdir", None, "LM run directory (from `vqlm train`, configs/lm.py)"),
       f.DEFINE_multi_string("image", [], "an image file; repeat for several"),
       f.DEFINE_float("temperature", 0.0, "text temperature (0 = greedy)"),
       f.DEFINE_integer("max_len", 48, "most caption tokens"),

@@ -32,7 +32,7 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
 
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, lambda f: (
-      f.DEFINE_string("workdir", None, "LM run directory (made by `vqlm train` with configs/lm.py)"),
+      f.DEFINE_string("workdir", None, "LM run directory (from `vqlm train`, configs/lm.py)"),
       f.DEFINE_multi_string("prompt", [], "a caption; repeat for several"),
       f.DEFINE_string("prompt-file", None, "a text file with one caption per line"),
       f.DEFINE_integer("num", 8, "images per caption"),

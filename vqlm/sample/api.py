@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vqlm.sample import constraints as cons
-from vqlm.sample.processors import GREEDY, SamplingConfig, Settings
+from vqlm.sample.processors import GREEDY, SamplingConfig
 from vqlm.sample.sampler import Sampler
 from vqlm.vocab import Vocab
 
@@ -354,5 +354,5 @@ def continue_video(run: Any, frames: np.ndarray, **kwargs: Any) -> np.ndarray:
   return generator_for(run).continue_video(frames, **kwargs)
 
 
-__all__ = ["Continuation", "Generator", "SamplingConfig", "Settings", "caption_images",
-           "continue_sequence", "continue_video", "generate_images", "generator_for"]
+__all__ = ["Continuation", "Generator", "caption_images", "continue_sequence", "continue_video",
+           "generate_images", "generator_for"]

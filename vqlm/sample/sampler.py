@@ -18,8 +18,9 @@ prompt with the caption dropped, `<bos> <boi>` as trained with caption dropout) 
 batch; on image codes `logits = uncond + scale * (cond - uncond)`, and both halves are fed the same
 sampled token. The scale is a traced argument.
 
-Randomness: row `r` draws at step `t` with `fold_in(fold_in(key(seed), row_seeds[r]), t)`, so a
-row's sample depends on its seed, not on its batch neighbours.
+Randomness: row `r` draws one uniform at step `t` from
+`fold_in(fold_in(key(seed, impl="threefry2x32"), row_seeds[r]), t)`, so a row's sample depends on
+its seed, not on its batch neighbours (nor on the global default PRNG implementation).
 """
 from collections.abc import Sequence
 import dataclasses
@@ -256,7 +257,9 @@ class Sampler:
     if row_seeds.shape != (b,):
       raise ValueError(f"row_seeds has {row_seeds.shape[0]} entries for {b} prompts.")
     row_seeds = np.concatenate([row_seeds, np.zeros(pad_rows, np.uint32)])
-    base = jax.random.key(seed)
+    # Threefry whatever the global default: its draws under vmap equal the per-key draws, so a
+    # row's sample never depends on its batch neighbours (the "rbg" generators do not promise it).
+    base = jax.random.key(seed, impl="threefry2x32")
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(row_seeds))
     machine = jax.tree.map(self._put, machine)
     scale = jnp.asarray(1.0 if cfg_scale is None else cfg_scale, jnp.float32)
