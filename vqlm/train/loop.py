@@ -195,9 +195,10 @@ class _Context:
     self._stack = []
 
   def __enter__(self):
-    # `with mesh:` is what flax.linen's logical constraints look for (jax.set_mesh is not yet
-    # honoured by linen's `with_logical_constraint` in flax 0.12).
-    mesh_cm = self._mesh
+    # flax 0.12.8's `with_logical_constraint` applies only when `jax.sharding.get_abstract_mesh()`
+    # is set, which `jax.set_mesh` does and the legacy `with mesh:` no longer does (jax 0.10):
+    # under `with mesh:` every activation constraint was silently dropped.
+    mesh_cm = jax.set_mesh(self._mesh)
     rules_cm = nn.logical_axis_rules(self._rules)
     self._stack = [mesh_cm, rules_cm]
     for cm in self._stack:
