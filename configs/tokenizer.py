@@ -35,8 +35,8 @@ SIZES = {
                   code_dim=32, batch_size=128, steps=400_000, lr=1e-4),
 }
 
-DATA = ("shapes", "digits", "photos", "mnist", "cifar10", "imagenet2012", "coco_captions",
-        "folder")
+DATA = ("shapes", "moving_shapes", "digits", "photos", "mnist", "cifar10", "imagenet2012",
+        "coco_captions", "folder")
 
 
 def bottleneck_config(kind: str, s: dict) -> dict:

@@ -165,3 +165,27 @@ def test_lm_refuses_a_text_model_that_does_not_match_the_vocab(tiny, tmp_path):
                       model_prefix=os.path.join(other, "text"), vocab_size=30)
   with pytest.raises(ValueError, match="restore the run's own text model"):
     LMRun(other)
+
+
+def test_encode_video_clips_round_trip(tiny, tmp_path):
+  from vqlm.data.code_shards import CodeShards, encode_split
+  from vqlm.data.moving_shapes import MovingShapesSource
+  from vqlm.train.tokenizer_stage import load_tokenizer
+  run = load_tokenizer(tiny["tok"])
+  clips = MovingShapesSource(split="validation", num_clips=3, num_frames=4)
+  encode_split(run, clips, str(tmp_path / "video"), split="validation", progress=False)
+  shards = CodeShards(str(tmp_path / "video"), "validation")
+  assert len(shards) == 3
+  record = shards[1]
+  assert record["codes"].shape == (4,) + tuple(run.grid)
+  np.testing.assert_array_equal(record["codes"], run.encode(clips[1]["frames"]))
+  assert record["text"] == clips[1]["text"]
+
+
+def test_text_train_command(tmp_path, capsys):
+  code = cli.main(["vqlm", "text", "train", "--config", "configs/tokenizer.py:data=digits",
+                   "--out", str(tmp_path), "--vocab_size", "40"])
+  assert code == 0
+  from vqlm.text import TextTokenizer
+  tok = TextTokenizer.load(str(tmp_path / "text.model"))
+  assert tok.decode(tok.encode("the digit seven")) == "the digit seven"

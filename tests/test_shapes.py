@@ -204,3 +204,15 @@ def test_clips_move_smoothly_at_constant_speed():
     assert along.max() < shapes.layout(32).cell  # pixel motion, not cell jumps
     obj = c["scenes"][0][0]
     assert (obj["color"], obj["shape"]) not in shapes.HELDOUT_PAIRS
+
+
+def test_moving_shapes_source_is_random_access_and_deterministic():
+  from vqlm.data.sources import get_source
+  src = get_source("moving_shapes", split="train", image_size=32, num_clips=5, num_frames=4)
+  assert len(src) == 5
+  a, b = src[3], src[3]
+  assert a["frames"].shape == (4, 32, 32, 3) and a["frames"].dtype == np.uint8
+  np.testing.assert_array_equal(a["frames"], b["frames"])
+  np.testing.assert_array_equal(a["image"], a["frames"][0])
+  assert " moves " in a["text"]
+  assert not np.array_equal(src[0]["frames"], src[1]["frames"]) or src[0]["text"] != src[1]["text"]

@@ -26,6 +26,7 @@ def main(argv: list[str]) -> int:
     data = data.copy_and_resolve_references()
     data.unlock()
     data.name = fv.data
+    data.source_kwargs = {}  # The tokenizer's source options belong to its own data set.
   if fv.data_dir:
     data.data_dir = fv.data_dir
   for split in fv.splits:

@@ -71,3 +71,39 @@ def make_clips(*, split: str, num_clips: int, num_frames: int = 6, image_size: i
   for _ in range(num_clips):
     yield sample_clip(rng, num_frames=num_frames, image_size=image_size, split=split)
 
+
+
+DEFAULT_NUM_CLIPS = {"train": 10000, "validation": 500, "test": 500, "test_heldout": 500}
+
+
+class MovingShapesSource:
+  """Random-access clips (the `moving_shapes` data source).
+
+  Item i is `sample_clip` seeded by `(seed, split, i)`, so any item can be read in any order, by
+  any process, again after a restart. Items: {"frames": uint8 [T, H, W, 3], "text", "scenes",
+  "image": frames[0]} ("image" lets image-only consumers such as tokenizer training read clips).
+  """
+
+  def __init__(self, *, split: str = "train", image_size: int = 32, num_clips: int | None = None,
+               num_frames: int = 6, seed: int = 0):
+    if split not in shapes.SPLITS:
+      raise ValueError(f"split must be one of {shapes.SPLITS}, got {split!r}")
+    if not MIN_FRAMES <= num_frames <= MAX_FRAMES:
+      raise ValueError(f"num_frames must be in [{MIN_FRAMES}, {MAX_FRAMES}], got {num_frames}")
+    self.name, self.split, self.image_size = "moving_shapes", split, image_size
+    self.num_frames, self.seed = num_frames, seed
+    self._len = DEFAULT_NUM_CLIPS[split] if num_clips is None else int(num_clips)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    if not -self._len <= index < self._len:
+      raise IndexError(f"clip {index} out of range for {self._len} clips")
+    index %= self._len
+    rng = np.random.default_rng([self.seed, shapes.SPLITS.index(self.split), 2, index])
+    clip = sample_clip(rng, num_frames=self.num_frames, image_size=self.image_size,
+                       split=self.split)
+    clip["image"] = clip["frames"][0]
+    return clip

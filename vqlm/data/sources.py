@@ -560,6 +560,11 @@ def _no_data_dir(cls: type[Source]) -> Callable[..., Source]:
   return build
 
 
+def _moving_shapes(**kwargs):
+  from vqlm.data.moving_shapes import MovingShapesSource  # pylint: disable=import-outside-toplevel
+  return MovingShapesSource(**kwargs)
+
+
 _SOURCES: dict[str, Callable[..., Source]] = {
     "shapes": _shapes_source,
     "digits": _no_data_dir(DigitsSource),
@@ -569,6 +574,8 @@ _SOURCES: dict[str, Callable[..., Source]] = {
     "imagenet2012": _tfds_builder("imagenet2012"),
     "coco_captions": _tfds_builder("coco_captions"),
     "folder": _folder_source,
+    "moving_shapes": lambda *, split, data_dir, image_size, **kw: _moving_shapes(
+        split=split, image_size=image_size, **kw),
 }
 SOURCE_NAMES = tuple(_SOURCES)
 
