@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-BENCHMARKS = {"lm": "vqlm.bench.lm", "sample": "vqlm.bench.sample",
+BENCHMARKS = {"lm": "vqlm.bench.lm", "sample": "vqlm.bench.sample", "sweep": "vqlm.bench.sweep",
               "tokenizer": "vqlm.bench.tokenizer", "soak": "vqlm.bench.soak"}
 
 
