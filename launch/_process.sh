@@ -29,7 +29,8 @@ if [[ -n "${SLURM_PROCID:-}" && -n "${SLURM_NTASKS:-}" ]]; then
   rank="$SLURM_PROCID"
   world="$SLURM_NTASKS"
   if [[ -z "${VQLM_COORDINATOR:-}" ]]; then
-    host="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    hosts="$(scontrol show hostnames "$SLURM_JOB_NODELIST")"
+    host="${hosts%%$'\n'*}"  # The first line (`| head -n 1` could die of SIGPIPE under pipefail).
     port="${VQLM_PORT:-$((61440 + ${SLURM_JOB_ID:-0} % 4096))}"
     export VQLM_COORDINATOR="$host:$port"
   fi

@@ -38,10 +38,14 @@ stop_all() {
 }
 trap 'stop_all; exit 130' INT TERM
 
+prefixers=()
 for ((i = 0; i < num; i++)); do
+  exec {out}> >(sed -u "s/^/[$i] /")
+  prefixers+=("$!")
   VQLM_LOCAL_RANK="$i" VQLM_LOCAL_WORLD="$num" VQLM_PORT="$port" JAX_PLATFORMS=cpu \
-    "$here/_process.sh" "$@" > >(sed -u "s/^/[$i] /") 2>&1 &
+    "$here/_process.sh" "$@" >&"$out" 2>&1 &
   running+=("$!")
+  exec {out}>&-  # The process keeps its copy; its prefixer ends when it does.
 done
 
 status=0
@@ -63,5 +67,5 @@ while ((${#running[@]} > 0)); do
     stop_all
   fi
 done
-wait  # The output prefixers.
+wait "${prefixers[@]}" 2>/dev/null || true  # Let the last output lines through.
 exit "$status"

@@ -5,13 +5,15 @@
 #   launch/tpu_pod.sh setup
 #   launch/tpu_pod.sh run --config configs/lm.py:size=xl --config.data.codes=/mnt/vqlm/codes/coco \
 #       --workdir /mnt/vqlm/runs/lm_xl
+#   launch/tpu_pod.sh compile --config configs/lm.py:size=xl   # memory check on the slice
 #   launch/tpu_pod.sh ssh 'tail -n 20 ~/vqlm-train.log'    # any command on every host
 #   launch/tpu_pod.sh delete
 #
 # A pod slice has one VM ("host", "worker") per 4 (v4/v5p) or 4-8 (v5e/v6e) chips; `run` starts
-# `vqlm train` on all of them at once (`gcloud ... ssh --worker=all`). jax finds the other hosts by
-# itself on a TPU VM (vqlm.distributed.maybe_initialize sees TPU_WORKER_HOSTNAMES), the mesh spans
-# every chip of the slice and each host feeds its share of the global batch.
+# `vqlm train` on all of them at once (`gcloud ... ssh --worker=all`), each with VQLM_COORDINATOR
+# (worker 0, port VQLM_PORT or 8476), VQLM_NUM_PROCESSES and VQLM_PROCESS_ID read from the TPU VM
+# metadata server, so vqlm.distributed joins them into one job; the mesh spans every chip of the
+# slice and each host feeds its share of the global batch. (One slice; multi-slice is not covered.)
 #
 # Storage: every host must read the same data and write the same run directory. vqlm writes the
 # workdir with ordinary file I/O, so `setup` mounts the Cloud Storage bucket $TPU_BUCKET with
@@ -102,15 +104,18 @@ fi
 $python -m venv ~/vqlm-venv
 ~/vqlm-venv/bin/pip install -q --upgrade pip
 ~/vqlm-venv/bin/pip install -q -e ~/vqlm 'jax[tpu]>=0.10.2,<0.12'
-~/vqlm-venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count(), jax.local_device_count())'"
+~/vqlm-venv/bin/python -c 'import jax; print(jax.device_count(), jax.local_device_count())'"
   on_all_hosts "$install"
   if [[ -n "${TPU_BUCKET:-}" ]]; then
     local bucket="${TPU_BUCKET#gs://}"
     # Cloud Storage FUSE from Google's apt repository, as in its installation guide.
     on_all_hosts "set -e
 if ! command -v gcsfuse >/dev/null; then
-  echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list
-  curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null
+  key=/usr/share/keyrings/cloud.google.asc
+  repo=https://packages.cloud.google.com/apt
+  echo \"deb [signed-by=\$key] \$repo gcsfuse-\$(lsb_release -c -s) main\" |
+    sudo tee /etc/apt/sources.list.d/gcsfuse.list
+  curl -s \$repo/doc/apt-key.gpg | sudo tee \$key >/dev/null
   sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse
 fi
 sudo mkdir -p $mount_point && sudo chown \$USER $mount_point
@@ -118,19 +123,40 @@ mountpoint -q $mount_point || gcsfuse --implicit-dirs $(printf '%q' "$bucket") $
   fi
 }
 
-run() {
+# Runs first on every host: its process index, the process count and the coordinator (worker 0)
+# from the TPU VM's metadata server, exported as the VQLM_* variables vqlm.distributed reads.
+# These are the values jax.distributed.initialize() itself looks up on a Cloud TPU VM; setting
+# them explicitly makes every host join one job (one process per host) on any vqlm version.
+read -r -d '' host_env <<'REMOTE' || true
+md=http://metadata.google.internal/computeMetadata/v1/instance/attributes
+endpoints="$(curl -sf -H 'Metadata-Flavor: Google' "$md/worker-network-endpoints")"
+IFS=, read -ra workers <<< "$endpoints"
+VQLM_PROCESS_ID="$(curl -sf -H 'Metadata-Flavor: Google' "$md/agent-worker-number")"
+VQLM_COORDINATOR="${workers[0]##*:}:COORDINATOR_PORT"
+VQLM_NUM_PROCESSES="${#workers[@]}"
+export VQLM_PROCESS_ID VQLM_COORDINATOR VQLM_NUM_PROCESSES
+REMOTE
+
+# `vqlm SUBCOMMAND ARGS` on every host at once, as one multi-host job.
+vqlm_everywhere() {
+  local subcommand="$1"
+  shift
   if [[ $# -eq 0 ]]; then
-    echo "tpu_pod.sh run: pass vqlm train flags (--config ... --workdir $mount_point/runs/NAME)" >&2
+    echo "tpu_pod.sh: pass vqlm $subcommand's flags (--config ... --workdir $mount_point/...)" >&2
     exit 2
   fi
+  if [[ "$subcommand" == "train" ]]; then
+    set -- --noprogress "$@"  # Logs, not a progress bar, over ssh.
+  fi
   local libtpu="${tpu_flags[*]}${LIBTPU_INIT_ARGS:+ $LIBTPU_INIT_ARGS}"
-  local train
-  train="cd ~/vqlm && LIBTPU_INIT_ARGS=$(printf '%q' "$libtpu") ~/vqlm-venv/bin/vqlm train \
---noprogress $(printf '%q ' "$@")"
-  if [[ "${TPU_DETACH:-0}" == "1" ]]; then
-    on_all_hosts "nohup bash -c $(printf '%q' "$train") > ~/vqlm-train.log 2>&1 < /dev/null &"
+  local remote
+  remote="${host_env//COORDINATOR_PORT/${VQLM_PORT:-8476}}
+cd ~/vqlm && LIBTPU_INIT_ARGS=$(printf '%q' "$libtpu") ~/vqlm-venv/bin/vqlm $subcommand \
+$(printf '%q ' "$@")"
+  if [[ "$subcommand" == "train" && "${TPU_DETACH:-0}" == "1" ]]; then
+    on_all_hosts "nohup bash -c $(printf '%q' "$remote") > ~/vqlm-train.log 2>&1 < /dev/null &"
   else
-    on_all_hosts "$train"
+    on_all_hosts "$remote"
   fi
 }
 
@@ -139,11 +165,12 @@ shift || true
 case "$command" in
   create) create ;;
   setup) setup ;;
-  run) run "$@" ;;
+  run) vqlm_everywhere train "$@" ;;
+  compile) vqlm_everywhere compile "$@" ;;
   ssh) on_all_hosts "${1:?tpu_pod.sh ssh: pass the command to run on every host}" ;;
   delete) gcloud_tpu delete "$name" --quiet ;;
   *)
-    echo "usage: launch/tpu_pod.sh create|setup|run [vqlm train flags]|ssh COMMAND|delete" >&2
+    echo "usage: launch/tpu_pod.sh create|setup|run TRAIN_FLAGS|compile FLAGS|ssh COMMAND|delete" >&2
     echo "       (TPU_NAME=$name TPU_ZONE=$zone TPU_TYPE=$accelerator TPU_VERSION=$version)" >&2
     exit 2
     ;;

@@ -259,7 +259,8 @@ class Demo:
                                            "num_images": len(examples)})
 
   def stage_report(self) -> None:
-    from vqlm.report import write_report
+    from vqlm.report import save_prompt_figure, write_report
+    save_prompt_figure(self.samples_dir, os.path.join(self.samples_dir, "prompts.png"))
     path = write_report(self.workdir)
     self.log(f"wrote {path}")
 

@@ -522,3 +522,26 @@ def write_report(workdir: str) -> str:
     f.write(text)
   os.replace(path + ".tmp", path)
   return path
+
+
+def save_prompt_figure(samples_dir: str, out_path: str, *, name: str = "text_to_image",
+                       max_rows: int = 8) -> str | None:
+  """A PNG of prompts (left) beside the images drawn for them (right): the README picture."""
+  png = os.path.join(samples_dir, f"{name}.png")
+  prompts = _read_json(os.path.join(samples_dir, f"{name}.json"))
+  if not os.path.exists(png) or not isinstance(prompts, list) or not prompts:
+    return None
+  strips = split_grid_rows(imaging.load_png(png), len(prompts))
+  if strips is None:
+    return None
+  rows = min(max_rows, len(strips))
+  fig = Figure(figsize=(9, 0.9 * rows), dpi=100)
+  for r in range(rows):
+    text_ax = fig.add_axes([0.0, 1 - (r + 1) / rows, 0.55, 1 / rows])
+    text_ax.axis("off")
+    text_ax.text(0.98, 0.5, str(prompts[r]), ha="right", va="center", fontsize=9, wrap=True)
+    image_ax = fig.add_axes([0.56, 1 - (r + 1) / rows, 0.44, 1 / rows])
+    image_ax.axis("off")
+    image_ax.imshow(strips[r], interpolation="nearest")
+  FigureCanvasAgg(fig).print_png(out_path)
+  return out_path

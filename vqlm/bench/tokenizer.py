@@ -5,6 +5,9 @@ on the config's mesh, state donated, GAN terms included when the config has them
 (images -> codes) and `decode` (codes -> images), each on random images with randomly initialised
 weights. Compile time is excluded from the rates and printed separately (the first call). Uses
 every device the process sees (the batch is split over data x fsdp).
+
+Imports no data library (grain, TFDS), so it runs from a plain checkout on a machine that has
+only jax, flax, optax, orbax and ml-collections.
 """
 import time
 from collections.abc import Callable
@@ -21,6 +24,36 @@ def _define(f) -> None:
   f.DEFINE_integer("batch", 0, "images per call (default: config.train.batch_size)")
   f.DEFINE_integer("steps", 10, "timed calls per repeat (after the first, compiling call)")
   f.DEFINE_integer("repeats", 3, "timed repeats; the best is reported")
+
+
+def _plain(value: Any) -> Any:
+  """ConfigDict values -> plain kwargs (dicts stay dicts, lists become tuples)."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
+
+
+def build_trainer(config) -> Any:
+  """The loop's Trainer for a tokenizer config, as `vqlm.train.tokenizer_stage.build_trainer`
+  makes it, without importing the data pipeline."""
+  from vqlm import mesh as mesh_lib
+  from vqlm.optim import make_optimizer
+  from vqlm.train import loop
+  from vqlm.train.tokenizer import TokenizerTask
+  optim = _plain(config.optim)
+  optimizer, _ = make_optimizer(total_steps=config.train.steps, **optim)
+  disc_optimizer = None
+  if config.loss.gan_weight > 0:
+    disc_optimizer, _ = make_optimizer(total_steps=config.train.steps, **optim)
+  task = TokenizerTask(model_kwargs=_plain(config.model), loss=_plain(config.loss),
+                       optimizer=optimizer, disc_optimizer=disc_optimizer)
+  return loop.Trainer(task, mesh=mesh_lib.make_mesh(_plain(config.mesh.shape)),
+                      rules=config.mesh.rules,
+                      options=loop.LoopOptions(steps=config.train.steps, progress=False))
 
 
 def time_calls(call: Callable[[Any], Any], carry: Any, *, steps: int, repeats: int
@@ -56,10 +89,9 @@ def main(argv: list[str]) -> int:
     config.train.batch_size = fv.batch
   from vqlm import mesh as mesh_lib
   from vqlm.nn import image_tokenizer as it
-  from vqlm.train import tokenizer_stage
   from vqlm.train.tokenizer import TokenizerTask
 
-  trainer = tokenizer_stage.build_trainer(config, progress=False)
+  trainer = build_trainer(config)
   mesh = trainer.mesh
   b, size = config.train.batch_size, config.data.image_size
   if b % mesh_lib.batch_divisor(mesh):
@@ -70,7 +102,7 @@ def main(argv: list[str]) -> int:
   batch = mesh_lib.global_batch({"image": local}, mesh)
   state = trainer.init_state(jax.random.key(0), batch)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  model = it.ImageTokenizer(**tokenizer_stage.as_kwargs(config.model))
+  model = it.ImageTokenizer(**_plain(config.model))
   device = jax.devices()[0]
   print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")
   grid = model.grid_shape(size, size)

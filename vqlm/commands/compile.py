@@ -193,8 +193,8 @@ def main(argv: list[str]) -> int:
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   parts = {"params": shard_bytes(state.params), "optimizer": shard_bytes(state.opt_state),
            "other": shard_bytes(state.extra) + shard_bytes(state.step)}
-  print(f"train state per device: {sum(parts.values()) / GIB:.4f} GiB for {num_params:,} "
-        f"params (" + ", ".join(f"{k} {v / GIB:.4f}" for k, v in parts.items()) + ")")
+  print(f"train state per device: {sum(parts.values()) / GIB:.4g} GiB for {num_params:,} "
+        f"params (" + ", ".join(f"{k} {v / GIB:.4g}" for k, v in parts.items()) + ")")
 
   rng = jax.random.key(0)
   start = time.perf_counter()
