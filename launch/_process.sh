@@ -14,13 +14,14 @@
 #                 own SLURM detection, 61440 + SLURM_JOB_ID % 4096 (so concurrent jobs differ).
 #   local         VQLM_LOCAL_RANK / VQLM_LOCAL_WORLD (set by local_multiprocess.sh);
 #                 host = 127.0.0.1, port = VQLM_PORT (required).
-# VQLM_COORDINATOR, when already set, is kept (e.g. a login node that cannot run scontrol).
+# VQLM_COORDINATOR, when already set, is kept (e.g. on nodes where scontrol is unavailable).
 #
 # Devices (SLURM only): VQLM_DEVICES_PER_PROCESS=n makes this process drive the GPUs
 # SLURM_LOCALID*n .. SLURM_LOCALID*n+n-1 of its node (or, when SLURM already bound the task to n
-# GPUs through CUDA_VISIBLE_DEVICES, its visible GPUs 0..n-1), via JAX_LOCAL_DEVICE_IDS. This must be
-# explicit: when jax sees SLURM variables it otherwise sets local_device_ids=[SLURM_LOCALID], i.e.
-# ONE GPU per process, which silently idles 7 of 8 GPUs in a one-process-per-node launch.
+# GPUs through CUDA_VISIBLE_DEVICES, its visible GPUs 0..n-1), via JAX_LOCAL_DEVICE_IDS. This
+# must be explicit: when jax sees SLURM variables it otherwise sets
+# local_device_ids=[SLURM_LOCALID], i.e. ONE GPU per process, which silently idles 7 of 8 GPUs
+# in a one-process-per-node launch.
 #
 # VQLM_BIN overrides the command (default: `vqlm` on PATH).
 set -euo pipefail

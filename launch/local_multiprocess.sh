@@ -12,6 +12,7 @@
 # in a collective until jax's timeout) and the script exits non-zero.
 #
 # Environment: VQLM_PORT (coordinator port; default: a free one), VQLM_BIN (default: vqlm).
+# Needs bash >= 5.1 (`wait -n -p`).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -26,7 +27,8 @@ if ((num < 1)); then
 fi
 port="${VQLM_PORT:-}"
 if [[ -z "$port" ]]; then
-  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')"
 fi
 
 running=()

@@ -170,7 +170,7 @@ case "$command" in
   ssh) on_all_hosts "${1:?tpu_pod.sh ssh: pass the command to run on every host}" ;;
   delete) gcloud_tpu delete "$name" --quiet ;;
   *)
-    echo "usage: launch/tpu_pod.sh create|setup|run TRAIN_FLAGS|compile FLAGS|ssh COMMAND|delete" >&2
+    echo "usage: launch/tpu_pod.sh create|setup|run FLAGS|compile FLAGS|ssh COMMAND|delete" >&2
     echo "       (TPU_NAME=$name TPU_ZONE=$zone TPU_TYPE=$accelerator TPU_VERSION=$version)" >&2
     exit 2
     ;;

@@ -68,7 +68,8 @@ def nominal_vocab(size: str, vocab_size: int = 0):
   reserved = 10
   text = total - image - len(DEFAULT_SPECIALS) - reserved
   if text <= 0:
-    raise ValueError(f"--vocab_size {total} is too small; use at least {2 * 64}")
+    raise ValueError(f"--vocab_size {total} leaves no room for text ids next to {image} image "
+                     f"codes and {len(DEFAULT_SPECIALS) + reserved} special slots; use at least 64")
   return Vocab(text_size=text, image_size=image, grid=NOMINAL_GRID, num_reserved=reserved)
 
 
@@ -79,11 +80,10 @@ def build(config: ml_collections.ConfigDict, *, vocab_size: int = 0):
     from vqlm.train import lm_stage
     vocab = nominal_vocab(config.get("size", ""), vocab_size)
     trainer = lm_stage.build_trainer(config, vocab, progress=False)
-    example = lambda c: lm_stage.example_batch(c)
     m = config.model
     desc = (f"lm size={config.get('size')} vocab={vocab.padded_size} dtype={m.dtype} "
             f"remat={m.remat_policy} scan_layers={m.scan_layers}")
-    return trainer, example, desc
+    return trainer, lm_stage.example_batch, desc
   if stage == "tokenizer":
     from vqlm.train import tokenizer_stage
     trainer = tokenizer_stage.build_trainer(config, progress=False)
@@ -152,6 +152,15 @@ def _model_flops_per_step(config, trainer, state) -> float:
   return per_token * config.train.batch_size * config.train.seq_len
 
 
+def _device_memory(device: jax.Device) -> int | None:
+  """Bytes XLA may use on `device` (GPU/TPU); None where unknown (CPU)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # Not implemented on every backend.
+    return None
+  return (stats or {}).get("bytes_limit")
+
+
 def _gib(b: int) -> str:
   return f"{b / GIB:10.4f} GiB  ({b:,} bytes)"
 
@@ -214,8 +223,7 @@ def main(argv: list[str]) -> int:
     print("memory per device (XLA):")
     for name, value in memory_summary(stats).items():
       print(f"  {name:<15}{_gib(value)}")
-    limit = (device.memory_stats() or {}).get("bytes_limit") if hasattr(device, "memory_stats") \
-        else None
+    limit = _device_memory(device)
     if limit:
       total = memory_summary(stats)["total"]
       verdict = "fits" if total <= limit else "DOES NOT FIT"
