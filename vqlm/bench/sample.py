@@ -32,9 +32,10 @@ from vqlm.vocab import Vocab
 PROMPT_TEXT_LEN = 8  # caption ids in each prompt: <bos> caption <boi>
 
 
-def demo_vocab() -> Vocab:
-  """1000 text ids, 6 specials + 10 reserved, 512 image codes, 8x8 grid (padded to 1536)."""
-  return Vocab(text_size=1000, image_size=512, grid=(8, 8), num_reserved=10)
+def demo_vocab(grid: int = 8, codes: int = 512) -> Vocab:
+  """1000 text ids, 6 specials + 10 reserved, `codes` image codes, a `grid` x `grid` grid (the
+  demo's by default: 512 codes, 8x8)."""
+  return Vocab(text_size=1000, image_size=codes, grid=(grid, grid), num_reserved=10)
 
 
 def model_kwargs(size: str, vocab: Vocab) -> dict[str, Any]:
@@ -84,7 +85,7 @@ def transformers_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int
       vocab_size=kw["vocab_size"], hidden_size=kw["dim"], num_hidden_layers=kw["num_layers"],
       num_attention_heads=kw["num_heads"], num_key_value_heads=kw["num_kv_heads"],
       intermediate_size=kw["mlp_dim"], tie_word_embeddings=kw["tie_embeddings"],
-      rms_norm_eps=1e-6, rope_theta=10_000.0, max_position_embeddings=256,
+      rms_norm_eps=1e-6, rope_theta=10_000.0, max_position_embeddings=max(256, 2 * vocab.tokens_per_image + 32),
       bos_token_id=vocab.bos_id, eos_token_id=None, pad_token_id=vocab.pad_id)
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(config).eval()
@@ -123,6 +124,8 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--top_k", type=int, default=50, help="top-k of both samplers (0 = off)")
   parser.add_argument("--repeats", type=int, default=5, help="timed runs per batch size")
   parser.add_argument("--skip_transformers", action="store_true", help="time vqlm only")
+  parser.add_argument("--grid", type=int, default=8, help="image grid side (16: 256 tokens)")
+  parser.add_argument("--codes", type=int, default=512, help="image codebook size")
   args = parser.parse_args(argv[1:])
   try:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -130,7 +133,7 @@ def main(argv: list[str]) -> int:
     raise ValueError(f"--batches={args.batches!r} must be comma-separated integers") from None
   if not batches or min(batches) <= 0 or args.repeats <= 0:
     raise ValueError("--batches and --repeats must be positive")
-  vocab = demo_vocab()
+  vocab = demo_vocab(args.grid, args.codes)
   kw = model_kwargs(args.size, vocab)
   n = vocab.tokens_per_image
   print(f"sample bench: size={args.size} dim={kw['dim']} layers={kw['num_layers']} "
@@ -171,5 +174,5 @@ def main(argv: list[str]) -> int:
     line = f"{b:>5} | {rate['vqlm']:>10.0f}" + "".join(f" | {rate[k]:>20.0f}" for k in names)
     best = max((rate[k] for k in names), default=None)
     line += f" | {rate['vqlm'] / best:>13.2f}x" if best else f" | {'-':>14}"
-    print(line)
+    print(line + f"   (vqlm {rate['vqlm'] / n:.1f} images/s)")
   return 0

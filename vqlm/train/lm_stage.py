@@ -48,8 +48,19 @@ def model_kwargs(config: ml_collections.ConfigDict, vocab: Vocab) -> dict[str, A
 def prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=print) -> Vocab:
   """Trains (or copies) the SentencePiece model into the run and writes `vocab.json`.
 
-  An existing `vocab.json` is kept, after checking that it matches the encoded data.
+  An existing `vocab.json` is kept, after checking that it matches the encoded data. With several
+  processes, process 0 writes the files and the others wait for it, then read them.
   """
+  if jax.process_count() == 1:
+    return _prepare_vocab(config, workdir, log_fn=log_fn)
+  from jax.experimental import multihost_utils
+  if jax.process_index() == 0:
+    _prepare_vocab(config, workdir, log_fn=log_fn)
+  multihost_utils.sync_global_devices("vqlm_prepare_vocab")
+  return _prepare_vocab(config, workdir, log_fn=log_fn)
+
+
+def _prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=print) -> Vocab:
   manifest = read_manifest(config.data.codes)
   grid, codebook_size = tuple(manifest["grid"]), int(manifest["codebook_size"])
   vocab_path = os.path.join(workdir, VOCAB_FILE)
