@@ -49,8 +49,8 @@ PRESETS = {
                     lm_steps=200, lm_batch=32, lm_lr=3e-3, eval_prompts=16, images_per_prompt=2,
                     caption_images=32),
     # The default (<= 25 minutes on 2 CPU cores).
-    "default": Preset(train_examples=20000, tokenizer_steps=2000, tokenizer_batch=64,
-                      lm_size="small", lm_steps=1800, lm_batch=32, lm_lr=2e-3, eval_prompts=100,
+    "default": Preset(train_examples=20000, tokenizer_steps=1500, tokenizer_batch=64,
+                      lm_size="small", lm_steps=1300, lm_batch=32, lm_lr=2e-3, eval_prompts=100,
                       images_per_prompt=4, caption_images=200),
     # Longer and better.
     "long": Preset(train_examples=20000, tokenizer_steps=6000, tokenizer_batch=64,
