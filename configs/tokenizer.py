@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = dict(
       name=arg.data, data_dir="", image_size=image_size, num_threads=2,
+      # Quality filters on the training split (vqlm/data/filters.py), e.g.
+      # {"min_pixel_std": 2.0, "exact_duplicates": True}; counts go to WORKDIR/filters.json.
+      filters={},
       # Source-specific options (e.g. shapes: min/max objects and split sizes; folder: path).
       source_kwargs=({"min_objects": 1, "max_objects": 2} if arg.data == "shapes" else {}),
   )

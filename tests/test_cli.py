@@ -189,3 +189,18 @@ def test_text_train_command(tmp_path, capsys):
   from vqlm.text import TextTokenizer
   tok = TextTokenizer.load(str(tmp_path / "text.model"))
   assert tok.decode(tok.encode("the digit seven")) == "the digit seven"
+
+
+def test_encode_with_quality_filters_writes_counts(tiny, tmp_path):
+  out = str(tmp_path / "codes")
+  assert cli.main(["vqlm", "encode", "--tokenizer", tiny["tok"], "--out", out, "--splits",
+                   "validation", "--filters",
+                   '{"min_caption_words": 7, "reconstruction_error": 2.0}']) == 0
+  counts = json.load(open(os.path.join(out, "filters_validation.json")))
+  assert counts["total"] == 32
+  # Single-object captions ("a large red circle at the top left") have fewer than 7 words... some
+  # have exactly 8 ("... at the top left"); whatever the split, kept + removed add up.
+  assert counts["kept"] + sum(counts["removed"].values()) == counts["total"]
+  assert counts["removed"].get("reconstruction_error", 0) == 0  # 2.0 is the maximum error.
+  from vqlm.data.code_shards import CodeShards
+  assert len(CodeShards(out, "validation")) == counts["kept"]

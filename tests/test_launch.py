@@ -194,7 +194,8 @@ def test_tpu_pod_script_with_a_fake_gcloud(tmp_path):
 
 def test_local_multiprocess_stops_the_others_when_one_fails(tmp_path):
   fake = _fake(tmp_path, "fake", 'echo "id=$VQLM_PROCESS_ID/$VQLM_NUM_PROCESSES $VQLM_COORDINATOR '
-               '$JAX_PLATFORMS $*"\n[ "$VQLM_PROCESS_ID" = 1 ] && exit 3\nexec sleep 60\n')
+               '$JAX_PLATFORMS $*"\n[ "$VQLM_PROCESS_ID" = 1 ] && { sleep 3; exit 3; }\n'
+               'exec sleep 60\n')  # Process 1 fails once process 0 has surely printed.
   start = time.monotonic()
   proc = subprocess.run([os.path.join(LAUNCH, "local_multiprocess.sh"), "2", "--x", "y z"],
                         env=_clean_env(VQLM_BIN=fake, VQLM_PORT="4321"), capture_output=True,

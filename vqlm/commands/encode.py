@@ -3,7 +3,31 @@
 Encodes a data set once with a trained image tokenizer into ArrayRecord code shards (resumable:
 finished shards are skipped) and prints the encoding throughput in images/s.
 """
+import json
+import os
+
+import numpy as np
+
 from vqlm.commands import flags as flag_lib
+
+
+def _filtered(source, run, spec: str, report_path: str):
+  """`source` minus what the configured filters reject; counts written to `report_path`."""
+  from vqlm.data.filters import apply_filters, make_filters
+  try:
+    config = json.loads(spec)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--filters is not valid JSON ({e.msg}); e.g. '{{\"min_caption_words\": 3}}'"
+                     ) from None
+
+  def reconstruction_error(images: np.ndarray) -> np.ndarray:
+    recon = run.decode(run.encode(images)).astype(np.float32)
+    return np.abs(recon - images.astype(np.float32)).mean(axis=(1, 2, 3)) / 127.5
+
+  kept, counts = apply_filters(source, make_filters(config, score_fns={
+      "reconstruction_error": reconstruction_error}), report_path=report_path)
+  print(f"filters kept {counts['kept']} of {counts['total']}: {counts['removed']}")
+  return kept
 
 
 def main(argv: list[str]) -> int:
@@ -15,6 +39,9 @@ def main(argv: list[str]) -> int:
       f.DEFINE_list("splits", ["train", "validation", "test"], "splits to encode"),
       f.DEFINE_integer("shard_size", 10_000, "records per shard"),
       f.DEFINE_integer("batch_size", 256, "images per encode call"),
+      f.DEFINE_string("filters", "", "JSON quality filters applied before encoding, e.g. "
+                      '\'{"min_caption_words": 3, "reconstruction_error": 0.1}\' (the model-based '
+                      "score is the tokenizer's mean absolute reconstruction error in [0, 2])"),
   ))
   if not fv.tokenizer or not fv.out:
     raise ValueError("--tokenizer and --out are required")
@@ -29,8 +56,12 @@ def main(argv: list[str]) -> int:
     data.source_kwargs = {}  # The tokenizer's source options belong to its own data set.
   if fv.data_dir:
     data.data_dir = fv.data_dir
+  out = flag_lib.check_workdir(fv.out)
   for split in fv.splits:
-    entry = encode_split(run, source_from_config(data, split), flag_lib.check_workdir(fv.out),
+    source = source_from_config(data, split)
+    if fv.filters:
+      source = _filtered(source, run, fv.filters, os.path.join(out, f"filters_{split}.json"))
+    entry = encode_split(run, source, out,
                          split=split, shard_size=fv.shard_size, batch_size=fv.batch_size)
     rate = entry.get("images_per_sec")
     print(f"encoded {split}: {entry['num_records']} records in {entry['num_shards']} shard(s)"

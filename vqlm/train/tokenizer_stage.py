@@ -195,6 +195,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   runs.save_config(workdir, config)
   trainer = build_trainer(config, progress=progress)
   source = source_from_config(config.data, "train")
+  if config.data.get("filters"):
+    from vqlm.data.filters import apply_filters, make_filters
+    source, counts = apply_filters(source, make_filters(as_kwargs(config.data.filters)),
+                                   report_path=os.path.join(workdir, "filters.json"))
+    log_fn(f"filters kept {counts['kept']} of {counts['total']} training images: "
+           f"{counts['removed']}")
   data_iter = pipeline.make_iterator(
       source, global_batch_size=config.train.batch_size, transform=pipeline.image_transform(),
       seed=config.train.seed, num_threads=config.data.get("num_threads", 2))
