@@ -4,7 +4,8 @@ The same code runs on 1 CPU, 8 faked CPU devices, several processes and a TPU po
 logical axis names (`embed`, `mlp`, ...), the config's rules map them to the mesh axes
 (`data`, `fsdp`, `tensor`), and batches are sharded over `data` x `fsdp`.
 """
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -43,6 +44,18 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   except Exception:  # Topology-unaware fallback (e.g. CPU or odd shapes).
     array = np.asarray(devices).reshape(sizes)
   return Mesh(array, MESH_AXES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules) -> Iterator[None]:
+  """The mesh and flax's logical-axis rules, active while tracing and running model code.
+
+  flax 0.12's `with_logical_constraint` applies only when `jax.sharding.get_abstract_mesh()` is
+  set, which `jax.set_mesh` does and the legacy `with mesh:` no longer does (jax 0.10): under
+  `with mesh:` every activation constraint is silently dropped.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:

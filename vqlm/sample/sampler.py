@@ -23,6 +23,7 @@ Randomness: row `r` draws one uniform at step `t` from
 its seed, not on its batch neighbours (nor on the global default PRNG implementation).
 """
 from collections.abc import Sequence
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vqlm import mesh as mesh_lib
 from vqlm.sample import constraints as cons
 from vqlm.sample import processors
 from vqlm.vocab import Vocab
@@ -178,8 +180,8 @@ class Sampler:
 
   def _context(self):
     if self.mesh is None:
-      return _NullContext()
-    return _MeshContext(self.mesh, self.rules)
+      return contextlib.nullcontext()
+    return mesh_lib.activate(self.mesh, self.rules)
 
   def _put(self, x: np.ndarray) -> jax.Array:
     if self.mesh is None:
@@ -274,28 +276,3 @@ class Sampler:
                         logits=logits)
 
 
-class _NullContext:
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
-
-
-class _MeshContext:
-  """The mesh (as the abstract mesh of jit) and flax's logical-axis rules."""
-
-  def __init__(self, mesh: Mesh, rules):
-    self._stack = [jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh,
-                   nn.logical_axis_rules(rules)]
-
-  def __enter__(self):
-    for cm in self._stack:
-      cm.__enter__()
-    return self
-
-  def __exit__(self, *exc):
-    for cm in reversed(self._stack):
-      cm.__exit__(*exc)
-    return False

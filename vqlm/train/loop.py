@@ -140,7 +140,7 @@ class Trainer:
 
   def context(self):
     """Mesh + logical-axis rules, active while tracing and running model code."""
-    return _Context(self.mesh, self.rules)
+    return mesh_lib.activate(self.mesh, self.rules)
 
   def _init_fn(self, example_batch):
     def init(rng):
@@ -185,30 +185,6 @@ class Trainer:
   def step(self, state, batch, rng):
     with self.context():
       return self.step_fn(state, batch, rng)
-
-
-class _Context:
-
-  def __init__(self, mesh, rules):
-    self._mesh = mesh
-    self._rules = rules
-    self._stack = []
-
-  def __enter__(self):
-    # flax 0.12.8's `with_logical_constraint` applies only when `jax.sharding.get_abstract_mesh()`
-    # is set, which `jax.set_mesh` does and the legacy `with mesh:` no longer does (jax 0.10):
-    # under `with mesh:` every activation constraint was silently dropped.
-    mesh_cm = jax.set_mesh(self._mesh)
-    rules_cm = nn.logical_axis_rules(self._rules)
-    self._stack = [mesh_cm, rules_cm]
-    for cm in self._stack:
-      cm.__enter__()
-    return self
-
-  def __exit__(self, *exc):
-    for cm in reversed(self._stack):
-      cm.__exit__(*exc)
-    return False
 
 
 class _Preemption:
