@@ -45,6 +45,17 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
+def as_kwargs(value: Any) -> Any:
+  """Config values -> plain module kwargs: ConfigDicts and dicts become dicts, lists tuples."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {k: as_kwargs(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(as_kwargs(v) for v in value)
+  return value
+
+
 def choose(name: str, value: str, options: dict[str, Any]) -> Any:
   """Returns `options[value]`, or raises ValueError listing the valid choices for `name`."""
   if value not in options:

@@ -35,7 +35,7 @@ def _vqlm_step(config, vocab: int, batch: int, seq_len: int):
   from vqlm.optim import make_optimizer
   from vqlm.train.lm import LMTask
   from vqlm.train.lm_stage import _DTYPES
-  from vqlm.train.tokenizer_stage import as_kwargs
+  from configs.common import as_kwargs
   kw = as_kwargs(config.model)
   kw["dtype"], kw["param_dtype"] = _DTYPES[kw["dtype"]], _DTYPES[kw["param_dtype"]]
   kw["head_dim"] = kw.get("head_dim") or None

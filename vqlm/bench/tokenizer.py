@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs.common import as_kwargs
 from vqlm.commands import flags as flag_lib
 
 
@@ -26,34 +27,10 @@ def _define(f) -> None:
   f.DEFINE_integer("repeats", 3, "timed repeats; the best is reported")
 
 
-def _plain(value: Any) -> Any:
-  """ConfigDict values -> plain kwargs (dicts stay dicts, lists become tuples)."""
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  if isinstance(value, dict):
-    return {k: _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return tuple(_plain(v) for v in value)
-  return value
-
-
 def build_trainer(config) -> Any:
-  """The loop's Trainer for a tokenizer config, as `vqlm.train.tokenizer_stage.build_trainer`
-  makes it, without importing the data pipeline."""
-  from vqlm import mesh as mesh_lib
-  from vqlm.optim import make_optimizer
-  from vqlm.train import loop
-  from vqlm.train.tokenizer import TokenizerTask
-  optim = _plain(config.optim)
-  optimizer, _ = make_optimizer(total_steps=config.train.steps, **optim)
-  disc_optimizer = None
-  if config.loss.gan_weight > 0:
-    disc_optimizer, _ = make_optimizer(total_steps=config.train.steps, **optim)
-  task = TokenizerTask(model_kwargs=_plain(config.model), loss=_plain(config.loss),
-                       optimizer=optimizer, disc_optimizer=disc_optimizer)
-  return loop.Trainer(task, mesh=mesh_lib.make_mesh(_plain(config.mesh.shape)),
-                      rules=config.mesh.rules,
-                      options=loop.LoopOptions(steps=config.train.steps, progress=False))
+  """The loop's Trainer for a tokenizer config (no data library is imported)."""
+  from vqlm.train.tokenizer_stage import build_trainer as build
+  return build(config, progress=False)
 
 
 def time_calls(call: Callable[[Any], Any], carry: Any, *, steps: int, repeats: int
@@ -102,7 +79,7 @@ def main(argv: list[str]) -> int:
   batch = mesh_lib.global_batch({"image": local}, mesh)
   state = trainer.init_state(jax.random.key(0), batch)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  model = it.ImageTokenizer(**_plain(config.model))
+  model = it.ImageTokenizer(**as_kwargs(config.model))
   device = jax.devices()[0]
   print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")
   grid = model.grid_shape(size, size)

@@ -23,7 +23,7 @@ from vqlm.optim import make_optimizer
 from vqlm.text import TextTokenizer, train_sentencepiece
 from vqlm.train import loop
 from vqlm.train.lm import LMTask, eval_summary
-from vqlm.train.tokenizer_stage import as_kwargs
+from configs.common import as_kwargs
 from vqlm.vocab import Vocab
 
 TEXT_MODEL = "text.model"

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from configs.common import as_kwargs
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,8 +18,6 @@ from vqlm import imaging
 from vqlm import mesh as mesh_lib
 from vqlm import runs
 from vqlm.checkpoint import Checkpointer
-from vqlm.data import pipeline
-from vqlm.data.sources import get_source
 from vqlm.eval import reconstruction
 from vqlm.nn.image_tokenizer import ImageTokenizer
 from vqlm.optim import make_optimizer
@@ -26,19 +25,9 @@ from vqlm.train import loop
 from vqlm.train.tokenizer import TokenizerTask
 
 
-def as_kwargs(value: Any) -> Any:
-  """ConfigDict/JSON values -> plain kwargs (dicts stay dicts, lists become tuples)."""
-  if isinstance(value, ml_collections.ConfigDict):
-    value = value.to_dict()
-  if isinstance(value, Mapping):
-    return {k: as_kwargs(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return tuple(as_kwargs(v) for v in value)
-  return value
-
-
 def source_from_config(data: ml_collections.ConfigDict, split: str):
   """The data set a config's `data` section names, for one split."""
+  from vqlm.data.sources import get_source  # Data libraries load only where data is read.
   kwargs = as_kwargs(data.get("source_kwargs", {})) or {}
   return get_source(data.name, split=split, data_dir=data.data_dir or None,
                     image_size=data.image_size, **kwargs)
@@ -193,6 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   """Trains the image tokenizer, saves grids and metrics, and writes the final eval to eval.json."""
   runs.check_same_model(workdir, config, sections=("model", "data"))
   runs.save_config(workdir, config)
+  from vqlm.data import pipeline
   trainer = build_trainer(config, progress=progress)
   source = source_from_config(config.data, "train")
   if config.data.get("filters"):
