@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mlp_dim=s["mlp_dim"], qk_norm=s["qk_norm"], tie_embeddings=s["tie_embeddings"],
       rope_theta=10_000.0, rope_2d=False, image_embed_init="learned",
       scan_layers=s["scan_layers"], remat_policy=remat, norm_eps=1e-6,
-      dtype=dtype, param_dtype="float32", attention_impl="xla",
+      dtype=dtype, param_dtype="float32", attention_impl="xla", query_chunks=8,
   )
 
   c.optim = dict(learning_rate=s["lr"], warmup_steps=min(2000, max(1, s["steps"] // 10)),

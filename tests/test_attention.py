@@ -41,6 +41,28 @@ def test_xla_attention_matches_jax_reference(kv_heads):
   np.testing.assert_allclose(causal, ref_causal, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunks", [2, 3, 4])
+def test_query_chunks_give_the_same_values_and_gradients(chunks):
+  kq, kk, kv, kg = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(kq, (2, 13, 4, 8))
+  k, v = jax.random.normal(kk, (2, 13, 2, 8)), jax.random.normal(kv, (2, 13, 2, 8))
+  g = jax.random.normal(kg, (2, 13, 4, 8))
+  seg = jnp.array([[1] * 5 + [2] * 8, [1] * 11 + [0] * 2])
+  for mask in (None, attention.make_attention_mask(seg)):
+    def loss(q, k, v, c):
+      return jnp.sum(attention.dot_product_attention(q, k, v, mask, query_chunks=c) * g)
+    ref = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 1)
+    out = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, chunks)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_attention_needs_as_many_keys_as_queries():
+  q = jnp.ones((1, 3, 2, 4))
+  with pytest.raises(ValueError, match="causal"):
+    attention.dot_product_attention(q, jnp.ones((1, 5, 2, 4)), jnp.ones((1, 5, 2, 4)), None)
+
+
 def test_attention_softmax_in_float32_for_bf16_inputs():
   q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 5, 2, 8))
   out16 = attention.dot_product_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),

@@ -70,8 +70,12 @@ class Dense(nn.Module):
                         in_shape + features, self.param_dtype)
     x = jnp.asarray(x, self.dtype)
     kernel = jnp.asarray(kernel, self.dtype)
-    contract = tuple(range(x.ndim - self.in_dims, x.ndim))
-    y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.in_dims))), ((), ())))
+    lead = x.shape[:x.ndim - self.in_dims]
+    # One 2D matmul (a multi-axis dot_general makes XLA:CPU transpose in the backward pass),
+    # accumulated in float32 (also the fast path of bfloat16 matmuls on CPUs with AVX512-BF16).
+    y = jnp.dot(x.reshape(-1, math.prod(in_shape)), kernel.reshape(math.prod(in_shape), -1),
+                preferred_element_type=jnp.float32).astype(self.dtype)
+    y = y.reshape(lead + features)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros_init(), tuple(self.axes[self.in_dims:])), features,
@@ -186,12 +190,23 @@ def rope_2d(rows: jax.Array, cols: jax.Array, head_dim: int, theta: float = 10_0
 
 
 def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """Rotates `x[B, S, H, D]` by angles `sin/cos[B, S, D/2]` (in float32; returns x's dtype)."""
+  """Rotates `x[B, S, H, D]` by angles `sin/cos[B, S, D/2]` (in float32; returns x's dtype).
+
+  `x * [cos, cos] + rotate_half(x) * [sin, sin]` with `rotate_half(x) = [-x2, x1]` computed as a
+  matmul with a signed permutation matrix: exact, and on CPU several times faster (forward and
+  backward) than the split + concatenate it replaces.
+  """
+  d = x.shape[-1]
+  half = d // 2
+  eye = jnp.eye(half, dtype=jnp.float32)
+  zero = jnp.zeros((half, half), jnp.float32)
+  rotate_half = jnp.block([[zero, eye], [-eye, zero]])  # [x1, x2] @ R = [-x2, x1]
   x32 = jnp.asarray(x, jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  sin, cos = sin[:, :, None, :], cos[:, :, None, :]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return jnp.asarray(out, x.dtype)
+  cos = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
+  sin = jnp.concatenate([sin, sin], axis=-1)[:, :, None, :]
+  rotated = jnp.einsum("bshd,de->bshe", x32, rotate_half,
+                       precision=jax.lax.Precision.HIGHEST)
+  return jnp.asarray(x32 * cos + rotated * sin, x.dtype)
 
 
 def image_run_index(is_image: jax.Array, starts: jax.Array | None = None,

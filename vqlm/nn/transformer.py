@@ -48,6 +48,7 @@ class Block(nn.Module):
   mlp_dim: int
   qk_norm: bool = False
   attention_impl: str = "xla"
+  query_chunks: int = 1
   norm_eps: float = 1e-6
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
@@ -58,8 +59,9 @@ class Block(nn.Module):
     h = layers.RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
     h, new_cache = attention.Attention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-        qk_norm=self.qk_norm, attention_impl=self.attention_impl, norm_eps=self.norm_eps,
-        name="attn", **kw)(h, sin=sin, cos=cos, mask=mask, cache=cache, positions=positions)
+        qk_norm=self.qk_norm, attention_impl=self.attention_impl,
+        query_chunks=self.query_chunks, norm_eps=self.norm_eps, name="attn",
+        **kw)(h, sin=sin, cos=cos, mask=mask, cache=cache, positions=positions)
     x = layers.constrain(x + h, layers.ACT_EMBED)
     h = layers.RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
     h = layers.MLP(self.mlp_dim, name="mlp", **kw)(h)
@@ -131,6 +133,8 @@ class Transformer(nn.Module):
     norm_eps: RMSNorm epsilon.
     dtype: compute dtype; param_dtype: parameter dtype (dtypes or names like "bfloat16").
     attention_impl: "xla" (einsum, float32 softmax) | "cudnn" (fused kernel on GPU, bf16).
+    query_chunks: with "xla", training and full forward passes split the queries into this many
+      chunks that skip the masked upper triangle (`attention.dot_product_attention`); 1 = off.
   """
   vocab_size: int
   dim: int
@@ -154,6 +158,7 @@ class Transformer(nn.Module):
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   attention_impl: str = "xla"
+  query_chunks: int = 1
 
   @nn.nowrap
   def kv_heads(self) -> int:
@@ -261,7 +266,8 @@ class Transformer(nn.Module):
 
     block_kw = dict(num_heads=self.num_heads, num_kv_heads=self.kv_heads(), head_dim=head_dim,
                     mlp_dim=self.mlp_dim, qk_norm=self.qk_norm,
-                    attention_impl=self.attention_impl, norm_eps=self.norm_eps, **kw)
+                    attention_impl=self.attention_impl, query_chunks=self.query_chunks,
+                    norm_eps=self.norm_eps, **kw)
     block_cls = Block
     policy = REMAT_POLICIES[self.remat_policy]
     if self.remat_policy != "none":
@@ -295,13 +301,13 @@ class Transformer(nn.Module):
 _FIELDS = ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim", "num_kv_heads", "head_dim",
            "qk_norm", "tie_embeddings", "rope_theta", "rope_2d", "image_offset", "image_size",
            "grid", "image_embed_init", "codebook_dim", "scan_layers", "remat_policy", "norm_eps",
-           "dtype", "param_dtype", "attention_impl")
+           "dtype", "param_dtype", "attention_impl", "query_chunks")
 
 
 def _validate(*, vocab_size, dim, num_layers, num_heads, mlp_dim, num_kv_heads=None,
               head_dim=None, rope_2d=False, image_offset=0, image_size=0, grid=None,
               image_embed_init="learned", codebook_dim=0, remat_policy="none",
-              attention_impl="xla", **unused) -> None:
+              attention_impl="xla", query_chunks=1, **unused) -> None:
   del unused
   for name, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers),
                       ("num_heads", num_heads), ("mlp_dim", mlp_dim)):
@@ -330,6 +336,8 @@ def _validate(*, vocab_size, dim, num_layers, num_heads, mlp_dim, num_kv_heads=N
                      "image tokenizer's codebook width).")
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f"remat_policy={remat_policy!r}; use one of {tuple(REMAT_POLICIES)}.")
+  if int(query_chunks) < 1:
+    raise ValueError(f"query_chunks={query_chunks} must be >= 1 (1 turns chunking off).")
   if attention_impl not in attention.IMPLEMENTATIONS:
     raise ValueError(f"attention_impl={attention_impl!r}; use one of "
                      f"{attention.IMPLEMENTATIONS}.")

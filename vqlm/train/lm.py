@@ -27,11 +27,16 @@ EVAL_SUM_KEYS = ("weight", "loss_sum", "text_weight", "text_loss_sum", "text_cor
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-token cross-entropy, squared log-partition and correctness, all float32 `[B, S]`."""
+  """Per-token cross-entropy, squared log-partition and correctness, all float32 `[B, S]`.
+
+  A token is correct when its target's logit is the largest (ties count as correct); this reuses
+  the log-sum-exp's max instead of a separate argmax pass over the vocabulary.
+  """
   logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  log_z = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = (target_logit >= top).astype(jnp.float32)
   return log_z - target_logit, jnp.square(log_z), correct
 
 
