@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dim=s["dim"], num_layers=s["num_layers"], num_heads=s["num_heads"],
       num_kv_heads=s["num_kv_heads"], head_dim=0,  # 0: dim // num_heads
       mlp_dim=s["mlp_dim"], qk_norm=s["qk_norm"], tie_embeddings=s["tie_embeddings"],
-      rope_theta=10_000.0, rope_2d=False, image_embed_init="learned",
+      rope_theta=10_000.0, rope_2d=False, image_pos_embed=False, image_embed_init="learned",
       scan_layers=s["scan_layers"], remat_policy=remat, norm_eps=1e-6,
       dtype=dtype, param_dtype="float32", attention_impl="xla", query_chunks=8,
   )

@@ -1,4 +1,6 @@
 import os
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -171,6 +173,17 @@ def test_generate_command_writes_a_grid_and_each_image(run, gen, tmp_path, monke
   assert "wrote" in capsys.readouterr().out
   with pytest.raises(ValueError, match="no captions"):
     generate_cmd.main(["vqlm generate", "--workdir", str(tmp_path)])
+
+
+def test_generate_command_samples_in_bfloat16_on_request(run, tmp_path, monkeypatch):
+  monkeypatch.setattr(generate_cmd, "load_run", lambda workdir: run)
+  out = tmp_path / "bf16.png"
+  rc = generate_cmd.main(["vqlm generate", "--workdir", str(tmp_path), "--prompt", "a red square",
+                          "--num", "2", "--out", str(out), "--dtype", "bfloat16", "--noprogress"])
+  assert rc == 0 and imaging.load_png(str(out)).shape == (SIZE + 4, 2 * (SIZE + 2) + 2, 3)
+  gen = api.generator_for(run, dtype="bfloat16")
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(gen.sampler.variables["params"]))
+  assert api.generator_for(run) is not gen
 
 
 def test_caption_command_prints_one_line_per_image(run, gen, tmp_path, monkeypatch, capsys):

@@ -89,6 +89,27 @@ def test_cached_decoding_matches_a_full_forward_pass(variant, plain):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_sampling_casts_weights_once_and_keeps_float32_logits(plain):
+  model, variables = plain
+  sampler = Sampler(model, variables, VOCAB, dtype="bfloat16")
+  kernels = [x for x in jax.tree.leaves(sampler.variables["params"])]
+  assert kernels and all(x.dtype == jnp.bfloat16 for x in kernels)
+  assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32  # the caller's are kept
+  prompts = [[BOS, 3, 4, BOI], [BOS, 9, BOI]]
+  out = sampler(prompts, max_new_tokens=HW + 1, mode="image", sampling=GREEDY,
+                return_logits=True)
+  assert out.logits.dtype == np.float32
+  for row in out.tokens:  # the constraints still hold: one full grid, then <eoi>
+    assert _is_code(row[:HW]).all() and row[HW] == EOI
+  # The same continuation's float32 logits agree to bfloat16 precision.
+  full = _full_logits(model, variables, [p + out.tokens[r].tolist() for r, p in enumerate(prompts)])
+  for r, p in enumerate(prompts):
+    want = full[r, len(p) - 1:len(p) + HW]
+    got = out.logits[r]
+    codes = slice(VOCAB.image_offset, VOCAB.image_offset + VOCAB.image_size)
+    np.testing.assert_allclose(got[:HW, codes], want[:HW, codes], atol=0.1 * np.abs(want).max())
+
+
 def test_cfg_in_one_doubled_batch_equals_two_separate_passes(plain, sampler):
   model, variables = plain
   prompts = [[BOS, 3, 4, 5, BOI], [BOS, 9, BOI]]

@@ -98,6 +98,7 @@ VARIANTS = {
                      codebook_dim=6),
     "rope2d_codebook": dict(image_offset=OFF, image_size=K, grid=GRID, rope_2d=True,
                             image_embed_init="codebook", codebook_dim=6),
+    "image_pos": dict(image_offset=OFF, image_size=K, grid=GRID, image_pos_embed=True),
 }
 
 
@@ -244,13 +245,14 @@ def test_cached_decoding_equals_full_forward(scan):
   _decode_matches_full(model, seqs, prompt_lens=[3, 6, 1])
   cache = model.init_cache(3, 16)
   leaves = jax.tree.leaves(cache)
-  want = ((2,) if scan else ()) + (3, 16, 2, 8)
+  want = ((2,) if scan else ()) + (3, 2, 16, 8)  # [B, KVH, L, Dh]
   assert all(x.shape == want for x in leaves) and len(leaves) == (2 if scan else 4)
 
 
+@pytest.mark.parametrize("variant", ["rope2d_codebook", "image_pos"])
 @pytest.mark.parametrize("scan", [False, True])
-def test_cached_decoding_with_2d_rope_and_codebook(scan):
-  model = Transformer(**BASE, **VARIANTS["rope2d_codebook"], scan_layers=scan)
+def test_cached_decoding_with_image_positions(scan, variant):
+  model = Transformer(**BASE, **VARIANTS[variant], scan_layers=scan)
   text = lambda n: list(np.random.default_rng(n).integers(0, OFF, size=n))
   image = lambda n: list(np.random.default_rng(n + 100).integers(OFF, OFF + K, size=6))
   # Prompts end inside an image, right before one, and inside text; two images back to back.
@@ -269,6 +271,32 @@ def test_2d_rope_changes_image_token_logits_only_through_positions():
   l2, _ = _apply(two_d)(variables, tokens)
   assert l2.shape == l1.shape
   assert float(jnp.abs(l1[:, 3:] - l2[:, 3:]).max()) > 1e-4
+
+
+def test_image_position_embedding_is_added_per_grid_cell():
+  h, w = GRID
+  model = Transformer(**BASE, **VARIANTS["image_pos"])
+  plain = Transformer(**BASE, image_offset=OFF, image_size=K, grid=GRID)
+  tokens = jnp.array([[1, 2] + [OFF + 3] * (2 * h * w) + [4, 5]])  # two images, same code
+  variables = _init(model, tokens)
+  table = variables["params"]["image_position"]
+  assert table.shape == (h * w, 32)
+  rest = {"params": {k: v for k, v in variables["params"].items() if k != "image_position"}}
+  base, _ = _apply(plain)(rest, tokens)
+  zeroed = {"params": dict(variables["params"], image_position=jnp.zeros_like(table))}
+  np.testing.assert_allclose(_apply(model)(zeroed, tokens)[0], base, atol=1e-6)
+  logits, _ = _apply(model)(variables, tokens)
+  np.testing.assert_allclose(logits[:, :2], base[:, :2], atol=1e-6)  # text before: untouched
+  assert float(jnp.abs(logits[:, 2:] - base[:, 2:]).max()) > 1e-4
+  # Changing cell 4's row changes nothing before the 5th code of the first image, and the 5th
+  # code of both images.
+  bumped = {"params": dict(variables["params"], image_position=table.at[4].add(1.0))}
+  diff = jnp.abs(_apply(model)(bumped, tokens)[0] - logits).max(axis=-1)[0]
+  first, second = 2 + 4, 2 + h * w + 4
+  assert float(diff[:first].max()) < 1e-6
+  assert float(diff[first]) > 1e-4 and float(diff[second]) > 1e-4
+  with pytest.raises(ValueError, match="image_pos_embed needs"):
+    Transformer(**BASE, image_pos_embed=True).validate()
 
 
 def test_codebook_embeddings_are_projected_codebook_rows():

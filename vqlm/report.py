@@ -147,7 +147,10 @@ def _tokenizer_summary(tok: Mapping[str, Any] | None) -> str:
           ("codebook perplexity", _num(tok.get("codebook_perplexity"), 1)),
           ("dead codes", _num(tok.get("dead_codes"), 0)),
           ("scene agreement (recon parses as the original)",
-           _pct(tok["scene_agreement"]) if "scene_agreement" in tok else NOT_RUN)]
+           _pct(tok["scene_agreement"]) if "scene_agreement" in tok else NOT_RUN),
+          ("scene agreement on held-out colour-shape pairs",
+           _pct(tok["heldout_scene_agreement"]) if "heldout_scene_agreement" in tok
+           else NOT_RUN)]
   where = ", ".join(f"{k} {_esc(tok[k])}" for k in ("split", "num_examples", "step") if k in tok)
   note = f'<p class="note">Evaluated on {where}.</p>' if where else ""
   return "<h3>Image tokenizer</h3>" + _kv_table(rows) + note

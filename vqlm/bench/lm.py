@@ -3,7 +3,8 @@
 Training throughput of the LM (tokens/s, compile time excluded) and, on an accelerator, model-FLOPs
 utilisation: (6 N + 12 L H Dh S) FLOPs per token (PaLM appendix B) over the device's peak.
 On CPU it also trains the same-shaped Hugging Face `transformers` LlamaForCausalLM (PyTorch, the
-optional `bench` extra) in the same process and prints the ratio vqlm / transformers.
+optional `bench` extra) in the same process and prints the ratio vqlm / transformers. Both use the
+config's compute dtype over float32 parameters (`dtype=bfloat16`: torch under `torch.autocast`).
 """
 import time
 
@@ -97,9 +98,12 @@ def time_torch(config, vocab, batch, seq_len, steps, repeats, threads):
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
   tokens = torch.randint(0, vocab, (batch, seq_len))
+  # The same mixed precision as vqlm: float32 parameters, matmuls in the config's compute dtype.
+  dtype = {"float32": None, "bfloat16": torch.bfloat16}[config.model.dtype]
 
   def one():
-    out = model(input_ids=tokens, labels=tokens)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+      out = model(input_ids=tokens, labels=tokens)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()

@@ -56,11 +56,12 @@ def prompts(vocab: Vocab, batch: int, seed: int = 0) -> np.ndarray:
                          np.full((batch, 1), vocab.boi_id)], axis=1).astype(np.int64)
 
 
-def vqlm_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int) -> Callable[[int, int], None]:
+def vqlm_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: str = "float32"
+                ) -> Callable[[int, int], None]:
   """`run(batch, seed)`: one t2i grid per prompt with the vqlm sampler (compiles per batch)."""
   model = Transformer(**kw)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  sampler = Sampler(model, params, vocab)
+  sampler = Sampler(model, params, vocab, dtype=None if dtype == "float32" else dtype)
   settings = Settings(temperature=1.0, top_k=top_k, top_p=1.0)
   sampling = SamplingConfig(text=settings, image=settings)
   n = vocab.tokens_per_image
@@ -73,7 +74,7 @@ def vqlm_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int) -> Callable[[in
   return run
 
 
-def transformers_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int
+def transformers_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: str = "float32"
                         ) -> Callable[[int, int, int | None], None] | str:
   """`run(batch, seed, threads)` with `LlamaForCausalLM.generate`, or a skip message."""
   try:
@@ -88,7 +89,7 @@ def transformers_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int
       rms_norm_eps=1e-6, rope_theta=10_000.0, max_position_embeddings=max(256, 2 * vocab.tokens_per_image + 32),
       bos_token_id=vocab.bos_id, eos_token_id=None, pad_token_id=vocab.pad_id)
   torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(config).eval()
+  model = transformers.LlamaForCausalLM(config).eval().to(getattr(torch, dtype))
   n = vocab.tokens_per_image
   default_threads = torch.get_num_threads()
 
@@ -126,6 +127,9 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--skip_transformers", action="store_true", help="time vqlm only")
   parser.add_argument("--grid", type=int, default=8, help="image grid side (16: 256 tokens)")
   parser.add_argument("--codes", type=int, default=512, help="image codebook size")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="weights and compute of both samplers (vqlm keeps logits, softmax "
+                           "and sampling in float32)")
   args = parser.parse_args(argv[1:])
   try:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -140,10 +144,10 @@ def main(argv: list[str]) -> int:
         f"heads={kw['num_heads']}/{kw['num_kv_heads']} mlp={kw['mlp_dim']} "
         f"vocab={vocab.padded_size} ({vocab.text_size} text, {vocab.image_size} codes), "
         f"{n} image tokens per prompt, temperature 1, top_k={args.top_k}, "
-        f"device={jax.devices()[0].platform}, median of {args.repeats}")
-  ours = vqlm_runner(kw, vocab, top_k=args.top_k)
+        f"dtype={args.dtype}, device={jax.devices()[0].platform}, median of {args.repeats}")
+  ours = vqlm_runner(kw, vocab, top_k=args.top_k, dtype=args.dtype)
   theirs = ("skipped: --skip_transformers" if args.skip_transformers else
-            transformers_runner(kw, vocab, top_k=args.top_k))
+            transformers_runner(kw, vocab, top_k=args.top_k, dtype=args.dtype))
   if isinstance(theirs, str):
     print(f"transformers baseline {theirs}")
   rows = []

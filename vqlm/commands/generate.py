@@ -45,6 +45,9 @@ def main(argv: list[str]) -> int:
       f.DEFINE_string("out", "samples.png", "grid PNG; single images go next to it"),
       f.DEFINE_integer("scale", 1, "upscale the saved images by this integer factor"),
       f.DEFINE_bool("progress", True, "show a progress bar"),
+      f.DEFINE_enum("dtype", "model", ["model", "float32", "bfloat16"],
+                    "sampling weights and compute: the model's own, or cast (bfloat16 is about "
+                    "1.7x faster on CPUs with AVX512-BF16; logits and sampling stay float32)"),
   ))
   if not fv.workdir:
     raise ValueError("--workdir is required: the LM run directory")
@@ -55,7 +58,7 @@ def main(argv: list[str]) -> int:
   from vqlm.sample.api import generator_for
   from vqlm.sample.processors import SamplingConfig, Settings
   settings = Settings(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p)
-  gen = generator_for(load_run(fv.workdir))
+  gen = generator_for(load_run(fv.workdir), dtype=None if fv.dtype == "model" else fv.dtype)
   gen.progress = fv.progress
   images = gen.generate_images(prompts, num_per_prompt=fv.num, cfg_scale=fv.cfg,
                                sampling=SamplingConfig(text=settings, image=settings).check(),

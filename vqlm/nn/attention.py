@@ -6,7 +6,8 @@ heads):
     `mask=None` means plain causal attention over the sequence.
   * cached decoding: `key_slot <= query_position` (`make_decode_mask`).
 
-KV cache (one layer): a plain dict `{"k": [B, L, KVH, Dh], "v": [B, L, KVH, Dh]}` (`init_kv_cache`).
+KV cache (one layer): a plain dict `{"k": [B, KVH, L, Dh], "v": [B, KVH, L, Dh]}` (`init_kv_cache`),
+head-major so that a decode step reads each head's keys contiguously, with no transpose.
 Design: *slot = position*. A token at position p writes its k/v into slot p of its row and attends
 to every slot <= p. Rows are independent, so prompts of different lengths share one batch with
 static shapes: right-pad the prompts, prefill them at positions 0..S-1, and continue each row at its
@@ -48,17 +49,18 @@ def make_decode_mask(positions: jax.Array, cache_len: int) -> jax.Array:
 
 def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                   dtype: DType = jnp.float32) -> KVCache:
-  """Zero cache of one layer: `{"k", "v"}` each `[batch, max_len, num_kv_heads, head_dim]`."""
-  shape = (batch, max_len, num_kv_heads, head_dim)
+  """Zero cache of one layer: `{"k", "v"}` each `[batch, num_kv_heads, max_len, head_dim]`."""
+  shape = (batch, num_kv_heads, max_len, head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def write_kv_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
   """Writes `k, v[B, S, KVH, Dh]` into slots `positions[B, S]` of each row (a per-row scatter)."""
   rows = jnp.arange(k.shape[0])[:, None]
-  new = {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
-         "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))}
-  return {name: layers.constrain(x, ("batch", "cache_length", "kv_heads", "head_dim"))
+  # Advanced indices on axes 0 and 2 put their [B, S] dims first: the update is [B, S, KVH, Dh].
+  new = {"k": cache["k"].at[rows, :, positions].set(k.astype(cache["k"].dtype)),
+         "v": cache["v"].at[rows, :, positions].set(v.astype(cache["v"].dtype))}
+  return {name: layers.constrain(x, ("batch", "kv_heads", "cache_length", "head_dim"))
           for name, x in new.items()}
 
 
@@ -76,8 +78,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   keys anyway) but about half of the causal logits are never computed, and each chunk's logits
   stay in cache: `python -m vqlm.bench lm` measures the gain on CPU.
   """
-  b, s, n, dh = q.shape
-  t, kvh = k.shape[1], k.shape[2]
   if implementation == "cudnn":
     if q.dtype not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"attention_impl='cudnn' needs bfloat16/float16 inputs, got {q.dtype}; "
@@ -87,12 +87,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
   if implementation != "xla":
     raise ValueError(f"attention_impl={implementation!r}; use one of {IMPLEMENTATIONS}.")
+  return attend_head_major(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask,
+                           query_chunks=query_chunks)
+
+
+def attend_head_major(q: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array | None, *,
+                      query_chunks: int = 1) -> jax.Array:
+  """The "xla" attention with keys and values head-major, as the KV cache stores them.
+
+  `q[B, S, N, Dh]`, `kh, vh[B, K, T, Dh]`, `mask[B, 1, S, T]` or None (causal, S == T) ->
+  `[B, S, N, Dh]`; see `dot_product_attention` for `query_chunks`.
+  """
+  b, s, n, dh = q.shape
+  kvh, t = kh.shape[1], kh.shape[2]
   if mask is None and s != t:
     raise ValueError(f"mask=None means causal self-attention; got {s} queries and {t} keys.")
-  # Head-major layout, so that every einsum below is a plain batched matmul.
   g = n // kvh
+  # Head-major queries too, so that every einsum below is a plain batched matmul.
   qh = (q * jnp.asarray(dh ** -0.5, q.dtype)).reshape(b, s, kvh, g, dh).transpose(0, 2, 3, 1, 4)
-  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   chunks = query_chunks if s == t and s >= 2 * query_chunks else 1
   bounds = [round(i * s / chunks) for i in range(chunks + 1)]
   outs = []
@@ -179,10 +191,15 @@ class Attention(nn.Module):
       if positions is None or mask is None:
         raise ValueError("Attention with a KV cache needs `positions` and a decode `mask`.")
       new_cache = write_kv_cache(cache, k, v, positions)
-      k = new_cache["k"].astype(self.dtype)
-      v = new_cache["v"].astype(self.dtype)
-    out = dot_product_attention(q, k, v, mask, implementation=self.attention_impl,
-                                query_chunks=1 if cache is not None else self.query_chunks)
+      kh, vh = (new_cache[name].astype(self.dtype) for name in ("k", "v"))
+      if self.attention_impl == "xla":
+        out = attend_head_major(q, kh, vh, mask)
+      else:
+        out = dot_product_attention(q, kh.transpose(0, 2, 1, 3), vh.transpose(0, 2, 1, 3), mask,
+                                    implementation=self.attention_impl)
+    else:
+      out = dot_product_attention(q, k, v, mask, implementation=self.attention_impl,
+                                  query_chunks=self.query_chunks)
     out = layers.constrain(out, layers.ACT_HEADS)
     y = layers.Dense(dim, axes=("heads", "head_dim", "embed"), in_dims=2, name="out", **kw)(out)
     return y, new_cache

@@ -126,6 +126,9 @@ class Transformer(nn.Module):
     tie_embeddings: logits from the embedding table; else a separate `head[embed, vocab]`.
     rope_theta: RoPE base.
     rope_2d: 2D rotary positions for image tokens (needs image_size, grid, head_dim % 4 == 0).
+    image_pos_embed: add a learned embedding of the grid cell `[h * w, dim]` to each image token
+      (as DALL-E's row/column embeddings): the k-th code of an image gets row k, so the model
+      reads where in the grid it is drawing without deriving it from relative positions.
     image_offset, image_size, grid: where image ids start, how many there are, `(h, w)` per image.
     image_embed_init: "learned" | "codebook" (then codebook_dim is the codebook's width).
     scan_layers: `nn.scan` over the blocks (params and cache stacked on a leading layer axis).
@@ -147,6 +150,7 @@ class Transformer(nn.Module):
   tie_embeddings: bool = True
   rope_theta: float = 10_000.0
   rope_2d: bool = False
+  image_pos_embed: bool = False
   image_offset: int = 0
   image_size: int = 0
   grid: Sequence[int] | None = None
@@ -169,6 +173,10 @@ class Transformer(nn.Module):
     return self.head_dim or self.dim // self.num_heads
 
   @nn.nowrap
+  def _tracks_image_runs(self) -> bool:
+    return self.rope_2d or self.image_pos_embed
+
+  @nn.nowrap
   def validate(self) -> None:
     """Raises ValueError on inconsistent settings."""
     _validate(**{f: getattr(self, f) for f in _FIELDS})
@@ -177,8 +185,9 @@ class Transformer(nn.Module):
   def init_cache(self, batch: int, max_len: int, dtype: DType = jnp.float32) -> Cache:
     """The zero KV cache for `batch` rows of up to `max_len` positions.
 
-    Returns `{"layers": per-layer caches}`: a list of `{"k", "v": [B, L, KVH, Dh]}` dicts, or, with
-    `scan_layers`, one dict of `[num_layers, B, L, KVH, Dh]` arrays. With `rope_2d` it also holds
+    Returns `{"layers": per-layer caches}`: a list of `{"k", "v": [B, KVH, L, Dh]}` dicts, or, with
+    `scan_layers`, one dict of `[num_layers, B, KVH, L, Dh]` arrays. With `rope_2d` or
+    `image_pos_embed` it also holds
     `"image_run": [B, L] int32` (the image-run count at each slot, see `layers.image_run_index`).
     """
     self.validate()
@@ -189,7 +198,7 @@ class Transformer(nn.Module):
       cache = {"layers": stacked}
     else:
       cache = {"layers": [one() for _ in range(self.num_layers)]}
-    if self.rope_2d:
+    if self._tracks_image_runs():
       cache["image_run"] = jnp.zeros((batch, max_len), jnp.int32)
     return cache
 
@@ -235,7 +244,7 @@ class Transformer(nn.Module):
     x = layers.constrain(embed(tokens), layers.ACT_EMBED)
 
     new_cache = None if cache is None else {}
-    if self.rope_2d:
+    if self._tracks_image_runs():
       is_image = (tokens >= self.image_offset) & (tokens < self.image_offset + self.image_size)
       if decode:
         prev_slot = jnp.maximum(positions[:, 0] - 1, 0)
@@ -250,13 +259,23 @@ class Transformer(nn.Module):
           starts = jnp.concatenate([jnp.ones((b, 1), bool),
                                     segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
         run = layers.image_run_index(is_image, starts=starts)
+    if self.image_pos_embed:
+      cells = self.grid[0] * self.grid[1]
+      table = self.param("image_position", nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=1.0 / math.sqrt(self.dim)), ("image_cells", "embed")),
+                         (cells, self.dim), kw["param_dtype"])
+      cell = jnp.mod(jnp.maximum(run - 1, 0), cells)
+      x = x + jnp.where((run > 0)[..., None], jnp.take(jnp.asarray(table, x.dtype), cell, axis=0),
+                        jnp.zeros((), x.dtype))
+      x = layers.constrain(x, layers.ACT_EMBED)
+    if self.rope_2d:
       rows, cols = layers.image_rows_cols(positions, run, tuple(self.grid))
       sin, cos = layers.rope_2d(rows, cols, head_dim, self.rope_theta)
     else:
       sin, cos = layers.rope_1d(positions, head_dim, self.rope_theta)
 
     if decode:
-      cache_len = jax.tree.leaves(cache["layers"])[0].shape[-3]
+      cache_len = jax.tree.leaves(cache["layers"])[0].shape[-2]
       mask = attention.make_decode_mask(positions, cache_len)
     elif segment_ids is not None:
       mask = attention.make_attention_mask(segment_ids)
@@ -299,13 +318,15 @@ class Transformer(nn.Module):
 
 
 _FIELDS = ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim", "num_kv_heads", "head_dim",
-           "qk_norm", "tie_embeddings", "rope_theta", "rope_2d", "image_offset", "image_size",
+           "qk_norm", "tie_embeddings", "rope_theta", "rope_2d", "image_pos_embed", "image_offset",
+           "image_size",
            "grid", "image_embed_init", "codebook_dim", "scan_layers", "remat_policy", "norm_eps",
            "dtype", "param_dtype", "attention_impl", "query_chunks")
 
 
 def _validate(*, vocab_size, dim, num_layers, num_heads, mlp_dim, num_kv_heads=None,
-              head_dim=None, rope_2d=False, image_offset=0, image_size=0, grid=None,
+              head_dim=None, rope_2d=False, image_pos_embed=False, image_offset=0, image_size=0,
+              grid=None,
               image_embed_init="learned", codebook_dim=0, remat_policy="none",
               attention_impl="xla", query_chunks=1, **unused) -> None:
   del unused
@@ -329,6 +350,8 @@ def _validate(*, vocab_size, dim, num_layers, num_heads, mlp_dim, num_kv_heads=N
       raise ValueError(f"rope_2d needs head_dim divisible by 4, got {hd}.")
     if image_size <= 0 or grid is None or len(grid) != 2 or min(grid) <= 0:
       raise ValueError("rope_2d needs image_size > 0 and grid=(h, w) of the image code grid.")
+  if image_pos_embed and (image_size <= 0 or grid is None or len(grid) != 2 or min(grid) <= 0):
+    raise ValueError("image_pos_embed needs image_size > 0 and grid=(h, w) of the image code grid.")
   if image_embed_init not in IMAGE_EMBED_INITS:
     raise ValueError(f"image_embed_init={image_embed_init!r}; use one of {IMAGE_EMBED_INITS}.")
   if image_embed_init == "codebook" and (codebook_dim <= 0 or image_size <= 0):
@@ -365,4 +388,6 @@ def count_params(**model_kwargs: Any) -> int:
     total += v * d
   if not model_kwargs.get("tie_embeddings", True):
     total += d * v
+  if model_kwargs.get("image_pos_embed", False):
+    total += model_kwargs["grid"][0] * model_kwargs["grid"][1] * d
   return total

@@ -50,10 +50,11 @@ class Generator:
     batch_size: rows per sampler call.
     progress: show a progress bar over batches.
     image_tokenizer: use this image tokenizer instead of `run.tokenizer_run()`.
+    dtype: sampling compute dtype (`Sampler`'s; None: the model's own).
   """
 
   def __init__(self, run: Any, *, batch_size: int = 8, progress: bool = True,
-               image_tokenizer: Any = None):
+               image_tokenizer: Any = None, dtype: Any = None):
     if batch_size <= 0:
       raise ValueError(f"batch_size={batch_size} must be >= 1.")
     self.run = run
@@ -69,7 +70,7 @@ class Generator:
     trainer = getattr(run, "trainer", None)
     self.sampler = Sampler(run.model, variables, self.vocab,
                            mesh=getattr(trainer, "mesh", None),
-                           rules=getattr(trainer, "rules", None))
+                           rules=getattr(trainer, "rules", None), dtype=dtype)
 
   @property
   def image_tokenizer(self) -> Any:
@@ -317,19 +318,20 @@ class Generator:
     return self._decode(np.stack(grids))
 
 
-_GENERATORS: "weakref.WeakKeyDictionary[Any, Generator]" = weakref.WeakKeyDictionary()
+_GENERATORS: "weakref.WeakKeyDictionary[Any, dict[str, Generator]]" = weakref.WeakKeyDictionary()
 
 
 def generator_for(run: Any, **kwargs) -> Generator:
-  """The cached Generator of `run` (one per run object, so compiled loops are reused)."""
+  """The cached Generator of `run` (one per run object and `dtype`, so compiled loops are
+  reused)."""
   try:
-    gen = _GENERATORS.get(run)
+    per_run = _GENERATORS.setdefault(run, {})
   except TypeError:  # Not weak-referenceable: no caching.
     return Generator(run, **kwargs)
-  if gen is None:
-    gen = Generator(run, **kwargs)
-    _GENERATORS[run] = gen
-  return gen
+  key = str(kwargs.get("dtype"))
+  if key not in per_run:
+    per_run[key] = Generator(run, **kwargs)
+  return per_run[key]
 
 
 def generate_images(run: Any, prompts: Sequence[str], **kwargs: Any
