@@ -42,6 +42,7 @@ def _fake_workdir(root: str) -> str:
   rng = np.random.default_rng(0)
   ev = {"tokenizer": {"psnr": 27.346, "ssim": 0.912, "codebook_usage": 0.8125,
                       "codebook_perplexity": 11.5, "dead_codes": 3, "scene_agreement": 0.964,
+                      "heldout_scene_agreement": 0.853,
                       "split": "test", "num_examples": 64, "step": 40},
         "text_to_image": {**_scene_metrics(0.6875), "num_prompts": 4,
                           "settings": {"image_temperature": 0.3, "cfg_scale": 1.0}},
@@ -110,7 +111,7 @@ def test_full_report(tmp_path):
     assert f'<h2 id="{sid}">' in text
   _check_self_contained(text)
   # Numbers from eval.json.
-  for expected in ("27.35 dB", "0.912", "81.2%", "96.4%", "68.8%", "43.8%", "87.5%", "12.5%",
+  for expected in ("27.35 dB", "0.912", "81.2%", "96.4%", "85.3%", "68.8%", "43.8%", "87.5%", "12.5%",
                    "93.8%", "1 object", "2 objects", "image temperature 0.3"):
     assert expected in text, expected
   # Held-out text-to-image (its metrics and its samples), scene FD and timings were not run;
