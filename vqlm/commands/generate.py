@@ -46,8 +46,8 @@ def main(argv: list[str]) -> int:
       f.DEFINE_integer("scale", 1, "upscale the saved images by this integer factor"),
       f.DEFINE_bool("progress", True, "show a progress bar"),
       f.DEFINE_enum("dtype", "model", ["model", "float32", "bfloat16"],
-                    "sampling weights and compute: the model's own, or cast (bfloat16 is about "
-                    "1.7x faster on CPUs with AVX512-BF16; logits and sampling stay float32)"),
+                    "sampling weights and compute: the model's own, or cast (bfloat16 halves "
+                    "weight and cache memory; logits and sampling stay float32)"),
   ))
   if not fv.workdir:
     raise ValueError("--workdir is required: the LM run directory")
