@@ -345,13 +345,12 @@ def _validate(*, vocab_size, dim, num_layers, num_heads, mlp_dim, num_kv_heads=N
   if image_offset < 0 or image_size < 0 or image_offset + image_size > vocab_size:
     raise ValueError(f"image ids [{image_offset}, {image_offset + image_size}) must lie inside "
                      f"the vocabulary of size {vocab_size}.")
-  if rope_2d:
-    if hd % 4:
-      raise ValueError(f"rope_2d needs head_dim divisible by 4, got {hd}.")
-    if image_size <= 0 or grid is None or len(grid) != 2 or min(grid) <= 0:
-      raise ValueError("rope_2d needs image_size > 0 and grid=(h, w) of the image code grid.")
-  if image_pos_embed and (image_size <= 0 or grid is None or len(grid) != 2 or min(grid) <= 0):
-    raise ValueError("image_pos_embed needs image_size > 0 and grid=(h, w) of the image code grid.")
+  if rope_2d and hd % 4:
+    raise ValueError(f"rope_2d needs head_dim divisible by 4, got {hd}.")
+  has_grid = image_size > 0 and grid is not None and len(grid) == 2 and min(grid) > 0
+  for name, on in (("rope_2d", rope_2d), ("image_pos_embed", image_pos_embed)):
+    if on and not has_grid:
+      raise ValueError(f"{name} needs image_size > 0 and grid=(h, w) of the image code grid.")
   if image_embed_init not in IMAGE_EMBED_INITS:
     raise ValueError(f"image_embed_init={image_embed_init!r}; use one of {IMAGE_EMBED_INITS}.")
   if image_embed_init == "codebook" and (codebook_dim <= 0 or image_size <= 0):
