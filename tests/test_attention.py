@@ -84,12 +84,14 @@ def test_write_kv_cache_scatters_per_row():
   cache = attention.init_kv_cache(2, 5, 1, 2)
   k = jnp.arange(2 * 2 * 2, dtype=jnp.float32).reshape(2, 2, 1, 2) + 1
   new = attention.write_kv_cache(cache, k, -k, jnp.array([[0, 1], [3, 4]]))
-  assert new["k"].shape == (2, 1, 5, 2)  # [B, KVH, L, Dh]
-  np.testing.assert_array_equal(new["k"][0, 0, :2], k[0, :, 0])
-  np.testing.assert_array_equal(new["k"][1, 0, 3:], k[1, :, 0])
+  assert new["k"].shape == (2, 1, 2, 5)  # [B, KVH, Dh, L]: keys transposed
+  assert new["v"].shape == (2, 1, 5, 2)  # [B, KVH, L, Dh]
+  np.testing.assert_array_equal(new["k"][0, 0, :, :2], k[0, :, 0].T)
+  np.testing.assert_array_equal(new["k"][1, 0, :, 3:], k[1, :, 0].T)
   np.testing.assert_array_equal(new["v"][1, 0, 3:], -k[1, :, 0])
-  assert float(jnp.abs(new["k"][0, :, 2:]).sum()) == 0
-  assert float(jnp.abs(new["k"][1, :, :3]).sum()) == 0
+  assert float(jnp.abs(new["k"][0, :, :, 2:]).sum()) == 0
+  assert float(jnp.abs(new["k"][1, :, :, :3]).sum()) == 0
+  assert float(jnp.abs(new["v"][1, :, :3]).sum()) == 0
 
 
 def _module(**kw):

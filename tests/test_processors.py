@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,9 @@ from vqlm.sample.processors import SamplingConfig, Settings
 
 V = 50
 MASK = jax.jit(processors.top_k_top_p_mask)  # One compile per input shape for the whole file.
+# The same with top-k always found by bisection instead of `lax.top_k`.
+MASK_BISECT = jax.jit(functools.partial(processors.top_k_top_p_mask, fast_top_k=0))
+BOTH_PATHS = pytest.mark.parametrize("mask_fn", [MASK, MASK_BISECT], ids=["top_k", "bisect"])
 
 
 def _logits(seed, b=4, v=V):
@@ -32,10 +37,11 @@ def _ref_keep(logits, k, p):
   return out
 
 
-def test_top_k_keeps_exactly_the_k_largest():
+@BOTH_PATHS
+def test_top_k_keeps_exactly_the_k_largest(mask_fn):
   logits = _logits(0)
   ks = np.array([1, 3, 10, 0])
-  keep = np.asarray(MASK(logits, ks, np.ones(4)))
+  keep = np.asarray(mask_fn(logits, ks, np.ones(4)))
   for row, k in zip(range(4), ks):
     want = np.zeros(V, bool)
     want[np.argsort(-logits[row])[:k if k else V]] = True
@@ -43,9 +49,10 @@ def test_top_k_keeps_exactly_the_k_largest():
   assert keep.sum(1).tolist() == [1, 3, 10, V]
 
 
-def test_top_k_breaks_ties_towards_lower_ids():
+@BOTH_PATHS
+def test_top_k_breaks_ties_towards_lower_ids(mask_fn):
   logits = np.zeros((1, 6), np.float32)
-  keep = np.asarray(MASK(logits, np.array([2]), np.array([1.0])))
+  keep = np.asarray(mask_fn(logits, np.array([2]), np.array([1.0])))
   np.testing.assert_array_equal(keep[0], [True, True, False, False, False, False])
 
 
@@ -57,12 +64,13 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     np.testing.assert_array_equal(keep[0], np.arange(5) < n, err_msg=f"top_p={p}")
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("seed", range(5))
-def test_top_k_then_top_p_matches_reference(seed):
+def test_top_k_then_top_p_matches_reference(seed, mask_fn):
   logits = _logits(seed) * 0.5
   ks = np.array([0, 5, 20, 2])
   ps = np.array([0.6, 0.9, 0.3, 1.0], np.float32)
-  keep = np.asarray(MASK(logits, ks, ps))
+  keep = np.asarray(mask_fn(logits, ks, ps))
   for row in range(4):
     np.testing.assert_array_equal(keep[row], _ref_keep(logits[row], ks[row], ps[row]))
 
@@ -108,19 +116,21 @@ def test_sampling_frequencies_follow_the_tempered_distribution():
     np.testing.assert_allclose(np.bincount(ids, minlength=3) / n, want, atol=0.03)
 
 
-def test_top_p_with_tied_logits_keeps_lower_ids_first():
+@BOTH_PATHS
+def test_top_p_with_tied_logits_keeps_lower_ids_first(mask_fn):
   logits = np.array([[0.0, 1.0, 1.0, 1.0, -1.0]], np.float32)  # probs ~ .16 .32 .32 .32 .06
-  keep = np.asarray(MASK(logits, np.array([0]), np.array([0.5])))
+  keep = np.asarray(mask_fn(logits, np.array([0]), np.array([0.5])))
   np.testing.assert_array_equal(keep[0], [False, True, True, False, False])
-  keep = np.asarray(MASK(logits, np.array([2]), np.array([1.0])))
+  keep = np.asarray(mask_fn(logits, np.array([2]), np.array([1.0])))
   np.testing.assert_array_equal(keep[0], [False, True, True, False, False])
 
 
-def test_masks_handle_infinite_and_extreme_logits():
+@BOTH_PATHS
+def test_masks_handle_infinite_and_extreme_logits(mask_fn):
   logits = np.array([[-np.inf, 3e38, -3e38, 0.0, -0.0, 1e-30, -np.inf, 5.0]], np.float32)
-  keep = np.asarray(MASK(logits, np.array([3]), np.array([1.0])))
+  keep = np.asarray(mask_fn(logits, np.array([3]), np.array([1.0])))
   np.testing.assert_array_equal(np.flatnonzero(keep[0]), [1, 5, 7])
-  keep = np.asarray(MASK(logits, np.array([0]), np.array([0.5])))
+  keep = np.asarray(mask_fn(logits, np.array([0]), np.array([0.5])))
   np.testing.assert_array_equal(np.flatnonzero(keep[0]), [1])
 
 
@@ -164,3 +174,17 @@ def test_settings_are_traced_leaves_so_new_values_do_not_recompile():
 def test_bad_settings_raise(settings, match):
   with pytest.raises(ValueError, match=match):
     SamplingConfig(image=settings).check()
+
+
+def test_fast_and_bisected_top_k_agree_on_mixed_rows_and_ties():
+  rng = np.random.default_rng(3)
+  logits = np.round(rng.normal(size=(6, 300)), 1).astype(np.float32)  # Many ties.
+  logits[1, :250] = -np.inf  # Fewer finite ids than some k below.
+  for ks in ([1, 7, 64, 0, 64, 2], [5, 65, 1, 0, 300, 9]):  # All within the fast width; not.
+    ks = np.array(ks)
+    fast = np.asarray(MASK(logits, ks, np.ones(6)))
+    np.testing.assert_array_equal(fast, np.asarray(MASK_BISECT(logits, ks, np.ones(6))))
+    for row, k in enumerate(ks):
+      want = np.zeros(300, bool)
+      want[np.argsort(-logits[row], kind="stable")[:k if k else 300]] = True
+      np.testing.assert_array_equal(fast[row], want)

@@ -244,9 +244,12 @@ def test_cached_decoding_equals_full_forward(scan):
   seqs = [rng.integers(0, V, size=n) for n in (9, 11, 7)]
   _decode_matches_full(model, seqs, prompt_lens=[3, 6, 1])
   cache = model.init_cache(3, 16)
-  leaves = jax.tree.leaves(cache)
-  want = ((2,) if scan else ()) + (3, 2, 16, 8)  # [B, KVH, L, Dh]
-  assert all(x.shape == want for x in leaves) and len(leaves) == (2 if scan else 4)
+  layer_caches = [cache["layers"]] if scan else cache["layers"]
+  assert len(layer_caches) == (1 if scan else 2)
+  lead = (2,) if scan else ()
+  for c in layer_caches:
+    assert c["k"].shape == lead + (3, 2, 8, 16)  # [B, KVH, Dh, L]: keys transposed
+    assert c["v"].shape == lead + (3, 2, 16, 8)  # [B, KVH, L, Dh]
 
 
 @pytest.mark.parametrize("variant", ["rope2d_codebook", "image_pos"])

@@ -6,8 +6,11 @@ heads):
     `mask=None` means plain causal attention over the sequence.
   * cached decoding: `key_slot <= query_position` (`make_decode_mask`).
 
-KV cache (one layer): a plain dict `{"k": [B, KVH, L, Dh], "v": [B, KVH, L, Dh]}` (`init_kv_cache`),
-head-major so that a decode step reads each head's keys contiguously, with no transpose.
+KV cache (one layer): a plain dict `{"k": [B, KVH, Dh, L], "v": [B, KVH, L, Dh]}` (`init_kv_cache`),
+head-major so that a decode step reads each head's keys contiguously, with no transpose. Keys are
+stored transposed (slots last), so that both attention matmuls of a decode step are plain
+`[.., M, K] x [.., K, N]` products: XLA:CPU runs the `q k^T` form with a transposed right-hand
+side at about half the speed (`python -m vqlm.bench sample` measures the sampler).
 Design: *slot = position*. A token at position p writes its k/v into slot p of its row and attends
 to every slot <= p. Rows are independent, so prompts of different lengths share one batch with
 static shapes: right-pad the prompts, prefill them at positions 0..S-1, and continue each row at its
@@ -49,19 +52,21 @@ def make_decode_mask(positions: jax.Array, cache_len: int) -> jax.Array:
 
 def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                   dtype: DType = jnp.float32) -> KVCache:
-  """Zero cache of one layer: `{"k", "v"}` each `[batch, num_kv_heads, max_len, head_dim]`."""
-  shape = (batch, num_kv_heads, max_len, head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  """Zero cache of one layer: `{"k": [batch, num_kv_heads, head_dim, max_len],
+  "v": [batch, num_kv_heads, max_len, head_dim]}`."""
+  return {"k": jnp.zeros((batch, num_kv_heads, head_dim, max_len), dtype),
+          "v": jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype)}
 
 
 def write_kv_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
   """Writes `k, v[B, S, KVH, Dh]` into slots `positions[B, S]` of each row (a per-row scatter)."""
   rows = jnp.arange(k.shape[0])[:, None]
-  # Advanced indices on axes 0 and 2 put their [B, S] dims first: the update is [B, S, KVH, Dh].
-  new = {"k": cache["k"].at[rows, :, positions].set(k.astype(cache["k"].dtype)),
-         "v": cache["v"].at[rows, :, positions].set(v.astype(cache["v"].dtype))}
-  return {name: layers.constrain(x, ("batch", "kv_heads", "cache_length", "head_dim"))
-          for name, x in new.items()}
+  # Advanced indices on axes 0 and 2 (or 3) put their [B, S] dims first: the update is
+  # [B, S, KVH, Dh].
+  new_k = cache["k"].at[rows, :, :, positions].set(k.astype(cache["k"].dtype))
+  new_v = cache["v"].at[rows, :, positions].set(v.astype(cache["v"].dtype))
+  return {"k": layers.constrain(new_k, ("batch", "kv_heads", "head_dim", "cache_length")),
+          "v": layers.constrain(new_v, ("batch", "kv_heads", "cache_length", "head_dim"))}
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
@@ -92,14 +97,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
 
 def attend_head_major(q: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array | None, *,
-                      query_chunks: int = 1) -> jax.Array:
+                      query_chunks: int = 1, keys_transposed: bool = False) -> jax.Array:
   """The "xla" attention with keys and values head-major, as the KV cache stores them.
 
-  `q[B, S, N, Dh]`, `kh, vh[B, K, T, Dh]`, `mask[B, 1, S, T]` or None (causal, S == T) ->
-  `[B, S, N, Dh]`; see `dot_product_attention` for `query_chunks`.
+  `q[B, S, N, Dh]`, `kh, vh[B, K, T, Dh]` (`kh[B, K, Dh, T]` with `keys_transposed`),
+  `mask[B, 1, S, T]` or None (causal, S == T) -> `[B, S, N, Dh]`; see `dot_product_attention`
+  for `query_chunks`.
   """
   b, s, n, dh = q.shape
-  kvh, t = kh.shape[1], kh.shape[2]
+  kvh, t = vh.shape[1], vh.shape[2]
   if mask is None and s != t:
     raise ValueError(f"mask=None means causal self-attention; got {s} queries and {t} keys.")
   g = n // kvh
@@ -114,22 +120,27 @@ def attend_head_major(q: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Arra
       chunk_mask = (jnp.arange(start, end)[:, None] >= jnp.arange(keys)[None, :])[None, None]
     else:
       chunk_mask = mask[:, :, start:end, :keys]
-    outs.append(_attend(qh[:, :, :, start:end], kh[:, :, :keys], vh[:, :, :keys], chunk_mask))
+    chunk_keys = kh[..., :keys] if keys_transposed else kh[:, :, :keys]
+    outs.append(_attend(qh[:, :, :, start:end], chunk_keys, vh[:, :, :keys], chunk_mask,
+                        keys_transposed=keys_transposed))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, dh).astype(q.dtype)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """`q[B, K, G, S, Dh]` (pre-scaled), `k, v[B, K, T, Dh]`, `mask[B or 1, 1, S, T]` bool ->
-  `[B, K, G, S, Dh]`; logits and softmax in float32.
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+            keys_transposed: bool = False) -> jax.Array:
+  """`q[B, K, G, S, Dh]` (pre-scaled), `k, v[B, K, T, Dh]` (`k[B, K, Dh, T]` with
+  `keys_transposed`), `mask[B or 1, 1, S, T]` bool -> `[B, K, G, S, Dh]`; logits and softmax in
+  float32.
 
   The G query heads that share a key/value head are merged with the query axis (`[B, K, G*S,
   Dh]`), so that each einsum, forward and backward, is a batched matmul with one contracting
   dimension (two contracting dimensions fall back to a slow dot on CPU).
   """
   b, kvh, g, s, dh = q.shape
-  t = k.shape[2]
-  logits = jnp.einsum("bkqd,bktd->bkqt", q.reshape(b, kvh, g * s, dh), k,
+  t = v.shape[2]
+  logits = jnp.einsum("bkqd,bkdt->bkqt" if keys_transposed else "bkqd,bktd->bkqt",
+                      q.reshape(b, kvh, g * s, dh), k,
                       preferred_element_type=jnp.float32).reshape(b, kvh, g, s, t)
   # An additive bias, not a select: its backward pass is free.
   logits = logits + jnp.where(mask[:, :, None], 0.0, _MASKED).astype(jnp.float32)
@@ -199,9 +210,9 @@ class Attention(nn.Module):
       new_cache = write_kv_cache(cache, k, v, positions)
       kh, vh = (new_cache[name].astype(self.dtype) for name in ("k", "v"))
       if self.attention_impl == "xla":
-        out = attend_head_major(q, kh, vh, mask)
+        out = attend_head_major(q, kh, vh, mask, keys_transposed=True)
       else:
-        out = dot_product_attention(q, kh.transpose(0, 2, 1, 3), vh.transpose(0, 2, 1, 3), mask,
+        out = dot_product_attention(q, kh.transpose(0, 3, 1, 2), vh.transpose(0, 2, 1, 3), mask,
                                     implementation=self.attention_impl)
     else:
       out = dot_product_attention(q, k, v, mask, implementation=self.attention_impl,

@@ -185,8 +185,9 @@ class Transformer(nn.Module):
   def init_cache(self, batch: int, max_len: int, dtype: DType = jnp.float32) -> Cache:
     """The zero KV cache for `batch` rows of up to `max_len` positions.
 
-    Returns `{"layers": per-layer caches}`: a list of `{"k", "v": [B, KVH, L, Dh]}` dicts, or, with
-    `scan_layers`, one dict of `[num_layers, B, KVH, L, Dh]` arrays. With `rope_2d` or
+    Returns `{"layers": per-layer caches}`: a list of `{"k": [B, KVH, Dh, L], "v": [B, KVH, L,
+    Dh]}` dicts (`attention.init_kv_cache`), or, with `scan_layers`, one dict of the same arrays
+    stacked on a leading `num_layers` axis. With `rope_2d` or
     `image_pos_embed` it also holds
     `"image_run": [B, L] int32` (the image-run count at each slot, see `layers.image_run_index`).
     """
@@ -275,7 +276,8 @@ class Transformer(nn.Module):
       sin, cos = layers.rope_1d(positions, head_dim, self.rope_theta)
 
     if decode:
-      cache_len = jax.tree.leaves(cache["layers"])[0].shape[-2]
+      values = cache["layers"]["v"] if self.scan_layers else cache["layers"][0]["v"]
+      cache_len = values.shape[-2]
       mask = attention.make_decode_mask(positions, cache_len)
     elif segment_ids is not None:
       mask = attention.make_attention_mask(segment_ids)

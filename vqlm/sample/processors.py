@@ -9,9 +9,10 @@ top-k-filtered distribution. A row with `temperature <= 0` is greedy (argmax; to
 change it). Masked ids get `-inf`; a processor never unmasks an id that was already `-inf` (the
 modality constraints are applied before the processors).
 
-Speed (one call per decode step): no sort over the vocabulary. The top-k and top-p boundaries are
-found exactly by bisecting the logits' float bits (32 masked counts/sums over `[B, V]`, each stage
-skipped when no row uses it), and a draw is an inverse-CDF lookup with one uniform per row.
+Speed (one call per decode step): no sort over the vocabulary. A top-k of at most `FAST_TOP_K`
+ids is one `lax.top_k`; larger top-k and top-p boundaries are found exactly by bisecting the
+logits' float bits (32 masked counts/sums over `[B, V]`). Each stage is skipped when no row uses
+it, and a draw is an inverse-CDF lookup with one uniform per row.
 """
 from typing import Any
 
@@ -125,18 +126,40 @@ def _take_prefix(key: jax.Array, threshold: jax.Array, weight: jax.Array,
   return jax.lax.cond(ties, with_ties, lambda _: above | at, None)
 
 
-def top_k_mask(logits: jax.Array, top_k: jax.Array) -> jax.Array:
+# top-k up to this many ids takes the fast path: `lax.top_k` of this width (exact, ties towards the
+# lower id) instead of the 32-pass bisection.
+FAST_TOP_K = 64
+
+
+def top_k_mask(logits: jax.Array, top_k: jax.Array, *, fast_top_k: int = FAST_TOP_K
+               ) -> jax.Array:
   """bool `[B, V]`: exactly the `top_k[B]` largest logits per row (ties towards the lower id);
-  `top_k <= 0` keeps all. Exact, by bisecting the k-th largest value (no sort)."""
+  `top_k <= 0` keeps all. Exact either way: when every row keeps at most `fast_top_k` ids (or
+  all), the ids come from one `lax.top_k`; otherwise the k-th largest value is bisected."""
   logits = jnp.asarray(logits, jnp.float32)
-  v = logits.shape[-1]
+  b, v = logits.shape
   k = jnp.asarray(top_k, jnp.int32)
   k = jnp.where(k > 0, jnp.minimum(k, v), v)
-  key = _sortable(logits)
-  kth = _bisect_max(lambda t: jnp.sum(key >= t[:, None], axis=-1) >= k,
-                    key.min(axis=-1), key.max(axis=-1) + 1)
-  above = jnp.sum(key > kth[:, None], axis=-1)
-  return _take_prefix(key, kth, jnp.ones_like(key), (k - above).astype(jnp.int32))
+  width = min(fast_top_k, v)
+
+  def fast():
+    # lax.top_k orders equal values by index, so the first k entries break ties as documented.
+    _, ids = jax.lax.top_k(logits, width)
+    chosen = jnp.arange(width)[None, :] < k[:, None]
+    rows = jnp.arange(b)[:, None]
+    mask = jnp.zeros((b, v), bool).at[rows, ids].set(chosen)
+    return mask | (k >= v)[:, None]
+
+  def bisect():
+    key = _sortable(logits)
+    kth = _bisect_max(lambda t: jnp.sum(key >= t[:, None], axis=-1) >= k,
+                      key.min(axis=-1), key.max(axis=-1) + 1)
+    above = jnp.sum(key > kth[:, None], axis=-1)
+    return _take_prefix(key, kth, jnp.ones_like(key), (k - above).astype(jnp.int32))
+
+  if width <= 0:
+    return bisect()
+  return jax.lax.cond(jnp.all((k <= width) | (k >= v)), fast, bisect)
 
 
 def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -154,18 +177,21 @@ def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
   return _take_prefix(key, boundary, probs, p - above) | (p >= 1.0)[:, None]
 
 
-def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
+                     fast_top_k: int = FAST_TOP_K) -> jax.Array:
   """Which ids survive top-k then top-p: `logits[B, V]` (already tempered) -> bool `[B, V]`.
 
   top-k keeps exactly `k` ids (ties broken towards the lower id), `k = 0` keeps all. top-p then
   keeps, in decreasing order, every id whose preceding mass within the top-k survivors is
-  `< top_p`. Each stage runs only when some row uses it (`lax.cond`).
+  `< top_p`. Each stage runs only when some row uses it (`lax.cond`). `fast_top_k`: see
+  `top_k_mask`.
   """
   logits = jnp.asarray(logits, jnp.float32)
   top_k = jnp.asarray(top_k, jnp.int32)
   top_p = jnp.asarray(top_p, jnp.float32)
   everything = jnp.ones(logits.shape, bool)
-  keep = jax.lax.cond(jnp.any(top_k > 0), lambda: top_k_mask(logits, top_k), lambda: everything)
+  keep = jax.lax.cond(jnp.any(top_k > 0), lambda: top_k_mask(logits, top_k, fast_top_k=fast_top_k),
+                      lambda: everything)
   kept = jnp.where(keep, logits, NEG_INF)
   keep_p = jax.lax.cond(jnp.any(top_p < 1.0), lambda: top_p_mask(kept, top_p),
                         lambda: everything)
