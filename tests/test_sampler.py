@@ -145,6 +145,23 @@ def test_prompts_of_different_lengths_in_one_batch_match_each_alone(sampler):
     assert alone.lengths[0] == batch.lengths[r]
 
 
+@pytest.mark.parametrize("cfg", [None, 2.0])
+def test_image_mode_draws_from_the_code_logits_alone(sampler, cfg):
+  # Without return_logits the loop computes only the codes' logits (a slice of the output
+  # table); with it, the full logits. Both must draw the same tokens from the same seeds.
+  prompts = [[BOS, 2, BOI], [BOS, 4, 5, 6, BOI]]
+  sampling = SamplingConfig(image=Settings(temperature=1.0, top_k=5))
+  kw = dict(max_new_tokens=HW + 1, mode="image", sampling=sampling, seed=3, cfg_scale=cfg)
+  fast = sampler(prompts, **kw)
+  full = sampler(prompts, return_logits=True, **kw)
+  np.testing.assert_array_equal(fast.tokens, full.tokens)
+  assert _is_code(fast.tokens[:, :HW]).all() and (fast.tokens[:, HW] == EOI).all()
+  # Each drawn code is among the 5 most likely codes of the step (top-k over the codes only).
+  code_logits = full.logits[:, :HW, VOCAB.image_offset:VOCAB.size]
+  top5 = np.argsort(-code_logits, axis=-1)[..., :5] + VOCAB.image_offset
+  assert all(fast.tokens[r, t] in top5[r, t] for r in range(2) for t in range(HW))
+
+
 def test_same_seed_same_output_and_rows_do_not_depend_on_neighbours(sampler):
   prompts = [[BOS, 2], [BOS, 4, 5], [BOS, 6]]
   kw = dict(max_new_tokens=20, mode="interleaved")

@@ -325,3 +325,17 @@ def test_codebook_embeddings_are_projected_codebook_rows():
   assert float(jnp.abs(logits_a[0, 1, :OFF] - logits_b[0, 1, :OFF]).max()) > 1e-4
   with pytest.raises(ValueError, match="codebook"):
     model.apply({"params": variables["params"]}, tokens)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_slice_equals_the_slice_of_the_full_logits(tied):
+  model = Transformer(**{**BASE, "tie_embeddings": tied})
+  tokens = _tokens(3, 2, 7)
+  variables = _init(model, tokens)
+  apply = jax.jit(model.apply, static_argnames="logits_slice")
+  full, _ = apply(variables, tokens)
+  part, _ = apply(variables, tokens, logits_slice=(OFF, K))
+  assert part.shape == (2, 7, K) and part.dtype == jnp.float32
+  np.testing.assert_allclose(part, full[..., OFF:OFF + K], rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="inside the vocabulary"):
+    model.apply(variables, tokens, logits_slice=(OFF, V))

@@ -55,8 +55,12 @@ class Dense(nn.Module):
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`[..., *in] -> [..., *features]`."""
+  def __call__(self, x: jax.Array, *, out_slice: tuple[int, int] | None = None) -> jax.Array:
+    """`[..., *in] -> [..., *features]`.
+
+    `out_slice=(start, size)` (one output dimension only): just outputs `[start, start + size)`,
+    computed from that slice of the kernel (e.g. the logits of a range of ids).
+    """
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     in_shape = tuple(x.shape[-self.in_dims:])
     ndim = self.in_dims + len(features)
@@ -71,17 +75,27 @@ class Dense(nn.Module):
     x = jnp.asarray(x, self.dtype)
     kernel = jnp.asarray(kernel, self.dtype)
     lead = x.shape[:x.ndim - self.in_dims]
-    # One 2D matmul (a multi-axis dot_general makes XLA:CPU transpose in the backward pass),
-    # accumulated in float32 (also the fast path of bfloat16 matmuls on CPUs with AVX512-BF16).
-    y = jnp.dot(x.reshape(-1, math.prod(in_shape)), kernel.reshape(math.prod(in_shape), -1),
-                preferred_element_type=jnp.float32).astype(self.dtype)
-    y = y.reshape(lead + features)
+    kernel = kernel.reshape(math.prod(in_shape), -1)
+    bias = None
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros_init(), tuple(self.axes[self.in_dims:])), features,
           self.param_dtype)
-      y = y + jnp.asarray(bias, self.dtype)
-    return y
+      bias = jnp.asarray(bias, self.dtype)
+    if out_slice is not None:
+      start, size = out_slice
+      if len(features) != 1 or start < 0 or size <= 0 or start + size > features[0]:
+        raise ValueError(f"Dense {self.name}: out_slice={out_slice} must be a range inside one "
+                         f"output dimension, got features {features}.")
+      kernel = kernel[:, start:start + size]
+      bias = None if bias is None else bias[start:start + size]
+      features = (size,)
+    # One 2D matmul (a multi-axis dot_general makes XLA:CPU transpose in the backward pass),
+    # accumulated in float32 (also the fast path of bfloat16 matmuls on CPUs with AVX512-BF16).
+    y = jnp.dot(x.reshape(-1, math.prod(in_shape)), kernel,
+                preferred_element_type=jnp.float32).astype(self.dtype)
+    y = y.reshape(lead + features)
+    return y if bias is None else y + bias
 
 
 class Embed(nn.Module):

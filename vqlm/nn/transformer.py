@@ -109,9 +109,13 @@ class TokenEmbed(nn.Module):
     """`ids[B, S]` -> `[B, S, dim]`."""
     return jnp.take(self.table(), ids, axis=0)
 
-  def attend(self, x: jax.Array) -> jax.Array:
-    """`x[B, S, dim]` -> logits `[B, S, vocab_size]` in float32."""
-    return jnp.einsum("bsd,vd->bsv", x, self.table(), preferred_element_type=jnp.float32)
+  def attend(self, x: jax.Array, rows: tuple[int, int] | None = None) -> jax.Array:
+    """`x[B, S, dim]` -> logits `[B, S, vocab_size]` in float32; with `rows=(start, size)` only
+    the logits of ids `[start, start + size)`, `[B, S, size]`."""
+    table = self.table()
+    if rows is not None:
+      table = table[rows[0]:rows[0] + rows[1]]
+    return jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
 
 
 class Transformer(nn.Module):
@@ -206,7 +210,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: Cache | None = None,
-               decode: bool = False) -> tuple[jax.Array, Cache | None]:
+               decode: bool = False, logits_slice: tuple[int, int] | None = None
+               ) -> tuple[jax.Array, Cache | None]:
     """Logits for `tokens[B, S]`.
 
     Args:
@@ -220,11 +225,18 @@ class Transformer(nn.Module):
         are `logits[b, n_b - 1]` for a prompt of n_b tokens), then feed one token per row per
         call at that row's next position (`n_b`, `n_b + 1`, ...). Logits at pad slots are junk.
         Within one call a row's positions must be consecutive.
+      logits_slice: `(start, size)`: only the logits of ids `[start, start + size)` (e.g. the
+        image codes, when a sampler may only draw codes), from that slice of the output table.
     Returns:
-      `(logits [B, S, vocab_size] float32, new cache or None)`.
+      `(logits [B, S, vocab_size] float32 (or [B, S, size]), new cache or None)`.
     """
     self.validate()
     b, s = tokens.shape
+    if logits_slice is not None:
+      start, size = logits_slice
+      if start < 0 or size <= 0 or start + size > self.vocab_size:
+        raise ValueError(f"logits_slice={logits_slice} must lie inside the vocabulary "
+                         f"[0, {self.vocab_size}).")
     if decode and (cache is None or positions is None):
       raise ValueError("decode=True needs `cache=model.init_cache(...)` and explicit `positions`.")
     if cache is not None and not decode:
@@ -311,10 +323,10 @@ class Transformer(nn.Module):
 
     x = layers.RMSNorm(self.norm_eps, name="final_norm", **kw)(x)
     if self.tie_embeddings:
-      logits = embed.attend(x)
+      logits = embed.attend(x, rows=logits_slice)
     else:
       head = layers.Dense(self.vocab_size, axes=("embed", "vocab"), name="head", **kw)
-      logits = head(x).astype(jnp.float32)
+      logits = head(x, out_slice=logits_slice).astype(jnp.float32)
     logits = layers.constrain(logits, layers.ACT_VOCAB)
     return logits, new_cache
 

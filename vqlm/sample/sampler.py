@@ -10,7 +10,10 @@ Static shapes throughout (no recompilation across prompts):
 The loop step feeds each row's last token at its next position, takes the logits, applies
 classifier-free guidance (image positions only), the modality constraints, the per-row
 text/image sampling settings, draws, and advances the constraint machine. Rows that stopped emit
-`<pad>`; the loop exits when every row stopped. Nothing in the loop syncs with the host, so it runs
+`<pad>`; the loop exits when every row stopped. In the "image" and "video" modes every id outside
+an image run is forced, so rows draw from the image codes' logits alone, and (without
+`return_logits`) the model computes only those: a third of the output projection and of the
+top-k work for the demo's vocabulary. Nothing in the loop syncs with the host, so it runs
 unchanged under a mesh (the model's logical sharding constraints apply).
 
 Classifier-free guidance: the conditional rows `[0, B)` and unconditional rows `[B, 2B)` (the
@@ -107,9 +110,16 @@ def _generate(variables, prompt_tokens, prompt_lengths, machine, row_keys, sampl
   def cond(st: SamplerState) -> jax.Array:
     return (st.step < t_max) & ~jnp.all(st.machine.done)
 
+  # In the "image" and "video" modes every id outside an image run is forced, and inside a run
+  # every code is allowed: rows draw from the image codes' logits alone. Without
+  # `return_logits` only those logits are computed (a slice of the output table).
+  codes_only = spec.mode in ("image", "video")
+  codes = (spec.image_offset, spec.image_size)
+  logits_slice = codes if codes_only and not return_logits else None
+
   def body(st: SamplerState) -> SamplerState:
     logits, cache = model.apply(variables, st.feed[:, None], positions=st.positions[:, None],
-                                cache=st.cache, decode=True)
+                                cache=st.cache, decode=True, logits_slice=logits_slice)
     logits = logits[:, 0].astype(jnp.float32)
     m = st.machine
     in_image = m.codes_left > 0
@@ -118,11 +128,15 @@ def _generate(variables, prompt_tokens, prompt_lengths, machine, row_keys, sampl
       guided = uncond_l + cfg_scale * (cond_l - uncond_l)
       logits = jnp.where(in_image[:, None], guided, cond_l)
     forced, klass = cons.forced_and_class(spec, m, t_max - st.step)
-    allowed = cons.allowed_ids(spec, forced, klass)
-    masked = jnp.where(allowed, logits, processors.NEG_INF)
     temperature, top_k, top_p = processors.row_settings(sampling, in_image)
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(st.row_keys, st.step)
-    token = processors.sample(keys, masked, temperature, top_k, top_p)
+    if codes_only:
+      code_logits = logits if logits_slice else logits[:, codes[0]:codes[0] + codes[1]]
+      token = codes[0] + processors.sample(keys, code_logits, temperature, top_k, top_p)
+    else:
+      allowed = cons.allowed_ids(spec, forced, klass)
+      masked = jnp.where(allowed, logits, processors.NEG_INF)
+      token = processors.sample(keys, masked, temperature, top_k, top_p)
     token = jnp.where(forced >= 0, forced, token)
     tokens = jax.lax.dynamic_update_slice(st.tokens, token[:, None], (0, st.step))
     out_logits = st.logits
