@@ -1,8 +1,9 @@
-"""`python -m vqlm.bench <lm|sample|tokenizer|soak> [flags]` (also `vqlm bench ...`)."""
+"""`python -m vqlm.bench <lm|matmul|sample|sweep|tokenizer|soak> [flags]` (also `vqlm bench ...`)."""
 import importlib
 import sys
 
-BENCHMARKS = {"lm": "vqlm.bench.lm", "sample": "vqlm.bench.sample", "sweep": "vqlm.bench.sweep",
+BENCHMARKS = {"lm": "vqlm.bench.lm", "matmul": "vqlm.bench.matmul",
+              "sample": "vqlm.bench.sample", "sweep": "vqlm.bench.sweep",
               "tokenizer": "vqlm.bench.tokenizer", "soak": "vqlm.bench.soak"}
 
 
