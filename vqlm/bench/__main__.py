@@ -1,4 +1,5 @@
-"""`python -m vqlm.bench <lm|matmul|sample|sweep|tokenizer|soak> [flags]` (also `vqlm bench ...`)."""
+"""`python -m vqlm.bench <lm|matmul|sample|sweep|tokenizer|soak> [flags]`
+(also `vqlm bench ...`)."""
 import importlib
 import sys
 

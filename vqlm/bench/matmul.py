@@ -2,9 +2,9 @@
 
 The three matmuls of a dense layer's training step, `x[M, K] @ w[K, N]` (forward), `dy @ w.T`
 (input gradient) and `x.T @ dy` (weight gradient), timed under `jax.jit` (XLA:CPU) and, when
-PyTorch is installed, with `torch` on the same arrays. Blocks of each alternate, after an untimed
-call, and the best block counts. This is where the LM benchmark's gap to PyTorch comes from on CPU
-(`docs/architecture.md`).
+PyTorch is installed, with `torch` on the same arrays: per product, jax's timed blocks then
+torch's, each after an untimed call; the best block counts. This is where the LM benchmark's gap to
+PyTorch comes from on CPU (`docs/architecture.md`).
 """
 import time
 
@@ -14,6 +14,8 @@ import numpy as np
 from vqlm.commands import flags as flag_lib
 
 KINDS = ("forward", "input grad", "weight grad")
+# The products named by KINDS, written once for jax arrays and torch tensors alike.
+PRODUCTS = (lambda x, w, dy: x @ w, lambda x, w, dy: dy @ w.T, lambda x, w, dy: x.T @ dy)
 
 
 def _define(f):
@@ -33,15 +35,6 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
       raise ValueError(f"--shapes item {item!r} must be KxN with positive integers, e.g. 256x768")
     shapes.append((int(parts[0]), int(parts[1])))
   return shapes
-
-
-def _jax_fns():
-  return (jax.jit(lambda x, w, dy: x @ w), jax.jit(lambda x, w, dy: dy @ w.T),
-          jax.jit(lambda x, w, dy: x.T @ dy))
-
-
-def _torch_fns():
-  return (lambda x, w, dy: x @ w, lambda x, w, dy: dy @ w.T, lambda x, w, dy: x.T @ dy)
 
 
 def _best_ms(fn, args, calls: int, blocks: int, sync) -> float:
@@ -68,14 +61,16 @@ def run(*, tokens: int, shapes: list[tuple[int, int]], calls: int, blocks: int,
     except ImportError:
       print("torch baseline skipped: install the bench extra (pip install -e '.[bench]')")
   rng = np.random.default_rng(0)
+  jitted = [jax.jit(product) for product in PRODUCTS]
   rows = []
   for k, n in shapes:
     arrays = [rng.standard_normal(s, dtype=np.float32) for s in ((tokens, k), (k, n), (tokens, n))]
     jax_args = [jax.device_put(a) for a in arrays]
     torch_args = [torch.from_numpy(a) for a in arrays] if torch else None
-    for kind, jfn, tfn in zip(KINDS, _jax_fns(), _torch_fns()):
-      jax_ms = _best_ms(jfn, jax_args, calls, blocks, jax.block_until_ready)
-      torch_ms = _best_ms(tfn, torch_args, calls, blocks, lambda out: out) if torch else None
+    for kind, product, jax_product in zip(KINDS, PRODUCTS, jitted):
+      jax_ms = _best_ms(jax_product, jax_args, calls, blocks, jax.block_until_ready)
+      torch_ms = (_best_ms(product, torch_args, calls, blocks, lambda out: out) if torch
+                  else None)
       rows.append({"shape": (tokens, k, n), "kind": kind, "jax_ms": jax_ms, "torch_ms": torch_ms})
   return rows
 
@@ -88,9 +83,8 @@ def main(argv: list[str]) -> int:
   print(f"{'M x K x N':>18} | {'matmul':>11} | {'jax ms':>8} | {'torch ms':>8} | jax / torch speed")
   for r in rows:
     shape = "x".join(map(str, r["shape"]))
-    if r["torch_ms"] is None:
-      print(f"{shape:>18} | {r['kind']:>11} | {r['jax_ms']:8.3f} | {'-':>8} | -")
-    else:
-      print(f"{shape:>18} | {r['kind']:>11} | {r['jax_ms']:8.3f} | {r['torch_ms']:8.3f} | "
-            f"{r['torch_ms'] / r['jax_ms']:.2f}")
+    torch_ms, speed = "-", "-"
+    if r["torch_ms"] is not None:
+      torch_ms, speed = f"{r['torch_ms']:.3f}", f"{r['torch_ms'] / r['jax_ms']:.2f}"
+    print(f"{shape:>18} | {r['kind']:>11} | {r['jax_ms']:8.3f} | {torch_ms:>8} | {speed}")
   return 0
