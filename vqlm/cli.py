@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   from absl import flags
+  from vqlm import host_memory
+  try:
+    host_memory.reuse_host_memory()  # before JAX starts its CPU threads
+  except ValueError as e:
+    print(f"vqlm: error: {e}", file=sys.stderr)
+    return 2
   _quiet_libraries()
   module = importlib.import_module(COMMANDS[command])
   try:
