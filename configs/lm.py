@@ -28,9 +28,11 @@ SIZES = {
     "small": dict(dim=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=768, qk_norm=False,
                   tie_embeddings=True, lr=2e-3, steps=4000, batch_size=32, seq_len=96,
                   scan_layers=False, remat_policy="none", mesh=dict()),
+    # Unrolled: data-parallel by default, so scan buys only compile time (25 s on CPU either
+    # way) and costs 12% of the step on CPU (docs/architecture.md).
     "base": dict(dim=768, num_layers=12, num_heads=12, num_kv_heads=12, mlp_dim=2048,
                  qk_norm=True, tie_embeddings=True, lr=6e-4, steps=200_000, batch_size=256,
-                 seq_len=2048, scan_layers=True, remat_policy="dots_with_no_batch_dims",
+                 seq_len=2048, scan_layers=False, remat_policy="dots_with_no_batch_dims",
                  mesh=dict()),
     "large": dict(dim=1024, num_layers=24, num_heads=16, num_kv_heads=16, mlp_dim=2816,
                   qk_norm=True, tie_embeddings=True, lr=3e-4, steps=300_000, batch_size=512,

@@ -33,7 +33,7 @@ def test_unknown_host_malloc_mode(capsys, monkeypatch):
   monkeypatch.setenv("VQLM_HOST_MALLOC", "tcmalloc")
   code, _, err = _main(capsys, "info", "--config", "configs/lm.py:size=tiny")
   assert code == 2
-  assert "VQLM_HOST_MALLOC='tcmalloc'; use 'reuse'" in _one_error_line(err)
+  assert "VQLM_HOST_MALLOC='tcmalloc'; use 'auto'" in _one_error_line(err)
 
 
 def test_unknown_config_argument_lists_valid_ones(capsys, tmp_path):

@@ -42,7 +42,7 @@ def _probe(mode: str) -> dict:
 @pytest.mark.skipif(not _glibc, reason="the settings are glibc's mallopt")
 def test_reuse_removes_the_page_faults_of_large_temporaries():
   system = _probe("system")
-  reuse = _probe("reuse")
+  reuse = _probe("auto")  # JAX_PLATFORMS=cpu
   assert system["applied"] is False and reuse["applied"] is True
   # glibc's defaults map the temporaries afresh on every call: over 64 MiB of 4 KiB pages
   # (about 18.8k faults here); reused, they fault in once (0 per call here).
@@ -52,7 +52,7 @@ def test_reuse_removes_the_page_faults_of_large_temporaries():
 
 def test_unknown_mode_is_a_one_line_error(monkeypatch):
   monkeypatch.setenv(host_memory.ENV_VAR, "jemalloc")
-  with pytest.raises(ValueError, match="VQLM_HOST_MALLOC='jemalloc'; use 'reuse'"):
+  with pytest.raises(ValueError, match="VQLM_HOST_MALLOC='jemalloc'; use 'auto'"):
     host_memory.reuse_host_memory()
 
 
@@ -60,4 +60,17 @@ def test_system_mode_changes_nothing(monkeypatch):
   monkeypatch.setenv(host_memory.ENV_VAR, "system")
   assert host_memory.reuse_host_memory() is False
   monkeypatch.setenv(host_memory.ENV_VAR, "")
-  assert host_memory.mode() == "reuse"
+  assert host_memory.mode() == "auto"
+
+
+def test_auto_mode_leaves_accelerator_processes_alone(monkeypatch):
+  monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+  assert not host_memory.computes_on_cpu()
+  assert host_memory.reuse_host_memory() is False
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert host_memory.computes_on_cpu()
+  monkeypatch.setenv(host_memory.ENV_VAR, "reuse")
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  assert not host_memory.computes_on_cpu()
+  assert host_memory.reuse_host_memory() is (sys.platform.startswith("linux") and bool(_glibc))

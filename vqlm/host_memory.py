@@ -17,32 +17,54 @@ vqlm as a library calls it first thing:
     host_memory.reuse_host_memory()   # before the first JAX computation or jax.devices()
 
 It must run before XLA creates its CPU worker threads: a thread that already has its own malloc
-arena keeps it. Set `VQLM_HOST_MALLOC=system` to keep glibc's defaults. On platforms other than
-Linux with glibc it does nothing and returns False.
+arena keeps it. `VQLM_HOST_MALLOC` chooses: `auto` (the default) applies the settings when JAX
+will compute on the CPU (`JAX_PLATFORMS` starts with `cpu`, or no GPU/TPU plugin is installed),
+since accelerator buffers never go through malloc; `reuse` always applies them; `system` keeps
+glibc's defaults. On platforms other than Linux with glibc it does nothing and returns False.
+
+Measured on 2 cores: the `small` step runs 1.16-1.18x faster (`python -m vqlm.bench lm`, three
+pairs of runs). The `base` step (8 x 256, float32) does not gain: 9.5 s instead of 9.1 s in one
+pair of runs, still 183k faults per step instead of 914k, and its peak resident memory grows
+from 5.7 to 12.9 GB, since the heap keeps every block it ever held.
 """
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
 import sys
 
 ENV_VAR = "VQLM_HOST_MALLOC"
-MODES = ("reuse", "system")
+MODES = ("auto", "reuse", "system")
+# Python packages that give JAX a GPU or TPU backend besides the `jax_plugins` entry points.
+_ACCELERATOR_PACKAGES = ("libtpu",)
 
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1   # free memory at the top of the heap kept before returning it to the OS
 _M_MMAP_MAX = -4         # how many blocks may be served by mmap; 0 = none
 _M_ARENA_MAX = -8        # malloc arenas; 1 = every thread uses the main, brk-grown heap
-_KEEP_BYTES = 2**31 - 1  # mallopt takes an int
+_KEEP_BYTES = -1  # an int; glibc reads it as size_t: SIZE_MAX, never trim
 
 _applied = False
 
 
 def mode() -> str:
-  """The requested mode from `VQLM_HOST_MALLOC` ("reuse" unless set); ValueError if unknown."""
-  value = os.environ.get(ENV_VAR, "reuse").strip().lower() or "reuse"
+  """The requested mode from `VQLM_HOST_MALLOC` ("auto" unless set); ValueError if unknown."""
+  value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
   if value not in MODES:
-    raise ValueError(f"{ENV_VAR}={value!r}; use 'reuse' (keep freed host memory for the next "
-                     "step) or 'system' (glibc's defaults).")
+    raise ValueError(f"{ENV_VAR}={value!r}; use 'auto' (keep freed host memory when JAX runs on "
+                     "the CPU), 'reuse' (always) or 'system' (glibc's defaults).")
   return value
+
+
+def computes_on_cpu() -> bool:
+  """Whether JAX will compute on the CPU, judged without starting it: `JAX_PLATFORMS` if set,
+  else whether a GPU/TPU plugin (`jax_plugins` entry point or libtpu) is installed."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return False
+  return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PACKAGES)
 
 
 def reuse_host_memory() -> bool:
@@ -50,11 +72,14 @@ def reuse_host_memory() -> bool:
 
   Sets `M_ARENA_MAX=1` (in a per-thread arena a block over 64 MiB must be mmapped),
   `M_MMAP_MAX=0` and a 2 GiB `M_TRIM_THRESHOLD`. Idempotent. Returns True when the settings are
-  in effect, False when `VQLM_HOST_MALLOC=system` (settings made by an earlier call stay) or
-  the C library is not glibc.
+  in effect; False when `VQLM_HOST_MALLOC=system`, or `auto` and JAX will use an accelerator
+  (settings made by an earlier call stay), or the C library is not glibc.
   """
   global _applied
-  if mode() == "system" or not sys.platform.startswith("linux"):
+  requested = mode()
+  if requested == "system" or not sys.platform.startswith("linux"):
+    return False
+  if requested == "auto" and not computes_on_cpu():
     return False
   if _applied:
     return True
