@@ -24,11 +24,13 @@ _PROBE = textwrap.dedent("""
     step = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(jnp.tanh(x @ w[0]) @ w[1]))))
     for _ in range(5):
       jax.block_until_ready(step(w, x))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    faults = []
+    for _ in range(8):
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       jax.block_until_ready(step(w, x))
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-    print(json.dumps({"applied": applied, "faults": faults}))
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    # The fewest of 8 calls: a call now and then may find its block not yet freed by the last.
+    print(json.dumps({"applied": applied, "faults": min(faults)}))
 """)
 
 
@@ -45,9 +47,9 @@ def test_reuse_removes_the_page_faults_of_large_temporaries():
   reuse = _probe("auto")  # JAX_PLATFORMS=cpu
   assert system["applied"] is False and reuse["applied"] is True
   # glibc's defaults map the temporaries afresh on every call: over 64 MiB of 4 KiB pages
-  # (about 18.8k faults here); reused, they fault in once (0 per call here).
+  # (about 18k faults here); reused, they fault in once (0 per call here).
   assert system["faults"] > 10_000, system
-  assert reuse["faults"] < system["faults"] / 4, (reuse, system)
+  assert reuse["faults"] < system["faults"] / 10, (reuse, system)
 
 
 def test_unknown_mode_is_a_one_line_error(monkeypatch):
