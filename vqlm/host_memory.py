@@ -7,8 +7,8 @@ with `munmap` when the step ends, so every step page-faults the whole buffer in 
 minor faults and about 18% of the step's time on this 2-core machine, spent in the kernel.
 `reuse_host_memory()` makes malloc take such blocks from its heap and keep them when freed, so
 the next step reuses the same pages (0 faults per step; `python -m vqlm.bench lm` measures the
-effect on the training step). The cost is that the process's resident memory stays at its peak
-instead of shrinking after each step, which is what a training or sampling process wants anyway.
+effect on the training step). The cost is resident memory: the heap keeps every block it held,
+and for large steps its fragmentation can raise the peak well above the live data (below).
 
 The `vqlm` command and `python -m vqlm.bench` call it before JAX starts; a script that imports
 vqlm as a library calls it first thing:
@@ -42,7 +42,7 @@ _ACCELERATOR_PACKAGES = ("libtpu",)
 _M_TRIM_THRESHOLD = -1   # free memory at the top of the heap kept before returning it to the OS
 _M_MMAP_MAX = -4         # how many blocks may be served by mmap; 0 = none
 _M_ARENA_MAX = -8        # malloc arenas; 1 = every thread uses the main, brk-grown heap
-_KEEP_BYTES = -1  # an int; glibc reads it as size_t: SIZE_MAX, never trim
+_KEEP_BYTES = -1         # mallopt takes an int; glibc reads -1 as SIZE_MAX: never trim
 
 _applied = False
 
@@ -71,7 +71,7 @@ def reuse_host_memory() -> bool:
   """Makes glibc's malloc serve every block from one heap and keep freed memory for reuse.
 
   Sets `M_ARENA_MAX=1` (in a per-thread arena a block over 64 MiB must be mmapped),
-  `M_MMAP_MAX=0` and a 2 GiB `M_TRIM_THRESHOLD`. Idempotent. Returns True when the settings are
+  `M_MMAP_MAX=0` and an unlimited `M_TRIM_THRESHOLD` (never trim). Idempotent. Returns True when the settings are
   in effect; False when `VQLM_HOST_MALLOC=system`, or `auto` and JAX will use an accelerator
   (settings made by an earlier call stay), or the C library is not glibc.
   """
