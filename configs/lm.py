@@ -11,8 +11,10 @@ Arguments (`key=value,...`):
 
 `config.model` holds the Transformer kwargs except those that come from the run's Vocab and image
 tokenizer at run time: vocab_size, image_offset, image_size, grid and codebook_dim (the width of
-the tokenizer's codebook, `config.data.codebook_dim`, used with image_embed_init="codebook"). The parameter
-counts above assume the vocabulary sizes of `NOMINAL_VOCAB` (`vqlm.nn.transformer.count_params`).
+the tokenizer's codebook, `config.data.codebook_dim`, used with image_embed_init="codebook").
+With image_embed_init="levels" (FSQ tokenizers: each code's row is a sum of per-channel level
+embeddings), an empty `model.code_levels` is filled from the tokenizer run. The parameter counts
+above assume the vocabulary sizes of `NOMINAL_VOCAB` (`vqlm.nn.transformer.count_params`).
 """
 from configs.common import choose, mesh_config, parse_arg
 import ml_collections
@@ -83,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_kv_heads=s["num_kv_heads"], head_dim=0,  # 0: dim // num_heads
       mlp_dim=s["mlp_dim"], qk_norm=s["qk_norm"], tie_embeddings=s["tie_embeddings"],
       rope_theta=10_000.0, rope_2d=False, image_pos_embed=False, image_embed_init="learned",
-      scan_layers=s["scan_layers"], remat_policy=remat, norm_eps=1e-6,
+      code_levels=(), scan_layers=s["scan_layers"], remat_policy=remat, norm_eps=1e-6,
       dtype=dtype, param_dtype="float32", attention_impl="xla",
       query_chunks=s.get("query_chunks", 8),
   )

@@ -150,6 +150,27 @@ def test_lm_refuses_a_different_tokenizer(tiny, tmp_path):
     LMRun(other).tokenizer_run()
 
 
+def test_level_embeddings_take_the_fsq_levels_of_the_tokenizer(tiny, tmp_path, capsys):
+  from vqlm.train.lm_stage import LMRun
+  lm = str(tmp_path / "lm")
+  args = ["vqlm", "train", "--config", "configs/lm.py:size=tiny",
+          f"--config.data.codes={tiny['codes']}", "--workdir", lm, "--progress=false",
+          "--config.model.image_embed_init=levels", "--config.train.steps=4"]
+  # The tiny tokenizer is a VQ: there are no levels to take.
+  assert cli.main(args) == 2
+  assert "needs an FSQ image tokenizer" in _one_error_line(capsys.readouterr().err)
+  # The same codes read as an FSQ tokenizer's with levels (4, 8) (32 codes).
+  fsq = str(tmp_path / "tok")
+  shutil.copytree(tiny["tok"], fsq)
+  tok_config = runs.load_config(fsq)
+  tok_config.model.bottleneck = {"kind": "fsq", "latent_dim": 8, "levels": (4, 8)}
+  runs.save_config(fsq, tok_config)
+  assert cli.main(args + [f"--config.data.tokenizer={fsq}"]) == 0
+  run = LMRun(lm)
+  assert tuple(run.model.code_levels) == (4, 8) and run.model.image_embed_init == "levels"
+  assert run.params["embed"]["level_embedding"].shape == (12, run.model.dim)
+
+
 def test_lm_refuses_a_vocab_that_does_not_match_the_data(tiny, tmp_path):
   from configs.lm import get_config
   from vqlm.train import lm_stage

@@ -99,6 +99,7 @@ VARIANTS = {
     "rope2d_codebook": dict(image_offset=OFF, image_size=K, grid=GRID, rope_2d=True,
                             image_embed_init="codebook", codebook_dim=6),
     "image_pos": dict(image_offset=OFF, image_size=K, grid=GRID, image_pos_embed=True),
+    "levels": dict(image_offset=OFF, image_size=K, image_embed_init="levels", code_levels=(5, 3, 2)),
 }
 
 
@@ -150,6 +151,9 @@ def test_invalid_settings_raise_value_error():
       (dict(BASE, rope_2d=True), "rope_2d needs"),
       (dict(BASE, image_embed_init="codebook"), "codebook_dim"),
       (dict(BASE, image_embed_init="random"), "image_embed_init"),
+      (dict(BASE, image_offset=OFF, image_size=K, image_embed_init="levels", code_levels=(4, 8)),
+       "product is image_size=30"),
+      (dict(BASE, image_offset=OFF, image_size=K, image_embed_init="levels"), "code_levels"),
       (dict(BASE, remat_policy="some"), "remat_policy"),
       (dict(BASE, attention_impl="flash"), "attention_impl"),
       (dict(BASE, image_offset=90, image_size=30), "inside the vocabulary"),
@@ -325,6 +329,32 @@ def test_codebook_embeddings_are_projected_codebook_rows():
   assert float(jnp.abs(logits_a[0, 1, :OFF] - logits_b[0, 1, :OFF]).max()) > 1e-4
   with pytest.raises(ValueError, match="codebook"):
     model.apply({"params": variables["params"]}, tokens)
+
+
+def test_level_embeddings_sum_one_vector_per_channel_digit():
+  levels = (5, 3, 2)
+  model = Transformer(**BASE, **VARIANTS["levels"])
+  codes = np.array([0, 1, 7, 29])  # digits (0,0,0) (1,0,0) (2,1,0) (4,2,1)
+  tokens = jnp.array([[1, *(OFF + codes), V - 1]])
+  params = nn.meta.unbox(_init(model, tokens)["params"])
+  learned, table = params["embed"]["embedding"], params["embed"]["level_embedding"]
+  assert learned.shape == (V - K, 32) and table.shape == (sum(levels), 32)
+  rows = TokenEmbed(V, 32, image_offset=OFF, image_size=K, code_levels=levels).apply(
+      {"params": params["embed"]}, tokens)[0]
+  np.testing.assert_allclose(rows[0], learned[1], atol=1e-6)
+  np.testing.assert_allclose(rows[-1], learned[V - 1 - K], atol=1e-6)
+  for row, code in zip(rows[1:-1], codes):
+    digits = (code % 5, code // 5 % 3, code // 15 % 2)
+    want = table[digits[0]] + table[5 + digits[1]] + table[8 + digits[2]]
+    np.testing.assert_allclose(row, want, atol=1e-5)
+  # Tied head: image logits add up over channels, so swapping one channel's digit between two
+  # codes moves the logits by the same amount: l(a0,b1) + l(b0,a1) == l(a0,a1) + l(b0,b1).
+  logits, _ = _apply(model)({"params": params}, tokens)
+  image = np.asarray(logits[0, :, OFF:OFF + K])
+  code = lambda d0, d1, d2: d0 + 5 * d1 + 15 * d2
+  np.testing.assert_allclose(image[:, code(1, 2, 0)] + image[:, code(3, 0, 1)],
+                             image[:, code(1, 0, 1)] + image[:, code(3, 2, 0)], atol=1e-4)
+  assert np.abs(image[:, code(1, 2, 0)] - image[:, code(3, 0, 1)]).max() > 1e-3
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -6,10 +6,11 @@ scanning the layers (`nn.scan`, params stacked on a leading "layers" axis) and r
 `vqlm.nn.attention` for the slot = position design).
 
 Image tokens are ids in `[image_offset, image_offset + image_size)`. Their embeddings are either
-learned rows of the table (`image_embed_init="learned"`) or a learned projection of the image
-tokenizer's fixed codebook (`"codebook"`): the codebook `[image_size, codebook_dim]` is not a
-parameter but the variable collection `"codebook"` (`{"embed": {"vectors": ...}}`), passed to
-`apply` next to the params. With `rope_2d`, image tokens get 2D rotary positions (row, col of the
+learned rows of the table (`image_embed_init="learned"`), a learned projection of the image
+tokenizer's fixed codebook (`"codebook"`), or, for FSQ codes, sums of learned per-channel level
+embeddings (`"levels"`, with `code_levels` the FSQ levels). The codebook
+`[image_size, codebook_dim]` is not a parameter but the variable collection `"codebook"`
+(`{"embed": {"vectors": ...}}`), passed to `apply` next to the params. With `rope_2d`, image tokens get 2D rotary positions (row, col of the
 `grid`) and other tokens 1D positions (`layers.image_rows_cols`).
 """
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vqlm.nn import attention
 from vqlm.nn import layers
@@ -33,7 +35,7 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "everything": jax.checkpoint_policies.everything_saveable,
 }
-IMAGE_EMBED_INITS = ("learned", "codebook")
+IMAGE_EMBED_INITS = ("learned", "codebook", "levels")
 
 
 class Block(nn.Module):
@@ -69,18 +71,39 @@ class Block(nn.Module):
     return x, new_cache
 
 
+def level_one_hot(levels: Sequence[int]) -> np.ndarray:
+  """`[prod(levels), sum(levels)]` float32: row k is one-hot in each channel's block at k's digit
+  (`d_c = (k // prod(levels[:c])) % levels[c]`, the FSQ index layout)."""
+  levels = np.asarray(levels, np.int64)
+  basis = np.concatenate([[1], np.cumprod(levels[:-1])])
+  offsets = np.concatenate([[0], np.cumsum(levels[:-1])])
+  k = np.arange(int(np.prod(levels)))
+  out = np.zeros((k.size, int(levels.sum())), np.float32)
+  for c in range(levels.size):
+    out[k, offsets[c] + (k // basis[c]) % levels[c]] = 1.0
+  return out
+
+
 class TokenEmbed(nn.Module):
   """The unified embedding table `[vocab_size, dim]`, tied output projection via `attend`.
 
   With `codebook_dim > 0`, rows `[image_offset, image_offset + image_size)` are
   `codebook @ codebook_proj` (learned `[codebook_dim, dim]` projection of the fixed codebook
   variable) and the learned `embedding` holds only the other `vocab_size - image_size` rows.
+
+  With `code_levels` (FSQ levels `(L_0, ..., L_{n-1})`, `prod == image_size`), image code `k` has
+  digits `d_c = (k // prod(L_0..L_{c-1})) % L_c` (the FSQ index layout) and its row is
+  `sum_c level_embedding[offset_c + d_c]`, from a learned `[sum(L), dim]` table. Codes that share
+  a channel value share that part of their row, and with the tied head the image logits are
+  sums of per-channel logits: `softmax` over codes factors into one distribution per channel.
+  A code never seen in training still gets a trained row when its digits were seen.
   """
   vocab_size: int
   dim: int
   image_offset: int = 0
   image_size: int = 0
   codebook_dim: int = 0
+  code_levels: Sequence[int] = ()
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -88,10 +111,18 @@ class TokenEmbed(nn.Module):
   def table(self) -> jax.Array:
     """The full `[vocab_size, dim]` table in `dtype`."""
     init = nn.initializers.normal(stddev=1.0 / math.sqrt(self.dim))
-    learned_rows = self.vocab_size - (self.image_size if self.codebook_dim else 0)
+    derived = bool(self.codebook_dim or self.code_levels)
+    learned_rows = self.vocab_size - (self.image_size if derived else 0)
     emb = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
                      (learned_rows, self.dim), self.param_dtype)
     emb = jnp.asarray(emb, self.dtype)
+    if self.code_levels:
+      levels = self.param("level_embedding", nn.with_logical_partitioning(init, (None, "embed")),
+                          (sum(self.code_levels), self.dim), self.param_dtype)
+      image_rows = jnp.asarray(level_one_hot(self.code_levels), self.dtype) @ jnp.asarray(
+          levels, self.dtype)
+      off = self.image_offset
+      return jnp.concatenate([emb[:off], image_rows, emb[off:]], axis=0)
     if not self.codebook_dim:
       return emb
     if not self.is_initializing() and not self.has_variable("codebook", "vectors"):
@@ -134,7 +165,8 @@ class Transformer(nn.Module):
       (as DALL-E's row/column embeddings): the k-th code of an image gets row k, so the model
       reads where in the grid it is drawing without deriving it from relative positions.
     image_offset, image_size, grid: where image ids start, how many there are, `(h, w)` per image.
-    image_embed_init: "learned" | "codebook" (then codebook_dim is the codebook's width).
+    image_embed_init: "learned" | "codebook" (then codebook_dim is the codebook's width) |
+      "levels" (FSQ codes; code_levels are the tokenizer's levels, prod == image_size).
     scan_layers: `nn.scan` over the blocks (params and cache stacked on a leading layer axis).
     remat_policy: one of REMAT_POLICIES ("none", "full", "dots", "dots_with_no_batch_dims", ...).
     norm_eps: RMSNorm epsilon.
@@ -160,6 +192,7 @@ class Transformer(nn.Module):
   grid: Sequence[int] | None = None
   image_embed_init: str = "learned"
   codebook_dim: int = 0
+  code_levels: Sequence[int] = ()
   scan_layers: bool = False
   remat_policy: str = "none"
   norm_eps: float = 1e-6
@@ -253,6 +286,8 @@ class Transformer(nn.Module):
     embed = TokenEmbed(self.vocab_size, self.dim, image_offset=self.image_offset,
                        image_size=self.image_size,
                        codebook_dim=self.codebook_dim if self.image_embed_init == "codebook" else 0,
+                       code_levels=(tuple(self.code_levels)
+                                    if self.image_embed_init == "levels" else ()),
                        name="embed", **kw)
     x = layers.constrain(embed(tokens), layers.ACT_EMBED)
 
@@ -333,15 +368,15 @@ class Transformer(nn.Module):
 
 _FIELDS = ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim", "num_kv_heads", "head_dim",
            "qk_norm", "tie_embeddings", "rope_theta", "rope_2d", "image_pos_embed", "image_offset",
-           "image_size",
-           "grid", "image_embed_init", "codebook_dim", "scan_layers", "remat_policy", "norm_eps",
+           "image_size", "grid", "image_embed_init", "codebook_dim", "code_levels", "scan_layers",
+           "remat_policy", "norm_eps",
            "dtype", "param_dtype", "attention_impl", "query_chunks")
 
 
 def _validate(*, vocab_size, dim, num_layers, num_heads, mlp_dim, num_kv_heads=None,
               head_dim=None, rope_2d=False, image_pos_embed=False, image_offset=0, image_size=0,
               grid=None,
-              image_embed_init="learned", codebook_dim=0, remat_policy="none",
+              image_embed_init="learned", codebook_dim=0, code_levels=(), remat_policy="none",
               attention_impl="xla", query_chunks=1, **unused) -> None:
   del unused
   for name, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers),
@@ -370,6 +405,12 @@ def _validate(*, vocab_size, dim, num_layers, num_heads, mlp_dim, num_kv_heads=N
   if image_embed_init == "codebook" and (codebook_dim <= 0 or image_size <= 0):
     raise ValueError("image_embed_init='codebook' needs image_size > 0 and codebook_dim > 0 (the "
                      "image tokenizer's codebook width).")
+  if image_embed_init == "levels":
+    levels = tuple(int(l) for l in code_levels)
+    if not levels or min(levels) < 2 or math.prod(levels) != image_size:
+      raise ValueError(f"image_embed_init='levels' needs code_levels (the FSQ levels, each >= 2) "
+                       f"whose product is image_size={image_size}, got {levels}; it applies to "
+                       "FSQ image tokenizers only.")
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f"remat_policy={remat_policy!r}; use one of {tuple(REMAT_POLICIES)}.")
   if int(query_chunks) < 1:
@@ -397,6 +438,8 @@ def count_params(**model_kwargs: Any) -> int:
   total = model_kwargs["num_layers"] * block + d  # blocks + final norm
   if model_kwargs.get("image_embed_init", "learned") == "codebook":
     total += (v - model_kwargs["image_size"]) * d + model_kwargs["codebook_dim"] * d
+  elif model_kwargs.get("image_embed_init", "learned") == "levels":
+    total += (v - model_kwargs["image_size"]) * d + sum(model_kwargs["code_levels"]) * d
   else:
     total += v * d
   if not model_kwargs.get("tie_embeddings", True):

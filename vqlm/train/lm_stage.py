@@ -177,7 +177,25 @@ def _resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if not config.data.tokenizer:
     config.data.tokenizer = manifest["tokenizer_run"]
   config.data.tokenizer = os.path.abspath(config.data.tokenizer)
+  if config.model.get("image_embed_init") == "levels":
+    config.model.code_levels = tokenizer_levels(config.data.tokenizer,
+                                                tuple(config.model.get("code_levels", ())))
   return config
+
+
+def tokenizer_levels(tokenizer_dir: str, given: tuple[int, ...] = ()) -> tuple[int, ...]:
+  """The FSQ levels of the image tokenizer run in `tokenizer_dir` (for image_embed_init="levels");
+  `given` levels must match them."""
+  bottleneck = runs.load_config(tokenizer_dir).model.bottleneck
+  if bottleneck.get("kind") != "fsq":
+    raise ValueError(f"image_embed_init='levels' needs an FSQ image tokenizer, but {tokenizer_dir} "
+                     f"uses '{bottleneck.get('kind')}'; use image_embed_init='learned' or train "
+                     "the tokenizer with bottleneck=fsq")
+  levels = tuple(int(l) for l in bottleneck.levels)
+  if given and tuple(int(l) for l in given) != levels:
+    raise ValueError(f"config.model.code_levels={tuple(given)} but the tokenizer {tokenizer_dir} "
+                     f"has FSQ levels {levels}; leave code_levels empty to take the tokenizer's")
+  return levels
 
 
 def make_eval_hook(trainer: loop.Trainer, config, vocab: Vocab, text_model: str):
