@@ -7,6 +7,8 @@ Arguments (`key=value,...`):
               base / large (256x256 on accelerators) | dalle (256x256 -> 32x32 grid, 8192 codes)
   data        shapes | digits | photos | mnist | cifar10 | imagenet2012 | coco_captions | folder
   bottleneck  vq | fsq | gaussian | identity
+  encoder     conv (ResNet, each code sees a wide context) | patch (each code a function of its own
+              patch only: `vqlm.nn.autoencoder.PatchEncoder`)
   gan         add the PatchGAN discriminator (VQ-GAN); on by default for base/large/dalle
   image_size  override the size's default resolution
 """
@@ -52,8 +54,8 @@ def bottleneck_config(kind: str, s: dict) -> dict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, size="small", data="shapes", bottleneck="vq", gan=False, image_size=0,
-                  runlocal=False)
+  arg = parse_arg(arg, size="small", data="shapes", bottleneck="vq", encoder="conv", gan=False,
+                  image_size=0, runlocal=False)
   s = choose("size", arg.size, SIZES)
   if arg.data not in DATA:
     raise ValueError(f"unknown dataset '{arg.data}'; valid: {', '.join(DATA)}")
@@ -74,8 +76,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   autoencoder = dict(channels=s["channels"], channel_multipliers=s["channel_multipliers"],
                      num_res_blocks=s["num_res_blocks"], attention_at_lowest=s["attention"])
+  encoder = choose("encoder", arg.encoder, {
+      "conv": dict(autoencoder),
+      # Twice the width of the conv encoder's lowest level, 2 residual MLP blocks per patch.
+      "patch": dict(autoencoder, kind="patch", channels=2 * s["channels"], mlp_blocks=2),
+  })
   c.model = dict(
-      encoder=dict(autoencoder, latent_dim=s["latent_dim"]),
+      encoder=dict(encoder, latent_dim=s["latent_dim"]),
       decoder=dict(autoencoder),
       bottleneck=bottleneck_config(arg.bottleneck, s),
   )

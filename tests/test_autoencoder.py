@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqlm.nn.autoencoder import (AttnBlock, Decoder, Encoder, ResBlock, factor_of, num_groups,
-                                 output_conv)
+from vqlm.nn.autoencoder import (AttnBlock, Decoder, Encoder, PatchEncoder, ResBlock, factor_of,
+                                 num_groups, output_conv)
 
 
 def rng_key(seed):
@@ -99,3 +99,21 @@ def test_encoder_real_forward_is_finite_and_input_dependent():
   z1, z2 = enc.apply(variables, x), enc.apply(variables, _images(seed=1))
   assert z1.shape == (2, 8, 8, 4) and np.isfinite(np.asarray(z1)).all()
   assert float(jnp.abs(z1 - z2).max()) > 1e-3
+
+
+def test_patch_encoder_codes_depend_on_their_own_patch_only():
+  enc = PatchEncoder(channels=8, channel_multipliers=(1, 2, 2), latent_dim=5, mlp_blocks=2)
+  assert enc.factor == 4
+  x = _images(b=1, h=16, w=24)
+  variables = enc.init(rng_key(0), x)
+  z = enc.apply(variables, x)
+  assert z.shape == (1, 4, 6, 5)
+  # Change the pixels of patch (1, 2) only: only latent (1, 2) moves.
+  y = x.at[:, 4:8, 8:12].set(-x[:, 4:8, 8:12])
+  moved = np.abs(np.asarray(enc.apply(variables, y) - z)).max(-1)[0]
+  assert moved[1, 2] > 1e-3
+  moved[1, 2] = 0.0
+  np.testing.assert_array_equal(moved, 0.0)
+  # The same patch drawn at another place, in another image, gets the same latent.
+  other = _images(b=1, h=16, w=24, seed=3).at[:, 12:16, 0:4].set(x[:, 4:8, 8:12])
+  np.testing.assert_allclose(enc.apply(variables, other)[0, 3, 0], z[0, 1, 2], atol=1e-5)

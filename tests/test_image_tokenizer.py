@@ -122,6 +122,25 @@ def test_config_errors():
   with pytest.raises(ValueError, match="kind"):
     ImageTokenizer(encoder=ENCODER, bottleneck={"codebook_size": 4}).init(
         rng_key(0), _images())
+  with pytest.raises(ValueError, match="unknown encoder kind 'vit'; valid: conv, patch"):
+    ImageTokenizer(encoder=dict(ENCODER, kind="vit"), bottleneck=BOTTLENECKS["fsq"]).init(
+        rng_key(0), _images())
+
+
+def test_patch_encoder_tokenizer_from_config_round_trips_codes():
+  from configs.common import as_kwargs
+  from configs.tokenizer import get_config
+  config = get_config("size=tiny,encoder=patch,bottleneck=fsq")
+  assert config.model.encoder.kind == "patch" and "kind" not in config.model.decoder
+  model = ImageTokenizer(**as_kwargs(config.model))
+  images = _images(size=32)
+  variables = model.init(rng_key(0), images)
+  assert "patch_in" in variables["params"]["enc"]
+  codes = tok.encode(model, variables, images)
+  assert codes.shape == (2, 8, 8)
+  # A code is a function of its own patch: a patch copied elsewhere gets the same code.
+  moved = images.at[:, 28:32, 28:32].set(images[:, 0:4, 0:4])
+  np.testing.assert_array_equal(tok.encode(model, variables, moved)[:, 7, 7], codes[:, 0, 0])
 
 
 def test_decoder_mirrors_encoder_unless_given():

@@ -126,6 +126,46 @@ class Encoder(nn.Module):
     return nn.Conv(self.latent_dim, (1, 1), name="conv_out", **kw)(h)
 
 
+class PatchEncoder(nn.Module):
+  """Images [B,H,W,3] in [-1, 1] -> latents [B,H/f,W/f,latent_dim], each from its own f x f patch.
+
+  A patchify convolution (kernel = stride = f, f = `factor`), then `mlp_blocks` pre-norm residual
+  MLP blocks applied at each position, with LayerNorm over channels only: no spatial mixing and no
+  image-wide statistics (GroupNorm), so a code depends on what is drawn in its patch and on nothing
+  else. The same patch content always gets the same code, wherever it is and whatever surrounds
+  it; the decoder still sees all codes. Same constructor fields as `Encoder` (channels and
+  channel_multipliers set the width `channels * channel_multipliers[-1]` and the factor), plus
+  `mlp_blocks`; `num_res_blocks` and `attention_at_lowest` are not used.
+  """
+  channels: int = 64
+  channel_multipliers: Sequence[int] = (1, 2, 2)
+  num_res_blocks: int = 0
+  attention_at_lowest: bool = False
+  latent_dim: int = 16
+  mlp_blocks: int = 2
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def factor(self) -> int:
+    return factor_of(self.channel_multipliers)
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    f = self.factor
+    width = self.channels * self.channel_multipliers[-1]
+    h = nn.Conv(width, (f, f), strides=(f, f), padding="VALID", name="patch_in", **kw)(images)
+    for i in range(self.mlp_blocks):
+      y = nn.Dense(2 * width, name=f"mlp{i}_in", **kw)(nn.LayerNorm(name=f"mlp{i}_norm", **kw)(h))
+      h = h + nn.Dense(width, name=f"mlp{i}_out", **kw)(nn.swish(y))
+    h = nn.swish(nn.LayerNorm(name="norm_out", **kw)(h))
+    return nn.Dense(self.latent_dim, name="conv_out", **kw)(h)
+
+
+ENCODERS = {"conv": Encoder, "patch": PatchEncoder}
+
+
 class Decoder(nn.Module):
   """Latents [B,h,w,C] -> images [B,h*f,w*f,out_channels] float32 (f = `factor`).
 

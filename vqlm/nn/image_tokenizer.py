@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqlm.nn.autoencoder import Decoder, Encoder, factor_of
+from vqlm.nn.autoencoder import ENCODERS, Decoder, Encoder, factor_of
 from vqlm.nn.bottlenecks import DISCRETE, make_bottleneck
 
 # Where the decoder's last conv lives in the params (adaptive GAN weight).
@@ -25,8 +25,9 @@ class ImageTokenizer(nn.Module):
 
   Attributes:
     encoder: Encoder kwargs (channels, channel_multipliers, num_res_blocks, attention_at_lowest,
-      latent_dim, dtype, param_dtype).
-    decoder: Decoder kwargs; None mirrors the encoder's (without latent_dim).
+      latent_dim, dtype, param_dtype), with an optional "kind": "conv" (`Encoder`, the default)
+      or "patch" (`PatchEncoder`: each code from its own patch only; takes `mlp_blocks`).
+    decoder: Decoder kwargs; None mirrors the encoder's (without latent_dim and mlp_blocks).
     bottleneck: {"kind": ..., **bottleneck kwargs}; "latent_dim" defaults to the encoder's.
   """
   encoder: Mapping[str, Any]
@@ -60,9 +61,12 @@ class ImageTokenizer(nn.Module):
 
   def setup(self):
     enc = dict(self.encoder)
-    self.enc = Encoder(**enc)
+    kind = enc.pop("kind", "conv")
+    if kind not in ENCODERS:
+      raise ValueError(f"unknown encoder kind '{kind}'; valid: {', '.join(ENCODERS)}")
+    self.enc = ENCODERS[kind](**enc)
     dec = dict(self.decoder) if self.decoder is not None else {
-        k: v for k, v in enc.items() if k != "latent_dim"}
+        k: v for k, v in enc.items() if k not in ("latent_dim", "mlp_blocks")}
     self.dec = Decoder(**dec)
     bkw = dict(self.bottleneck)
     kind = bkw.pop("kind", None)
