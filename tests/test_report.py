@@ -124,11 +124,24 @@ def test_full_report(tmp_path):
   assert len(_img_srcs(text)) == 4 + 2 + 4 + 3
   assert "Step 40 (latest)" in text and "Step 20 (first)" in text
   assert "16 code vectors of dimension 4 at 2 points" in text
+  assert "did not move" not in text
   # Prompts escaped, captions marked: 2 of 4 describe the true scene.
   assert "&lt;b&gt;&amp;" in text and "<b>&" not in text
   assert "2 of 4 generated captions" in text
   assert text.count('class="ok"') == 2 and text.count('class="bad"') == 1  # 3 rows shown.
   assert "text perplexity 1.82 (step 4)" in text
+
+
+def test_fixed_codebook_is_said_to_be_fixed(tmp_path):
+  root = _fake_workdir(str(tmp_path))
+  grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 4)] * 2), -1).reshape(16, 2)
+  for step in (20, 40):
+    np.save(os.path.join(root, "tokenizer", "samples", f"codebook_{step:07d}.npy"),
+            grid.astype(np.float32))
+  with open(report.write_report(root), encoding="utf-8") as f:
+    text = f.read()
+  assert "16 code vectors of dimension 2 at 2 points" in text
+  assert "The code words did not move during training" in text
 
 
 def test_prompt_rows_cropped_from_grid(tmp_path):

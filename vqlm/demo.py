@@ -37,6 +37,10 @@ class Preset:
   eval_prompts: int
   images_per_prompt: int
   caption_images: int
+  # The image tokenizer: encoder "conv" | "patch"; FSQ levels, or () for the VQ bottleneck. With
+  # FSQ levels the LM's image-code embeddings are sums of per-channel level embeddings.
+  tokenizer_encoder: str = "conv"
+  fsq_levels: tuple[int, ...] = ()
   # Sampling defaults (measured: see docs/evaluation.md).
   image_temperature: float = 0.3
   image_top_k: int = 0
@@ -67,7 +71,10 @@ def _split_sizes(p: Preset) -> dict[str, int]:
 
 def tokenizer_config(p: Preset, data_dir: str) -> ml_collections.ConfigDict:
   from configs.tokenizer import get_config
-  c = get_config("size=small,data=shapes")
+  bottleneck = "fsq" if p.fsq_levels else "vq"
+  c = get_config(f"size=small,data=shapes,encoder={p.tokenizer_encoder},bottleneck={bottleneck}")
+  if p.fsq_levels:
+    c.model.bottleneck.levels = tuple(p.fsq_levels)
   c.data.data_dir = data_dir
   c.data.source_kwargs.sizes = _split_sizes(p)
   c.train.steps = p.tokenizer_steps
@@ -97,6 +104,8 @@ def lm_config(p: Preset, codes: str) -> ml_collections.ConfigDict:
   # steps (docs/evaluation.md).
   c.data.mask_prompt = True
   c.data.caption_dropout = 0.05
+  if p.fsq_levels:
+    c.model.image_embed_init = "levels"
   return c
 
 

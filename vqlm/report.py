@@ -397,6 +397,10 @@ def codebook_section(tok_rows: Sequence[Mapping[str, Any]], samples_dir: str,
       "projected on the two principal components of the final codebook (the same projection in "
       "every panel and shared axes). The coloured cells are the Voronoi cells of the projected "
       "codes: each point of the plane is coloured by its nearest code word.</p>")
+  if all(np.array_equal(snapshots[0][1], snap) for _, snap in snapshots[1:]):
+    out.append('<p class="note">The code words did not move during training: the codebook is '
+               "fixed (FSQ's grid of levels), and training only chose which of them the encoder "
+               "uses (usage above).</p>")
   return "".join(out)
 
 
