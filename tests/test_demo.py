@@ -20,7 +20,10 @@ def test_smoke_demo_produces_every_artefact_and_learns(tmp_path):
   results = json.load(open(os.path.join(workdir, "eval.json")))
   chance = chance_scene_accuracy(2)
   assert results["tokenizer"]["psnr"] > 20
-  assert results["tokenizer"]["codebook_usage"] > 0.5
+  # Patch-local codes: shapes has only ~300 distinct 4x4 patches, so a healthy tokenizer uses a
+  # few hundred of its 4096 codes; a collapsed one uses a handful.
+  manifest = json.load(open(os.path.join(workdir, "codes", "manifest.json")))
+  assert results["tokenizer"]["codebook_usage"] * manifest["codebook_size"] >= 32
   # Measured at this preset: text-to-image scene 12.5%, position 39%; image-to-text scene 41%,
   # colour 80%.
   assert results["text_to_image"]["scene"] > 10 * chance
