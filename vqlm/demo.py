@@ -48,7 +48,7 @@ class Preset:
   # Sampling defaults (measured: see docs/evaluation.md).
   image_temperature: float = 0.3
   image_top_k: int = 0
-  cfg_scale: float = 1.5
+  cfg_scale: float = 2.0
 
 
 PRESETS = {
