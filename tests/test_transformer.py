@@ -99,7 +99,8 @@ VARIANTS = {
     "rope2d_codebook": dict(image_offset=OFF, image_size=K, grid=GRID, rope_2d=True,
                             image_embed_init="codebook", codebook_dim=6),
     "image_pos": dict(image_offset=OFF, image_size=K, grid=GRID, image_pos_embed=True),
-    "levels": dict(image_offset=OFF, image_size=K, image_embed_init="levels", code_levels=(5, 3, 2)),
+    "levels": dict(image_offset=OFF, image_size=K, image_embed_init="levels",
+                   code_levels=(5, 3, 2)),
 }
 
 

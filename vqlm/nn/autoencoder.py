@@ -126,29 +126,18 @@ class Encoder(nn.Module):
     return nn.Conv(self.latent_dim, (1, 1), name="conv_out", **kw)(h)
 
 
-class PatchEncoder(nn.Module):
+class PatchEncoder(Encoder):
   """Images [B,H,W,3] in [-1, 1] -> latents [B,H/f,W/f,latent_dim], each from its own f x f patch.
 
   A patchify convolution (kernel = stride = f, f = `factor`), then `mlp_blocks` pre-norm residual
   MLP blocks applied at each position, with LayerNorm over channels only: no spatial mixing and no
   image-wide statistics (GroupNorm), so a code depends on what is drawn in its patch and on nothing
   else. The same patch content always gets the same code, wherever it is and whatever surrounds
-  it; the decoder still sees all codes. Same constructor fields as `Encoder` (channels and
-  channel_multipliers set the width `channels * channel_multipliers[-1]` and the factor), plus
-  `mlp_blocks`; `num_res_blocks` and `attention_at_lowest` are not used.
+  it; the decoder still sees all codes. `Encoder`'s fields, plus `mlp_blocks`: channels and
+  channel_multipliers set the width `channels * channel_multipliers[-1]` and the factor;
+  `num_res_blocks` and `attention_at_lowest` are not used.
   """
-  channels: int = 64
-  channel_multipliers: Sequence[int] = (1, 2, 2)
-  num_res_blocks: int = 0
-  attention_at_lowest: bool = False
-  latent_dim: int = 16
   mlp_blocks: int = 2
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @property
-  def factor(self) -> int:
-    return factor_of(self.channel_multipliers)
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:

@@ -10,8 +10,9 @@ learned rows of the table (`image_embed_init="learned"`), a learned projection o
 tokenizer's fixed codebook (`"codebook"`), or, for FSQ codes, sums of learned per-channel level
 embeddings (`"levels"`, with `code_levels` the FSQ levels). The codebook
 `[image_size, codebook_dim]` is not a parameter but the variable collection `"codebook"`
-(`{"embed": {"vectors": ...}}`), passed to `apply` next to the params. With `rope_2d`, image tokens get 2D rotary positions (row, col of the
-`grid`) and other tokens 1D positions (`layers.image_rows_cols`).
+(`{"embed": {"vectors": ...}}`), passed to `apply` next to the params. With `rope_2d`, image
+tokens get 2D rotary positions (row, col of the `grid`) and other tokens 1D positions
+(`layers.image_rows_cols`).
 """
 from collections.abc import Sequence
 import math

@@ -168,7 +168,8 @@ def example_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
 
 
 def _resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Absolute data paths, and the tokenizer run taken from the code shards' manifest if unset."""
+  """Absolute data paths, the tokenizer run taken from the code shards' manifest if unset, and
+  the tokenizer's FSQ levels when the LM embeds image codes by level."""
   if not config.data.codes:
     raise ValueError("config.data.codes is empty: pass --config.data.codes=DIR made by "
                      "`vqlm encode`")
