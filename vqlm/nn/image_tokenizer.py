@@ -61,10 +61,10 @@ class ImageTokenizer(nn.Module):
 
   def setup(self):
     enc = dict(self.encoder)
-    kind = enc.pop("kind", "conv")
-    if kind not in ENCODERS:
-      raise ValueError(f"unknown encoder kind '{kind}'; valid: {', '.join(ENCODERS)}")
-    self.enc = ENCODERS[kind](**enc)
+    encoder_kind = enc.pop("kind", "conv")
+    if encoder_kind not in ENCODERS:
+      raise ValueError(f"unknown encoder kind '{encoder_kind}'; valid: {', '.join(ENCODERS)}")
+    self.enc = ENCODERS[encoder_kind](**enc)
     dec = dict(self.decoder) if self.decoder is not None else {
         k: v for k, v in enc.items() if k not in ("latent_dim", "mlp_blocks")}
     self.dec = Decoder(**dec)
