@@ -28,8 +28,8 @@ Choices (see docs/scaling.md for the arithmetic):
 """
 import ml_collections
 
-from configs import lm as lm_family
-from configs.common import choose, parse_arg
+from vqlm.stages import lm_config as lm_family
+from vqlm.runtime.config import choose, parse_arg
 
 SIZES = {
     "large": dict(fsdp=1, batch=512, steps=100_000, lr=3e-4),

@@ -26,8 +26,8 @@ Choices (see docs/scaling.md):
 """
 import ml_collections
 
-from configs import tokenizer as tokenizer_family
-from configs.common import parse_arg
+from vqlm.stages import tokenizer_config as tokenizer_family
+from vqlm.runtime.config import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -3,7 +3,7 @@
 #
 # The shared per-process entry point of `slurm_gpu.sh` (under `srun`) and `local_multiprocess.sh`.
 # It turns the launcher's view of "which process am I" into the three variables that
-# `vqlm.distributed.maybe_initialize()` reads, then execs `vqlm train "$@"`:
+# `vqlm.runtime.distributed.maybe_initialize()` reads, then execs `vqlm train "$@"`:
 #   VQLM_COORDINATOR    host:port of process 0 (jax's coordination service listens there)
 #   VQLM_NUM_PROCESSES  number of processes
 #   VQLM_PROCESS_ID     this process's index, 0 .. N-1

@@ -26,7 +26,7 @@
 # one machine (tests/test_launch.py runs that): it sets VQLM_COORDINATOR (first node of
 # `scontrol show hostnames "$SLURM_JOB_NODELIST"`, port 61440 + job id % 4096),
 # VQLM_NUM_PROCESSES=$SLURM_NTASKS and VQLM_PROCESS_ID=$SLURM_PROCID, which
-# vqlm.distributed.maybe_initialize() passes to jax.distributed.initialize. (Without them jax
+# vqlm.runtime.distributed.maybe_initialize() passes to jax.distributed.initialize. (Without them jax
 # would detect SLURM by itself from the same variables, but would also bind each process to ONE
 # GPU, local_device_ids=[SLURM_LOCALID], which is wrong for one process per node; _process.sh sets
 # JAX_LOCAL_DEVICE_IDS from VQLM_DEVICES_PER_PROCESS instead.) It assumes the tasks of a node all

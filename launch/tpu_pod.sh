@@ -12,7 +12,7 @@
 # A pod slice has one VM ("host", "worker") per 4 (v4/v5p) or 4-8 (v5e/v6e) chips; `run` starts
 # `vqlm train` on all of them at once (`gcloud ... ssh --worker=all`), each with VQLM_COORDINATOR
 # (worker 0, port VQLM_PORT or 8476), VQLM_NUM_PROCESSES and VQLM_PROCESS_ID read from the TPU VM
-# metadata server, so vqlm.distributed joins them into one job; the mesh spans every chip of the
+# metadata server, so vqlm.runtime.distributed joins them into one job; the mesh spans every chip of the
 # slice and each host feeds its share of the global batch. (One slice; multi-slice is not covered.)
 #
 # Storage: every host must read the same data and write the same run directory. vqlm writes the
@@ -124,7 +124,7 @@ mountpoint -q $mount_point || gcsfuse --implicit-dirs $(printf '%q' "$bucket") $
 }
 
 # Runs first on every host: its process index, the process count and the coordinator (worker 0)
-# from the TPU VM's metadata server, exported as the VQLM_* variables vqlm.distributed reads.
+# from the TPU VM's metadata server, exported as the VQLM_* variables vqlm.runtime.distributed reads.
 # These are the values jax.distributed.initialize() itself looks up on a Cloud TPU VM; setting
 # them explicitly makes every host join one job (one process per host) on any vqlm version.
 read -r -d '' host_env <<'REMOTE' || true

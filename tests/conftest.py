@@ -5,7 +5,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from vqlm import host_memory  # noqa: E402
+from vqlm.runtime import host_memory  # noqa: E402
 
 host_memory.reuse_host_memory()  # as the `vqlm` command does, before JAX starts its threads
 

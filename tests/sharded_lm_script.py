@@ -18,8 +18,8 @@ import numpy as np
 
 def tiny_task():
   from vqlm.nn.transformer import Transformer
-  from vqlm.optim import make_optimizer
-  from vqlm.train.lm import LMTask
+  from vqlm.train.optim import make_optimizer
+  from vqlm.train.lm_task import LMTask
   model = Transformer(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       mlp_dim=128, image_offset=128, image_size=128, grid=(4, 4))
   opt, _ = make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10, weight_decay=0.1)
@@ -39,8 +39,8 @@ def batches(num, batch=8, seq=32):
 
 
 def trainer_on(devices, shape):
-  from configs.common import DEFAULT_RULES
-  from vqlm import mesh as mesh_lib
+  from vqlm.runtime.config import DEFAULT_RULES
+  from vqlm.runtime import mesh as mesh_lib
   from vqlm.train import loop
   mesh = mesh_lib.make_mesh(shape, devices=devices)
   return loop.Trainer(tiny_task(), mesh=mesh, rules=DEFAULT_RULES,
@@ -52,7 +52,7 @@ def local_slice(batch, pid, n):
 
 
 def train(trainer, data, state=None, pid=0, n=1, start=0):
-  from vqlm import mesh as mesh_lib
+  from vqlm.runtime import mesh as mesh_lib
   if state is None:
     state = trainer.init_state(jax.random.key(0), mesh_lib.global_batch(
         local_slice(data[0], pid, n), trainer.mesh))
@@ -75,7 +75,7 @@ def main():
   mode, out = sys.argv[1], sys.argv[2]
   result = {}
   if mode == "mesh":
-    from vqlm.checkpoint import Checkpointer
+    from vqlm.runtime.checkpoint import Checkpointer
     devices = jax.devices()
     assert len(devices) == 8, devices
     data = batches(4)
@@ -98,7 +98,7 @@ def main():
     for name, devs, shape in (("4", devices[:4], {"data": 2, "tensor": 2}),
                               ("1", devices[:1], {"data": 1})):
       t = trainer_on(devs, shape)
-      from vqlm import mesh as mesh_lib
+      from vqlm.runtime import mesh as mesh_lib
       target = t.abstract_target(mesh_lib.global_batch(data[0], t.mesh))
       restored = ckpt.restore(target)
       _, nxt = train(t, data[3:], state=restored.state, start=3)

@@ -30,7 +30,7 @@ def test_tiny_reports_three_rates_with_compile_excluded(capsys):
 def test_imports_no_data_library():
   """It must run where grain / TFDS are absent (the lent GPU machine)."""
   code = ("import sys; import vqlm.bench.tokenizer as b; "
-          "b.build_trainer(__import__('configs.tokenizer', fromlist=['x']).get_config('size=tiny')); "
+          "b.build_trainer(__import__('vqlm.stages.tokenizer_config', fromlist=['x']).get_config('size=tiny')); "
           "print([m for m in ('grain', 'tensorflow_datasets') if m in sys.modules])")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)

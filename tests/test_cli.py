@@ -72,7 +72,7 @@ def test_not_a_run_directory(capsys, tmp_path):
 
 
 def test_changed_model_config_is_refused(tmp_path):
-  from configs.tokenizer import get_config
+  from vqlm.stages.tokenizer_config import get_config
   runs.save_config(str(tmp_path), get_config("size=tiny"))
   other = get_config("size=tiny")
   other.model.encoder.channels = 16
@@ -108,7 +108,7 @@ def test_tokenizer_run_writes_eval_grids_and_metrics(tiny):
 
 def test_encoded_shards_round_trip_to_direct_encode(tiny):
   from vqlm.data.code_shards import CodeShards
-  from vqlm.train.tokenizer_stage import load_tokenizer, source_from_config
+  from vqlm.stages.tokenizer import load_tokenizer, source_from_config
   run = load_tokenizer(tiny["tok"])
   shards = CodeShards(tiny["codes"], "validation")
   source = source_from_config(run.config.data, "validation")
@@ -135,7 +135,7 @@ def test_lm_run_has_vocab_text_model_and_losses(tiny):
 
 
 def test_lm_refuses_a_different_tokenizer(tiny, tmp_path):
-  from vqlm.train.lm_stage import LMRun
+  from vqlm.stages.lm import LMRun
   other = str(tmp_path / "lm")
   shutil.copytree(tiny["lm"], other)
   config = runs.load_config(other)
@@ -151,7 +151,7 @@ def test_lm_refuses_a_different_tokenizer(tiny, tmp_path):
 
 
 def test_level_embeddings_take_the_fsq_levels_of_the_tokenizer(tiny, tmp_path, capsys):
-  from vqlm.train.lm_stage import LMRun
+  from vqlm.stages.lm import LMRun
   lm = str(tmp_path / "lm")
   args = ["vqlm", "train", "--config", "configs/lm.py:size=tiny",
           f"--config.data.codes={tiny['codes']}", "--workdir", lm, "--progress=false",
@@ -172,8 +172,8 @@ def test_level_embeddings_take_the_fsq_levels_of_the_tokenizer(tiny, tmp_path, c
 
 
 def test_lm_refuses_a_vocab_that_does_not_match_the_data(tiny, tmp_path):
-  from configs.lm import get_config
-  from vqlm.train import lm_stage
+  from vqlm.stages.lm_config import get_config
+  from vqlm.stages import lm as lm_stage
   from vqlm.vocab import Vocab
   workdir = str(tmp_path / "lm")
   os.makedirs(workdir)
@@ -186,7 +186,7 @@ def test_lm_refuses_a_vocab_that_does_not_match_the_data(tiny, tmp_path):
 
 def test_lm_refuses_a_text_model_that_does_not_match_the_vocab(tiny, tmp_path):
   from vqlm.text import train_sentencepiece
-  from vqlm.train.lm_stage import LMRun
+  from vqlm.stages.lm import LMRun
   other = str(tmp_path / "lm")
   shutil.copytree(tiny["lm"], other)
   train_sentencepiece(["a b c d e f g h i j k l m n o p"] * 10,
@@ -198,7 +198,7 @@ def test_lm_refuses_a_text_model_that_does_not_match_the_vocab(tiny, tmp_path):
 def test_encode_video_clips_round_trip(tiny, tmp_path):
   from vqlm.data.code_shards import CodeShards, encode_split
   from vqlm.data.moving_shapes import MovingShapesSource
-  from vqlm.train.tokenizer_stage import load_tokenizer
+  from vqlm.stages.tokenizer import load_tokenizer
   run = load_tokenizer(tiny["tok"])
   clips = MovingShapesSource(split="validation", num_clips=3, num_frames=4)
   encode_split(run, clips, str(tmp_path / "video"), split="validation", progress=False)

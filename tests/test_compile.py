@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs.lm import NOMINAL_VOCAB
+from vqlm.nn.presets import NOMINAL_VOCAB
 from vqlm import cli
 from vqlm.commands import compile as compile_cmd
 

@@ -1,4 +1,4 @@
-"""`vqlm.host_memory`: large XLA:CPU temporaries reuse their pages instead of faulting them in."""
+"""`vqlm.runtime.host_memory`: large XLA:CPU temporaries reuse their pages instead of faulting them in."""
 import json
 import os
 import subprocess
@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from vqlm import host_memory
+from vqlm.runtime import host_memory
 
 _glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION")
 
@@ -16,7 +16,7 @@ _glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION")
 # glibc's 32 MiB mmap ceiling.
 _PROBE = textwrap.dedent("""
     import json, resource
-    from vqlm import host_memory
+    from vqlm.runtime import host_memory
     applied = host_memory.reuse_host_memory()
     import jax, jax.numpy as jnp
     x = jnp.full((4096, 256), 0.01, jnp.float32)

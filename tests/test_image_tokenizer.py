@@ -128,8 +128,8 @@ def test_config_errors():
 
 
 def test_patch_encoder_tokenizer_from_config_round_trips_codes():
-  from configs.common import as_kwargs
-  from configs.tokenizer import get_config
+  from vqlm.runtime.config import as_kwargs
+  from vqlm.stages.tokenizer_config import get_config
   config = get_config("size=tiny,encoder=patch,bottleneck=fsq")
   assert config.model.encoder.kind == "patch" and "kind" not in config.model.decoder
   model = ImageTokenizer(**as_kwargs(config.model))

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqlm import mesh as mesh_lib
-from vqlm.checkpoint import to_numpy
+from vqlm.runtime import mesh as mesh_lib
+from vqlm.runtime.checkpoint import to_numpy
 from vqlm.data import pipeline
 from vqlm.train import loop
 from vqlm.train.metrics import read_metrics
-from vqlm.bench.toy_task import ToySource, ToyTask, identity_transform
-from configs.common import DEFAULT_RULES
+from vqlm.testing.toy_task import ToySource, ToyTask, identity_transform
+from vqlm.runtime.config import DEFAULT_RULES
 
 
 def _trainer(steps, **kw):

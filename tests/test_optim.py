@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from vqlm import optim
+from vqlm.train import optim
 
 
 def _params(boxed=False):

@@ -114,7 +114,7 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path, reference):
 
 def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path):
   import jax.numpy as jnp
-  from vqlm.checkpoint import Checkpointer, FAULT_ENV
+  from vqlm.runtime.checkpoint import Checkpointer, FAULT_ENV
   state = {"w": jnp.arange(4.0)}
   good = Checkpointer(str(tmp_path), async_save=False)
   good.save(1, state)

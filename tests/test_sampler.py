@@ -214,8 +214,8 @@ _MESH_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     import jax, numpy as np, flax.linen as nn
-    from configs.common import DEFAULT_RULES
-    from vqlm import mesh as mesh_lib
+    from vqlm.runtime.config import DEFAULT_RULES
+    from vqlm.runtime import mesh as mesh_lib
     from vqlm.nn.transformer import Transformer
     from vqlm.sample.sampler import Sampler
     import test_sampler as t

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from vqlm.data import moving_shapes, scene_parser, shapes
+from vqlm.data import moving_shapes, shapes
+from vqlm.eval import scene_parser
 
 
 def _accuracy(image_size, *, sigma=0.0, num=1000, max_objects=3, seed=5):

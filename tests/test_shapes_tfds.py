@@ -5,7 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from vqlm.data import shapes, shapes_tfds
+from vqlm.data import shapes
+from vqlm.data.sources import shapes_tfds
 
 SIZES = {"train": 20, "validation": 20, "test": 20, "test_heldout": 20}
 

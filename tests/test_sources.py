@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from vqlm.data import sources
+from vqlm.data.sources import base, tfds as tfds_sources
 
 S = 16
 
@@ -39,7 +40,7 @@ def test_digits_splits_captions_and_pixels():
   _check_item(item)
   label = int(digits.target[1407])
   assert item["label"] == label
-  assert item["text"] == "the digit " + sources._DIGIT_WORDS[label]
+  assert item["text"] == "the digit " + base._DIGIT_WORDS[label]
   expected = np.round(digits.images[1407] * 255 / 16).astype(np.uint8)
   np.testing.assert_array_equal(item["image"][::2, ::2, 0], expected)  # nearest 8 -> 16
   np.testing.assert_array_equal(item["image"][..., 0], item["image"][..., 2])
@@ -94,7 +95,7 @@ def test_tfds_classification_mock(mock_tfds, name, split):
     item = src[i]
     _check_item(item)
     assert 0 <= item["label"] < 10
-    word = (sources._DIGIT_WORDS if name == "mnist" else sources._CIFAR10_NAMES)[item["label"]]
+    word = (base._DIGIT_WORDS if name == "mnist" else tfds_sources._CIFAR10_NAMES)[item["label"]]
     assert item["text"].endswith(" " + word)
   assert src[0]["original_size"] == ((28, 28) if name == "mnist" else (32, 32))
   assert "tensorflow" not in sys.modules  # read without TensorFlow
@@ -330,7 +331,7 @@ def test_folder_errors(tmp_path):
 # ---------------------------------------------------------------------------------------- shapes
 
 def test_shapes_wrapper(tmp_path):
-  pytest.importorskip("vqlm.data.shapes_tfds")
+  pytest.importorskip("vqlm.data.sources.shapes_tfds")
   sizes = {"train": 3, "validation": 2, "test": 2, "test_heldout": 2}
   src = sources.get_source("shapes", split="validation", data_dir=str(tmp_path), image_size=32,
                            sizes=sizes)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import lm as lm_config
+from vqlm.stages import lm_config
 from vqlm.nn.transformer import TokenEmbed, Transformer, count_params
 
 V, OFF, K, GRID = 96, 60, 30, (2, 3)

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   from absl import flags
-  from vqlm import host_memory
+  from vqlm.runtime import host_memory
   try:
     host_memory.reuse_host_memory()  # before JAX starts its CPU threads
   except ValueError as e:

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-from vqlm import host_memory
+from vqlm.runtime import host_memory
 
 BENCHMARKS = {"lm": "vqlm.bench.lm", "matmul": "vqlm.bench.matmul",
               "sample": "vqlm.bench.sample", "sweep": "vqlm.bench.sweep",

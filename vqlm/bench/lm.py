@@ -32,15 +32,16 @@ def flops_per_token(num_params: int, *, num_layers: int, num_heads: int, head_di
 
 
 def _vqlm_step(config, vocab: int, batch: int, seq_len: int):
-  from vqlm.nn.transformer import Transformer
-  from vqlm.optim import make_optimizer
-  from vqlm.train.lm import LMTask
-  from vqlm.train.lm_stage import _DTYPES
-  from configs.common import as_kwargs
+  from vqlm.nn.transformer import Transformer, TransformerConfig
+  from vqlm.train.optim import make_optimizer
+  from vqlm.train.lm_task import LMTask
+  from vqlm.stages.lm import _DTYPES
+  from vqlm.runtime.config import as_kwargs
   kw = as_kwargs(config.model)
   kw["dtype"], kw["param_dtype"] = _DTYPES[kw["dtype"]], _DTYPES[kw["param_dtype"]]
   kw["head_dim"] = kw.get("head_dim") or None
-  model = Transformer(vocab_size=vocab, image_offset=vocab // 2, image_size=vocab // 2, **kw)
+  model = Transformer(TransformerConfig(vocab_size=vocab, image_offset=vocab // 2,
+                                        image_size=vocab // 2, **kw))
   opt, _ = make_optimizer(learning_rate=1e-4, warmup_steps=10, total_steps=1000,
                           weight_decay=0.1)
   task = LMTask(model=model, optimizer=opt, z_loss_weight=0.0, image_offset=vocab // 2,
@@ -123,7 +124,7 @@ def time_torch(config, vocab, batch, seq_len, steps, repeats, threads):
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, _define, config=True)
   config = flag_lib.require_config(fv)
-  from configs.lm import NOMINAL_VOCAB
+  from vqlm.nn.presets import NOMINAL_VOCAB
   vocab = fv.vocab or NOMINAL_VOCAB.get(config.get("size", ""), 32768)
   device = jax.devices()[0]
   tps, compile_s, n, model = time_vqlm(config, vocab, fv.batch, fv.seq_len, fv.steps, fv.repeats)
@@ -133,8 +134,9 @@ def main(argv: list[str]) -> int:
   print(f"vqlm: {tps:,.0f} tokens/s (compile {compile_s:.1f}s, excluded)")
   peak_flops = peak.peak_flops(device, config.model.dtype)
   if peak_flops:
-    fpt = flops_per_token(n, num_layers=model.num_layers, num_heads=model.num_heads,
-                          head_dim=model.head_size(), seq_len=fv.seq_len)
+    fpt = flops_per_token(n, num_layers=model.config.num_layers,
+                          num_heads=model.config.num_heads, head_dim=model.config.head_size(),
+                          seq_len=fv.seq_len)
     mfu = tps * fpt / (peak_flops * jax.device_count())
     print(f"MFU: {100 * mfu:.1f}% ({fpt / 1e9:.2f} GFLOP/token, peak "
           f"{peak_flops / 1e12:.0f} TFLOP/s per device)")

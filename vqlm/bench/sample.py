@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlm.nn.transformer import Transformer
+from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.sample.processors import SamplingConfig, Settings
 from vqlm.sample.sampler import Sampler
 from vqlm.vocab import Vocab
@@ -42,13 +42,10 @@ def demo_vocab(grid: int = 8, codes: int = 512) -> Vocab:
 
 
 def model_kwargs(size: str, vocab: Vocab) -> dict[str, Any]:
-  from configs.lm import SIZES  # Imported here: configs need ml_collections.
-  if size not in SIZES:
-    raise ValueError(f"unknown --size {size!r}; valid: {', '.join(SIZES)}")
-  s = SIZES[size]
-  return dict(vocab_size=vocab.padded_size, dim=s["dim"], num_layers=s["num_layers"],
-              num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], mlp_dim=s["mlp_dim"],
-              qk_norm=s["qk_norm"], tie_embeddings=s["tie_embeddings"],
+  from vqlm.nn.presets import TRANSFORMER_SIZES
+  if size not in TRANSFORMER_SIZES:
+    raise ValueError(f"unknown --size {size!r}; valid: {', '.join(TRANSFORMER_SIZES)}")
+  return dict(vocab_size=vocab.padded_size, **TRANSFORMER_SIZES[size],
               image_offset=vocab.image_offset, image_size=vocab.image_size, grid=vocab.grid)
 
 
@@ -62,7 +59,7 @@ def prompts(vocab: Vocab, batch: int, seed: int = 0) -> np.ndarray:
 def vqlm_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: str = "float32"
                 ) -> Callable[[int, int], None]:
   """`run(batch, seed)`: one t2i grid per prompt with the vqlm sampler (compiles per batch)."""
-  model = Transformer(**kw)
+  model = Transformer(TransformerConfig(**kw))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   sampler = Sampler(model, params, vocab, dtype=None if dtype == "float32" else dtype)
   settings = Settings(temperature=1.0, top_k=top_k, top_p=1.0)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.common import as_kwargs
+from vqlm.runtime.config import as_kwargs
 from vqlm.commands import flags as flag_lib
 
 
@@ -29,7 +29,7 @@ def _define(f) -> None:
 
 def build_trainer(config) -> Any:
   """The loop's Trainer for a tokenizer config (no data library is imported)."""
-  from vqlm.train.tokenizer_stage import build_trainer as build
+  from vqlm.stages.tokenizer import build_trainer as build
   return build(config, progress=False)
 
 
@@ -64,9 +64,9 @@ def main(argv: list[str]) -> int:
   config = config.copy_and_resolve_references()
   if fv.batch:
     config.train.batch_size = fv.batch
-  from vqlm import mesh as mesh_lib
+  from vqlm.runtime import mesh as mesh_lib
   from vqlm.nn import image_tokenizer as it
-  from vqlm.train.tokenizer import TokenizerTask
+  from vqlm.train.tokenizer_task import TokenizerTask
 
   trainer = build_trainer(config)
   mesh = trainer.mesh

@@ -10,9 +10,9 @@ import sys
 import jax
 import numpy as np
 
-from configs.common import DEFAULT_RULES
-from vqlm import mesh as mesh_lib
-from vqlm.bench.toy_task import ToySource, ToyTask, identity_transform
+from vqlm.runtime.config import DEFAULT_RULES
+from vqlm.runtime import mesh as mesh_lib
+from vqlm.testing.toy_task import ToySource, ToyTask, identity_transform
 from vqlm.data import pipeline
 from vqlm.train import loop
 

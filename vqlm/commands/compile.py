@@ -6,7 +6,7 @@ and prints XLA's memory analysis per device and the step's FLOPs. Run it before 
 if `total` exceeds a device's memory, change the mesh, the batch or the remat policy first.
 
 The program is compiled for the devices present: on a laptop one CPU, on a GPU node its GPUs, on a
-TPU pod host the whole slice (run it on every host, as training does: `vqlm.distributed` joins
+TPU pod host the whole slice (run it on every host, as training does: `vqlm.runtime.distributed` joins
 them). LM configs need no data: the vocabulary is a nominal one of the size's `NOMINAL_VOCAB`
 (16384 image codes on a 16x16 grid where the size allows; see `nominal_vocab`).
 
@@ -39,7 +39,7 @@ def _define(f) -> None:
 
 def parse_mesh(text: str) -> dict[str, int]:
   """`"data=2,fsdp=4"` -> `{"data": 2, "fsdp": 4}`; ValueError naming the accepted form."""
-  from vqlm.mesh import MESH_AXES
+  from vqlm.runtime.mesh import MESH_AXES
   shape = {}
   for item in filter(None, (part.strip() for part in text.split(","))):
     axis, sep, size = item.partition("=")
@@ -61,7 +61,7 @@ def nominal_vocab(size: str, vocab_size: int = 0):
   16384 image codes on a 16x16 grid (a LlamaGen-style 256x256 tokenizer); vocabularies too small
   for that (the test sizes) split evenly between text and image codes.
   """
-  from configs.lm import NOMINAL_VOCAB
+  from vqlm.nn.presets import NOMINAL_VOCAB
   from vqlm.vocab import DEFAULT_SPECIALS, Vocab
   total = vocab_size or NOMINAL_VOCAB.get(size, 32768)
   image = NOMINAL_IMAGE_CODES if total > 2 * NOMINAL_IMAGE_CODES else total // 2
@@ -77,7 +77,7 @@ def build(config: ml_collections.ConfigDict, *, vocab_size: int = 0):
   """(trainer, example_fn, description) for the config's stage; example_fn(batch) -> numpy batch."""
   stage = config.get("stage")
   if stage == "lm":
-    from vqlm.train import lm_stage
+    from vqlm.stages import lm as lm_stage
     vocab = nominal_vocab(config.get("size", ""), vocab_size)
     trainer = lm_stage.build_trainer(config, vocab, progress=False)
     m = config.model
@@ -85,7 +85,7 @@ def build(config: ml_collections.ConfigDict, *, vocab_size: int = 0):
             f"remat={m.remat_policy} scan_layers={m.scan_layers}")
     return trainer, lm_stage.example_batch, desc
   if stage == "tokenizer":
-    from vqlm.train import tokenizer_stage
+    from vqlm.stages import tokenizer as tokenizer_stage
     trainer = tokenizer_stage.build_trainer(config, progress=False)
     size = config.data.image_size
     desc = f"image tokenizer {size}x{size} gan={config.loss.gan_weight > 0}"
@@ -101,7 +101,7 @@ def _with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections
 
 def abstract_batch(config, example_fn, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch as ShapeDtypeStructs sharded over data x fsdp (nothing allocated)."""
-  from vqlm import mesh as mesh_lib
+  from vqlm.runtime import mesh as mesh_lib
   one = example_fn(_with_batch(config, 1))
   b = config.train.batch_size
   return {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype,
@@ -167,7 +167,7 @@ def _gib(b: int) -> str:
 
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, _define, config=True)
-  from vqlm.distributed import maybe_initialize
+  from vqlm.runtime.distributed import maybe_initialize
   maybe_initialize()
   config = flag_lib.require_config(fv)
   config = config.copy_and_resolve_references()
@@ -181,7 +181,7 @@ def main(argv: list[str]) -> int:
       raise ValueError("--seq_len applies to LM configs only")
     config.train.seq_len = fv.seq_len
 
-  from vqlm import mesh as mesh_lib
+  from vqlm.runtime import mesh as mesh_lib
   trainer, example_fn, desc = build(config, vocab_size=fv.vocab_size)
   mesh = trainer.mesh
   divisor = mesh_lib.batch_divisor(mesh)

@@ -7,7 +7,7 @@ from vqlm.commands import flags as flag_lib
 
 
 def main(argv: list[str]) -> int:
-  from vqlm import demo
+  from vqlm.demo import main as demo
   fv = flag_lib.parse(argv, lambda f: (
       f.DEFINE_string("workdir", "runs/demo", "demo directory (created; resumed if present)"),
       f.DEFINE_string("preset", "default", f"one of {', '.join(demo.PRESETS)}"),

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
   if not fv.tokenizer or not fv.out:
     raise ValueError("--tokenizer and --out are required")
   from vqlm.data.code_shards import encode_split
-  from vqlm.train.tokenizer_stage import load_tokenizer, source_from_config
+  from vqlm.stages.tokenizer import load_tokenizer, source_from_config
   run = load_tokenizer(fv.tokenizer)
   data = run.config.data
   if fv.data:

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
   from vqlm import runs
   config = runs.load_config(fv.workdir)
   if config.stage == "tokenizer":
-    from vqlm.train import tokenizer_stage
+    from vqlm.stages import tokenizer as tokenizer_stage
     result = tokenizer_stage.evaluate(tokenizer_stage.load_tokenizer(fv.workdir), split=fv.split,
                                       num_examples=fv.num_examples)
     path = _write(fv.workdir, "tokenizer", result)
@@ -66,8 +66,8 @@ def evaluate_lm(fv) -> dict:
   from vqlm.eval import text_image
   from vqlm.sample.api import Generator
   from vqlm.sample.processors import SamplingConfig, Settings
-  from vqlm.train.lm_stage import LMRun
-  from vqlm.train.tokenizer_stage import source_from_config
+  from vqlm.stages.lm import LMRun
+  from vqlm.stages.tokenizer import source_from_config
   run = LMRun(fv.workdir)
   tokenizer = run.tokenizer_run()
   data = tokenizer.config.data

@@ -13,7 +13,7 @@ from vqlm.commands import flags as flag_lib
 
 def load_run(workdir: str):
   """The LM run in `workdir` (a seam for tests)."""
-  from vqlm.train.lm_stage import LMRun
+  from vqlm.stages.lm import LMRun
   return LMRun(workdir)
 
 

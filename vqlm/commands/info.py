@@ -10,9 +10,9 @@ def main(argv: list[str]) -> int:
       "vocab_size", 0, "LM vocabulary size (default: the size's nominal vocabulary)"), config=True)
   config = flag_lib.require_config(fv)
   if config.stage == "lm":
-    from configs.lm import NOMINAL_VOCAB
+    from vqlm.nn.presets import NOMINAL_VOCAB
     from vqlm.nn.transformer import count_params
-    from configs.common import as_kwargs
+    from vqlm.runtime.config import as_kwargs
     kw = as_kwargs(config.model)
     for key in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl"):
       kw.pop(key, None)
@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     print(f"lm size={config.get('size')} vocab={vocab}: {total:,} parameters")
   else:
     from vqlm.nn.image_tokenizer import ImageTokenizer
-    from configs.common import as_kwargs
+    from vqlm.runtime.config import as_kwargs
     model = ImageTokenizer(**as_kwargs(config.model))
     size = config.data.image_size
     shapes = jax.eval_shape(lambda: model.init(

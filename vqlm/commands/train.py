@@ -7,7 +7,7 @@ import importlib
 
 from vqlm.commands import flags as flag_lib
 
-STAGES = {"tokenizer": "vqlm.train.tokenizer_stage", "lm": "vqlm.train.lm_stage"}
+STAGES = {"tokenizer": "vqlm.stages.tokenizer", "lm": "vqlm.stages.lm"}
 
 
 def main(argv: list[str]) -> int:
@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
       f.DEFINE_string("workdir", None, "run directory (created; resumed if it holds a run)"),
       f.DEFINE_bool("progress", True, "show a progress bar"),
   ), config=True)
-  from vqlm.distributed import maybe_initialize
+  from vqlm.runtime.distributed import maybe_initialize
   maybe_initialize()
   config = flag_lib.require_config(fv)
   workdir = flag_lib.check_workdir(fv.workdir)

@@ -139,7 +139,7 @@ def scene_fd(images_a: np.ndarray, images_b: np.ndarray, *, method: str = "eigh"
   Many parser features are constant on a data set (cells or attributes that never occur), so the
   covariances are singular: the default is the stable "eigh" method.
   """
-  from vqlm.data.scene_parser import scene_features  # numpy + scipy only; imported where used.
+  from vqlm.eval.scene_parser import scene_features  # numpy + scipy only; imported where used.
   return fid_from_features(scene_features(images_a), scene_features(images_b), method=method)
 
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from vqlm.data import scene_parser, shapes
+from vqlm.data import shapes
+from vqlm.eval import scene_parser
 
 
 def _by_count(results: list[dict], counts: list[int]) -> dict[str, dict[str, float]]:

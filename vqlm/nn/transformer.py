@@ -13,8 +13,12 @@ embeddings (`"levels"`, with `code_levels` the FSQ levels). The codebook
 (`{"embed": {"vectors": ...}}`), passed to `apply` next to the params. With `rope_2d`, image
 tokens get 2D rotary positions (row, col of the `grid`) and other tokens 1D positions
 (`layers.image_rows_cols`).
+
+Every setting lives in one frozen, validated `TransformerConfig`: the module is
+`Transformer(config)`, and `count_params(config)` counts its parameters from the abstract init.
 """
 from collections.abc import Sequence
+import dataclasses
 import math
 from typing import Any
 
@@ -150,14 +154,17 @@ class TokenEmbed(nn.Module):
     return jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
 
 
-class Transformer(nn.Module):
-  """Decoder-only LM. `__call__(tokens[B, S]) -> (logits[B, S, vocab_size] float32, cache)`.
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Every setting of a `Transformer`, validated once, in `__post_init__` (a ValueError names the
+  bad field). Frozen and hashable; `replace(**changes)` returns a new, validated config.
 
   Attributes:
     vocab_size: size of the unified vocabulary (the padded table size).
     dim, num_layers, num_heads, mlp_dim: width, depth, query heads, SwiGLU hidden size.
-    num_kv_heads: key/value heads (grouped-query attention); None = num_heads.
-    head_dim: None = dim // num_heads.
+    num_kv_heads: key/value heads (grouped-query attention); None (or 0) = num_heads, see
+      `kv_heads()`.
+    head_dim: None (or 0) = dim // num_heads, see `head_size()`.
     qk_norm: RMSNorm on queries and keys (per head).
     tie_embeddings: logits from the embedding table; else a separate `head[embed, vocab]`.
     rope_theta: RoPE base.
@@ -165,13 +172,17 @@ class Transformer(nn.Module):
     image_pos_embed: add a learned embedding of the grid cell `[h * w, dim]` to each image token
       (as DALL-E's row/column embeddings): the k-th code of an image gets row k, so the model
       reads where in the grid it is drawing without deriving it from relative positions.
-    image_offset, image_size, grid: where image ids start, how many there are, `(h, w)` per image.
+    image_offset, image_size, grid: where image ids start, how many there are, `(h, w)` per image
+      (a tuple; None without images).
     image_embed_init: "learned" | "codebook" (then codebook_dim is the codebook's width) |
       "levels" (FSQ codes; code_levels are the tokenizer's levels, prod == image_size).
+    codebook_dim: width of the image tokenizer's codebook (read with "codebook" only).
+    code_levels: the FSQ levels, a tuple (read with "levels" only).
     scan_layers: `nn.scan` over the blocks (params and cache stacked on a leading layer axis).
     remat_policy: one of REMAT_POLICIES ("none", "full", "dots", "dots_with_no_batch_dims", ...).
     norm_eps: RMSNorm epsilon.
-    dtype: compute dtype; param_dtype: parameter dtype (dtypes or names like "bfloat16").
+    dtype: compute dtype; param_dtype: parameter dtype. Dtypes or names ("float32", "bfloat16",
+      as in JSON configs), stored as `jnp.dtype`s.
     attention_impl: "xla" (einsum, float32 softmax) | "cudnn" (fused kernel on GPU, bf16).
     query_chunks: with "xla", training and full forward passes split the queries into this many
       chunks that skip the masked upper triangle (`attention.dot_product_attention`); 1 = off.
@@ -190,10 +201,10 @@ class Transformer(nn.Module):
   image_pos_embed: bool = False
   image_offset: int = 0
   image_size: int = 0
-  grid: Sequence[int] | None = None
+  grid: tuple[int, int] | None = None
   image_embed_init: str = "learned"
   codebook_dim: int = 0
-  code_levels: Sequence[int] = ()
+  code_levels: tuple[int, ...] = ()
   scan_layers: bool = False
   remat_policy: str = "none"
   norm_eps: float = 1e-6
@@ -202,22 +213,113 @@ class Transformer(nn.Module):
   attention_impl: str = "xla"
   query_chunks: int = 1
 
-  @nn.nowrap
+  def __post_init__(self):
+    # Normalise (frozen, hence object.__setattr__) so that configs from JSON or a ConfigDict
+    # (lists, dtype names, 0 for "derived") compare, hash and behave like hand-written ones.
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    for name in ("num_kv_heads", "head_dim"):
+      if not getattr(self, name):
+        set_(name, None)
+    set_("grid", tuple(int(g) for g in self.grid) if self.grid else None)
+    set_("code_levels", tuple(int(l) for l in self.code_levels))
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      try:
+        dtype = jnp.dtype(value)
+      except TypeError as e:
+        raise ValueError(f"{name}={value!r} is not a dtype; use e.g. 'float32' or "
+                         "'bfloat16'.") from e
+      if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name}={value!r} must be a floating-point dtype.")
+      set_(name, dtype)
+    self._validate()
+
+  def _validate(self) -> None:
+    for name in ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim"):
+      value = getattr(self, name)
+      if value <= 0:
+        raise ValueError(f"Transformer {name}={value} must be > 0.")
+    for name in ("num_kv_heads", "head_dim"):
+      value = getattr(self, name)
+      if value is not None and value < 0:
+        raise ValueError(f"Transformer {name}={value} must be > 0 (or None: derived).")
+    kvh = self.kv_heads()
+    if self.num_heads % kvh:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={kvh}.")
+    if not self.head_dim and self.dim % self.num_heads:
+      raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}; set "
+                       "head_dim.")
+    hd = self.head_size()
+    if hd % 2:
+      raise ValueError(f"head_dim={hd} must be even for RoPE.")
+    off, size = self.image_offset, self.image_size
+    if off < 0 or size < 0 or off + size > self.vocab_size:
+      raise ValueError(f"image ids [{off}, {off + size}) must lie inside the vocabulary of size "
+                       f"{self.vocab_size}.")
+    if self.rope_2d and hd % 4:
+      raise ValueError(f"rope_2d needs head_dim divisible by 4, got {hd}.")
+    has_grid = size > 0 and self.grid is not None and len(self.grid) == 2 and min(self.grid) > 0
+    for name in ("rope_2d", "image_pos_embed"):
+      if getattr(self, name) and not has_grid:
+        raise ValueError(f"{name} needs image_size > 0 and grid=(h, w) of the image code grid.")
+    init = self.image_embed_init
+    if init not in IMAGE_EMBED_INITS:
+      raise ValueError(f"image_embed_init={init!r}; use one of {IMAGE_EMBED_INITS}.")
+    if init == "codebook" and (self.codebook_dim <= 0 or size <= 0):
+      raise ValueError("image_embed_init='codebook' needs image_size > 0 and codebook_dim > 0 "
+                       "(the image tokenizer's codebook width).")
+    levels = self.code_levels
+    if init == "levels" and (not levels or min(levels) < 2 or math.prod(levels) != size):
+      raise ValueError(f"image_embed_init='levels' needs code_levels (the FSQ levels, each >= 2) "
+                       f"whose product is image_size={size}, got {levels}; it applies to FSQ "
+                       "image tokenizers only.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}; use one of "
+                       f"{tuple(REMAT_POLICIES)}.")
+    if int(self.query_chunks) < 1:
+      raise ValueError(f"query_chunks={self.query_chunks} must be >= 1 (1 turns chunking off).")
+    if self.attention_impl not in attention.IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}; use one of "
+                       f"{attention.IMPLEMENTATIONS}.")
+
   def kv_heads(self) -> int:
+    """Key/value heads: `num_kv_heads`, or `num_heads` when unset."""
     return self.num_kv_heads or self.num_heads
 
-  @nn.nowrap
   def head_size(self) -> int:
+    """Per-head width: `head_dim`, or `dim // num_heads` when unset."""
     return self.head_dim or self.dim // self.num_heads
 
-  @nn.nowrap
-  def _tracks_image_runs(self) -> bool:
+  def tracks_image_runs(self) -> bool:
+    """Whether the model counts image runs (for `rope_2d` or `image_pos_embed`)."""
     return self.rope_2d or self.image_pos_embed
 
-  @nn.nowrap
-  def validate(self) -> None:
-    """Raises ValueError on inconsistent settings."""
-    _validate(**{f: getattr(self, f) for f in _FIELDS})
+  def replace(self, **changes: Any) -> "TransformerConfig":
+    """A copy with `changes` applied (normalised and validated again)."""
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-friendly fields (dtype names, lists); `TransformerConfig(**c.to_dict()) == c`."""
+    out = dataclasses.asdict(self)
+    out.update(dtype=self.dtype.name, param_dtype=self.param_dtype.name,
+               grid=None if self.grid is None else list(self.grid),
+               code_levels=list(self.code_levels))
+    return out
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. `__call__(tokens[B, S]) -> (logits[B, S, vocab_size] float32, cache)`.
+
+  Attributes:
+    config: every setting (a `TransformerConfig`, validated when it was built).
+  """
+  config: TransformerConfig
+
+  def __post_init__(self):
+    if not isinstance(self.config, TransformerConfig):
+      raise TypeError(f"Transformer takes a TransformerConfig, got {type(self.config).__name__}: "
+                      "use Transformer(TransformerConfig(**kwargs)).")
+    super().__post_init__()
 
   @nn.nowrap
   def init_cache(self, batch: int, max_len: int, dtype: DType = jnp.float32) -> Cache:
@@ -225,19 +327,17 @@ class Transformer(nn.Module):
 
     Returns `{"layers": per-layer caches}`: a list of `{"k": [B, KVH, Dh, L], "v": [B, KVH, L,
     Dh]}` dicts (`attention.init_kv_cache`), or, with `scan_layers`, one dict of the same arrays
-    stacked on a leading `num_layers` axis. With `rope_2d` or
-    `image_pos_embed` it also holds
+    stacked on a leading `num_layers` axis. With `rope_2d` or `image_pos_embed` it also holds
     `"image_run": [B, L] int32` (the image-run count at each slot, see `layers.image_run_index`).
     """
-    self.validate()
-    one = lambda: attention.init_kv_cache(batch, max_len, self.kv_heads(), self.head_size(),
-                                          dtype)
-    if self.scan_layers:
-      stacked = jax.tree.map(lambda x: jnp.zeros((self.num_layers,) + x.shape, x.dtype), one())
+    cfg = self.config
+    one = lambda: attention.init_kv_cache(batch, max_len, cfg.kv_heads(), cfg.head_size(), dtype)
+    if cfg.scan_layers:
+      stacked = jax.tree.map(lambda x: jnp.zeros((cfg.num_layers,) + x.shape, x.dtype), one())
       cache = {"layers": stacked}
     else:
-      cache = {"layers": [one() for _ in range(self.num_layers)]}
-    if self._tracks_image_runs():
+      cache = {"layers": [one() for _ in range(cfg.num_layers)]}
+    if cfg.tracks_image_runs():
       cache["image_run"] = jnp.zeros((batch, max_len), jnp.int32)
     return cache
 
@@ -264,13 +364,13 @@ class Transformer(nn.Module):
     Returns:
       `(logits [B, S, vocab_size] float32 (or [B, S, size]), new cache or None)`.
     """
-    self.validate()
+    cfg = self.config
     b, s = tokens.shape
     if logits_slice is not None:
       start, size = logits_slice
-      if start < 0 or size <= 0 or start + size > self.vocab_size:
+      if start < 0 or size <= 0 or start + size > cfg.vocab_size:
         raise ValueError(f"logits_slice={logits_slice} must lie inside the vocabulary "
-                         f"[0, {self.vocab_size}).")
+                         f"[0, {cfg.vocab_size}).")
     if decode and (cache is None or positions is None):
       raise ValueError("decode=True needs `cache=model.init_cache(...)` and explicit `positions`.")
     if cache is not None and not decode:
@@ -281,20 +381,19 @@ class Transformer(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     positions = jnp.asarray(positions, jnp.int32)
-    kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
-    head_dim = self.head_size()
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    head_dim = cfg.head_size()
 
-    embed = TokenEmbed(self.vocab_size, self.dim, image_offset=self.image_offset,
-                       image_size=self.image_size,
-                       codebook_dim=self.codebook_dim if self.image_embed_init == "codebook" else 0,
-                       code_levels=(tuple(self.code_levels)
-                                    if self.image_embed_init == "levels" else ()),
+    embed = TokenEmbed(cfg.vocab_size, cfg.dim, image_offset=cfg.image_offset,
+                       image_size=cfg.image_size,
+                       codebook_dim=cfg.codebook_dim if cfg.image_embed_init == "codebook" else 0,
+                       code_levels=cfg.code_levels if cfg.image_embed_init == "levels" else (),
                        name="embed", **kw)
     x = layers.constrain(embed(tokens), layers.ACT_EMBED)
 
     new_cache = None if cache is None else {}
-    if self._tracks_image_runs():
-      is_image = (tokens >= self.image_offset) & (tokens < self.image_offset + self.image_size)
+    if cfg.tracks_image_runs():
+      is_image = (tokens >= cfg.image_offset) & (tokens < cfg.image_offset + cfg.image_size)
       if decode:
         prev_slot = jnp.maximum(positions[:, 0] - 1, 0)
         previous = jnp.take_along_axis(cache["image_run"], prev_slot[:, None], axis=1)[:, 0]
@@ -308,23 +407,23 @@ class Transformer(nn.Module):
           starts = jnp.concatenate([jnp.ones((b, 1), bool),
                                     segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
         run = layers.image_run_index(is_image, starts=starts)
-    if self.image_pos_embed:
-      cells = self.grid[0] * self.grid[1]
+    if cfg.image_pos_embed:
+      cells = cfg.grid[0] * cfg.grid[1]
       table = self.param("image_position", nn.with_logical_partitioning(
-          nn.initializers.normal(stddev=1.0 / math.sqrt(self.dim)), ("image_cells", "embed")),
-                         (cells, self.dim), kw["param_dtype"])
+          nn.initializers.normal(stddev=1.0 / math.sqrt(cfg.dim)), ("image_cells", "embed")),
+                         (cells, cfg.dim), kw["param_dtype"])
       cell = jnp.mod(jnp.maximum(run - 1, 0), cells)
       x = x + jnp.where((run > 0)[..., None], jnp.take(jnp.asarray(table, x.dtype), cell, axis=0),
                         jnp.zeros((), x.dtype))
       x = layers.constrain(x, layers.ACT_EMBED)
-    if self.rope_2d:
-      rows, cols = layers.image_rows_cols(positions, run, tuple(self.grid))
-      sin, cos = layers.rope_2d(rows, cols, head_dim, self.rope_theta)
+    if cfg.rope_2d:
+      rows, cols = layers.image_rows_cols(positions, run, cfg.grid)
+      sin, cos = layers.rope_2d(rows, cols, head_dim, cfg.rope_theta)
     else:
-      sin, cos = layers.rope_1d(positions, head_dim, self.rope_theta)
+      sin, cos = layers.rope_1d(positions, head_dim, cfg.rope_theta)
 
     if decode:
-      values = cache["layers"]["v"] if self.scan_layers else cache["layers"][0]["v"]
+      values = cache["layers"]["v"] if cfg.scan_layers else cache["layers"][0]["v"]
       cache_len = values.shape[-2]
       mask = attention.make_decode_mask(positions, cache_len)
     elif segment_ids is not None:
@@ -333,118 +432,60 @@ class Transformer(nn.Module):
       mask = None
     layer_positions = positions if decode else None
 
-    block_kw = dict(num_heads=self.num_heads, num_kv_heads=self.kv_heads(), head_dim=head_dim,
-                    mlp_dim=self.mlp_dim, qk_norm=self.qk_norm,
-                    attention_impl=self.attention_impl, query_chunks=self.query_chunks,
-                    norm_eps=self.norm_eps, **kw)
+    block_kw = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads(), head_dim=head_dim,
+                    mlp_dim=cfg.mlp_dim, qk_norm=cfg.qk_norm,
+                    attention_impl=cfg.attention_impl, query_chunks=cfg.query_chunks,
+                    norm_eps=cfg.norm_eps, **kw)
     block_cls = Block
-    policy = REMAT_POLICIES[self.remat_policy]
-    if self.remat_policy != "none":
-      block_cls = nn.remat(Block, policy=policy, prevent_cse=not self.scan_layers)
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.remat_policy != "none":
+      block_cls = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
     layer_cache = None if cache is None else cache["layers"]
-    if self.scan_layers:
+    if cfg.scan_layers:
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x, out_cache = stack(name="layers", **block_kw)(x, layer_cache, sin, cos, mask,
                                                       layer_positions)
     else:
       out_cache = []
-      for i in range(self.num_layers):
+      for i in range(cfg.num_layers):
         c = None if layer_cache is None else layer_cache[i]
         x, c = block_cls(name=f"layer_{i}", **block_kw)(x, c, sin, cos, mask, layer_positions)
         out_cache.append(c)
     if new_cache is not None:
       new_cache["layers"] = out_cache
 
-    x = layers.RMSNorm(self.norm_eps, name="final_norm", **kw)(x)
-    if self.tie_embeddings:
+    x = layers.RMSNorm(cfg.norm_eps, name="final_norm", **kw)(x)
+    if cfg.tie_embeddings:
       logits = embed.attend(x, rows=logits_slice)
     else:
-      head = layers.Dense(self.vocab_size, axes=("embed", "vocab"), name="head", **kw)
+      head = layers.Dense(cfg.vocab_size, axes=("embed", "vocab"), name="head", **kw)
       logits = head(x, out_slice=logits_slice).astype(jnp.float32)
     logits = layers.constrain(logits, layers.ACT_VOCAB)
     return logits, new_cache
 
 
-_FIELDS = ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim", "num_kv_heads", "head_dim",
-           "qk_norm", "tie_embeddings", "rope_theta", "rope_2d", "image_pos_embed", "image_offset",
-           "image_size", "grid", "image_embed_init", "codebook_dim", "code_levels", "scan_layers",
-           "remat_policy", "norm_eps",
-           "dtype", "param_dtype", "attention_impl", "query_chunks")
+def param_counts(config: TransformerConfig) -> dict[str, int]:
+  """Parameters of `Transformer(config)` per top-level module: `"embed"`, `"layers"` (all blocks,
+  scanned or not), `"final_norm"` and, when they exist, `"image_position"` and `"head"`. Read off
+  the abstract init (`jax.eval_shape`: nothing is computed or allocated); the codebook collection
+  is not a parameter and is not counted.
+
+  Settings that leave the parameters alone (remat_policy, attention_impl, query_chunks) are reset
+  for the trace, so any config can be counted on any backend.
+  """
+  plain = config.replace(remat_policy="none", attention_impl="xla", query_chunks=1)
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  abstract = jax.eval_shape(Transformer(plain).init, jax.random.key(0), tokens)
+  counts: dict[str, int] = {}
+  for name, tree in nn.meta.unbox(abstract["params"]).items():
+    group = "layers" if name.startswith("layer_") else name
+    size = sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    counts[group] = counts.get(group, 0) + size
+  return counts
 
 
-def _validate(*, vocab_size, dim, num_layers, num_heads, mlp_dim, num_kv_heads=None,
-              head_dim=None, rope_2d=False, image_pos_embed=False, image_offset=0, image_size=0,
-              grid=None,
-              image_embed_init="learned", codebook_dim=0, code_levels=(), remat_policy="none",
-              attention_impl="xla", query_chunks=1, **unused) -> None:
-  del unused
-  for name, value in (("vocab_size", vocab_size), ("dim", dim), ("num_layers", num_layers),
-                      ("num_heads", num_heads), ("mlp_dim", mlp_dim)):
-    if value <= 0:
-      raise ValueError(f"Transformer {name}={value} must be > 0.")
-  kvh = num_kv_heads or num_heads
-  if num_heads % kvh:
-    raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={kvh}.")
-  if not head_dim and dim % num_heads:
-    raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}; set head_dim.")
-  hd = head_dim or dim // num_heads
-  if hd % 2:
-    raise ValueError(f"head_dim={hd} must be even for RoPE.")
-  if image_offset < 0 or image_size < 0 or image_offset + image_size > vocab_size:
-    raise ValueError(f"image ids [{image_offset}, {image_offset + image_size}) must lie inside "
-                     f"the vocabulary of size {vocab_size}.")
-  if rope_2d and hd % 4:
-    raise ValueError(f"rope_2d needs head_dim divisible by 4, got {hd}.")
-  has_grid = image_size > 0 and grid is not None and len(grid) == 2 and min(grid) > 0
-  for name, on in (("rope_2d", rope_2d), ("image_pos_embed", image_pos_embed)):
-    if on and not has_grid:
-      raise ValueError(f"{name} needs image_size > 0 and grid=(h, w) of the image code grid.")
-  if image_embed_init not in IMAGE_EMBED_INITS:
-    raise ValueError(f"image_embed_init={image_embed_init!r}; use one of {IMAGE_EMBED_INITS}.")
-  if image_embed_init == "codebook" and (codebook_dim <= 0 or image_size <= 0):
-    raise ValueError("image_embed_init='codebook' needs image_size > 0 and codebook_dim > 0 (the "
-                     "image tokenizer's codebook width).")
-  if image_embed_init == "levels":
-    levels = tuple(int(l) for l in code_levels)
-    if not levels or min(levels) < 2 or math.prod(levels) != image_size:
-      raise ValueError(f"image_embed_init='levels' needs code_levels (the FSQ levels, each >= 2) "
-                       f"whose product is image_size={image_size}, got {levels}; it applies to "
-                       "FSQ image tokenizers only.")
-  if remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy={remat_policy!r}; use one of {tuple(REMAT_POLICIES)}.")
-  if int(query_chunks) < 1:
-    raise ValueError(f"query_chunks={query_chunks} must be >= 1 (1 turns chunking off).")
-  if attention_impl not in attention.IMPLEMENTATIONS:
-    raise ValueError(f"attention_impl={attention_impl!r}; use one of "
-                     f"{attention.IMPLEMENTATIONS}.")
-
-
-def count_params(**model_kwargs: Any) -> int:
-  """Closed-form number of parameters of `Transformer(**model_kwargs)` (the codebook excluded)."""
-  unknown = set(model_kwargs) - set(_FIELDS)
-  if unknown:
-    raise ValueError(f"count_params got unknown arguments {sorted(unknown)}; valid: {_FIELDS}.")
-  _validate(**model_kwargs)
-  d, v = model_kwargs["dim"], model_kwargs["vocab_size"]
-  heads = model_kwargs["num_heads"]
-  kvh = model_kwargs.get("num_kv_heads") or heads
-  hd = model_kwargs.get("head_dim") or d // heads
-  mlp = model_kwargs["mlp_dim"]
-  attn = d * heads * hd * 2 + d * kvh * hd * 2
-  if model_kwargs.get("qk_norm", False):
-    attn += 2 * hd
-  block = attn + 3 * d * mlp + 2 * d
-  total = model_kwargs["num_layers"] * block + d  # blocks + final norm
-  if model_kwargs.get("image_embed_init", "learned") == "codebook":
-    total += (v - model_kwargs["image_size"]) * d + model_kwargs["codebook_dim"] * d
-  elif model_kwargs.get("image_embed_init", "learned") == "levels":
-    total += (v - model_kwargs["image_size"]) * d + sum(model_kwargs["code_levels"]) * d
-  else:
-    total += v * d
-  if not model_kwargs.get("tie_embeddings", True):
-    total += d * v
-  if model_kwargs.get("image_pos_embed", False):
-    total += model_kwargs["grid"][0] * model_kwargs["grid"][1] * d
-  return total
+def count_params(config: TransformerConfig) -> int:
+  """Number of parameters of `Transformer(config)` (the codebook excluded; see `param_counts`)."""
+  return sum(param_counts(config).values())

@@ -1,7 +1,7 @@
 """Generation from a trained LM run: text-to-image, captioning, interleaved and video continuation.
 
 `Generator(run)` wraps a run (anything with `model`, `params`, `vocab`, `text_tokenizer` and
-`tokenizer_run()`, e.g. `vqlm.train.lm_stage.LMRun`) in one `Sampler` whose compiled loops are
+`tokenizer_run()`, e.g. `vqlm.stages.lm.LMRun`) in one `Sampler` whose compiled loops are
 reused across calls. Batches have a fixed size (the last one is padded with inactive rows) and
 prompt lengths are bucketed, so a call never recompiles for a new prompt. Row `i` of a call draws
 with seed `(seed, i)`: results do not depend on `batch_size`. A tqdm bar runs over batches.
@@ -64,7 +64,7 @@ class Generator:
     self.progress = progress
     self._image_tokenizer = image_tokenizer
     variables = {"params": run.params}
-    if getattr(run.model, "image_embed_init", "learned") == "codebook":
+    if run.model.config.image_embed_init == "codebook":
       codebook = np.asarray(self.image_tokenizer.codebook(), np.float32)
       variables["codebook"] = {"embed": {"vectors": codebook}}
     trainer = getattr(run, "trainer", None)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vqlm import mesh as mesh_lib
+from vqlm.runtime import mesh as mesh_lib
 from vqlm.sample import constraints as cons
 from vqlm.sample import processors
 from vqlm.vocab import Vocab
@@ -156,7 +156,7 @@ class Sampler:
   """Samples continuations of prompts with a `vqlm.nn.transformer.Transformer`.
 
   Args:
-    model: the Transformer (its `vocab_size` must be `vocab.padded_size`).
+    model: the Transformer (its `config.vocab_size` must be `vocab.padded_size`).
     variables: `{"params": ...}` (+ `"codebook"` for codebook-initialised image embeddings).
     vocab: the run's Vocab.
     mesh, rules: optional mesh and logical-axis rules; the call then runs inside them and the
@@ -172,15 +172,15 @@ class Sampler:
   def __init__(self, model: nn.Module, variables: dict[str, Any], vocab: Vocab, *,
                mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None,
                prompt_bucket: int = 16, cache_dtype: Any = None, dtype: Any = None):
-    if model.vocab_size != vocab.padded_size:
-      raise ValueError(f"the model's vocab_size={model.vocab_size} is not the vocab's "
+    if model.config.vocab_size != vocab.padded_size:
+      raise ValueError(f"the model's vocab_size={model.config.vocab_size} is not the vocab's "
                        f"padded_size={vocab.padded_size}; load the model and vocab of one run.")
     if prompt_bucket <= 0:
       raise ValueError(f"prompt_bucket={prompt_bucket} must be >= 1.")
     variables = nn.meta.unbox(variables)
     if dtype is not None:
       dtype = jnp.dtype(dtype)
-      model = model.clone(dtype=dtype, param_dtype=dtype)
+      model = model.clone(config=model.config.replace(dtype=dtype, param_dtype=dtype))
       cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
       variables = {**variables, "params": jax.tree.map(cast, variables["params"])}
     self.model = model
@@ -189,7 +189,7 @@ class Sampler:
     self.mesh = mesh
     self.rules = tuple(rules or ())
     self.prompt_bucket = prompt_bucket
-    self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
+    self.cache_dtype = jnp.dtype(cache_dtype or model.config.dtype)
     self._jitted = {}
 
   def _fn(self, mode: str, max_new_tokens: int, use_cfg: bool, return_logits: bool):

@@ -25,8 +25,8 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from vqlm import mesh as mesh_lib
-from vqlm.checkpoint import Checkpointer
+from vqlm.runtime import mesh as mesh_lib
+from vqlm.runtime.checkpoint import Checkpointer
 from vqlm.train.metrics import MetricWriter
 from vqlm.train.state import TrainState
 

@@ -2,10 +2,10 @@
 import jax
 import numpy as np
 
-from configs.tokenizer import get_config
-from vqlm import mesh as mesh_lib
-from vqlm.checkpoint import Checkpointer, to_numpy
-from vqlm.train import tokenizer_stage
+from vqlm.stages.tokenizer_config import get_config
+from vqlm.runtime import mesh as mesh_lib
+from vqlm.runtime.checkpoint import Checkpointer, to_numpy
+from vqlm.stages import tokenizer as tokenizer_stage
 
 
 def test_save_restore_gives_identical_next_step(tmp_path):

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqlm import optim
+from vqlm.train import optim
 from vqlm.nn.transformer import Transformer
-from vqlm.train import lm
+from vqlm.train import lm_task as lm
 from vqlm.train.state import TrainState
 
 V, OFF, K = 64, 40, 20

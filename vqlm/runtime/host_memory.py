@@ -13,7 +13,7 @@ and for large steps its fragmentation can raise the peak well above the live dat
 The `vqlm` command and `python -m vqlm.bench` call it before JAX starts; a script that imports
 vqlm as a library calls it first thing:
 
-    from vqlm import host_memory
+    from vqlm.runtime import host_memory
     host_memory.reuse_host_memory()   # before the first JAX computation or jax.devices()
 
 It must run before XLA creates its CPU worker threads: a thread that already has its own malloc

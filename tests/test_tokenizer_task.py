@@ -8,7 +8,7 @@ import pytest
 
 from vqlm.nn.discriminator import hinge_g_loss
 from vqlm.nn.perceptual import random_feature_weights, save_feature_weights
-from vqlm.train.tokenizer import TokenizerTask, loss_config, psnr
+from vqlm.train.tokenizer_task import TokenizerTask, loss_config, psnr
 
 
 def rng_key(seed):

@@ -75,7 +75,7 @@ def _split_sizes(p: Preset) -> dict[str, int]:
 
 
 def tokenizer_config(p: Preset, data_dir: str) -> ml_collections.ConfigDict:
-  from configs.tokenizer import get_config
+  from vqlm.stages.tokenizer_config import get_config
   bottleneck = "fsq" if p.fsq_levels else "vq"
   c = get_config(f"size=small,data=shapes,encoder={p.tokenizer_encoder},bottleneck={bottleneck}")
   if p.fsq_levels:
@@ -92,7 +92,7 @@ def tokenizer_config(p: Preset, data_dir: str) -> ml_collections.ConfigDict:
 
 
 def lm_config(p: Preset, codes: str) -> ml_collections.ConfigDict:
-  from configs.lm import get_config
+  from vqlm.stages.lm_config import get_config
   c = get_config(f"size={p.lm_size}")
   c.data.codes = codes
   c.train.steps = p.lm_steps
@@ -115,7 +115,7 @@ def lm_config(p: Preset, codes: str) -> ml_collections.ConfigDict:
 
 
 def _latest_step(run_dir: str) -> int | None:
-  from vqlm.checkpoint import Checkpointer
+  from vqlm.runtime.checkpoint import Checkpointer
   path = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(path):
     return None
@@ -190,7 +190,7 @@ class Demo:
     self.log(f"shapes data set in {self.data_dir}: {sizes}")
 
   def stage_tokenizer(self) -> None:
-    from vqlm.train import tokenizer_stage
+    from vqlm.stages import tokenizer as tokenizer_stage
     config = tokenizer_config(self.p, self.data_dir)
     done = _latest_step(self.tokenizer_dir) == config.train.steps
     if done and "tokenizer" in _read_eval(self.tokenizer_dir):
@@ -211,7 +211,7 @@ class Demo:
 
   def stage_encode(self) -> None:
     from vqlm.data.code_shards import encode_split
-    from vqlm.train.tokenizer_stage import load_tokenizer
+    from vqlm.stages.tokenizer import load_tokenizer
     run = load_tokenizer(self.tokenizer_dir)
     rates = {}
     for split in ("train", "validation", "test", "test_heldout"):
@@ -221,7 +221,7 @@ class Demo:
     self.log(f"encoded into {self.codes_dir}; images/s: {rates}")
 
   def stage_lm(self) -> None:
-    from vqlm.train import lm_stage
+    from vqlm.stages import lm as lm_stage
     config = lm_config(self.p, self.codes_dir)
     if _latest_step(self.lm_dir) == config.train.steps:
       self.log(f"LM already trained ({self.lm_dir}); skipping")
@@ -239,7 +239,7 @@ class Demo:
     from vqlm import imaging
     from vqlm.eval import text_image
     from vqlm.sample.api import Generator
-    from vqlm.train.lm_stage import LMRun
+    from vqlm.stages.lm import LMRun
     existing = _read_eval(self.workdir)
     if all(k in existing for k in ("text_to_image", "text_to_image_heldout", "image_to_text")):
       self.log("generation already evaluated; skipping")

@@ -8,21 +8,21 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from configs.common import as_kwargs
+from vqlm.runtime.config import as_kwargs
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from vqlm import imaging
-from vqlm import mesh as mesh_lib
+from vqlm.runtime import mesh as mesh_lib
 from vqlm import runs
-from vqlm.checkpoint import Checkpointer
+from vqlm.runtime.checkpoint import Checkpointer
 from vqlm.eval import reconstruction
 from vqlm.nn.image_tokenizer import ImageTokenizer
-from vqlm.optim import make_optimizer
+from vqlm.train.optim import make_optimizer
 from vqlm.train import loop
-from vqlm.train.tokenizer import TokenizerTask
+from vqlm.train.tokenizer_task import TokenizerTask
 
 
 def source_from_config(data: ml_collections.ConfigDict, split: str):
@@ -132,7 +132,8 @@ def evaluate(run: TokenizerRun, *, split: str = "test", num_examples: int = 1000
   originals, recons, codes, agree = [], [], [], []
   parse = None
   if run.config.data.name == "shapes":
-    from vqlm.data import scene_parser, shapes
+    from vqlm.data import shapes
+    from vqlm.eval import scene_parser
     parse = (scene_parser.parse_image, shapes.canonical)
   for start in range(0, n, batch_size):
     items = [source[i] for i in range(start, min(n, start + batch_size))]

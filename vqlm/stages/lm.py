@@ -12,18 +12,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqlm import mesh as mesh_lib
+from vqlm.runtime import mesh as mesh_lib
 from vqlm import runs
-from vqlm.checkpoint import Checkpointer
+from vqlm.runtime.checkpoint import Checkpointer
 from vqlm.data import pipeline
 from vqlm.data.code_shards import CodeShards, read_manifest
 from vqlm.data.sequences import SequenceBuilder, needed_seq_len
 from vqlm.nn.transformer import Transformer
-from vqlm.optim import make_optimizer
+from vqlm.train.optim import make_optimizer
 from vqlm.text import TextTokenizer, train_sentencepiece
 from vqlm.train import loop
-from vqlm.train.lm import LMTask, eval_summary
-from configs.common import as_kwargs
+from vqlm.train.lm_task import LMTask, eval_summary
+from vqlm.runtime.config import as_kwargs
 from vqlm.vocab import Vocab
 
 TEXT_MODEL = "text.model"
@@ -145,7 +145,7 @@ def build_trainer(config: ml_collections.ConfigDict, vocab: Vocab, *,
   optimizer, _ = make_optimizer(total_steps=config.train.steps, **as_kwargs(config.optim))
   codebook = None
   if config.model.image_embed_init == "codebook":
-    from vqlm.train.tokenizer_stage import load_tokenizer
+    from vqlm.stages.tokenizer import load_tokenizer
     codebook = jnp.asarray(load_tokenizer(config.data.tokenizer).codebook())
   task = LMTask(model=model, optimizer=optimizer, z_loss_weight=config.loss.z_loss,
                 image_offset=vocab.image_offset, image_size=vocab.image_size, codebook=codebook)
@@ -280,7 +280,7 @@ class LMRun:
 
   def tokenizer_run(self):
     """The image tokenizer this LM was trained with (to decode generated codes)."""
-    from vqlm.train.tokenizer_stage import load_tokenizer
+    from vqlm.stages.tokenizer import load_tokenizer
     path = self.config.data.tokenizer
     if not os.path.isdir(path):
       raise FileNotFoundError(f"the image tokenizer run {path} recorded by {self.workdir} is "

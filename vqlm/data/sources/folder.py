@@ -1,0 +1,211 @@
+"""The folder source: a directory of images, optionally captioned by captions.jsonl or
+captions.csv."""
+import csv
+import hashlib
+import json
+import pathlib
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from vqlm.data import transforms
+from vqlm.data.sources.base import Source, _check_split
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_CAPTION_FILES = ("captions.jsonl", "captions.csv")
+
+
+def _read_captions(root: pathlib.Path) -> tuple[list[dict[str, str]], pathlib.Path] | None:
+  """Rows {"file", "text"[, "split"]} of root's captions file, or None if it has none."""
+  found = [root / f for f in _CAPTION_FILES if (root / f).is_file()]
+  if len(found) > 1:
+    raise ValueError(f"{root} has both captions.jsonl and captions.csv; keep one")
+  if not found:
+    return None
+  path = found[0]
+  rows = []
+  if path.suffix == ".jsonl":
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+      if not isinstance(row, dict) or not {"file", "text"} <= row.keys():
+        raise ValueError(f"{path}:{lineno}: each line needs keys 'file' and 'text', got "
+                         f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+      rows.append(row)
+  else:
+    with path.open(newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f)
+      if not {"file", "text"} <= set(reader.fieldnames or ()):
+        raise ValueError(f"{path} needs a header with columns 'file', 'text', got "
+                         f"{reader.fieldnames}")
+      rows = list(reader)
+  for row in rows:
+    if not isinstance(row["file"], str) or not isinstance(row["text"], str):
+      raise ValueError(f"{path}: 'file' and 'text' must be strings, got {row}")
+  return [{k: str(v) for k, v in row.items() if k in ("file", "text", "split") and v is not None}
+          for row in rows], path
+
+
+def _hash_fraction(file: str) -> float:
+  digest = hashlib.blake2b(file.encode("utf-8"), digest_size=8).digest()
+  return int.from_bytes(digest, "big") / 2.0**64
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).splitlines()[0] if str(error) else ""
+  return f"{type(error).__name__}: {text}"[:200]
+
+
+def _pil_to_array(image: Image.Image) -> np.ndarray:
+  """A PIL image of any mode -> uint8 `[H, W]`, `[H, W, 2]` (gray + alpha), RGB or RGBA."""
+  mode = image.mode
+  if mode in ("L", "LA", "RGB", "RGBA"):
+    return np.array(image)
+  if mode in ("P", "PA"):
+    has_alpha = mode == "PA" or "transparency" in image.info
+    return np.array(image.convert("RGBA" if has_alpha else "RGB"))
+  if mode in ("RGBa", "La"):
+    return np.array(image.convert(mode.upper()))
+  if mode == "1":
+    return np.array(image.convert("L"))
+  if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grayscale.
+    values = np.asarray(image, np.float64)
+    if mode.startswith("I;16") or (mode == "I" and values.max(initial=0) > 255):
+      values = values / 257.0
+    elif mode == "F" and values.max(initial=0) <= 1.0:
+      values = values * 255.0
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+  return np.array(image.convert("RGB"))  # CMYK, YCbCr, LAB, HSV, ...
+
+
+class FolderSource(Source):
+  """A directory of images, with captions from `captions.jsonl` or `captions.csv`.
+
+  Captions: `captions.jsonl` lines `{"file": "a.png", "text": "..."}` or `captions.csv` with
+  columns `file,text` (paths relative to the folder). Only the listed files are used; a file
+  listed several times gives several examples (one per caption). Without a captions file, every
+  image under the folder (recursively) is used with empty text.
+
+  Splits: if every row has a "split" value, `split` selects those rows (any name). Otherwise a
+  hash of the file name puts a `validation_fraction` of files in "validation", the rest in
+  "train"; "all" always selects everything.
+
+  Images are converted to RGB (grayscale repeated; alpha composited over `background`, white by
+  default; palettes expanded; 16-bit scaled; EXIF rotation applied) and resized (shorter side) +
+  centre-cropped to `image_size`. At construction every file's header is checked with PIL's
+  `verify()`: unreadable or missing files are dropped (`skipped`, one warning). A file that still
+  fails to decode in `__getitem__` is recorded in `failed` and the next readable example (in index
+  order, wrapping) is returned instead, so an epoch never stops on a bad file.
+  """
+
+  def __init__(self, directory: str | pathlib.Path, *, split: str = "train",
+               image_size: int = 32, validation_fraction: float = 0.05,
+               method: str = "bicubic", background: str | int = "white", name: str = "folder"):
+    root = pathlib.Path(directory)
+    if not root.is_dir():
+      raise ValueError(f"image folder {root} does not exist or is not a directory")
+    if not 0.0 <= validation_fraction <= 1.0:
+      raise ValueError(f"validation_fraction must be in [0, 1], got {validation_fraction}")
+    self.name, self.split, self.image_size = name, split, image_size
+    self.root, self._method, self._background = root, method, background
+    captions = _read_captions(root)
+    if captions is None:
+      files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                     if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+      rows = [{"file": f, "text": ""} for f in files]
+      source_desc = str(root)
+    else:
+      rows, path = captions
+      source_desc = str(path)
+    rows = self._select_split(rows, split, validation_fraction, source_desc)
+    self.skipped: dict[str, str] = {}  # file -> reason, found at construction.
+    self.failed: dict[str, str] = {}  # file -> reason, found while reading examples.
+    readable = set()
+    for file in dict.fromkeys(r["file"] for r in rows):
+      try:
+        with Image.open(root / file) as image:
+          image.verify()
+        readable.add(file)
+      except Exception as e:  # pylint: disable=broad-except
+        self.skipped[file] = _one_line(e)
+    if self.skipped:
+      first, reason = next(iter(self.skipped.items()))
+      warnings.warn(f"skipped {len(self.skipped)} unreadable images in {root} "
+                    f"(first: {first}: {reason})")
+    rows = [r for r in rows if r["file"] in readable]
+    if not rows:
+      raise ValueError(f"no usable images in {root} for split {split!r} "
+                       f"({len(self.skipped)} unreadable)")
+    self._files = [r["file"] for r in rows]
+    self._texts = [r["text"] for r in rows]
+    self._lock = threading.Lock()
+
+  @staticmethod
+  def _select_split(rows: list[dict[str, str]], split: str, validation_fraction: float,
+                    where: str) -> list[dict[str, str]]:
+    if split == "all":
+      return rows
+    with_split = [bool(r.get("split")) for r in rows]
+    if rows and all(with_split):
+      valid = sorted({r["split"] for r in rows})
+      _check_split(split, valid + ["all"], f"the 'split' column of {where}")
+      return [r for r in rows if r["split"] == split]
+    if any(with_split):
+      raise ValueError(f"{where}: some rows have a 'split' value and some do not; fill them all "
+                       "or drop the column")
+    _check_split(split, ("train", "validation", "all"), where)
+    in_validation = [_hash_fraction(r["file"]) < validation_fraction for r in rows]
+    return [r for r, v in zip(rows, in_validation) if v == (split == "validation")]
+
+  def __getstate__(self) -> dict:
+    return {**self.__dict__, "_lock": None}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+  def load_image(self, file: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """`(uint8 [S, S, 3], original (h, w))` of one file; raises on unreadable files."""
+    size = self.image_size
+    with Image.open(self.root / file) as image:
+      width, height = image.size
+      if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation turns it 90 degrees.
+        width, height = height, width
+      if image.format == "JPEG":  # Decode big JPEGs at a reduced scale (still >= size).
+        image.draft(image.mode, (size, size))
+      image = ImageOps.exif_transpose(image)
+      array = _pil_to_array(image)
+    original = (height, width)
+    array = transforms.to_rgb(array, self._background)
+    return transforms.resize_shorter_then_center_crop(array, size, self._method), original
+
+  def _get(self, index: int) -> dict[str, Any]:
+    n = len(self._files)
+    for offset in range(n):
+      j = (index + offset) % n
+      file = self._files[j]
+      if file in self.failed:
+        continue
+      try:
+        image, original_size = self.load_image(file)
+      except Exception as e:  # pylint: disable=broad-except
+        with self._lock:
+          if not self.failed:
+            warnings.warn(f"image {file} in {self.root} failed to load ({_one_line(e)}); "
+                          "serving the next readable image instead (see .failed)")
+          self.failed[file] = _one_line(e)
+        continue
+      return {"image": image, "text": self._texts[j], "file": file,
+              "original_size": original_size}
+    raise ValueError(f"none of the {n} images in {self.root} could be read "
+                     f"(first failure: {next(iter(self.failed.items()), '')})")
