@@ -46,6 +46,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.perceptual_weights_path = arg.perceptual
   c.train.batch_size = arg.batch
   c.train.update(log_every=100, sample_every=5000, checkpoint_every=5000, checkpoint_minutes=30.0)
-  c.eval.update(num_examples=10_000, batch_size=250, split="validation")
+  c.evals.tokenizer.update(num_examples=10_000, batch_size=250, split="validation")
   c.mesh.shape.update(data=-1, fsdp=1, tensor=1)
   return c

@@ -17,11 +17,12 @@ import numpy as np
 
 
 def tiny_task():
-  from vqlm.nn.transformer import Transformer
+  from vqlm.nn.transformer import Transformer, TransformerConfig
   from vqlm.train.optim import make_optimizer
   from vqlm.train.lm_task import LMTask
-  model = Transformer(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      mlp_dim=128, image_offset=128, image_size=128, grid=(4, 4))
+  model = Transformer(TransformerConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4,
+                                        num_kv_heads=2, mlp_dim=128, image_offset=128,
+                                        image_size=128, grid=(4, 4)))
   opt, _ = make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10, weight_decay=0.1)
   return LMTask(model=model, optimizer=opt, z_loss_weight=1e-4, image_offset=128, image_size=128)
 

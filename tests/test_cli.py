@@ -108,7 +108,8 @@ def test_tokenizer_run_writes_eval_grids_and_metrics(tiny):
 
 def test_encoded_shards_round_trip_to_direct_encode(tiny):
   from vqlm.data.code_shards import CodeShards
-  from vqlm.stages.tokenizer import load_tokenizer, source_from_config
+  from vqlm.data.sources import source_from_config
+  from vqlm.runs import TokenizerRun as load_tokenizer
   run = load_tokenizer(tiny["tok"])
   shards = CodeShards(tiny["codes"], "validation")
   source = source_from_config(run.config.data, "validation")
@@ -135,7 +136,7 @@ def test_lm_run_has_vocab_text_model_and_losses(tiny):
 
 
 def test_lm_refuses_a_different_tokenizer(tiny, tmp_path):
-  from vqlm.stages.lm import LMRun
+  from vqlm.runs import LMRun
   other = str(tmp_path / "lm")
   shutil.copytree(tiny["lm"], other)
   config = runs.load_config(other)
@@ -151,7 +152,7 @@ def test_lm_refuses_a_different_tokenizer(tiny, tmp_path):
 
 
 def test_level_embeddings_take_the_fsq_levels_of_the_tokenizer(tiny, tmp_path, capsys):
-  from vqlm.stages.lm import LMRun
+  from vqlm.runs import LMRun
   lm = str(tmp_path / "lm")
   args = ["vqlm", "train", "--config", "configs/lm.py:size=tiny",
           f"--config.data.codes={tiny['codes']}", "--workdir", lm, "--progress=false",
@@ -167,8 +168,8 @@ def test_level_embeddings_take_the_fsq_levels_of_the_tokenizer(tiny, tmp_path, c
   runs.save_config(fsq, tok_config)
   assert cli.main(args + [f"--config.data.tokenizer={fsq}"]) == 0
   run = LMRun(lm)
-  assert tuple(run.model.code_levels) == (4, 8) and run.model.image_embed_init == "levels"
-  assert run.params["embed"]["level_embedding"].shape == (12, run.model.dim)
+  assert tuple(run.model.config.code_levels) == (4, 8) and run.model.config.image_embed_init == "levels"
+  assert run.params["embed"]["level_embedding"].shape == (12, run.model.config.dim)
 
 
 def test_lm_refuses_a_vocab_that_does_not_match_the_data(tiny, tmp_path):
@@ -186,7 +187,7 @@ def test_lm_refuses_a_vocab_that_does_not_match_the_data(tiny, tmp_path):
 
 def test_lm_refuses_a_text_model_that_does_not_match_the_vocab(tiny, tmp_path):
   from vqlm.text import train_sentencepiece
-  from vqlm.stages.lm import LMRun
+  from vqlm.runs import LMRun
   other = str(tmp_path / "lm")
   shutil.copytree(tiny["lm"], other)
   train_sentencepiece(["a b c d e f g h i j k l m n o p"] * 10,
@@ -198,7 +199,7 @@ def test_lm_refuses_a_text_model_that_does_not_match_the_vocab(tiny, tmp_path):
 def test_encode_video_clips_round_trip(tiny, tmp_path):
   from vqlm.data.code_shards import CodeShards, encode_split
   from vqlm.data.moving_shapes import MovingShapesSource
-  from vqlm.stages.tokenizer import load_tokenizer
+  from vqlm.runs import TokenizerRun as load_tokenizer
   run = load_tokenizer(tiny["tok"])
   clips = MovingShapesSource(split="validation", num_clips=3, num_frames=4)
   encode_split(run, clips, str(tmp_path / "video"), split="validation", progress=False)

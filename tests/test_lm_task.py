@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vqlm.train import optim
-from vqlm.nn.transformer import Transformer
+from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.train import lm_task as lm
 from vqlm.train.state import TrainState
 
@@ -29,7 +29,8 @@ def _batch(seed=0, b=2, s=12):
 def _task(z_loss=0.0, lr=3e-3, **model_kw):
   tx, _ = optim.make_optimizer(learning_rate=lr, warmup_steps=0, total_steps=100,
                                weight_decay=0.01)
-  return lm.LMTask(model=Transformer(**MODEL, **model_kw), optimizer=tx, z_loss_weight=z_loss,
+  model = Transformer(TransformerConfig(**MODEL, **model_kw))
+  return lm.LMTask(model=model, optimizer=tx, z_loss_weight=z_loss,
                    image_offset=OFF, image_size=K)
 
 
@@ -132,7 +133,8 @@ def test_training_lowers_loss_on_a_repeated_batch():
 def test_codebook_task_keeps_the_codebook_fixed_in_extra():
   codebook = jax.random.normal(jax.random.key(3), (K, 5))
   tx, _ = optim.make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
-  model = Transformer(**dict(MODEL, num_layers=1), image_embed_init="codebook", codebook_dim=5)
+  model = Transformer(TransformerConfig(**dict(MODEL, num_layers=1), image_embed_init="codebook",
+                                        codebook_dim=5))
   with pytest.raises(ValueError, match="codebook"):
     lm.LMTask(model=model, optimizer=tx, z_loss_weight=0.0, image_offset=OFF, image_size=K)
   with pytest.raises(ValueError, match="shape"):

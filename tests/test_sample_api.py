@@ -7,7 +7,7 @@ import pytest
 from vqlm import imaging
 from vqlm.commands import caption as caption_cmd
 from vqlm.commands import generate as generate_cmd
-from vqlm.nn.transformer import Transformer
+from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.sample import api
 from vqlm.sample.processors import SamplingConfig, Settings
 from vqlm.text import TextTokenizer, train_sentencepiece
@@ -54,9 +54,9 @@ def run(tmp_path_factory):
   tokenizer = TextTokenizer.load(path)
   vocab = Vocab(text_size=tokenizer.vocab_size, image_size=K, grid=GRID, num_reserved=2,
                 pad_to=16)
-  model = Transformer(vocab_size=vocab.padded_size, dim=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, mlp_dim=128, image_offset=vocab.image_offset,
-                      image_size=K, grid=GRID)
+  model = Transformer(TransformerConfig(
+      vocab_size=vocab.padded_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+      mlp_dim=128, image_offset=vocab.image_offset, image_size=K, grid=GRID))
   return FakeRun(model=model, params=random_variables(model)["params"], vocab=vocab,
                  text_tokenizer=tokenizer)
 
@@ -156,7 +156,7 @@ def test_bad_inputs_raise(gen):
 
 
 def test_generate_command_writes_a_grid_and_each_image(run, gen, tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(generate_cmd, "load_run", lambda workdir: run)
+  monkeypatch.setattr(generate_cmd, "load_run", lambda workdir, tokenizer=None: run)
   prompt_file = tmp_path / "prompts.txt"
   prompt_file.write_text("a blue circle\n\n")
   out = tmp_path / "samples.png"
@@ -176,7 +176,7 @@ def test_generate_command_writes_a_grid_and_each_image(run, gen, tmp_path, monke
 
 
 def test_generate_command_samples_in_bfloat16_on_request(run, tmp_path, monkeypatch):
-  monkeypatch.setattr(generate_cmd, "load_run", lambda workdir: run)
+  monkeypatch.setattr(generate_cmd, "load_run", lambda workdir, tokenizer=None: run)
   out = tmp_path / "bf16.png"
   rc = generate_cmd.main(["vqlm generate", "--workdir", str(tmp_path), "--prompt", "a red square",
                           "--num", "2", "--out", str(out), "--dtype", "bfloat16", "--noprogress"])
@@ -187,7 +187,7 @@ def test_generate_command_samples_in_bfloat16_on_request(run, tmp_path, monkeypa
 
 
 def test_caption_command_prints_one_line_per_image(run, gen, tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(caption_cmd, "load_run", lambda workdir: run)
+  monkeypatch.setattr(caption_cmd, "load_run", lambda workdir, tokenizer=None: run)
   tok = run.tokenizer_run()
   paths = []
   for i in range(2):

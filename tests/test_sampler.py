@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqlm.nn.transformer import Transformer
+from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.sample.processors import SamplingConfig, Settings
 from vqlm.sample.sampler import Sampler, bucket
 from vqlm.vocab import Vocab
@@ -41,7 +41,7 @@ def random_variables(model, seed=0):
 
 @pytest.fixture(scope="module")
 def plain():
-  model = Transformer(**MODEL)
+  model = Transformer(TransformerConfig(**MODEL))
   return model, random_variables(model)
 
 
@@ -70,7 +70,7 @@ def test_cached_decoding_matches_a_full_forward_pass(variant, plain):
   if variant == "plain":
     model, variables = plain
   else:
-    model = Transformer(**MODEL, rope_2d=True, scan_layers=True)
+    model = Transformer(TransformerConfig(**MODEL, rope_2d=True, scan_layers=True))
     variables = random_variables(model, seed=1)
   sampler = Sampler(model, variables, VOCAB)
   # An open image run (row 0) guarantees image codes among the checked positions.
@@ -199,7 +199,8 @@ def test_video_mode_frame_structure(sampler):
 def test_bad_arguments_raise(plain, sampler):
   model, variables = plain
   with pytest.raises(ValueError, match="padded_size"):
-    Sampler(Transformer(**{**MODEL, "vocab_size": VOCAB.padded_size + 16}), variables, VOCAB)
+    bigger = TransformerConfig(**{**MODEL, "vocab_size": VOCAB.padded_size + 16})
+    Sampler(Transformer(bigger), variables, VOCAB)
   with pytest.raises(ValueError, match="batch_size"):
     sampler([[BOS, 1]] * 3, max_new_tokens=4, batch_size=2)
   with pytest.raises(ValueError, match="at least"):
@@ -216,11 +217,11 @@ _MESH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np, flax.linen as nn
     from vqlm.runtime.config import DEFAULT_RULES
     from vqlm.runtime import mesh as mesh_lib
-    from vqlm.nn.transformer import Transformer
+    from vqlm.nn.transformer import Transformer, TransformerConfig
     from vqlm.sample.sampler import Sampler
     import test_sampler as t
 
-    model = Transformer(**t.MODEL)
+    model = Transformer(TransformerConfig(**t.MODEL))
     variables = t.random_variables(model)
     mesh = mesh_lib.make_mesh({{"data": 2, "tensor": 2}})
     rules = mesh_lib.rules_from_config(DEFAULT_RULES)

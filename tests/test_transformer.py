@@ -1,3 +1,7 @@
+import dataclasses
+import json
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -5,10 +9,15 @@ import numpy as np
 import pytest
 
 from vqlm.stages import lm_config
-from vqlm.nn.transformer import TokenEmbed, Transformer, count_params
+from vqlm.nn.transformer import (TokenEmbed, Transformer, TransformerConfig, count_params,
+                                 param_counts)
 
 V, OFF, K, GRID = 96, 60, 30, (2, 3)
 BASE = dict(vocab_size=V, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
+
+
+def _model(**kwargs) -> Transformer:
+  return Transformer(TransformerConfig(**kwargs))
 
 
 def _tokens(key, b, s):
@@ -39,12 +48,12 @@ def _num_params(params):
 
 
 def test_forward_shapes_and_dtypes():
-  model = Transformer(**BASE)
+  model = _model(**BASE)
   tokens = _tokens(0, 2, 7)
   variables = _init(model, tokens)
   logits, cache = _apply(model)(variables, tokens)
   assert logits.shape == (2, 7, V) and logits.dtype == jnp.float32 and cache is None
-  bf16 = Transformer(**BASE, dtype="bfloat16")
+  bf16 = _model(**BASE, dtype="bfloat16")
   logits16, _ = _apply(bf16)(variables, tokens)
   assert logits16.dtype == jnp.float32
   np.testing.assert_allclose(logits16, logits, atol=0.15)
@@ -52,7 +61,7 @@ def test_forward_shapes_and_dtypes():
 
 def test_params_carry_logical_axis_names():
   for scan in (False, True):
-    model = Transformer(**BASE, scan_layers=scan, tie_embeddings=False, qk_norm=True)
+    model = _model(**BASE, scan_layers=scan, tie_embeddings=False, qk_norm=True)
     abstract = jax.eval_shape(model.init, jax.random.key(0), _tokens(0, 1, 4))["params"]
     specs = nn.get_partition_spec(abstract)
     assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
@@ -67,7 +76,7 @@ def test_params_carry_logical_axis_names():
 
 
 def test_causal_future_tokens_do_not_change_past_logits():
-  model = Transformer(**BASE)
+  model = _model(**BASE)
   tokens = _tokens(1, 2, 8)
   variables = _init(model, tokens)
   logits, _ = _apply(model)(variables, tokens)
@@ -78,7 +87,7 @@ def test_causal_future_tokens_do_not_change_past_logits():
 
 
 def test_packed_segments_do_not_see_each_other():
-  model = Transformer(**BASE)
+  model = _model(**BASE)
   tokens = _tokens(2, 1, 10)
   seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]])
   pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0]])
@@ -104,13 +113,31 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("scan", [False, True])
-def test_count_params_matches_model(variant, scan):
-  kwargs = dict(BASE, **VARIANTS[variant], scan_layers=scan)
-  model = Transformer(**kwargs)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), _tokens(0, 1, 4))
-  assert _num_params(abstract["params"]) == count_params(**kwargs)
+@pytest.mark.parametrize("variant,scan", [(v, False) for v in VARIANTS] +
+                         [("plain", True), ("image_pos", True), ("levels", True)])
+def test_count_params_equals_the_leaves_of_a_real_init(variant, scan):
+  config = TransformerConfig(**BASE, **VARIANTS[variant], scan_layers=scan,
+                             remat_policy="full" if scan else "none")
+  variables = Transformer(config).init(jax.random.key(0), _tokens(0, 1, 3))
+  assert count_params(config) == _num_params(variables["params"])
+  counts = param_counts(config)
+  assert sum(counts.values()) == count_params(config)
+  assert set(counts) == ({"embed", "layers", "final_norm"}
+                         | ({"head"} if not config.tie_embeddings else set())
+                         | ({"image_position"} if config.image_pos_embed else set()))
+  params = nn.meta.unbox(variables["params"])
+  assert counts["embed"] == _num_params(params["embed"])
+  if "image_position" in counts:
+    assert counts["image_position"] == math.prod(GRID) * BASE["dim"]
+
+
+def test_count_params_ignores_settings_that_do_not_change_params():
+  config = TransformerConfig(**BASE)
+  n = count_params(config)
+  assert n == count_params(config.replace(remat_policy="dots", attention_impl="cudnn",
+                                          query_chunks=4, dtype="bfloat16"))
+  assert count_params(config.replace(scan_layers=True)) == n
+  assert count_params(config.replace(tie_embeddings=False)) == n + V * BASE["dim"]
 
 
 _EXPECTED = {"tiny": (0.05e6, 0.2e6), "small": (3e6, 4.5e6), "base": (90e6, 130e6),
@@ -120,11 +147,12 @@ _EXPECTED = {"tiny": (0.05e6, 0.2e6), "small": (3e6, 4.5e6), "base": (90e6, 130e
 @pytest.mark.parametrize("size", list(lm_config.SIZES))
 def test_config_sizes_param_counts(size):
   config = lm_config.get_config(f"size={size}")
-  kwargs = dict(config.model.to_dict(), vocab_size=lm_config.NOMINAL_VOCAB[size])
-  model = Transformer(**kwargs)
+  model_config = TransformerConfig(**config.model.to_dict(),
+                                   vocab_size=lm_config.NOMINAL_VOCAB[size])
+  model = Transformer(model_config)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   n = _num_params(abstract["params"])
-  assert n == count_params(**kwargs)
+  assert n == count_params(model_config)
   low, high = _EXPECTED[size]
   assert low <= n <= high, f"{size}: {n:,} params"
 
@@ -145,10 +173,18 @@ def test_config_rejects_unknown_keys_and_is_locked():
   assert config.model.dim == 64 and config.model.num_layers == 2
 
 
-def test_invalid_settings_raise_value_error():
-  tokens = _tokens(0, 1, 4)
+def test_invalid_settings_raise_value_error_when_the_config_is_built():
   cases = [
+      (dict(BASE, dim=0), "dim=0 must be > 0"),
+      (dict(BASE, num_layers=-1), "num_layers=-1 must be > 0"),
+      (dict(BASE, num_kv_heads=-2), "num_kv_heads=-2 must be > 0"),
       (dict(BASE, num_kv_heads=3), "multiple of num_kv_heads"),
+      (dict(BASE, dim=30), "not divisible by num_heads"),
+      (dict(BASE, head_dim=7), "must be even for RoPE"),
+      (dict(BASE, head_dim=6, image_offset=OFF, image_size=K, grid=GRID, rope_2d=True),
+       "divisible by 4"),
+      (dict(BASE, image_pos_embed=True), "image_pos_embed needs"),
+      (dict(BASE, image_offset=OFF, image_size=K, grid=(2,), rope_2d=True), "rope_2d needs"),
       (dict(BASE, rope_2d=True), "rope_2d needs"),
       (dict(BASE, image_embed_init="codebook"), "codebook_dim"),
       (dict(BASE, image_embed_init="random"), "image_embed_init"),
@@ -158,11 +194,39 @@ def test_invalid_settings_raise_value_error():
       (dict(BASE, remat_policy="some"), "remat_policy"),
       (dict(BASE, attention_impl="flash"), "attention_impl"),
       (dict(BASE, image_offset=90, image_size=30), "inside the vocabulary"),
+      (dict(BASE, query_chunks=0), "query_chunks=0 must be >= 1"),
+      (dict(BASE, dtype="float17"), "dtype='float17' is not a dtype"),
+      (dict(BASE, param_dtype="int32"), "floating-point"),
   ]
   for kwargs, message in cases:
     with pytest.raises(ValueError, match=message):
-      Transformer(**kwargs).init(jax.random.key(0), tokens)
-  model = Transformer(**BASE)
+      TransformerConfig(**kwargs)
+  config = TransformerConfig(**BASE)
+  with pytest.raises(ValueError, match="remat_policy"):
+    config.replace(remat_policy="some")  # replace() validates too
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.dim = 64
+  with pytest.raises(TypeError, match="TransformerConfig"):
+    Transformer(BASE)
+
+
+def test_config_normalises_json_values():
+  config = TransformerConfig(**dict(BASE, head_dim=0, num_kv_heads=0), dtype="bfloat16",
+                             param_dtype="float32", grid=[2, 3], image_offset=OFF, image_size=K,
+                             image_embed_init="levels", code_levels=[5, 3, 2])
+  assert config.head_dim is None and config.num_kv_heads is None
+  assert config.head_size() == 8 and config.kv_heads() == 4
+  assert config.dtype == jnp.bfloat16 and config.param_dtype == jnp.float32
+  assert config.grid == GRID and config.code_levels == (5, 3, 2)
+  assert TransformerConfig(**json.loads(json.dumps(config.to_dict()))) == config
+  assert hash(config) == hash(config.replace())
+  assert TransformerConfig(**BASE, head_dim=12).head_size() == 12
+  assert TransformerConfig(**BASE).kv_heads() == 2
+
+
+def test_call_argument_errors():
+  tokens = _tokens(0, 1, 4)
+  model = _model(**BASE)
   variables = _init(model, tokens)
   with pytest.raises(ValueError, match="decode=True needs"):
     model.apply(variables, tokens, decode=True)
@@ -187,12 +251,12 @@ def test_scan_and_remat_match_plain():
       return jnp.mean(logits ** 2), logits
     return jax.jit(jax.grad(loss, has_aux=True))(nn.meta.unbox(params))
 
-  plain = Transformer(**BASE)
+  plain = _model(**BASE)
   params = _init(plain, tokens)["params"]
   ref_grad, ref = logits_and_grad(plain, params)
   stacked = _stack_layers(params, BASE["num_layers"])
   for scan, remat in ((True, "none"), (False, "dots"), (True, "full")):
-    model = Transformer(**BASE, scan_layers=scan, remat_policy=remat)
+    model = _model(**BASE, scan_layers=scan, remat_policy=remat)
     grad, logits = logits_and_grad(model, stacked if scan else params)
     np.testing.assert_allclose(logits, ref, atol=1e-5)
     if scan:
@@ -243,7 +307,7 @@ def _decode_matches_full(model, seqs, prompt_lens, max_len=16):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_decoding_equals_full_forward(scan):
-  model = Transformer(**BASE, scan_layers=scan, qk_norm=True,
+  model = _model(**BASE, scan_layers=scan, qk_norm=True,
                       remat_policy="full" if scan else "none")
   rng = np.random.default_rng(0)
   seqs = [rng.integers(0, V, size=n) for n in (9, 11, 7)]
@@ -260,7 +324,7 @@ def test_cached_decoding_equals_full_forward(scan):
 @pytest.mark.parametrize("variant", ["rope2d_codebook", "image_pos"])
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_decoding_with_image_positions(scan, variant):
-  model = Transformer(**BASE, **VARIANTS[variant], scan_layers=scan)
+  model = _model(**BASE, **VARIANTS[variant], scan_layers=scan)
   text = lambda n: list(np.random.default_rng(n).integers(0, OFF, size=n))
   image = lambda n: list(np.random.default_rng(n + 100).integers(OFF, OFF + K, size=6))
   # Prompts end inside an image, right before one, and inside text; two images back to back.
@@ -272,8 +336,8 @@ def test_cached_decoding_with_image_positions(scan, variant):
 
 def test_2d_rope_changes_image_token_logits_only_through_positions():
   tokens = jnp.array([[1, 2, OFF, OFF + 1, OFF + 2, OFF + 3, OFF + 4, OFF + 5, 3]])
-  one_d = Transformer(**BASE, image_offset=OFF, image_size=K, grid=GRID)
-  two_d = Transformer(**BASE, image_offset=OFF, image_size=K, grid=GRID, rope_2d=True)
+  one_d = _model(**BASE, image_offset=OFF, image_size=K, grid=GRID)
+  two_d = _model(**BASE, image_offset=OFF, image_size=K, grid=GRID, rope_2d=True)
   variables = _init(one_d, tokens)
   l1, _ = _apply(one_d)(variables, tokens)
   l2, _ = _apply(two_d)(variables, tokens)
@@ -283,8 +347,8 @@ def test_2d_rope_changes_image_token_logits_only_through_positions():
 
 def test_image_position_embedding_is_added_per_grid_cell():
   h, w = GRID
-  model = Transformer(**BASE, **VARIANTS["image_pos"])
-  plain = Transformer(**BASE, image_offset=OFF, image_size=K, grid=GRID)
+  model = _model(**BASE, **VARIANTS["image_pos"])
+  plain = _model(**BASE, image_offset=OFF, image_size=K, grid=GRID)
   tokens = jnp.array([[1, 2] + [OFF + 3] * (2 * h * w) + [4, 5]])  # two images, same code
   variables = _init(model, tokens)
   table = variables["params"]["image_position"]
@@ -303,12 +367,10 @@ def test_image_position_embedding_is_added_per_grid_cell():
   first, second = 2 + 4, 2 + h * w + 4
   assert float(diff[:first].max()) < 1e-6
   assert float(diff[first]) > 1e-4 and float(diff[second]) > 1e-4
-  with pytest.raises(ValueError, match="image_pos_embed needs"):
-    Transformer(**BASE, image_pos_embed=True).validate()
 
 
 def test_codebook_embeddings_are_projected_codebook_rows():
-  model = Transformer(**BASE, **VARIANTS["codebook"])
+  model = _model(**BASE, **VARIANTS["codebook"])
   tokens = jnp.array([[1, OFF, OFF + K - 1, V - 1]])
   variables = _codebook_vars(_init(model, tokens))
   params = nn.meta.unbox(variables["params"])
@@ -334,7 +396,7 @@ def test_codebook_embeddings_are_projected_codebook_rows():
 
 def test_level_embeddings_sum_one_vector_per_channel_digit():
   levels = (5, 3, 2)
-  model = Transformer(**BASE, **VARIANTS["levels"])
+  model = _model(**BASE, **VARIANTS["levels"])
   codes = np.array([0, 1, 7, 29])  # digits (0,0,0) (1,0,0) (2,1,0) (4,2,1)
   tokens = jnp.array([[1, *(OFF + codes), V - 1]])
   params = nn.meta.unbox(_init(model, tokens)["params"])
@@ -360,7 +422,7 @@ def test_level_embeddings_sum_one_vector_per_channel_digit():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_logits_slice_equals_the_slice_of_the_full_logits(tied):
-  model = Transformer(**{**BASE, "tie_embeddings": tied})
+  model = _model(**{**BASE, "tie_embeddings": tied})
   tokens = _tokens(3, 2, 7)
   variables = _init(model, tokens)
   apply = jax.jit(model.apply, static_argnames="logits_slice")

@@ -29,8 +29,8 @@ def main(argv: list[str]) -> int:
   from vqlm.eval import text_image
   from vqlm.sample.api import Generator
   from vqlm.sample.processors import SamplingConfig, Settings
-  from vqlm.stages.lm import LMRun
-  from vqlm.stages.tokenizer import source_from_config
+  from vqlm.runs import LMRun
+  from vqlm.data.sources import source_from_config
   run = LMRun(fv.workdir)
   tokenizer = run.tokenizer_run()
   generator = Generator(run, batch_size=32, progress=False, image_tokenizer=tokenizer)

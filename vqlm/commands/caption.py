@@ -8,10 +8,10 @@ import numpy as np
 from vqlm.commands import flags as flag_lib
 
 
-def load_run(workdir: str):
-  """The LM run in `workdir` (a seam for tests)."""
-  from vqlm.stages.lm import LMRun
-  return LMRun(workdir)
+def load_run(workdir: str, tokenizer: str | None = None):
+  """The LM run in `workdir`, parameters only (a seam for tests)."""
+  from vqlm.runs import LMRun
+  return LMRun(workdir, tokenizer=tokenizer or None)
 
 
 def load_images(paths: list[str], size: int | None) -> np.ndarray:
@@ -36,6 +36,7 @@ def load_images(paths: list[str], size: int | None) -> np.ndarray:
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, lambda f: (
       f.DEFINE_string("workdir", None, "LM run directory (from `vqlm train`, configs/lm.py)"),
+      f.DEFINE_string("tokenizer", None, "image tokenizer run (default: the one the LM recorded)"),
       f.DEFINE_multi_string("image", [], "an image file; repeat for several"),
       f.DEFINE_float("temperature", 0.0, "text temperature (0 = greedy)"),
       f.DEFINE_integer("max_len", 48, "most caption tokens"),
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> int:
     raise ValueError("--max_len and --batch_size must be >= 1")
   from vqlm.sample.api import generator_for
   from vqlm.sample.processors import SamplingConfig, Settings
-  gen = generator_for(load_run(fv.workdir))
+  gen = generator_for(load_run(fv.workdir, fv.tokenizer))
   gen.progress = fv.progress
   images = load_images(fv.image, getattr(gen.image_tokenizer, "image_size", None))
   greedy = fv.temperature <= 0

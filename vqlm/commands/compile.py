@@ -147,8 +147,8 @@ def _model_flops_per_step(config, trainer, state) -> float:
   from vqlm.bench.lm import flops_per_token
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   model = trainer.task.model
-  per_token = flops_per_token(n, num_layers=model.num_layers, num_heads=model.num_heads,
-                              head_dim=model.head_size(), seq_len=config.train.seq_len)
+  per_token = flops_per_token(n, num_layers=model.config.num_layers, num_heads=model.config.num_heads,
+                              head_dim=model.config.head_size(), seq_len=config.train.seq_len)
   return per_token * config.train.batch_size * config.train.seq_len
 
 

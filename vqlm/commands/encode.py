@@ -46,8 +46,9 @@ def main(argv: list[str]) -> int:
   if not fv.tokenizer or not fv.out:
     raise ValueError("--tokenizer and --out are required")
   from vqlm.data.code_shards import encode_split
-  from vqlm.stages.tokenizer import load_tokenizer, source_from_config
-  run = load_tokenizer(fv.tokenizer)
+  from vqlm.data.sources import source_from_config
+  from vqlm.runs import TokenizerRun
+  run = TokenizerRun(fv.tokenizer)
   data = run.config.data
   if fv.data:
     data = data.copy_and_resolve_references()

@@ -11,10 +11,10 @@ import numpy as np
 from vqlm.commands import flags as flag_lib
 
 
-def load_run(workdir: str):
-  """The LM run in `workdir` (a seam for tests)."""
-  from vqlm.stages.lm import LMRun
-  return LMRun(workdir)
+def load_run(workdir: str, tokenizer: str | None = None):
+  """The LM run in `workdir`, parameters only (a seam for tests)."""
+  from vqlm.runs import LMRun
+  return LMRun(workdir, tokenizer=tokenizer or None)
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -33,6 +33,7 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, lambda f: (
       f.DEFINE_string("workdir", None, "LM run directory (from `vqlm train`, configs/lm.py)"),
+      f.DEFINE_string("tokenizer", None, "image tokenizer run (default: the one the LM recorded)"),
       f.DEFINE_multi_string("prompt", [], "a caption; repeat for several"),
       f.DEFINE_string("prompt-file", None, "a text file with one caption per line"),
       f.DEFINE_integer("num", 8, "images per caption"),
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> int:
   from vqlm.sample.api import generator_for
   from vqlm.sample.processors import SamplingConfig, Settings
   settings = Settings(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p)
-  gen = generator_for(load_run(fv.workdir), dtype=None if fv.dtype == "model" else fv.dtype)
+  gen = generator_for(load_run(fv.workdir, fv.tokenizer), dtype=None if fv.dtype == "model" else fv.dtype)
   gen.progress = fv.progress
   images = gen.generate_images(prompts, num_per_prompt=fv.num, cfg_scale=fv.cfg,
                                sampling=SamplingConfig(text=settings, image=settings).check(),

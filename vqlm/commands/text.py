@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
   config = flag_lib.require_config(fv)
   out = flag_lib.check_workdir(fv.out)
   from vqlm.text import train_sentencepiece
-  from vqlm.stages.tokenizer import source_from_config
+  from vqlm.data.sources import source_from_config
   source = source_from_config(config.data, "train")
   texts = [source[i]["text"] for i in range(min(len(source), fv.max_examples))]
   path = train_sentencepiece([t for t in texts if t.strip()],

@@ -11,6 +11,10 @@ from typing import Any
 import ml_collections
 
 CONFIG_FILE = "config.json"
+# Paths a run records that point at other runs or data. Each is also stored relative to the run
+# directory (under "relative_paths"), so a tree of runs moved or copied as a whole still loads.
+PATH_KEYS = ("data.tokenizer", "data.codes", "data.data_dir", "data.text_model")
+RELATIVE_PATHS = "relative_paths"
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -20,9 +24,17 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
   """Writes `WORKDIR/config.json` (process 0's view; every process has the same config)."""
   path = os.path.join(workdir, CONFIG_FILE)
+  data = config_to_dict(config)
+  relative = {}
+  for key in PATH_KEYS:
+    value = _get(data, key)
+    if isinstance(value, str) and os.path.isabs(value):
+      relative[key] = os.path.relpath(value, os.path.abspath(workdir))
+  if relative:
+    data[RELATIVE_PATHS] = relative
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+    json.dump(data, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
   return path
 
@@ -34,7 +46,28 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{workdir} is not a vqlm run directory (no {CONFIG_FILE}); "
                             "train it first with `vqlm train --workdir ...`")
   with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+    data = json.load(f)
+  for key, rel in data.pop(RELATIVE_PATHS, {}).items():
+    recorded = _get(data, key)
+    moved = os.path.normpath(os.path.join(os.path.abspath(workdir), rel))
+    if isinstance(recorded, str) and not os.path.exists(recorded) and os.path.exists(moved):
+      _set(data, key, moved)
+  return ml_collections.ConfigDict(data)
+
+
+def _get(data: dict, dotted: str) -> Any:
+  for part in dotted.split("."):
+    if not isinstance(data, dict) or part not in data:
+      return None
+    data = data[part]
+  return data
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+  *parents, last = dotted.split(".")
+  for part in parents:
+    data = data[part]
+  data[last] = value
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -123,8 +123,10 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
 
-  def check_compatible(self, step: int, target: Any) -> None:
-    """Raises CheckpointMismatchError naming the first parameter whose shape differs."""
+  def check_compatible(self, step: int, target: Any, *, partial: bool = False) -> None:
+    """Raises CheckpointMismatchError naming the first parameter whose shape differs.
+
+    With `partial`, `target` may be a subset of the saved state (e.g. its params alone)."""
     saved = self._manager.item_metadata(step)
     saved_state = saved.get("state") if saved is not None else None
     if saved_state is None:
@@ -132,7 +134,7 @@ class Checkpointer:
     want = _flat_shapes(target)
     have = _flat_shapes(saved_state)
     missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
+    extra = [] if partial else sorted(set(have) - set(want))
     if missing or extra:
       name = (missing or extra)[0]
       raise CheckpointMismatchError(

@@ -1,7 +1,7 @@
 """Generation from a trained LM run: text-to-image, captioning, interleaved and video continuation.
 
 `Generator(run)` wraps a run (anything with `model`, `params`, `vocab`, `text_tokenizer` and
-`tokenizer_run()`, e.g. `vqlm.stages.lm.LMRun`) in one `Sampler` whose compiled loops are
+`tokenizer_run()`, e.g. `vqlm.runs.LMRun`) in one `Sampler` whose compiled loops are
 reused across calls. Batches have a fixed size (the last one is padded with inactive rows) and
 prompt lengths are bucketed, so a call never recompiles for a new prompt. Row `i` of a call draws
 with seed `(seed, i)`: results do not depend on `batch_size`. A tqdm bar runs over batches.
@@ -45,7 +45,7 @@ class Generator:
   Args:
     run: an LM run (`LMRun`) or any object with `model`, `params`, `vocab`, `text_tokenizer` and
       `tokenizer_run()` (the image tokenizer: `encode(uint8 [B,H,W,3]) -> codes [B,h,w]`,
-      `decode(codes) -> uint8 images`, `codebook()`). A `trainer` attribute (mesh + rules) makes
+      `decode(codes) -> uint8 images`, `codebook()`). `mesh` and `rules` attributes make
       sampling run on its mesh.
     batch_size: rows per sampler call.
     progress: show a progress bar over batches.
@@ -67,10 +67,9 @@ class Generator:
     if run.model.config.image_embed_init == "codebook":
       codebook = np.asarray(self.image_tokenizer.codebook(), np.float32)
       variables["codebook"] = {"embed": {"vectors": codebook}}
-    trainer = getattr(run, "trainer", None)
     self.sampler = Sampler(run.model, variables, self.vocab,
-                           mesh=getattr(trainer, "mesh", None),
-                           rules=getattr(trainer, "rules", None), dtype=dtype)
+                           mesh=getattr(run, "mesh", None), rules=getattr(run, "rules", None),
+                           dtype=dtype)
 
   @property
   def image_tokenizer(self) -> Any:

@@ -14,11 +14,12 @@ import numpy as np
 
 from vqlm.runtime import mesh as mesh_lib
 from vqlm import runs
-from vqlm.runtime.checkpoint import Checkpointer
 from vqlm.data import pipeline
 from vqlm.data.code_shards import CodeShards, read_manifest
 from vqlm.data.sequences import SequenceBuilder, needed_seq_len
-from vqlm.nn.transformer import Transformer
+from vqlm.nn.transformer import Transformer, TransformerConfig
+from vqlm.runs import TokenizerRun
+from vqlm.runs.lm_run import TEXT_MODEL, VOCAB_FILE, transformer_config
 from vqlm.train.optim import make_optimizer
 from vqlm.text import TextTokenizer, train_sentencepiece
 from vqlm.train import loop
@@ -26,23 +27,9 @@ from vqlm.train.lm_task import LMTask, eval_summary
 from vqlm.runtime.config import as_kwargs
 from vqlm.vocab import Vocab
 
-TEXT_MODEL = "text.model"
-VOCAB_FILE = "vocab.json"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def model_kwargs(config: ml_collections.ConfigDict, vocab: Vocab) -> dict[str, Any]:
-  """Transformer kwargs: the config's model section + sizes from the vocabulary."""
-  kw = as_kwargs(config.model)
-  kw["dtype"] = _DTYPES[kw["dtype"]]
-  kw["param_dtype"] = _DTYPES[kw["param_dtype"]]
-  if not kw.get("head_dim"):
-    kw["head_dim"] = None
-  if kw.get("image_embed_init") == "codebook":
-    kw["codebook_dim"] = int(config.data.get("codebook_dim", 0))
-  kw.update(vocab_size=vocab.padded_size, image_offset=vocab.image_offset,
-            image_size=vocab.image_size, grid=tuple(vocab.grid))
-  return kw
+def model_config(config: ml_collections.ConfigDict, vocab: Vocab) -> TransformerConfig:
+  """The Transformer's config: the config's model section + sizes from the vocabulary."""
+  return transformer_config(config, vocab)
 
 
 def prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=print) -> Vocab:
@@ -141,12 +128,11 @@ def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab, text_model: s
 
 def build_trainer(config: ml_collections.ConfigDict, vocab: Vocab, *,
                   progress: bool = True) -> loop.Trainer:
-  model = Transformer(**model_kwargs(config, vocab))
+  model = Transformer(model_config(config, vocab))
   optimizer, _ = make_optimizer(total_steps=config.train.steps, **as_kwargs(config.optim))
   codebook = None
   if config.model.image_embed_init == "codebook":
-    from vqlm.stages.tokenizer import load_tokenizer
-    codebook = jnp.asarray(load_tokenizer(config.data.tokenizer).codebook())
+    codebook = jnp.asarray(TokenizerRun(config.data.tokenizer).codebook())
   task = LMTask(model=model, optimizer=optimizer, z_loss_weight=config.loss.z_loss,
                 image_offset=vocab.image_offset, image_size=vocab.image_size, codebook=codebook)
   t = config.train
@@ -243,51 +229,3 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   hooks += list(extra_hooks)
   return loop.run(trainer, data_iter=data_iter, workdir=workdir, hooks=hooks,
                   meta={"stage": "lm"}, log_fn=log_fn)
-
-
-class LMRun:
-  """A trained LM read back from its run directory: model, params, vocabulary, text tokenizer."""
-
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    self.config = runs.load_config(workdir)
-    if self.config.get("stage") != "lm":
-      raise ValueError(f"{workdir} is not an LM run (stage={self.config.get('stage')}); pass the "
-                       "run directory of `vqlm train --config configs/lm.py...`")
-    vocab_path = os.path.join(workdir, VOCAB_FILE)
-    if not os.path.exists(vocab_path):
-      raise FileNotFoundError(f"{vocab_path} is missing; the LM run is incomplete, train it again")
-    self.vocab = Vocab.load(vocab_path)
-    self.text_tokenizer = load_text_tokenizer(workdir)
-    if self.text_tokenizer.vocab_size != self.vocab.text_size:
-      raise ValueError(f"{TEXT_MODEL} in {workdir} has {self.text_tokenizer.vocab_size} pieces "
-                       f"but vocab.json expects {self.vocab.text_size}; restore the run's own "
-                       "text model")
-    self.model = Transformer(**model_kwargs(self.config, self.vocab))
-    trainer = build_trainer(self.config, self.vocab, progress=False)
-    target = trainer.abstract_target(mesh_lib.global_batch(example_batch(self.config),
-                                                           trainer.mesh))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    restored = ckpt.restore(target)
-    ckpt.close()
-    if restored is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train the LM first")
-    self.state = restored.state
-    self.params = restored.state.params
-    self.extra = restored.state.extra
-    self.step = restored.step
-    self.trainer = trainer
-
-  def tokenizer_run(self):
-    """The image tokenizer this LM was trained with (to decode generated codes)."""
-    from vqlm.stages.tokenizer import load_tokenizer
-    path = self.config.data.tokenizer
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"the image tokenizer run {path} recorded by {self.workdir} is "
-                              "missing; restore it or pass --tokenizer")
-    run = load_tokenizer(path)
-    if tuple(run.grid) != tuple(self.vocab.grid) or run.codebook_size != self.vocab.image_size:
-      raise ValueError(f"the image tokenizer in {path} ({run.grid} grid, {run.codebook_size} "
-                       f"codes) does not match this LM ({tuple(self.vocab.grid)} grid, "
-                       f"{self.vocab.image_size} codes); pass the tokenizer it was trained with")
-    return run

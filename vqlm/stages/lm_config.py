@@ -88,6 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  log_every=50, eval_every=1000, checkpoint_every=1000, checkpoint_minutes=10.0,
                  keep_checkpoints=3, max_consecutive_skips=10)
   c.eval = dict(num_batches=10)
+  # Evaluators run after training (and by `vqlm eval`): `{section: {"type": ..., settings}}`
+  # (`vqlm.eval.evaluators`); those that judge images need the shapes data set.
+  c.evals = {}
   if arg.size == "tiny" or arg.runlocal:
     c.train.update(log_every=5, eval_every=10, checkpoint_every=10)
     c.eval.update(num_batches=2)

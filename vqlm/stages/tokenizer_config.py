@@ -94,12 +94,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = dict(steps=s["steps"], batch_size=s["batch_size"], seed=0, log_every=50,
                  sample_every=500, checkpoint_every=1000, checkpoint_minutes=10.0,
                  keep_checkpoints=3, max_consecutive_skips=10)
-  c.eval = dict(split="test", num_examples=1000, batch_size=250)
+  # Run after training (and by `vqlm eval`); each entry is one section of RUN/eval.json
+  # (`vqlm.eval.evaluators`: type + settings).
+  c.evals = {"tokenizer": dict(type="reconstruction", split="test", num_examples=1000,
+                               batch_size=250)}
   c.mesh = mesh_config()
 
   if arg.size == "tiny" or arg.runlocal:
     c.train.update(log_every=5, sample_every=10, checkpoint_every=10)
-    c.eval.update(num_examples=32, batch_size=16)
+    c.evals.tokenizer.update(num_examples=32, batch_size=16)
     if arg.data == "shapes":
       c.data.source_kwargs.sizes = {"train": 256, "validation": 32, "test": 32, "test_heldout": 32}
   return c

@@ -59,12 +59,12 @@ class LMTask:
   def __init__(self, *, model: Transformer, optimizer: optax.GradientTransformation,
                z_loss_weight: float, image_offset: int, image_size: int,
                codebook: jax.Array | None = None):
-    uses_codebook = model.image_embed_init == "codebook"
+    uses_codebook = model.config.image_embed_init == "codebook"
     if uses_codebook and codebook is None:
       raise ValueError("the model embeds images from the tokenizer codebook: pass "
                        "LMTask(codebook=<[image_size, codebook_dim] array>).")
     if codebook is not None:
-      want = (model.image_size, model.codebook_dim)
+      want = (model.config.image_size, model.config.codebook_dim)
       if not uses_codebook or tuple(codebook.shape) != want:
         raise ValueError(f"codebook of shape {tuple(codebook.shape)} given; the model needs "
                          f"image_embed_init='codebook' and shape {want}.")

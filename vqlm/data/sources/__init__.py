@@ -30,7 +30,7 @@ from vqlm.data.sources.folder import IMAGE_EXTENSIONS, FolderSource
 from vqlm.data.sources.tfds import TfdsSource
 
 __all__ = ["Source", "get_source", "SOURCE_NAMES", "DigitsSource", "PhotosSource", "PHOTO_SPLITS",
-           "TfdsSource", "FolderSource", "IMAGE_EXTENSIONS"]
+           "TfdsSource", "FolderSource", "IMAGE_EXTENSIONS", "source_from_config"]
 
 
 def _folder_source(*, split: str, data_dir: str | None, image_size: int, **kwargs) -> Source:
@@ -88,3 +88,13 @@ def get_source(name: str, *, split: str, data_dir: str | None = None, image_size
   if not isinstance(image_size, (int, np.integer)) or image_size <= 0:
     raise ValueError(f"image_size must be a positive int, got {image_size!r}")
   return _SOURCES[name](split=split, data_dir=data_dir, image_size=int(image_size), **kwargs)
+
+
+def source_from_config(data, split: str) -> Source:
+  """The data set a config's `data` section names (`name`, `data_dir`, `image_size`,
+  `source_kwargs`), for one split."""
+  from vqlm.runtime.config import as_kwargs
+  kwargs = as_kwargs(data.get("source_kwargs", {})) or {}
+  return get_source(data.name, split=split, data_dir=data.data_dir or None,
+                    image_size=data.image_size, **kwargs)
+

@@ -1,0 +1,272 @@
+"""Evaluators: one interface for every measurement of a trained run, chosen by `config.evals`.
+
+`config.evals` maps a section name to `{"type": TYPE, **kwargs}` (big_vision style):
+
+    evals = {"tokenizer": {"type": "reconstruction", "split": "test", "num_examples": 1000},
+             "text_to_image": {"type": "text_to_image", "split": "test", "cfg_scale": 2.0}}
+
+`build(evals)` makes the evaluators; each has `run(loaded_run, artefacts=None) -> dict` (scalar
+metrics, plus nested groups such as `by_objects`), and `run_all` writes every result as its section
+of `RUN/eval.json`. Training stages, `vqlm eval` and the demos run them this way.
+
+Types: `reconstruction` (tokenizer runs: PSNR, SSIM, codebook statistics for discrete
+bottlenecks, scene-parser agreement on shapes), `text_to_image`, `image_to_text`, `scene_fd` and
+`fid` (LM runs on shapes: images judged by the scene parser, captions parsed back into scenes).
+"""
+from collections.abc import Callable, Mapping
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from vqlm.data.sources import source_from_config
+from vqlm.eval import reconstruction
+
+
+def _source(data: Any, split: str, log_fn: Callable[[str], None]) -> tuple[Any, str]:
+  """The split's source; a data set without a `test` split is evaluated on `validation`."""
+  try:
+    return source_from_config(data, split), split
+  except ValueError as e:
+    if split != "test" or "split" not in str(e):
+      raise
+    log_fn(f"the {data.name} data set has no test split; evaluating on validation")
+    return source_from_config(data, "validation"), "validation"
+
+
+class Evaluator:
+  """Base of all evaluators: keyword settings in, `run(loaded_run, artefacts) -> dict` out."""
+  stage = ""  # The run stage it applies to ("tokenizer" or "lm").
+
+  def __init__(self, log_fn: Callable[[str], None] = print, **settings: Any):
+    self.settings = settings
+    self.log = log_fn
+
+  def run(self, run: Any, artefacts: str | None = None) -> dict[str, Any]:
+    raise NotImplementedError
+
+
+class Reconstruction(Evaluator):
+  """Image tokenizers: reconstruct `num_examples` images of `split`; PSNR, SSIM, for discrete
+  bottlenecks codebook usage / perplexity / dead codes, and on shapes the fraction of
+  reconstructions the scene parser reads as the original scene."""
+  stage = "tokenizer"
+
+  def __init__(self, *, split: str = "test", num_examples: int = 1000, batch_size: int = 250,
+               log_fn=print):
+    super().__init__(log_fn, split=split, num_examples=num_examples, batch_size=batch_size)
+
+  def run(self, run, artefacts=None):
+    s = self.settings
+    source, split = _source(run.config.data, s["split"], self.log)
+    n = min(s["num_examples"], len(source))
+    originals, recons, codes, agree = [], [], [], []
+    parse = None
+    if run.config.data.name == "shapes":
+      from vqlm.data import shapes
+      from vqlm.eval import scene_parser
+      parse = (scene_parser.parse_image, shapes.canonical)
+    for start in range(0, n, s["batch_size"]):
+      items = [source[i] for i in range(start, min(n, start + s["batch_size"]))]
+      images = np.stack([item["image"] for item in items])
+      if run.is_discrete:
+        batch_codes = run.encode(images)
+        recon = run.decode(batch_codes)
+        codes.append(batch_codes)
+      else:
+        recon = run.reconstruct(images)
+      originals.append(images)
+      recons.append(recon)
+      if parse is not None:
+        for item, image in zip(items, recon):
+          agree.append(parse[1](parse[0](image)) == parse[1](item["scene"]))
+    originals, recons = np.concatenate(originals), np.concatenate(recons)
+    result = {
+        "split": split,
+        "num_examples": int(n),
+        "psnr": float(np.mean(np.minimum(reconstruction.psnr(originals, recons), 100.0))),
+        "ssim": float(np.mean(reconstruction.ssim(originals, recons))),
+        "step": run.step,
+    }
+    if codes:
+      stats = reconstruction.codebook_stats(np.concatenate(codes), run.codebook_size)
+      result.update(codebook_usage=stats["usage"], codebook_perplexity=stats["perplexity"],
+                    dead_codes=stats["dead_codes"])
+    if agree:
+      result["scene_agreement"] = float(np.mean(agree))
+    return result
+
+
+def _shapes_data(run: Any) -> Any:
+  """The data config of the LM's image tokenizer; scene judging needs the shapes data set."""
+  data = run.tokenizer_run().config.data
+  if data.name != "shapes":
+    raise ValueError(f"this evaluation judges images with the shapes scene parser; the run used "
+                     f"'{data.name}'. Leave it out of config.evals for this data set")
+  return data
+
+
+def _sampling(temperature: float, top_k: int):
+  from vqlm.sample.processors import SamplingConfig, Settings
+  return SamplingConfig(text=Settings(temperature=0.0),
+                        image=Settings(temperature=temperature, top_k=top_k))
+
+
+class _Generation(Evaluator):
+  """Shared settings of the LM evaluators that draw images."""
+  stage = "lm"
+
+  def __init__(self, *, split: str = "test", num_prompts: int = 100, images_per_prompt: int = 4,
+               cfg_scale: float = 1.0, temperature: float = 0.3, top_k: int = 0, seed: int = 0,
+               batch_size: int = 32, log_fn=print):
+    super().__init__(log_fn, split=split, num_prompts=num_prompts,
+                     images_per_prompt=images_per_prompt, cfg_scale=cfg_scale,
+                     temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size)
+
+  def examples(self, run) -> list[dict]:
+    source = source_from_config(_shapes_data(run), self.settings["split"])
+    return [source[i] for i in range(min(self.settings["num_prompts"], len(source)))]
+
+  def generator(self, run):
+    return run.generator(batch_size=self.settings["batch_size"])
+
+
+class TextToImage(_Generation):
+  """Draws `images_per_prompt` images per caption of `split` and judges each with the scene
+  parser (whole scene, count, colour, shape, size, position; split by object count)."""
+
+  def run(self, run, artefacts=None):
+    from vqlm import imaging
+    from vqlm.eval import text_image
+    s = self.settings
+    examples = self.examples(run)
+    metrics, images = text_image.text_to_image(
+        self.generator(run), examples, num_per_prompt=s["images_per_prompt"],
+        cfg_scale=s["cfg_scale"], sampling=_sampling(s["temperature"], s["top_k"]),
+        seed=s["seed"])
+    metrics["settings"] = {"image_temperature": s["temperature"], "image_top_k": s["top_k"],
+                           "cfg_scale": s["cfg_scale"]}
+    if artefacts:
+      name = self.settings.get("name", "text_to_image")
+      shown = min(12, len(examples))
+      os.makedirs(artefacts, exist_ok=True)
+      imaging.save_png(imaging.make_grid(images[:shown * s["images_per_prompt"]],
+                                         columns=s["images_per_prompt"], scale=3),
+                       os.path.join(artefacts, f"{name}.png"))
+      with open(os.path.join(artefacts, f"{name}.json"), "w", encoding="utf-8") as f:
+        json.dump([e["text"] for e in examples[:shown]], f, indent=1)
+    return metrics
+
+
+class ImageToText(Evaluator):
+  """Captions `num_images` images of `split` (greedy) and parses each caption back into a scene."""
+  stage = "lm"
+
+  def __init__(self, *, split: str = "test", num_images: int = 200, batch_size: int = 32,
+               log_fn=print):
+    super().__init__(log_fn, split=split, num_images=num_images, batch_size=batch_size)
+
+  def run(self, run, artefacts=None):
+    from vqlm.eval import text_image
+    source = source_from_config(_shapes_data(run), self.settings["split"])
+    examples = [source[i] for i in range(min(self.settings["num_images"], len(source)))]
+    generator = _Generation.generator(self, run)
+    metrics, captions = text_image.image_to_text(generator, examples)
+    if artefacts:
+      os.makedirs(artefacts, exist_ok=True)
+      with open(os.path.join(artefacts, "captions.json"), "w", encoding="utf-8") as f:
+        json.dump([{"truth": e["text"], "caption": c} for e, c in zip(examples, captions)], f,
+                  indent=1)
+      np.save(os.path.join(artefacts, "caption_images.npy"),
+              np.stack([e["image"] for e in examples[:12]]))
+    return metrics
+
+
+class _SetDistance(_Generation):
+  """One image per caption of `split`, compared as a set with the real images of those captions."""
+
+  def __init__(self, *, num_prompts: int = 200, images_per_prompt: int = 1, seed: int = 1,
+               **kwargs):
+    super().__init__(num_prompts=num_prompts, images_per_prompt=images_per_prompt, seed=seed,
+                     **kwargs)
+
+  def images(self, run) -> tuple[np.ndarray, np.ndarray]:
+    s = self.settings
+    examples = self.examples(run)
+    fake = self.generator(run).generate_images(
+        [e["text"] for e in examples], num_per_prompt=s["images_per_prompt"],
+        cfg_scale=s["cfg_scale"], sampling=_sampling(s["temperature"], s["top_k"]),
+        seed=s["seed"])
+    return fake, np.stack([e["image"] for e in examples])
+
+
+class SceneFD(_SetDistance):
+  """Fréchet distance between generated and real images over scene-parser features."""
+
+  def run(self, run, artefacts=None):
+    from vqlm.eval.fid import scene_fd
+    fake, real = self.images(run)
+    return {"generated_vs_test": float(scene_fd(fake, real)), "num_images": len(real)}
+
+
+class FID(_SetDistance):
+  """FID between generated and real images with Inception-v3 weights (`inception_weights`, an
+  `.npz`: see `vqlm.nn.inception`)."""
+
+  def __init__(self, *, inception_weights: str = "", **kwargs):
+    if not inception_weights:
+      raise ValueError("the fid evaluator needs inception_weights=PATH.npz (see "
+                       "vqlm/nn/inception.py for how to make it)")
+    super().__init__(**kwargs)
+    self.inception_weights = inception_weights
+
+  def run(self, run, artefacts=None):
+    from vqlm.eval.fid import inception_fid
+    fake, real = self.images(run)
+    return {"generated_vs_test": float(inception_fid(fake, real,
+                                                     weights_path=self.inception_weights)),
+            "num_images": len(real)}
+
+
+TYPES: dict[str, type[Evaluator]] = {
+    "reconstruction": Reconstruction, "text_to_image": TextToImage, "image_to_text": ImageToText,
+    "scene_fd": SceneFD, "fid": FID,
+}
+
+
+def build(evals: Mapping[str, Mapping[str, Any]], *, log_fn=print) -> dict[str, Evaluator]:
+  """`{section: {"type": TYPE, **kwargs}}` -> `{section: Evaluator}`; errors name the valid types
+  and the evaluator's own settings."""
+  out = {}
+  for name, spec in evals.items():
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in TYPES:
+      raise ValueError(f"config.evals.{name}.type is {kind!r}; valid: {', '.join(TYPES)}")
+    try:
+      out[name] = TYPES[kind](log_fn=log_fn, **spec)
+    except TypeError as e:
+      raise ValueError(f"config.evals.{name}: {e}; see vqlm/eval/evaluators.py for the "
+                       f"settings of '{kind}'") from None
+    if kind == "text_to_image":
+      out[name].settings["name"] = name
+  return out
+
+
+def run_all(run: Any, evaluators: Mapping[str, Evaluator], *, workdir: str | None = None,
+            artefacts: str | None = None, log_fn=print) -> dict[str, dict[str, Any]]:
+  """Runs each evaluator on a loaded run; with `workdir`, writes each result as its section of
+  `WORKDIR/eval.json` (next to the run's config) as soon as it is done."""
+  from vqlm.runs import config_to_dict, write_eval
+  results = {}
+  for name, evaluator in evaluators.items():
+    if evaluator.stage and evaluator.stage != run.config.get("stage"):
+      raise ValueError(f"evaluator '{name}' applies to {evaluator.stage} runs, not to "
+                       f"{run.config.get('stage')} runs")
+    results[name] = evaluator.run(run, artefacts)
+    if workdir is not None:
+      write_eval(workdir, name, results[name], config=config_to_dict(run.config))
+    log_fn(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[name].items()
+                                   if isinstance(v, float)))
+  return results
