@@ -14,11 +14,11 @@ Choices (see docs/scaling.md):
   mesh    pure data parallelism (data=-1): 57.6M params are 0.67 GiB of state per device
           (params + Adam, float32), so sharding them (fsdp) buys nothing; the batch is what
           costs memory.
-  batch   128 images per step. `vqlm compile` (CPU) measures ~1.5 GiB of temporaries per image
-          at 256x256 with the GAN on, over ~1 GiB fixed: about 8 images per 16 GiB device, 20 per
-          32 GiB, 50 per 80 GiB. So 128 images need 16 16-GiB chips (v5e-16) or 8 32-GiB ones
-          (a v4-16 slice has 8 devices), or 4 GPUs; with more devices, raise the batch and the
-          learning rate together.
+  batch   128 images per step. The temporaries per image at 256x256 with the GAN on, as
+          `vqlm compile` (CPU) reports them (docs/benchmarks.md), allow about 8 images per
+          16 GiB device, 20 per 32 GiB, 50 per 80 GiB. So 128 images need 16 16-GiB chips
+          (v5e-16) or 8 32-GiB ones (a v4-16 slice has 8 devices), or 4 GPUs; with more
+          devices, raise the batch and the learning rate together.
   dtype   bfloat16 compute in the encoder and decoder, float32 parameters; the bottleneck's
           distances and argmin and all losses stay float32.
   remat   none and scan none: the conv autoencoder has no layer stack to scan and no remat

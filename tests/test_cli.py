@@ -83,20 +83,6 @@ def test_changed_model_config_is_refused(tmp_path):
 # ---- the stages end to end, on tiny configs ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  """A tiny tokenizer run, its code shards and a tiny LM run (about a minute on 2 cores)."""
-  root = tmp_path_factory.mktemp("tiny")
-  data = str(root / "data")
-  tok, codes, lm = str(root / "tok"), str(root / "codes"), str(root / "lm")
-  assert cli.main(["vqlm", "train", "--config", "configs/tokenizer.py:size=tiny",
-                   f"--config.data.data_dir={data}", "--workdir", tok, "--progress=false"]) == 0
-  assert cli.main(["vqlm", "encode", "--tokenizer", tok, "--out", codes]) == 0
-  assert cli.main(["vqlm", "train", "--config", "configs/lm.py:size=tiny",
-                   f"--config.data.codes={codes}", "--workdir", lm, "--progress=false"]) == 0
-  return {"root": root, "tok": tok, "codes": codes, "lm": lm, "data": data}
-
-
 def test_tokenizer_run_writes_eval_grids_and_metrics(tiny):
   ev = json.load(open(os.path.join(tiny["tok"], "eval.json")))
   for key in ("psnr", "ssim", "codebook_usage", "scene_agreement"):

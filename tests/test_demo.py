@@ -24,8 +24,8 @@ def test_smoke_demo_produces_every_artefact_and_learns(tmp_path):
   # few hundred of its 4096 codes; a collapsed one uses a handful.
   manifest = json.load(open(os.path.join(workdir, "codes", "manifest.json")))
   assert results["tokenizer"]["codebook_usage"] * manifest["codebook_size"] >= 32
-  # Measured at this preset (patch-FSQ tokenizer, 147 codes used): text-to-image scene 25%,
-  # position 95%; image-to-text scene 50%, colour 100%.
+  # Bounds far below what this preset reaches (docs/evaluation.md), so that they catch a demo
+  # that stopped learning, not run-to-run noise.
   assert results["text_to_image"]["scene"] > 10 * chance
   assert results["text_to_image"]["position_acc"] > 2 / 9  # Chance: one cell in nine.
   assert results["image_to_text"]["scene"] > 10 * chance

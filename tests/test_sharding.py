@@ -29,8 +29,9 @@ def test_mesh_equals_single_device_and_checkpoint_moves_between_topologies(tmp_p
   _run(["mesh", out], _env(devices=8))
   r = json.load(open(out))
   np.testing.assert_allclose(r["losses_8"], r["losses_1"], rtol=1e-5)
-  assert r["param_rel_diff"] < 1e-5  # measured 4.9e-7
-  assert r["param_max_diff"] < 1e-4  # measured 1.3e-5
+  # Bounds with headroom over float32 reduction-order noise (typical values: docs/evaluation.md).
+  assert r["param_rel_diff"] < 1e-5
+  assert r["param_max_diff"] < 1e-4
   assert r["next_loss_4"] == pytest.approx(r["next_loss_8"], rel=1e-5)
   assert r["next_loss_1"] == pytest.approx(r["next_loss_8"], rel=1e-5)
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlm.bench import peak
+from vqlm.nn.flops import flops_per_token
 from vqlm.commands import flags as flag_lib
 
 
@@ -26,20 +27,12 @@ def _define(f):
   f.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default)")
 
 
-def flops_per_token(num_params: int, *, num_layers: int, num_heads: int, head_dim: int,
-                    seq_len: int) -> float:
-  return 6.0 * num_params + 12.0 * num_layers * num_heads * head_dim * seq_len
-
-
 def _vqlm_step(config, vocab: int, batch: int, seq_len: int):
   from vqlm.nn.transformer import Transformer, TransformerConfig
   from vqlm.train.optim import make_optimizer
   from vqlm.train.lm_task import LMTask
-  from vqlm.stages.lm import _DTYPES
   from vqlm.runtime.config import as_kwargs
   kw = as_kwargs(config.model)
-  kw["dtype"], kw["param_dtype"] = _DTYPES[kw["dtype"]], _DTYPES[kw["param_dtype"]]
-  kw["head_dim"] = kw.get("head_dim") or None
   model = Transformer(TransformerConfig(vocab_size=vocab, image_offset=vocab // 2,
                                         image_size=vocab // 2, **kw))
   opt, _ = make_optimizer(learning_rate=1e-4, warmup_steps=10, total_steps=1000,

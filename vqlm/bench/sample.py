@@ -9,8 +9,9 @@ and sampling settings (temperature 1, top-k 50) and prints tokens/s and the rati
 vqlm / transformers. The timed runs alternate in blocks (`--blocks` blocks of `--repeats` runs
 per sampler, each block after one untimed run), so load changes hit both alike while neither pays
 for the other's state at every call: right after a torch `generate` (its OpenMP pool, its caches)
-a vqlm run measured up to 1.5x slower than in a block of its own. torch runs with its default thread count and with one
-thread (its default pool can collapse on a busy machine); the ratio is against the faster. torch
+a vqlm run is markedly slower than in a block of its own (docs/benchmarks.md). torch runs with its
+default thread count and with one thread (its default pool can collapse on a busy machine); the
+ratio is against the faster. torch
 and transformers (the `bench` extra) are imported lazily; without them the baseline is skipped with
 a message.
 

@@ -144,7 +144,7 @@ def _flops(compiled: Any) -> float | None:
 
 def _model_flops_per_step(config, trainer, state) -> float:
   """LM training FLOPs of one global step: (6 N + 12 L H Dh S) per token (PaLM appendix B)."""
-  from vqlm.bench.lm import flops_per_token
+  from vqlm.nn.flops import flops_per_token
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   model = trainer.task.model
   per_token = flops_per_token(n, num_layers=model.config.num_layers, num_heads=model.config.num_heads,

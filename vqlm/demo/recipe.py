@@ -26,12 +26,12 @@ class Preset:
   caption_images: int
   # The image tokenizer: encoder "conv" | "patch"; FSQ levels, or () for the VQ bottleneck. With
   # FSQ levels the LM's image-code embeddings are sums of per-channel level embeddings. The more
-  # FSQ channels the patch encoder's codes have, the better the LM draws unseen colour-shape
-  # pairs: held-out text-to-image 7% with 3 channels of 8 levels, 32-45% with 5 of 4, 63% with 6
-  # of 4 (docs/evaluation.md).
+  # FSQ channels (of 4 levels) the patch encoder's codes have, the better the LM draws unseen
+  # colour-shape pairs, since different channels can carry different properties of a patch;
+  # 6 channels of 4 levels was the best setting tried (docs/experiments.md).
   tokenizer_encoder: str = "patch"
   fsq_levels: tuple[int, ...] = (4, 4, 4, 4, 4, 4)
-  # Sampling defaults (measured: see docs/evaluation.md).
+  # Sampling defaults: the best cell of the guidance sweep in docs/evaluation.md.
   image_temperature: float = 0.3
   image_top_k: int = 0
   cfg_scale: float = 2.0
@@ -46,8 +46,8 @@ PRESETS = {
     "default": Preset(train_examples=20000, tokenizer_steps=2400, tokenizer_batch=64,
                       lm_size="small", lm_steps=1600, lm_batch=32, lm_lr=2e-3, eval_prompts=100,
                       images_per_prompt=4, caption_images=200),
-    # Longer. Not measured with the patch-FSQ tokenizer; with 5 FSQ channels the held-out row
-    # peaked mid-training and fell as the LM learned the seen pairs (docs/evaluation.md).
+    # Longer. Not yet evaluated with the patch-FSQ tokenizer; with 5 FSQ channels the held-out
+    # row peaked mid-training and fell as the LM learned the seen pairs (docs/experiments.md).
     "long": Preset(train_examples=20000, tokenizer_steps=6000, tokenizer_batch=64,
                    lm_size="small", lm_steps=10000, lm_batch=32, lm_lr=2e-3, eval_prompts=200,
                    images_per_prompt=4, caption_images=500),
@@ -85,12 +85,16 @@ def lm_config(p: Preset, codes: str) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = max(100, p.lm_steps // 4)
   c.optim.learning_rate = p.lm_lr
   c.optim.warmup_steps = max(1, min(200, p.lm_steps // 10))
-  # Learned grid-cell embeddings on image tokens: at the same step the validation image loss is
-  # 6-9% lower (docs/evaluation.md), and the model binds "top left" to the right codes sooner.
+  # Learned grid-cell embeddings on image tokens: with only relative (RoPE) positions the model
+  # must infer a token's cell from its distance to <boi>; with them the validation image loss is
+  # lower at the same step and the model binds "top left" to the right codes sooner
+  # (docs/experiments.md).
   c.model.image_pos_embed = True
   # Loss on the conditioned part only (t2i: the image; i2t: the caption), and 5% of captions
-  # dropped for guidance: text-to-image 53% -> 94%, image-to-text 94% -> 97.5% at the same
-  # steps (docs/evaluation.md).
+  # dropped for guidance. Shapes' attributes are drawn at random, so a caption predicted before
+  # its image (or an image before its caption) carries a loss no model can remove, and its
+  # gradient is mostly noise; masking it spends the steps on the link between text and image,
+  # which raised both text-to-image and image-to-text at the same steps (docs/experiments.md).
   c.data.mask_prompt = True
   c.data.caption_dropout = 0.05
   if p.fsq_levels:

@@ -10,7 +10,7 @@ KV cache (one layer): a plain dict `{"k": [B, KVH, Dh, L], "v": [B, KVH, L, Dh]}
 head-major so that a decode step reads each head's keys contiguously, with no transpose. Keys are
 stored transposed (slots last), so that both attention matmuls of a decode step are plain
 `[.., M, K] x [.., K, N]` products: XLA:CPU runs the `q k^T` form with a transposed right-hand
-side at about half the speed (`python -m vqlm.bench sample` measures the sampler).
+side markedly slower (docs/benchmarks.md; `python -m vqlm.bench sample` times the sampler).
 Design: *slot = position*. A token at position p writes its k/v into slot p of its row and attends
 to every slot <= p. Rows are independent, so prompts of different lengths share one batch with
 static shapes: right-pad the prompts, prefill them at positions 0..S-1, and continue each row at its

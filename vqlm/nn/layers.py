@@ -207,8 +207,9 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   """Rotates `x[B, S, H, D]` by angles `sin/cos[B, S, D/2]` (in float32; returns x's dtype).
 
   `x * [cos, cos] + rotate_half(x) * [sin, sin]` with `rotate_half(x) = [-x2, x1]` computed as a
-  matmul with a signed permutation matrix: exact, and on CPU several times faster (forward and
-  backward) than the split + concatenate it replaces.
+  matmul with a signed permutation matrix: exact, and on CPU much quicker (forward and backward)
+  than the split + concatenate it replaces, whose concatenate fusions are slow on XLA:CPU
+  (docs/benchmarks.md).
   """
   d = x.shape[-1]
   half = d // 2

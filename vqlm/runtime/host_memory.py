@@ -1,14 +1,15 @@
 """Host memory for XLA:CPU: keep freed blocks in malloc's heap instead of unmapping them.
 
-XLA:CPU runs a compiled program with one temporary buffer that holds all of its intermediates:
-295 MB for the `small` LM training step at 8 x 256 tokens. glibc's malloc serves a block that
-large with a fresh `mmap` (it is above the 32 MiB ceiling of its mmap threshold) and returns it
-with `munmap` when the step ends, so every step page-faults the whole buffer in again: 72k
-minor faults and about 18% of the step's time on this 2-core machine, spent in the kernel.
+XLA:CPU runs a compiled program with one temporary buffer that holds all of its intermediates,
+hundreds of MB for the `small` LM training step at 8 x 256 tokens. glibc's malloc serves a block
+that large with a fresh `mmap` (it is above the 32 MiB ceiling of its mmap threshold) and returns
+it with `munmap` when the step ends, so every step page-faults the whole buffer in again, and a
+sizeable share of the step is spent in the kernel doing it (docs/benchmarks.md).
 `reuse_host_memory()` makes malloc take such blocks from its heap and keep them when freed, so
-the next step reuses the same pages (0 faults per step; `python -m vqlm.bench lm` measures the
-effect on the training step). The cost is resident memory: the heap keeps every block it held,
-and for large steps its fragmentation can raise the peak well above the live data (below).
+the next step reuses the same pages (no page faults for that buffer; `python -m vqlm.bench lm`
+measures the effect on the training step). The cost is resident memory: the heap keeps every
+block it held, and for large steps its fragmentation can raise the peak well above the live data
+(below).
 
 The `vqlm` command and `python -m vqlm.bench` call it before JAX starts; a script that imports
 vqlm as a library calls it first thing:
@@ -22,10 +23,11 @@ will compute on the CPU (`JAX_PLATFORMS` starts with `cpu`, or no GPU/TPU plugin
 since accelerator buffers never go through malloc; `reuse` always applies them; `system` keeps
 glibc's defaults. On platforms other than Linux with glibc it does nothing and returns False.
 
-Measured on 2 cores: the `small` step runs 1.16-1.18x faster (`python -m vqlm.bench lm`, three
-pairs of runs). The `base` step (8 x 256, float32) does not gain: 9.5 s instead of 9.1 s in one
-pair of runs, still 183k faults per step instead of 914k, and its peak resident memory grows
-from 5.7 to 12.9 GB, since the heap keeps every block it ever held.
+Whether it pays depends on the step's size. On a 2-core CPU the `small` step gains; the `base`
+step (8 x 256, float32) does not: it still page-faults (fewer times), and its peak resident
+memory more than doubles, since the heap keeps every block it ever held. A large model on a small
+CPU machine may therefore want `VQLM_HOST_MALLOC=system`. Figures and commands are in
+docs/benchmarks.md.
 """
 import ctypes
 import importlib.metadata

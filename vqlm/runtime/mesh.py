@@ -20,7 +20,8 @@ BATCH_AXES = ("data", "fsdp")
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a Mesh with axes (data, fsdp, tensor); one size may be -1 (all remaining devices).
 
-  Uses Auto axis types (linen's logical constraints need them; see STACK-NOTES).
+  Uses Auto axis types: linen's logical constraints need them, and with the Explicit axis types
+  that `jax.make_mesh` now defaults to, `nn.Embed` raises `ShardingTypeError`.
   """
   devices = list(jax.devices() if devices is None else devices)
   unknown = set(shape) - set(MESH_AXES)

@@ -164,9 +164,9 @@ class Sampler:
     prompt_bucket: prompt lengths are padded to a multiple of this.
     cache_dtype: KV cache dtype (default: the compute dtype).
     dtype: sample with the weights cast once to this dtype and computed in it (e.g. "bfloat16":
-      half the weight and cache memory; on a 2-core CPU it measured faster at batch 1 and slower
-      at batch 8, see `python -m vqlm.bench sample --dtype bfloat16`); logits, guidance, softmax
-      and sampling stay float32. None: the model's own dtypes.
+      half the weight and cache memory; on CPU whether it is faster depends on the batch size,
+      see docs/benchmarks.md and `python -m vqlm.bench sample --dtype bfloat16`); logits,
+      guidance, softmax and sampling stay float32. None: the model's own dtypes.
   """
 
   def __init__(self, model: nn.Module, variables: dict[str, Any], vocab: Vocab, *,

@@ -4,10 +4,10 @@ The shared loop (`vqlm.train.loop`) jits `train_step` with the state donated. `i
 params *boxed* with logical axis names (the loop derives shardings from them, then unboxes);
 `train_step` / `eval_step` accept boxed or unboxed params.
 
-Batch (one LM example per row, see DESIGN.md): `tokens`, `targets`, `segment_ids`, `positions`
-int32 `[B, S]` and `loss_weights` float32 `[B, S]` (0 on padding and masked prompts). Metrics are
-split by the modality of the *target*: image if `image_offset <= target < image_offset +
-image_size`, text otherwise.
+Batch (one LM example per row, as `vqlm.data.sequences` builds them): `tokens`, `targets`,
+`segment_ids`, `positions` int32 `[B, S]` and `loss_weights` float32 `[B, S]` (0 on padding and
+masked prompts). Metrics are split by the modality of the *target*: image if `image_offset <=
+target < image_offset + image_size`, text otherwise.
 """
 from collections.abc import Mapping
 from typing import Any
