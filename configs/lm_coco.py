@@ -26,14 +26,15 @@ Choices (see docs/scaling.md for the arithmetic):
   scan   scan_layers=True: one compiled layer body (compile time independent of depth) and the
          per-layer FSDP all-gathers can be pipelined (launch/_gpu_env.sh, launch/tpu_pod.sh).
 """
+
 import ml_collections
 
-from vqlm.stages import lm_config as lm_family
 from vqlm.runtime.config import choose, parse_arg
+from vqlm.stages import lm_config as lm_family
 
 SIZES = {
-    "large": dict(fsdp=1, batch=512, steps=100_000, lr=3e-4),
-    "xl": dict(fsdp=8, batch=1024, steps=150_000, lr=2e-4),
+  "large": dict(fsdp=1, batch=512, steps=100_000, lr=3e-4),
+  "xl": dict(fsdp=8, batch=1024, steps=150_000, lr=2e-4),
 }
 
 
@@ -42,10 +43,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s = choose("size", arg.size, SIZES)
   c = lm_family.get_config(f"size={arg.size},dtype=bfloat16,remat={arg.remat}")
   c.model.scan_layers = True
-  c.data.update(text_vocab_size=16000, max_text_len=125, mode="mix", t2i_ratio=0.7,
-                caption_dropout=0.1, num_threads=8)
-  c.train.update(seq_len=384, batch_size=arg.batch or s["batch"], steps=s["steps"],
-                 log_every=100, eval_every=2000, checkpoint_every=2000, checkpoint_minutes=30.0)
+  c.data.update(
+    text_vocab_size=16000,
+    max_text_len=125,
+    mode="mix",
+    t2i_ratio=0.7,
+    caption_dropout=0.1,
+    num_threads=8,
+  )
+  c.train.update(
+    seq_len=384,
+    batch_size=arg.batch or s["batch"],
+    steps=s["steps"],
+    log_every=100,
+    eval_every=2000,
+    checkpoint_every=2000,
+    checkpoint_minutes=30.0,
+  )
   c.optim.update(learning_rate=s["lr"], warmup_steps=2000)
   c.mesh.shape.update(data=-1, fsdp=arg.fsdp or s["fsdp"], tensor=1)
   return c

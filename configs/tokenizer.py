@@ -5,4 +5,5 @@
 The fields, the size table and the arguments (`key=value,...`) are documented in
 `vqlm/stages/tokenizer_config.py`, where the library (and the built-in demo) builds the same config.
 """
+
 from vqlm.stages.tokenizer_config import get_config  # noqa: F401

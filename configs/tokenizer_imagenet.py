@@ -24,10 +24,11 @@ Choices (see docs/scaling.md):
   remat   none and scan none: the conv autoencoder has no layer stack to scan and no remat
           switch; if a device runs out of memory, lower the per-device batch instead.
 """
+
 import ml_collections
 
-from vqlm.stages import tokenizer_config as tokenizer_family
 from vqlm.runtime.config import parse_arg
+from vqlm.stages import tokenizer_config as tokenizer_family
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -27,9 +27,35 @@ def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp("tiny")
   data = str(root / "data")
   tok, codes, lm = str(root / "tok"), str(root / "codes"), str(root / "lm")
-  assert cli.main(["vqlm", "train", "--config", "configs/tokenizer.py:size=tiny",
-                   f"--config.data.data_dir={data}", "--workdir", tok, "--progress=false"]) == 0
+  assert (
+    cli.main(
+      [
+        "vqlm",
+        "train",
+        "--config",
+        "configs/tokenizer.py:size=tiny",
+        f"--config.data.data_dir={data}",
+        "--workdir",
+        tok,
+        "--progress=false",
+      ]
+    )
+    == 0
+  )
   assert cli.main(["vqlm", "encode", "--tokenizer", tok, "--out", codes]) == 0
-  assert cli.main(["vqlm", "train", "--config", "configs/lm.py:size=tiny",
-                   f"--config.data.codes={codes}", "--workdir", lm, "--progress=false"]) == 0
+  assert (
+    cli.main(
+      [
+        "vqlm",
+        "train",
+        "--config",
+        "configs/lm.py:size=tiny",
+        f"--config.data.codes={codes}",
+        "--workdir",
+        lm,
+        "--progress=false",
+      ]
+    )
+    == 0
+  )
   return {"root": root, "tok": tok, "codes": codes, "lm": lm, "data": data}

@@ -7,22 +7,33 @@ Modes:
                        data-parallel mesh over all processes' devices; process 0 writes losses.
   single OUT         : the same 3 steps in one process on one device (the reference for `proc`).
 """
+
 import json
 import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
 def tiny_task():
   from vqlm.nn.transformer import Transformer, TransformerConfig
-  from vqlm.train.optim import make_optimizer
   from vqlm.train.lm_task import LMTask
-  model = Transformer(TransformerConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4,
-                                        num_kv_heads=2, mlp_dim=128, image_offset=128,
-                                        image_size=128, grid=(4, 4)))
+  from vqlm.train.optim import make_optimizer
+
+  model = Transformer(
+    TransformerConfig(
+      vocab_size=256,
+      dim=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      mlp_dim=128,
+      image_offset=128,
+      image_size=128,
+      grid=(4, 4),
+    )
+  )
   opt, _ = make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10, weight_decay=0.1)
   return LMTask(model=model, optimizer=opt, z_loss_weight=1e-4, image_offset=128, image_size=128)
 
@@ -33,43 +44,56 @@ def batches(num, batch=8, seq=32):
   for _ in range(num):
     tokens = rng.integers(0, 256, (batch, seq + 1)).astype(np.int32)
     weights = (rng.random((batch, seq)) > 0.2).astype(np.float32)
-    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": weights,
-                "segment_ids": np.ones((batch, seq), np.int32),
-                "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1))})
+    out.append(
+      {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_weights": weights,
+        "segment_ids": np.ones((batch, seq), np.int32),
+        "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+      }
+    )
   return out
 
 
 def trainer_on(devices, shape):
-  from vqlm.runtime.config import DEFAULT_RULES
   from vqlm.runtime import mesh as mesh_lib
+  from vqlm.runtime.config import DEFAULT_RULES
   from vqlm.train import loop
+
   mesh = mesh_lib.make_mesh(shape, devices=devices)
-  return loop.Trainer(tiny_task(), mesh=mesh, rules=DEFAULT_RULES,
-                      options=loop.LoopOptions(steps=10, progress=False))
+  return loop.Trainer(
+    tiny_task(), mesh=mesh, rules=DEFAULT_RULES, options=loop.LoopOptions(steps=10, progress=False)
+  )
 
 
 def local_slice(batch, pid, n):
-  return {k: v[pid * len(v) // n:(pid + 1) * len(v) // n] for k, v in batch.items()}
+  return {k: v[pid * len(v) // n : (pid + 1) * len(v) // n] for k, v in batch.items()}
 
 
 def train(trainer, data, state=None, pid=0, n=1, start=0):
   from vqlm.runtime import mesh as mesh_lib
+
   if state is None:
-    state = trainer.init_state(jax.random.key(0), mesh_lib.global_batch(
-        local_slice(data[0], pid, n), trainer.mesh))
+    state = trainer.init_state(
+      jax.random.key(0), mesh_lib.global_batch(local_slice(data[0], pid, n), trainer.mesh)
+    )
   losses = []
   for i, b in enumerate(data):
-    state, metrics = trainer.step(state, mesh_lib.global_batch(local_slice(b, pid, n),
-                                                               trainer.mesh),
-                                  jax.random.key(start + i))
+    state, metrics = trainer.step(
+      state, mesh_lib.global_batch(local_slice(b, pid, n), trainer.mesh), jax.random.key(start + i)
+    )
     losses.append(float(metrics["loss"]))
   return state, losses
 
 
 def params_np(state):
   from jax.experimental import multihost_utils
-  return [np.asarray(multihost_utils.process_allgather(x, tiled=True))
-          for x in jax.tree.leaves(state.params)]
+
+  return [
+    np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    for x in jax.tree.leaves(state.params)
+  ]
 
 
 def main():
@@ -77,6 +101,7 @@ def main():
   result = {}
   if mode == "mesh":
     from vqlm.runtime.checkpoint import Checkpointer
+
     devices = jax.devices()
     assert len(devices) == 8, devices
     data = batches(4)
@@ -88,18 +113,23 @@ def main():
     # Relative difference of each parameter tensor, ||a - b|| / ||a||, and the elementwise
     # max |a - b| / max |a|. The latter is noisier: Adam turns float32 summation-order noise in
     # gradients near its epsilon (rarely seen vocabulary rows) into ~1e-5 of an update.
-    result["param_rel_diff"] = max(float(np.linalg.norm(a - b) / (np.linalg.norm(a) + 1e-12))
-                                   for a, b in zip(p1, p8))
-    result["param_max_diff"] = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12))
-                                   for a, b in zip(p1, p8))
+    result["param_rel_diff"] = max(
+      float(np.linalg.norm(a - b) / (np.linalg.norm(a) + 1e-12)) for a, b in zip(p1, p8)
+    )
+    result["param_max_diff"] = max(
+      float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)) for a, b in zip(p1, p8)
+    )
     ckpt = Checkpointer(os.path.join(out + "_ckpt"), async_save=False)
     ckpt.save(3, s8)
     ckpt.wait()
     _, next8 = train(t8, data[3:], state=s8, start=3)
-    for name, devs, shape in (("4", devices[:4], {"data": 2, "tensor": 2}),
-                              ("1", devices[:1], {"data": 1})):
+    for name, devs, shape in (
+      ("4", devices[:4], {"data": 2, "tensor": 2}),
+      ("1", devices[:1], {"data": 1}),
+    ):
       t = trainer_on(devs, shape)
       from vqlm.runtime import mesh as mesh_lib
+
       target = t.abstract_target(mesh_lib.global_batch(data[0], t.mesh))
       restored = ckpt.restore(target)
       _, nxt = train(t, data[3:], state=restored.state, start=3)

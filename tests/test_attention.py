@@ -4,19 +4,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqlm.nn import attention
-from vqlm.nn import layers
+from vqlm.nn import attention, layers
 
 
 def test_make_attention_mask_is_causal_and_within_segments():
   seg = jnp.array([[1, 1, 2, 2, 0]])
   mask = attention.make_attention_mask(seg)
   assert mask.shape == (1, 1, 5, 5) and mask.dtype == jnp.bool_
-  expected = np.array([[1, 0, 0, 0, 0],
-                       [1, 1, 0, 0, 0],
-                       [0, 0, 1, 0, 0],
-                       [0, 0, 1, 1, 0],
-                       [0, 0, 0, 0, 1]], bool)
+  expected = np.array(
+    [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], bool
+  )
   np.testing.assert_array_equal(mask[0, 0], expected)
 
 
@@ -49,8 +46,10 @@ def test_query_chunks_give_the_same_values_and_gradients(chunks):
   g = jax.random.normal(kg, (2, 13, 4, 8))
   seg = jnp.array([[1] * 5 + [2] * 8, [1] * 11 + [0] * 2])
   for mask in (None, attention.make_attention_mask(seg)):
-    def loss(q, k, v, c):
+
+    def loss(q, k, v, c, mask=mask):
       return jnp.sum(attention.dot_product_attention(q, k, v, mask, query_chunks=c) * g)
+
     ref = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 1)
     out = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, chunks)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
@@ -65,8 +64,9 @@ def test_causal_attention_needs_as_many_keys_as_queries():
 
 def test_attention_softmax_in_float32_for_bf16_inputs():
   q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 5, 2, 8))
-  out16 = attention.dot_product_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
-                                          v.astype(jnp.bfloat16), None)
+  out16 = attention.dot_product_attention(
+    q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), None
+  )
   assert out16.dtype == jnp.bfloat16
   out32 = attention.dot_product_attention(q, k, v, None)
   np.testing.assert_allclose(out16.astype(jnp.float32), out32, atol=5e-2)
@@ -126,14 +126,26 @@ def test_attention_with_cache_matches_full_attention():
   full, _ = mod.apply(variables, x, sin=sin, cos=cos, mask=None)
   cache = attention.init_kv_cache(2, 10, 2, 8)
   # Prefill 4 tokens, then 2 single steps.
-  out, cache = mod.apply(variables, x[:, :4], sin=sin[:, :4], cos=cos[:, :4],
-                         mask=attention.make_decode_mask(positions[:, :4], 10), cache=cache,
-                         positions=positions[:, :4])
+  out, cache = mod.apply(
+    variables,
+    x[:, :4],
+    sin=sin[:, :4],
+    cos=cos[:, :4],
+    mask=attention.make_decode_mask(positions[:, :4], 10),
+    cache=cache,
+    positions=positions[:, :4],
+  )
   outs = [out]
   for t in (4, 5):
-    out, cache = mod.apply(variables, x[:, t:t + 1], sin=sin[:, t:t + 1], cos=cos[:, t:t + 1],
-                           mask=attention.make_decode_mask(positions[:, t:t + 1], 10),
-                           cache=cache, positions=positions[:, t:t + 1])
+    out, cache = mod.apply(
+      variables,
+      x[:, t : t + 1],
+      sin=sin[:, t : t + 1],
+      cos=cos[:, t : t + 1],
+      mask=attention.make_decode_mask(positions[:, t : t + 1], 10),
+      cache=cache,
+      positions=positions[:, t : t + 1],
+    )
     outs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="positions"):

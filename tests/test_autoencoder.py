@@ -3,8 +3,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqlm.nn.autoencoder import (AttnBlock, Decoder, Encoder, PatchEncoder, ResBlock, factor_of,
-                                 num_groups, output_conv)
+from vqlm.nn.autoencoder import (
+  AttnBlock,
+  Decoder,
+  Encoder,
+  PatchEncoder,
+  ResBlock,
+  factor_of,
+  num_groups,
+  output_conv,
+)
 
 
 def rng_key(seed):
@@ -23,8 +31,9 @@ def test_num_groups_divides_channels_and_caps_at_32():
     assert c % g == 0 and g <= 32
 
 
-@pytest.mark.parametrize("mults,factor", [((1,), 1), ((1, 2), 2), ((1, 2, 2), 4),
-                                          ((1, 1, 2, 2), 8), ((1, 1, 2, 2, 4), 16)])
+@pytest.mark.parametrize(
+  "mults,factor", [((1,), 1), ((1, 2), 2), ((1, 2, 2), 4), ((1, 1, 2, 2), 8), ((1, 1, 2, 2, 4), 16)]
+)
 def test_encoder_decoder_shapes_for_each_factor(mults, factor):
   enc = Encoder(channels=8, channel_multipliers=mults, latent_dim=5, attention_at_lowest=True)
   dec = Decoder(channels=8, channel_multipliers=mults, attention_at_lowest=True)
@@ -45,8 +54,9 @@ def test_empty_multipliers_rejected():
 
 def test_attention_only_at_lowest_when_asked():
   x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
-  with_attn = jax.eval_shape(Encoder(channels=8, attention_at_lowest=True).init,
-                             rng_key(0), x)["params"]
+  with_attn = jax.eval_shape(Encoder(channels=8, attention_at_lowest=True).init, rng_key(0), x)[
+    "params"
+  ]
   without = jax.eval_shape(Encoder(channels=8).init, rng_key(0), x)["params"]
   assert "attn" in with_attn["mid"] and "res2" in with_attn["mid"]
   assert "attn" not in without["mid"]
@@ -88,8 +98,7 @@ def test_output_conv_matches_decoder_last_layer():
   out, state = dec.apply(variables, z, mutable=["intermediates"])
   features = state["intermediates"]["last_features"][0]
   conv = variables["params"]["conv_out"]
-  np.testing.assert_allclose(output_conv(features, conv["kernel"]) + conv["bias"], out,
-                             atol=1e-5)
+  np.testing.assert_allclose(output_conv(features, conv["kernel"]) + conv["bias"], out, atol=1e-5)
 
 
 def test_encoder_real_forward_is_finite_and_input_dependent():

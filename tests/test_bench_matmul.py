@@ -1,4 +1,5 @@
 """`python -m vqlm.bench matmul`: the dense layer's three training matmuls, jax vs torch."""
+
 import re
 
 import pytest
@@ -8,8 +9,9 @@ from vqlm.bench import matmul
 
 
 def test_reports_every_matmul_of_every_shape(capsys):
-  code = bench_main.main(["matmul", "--tokens", "16", "--shapes", "8x4,4x8", "--calls", "2",
-                          "--blocks", "1"])
+  code = bench_main.main(
+    ["matmul", "--tokens", "16", "--shapes", "8x4,4x8", "--calls", "2", "--blocks", "1"]
+  )
   out = capsys.readouterr().out
   assert code == 0
   for shape in ("16x8x4", "16x4x8"):

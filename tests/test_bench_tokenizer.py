@@ -1,4 +1,5 @@
 """`python -m vqlm.bench tokenizer`: images/s of the train step, encode and decode."""
+
 import os
 import re
 import subprocess
@@ -14,8 +15,19 @@ TOKENIZER = os.path.join(ROOT, "configs", "tokenizer.py")
 
 
 def test_tiny_reports_three_rates_with_compile_excluded(capsys):
-  code = bench_main.main(["tokenizer", "--config", f"{TOKENIZER}:size=tiny", "--batch", "4",
-                          "--steps", "2", "--repeats", "1"])
+  code = bench_main.main(
+    [
+      "tokenizer",
+      "--config",
+      f"{TOKENIZER}:size=tiny",
+      "--batch",
+      "4",
+      "--steps",
+      "2",
+      "--repeats",
+      "1",
+    ]
+  )
   out = capsys.readouterr().out
   assert code == 0
   assert re.search(r"^device: 1 x .+ \(cpu\)$", out, re.M), out
@@ -29,11 +41,20 @@ def test_tiny_reports_three_rates_with_compile_excluded(capsys):
 
 def test_imports_no_data_library():
   """It must run where grain / TFDS are absent (the lent GPU machine)."""
-  code = ("import sys; import vqlm.bench.tokenizer as b; "
-          "b.build_trainer(__import__('vqlm.stages.tokenizer_config', fromlist=['x']).get_config('size=tiny')); "
-          "print([m for m in ('grain', 'tensorflow_datasets') if m in sys.modules])")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+  code = (
+    "import sys; import vqlm.bench.tokenizer as b; "
+    "b.build_trainer(__import__('vqlm.stages.tokenizer_config', fromlist=['x'])"
+    ".get_config('size=tiny')); "
+    "print([m for m in ('grain', 'tensorflow_datasets') if m in sys.modules])"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip().splitlines()[-1] == "[]"
 

@@ -5,8 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqlm.nn.bottlenecks import (FSQ, GaussianBottleneck, VectorQuantizer, code_statistics, kmeans,
-                                 make_bottleneck)
+from vqlm.nn.bottlenecks import (
+  FSQ,
+  GaussianBottleneck,
+  VectorQuantizer,
+  code_statistics,
+  kmeans,
+  make_bottleneck,
+)
 
 
 def rng_key(seed):
@@ -44,18 +50,22 @@ def _sorted_rows(a):
 
 # -- factory and shapes --------------------------------------------------------------------------
 
+
 def test_factory_rejects_unknown_kind_listing_valid_ones():
   with pytest.raises(ValueError, match="identity, gaussian, vq, fsq"):
     make_bottleneck("vqvae")
 
 
-@pytest.mark.parametrize("kind,kwargs,out_dim,discrete", [
+@pytest.mark.parametrize(
+  "kind,kwargs,out_dim,discrete",
+  [
     ("identity", {}, 6, False),
     ("gaussian", {"latent_dim": 3}, 3, False),
     ("vq", {"codebook_size": 16, "latent_dim": 6, "code_dim": 4, "l2_normalize": True}, 6, True),
     ("vq", {"codebook_size": 16, "latent_dim": 6, "ema_decay": 0.9}, 6, True),
     ("fsq", {"levels": (4, 3), "latent_dim": 6}, 6, True),
-])
+  ],
+)
 def test_shapes_and_aux_of_every_kind(kind, kwargs, out_dim, discrete):
   module = make_bottleneck(kind, **kwargs)
   z = jax.ShapeDtypeStruct((2, 4, 5, 6), jnp.float32)
@@ -81,6 +91,7 @@ def test_code_statistics_closed_form():
 
 # -- Gaussian ------------------------------------------------------------------------------------
 
+
 def test_gaussian_kl_matches_closed_form_and_sampling():
   module = GaussianBottleneck(latent_dim=4, kl_weight=0.5)
   z = jax.random.normal(rng_key(0), (8, 8, 8, 5))
@@ -89,7 +100,7 @@ def test_gaussian_kl_matches_closed_form_and_sampling():
   m = np.asarray(z).reshape(-1, 5) @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
   mu, logvar = m[:, :4], np.clip(m[:, 4:], -30, 20)
   sigma = np.exp(0.5 * logvar)
-  kl = np.mean(-np.log(sigma) + (sigma ** 2 + mu ** 2) / 2 - 0.5)
+  kl = np.mean(-np.log(sigma) + (sigma**2 + mu**2) / 2 - 0.5)
   mean_out, aux = module.apply(variables, z, train=False)
   assert float(aux["kl"]) == pytest.approx(kl, rel=1e-4)
   assert float(aux["loss"]) == pytest.approx(0.5 * kl, rel=1e-4)
@@ -102,6 +113,7 @@ def test_gaussian_kl_matches_closed_form_and_sampling():
 
 
 # -- VQ ------------------------------------------------------------------------------------------
+
 
 def test_vq_indices_are_nearest_codes_and_lookup_round_trips():
   module = VectorQuantizer(codebook_size=16, latent_dim=6, code_dim=3, l2_normalize=True)
@@ -190,8 +202,9 @@ def test_kmeans_finds_separated_clusters():
 
 @pytest.mark.parametrize("ema_decay", [None, 0.9])
 def test_vq_kmeans_init_happens_once(ema_decay):
-  module = VectorQuantizer(codebook_size=4, latent_dim=2, kmeans_init=True, kmeans_iters=3,
-                           ema_decay=ema_decay)
+  module = VectorQuantizer(
+    codebook_size=4, latent_dim=2, kmeans_init=True, kmeans_iters=3, ema_decay=ema_decay
+  )
   pts, means = _clusters()
   z = jnp.asarray(pts).reshape(1, 8, 8, 2)
   variables = module.init(rng_key(0), z)
@@ -216,12 +229,14 @@ def test_vq_kmeans_init_happens_once(ema_decay):
 
 @pytest.mark.parametrize("ema_decay,l2", [(None, False), (0.99, False), (None, True)])
 def test_vq_restart_replaces_dead_codes_with_batch_vectors(ema_decay, l2):
-  module = VectorQuantizer(codebook_size=8, latent_dim=2, restart_after=2, ema_decay=ema_decay,
-                           l2_normalize=l2)
+  module = VectorQuantizer(
+    codebook_size=8, latent_dim=2, restart_after=2, ema_decay=ema_decay, l2_normalize=l2
+  )
   codebook = np.stack([np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], -1)
   codebook = codebook.astype(np.float32)
-  z = jnp.asarray(np.array([[1.0, 0.05], [1.1, -0.02], [0.9, 0.1], [1.0, 0.3]], np.float32)
-                  ).reshape(1, 2, 2, 2)
+  z = jnp.asarray(
+    np.array([[1.0, 0.05], [1.1, -0.02], [0.9, 0.1], [1.0, 0.3]], np.float32)
+  ).reshape(1, 2, 2, 2)
   variables = module.init(rng_key(0), z)
   if ema_decay is None:
     variables = {**variables, "params": {"codebook": jnp.asarray(codebook)}}
@@ -230,8 +245,7 @@ def test_vq_restart_replaces_dead_codes_with_batch_vectors(ema_decay, l2):
   (_, aux), new = _train(module, variables, z)  # Codes 1..7 unused for 1 step: not dead yet.
   assert float(aux["dead_codes"]) == 0.0
   variables = {**variables, **new}
-  np.testing.assert_allclose(module.apply(variables, method=module.codebook), codebook,
-                             atol=2e-2)
+  np.testing.assert_allclose(module.apply(variables, method=module.codebook), codebook, atol=2e-2)
   (_, aux), new = _train(module, variables, z)  # Unused for 2 steps: restarted.
   assert float(aux["dead_codes"]) == 7.0
   variables = {**variables, **new}
@@ -256,10 +270,12 @@ def test_vq_bf16_compute_keeps_float32_losses():
 def test_vq_rejects_bad_ema_decay():
   with pytest.raises(ValueError, match="ema_decay"):
     VectorQuantizer(codebook_size=4, latent_dim=2, ema_decay=1.5).init(
-        rng_key(0), jnp.zeros((1, 1, 1, 2)))
+      rng_key(0), jnp.zeros((1, 1, 1, 2))
+    )
 
 
 # -- FSQ -----------------------------------------------------------------------------------------
+
 
 def test_fsq_implicit_codebook_and_index_round_trip():
   module = FSQ(levels=(8, 5, 5, 5))
@@ -294,8 +310,9 @@ def test_fsq_projects_when_dims_differ():
   assert variables["params"]["proj_in"]["kernel"].shape == (6, 2)
   z_q, aux = module.apply(variables, z, train=False)
   assert z_q.shape == (2, 4, 4, 6)
-  np.testing.assert_allclose(module.apply(variables, aux["indices"], method=module.lookup), z_q,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    module.apply(variables, aux["indices"], method=module.lookup), z_q, atol=1e-5
+  )
   assert float(aux["usage"]) == pytest.approx(len(np.unique(aux["indices"])) / 25)
 
 

@@ -1,4 +1,5 @@
 """The `vqlm` command: user errors are one line naming the fix; the stages run end to end (tiny)."""
+
 import json
 import os
 import shutil
@@ -6,8 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vqlm import cli
-from vqlm import runs
+from vqlm import cli, runs
 
 
 def _main(capsys, *args):
@@ -37,30 +37,55 @@ def test_unknown_host_malloc_mode(capsys, monkeypatch):
 
 
 def test_unknown_config_argument_lists_valid_ones(capsys, tmp_path):
-  code, _, err = _main(capsys, "train", "--config", "configs/tokenizer.py:sise=small",
-                       "--workdir", str(tmp_path / "run"))
+  code, _, err = _main(
+    capsys,
+    "train",
+    "--config",
+    "configs/tokenizer.py:sise=small",
+    "--workdir",
+    str(tmp_path / "run"),
+  )
   assert code == 2
   line = _one_error_line(err)
   assert "unknown config argument 'sise'" in line and "size" in line
 
 
 def test_unknown_config_field_override(capsys, tmp_path):
-  code, _, err = _main(capsys, "train", "--config", "configs/tokenizer.py:size=tiny",
-                       "--config.train.stepz=3", "--workdir", str(tmp_path / "run"))
+  code, _, err = _main(
+    capsys,
+    "train",
+    "--config",
+    "configs/tokenizer.py:size=tiny",
+    "--config.train.stepz=3",
+    "--workdir",
+    str(tmp_path / "run"),
+  )
   assert code == 2
   assert "stepz" in _one_error_line(err)
 
 
 def test_unknown_dataset(capsys, tmp_path):
-  code, _, err = _main(capsys, "train", "--config", "configs/tokenizer.py:data=imagenet",
-                       "--workdir", str(tmp_path / "run"))
+  code, _, err = _main(
+    capsys,
+    "train",
+    "--config",
+    "configs/tokenizer.py:data=imagenet",
+    "--workdir",
+    str(tmp_path / "run"),
+  )
   assert code == 2
   assert "unknown dataset 'imagenet'; valid: shapes" in _one_error_line(err)
 
 
 def test_missing_workdir_parent(capsys, tmp_path):
-  code, _, err = _main(capsys, "train", "--config", "configs/tokenizer.py:size=tiny",
-                       "--workdir", str(tmp_path / "nope" / "run"))
+  code, _, err = _main(
+    capsys,
+    "train",
+    "--config",
+    "configs/tokenizer.py:size=tiny",
+    "--workdir",
+    str(tmp_path / "nope" / "run"),
+  )
   assert code == 2
   assert "does not exist; create" in _one_error_line(err)
 
@@ -73,6 +98,7 @@ def test_not_a_run_directory(capsys, tmp_path):
 
 def test_changed_model_config_is_refused(tmp_path):
   from vqlm.stages.tokenizer_config import get_config
+
   runs.save_config(str(tmp_path), get_config("size=tiny"))
   other = get_config("size=tiny")
   other.model.encoder.channels = 16
@@ -96,6 +122,7 @@ def test_encoded_shards_round_trip_to_direct_encode(tiny):
   from vqlm.data.code_shards import CodeShards
   from vqlm.data.sources import source_from_config
   from vqlm.runs import TokenizerRun as load_tokenizer
+
   run = load_tokenizer(tiny["tok"])
   shards = CodeShards(tiny["codes"], "validation")
   source = source_from_config(run.config.data, "validation")
@@ -108,8 +135,21 @@ def test_encoded_shards_round_trip_to_direct_encode(tiny):
 
 
 def test_encode_rerun_skips_finished_shards(tiny, capsys):
-  assert cli.main(["vqlm", "encode", "--tokenizer", tiny["tok"], "--out", tiny["codes"],
-                   "--splits", "validation"]) == 0
+  assert (
+    cli.main(
+      [
+        "vqlm",
+        "encode",
+        "--tokenizer",
+        tiny["tok"],
+        "--out",
+        tiny["codes"],
+        "--splits",
+        "validation",
+      ]
+    )
+    == 0
+  )
   assert "already done, skipping" in capsys.readouterr().out
 
 
@@ -123,6 +163,7 @@ def test_lm_run_has_vocab_text_model_and_losses(tiny):
 
 def test_lm_refuses_a_different_tokenizer(tiny, tmp_path):
   from vqlm.runs import LMRun
+
   other = str(tmp_path / "lm")
   shutil.copytree(tiny["lm"], other)
   config = runs.load_config(other)
@@ -139,10 +180,20 @@ def test_lm_refuses_a_different_tokenizer(tiny, tmp_path):
 
 def test_level_embeddings_take_the_fsq_levels_of_the_tokenizer(tiny, tmp_path, capsys):
   from vqlm.runs import LMRun
+
   lm = str(tmp_path / "lm")
-  args = ["vqlm", "train", "--config", "configs/lm.py:size=tiny",
-          f"--config.data.codes={tiny['codes']}", "--workdir", lm, "--progress=false",
-          "--config.model.image_embed_init=levels", "--config.train.steps=4"]
+  args = [
+    "vqlm",
+    "train",
+    "--config",
+    "configs/lm.py:size=tiny",
+    f"--config.data.codes={tiny['codes']}",
+    "--workdir",
+    lm,
+    "--progress=false",
+    "--config.model.image_embed_init=levels",
+    "--config.train.steps=4",
+  ]
   # The tiny tokenizer is a VQ: there are no levels to take.
   assert cli.main(args) == 2
   assert "needs an FSQ image tokenizer" in _one_error_line(capsys.readouterr().err)
@@ -154,14 +205,17 @@ def test_level_embeddings_take_the_fsq_levels_of_the_tokenizer(tiny, tmp_path, c
   runs.save_config(fsq, tok_config)
   assert cli.main(args + [f"--config.data.tokenizer={fsq}"]) == 0
   run = LMRun(lm)
-  assert tuple(run.model.config.code_levels) == (4, 8) and run.model.config.image_embed_init == "levels"
+  assert (
+    tuple(run.model.config.code_levels) == (4, 8) and run.model.config.image_embed_init == "levels"
+  )
   assert run.params["embed"]["level_embedding"].shape == (12, run.model.config.dim)
 
 
 def test_lm_refuses_a_vocab_that_does_not_match_the_data(tiny, tmp_path):
-  from vqlm.stages.lm_config import get_config
   from vqlm.stages import lm as lm_stage
+  from vqlm.stages.lm_config import get_config
   from vqlm.vocab import Vocab
+
   workdir = str(tmp_path / "lm")
   os.makedirs(workdir)
   Vocab(text_size=100, image_size=999, grid=(4, 4)).save(os.path.join(workdir, "vocab.json"))
@@ -172,12 +226,16 @@ def test_lm_refuses_a_vocab_that_does_not_match_the_data(tiny, tmp_path):
 
 
 def test_lm_refuses_a_text_model_that_does_not_match_the_vocab(tiny, tmp_path):
-  from vqlm.text import train_sentencepiece
   from vqlm.runs import LMRun
+  from vqlm.text import train_sentencepiece
+
   other = str(tmp_path / "lm")
   shutil.copytree(tiny["lm"], other)
-  train_sentencepiece(["a b c d e f g h i j k l m n o p"] * 10,
-                      model_prefix=os.path.join(other, "text"), vocab_size=30)
+  train_sentencepiece(
+    ["a b c d e f g h i j k l m n o p"] * 10,
+    model_prefix=os.path.join(other, "text"),
+    vocab_size=30,
+  )
   with pytest.raises(ValueError, match="restore the run's own text model"):
     LMRun(other)
 
@@ -186,6 +244,7 @@ def test_encode_video_clips_round_trip(tiny, tmp_path):
   from vqlm.data.code_shards import CodeShards, encode_split
   from vqlm.data.moving_shapes import MovingShapesSource
   from vqlm.runs import TokenizerRun as load_tokenizer
+
   run = load_tokenizer(tiny["tok"])
   clips = MovingShapesSource(split="validation", num_clips=3, num_frames=4)
   encode_split(run, clips, str(tmp_path / "video"), split="validation", progress=False)
@@ -198,19 +257,45 @@ def test_encode_video_clips_round_trip(tiny, tmp_path):
 
 
 def test_text_train_command(tmp_path, capsys):
-  code = cli.main(["vqlm", "text", "train", "--config", "configs/tokenizer.py:data=digits",
-                   "--out", str(tmp_path), "--vocab_size", "40"])
+  code = cli.main(
+    [
+      "vqlm",
+      "text",
+      "train",
+      "--config",
+      "configs/tokenizer.py:data=digits",
+      "--out",
+      str(tmp_path),
+      "--vocab_size",
+      "40",
+    ]
+  )
   assert code == 0
   from vqlm.text import TextTokenizer
+
   tok = TextTokenizer.load(str(tmp_path / "text.model"))
   assert tok.decode(tok.encode("the digit seven")) == "the digit seven"
 
 
 def test_encode_with_quality_filters_writes_counts(tiny, tmp_path):
   out = str(tmp_path / "codes")
-  assert cli.main(["vqlm", "encode", "--tokenizer", tiny["tok"], "--out", out, "--splits",
-                   "validation", "--filters",
-                   '{"min_caption_words": 7, "reconstruction_error": 2.0}']) == 0
+  assert (
+    cli.main(
+      [
+        "vqlm",
+        "encode",
+        "--tokenizer",
+        tiny["tok"],
+        "--out",
+        out,
+        "--splits",
+        "validation",
+        "--filters",
+        '{"min_caption_words": 7, "reconstruction_error": 2.0}',
+      ]
+    )
+    == 0
+  )
   counts = json.load(open(os.path.join(out, "filters_validation.json")))
   assert counts["total"] == 32
   # Single-object captions ("a large red circle at the top left") have fewer than 7 words... some
@@ -218,4 +303,5 @@ def test_encode_with_quality_filters_writes_counts(tiny, tmp_path):
   assert counts["kept"] + sum(counts["removed"].values()) == counts["total"]
   assert counts["removed"].get("reconstruction_error", 0) == 0  # 2.0 is the maximum error.
   from vqlm.data.code_shards import CodeShards
+
   assert len(CodeShards(out, "validation")) == counts["kept"]

@@ -1,4 +1,5 @@
 """`vqlm compile`: ahead-of-time lowering/compiling of the train step on abstract inputs."""
+
 import os
 import re
 import subprocess
@@ -6,9 +7,9 @@ import sys
 
 import pytest
 
-from vqlm.nn.presets import NOMINAL_VOCAB
 from vqlm import cli
 from vqlm.commands import compile as compile_cmd
+from vqlm.nn.presets import NOMINAL_VOCAB
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LM = os.path.join(ROOT, "configs", "lm.py")
@@ -28,13 +29,14 @@ def _memory(out: str) -> dict[str, int]:
     m = re.search(rf"^  {name}\s+([\d.]+) GiB\s+\(([\d,]+) bytes\)$", out, re.M)
     assert m, f"no '{name}' row in:\n{out}"
     rows[name] = int(m.group(2).replace(",", ""))
-    assert abs(float(m.group(1)) - rows[name] / 2 ** 30) < 1e-4
+    assert abs(float(m.group(1)) - rows[name] / 2**30) < 1e-4
   return rows
 
 
 def _state(out: str) -> tuple[int, float]:
-  m = re.search(r"train state per device: [\d.e-]+ GiB for ([\d,]+) params \(params ([\d.e-]+),",
-                out)
+  m = re.search(
+    r"train state per device: [\d.e-]+ GiB for ([\d,]+) params \(params ([\d.e-]+),", out
+  )
   assert m, out
   return int(m.group(1).replace(",", "")), float(m.group(2))
 
@@ -46,12 +48,13 @@ def test_lm_tiny_prints_positive_memory_and_flops(capsys):
   for name in ("arguments", "outputs", "temporaries", "total"):
     assert mem[name] > 0, name
   assert mem["generated code"] >= 0
-  assert mem["total"] == (mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
-                          + mem["generated code"])
+  assert mem["total"] == (
+    mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["generated code"]
+  )
   # The state is donated: its buffers are reused for the new state (aliased ~ outputs).
   assert mem["aliased"] > 0.9 * mem["outputs"]
   num_params, params_gib = _state(out)
-  assert params_gib == pytest.approx(4 * num_params / 2 ** 30, rel=1e-3)  # float32 params
+  assert params_gib == pytest.approx(4 * num_params / 2**30, rel=1e-3)  # float32 params
   assert mem["arguments"] > 12 * num_params  # params + Adam's two moments, float32
   xla = float(re.search(r"XLA cost analysis\): ([\d.e+]+)", out).group(1))
   model = float(re.search(r"6N \+ attention\): ([\d.e+]+)", out).group(1))
@@ -70,18 +73,18 @@ def test_tokenizer_tiny_prints_positive_memory(capsys):
 
 
 def test_lower_only_handles_base_without_allocating_it(capsys):
-  code, out, err = _run(capsys, "--config", f"{LM}:size=base", "--batch", "2",
-                        "--seq_len", "256", "--lower_only")
+  code, out, err = _run(
+    capsys, "--config", f"{LM}:size=base", "--batch", "2", "--seq_len", "256", "--lower_only"
+  )
   assert code == 0, err
   num_params, params_gib = _state(out)
   assert num_params > 100_000_000
-  assert params_gib == pytest.approx(4 * num_params / 2 ** 30, rel=1e-3)
+  assert params_gib == pytest.approx(4 * num_params / 2**30, rel=1e-3)
   assert "lowered in" in out and "compiled in" not in out and "temporaries" not in out
 
 
 def test_bad_flags_fail_with_one_line(capsys):
-  code, _, err = _run(capsys, "--config", f"{LM}:size=tiny", "--mesh", "data=2",
-                      "--lower_only")
+  code, _, err = _run(capsys, "--config", f"{LM}:size=tiny", "--mesh", "data=2", "--lower_only")
   assert code == 2 and "needs 2 devices but 1 are available" in err
   code, _, err = _run(capsys, "--config", f"{LM}:size=tiny", "--mesh", "pipe=2")
   assert code == 2 and "--mesh item 'pipe=2'" in err
@@ -103,17 +106,26 @@ def test_parse_mesh_and_nominal_vocab():
 
 def test_fsdp_shards_the_state_over_faked_devices(tmp_path):
   """On 4 faked CPU devices, fsdp=4 keeps about a quarter of the params per device."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  base = [sys.executable, "-m", "vqlm", "compile", "--config", f"{LM}:size=tiny",
-          "--batch", "4", "--lower_only"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  base = [
+    sys.executable,
+    "-m",
+    "vqlm",
+    "compile",
+    "--config",
+    f"{LM}:size=tiny",
+    "--batch",
+    "4",
+    "--lower_only",
+  ]
   outs = {}
   for mesh in ("data=4,fsdp=1", "data=1,fsdp=4"):
-    proc = subprocess.run(base + ["--mesh", mesh], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+      base + ["--mesh", mesh], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 x cpu" in proc.stdout
     outs[mesh] = _state(proc.stdout)
   (n, replicated), (_, sharded) = outs["data=4,fsdp=1"], outs["data=1,fsdp=4"]
-  assert replicated == pytest.approx(4 * n / 2 ** 30, rel=1e-3)
+  assert replicated == pytest.approx(4 * n / 2**30, rel=1e-3)
   assert sharded < 0.3 * replicated

@@ -10,8 +10,14 @@ from vqlm.vocab import Vocab
 
 VOCAB = Vocab(text_size=20, image_size=12, grid=(2, 3), num_reserved=2, pad_to=16)
 HW = VOCAB.tokens_per_image
-BOS, EOS, BOI, EOI, FRAME, PAD = (VOCAB.bos_id, VOCAB.eos_id, VOCAB.boi_id, VOCAB.eoi_id,
-                                  VOCAB.frame_id, VOCAB.pad_id)
+BOS, EOS, BOI, EOI, FRAME, PAD = (
+  VOCAB.bos_id,
+  VOCAB.eos_id,
+  VOCAB.boi_id,
+  VOCAB.eoi_id,
+  VOCAB.frame_id,
+  VOCAB.pad_id,
+)
 CODES = [VOCAB.image_offset + c for c in (0, 5, 11, 3, 7, 2)]  # one full grid of ids
 
 
@@ -106,11 +112,15 @@ def _check(mode, prompt, gen, *, num_images, max_new):
 
 
 PROMPTS = {
-    "text": [[BOS, BOI, *CODES, EOI], [BOS, 3, 4], [BOS, BOI, *CODES[:2]], [BOS, 5, FRAME]],
-    "interleaved": [[BOS, 1, 2], [BOS, BOI, *CODES[:4]], [BOS, BOI, *CODES], [BOS, 7, BOI]],
-    "image": [[BOS, 3, 4, BOI], [BOS, BOI], [BOS, 9], [BOS, 2, BOI, *CODES[:3]]],
-    "video": [[BOS, 2, BOI, *CODES, EOI], [BOS, 4, BOI], [BOS, BOI, *CODES, EOI, FRAME],
-              [BOS, 6, BOI, *CODES, EOI, FRAME, BOI, *CODES[:5]]],
+  "text": [[BOS, BOI, *CODES, EOI], [BOS, 3, 4], [BOS, BOI, *CODES[:2]], [BOS, 5, FRAME]],
+  "interleaved": [[BOS, 1, 2], [BOS, BOI, *CODES[:4]], [BOS, BOI, *CODES], [BOS, 7, BOI]],
+  "image": [[BOS, 3, 4, BOI], [BOS, BOI], [BOS, 9], [BOS, 2, BOI, *CODES[:3]]],
+  "video": [
+    [BOS, 2, BOI, *CODES, EOI],
+    [BOS, 4, BOI],
+    [BOS, BOI, *CODES, EOI, FRAME],
+    [BOS, 6, BOI, *CODES, EOI, FRAME, BOI, *CODES[:5]],
+  ],
 }
 
 
@@ -146,7 +156,7 @@ def test_image_mode_emits_exactly_one_grid_then_stops():
   out = np.asarray(_random_rollouts(spec, state, jnp.arange(8), max_new=HW + 3))
   for row in out.reshape(-1, HW + 3):
     assert all(_is_code(i) for i in row[:HW]) and row[HW] == EOI
-    assert row[HW + 1:].tolist() == [PAD, PAD]
+    assert row[HW + 1 :].tolist() == [PAD, PAD]
 
 
 def test_video_mode_frame_structure():
@@ -156,7 +166,7 @@ def test_video_mode_frame_structure():
   assert n == 2 * (1 + 1 + HW + 1) + 1
   row = np.asarray(_random_rollouts(spec, state, jnp.arange(1), max_new=n))[0, 0].tolist()
   assert row[:2] == [FRAME, BOI] and row[2 + HW] == EOI
-  assert row[3 + HW:5 + HW] == [FRAME, BOI] and row[5 + 2 * HW] == EOI and row[-1] == EOS
+  assert row[3 + HW : 5 + HW] == [FRAME, BOI] and row[5 + 2 * HW] == EOI and row[-1] == EOS
 
 
 def test_interleaved_never_opens_a_run_that_cannot_finish():
@@ -167,16 +177,25 @@ def test_interleaved_never_opens_a_run_that_cannot_finish():
   assert not bool(cons.allowed_ids(spec, forced, klass)[0, BOI])
   forced, klass = cons.forced_and_class(spec, state, jnp.array(HW + 2))
   allowed = np.asarray(cons.allowed_ids(spec, forced, klass)[0])
-  assert allowed[BOI] and allowed[EOS] and allowed[:VOCAB.text_size].all()
-  assert not allowed[VOCAB.size:].any() and not allowed[[PAD, BOS, EOI, FRAME]].any()
-  assert not allowed[VOCAB.image_offset:VOCAB.size].any()
+  assert allowed[BOI] and allowed[EOS] and allowed[: VOCAB.text_size].all()
+  assert not allowed[VOCAB.size :].any() and not allowed[[PAD, BOS, EOI, FRAME]].any()
+  assert not allowed[VOCAB.image_offset : VOCAB.size].any()
 
 
 def test_initial_state_reads_open_runs_off_the_prompt():
   spec = cons.Spec.from_vocab(VOCAB, "video")
-  state = cons.initial_state(spec, [[BOS, BOI], [BOS, BOI, *CODES[:4]], [BOS, BOI, *CODES],
-                                    [BOS, BOI, *CODES, EOI], [BOS, BOI, *CODES, EOI, FRAME]],
-                             num_images=3, active=[True, True, True, True, False])
+  state = cons.initial_state(
+    spec,
+    [
+      [BOS, BOI],
+      [BOS, BOI, *CODES[:4]],
+      [BOS, BOI, *CODES],
+      [BOS, BOI, *CODES, EOI],
+      [BOS, BOI, *CODES, EOI, FRAME],
+    ],
+    num_images=3,
+    active=[True, True, True, True, False],
+  )
   np.testing.assert_array_equal(state.codes_left, [HW, HW - 4, 0, 0, 0])
   np.testing.assert_array_equal(state.images_left, [2, 2, 2, 3, 3])
   np.testing.assert_array_equal(state.done, [False, False, False, False, True])
@@ -184,7 +203,9 @@ def test_initial_state_reads_open_runs_off_the_prompt():
   np.testing.assert_array_equal(forced, [-1, -1, EOI, FRAME, PAD])
 
 
-@pytest.mark.parametrize("prompt, match", [
+@pytest.mark.parametrize(
+  "prompt, match",
+  [
     ([], "empty"),
     ([BOS, PAD], "pad"),
     ([BOS, VOCAB.size], "outside"),
@@ -192,7 +213,8 @@ def test_initial_state_reads_open_runs_off_the_prompt():
     ([BOS, BOI, *CODES, CODES[0]], "longer"),
     ([BOS, BOI, CODES[0], EOI], "closes"),
     ([BOS, BOI, CODES[0], 3], "interrupts"),
-])
+  ],
+)
 def test_bad_prompts_raise(prompt, match):
   with pytest.raises(ValueError, match=match):
     cons.initial_state(cons.Spec.from_vocab(VOCAB, "interleaved"), [prompt])

@@ -1,4 +1,5 @@
 """The demo's smoke preset end to end (slow: a few minutes on 2 cores; `pytest -m slow`)."""
+
 import json
 import os
 
@@ -11,11 +12,20 @@ from vqlm.eval.text_image import chance_scene_accuracy
 @pytest.mark.slow
 def test_smoke_demo_produces_every_artefact_and_learns(tmp_path):
   workdir = str(tmp_path / "demo")
-  assert cli.main(["vqlm", "demo", "--workdir", workdir, "--preset", "smoke",
-                   "--progress=false"]) == 0
-  for path in ("report.html", "eval.json", "samples/text_to_image.png",
-               "samples/text_to_image_heldout.png", "samples/captions.json",
-               "tokenizer/eval.json", "lm/vocab.json", "lm/text.model", "codes/manifest.json"):
+  assert (
+    cli.main(["vqlm", "demo", "--workdir", workdir, "--preset", "smoke", "--progress=false"]) == 0
+  )
+  for path in (
+    "report.html",
+    "eval.json",
+    "samples/text_to_image.png",
+    "samples/text_to_image_heldout.png",
+    "samples/captions.json",
+    "tokenizer/eval.json",
+    "lm/vocab.json",
+    "lm/text.model",
+    "codes/manifest.json",
+  ):
     assert os.path.exists(os.path.join(workdir, path)), path
   results = json.load(open(os.path.join(workdir, "eval.json")))
   chance = chance_scene_accuracy(2)
@@ -33,5 +43,19 @@ def test_smoke_demo_produces_every_artefact_and_learns(tmp_path):
   html = open(os.path.join(workdir, "report.html")).read()
   assert "https://" not in html and "<script" not in html
   # Re-running skips every finished stage.
-  assert cli.main(["vqlm", "demo", "--workdir", workdir, "--preset", "smoke",
-                   "--progress=false", "--stages", "tokenizer,lm,generate"]) == 0
+  assert (
+    cli.main(
+      [
+        "vqlm",
+        "demo",
+        "--workdir",
+        workdir,
+        "--preset",
+        "smoke",
+        "--progress=false",
+        "--stages",
+        "tokenizer,lm,generate",
+      ]
+    )
+    == 0
+  )

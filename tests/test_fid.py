@@ -10,8 +10,9 @@ from vqlm.nn import inception
 def reference_fid(mu1, sigma1, mu2, sigma2):
   """The textbook formula, float64, scipy.linalg.sqrtm."""
   covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
-               - 2.0 * np.trace(covmean))
+  return float(
+    np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)
+  )
 
 
 def _features(seed, n, d, shift=0.0, scale=1.0):
@@ -28,8 +29,9 @@ def test_matches_reference(method, n, d):
   ref = reference_fid(*fid.statistics(a), *fid.statistics(b))
   assert ref > 1.0
   assert fid.fid_from_features(a, b, method=method) == pytest.approx(ref, rel=1e-6)
-  assert fid.frechet_distance(*fid.statistics(a), *fid.statistics(b), method=method) \
-      == pytest.approx(ref, rel=1e-6)
+  assert fid.frechet_distance(
+    *fid.statistics(a), *fid.statistics(b), method=method
+  ) == pytest.approx(ref, rel=1e-6)
   assert fid.fid_from_features(b, a, method=method) == pytest.approx(ref, rel=1e-6)
 
 
@@ -46,13 +48,18 @@ def test_identical_sets_give_zero(method):
 def test_diagonal_gaussians_closed_form(method):
   # ||mu1 - mu2||^2 + sum_i (a_i + b_i - 2 sqrt(a_i b_i)), worked by hand:
   # (1 + 4) + (1 + 4 - 2*2) + (4 + 9 - 2*6) = 5 + 1 + 1 = 7.
-  assert fid.frechet_distance([0.0, 0.0], np.diag([1.0, 4.0]), [1.0, 2.0], np.diag([4.0, 9.0]),
-                              method=method) == pytest.approx(7.0, rel=1e-12)
+  assert fid.frechet_distance(
+    [0.0, 0.0], np.diag([1.0, 4.0]), [1.0, 2.0], np.diag([4.0, 9.0]), method=method
+  ) == pytest.approx(7.0, rel=1e-12)
   # 0.25 + (0.25 + 1 - 2*0.5) + (2 + 8 - 2*4) + (0 + 1 - 0) = 0.25 + 0.25 + 2 + 1 = 3.5;
   # the zero variance makes the product singular.
-  assert fid.frechet_distance([0.5, 0.0, 0.0], np.diag([0.25, 2.0, 0.0]), [0.0, 0.0, 0.0],
-                              np.diag([1.0, 8.0, 1.0]), method=method) \
-      == pytest.approx(3.5, rel=1e-9)
+  assert fid.frechet_distance(
+    [0.5, 0.0, 0.0],
+    np.diag([0.25, 2.0, 0.0]),
+    [0.0, 0.0, 0.0],
+    np.diag([1.0, 8.0, 1.0]),
+    method=method,
+  ) == pytest.approx(3.5, rel=1e-9)
 
 
 def test_statistics_float64_unbiased():
@@ -108,8 +115,9 @@ def test_bad_inputs_raise():
 
 
 def _shapes_images(seed, n, **kwargs):
-  return np.stack([e["image"] for e in shapes.make_examples(split="train", num_examples=n,
-                                                            seed=seed, **kwargs)])
+  return np.stack(
+    [e["image"] for e in shapes.make_examples(split="train", num_examples=n, seed=seed, **kwargs)]
+  )
 
 
 def test_scene_fd_on_shapes():
@@ -133,14 +141,16 @@ def test_inception_fid_with_random_weights(tmp_path):
 
   features_a = fid.inception_features(variables, a, batch_size=2)  # Last batch padded.
   assert features_a.shape == (3, 2048) and features_a.dtype == np.float32
-  np.testing.assert_array_equal(fid.inception_features(variables, a[2:], batch_size=2),
-                                features_a[2:])
+  np.testing.assert_array_equal(
+    fid.inception_features(variables, a[2:], batch_size=2), features_a[2:]
+  )
   features_b = fid.inception_features(variables, b, batch_size=2)
 
   value = fid.inception_fid(a, b, weights_path=path, batch_size=2, method="eigh")
   assert np.isfinite(value) and value > 0
-  assert value == pytest.approx(fid.fid_from_features(features_a, features_b, method="eigh"),
-                                rel=1e-9)
+  assert value == pytest.approx(
+    fid.fid_from_features(features_a, features_b, method="eigh"), rel=1e-9
+  )
 
   with pytest.raises(ValueError, match="--inception_weights"):
     fid.inception_fid(a, b, weights_path=str(tmp_path / "missing.npz"))

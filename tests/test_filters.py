@@ -27,26 +27,34 @@ def _noise(seed):
 
 
 def _item(text="a long enough caption", image=None, original_size=(64, 64), seed=0):
-  return {"image": _noise(seed) if image is None else image, "text": text,
-          "original_size": original_size}
+  return {
+    "image": _noise(seed) if image is None else image,
+    "text": text,
+    "original_size": original_size,
+  }
 
 
 def _crafted():
   """Items and, for each, the first filter that rejects it (None: kept)."""
   return [
-      (_item(seed=1), None),
-      (_item(text="too short", seed=2), "min_caption_words"),
-      (_item(original_size=(31, 200), seed=3), "min_image_size"),
-      (_item(original_size=(40, 130), seed=4), "max_aspect_ratio"),
-      (_item(image=np.full((4, 4, 3), 128, np.uint8)), "min_pixel_std"),
-      (_item(seed=1, text="same pixels as the first"), "exact_duplicates"),
-      (_item(text="", seed=5, original_size=(8, 8)), "min_caption_words"),  # counted once
-      (_item(seed=6, original_size=(32, 96)), None),  # ratio 3 is allowed
+    (_item(seed=1), None),
+    (_item(text="too short", seed=2), "min_caption_words"),
+    (_item(original_size=(31, 200), seed=3), "min_image_size"),
+    (_item(original_size=(40, 130), seed=4), "max_aspect_ratio"),
+    (_item(image=np.full((4, 4, 3), 128, np.uint8)), "min_pixel_std"),
+    (_item(seed=1, text="same pixels as the first"), "exact_duplicates"),
+    (_item(text="", seed=5, original_size=(8, 8)), "min_caption_words"),  # counted once
+    (_item(seed=6, original_size=(32, 96)), None),  # ratio 3 is allowed
   ]
 
 
-CONFIG = {"min_caption_words": 3, "min_image_size": 32, "max_aspect_ratio": 3.0,
-          "min_pixel_std": 2.0, "exact_duplicates": True}
+CONFIG = {
+  "min_caption_words": 3,
+  "min_image_size": 32,
+  "max_aspect_ratio": 3.0,
+  "min_pixel_std": 2.0,
+  "exact_duplicates": True,
+}
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
@@ -54,14 +62,22 @@ def test_counts_on_crafted_items(tmp_path, batch_size):
   crafted = _crafted()
   source = ListSource([item for item, _ in crafted])
   report = tmp_path / "sub" / "report.json"
-  kept, counts = filters.apply_filters(source, filters.make_filters(CONFIG),
-                                       report_path=str(report), batch_size=batch_size)
+  kept, counts = filters.apply_filters(
+    source, filters.make_filters(CONFIG), report_path=str(report), batch_size=batch_size
+  )
   expected_kept = [i for i, (_, why) in enumerate(crafted) if why is None]
   assert list(kept.indices) == expected_kept
-  assert counts == {"total": 8, "kept": 2,
-                    "removed": {"min_caption_words": 2, "min_image_size": 1,
-                                "max_aspect_ratio": 1, "min_pixel_std": 1,
-                                "exact_duplicates": 1}}
+  assert counts == {
+    "total": 8,
+    "kept": 2,
+    "removed": {
+      "min_caption_words": 2,
+      "min_image_size": 1,
+      "max_aspect_ratio": 1,
+      "min_pixel_std": 1,
+      "exact_duplicates": 1,
+    },
+  }
   assert json.loads(report.read_text()) == counts
   assert len(kept) == 2 and kept.counts == counts and kept.name == "list"
   np.testing.assert_array_equal(kept[1]["image"], crafted[7][0]["image"])
@@ -96,9 +112,10 @@ def test_reconstruction_error_filter_with_fake_score():
     assert images.dtype == np.uint8
     return images.reshape(len(images), -1).mean(axis=1).astype(np.float32)
 
-  fs = filters.make_filters({"reconstruction_error": 100.0, "min_pixel_std": None,
-                             "exact_duplicates": False},
-                            score_fns={"reconstruction_error": mean_brightness})
+  fs = filters.make_filters(
+    {"reconstruction_error": 100.0, "min_pixel_std": None, "exact_duplicates": False},
+    score_fns={"reconstruction_error": mean_brightness},
+  )
   assert [f.name for f in fs] == ["reconstruction_error"]
   kept, counts = filters.apply_filters(source, fs, batch_size=2)
   assert list(kept.indices) == [0, 2, 4]
@@ -139,9 +156,12 @@ def test_make_filters_config_errors_and_order():
   fs = filters.make_filters({"exact_duplicates": True, "min_caption_words": 2})
   assert [f.name for f in fs] == ["min_caption_words", "exact_duplicates"]
   assert filters.make_filters({}) == []
-  with pytest.raises(ValueError, match=r"unknown filter 'min_words'; valid: min_caption_words, "
-                                       r"min_image_size, max_aspect_ratio, min_pixel_std, "
-                                       r"exact_duplicates, reconstruction_error"):
+  with pytest.raises(
+    ValueError,
+    match=r"unknown filter 'min_words'; valid: min_caption_words, "
+    r"min_image_size, max_aspect_ratio, min_pixel_std, "
+    r"exact_duplicates, reconstruction_error",
+  ):
     filters.make_filters({"min_words": 3})
   with pytest.raises(ValueError, match="'reconstruction_error' needs a score function"):
     filters.make_filters({"reconstruction_error": 0.1})
@@ -155,9 +175,11 @@ def test_make_filters_config_errors_and_order():
 
 def test_filters_over_a_real_source(tmp_path):
   from vqlm.data import sources
+
   src = sources.get_source("digits", split="test", image_size=8)
-  kept, counts = filters.apply_filters(src, filters.make_filters({"min_caption_words": 3,
-                                                                  "exact_duplicates": True}))
+  kept, counts = filters.apply_filters(
+    src, filters.make_filters({"min_caption_words": 3, "exact_duplicates": True})
+  )
   assert counts["total"] == 197 and counts["removed"]["min_caption_words"] == 0
   assert counts["kept"] == 197 - counts["removed"]["exact_duplicates"] == len(kept)
   assert kept[0]["text"].startswith("the digit")

@@ -1,4 +1,6 @@
-"""`vqlm.runtime.host_memory`: large XLA:CPU temporaries reuse their pages instead of faulting them in."""
+"""`vqlm.runtime.host_memory`: large XLA:CPU temporaries reuse their pages instead of faulting them
+in."""
+
 import json
 import os
 import subprocess
@@ -36,11 +38,13 @@ _PROBE = textwrap.dedent("""
 
 def _probe(mode: str) -> dict:
   env = dict(os.environ, VQLM_HOST_MALLOC=mode, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
-                       timeout=300, check=True)
+  out = subprocess.run(
+    [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300, check=True
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # Two fresh JAX processes that each time a large computation.
 @pytest.mark.skipif(not _glibc, reason="the settings are glibc's mallopt")
 def test_reuse_removes_the_page_faults_of_large_temporaries():
   system = _probe("system")

@@ -14,10 +14,10 @@ def rng_key(seed):
 
 ENCODER = {"channels": 8, "channel_multipliers": (1, 2), "num_res_blocks": 1, "latent_dim": 6}
 BOTTLENECKS = {
-    "identity": {"kind": "identity"},
-    "gaussian": {"kind": "gaussian", "latent_dim": 4},
-    "vq": {"kind": "vq", "codebook_size": 32, "code_dim": 3, "l2_normalize": True},
-    "fsq": {"kind": "fsq", "levels": (5, 4, 3)},
+  "identity": {"kind": "identity"},
+  "gaussian": {"kind": "gaussian", "latent_dim": 4},
+  "vq": {"kind": "vq", "codebook_size": 32, "code_dim": 3, "l2_normalize": True},
+  "fsq": {"kind": "fsq", "levels": (5, 4, 3)},
 }
 
 
@@ -43,8 +43,7 @@ def test_shapes_of_every_kind(kind):
   recon, aux = jax.eval_shape(model.apply, variables, x)
   assert recon.shape == (2, 16, 16, 3) and recon.dtype == jnp.float32
   assert set(variables["params"]) - {"quantizer"} == {"enc", "dec"}
-  latent = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.encode_latent),
-                          variables, x)
+  latent = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.encode_latent), variables, x)
   assert latent.shape == (2, 8, 8, 4 if kind == "gaussian" else 6)
   if model.is_discrete:
     codes = jax.eval_shape(lambda v, x: tok.encode(model, v, x), variables, x)
@@ -77,8 +76,9 @@ def test_decode_of_encode_equals_the_eval_forward(vq):
   rows = tok.codebook(model, variables)[codes]
   out = variables["params"]["quantizer"]["proj_out"]
   np.testing.assert_allclose(latents, rows @ out["kernel"] + out["bias"], atol=1e-5)
-  np.testing.assert_allclose(model.apply(variables, latents, method=model.decode_latent),
-                             forward, atol=1e-5)
+  np.testing.assert_allclose(
+    model.apply(variables, latents, method=model.decode_latent), forward, atol=1e-5
+  )
 
 
 def test_straight_through_gradient_reaches_the_encoder(vq):
@@ -91,7 +91,7 @@ def test_straight_through_gradient_reaches_the_encoder(vq):
 
   grads = jax.grad(recon_loss)(variables["params"])
   for part in ("enc", "dec"):
-    norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads[part]))))
+    norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads[part]))))
     assert norm > 0, part
   assert float(jnp.abs(grads["quantizer"]["proj_in"]["kernel"]).max()) > 0
 
@@ -118,18 +118,20 @@ def test_continuous_tokenizer_has_no_codes():
 def test_config_errors():
   with pytest.raises(ValueError, match="latent_dim"):
     ImageTokenizer(encoder=ENCODER, bottleneck={"kind": "vq", "latent_dim": 5}).init(
-        rng_key(0), _images())
+      rng_key(0), _images()
+    )
   with pytest.raises(ValueError, match="kind"):
-    ImageTokenizer(encoder=ENCODER, bottleneck={"codebook_size": 4}).init(
-        rng_key(0), _images())
+    ImageTokenizer(encoder=ENCODER, bottleneck={"codebook_size": 4}).init(rng_key(0), _images())
   with pytest.raises(ValueError, match="unknown encoder kind 'vit'; valid: conv, patch"):
     ImageTokenizer(encoder=dict(ENCODER, kind="vit"), bottleneck=BOTTLENECKS["fsq"]).init(
-        rng_key(0), _images())
+      rng_key(0), _images()
+    )
 
 
 def test_patch_encoder_tokenizer_from_config_round_trips_codes():
   from vqlm.runtime.config import as_kwargs
   from vqlm.stages.tokenizer_config import get_config
+
   config = get_config("size=tiny,encoder=patch,bottleneck=fsq")
   assert config.model.encoder.kind == "patch" and "kind" not in config.model.decoder
   model = ImageTokenizer(**as_kwargs(config.model))
@@ -144,8 +146,11 @@ def test_patch_encoder_tokenizer_from_config_round_trips_codes():
 
 
 def test_decoder_mirrors_encoder_unless_given():
-  model = ImageTokenizer(encoder=ENCODER, bottleneck={"kind": "identity"},
-                         decoder={"channels": 4, "channel_multipliers": (1, 1)})
+  model = ImageTokenizer(
+    encoder=ENCODER,
+    bottleneck={"kind": "identity"},
+    decoder={"channels": 4, "channel_multipliers": (1, 1)},
+  )
   x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
   params = jax.eval_shape(model.init, rng_key(0), x)["params"]
   assert params["dec"]["conv_out"]["kernel"].shape == (3, 3, 4, 3)

@@ -20,6 +20,7 @@ def _random_variables(module, x, seed=0):
     if path[-1].key in ("scale", "var"):
       return rng.uniform(0.5, 1.5, s.shape)
     return 0.1 * rng.standard_normal(s.shape)
+
   return jax.tree_util.tree_map_with_path(lambda p, s: draw(p, s).astype(np.float32), shapes)
 
 
@@ -32,7 +33,7 @@ def _np_conv(x, kernel, stride=1, pad=(0, 0)):
   out = np.zeros((x.shape[0], h, w, kernel.shape[-1]))
   for i in range(kh):
     for j in range(kw):
-      patch = x[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride]
+      patch = x[:, i : i + stride * (h - 1) + 1 : stride, j : j + stride * (w - 1) + 1 : stride]
       out += np.einsum("bhwc,co->bhwo", patch, kernel[i, j])
   return out
 
@@ -50,10 +51,10 @@ def _np_pool_3x3(x, kind):
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=fill)
   ones = np.pad(np.ones(x.shape[1:3]), 1)
   h, w = x.shape[1:3]
-  windows = [xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
+  windows = [xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
   if kind == "max":
     return np.max(windows, axis=0)
-  counts = sum(ones[i:i + h, j:j + w] for i in range(3) for j in range(3))
+  counts = sum(ones[i : i + h, j : j + w] for i in range(3) for j in range(3))
   return sum(windows) / counts[None, :, :, None]
 
 
@@ -61,8 +62,10 @@ def test_param_names_shapes_and_count():
   names = inception.export_param_names()
   assert len(names) == 470
   assert sum(k.endswith("/conv/kernel") for k in names) == 94
-  assert sum(int(np.prod(s)) for k, s in names.items() if not k.endswith(("/mean", "/var"))) \
-      == TRUNK_PARAMS
+  assert (
+    sum(int(np.prod(s)) for k, s in names.items() if not k.endswith(("/mean", "/var")))
+    == TRUNK_PARAMS
+  )
   assert names["Conv2d_1a_3x3/conv/kernel"] == (3, 3, 3, 32)
   assert names["Mixed_6b/branch7x7_2/conv/kernel"] == (1, 7, 128, 128)
   assert names["Mixed_7c/branch_pool/conv/kernel"] == (1, 1, 2048, 192)
@@ -74,12 +77,20 @@ def test_block_a_matches_numpy_reference():
   block = inception.InceptionA(pool_features=16)
   v = _random_variables(block, x)
   got = block.apply(v, x)
-  ref = np.concatenate([
+  ref = np.concatenate(
+    [
       _np_basic(x, v, "branch1x1"),
       _np_basic(_np_basic(x, v, "branch5x5_1"), v, "branch5x5_2", pad=(2, 2)),
-      _np_basic(_np_basic(_np_basic(x, v, "branch3x3dbl_1"), v, "branch3x3dbl_2", pad=(1, 1)),
-                v, "branch3x3dbl_3", pad=(1, 1)),
-      _np_basic(_np_pool_3x3(x, "avg"), v, "branch_pool")], axis=-1)
+      _np_basic(
+        _np_basic(_np_basic(x, v, "branch3x3dbl_1"), v, "branch3x3dbl_2", pad=(1, 1)),
+        v,
+        "branch3x3dbl_3",
+        pad=(1, 1),
+      ),
+      _np_basic(_np_pool_3x3(x, "avg"), v, "branch_pool"),
+    ],
+    axis=-1,
+  )
   assert got.shape == (2, 5, 6, 64 + 64 + 96 + 16)
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
@@ -92,12 +103,17 @@ def test_block_e_matches_numpy_reference(pool):
   got = block.apply(v, x)
   b3 = _np_basic(x, v, "branch3x3_1")
   bd = _np_basic(_np_basic(x, v, "branch3x3dbl_1"), v, "branch3x3dbl_2", pad=(1, 1))
-  ref = np.concatenate([
+  ref = np.concatenate(
+    [
       _np_basic(x, v, "branch1x1"),
-      _np_basic(b3, v, "branch3x3_2a", pad=(0, 1)), _np_basic(b3, v, "branch3x3_2b", pad=(1, 0)),
+      _np_basic(b3, v, "branch3x3_2a", pad=(0, 1)),
+      _np_basic(b3, v, "branch3x3_2b", pad=(1, 0)),
       _np_basic(bd, v, "branch3x3dbl_3a", pad=(0, 1)),
       _np_basic(bd, v, "branch3x3dbl_3b", pad=(1, 0)),
-      _np_basic(_np_pool_3x3(x, pool), v, "branch_pool")], axis=-1)
+      _np_basic(_np_pool_3x3(x, pool), v, "branch_pool"),
+    ],
+    axis=-1,
+  )
   assert got.shape == (1, 4, 3, 2048)
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
@@ -107,8 +123,9 @@ def test_reduction_blocks_shapes():
   for block, channels in ((inception.InceptionB(), 480 + 8), (inception.InceptionD(), 512 + 8)):
     out = jax.eval_shape(lambda x, b=block: b.init_with_output(jax.random.key(0), x)[0], x)
     assert out.shape == (1, 4, 4, channels)
-  out = jax.eval_shape(lambda x: inception.InceptionC(channels_7x7=16).init_with_output(
-      jax.random.key(0), x)[0], x)
+  out = jax.eval_shape(
+    lambda x: inception.InceptionC(channels_7x7=16).init_with_output(jax.random.key(0), x)[0], x
+  )
   assert out.shape == (1, 9, 9, 768)
 
 
@@ -144,6 +161,7 @@ def test_full_net_on_one_299_image():
 
 def _np_resize_like_torch(x, size):
   """Bilinear, align_corners=False (half-pixel centres, clamped at the borders), no antialias."""
+
   def weights(n_in):
     src = np.maximum((np.arange(size) + 0.5) * n_in / size - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
@@ -152,6 +170,7 @@ def _np_resize_like_torch(x, size):
     np.add.at(m, (np.arange(size), i0), 1 - (src - i0))
     np.add.at(m, (np.arange(size), i1), src - i0)
     return m
+
   rows = np.einsum("ph,bhwc->bpwc", weights(x.shape[1]), x)
   return np.einsum("qw,bpwc->bpqc", weights(x.shape[2]), rows)
 
@@ -192,14 +211,20 @@ def test_missing_or_bad_weight_file(tmp_path):
 
 def test_from_torch_state_dict():
   flat = inception.flatten_variables(inception.init_inception_params(seed=3))
-  torch_names = {"kernel": "conv.weight", "scale": "bn.weight", "bias": "bn.bias",
-                 "mean": "bn.running_mean", "var": "bn.running_var"}
+  torch_names = {
+    "kernel": "conv.weight",
+    "scale": "bn.weight",
+    "bias": "bn.bias",
+    "mean": "bn.running_mean",
+    "var": "bn.running_var",
+  }
   state_dict = {"fc.weight": np.zeros((1008, 2048)), "fc.bias": np.zeros(1008)}
   for name, value in flat.items():
     module = ".".join(name.split("/")[:-2])
     leaf = name.split("/")[-1]
     state_dict[f"{module}.{torch_names[leaf]}"] = (
-        value.transpose(3, 2, 0, 1) if leaf == "kernel" else value)
+      value.transpose(3, 2, 0, 1) if leaf == "kernel" else value
+    )
     if leaf == "mean":
       state_dict[f"{module}.bn.num_batches_tracked"] = np.array(0)
   converted = inception.from_torch_state_dict(state_dict)

@@ -68,7 +68,7 @@ def test_rmsnorm_computes_in_float32_and_returns_dtype():
   y = norm.apply(variables, x)
   assert y.dtype == jnp.bfloat16
   x32 = x.astype(jnp.float32)
-  ref = x32 / jnp.sqrt(jnp.mean(x32 ** 2, -1, keepdims=True) + 1e-6)
+  ref = x32 / jnp.sqrt(jnp.mean(x32**2, -1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=1e-2, atol=1e-2)
   np.testing.assert_allclose(jnp.sqrt(jnp.mean(y.astype(jnp.float32) ** 2, -1)), 1.0, rtol=2e-2)
 
@@ -77,8 +77,7 @@ def test_swiglu_mlp_matches_formula():
   x = jax.random.normal(jax.random.key(0), (2, 3, 8))
   mlp = layers.MLP(mlp_dim=12)
   variables = mlp.init(jax.random.key(1), x)
-  assert sorted(_names(variables)) == sorted([("embed", "mlp"), ("embed", "mlp"),
-                                              ("mlp", "embed")])
+  assert sorted(_names(variables)) == sorted([("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed")])
   p = nn.meta.unbox(variables)["params"]
   ref = (nn.silu(x @ p["wi_gate"]["kernel"]) * (x @ p["wi_up"]["kernel"])) @ p["wo"]["kernel"]
   np.testing.assert_allclose(mlp.apply(variables, x), ref, rtol=1e-5, atol=1e-5)
@@ -123,8 +122,13 @@ def test_rope_2d_shapes_and_relative_in_both_axes():
   s3, co3 = layers.rope_2d(r3, c3, 16)
   r4, c4 = jnp.array([[0, 0]]), jnp.array([[0, 4]])
   s4, co4 = layers.rope_2d(r4, c4, 16)
-  assert abs(_rotated_dot(q, k, s3[0, 0], co3[0, 0], s3[0, 1], co3[0, 1])
-             - _rotated_dot(q, k, s4[0, 0], co4[0, 0], s4[0, 1], co4[0, 1])) > 1e-3
+  assert (
+    abs(
+      _rotated_dot(q, k, s3[0, 0], co3[0, 0], s3[0, 1], co3[0, 1])
+      - _rotated_dot(q, k, s4[0, 0], co4[0, 0], s4[0, 1], co4[0, 1])
+    )
+    > 1e-3
+  )
   with pytest.raises(ValueError, match="divisible by 4"):
     layers.rope_2d(rows, cols, 10)
   with pytest.raises(ValueError, match="even head_dim"):
@@ -135,11 +139,13 @@ def test_image_run_index():
   is_image = jnp.array([[0, 1, 1, 1, 0, 1, 1]], bool)
   np.testing.assert_array_equal(layers.image_run_index(is_image), [[0, 1, 2, 3, 0, 1, 2]])
   starts = jnp.array([[1, 0, 0, 1, 0, 0, 0]], bool)
-  np.testing.assert_array_equal(layers.image_run_index(is_image, starts=starts),
-                                [[0, 1, 2, 1, 0, 1, 2]])
+  np.testing.assert_array_equal(
+    layers.image_run_index(is_image, starts=starts), [[0, 1, 2, 1, 0, 1, 2]]
+  )
   chunk = jnp.array([[1, 1, 0, 1]], bool)
-  np.testing.assert_array_equal(layers.image_run_index(chunk, previous=jnp.array([5])),
-                                [[6, 7, 0, 1]])
+  np.testing.assert_array_equal(
+    layers.image_run_index(chunk, previous=jnp.array([5])), [[6, 7, 0, 1]]
+  )
 
 
 def test_image_rows_cols():

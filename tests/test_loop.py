@@ -1,4 +1,3 @@
-import json
 import os
 
 import jax
@@ -6,25 +5,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vqlm.data import pipeline
 from vqlm.runtime import mesh as mesh_lib
 from vqlm.runtime.checkpoint import to_numpy
-from vqlm.data import pipeline
+from vqlm.runtime.config import DEFAULT_RULES
+from vqlm.testing.toy_task import ToySource, ToyTask, identity_transform
 from vqlm.train import loop
 from vqlm.train.metrics import read_metrics
-from vqlm.testing.toy_task import ToySource, ToyTask, identity_transform
-from vqlm.runtime.config import DEFAULT_RULES
 
 
 def _trainer(steps, **kw):
   mesh = mesh_lib.make_mesh({"data": -1})
-  opts = loop.LoopOptions(steps=steps, log_every=1, checkpoint_every=kw.pop("checkpoint_every", 5),
-                          progress=False, **kw)
+  opts = loop.LoopOptions(
+    steps=steps, log_every=1, checkpoint_every=kw.pop("checkpoint_every", 5), progress=False, **kw
+  )
   return loop.Trainer(ToyTask(), mesh=mesh, rules=DEFAULT_RULES, options=opts)
 
 
 def _iter(seed=0):
-  return pipeline.make_iterator(ToySource(), global_batch_size=8, transform=identity_transform,
-                                seed=seed, num_threads=0)
+  return pipeline.make_iterator(
+    ToySource(), global_batch_size=8, transform=identity_transform, seed=seed, num_threads=0
+  )
 
 
 def test_loss_falls_and_metrics_written(tmp_path):
@@ -38,14 +39,18 @@ def test_loss_falls_and_metrics_written(tmp_path):
 
 
 def test_resume_equals_straight_run(tmp_path):
-  straight = loop.run(_trainer(10), data_iter=_iter(), workdir=str(tmp_path / "a"),
-                      log_fn=lambda s: None)
+  straight = loop.run(
+    _trainer(10), data_iter=_iter(), workdir=str(tmp_path / "a"), log_fn=lambda s: None
+  )
   loop.run(_trainer(5), data_iter=_iter(), workdir=str(tmp_path / "b"), log_fn=lambda s: None)
   messages = []
-  resumed = loop.run(_trainer(10), data_iter=_iter(), workdir=str(tmp_path / "b"),
-                     log_fn=messages.append)
+  resumed = loop.run(
+    _trainer(10), data_iter=_iter(), workdir=str(tmp_path / "b"), log_fn=messages.append
+  )
   assert any("resuming from step 5" in m for m in messages)
-  for a, b in zip(jax.tree.leaves(to_numpy(straight.params)), jax.tree.leaves(to_numpy(resumed.params))):
+  for a, b in zip(
+    jax.tree.leaves(to_numpy(straight.params)), jax.tree.leaves(to_numpy(resumed.params))
+  ):
     np.testing.assert_array_equal(a, b)
   losses_a = [r["train/loss"] for r in read_metrics(str(tmp_path / "a"))]
   losses_b = [r["train/loss"] for r in read_metrics(str(tmp_path / "b"))]
@@ -75,11 +80,17 @@ def test_consecutive_nonfinite_stops_with_message(tmp_path):
       ex = super().__getitem__(i)
       ex["x"] = ex["x"] * np.float32("nan")
       return ex
-  it = pipeline.make_iterator(BadSource(), global_batch_size=8, transform=identity_transform,
-                              seed=0, num_threads=0)
+
+  it = pipeline.make_iterator(
+    BadSource(), global_batch_size=8, transform=identity_transform, seed=0, num_threads=0
+  )
   with pytest.raises(loop.NonFiniteError, match="consecutive updates had non-finite"):
-    loop.run(_trainer(20, max_consecutive_skips=3), data_iter=it, workdir=str(tmp_path),
-             log_fn=lambda s: None)
+    loop.run(
+      _trainer(20, max_consecutive_skips=3),
+      data_iter=it,
+      workdir=str(tmp_path),
+      log_fn=lambda s: None,
+    )
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path):

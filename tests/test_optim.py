@@ -10,14 +10,14 @@ from vqlm.train import optim
 
 def _params(boxed=False):
   params = {
-      "embed": {"embedding": jnp.ones((6, 4))},
-      "layer_0": {
-          "attn": {"query": {"kernel": jnp.ones((4, 2, 2))}, "query_norm": {"scale": jnp.ones(2)}},
-          "attn_norm": {"scale": jnp.ones(4)},
-          "mlp": {"wi": {"kernel": jnp.ones((4, 8)), "bias": jnp.ones(8)}},
-      },
-      "conv": {"kernel": jnp.ones((3, 3, 2, 2))},
-      "codebook_proj": {"kernel": jnp.ones((3, 4))},
+    "embed": {"embedding": jnp.ones((6, 4))},
+    "layer_0": {
+      "attn": {"query": {"kernel": jnp.ones((4, 2, 2))}, "query_norm": {"scale": jnp.ones(2)}},
+      "attn_norm": {"scale": jnp.ones(4)},
+      "mlp": {"wi": {"kernel": jnp.ones((4, 8)), "bias": jnp.ones(8)}},
+    },
+    "conv": {"kernel": jnp.ones((3, 3, 2, 2))},
+    "codebook_proj": {"kernel": jnp.ones((3, 4))},
   }
   if boxed:
     params = jax.tree.map(lambda x: nn.LogicallyPartitioned(x, ("a",) * x.ndim), params)
@@ -25,12 +25,14 @@ def _params(boxed=False):
 
 
 EXPECTED_DECAY = {
-    "embed": {"embedding": False},
-    "layer_0": {"attn": {"query": {"kernel": True}, "query_norm": {"scale": False}},
-                "attn_norm": {"scale": False},
-                "mlp": {"wi": {"kernel": True, "bias": False}}},
-    "conv": {"kernel": True},
-    "codebook_proj": {"kernel": False},
+  "embed": {"embedding": False},
+  "layer_0": {
+    "attn": {"query": {"kernel": True}, "query_norm": {"scale": False}},
+    "attn_norm": {"scale": False},
+    "mlp": {"wi": {"kernel": True, "bias": False}},
+  },
+  "conv": {"kernel": True},
+  "codebook_proj": {"kernel": False},
 }
 
 
@@ -41,8 +43,9 @@ def test_decay_mask_excludes_norms_biases_embeddings(boxed):
 
 @pytest.mark.parametrize("boxed", [False, True])
 def test_weight_decay_only_touches_masked_in_params(boxed):
-  tx, _ = optim.make_optimizer(learning_rate=0.1, warmup_steps=0, total_steps=10,
-                               weight_decay=0.5, clip_norm=None)
+  tx, _ = optim.make_optimizer(
+    learning_rate=0.1, warmup_steps=0, total_steps=10, weight_decay=0.5, clip_norm=None
+  )
   params = _params(boxed)
   state = tx.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -53,13 +56,15 @@ def test_weight_decay_only_touches_masked_in_params(boxed):
   # Decoupled decay: p <- p - lr * wd * p at step 0 (lr = peak since warmup_steps=0).
   np.testing.assert_allclose(new["conv"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)
   if boxed:
-    assert isinstance(optax.apply_updates(params, updates)["conv"]["kernel"],
-                      nn.LogicallyPartitioned)
+    assert isinstance(
+      optax.apply_updates(params, updates)["conv"]["kernel"], nn.LogicallyPartitioned
+    )
 
 
 def test_schedule_warmup_then_cosine_to_end_fraction():
-  _, schedule = optim.make_optimizer(learning_rate=1.0, warmup_steps=10, total_steps=110,
-                                     end_lr_fraction=0.1)
+  _, schedule = optim.make_optimizer(
+    learning_rate=1.0, warmup_steps=10, total_steps=110, end_lr_fraction=0.1
+  )
   np.testing.assert_allclose(schedule(0), 0.0)
   np.testing.assert_allclose(schedule(5), 0.5, rtol=1e-6)
   np.testing.assert_allclose(schedule(10), 1.0, rtol=1e-6)
@@ -83,8 +88,9 @@ def test_clipping_equals_adamw_on_clipped_gradients():
       p = optax.apply_updates(p, u)
     return p
 
-  pre_clipped = [jax.tree.map(lambda x, n=float(optax.tree.norm(g)): x * min(1.0, 1.0 / n), g)
-                 for g in grads]
+  pre_clipped = [
+    jax.tree.map(lambda x, n=float(optax.tree.norm(g)): x * min(1.0, 1.0 / n), g) for g in grads
+  ]
   np.testing.assert_allclose(run(clipped, grads)["w"], run(plain, pre_clipped)["w"], rtol=1e-6)
   assert not np.allclose(run(plain, grads)["w"], run(plain, pre_clipped)["w"])
 
@@ -104,8 +110,9 @@ def test_gradient_accumulation_applies_mean_every_k_steps():
   p2 = optax.apply_updates(p1, u2)
   mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
   u_ref, _ = single.update(mean, single.init(params), params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p2,
-               optax.apply_updates(params, u_ref))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p2, optax.apply_updates(params, u_ref)
+  )
 
 
 def test_bad_arguments_raise():

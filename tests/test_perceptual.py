@@ -3,8 +3,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqlm.nn.perceptual import (feature_maps, load_feature_weights, perceptual_distance,
-                                perceptual_loss, random_feature_weights, save_feature_weights)
+from vqlm.nn.perceptual import (
+  feature_maps,
+  load_feature_weights,
+  perceptual_distance,
+  perceptual_loss,
+  random_feature_weights,
+  save_feature_weights,
+)
 
 
 def rng_key(seed):

@@ -21,14 +21,22 @@ def _take(transform_index=False):
     if transform_index:
       out["index"] = np.asarray(index, np.int64)
     return out
+
   return transform
 
 
 def test_two_processes_cover_each_example_once_per_epoch():
   seen = []
   for pid in range(2):
-    ds = pipeline.make_dataset(Numbers(40), global_batch_size=8, transform=_take(), seed=3,
-                               process_index=pid, process_count=2, num_epochs=1)
+    ds = pipeline.make_dataset(
+      Numbers(40),
+      global_batch_size=8,
+      transform=_take(),
+      seed=3,
+      process_index=pid,
+      process_count=2,
+      num_epochs=1,
+    )
     batches = [b["x"] for b in ds]
     assert all(b.shape == (4,) for b in batches)  # Each process gets half of every global batch.
     seen.append(np.concatenate(batches))
@@ -37,8 +45,15 @@ def test_two_processes_cover_each_example_once_per_epoch():
 
 
 def test_epochs_are_reshuffled_and_complete():
-  ds = pipeline.make_dataset(Numbers(12), global_batch_size=4, transform=_take(), seed=0,
-                             process_index=0, process_count=1, num_epochs=2)
+  ds = pipeline.make_dataset(
+    Numbers(12),
+    global_batch_size=4,
+    transform=_take(),
+    seed=0,
+    process_index=0,
+    process_count=1,
+    num_epochs=2,
+  )
   values = np.concatenate([b["x"] for b in ds])
   first, second = values[:12], values[12:]
   assert sorted(first) == sorted(second) == list(range(12))
@@ -61,13 +76,27 @@ def test_iterator_state_resumes_at_the_same_batch():
 
 
 def test_per_example_index_does_not_depend_on_process_count():
-  one = pipeline.make_dataset(Numbers(16), global_batch_size=4, transform=_take(True), seed=5,
-                              process_index=0, process_count=1, num_epochs=1)
+  one = pipeline.make_dataset(
+    Numbers(16),
+    global_batch_size=4,
+    transform=_take(True),
+    seed=5,
+    process_index=0,
+    process_count=1,
+    num_epochs=1,
+  )
   pairs_one = {int(i): int(x) for b in one for i, x in zip(b["index"], b["x"])}
   pairs_two = {}
   for pid in range(2):
-    ds = pipeline.make_dataset(Numbers(16), global_batch_size=4, transform=_take(True), seed=5,
-                               process_index=pid, process_count=2, num_epochs=1)
+    ds = pipeline.make_dataset(
+      Numbers(16),
+      global_batch_size=4,
+      transform=_take(True),
+      seed=5,
+      process_index=pid,
+      process_count=2,
+      num_epochs=1,
+    )
     pairs_two.update({int(i): int(x) for b in ds for i, x in zip(b["index"], b["x"])})
   assert pairs_one == pairs_two
 
@@ -78,8 +107,9 @@ def test_empty_and_too_small_data_sets_fail_clearly():
   with pytest.raises(ValueError, match="fewer than one batch"):
     pipeline.make_dataset(Numbers(3), global_batch_size=4, transform=_take(), seed=0)
   with pytest.raises(ValueError, match="not divisible by 2 processes"):
-    pipeline.make_dataset(Numbers(30), global_batch_size=5, transform=_take(), seed=0,
-                          process_index=0, process_count=2)
+    pipeline.make_dataset(
+      Numbers(30), global_batch_size=5, transform=_take(), seed=0, process_index=0, process_count=2
+    )
 
 
 def test_image_transform_scales_to_unit_range():

@@ -44,7 +44,7 @@ def test_top_k_keeps_exactly_the_k_largest(mask_fn):
   keep = np.asarray(mask_fn(logits, ks, np.ones(4)))
   for row, k in zip(range(4), ks):
     want = np.zeros(V, bool)
-    want[np.argsort(-logits[row])[:k if k else V]] = True
+    want[np.argsort(-logits[row])[: k if k else V]] = True
     np.testing.assert_array_equal(keep[row], want)
   assert keep.sum(1).tolist() == [1, 3, 10, V]
 
@@ -106,9 +106,12 @@ def test_sampling_frequencies_follow_the_tempered_distribution():
   logits = np.log(np.array([[0.6, 0.3, 0.1]], np.float32))
   n = 4000
   keys = jax.random.split(jax.random.key(3), n)
-  sample = jax.jit(jax.vmap(lambda k, t: processors.sample(k[None], logits, t, jnp.zeros(1, int),
-                                                          jnp.ones(1)),
-                            in_axes=(0, None)))
+  sample = jax.jit(
+    jax.vmap(
+      lambda k, t: processors.sample(k[None], logits, t, jnp.zeros(1, int), jnp.ones(1)),
+      in_axes=(0, None),
+    )
+  )
   for t in (1.0, 2.0):
     ids = np.asarray(sample(keys, jnp.array([t])))[:, 0]
     want = np.array([0.6, 0.3, 0.1]) ** (1 / t)
@@ -143,8 +146,11 @@ def test_categorical_follows_the_distribution_and_skips_zero_probability_ids(v):
   want /= want.sum()
   last = np.nextafter(np.float32(1), np.float32(0))
   u = np.concatenate([np.linspace(0, 1, 20000, endpoint=False), [0.0, last]])
-  ids = np.asarray(jax.jit(jax.vmap(lambda x: processors.categorical(x[None], logits)[0]))(
-      jnp.asarray(u, jnp.float32)))
+  ids = np.asarray(
+    jax.jit(jax.vmap(lambda x: processors.categorical(x[None], logits)[0]))(
+      jnp.asarray(u, jnp.float32)
+    )
+  )
   assert np.all(want[ids] > 0)
   np.testing.assert_allclose(np.bincount(ids[:-2], minlength=v) / 20000, want, atol=2e-3)
 
@@ -165,12 +171,15 @@ def test_settings_are_traced_leaves_so_new_values_do_not_recompile():
   assert fn._cache_size() == 1
 
 
-@pytest.mark.parametrize("settings, match", [
+@pytest.mark.parametrize(
+  "settings, match",
+  [
     (Settings(temperature=-1.0), "temperature"),
     (Settings(top_k=-2), "top_k"),
     (Settings(top_p=0.0), "top_p"),
     (Settings(top_p=1.5), "top_p"),
-])
+  ],
+)
 def test_bad_settings_raise(settings, match):
   with pytest.raises(ValueError, match=match):
     SamplingConfig(image=settings).check()
@@ -186,5 +195,5 @@ def test_fast_and_bisected_top_k_agree_on_mixed_rows_and_ties():
     np.testing.assert_array_equal(fast, np.asarray(MASK_BISECT(logits, ks, np.ones(6))))
     for row, k in enumerate(ks):
       want = np.zeros(300, bool)
-      want[np.argsort(-logits[row], kind="stable")[:k if k else 300]] = True
+      want[np.argsort(-logits[row], kind="stable")[: k if k else 300]] = True
       np.testing.assert_array_equal(fast[row], want)

@@ -9,7 +9,7 @@ def test_psnr_matches_formula():
   b = a.copy()
   b[0] += 10  # MSE 100 -> 10 log10(255^2 / 100)
   out = reconstruction.psnr(a, b)
-  assert out[0] == pytest.approx(10 * np.log10(255 ** 2 / 100))
+  assert out[0] == pytest.approx(10 * np.log10(255**2 / 100))
   assert np.isinf(out[1])
 
 
@@ -20,8 +20,16 @@ def test_ssim_against_skimage():
   b = np.clip(a + rng.normal(0, 20, a.shape), 0, 255).astype(np.uint8)
   ours = reconstruction.ssim(a, b)
   for i in range(2):
-    ref = skm.structural_similarity(a[i], b[i], channel_axis=-1, data_range=255, gaussian_weights=True,
-                                    sigma=1.5, use_sample_covariance=False, win_size=7)
+    ref = skm.structural_similarity(
+      a[i],
+      b[i],
+      channel_axis=-1,
+      data_range=255,
+      gaussian_weights=True,
+      sigma=1.5,
+      use_sample_covariance=False,
+      win_size=7,
+    )
     assert ours[i] == pytest.approx(ref, abs=2e-3)
   assert reconstruction.ssim(a, a) == pytest.approx([1.0, 1.0])
 

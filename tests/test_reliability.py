@@ -1,4 +1,5 @@
 """Killed runs resume exactly; SIGTERM saves and exits; a full disk keeps the last checkpoint."""
+
 import json
 import os
 import random
@@ -37,8 +38,13 @@ def _final(workdir):
 
 
 def _run_to_end(workdir, env):
-  proc = subprocess.run([sys.executable, SCRIPT, workdir, str(STEPS)], env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, SCRIPT, workdir, str(STEPS)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   return proc.stdout
 
@@ -78,8 +84,13 @@ def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path, reference):
   env = _env(VQLM_TEST_CHECKPOINT_FAULT="slow:0.3")
   kills = 0
   for target in sorted(rng.sample(range(4, STEPS - 2), 3)):
-    proc = subprocess.Popen([sys.executable, SCRIPT, workdir, str(STEPS)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+      [sys.executable, SCRIPT, workdir, str(STEPS)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
     _wait_for_step(workdir, target, proc)
     time.sleep(rng.random() * 0.2)
     if proc.poll() is None:
@@ -97,8 +108,13 @@ def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path, reference):
 
 def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path, reference):
   workdir = str(tmp_path / "run")
-  proc = subprocess.Popen([sys.executable, SCRIPT, workdir, str(STEPS)], env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, SCRIPT, workdir, str(STEPS)],
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   _wait_for_step(workdir, 10, proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
@@ -108,13 +124,15 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path, reference):
   step = int(match.group(1))
   assert str(step) in os.listdir(os.path.join(workdir, "checkpoints"))
   assert "finished" not in out
-  assert "resuming from step %d" % step in _run_to_end(workdir, _env())
+  assert f"resuming from step {step}" in _run_to_end(workdir, _env())
   _assert_same(workdir, reference)
 
 
 def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path):
   import jax.numpy as jnp
-  from vqlm.runtime.checkpoint import Checkpointer, FAULT_ENV
+
+  from vqlm.runtime.checkpoint import FAULT_ENV, Checkpointer
+
   state = {"w": jnp.arange(4.0)}
   good = Checkpointer(str(tmp_path), async_save=False)
   good.save(1, state)

@@ -1,4 +1,5 @@
 """Tests for vqlm.report: the self-contained HTML report of a demo workdir."""
+
 import base64
 import io
 import json
@@ -6,23 +7,36 @@ import os
 import re
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from vqlm import imaging, report
 from vqlm.data import shapes
 
-SECTION_IDS = ("summary", "losses", "codebook", "reconstructions", "text-to-image",
-               "image-to-text")
+SECTION_IDS = ("summary", "losses", "codebook", "reconstructions", "text-to-image", "image-to-text")
 
 
 def _scene_metrics(scene: float) -> dict:
-  base = {"count": 0.95, "position": 0.81, "color": 0.77, "shape": 0.88, "size": 0.9,
-          "scene": scene, "position_acc": 0.86, "color_acc": 0.83, "shape_acc": 0.91,
-          "size_acc": 0.93}
-  return {**base, "num_images": 8,
-          "by_objects": {"1_objects": {"num": 4, **base, "scene": 0.875},
-                         "2_objects": {"num": 4, **base, "scene": 0.125}}}
+  base = {
+    "count": 0.95,
+    "position": 0.81,
+    "color": 0.77,
+    "shape": 0.88,
+    "size": 0.9,
+    "scene": scene,
+    "position_acc": 0.86,
+    "color_acc": 0.83,
+    "shape_acc": 0.91,
+    "size_acc": 0.93,
+  }
+  return {
+    **base,
+    "num_images": 8,
+    "by_objects": {
+      "1_objects": {"num": 4, **base, "scene": 0.875},
+      "2_objects": {"num": 4, **base, "scene": 0.125},
+    },
+  }
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
@@ -33,57 +47,108 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 def _captions(n: int) -> list[str]:
   rng = np.random.default_rng(0)
-  return [shapes.caption(shapes.sample_scene(rng, min_objects=2, max_objects=2))
-          for _ in range(n)]
+  return [shapes.caption(shapes.sample_scene(rng, min_objects=2, max_objects=2)) for _ in range(n)]
 
 
 def _fake_workdir(root: str) -> str:
   """A demo workdir with every artefact but the held-out text-to-image, scene FD and timings."""
   rng = np.random.default_rng(0)
-  ev = {"tokenizer": {"psnr": 27.346, "ssim": 0.912, "codebook_usage": 0.8125,
-                      "codebook_perplexity": 11.5, "dead_codes": 3, "scene_agreement": 0.964,
-                      "heldout_scene_agreement": 0.853,
-                      "split": "test", "num_examples": 64, "step": 40},
-        "text_to_image": {**_scene_metrics(0.6875), "num_prompts": 4,
-                          "settings": {"image_temperature": 0.3, "cfg_scale": 1.0}},
-        "image_to_text": {**_scene_metrics(0.4375), "parseable": 0.9375}}
+  ev = {
+    "tokenizer": {
+      "psnr": 27.346,
+      "ssim": 0.912,
+      "codebook_usage": 0.8125,
+      "codebook_perplexity": 11.5,
+      "dead_codes": 3,
+      "scene_agreement": 0.964,
+      "heldout_scene_agreement": 0.853,
+      "split": "test",
+      "num_examples": 64,
+      "step": 40,
+    },
+    "text_to_image": {
+      **_scene_metrics(0.6875),
+      "num_prompts": 4,
+      "settings": {"image_temperature": 0.3, "cfg_scale": 1.0},
+    },
+    "image_to_text": {**_scene_metrics(0.4375), "parseable": 0.9375},
+  }
   with open(os.path.join(root, "eval.json"), "w", encoding="utf-8") as f:
     json.dump(ev, f)
   tok = os.path.join(root, "tokenizer")
-  _write_jsonl(os.path.join(tok, "metrics.jsonl"), [
-      {"step": s, "train/loss": 1.0 / s, "train/recon_loss": 0.5 / s, "train/psnr": 10.0 + s / 4,
-       "train/usage": min(1.0, s / 40), "train/perplexity": 2.0 + s / 5,
-       "train/dead_codes": 16 - s // 4}
-      for s in (10, 20, 30, 40)] + [{"step": 40, "valid/psnr_grid": 19.5}])
-  _write_jsonl(os.path.join(root, "lm", "metrics.jsonl"), [
-      {"step": s, "train/loss": 3.0 / s, "train/text_loss": 2.0 / s, "train/image_loss": 4.0 / s,
-       "train/text_acc": 0.5, "train/image_acc": 0.3, "train/num_tokens_per_sec": 1000.0 + s}
-      for s in (1, 2, 3, 4)] + [
-      {"step": 4, "valid/loss": 0.9, "valid/text_loss": 0.6, "valid/image_loss": 1.1,
-       "valid/text_perplexity": 1.82, "valid/image_perplexity": 3.0}])
+  _write_jsonl(
+    os.path.join(tok, "metrics.jsonl"),
+    [
+      {
+        "step": s,
+        "train/loss": 1.0 / s,
+        "train/recon_loss": 0.5 / s,
+        "train/psnr": 10.0 + s / 4,
+        "train/usage": min(1.0, s / 40),
+        "train/perplexity": 2.0 + s / 5,
+        "train/dead_codes": 16 - s // 4,
+      }
+      for s in (10, 20, 30, 40)
+    ]
+    + [{"step": 40, "valid/psnr_grid": 19.5}],
+  )
+  _write_jsonl(
+    os.path.join(root, "lm", "metrics.jsonl"),
+    [
+      {
+        "step": s,
+        "train/loss": 3.0 / s,
+        "train/text_loss": 2.0 / s,
+        "train/image_loss": 4.0 / s,
+        "train/text_acc": 0.5,
+        "train/image_acc": 0.3,
+        "train/num_tokens_per_sec": 1000.0 + s,
+      }
+      for s in (1, 2, 3, 4)
+    ]
+    + [
+      {
+        "step": 4,
+        "valid/loss": 0.9,
+        "valid/text_loss": 0.6,
+        "valid/image_loss": 1.1,
+        "valid/text_perplexity": 1.82,
+        "valid/image_perplexity": 3.0,
+      }
+    ],
+  )
   images = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
   for step in (20, 40):
-    imaging.save_png(imaging.make_grid(images, columns=4, scale=2),
-                     os.path.join(tok, "samples", f"recon_{step:07d}.png"))
-    np.save(os.path.join(tok, "samples", f"codebook_{step:07d}.npy"),
-            rng.normal(size=(16, 4)).astype(np.float32))
+    imaging.save_png(
+      imaging.make_grid(images, columns=4, scale=2),
+      os.path.join(tok, "samples", f"recon_{step:07d}.png"),
+    )
+    np.save(
+      os.path.join(tok, "samples", f"codebook_{step:07d}.npy"),
+      rng.normal(size=(16, 4)).astype(np.float32),
+    )
   samples = os.path.join(root, "samples")
-  imaging.save_png(imaging.make_grid(images, columns=2, scale=3),
-                   os.path.join(samples, "text_to_image.png"))
+  imaging.save_png(
+    imaging.make_grid(images, columns=2, scale=3), os.path.join(samples, "text_to_image.png")
+  )
   prompts = _captions(4)
   prompts[0] += " <b>&"  # Must come out escaped.
   with open(os.path.join(samples, "text_to_image.json"), "w", encoding="utf-8") as f:
     json.dump(prompts, f)
   truths = _captions(5)
   a, b = truths[0].split(" and ")
-  captions = [{"truth": truths[0], "caption": f"{b} and {a}"},  # Same scene, other order.
-              {"truth": truths[1], "caption": truths[2]},
-              {"truth": truths[3], "caption": truths[3]},
-              {"truth": truths[4], "caption": "garbage"}]
+  captions = [
+    {"truth": truths[0], "caption": f"{b} and {a}"},  # Same scene, other order.
+    {"truth": truths[1], "caption": truths[2]},
+    {"truth": truths[3], "caption": truths[3]},
+    {"truth": truths[4], "caption": "garbage"},
+  ]
   with open(os.path.join(samples, "captions.json"), "w", encoding="utf-8") as f:
     json.dump(captions, f)
-  np.save(os.path.join(samples, "caption_images.npy"),
-          rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+  np.save(
+    os.path.join(samples, "caption_images.npy"),
+    rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
+  )
   return root
 
 
@@ -111,8 +176,21 @@ def test_full_report(tmp_path):
     assert f'<h2 id="{sid}">' in text
   _check_self_contained(text)
   # Numbers from eval.json.
-  for expected in ("27.35 dB", "0.912", "81.2%", "96.4%", "85.3%", "68.8%", "43.8%", "87.5%", "12.5%",
-                   "93.8%", "1 object", "2 objects", "image temperature 0.3"):
+  for expected in (
+    "27.35 dB",
+    "0.912",
+    "81.2%",
+    "96.4%",
+    "85.3%",
+    "68.8%",
+    "43.8%",
+    "87.5%",
+    "12.5%",
+    "93.8%",
+    "1 object",
+    "2 objects",
+    "image temperature 0.3",
+  ):
     assert expected in text, expected
   # Held-out text-to-image (its metrics and its samples), scene FD and timings were not run;
   # everything else was.
@@ -136,8 +214,10 @@ def test_fixed_codebook_is_said_to_be_fixed(tmp_path):
   root = _fake_workdir(str(tmp_path))
   grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 4)] * 2), -1).reshape(16, 2)
   for step in (20, 40):
-    np.save(os.path.join(root, "tokenizer", "samples", f"codebook_{step:07d}.npy"),
-            grid.astype(np.float32))
+    np.save(
+      os.path.join(root, "tokenizer", "samples", f"codebook_{step:07d}.npy"),
+      grid.astype(np.float32),
+    )
   with open(report.write_report(root), encoding="utf-8") as f:
     text = f.read()
   assert "16 code vectors of dimension 2 at 2 points" in text
@@ -160,10 +240,18 @@ def test_empty_workdir_says_not_run(tmp_path):
     assert f'<h2 id="{sid}">' in text
   _check_self_contained(text)
   assert not _img_srcs(text)
-  for what in ("Tokenizer evaluation", "Text to image (test prompts)",
-               "Image to text (test images)",
-               "Scene FD", "Timings", "LM training metrics", "Tokenizer training metrics",
-               "Codebook snapshots", "Reconstruction grids", "Captions"):
+  for what in (
+    "Tokenizer evaluation",
+    "Text to image (test prompts)",
+    "Image to text (test images)",
+    "Scene FD",
+    "Timings",
+    "LM training metrics",
+    "Tokenizer training metrics",
+    "Codebook snapshots",
+    "Reconstruction grids",
+    "Captions",
+  ):
     assert f"{what}: not run" in text, what
 
 
@@ -201,7 +289,9 @@ def test_pca_basis_and_nearest_code_image():
 
 
 def test_captions_match_ignores_object_order():
+  from vqlm.eval.captions import captions_match
+
   a, b = _captions(2)[0].split(" and ")
-  assert report.captions_match(f"{a} and {b}", f"{b} and {a}")
-  assert not report.captions_match(f"{a} and {b}", a)
-  assert report.captions_match("Not A Caption", "not a  caption")
+  assert captions_match(f"{a} and {b}", f"{b} and {a}")
+  assert not captions_match(f"{a} and {b}", a)
+  assert captions_match("Not A Caption", "not a  caption")

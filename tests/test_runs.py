@@ -1,4 +1,5 @@
 """Loaded runs: parameters only, on the devices present, from a run directory that moved."""
+
 import os
 import shutil
 import subprocess
@@ -22,11 +23,27 @@ def test_fsdp8_run_loads_on_one_device_after_its_directory_moved(tiny, tmp_path)
   shutil.copytree(tiny["tok"], before / "tok")
   shutil.copytree(tiny["codes"], before / "codes")
   out = str(tmp_path / "reference.npz")
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "runs_fsdp_script.py"),
-                         str(before / "tok"), str(before / "codes"), str(before / "lm"), out],
-                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  )
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "tests", "runs_fsdp_script.py"),
+      str(before / "tok"),
+      str(before / "codes"),
+      str(before / "lm"),
+      out,
+    ],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   moved = tmp_path / "moved"
   os.rename(before, moved)
@@ -69,8 +86,11 @@ def test_a_moved_lm_without_its_tokenizer_names_the_flag(tiny, tmp_path):
 def test_eval_file_merges_sections(tmp_path):
   runs.write_eval(str(tmp_path), "a", {"x": 1.0})
   runs.write_eval(str(tmp_path), "b", {"y": np.float32(2.0)}, config={"stage": "lm"})
-  assert runs.read_eval(str(tmp_path)) == {"a": {"x": 1.0}, "b": {"y": 2.0},
-                                           "config": {"stage": "lm"}}
+  assert runs.read_eval(str(tmp_path)) == {
+    "a": {"x": 1.0},
+    "b": {"y": 2.0},
+    "config": {"stage": "lm"},
+  }
 
 
 def test_load_refuses_a_directory_that_is_not_a_run(tmp_path):

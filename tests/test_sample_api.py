@@ -1,8 +1,10 @@
 import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sampler import random_variables
 
 from vqlm import imaging
 from vqlm.commands import caption as caption_cmd
@@ -13,8 +15,6 @@ from vqlm.sample.processors import SamplingConfig, Settings
 from vqlm.text import TextTokenizer, train_sentencepiece
 from vqlm.vocab import Vocab
 
-from test_sampler import random_variables
-
 SIZE, GRID, K = 8, (2, 2), 16
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["square", "circle", "triangle"]
@@ -22,6 +22,7 @@ SHAPES = ["square", "circle", "triangle"]
 
 class FakeImageTokenizer:
   """A 4x4-patch palette quantiser: codes index 16 colours; decode paints the patches."""
+
   image_size = SIZE
 
   def __init__(self):
@@ -49,16 +50,27 @@ class FakeImageTokenizer:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   captions = [f"a {c} {s}" for c in COLOURS for s in SHAPES] * 3
-  path = train_sentencepiece(captions, model_prefix=str(tmp_path_factory.mktemp("sp") / "text"),
-                             vocab_size=40)
+  path = train_sentencepiece(
+    captions, model_prefix=str(tmp_path_factory.mktemp("sp") / "text"), vocab_size=40
+  )
   tokenizer = TextTokenizer.load(path)
-  vocab = Vocab(text_size=tokenizer.vocab_size, image_size=K, grid=GRID, num_reserved=2,
-                pad_to=16)
-  model = Transformer(TransformerConfig(
-      vocab_size=vocab.padded_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-      mlp_dim=128, image_offset=vocab.image_offset, image_size=K, grid=GRID))
-  return FakeRun(model=model, params=random_variables(model)["params"], vocab=vocab,
-                 text_tokenizer=tokenizer)
+  vocab = Vocab(text_size=tokenizer.vocab_size, image_size=K, grid=GRID, num_reserved=2, pad_to=16)
+  model = Transformer(
+    TransformerConfig(
+      vocab_size=vocab.padded_size,
+      dim=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      mlp_dim=128,
+      image_offset=vocab.image_offset,
+      image_size=K,
+      grid=GRID,
+    )
+  )
+  return FakeRun(
+    model=model, params=random_variables(model)["params"], vocab=vocab, text_tokenizer=tokenizer
+  )
 
 
 class FakeRun:
@@ -112,8 +124,13 @@ def test_caption_images_is_greedy_and_deterministic(gen):
   assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
   assert captions == gen.caption_codes(codes, max_len=12)
   assert captions == api.caption_images(gen.run, images, max_len=12, batch_size=4)
-  sampled = gen.caption_images(images, greedy=False, max_len=12, seed=3,
-                               sampling=SamplingConfig(text=Settings(temperature=1.0)))
+  sampled = gen.caption_images(
+    images,
+    greedy=False,
+    max_len=12,
+    seed=3,
+    sampling=SamplingConfig(text=Settings(temperature=1.0)),
+  )
   assert len(sampled) == 3
   with pytest.raises(ValueError, match="uint8"):
     gen.caption_images(images.astype(np.float32))
@@ -122,8 +139,10 @@ def test_caption_images_is_greedy_and_deterministic(gen):
 def test_continue_sequence_segments_and_image_completion(gen):
   v = gen.vocab
   image = gen.image_tokenizer.decode(np.array([[[1, 2], [3, 4]]]))[0]
-  prompts = [["a red square", image, "a blue"],
-             ["a green circle", [v.boi_id, v.image_token(5)]]]  # an open run: complete it
+  prompts = [
+    ["a red square", image, "a blue"],
+    ["a green circle", [v.boi_id, v.image_token(5)]],
+  ]  # an open run: complete it
   outs = gen.continue_sequence(prompts, max_new_tokens=12, seed=0)
   assert len(outs) == 2
   for out in outs:
@@ -160,10 +179,26 @@ def test_generate_command_writes_a_grid_and_each_image(run, gen, tmp_path, monke
   prompt_file = tmp_path / "prompts.txt"
   prompt_file.write_text("a blue circle\n\n")
   out = tmp_path / "samples.png"
-  rc = generate_cmd.main(["vqlm generate", "--workdir", str(tmp_path), "--prompt",
-                          "a red square", "--prompt-file", str(prompt_file), "--num", "2",
-                          "--cfg", "2.0", "--out", str(out), "--batch_size", "4",
-                          "--noprogress"])
+  rc = generate_cmd.main(
+    [
+      "vqlm generate",
+      "--workdir",
+      str(tmp_path),
+      "--prompt",
+      "a red square",
+      "--prompt-file",
+      str(prompt_file),
+      "--num",
+      "2",
+      "--cfg",
+      "2.0",
+      "--out",
+      str(out),
+      "--batch_size",
+      "4",
+      "--noprogress",
+    ]
+  )
   assert rc == 0
   grid = imaging.load_png(str(out))
   assert grid.shape == (2 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2, 3)
@@ -178,8 +213,22 @@ def test_generate_command_writes_a_grid_and_each_image(run, gen, tmp_path, monke
 def test_generate_command_samples_in_bfloat16_on_request(run, tmp_path, monkeypatch):
   monkeypatch.setattr(generate_cmd, "load_run", lambda workdir, tokenizer=None: run)
   out = tmp_path / "bf16.png"
-  rc = generate_cmd.main(["vqlm generate", "--workdir", str(tmp_path), "--prompt", "a red square",
-                          "--num", "2", "--out", str(out), "--dtype", "bfloat16", "--noprogress"])
+  rc = generate_cmd.main(
+    [
+      "vqlm generate",
+      "--workdir",
+      str(tmp_path),
+      "--prompt",
+      "a red square",
+      "--num",
+      "2",
+      "--out",
+      str(out),
+      "--dtype",
+      "bfloat16",
+      "--noprogress",
+    ]
+  )
   assert rc == 0 and imaging.load_png(str(out)).shape == (SIZE + 4, 2 * (SIZE + 2) + 2, 3)
   gen = api.generator_for(run, dtype="bfloat16")
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(gen.sampler.variables["params"]))
@@ -195,12 +244,24 @@ def test_caption_command_prints_one_line_per_image(run, gen, tmp_path, monkeypat
     big = tok.decode(np.full((1, *GRID), i + 1))[0].repeat(2, 0).repeat(2, 1)  # resized back
     imaging.save_png(big, path)
     paths.append(path)
-  rc = caption_cmd.main(["vqlm caption", "--workdir", str(tmp_path), "--image", paths[0],
-                         "--image", paths[1], "--max_len", "12", "--batch_size", "4"])
+  rc = caption_cmd.main(
+    [
+      "vqlm caption",
+      "--workdir",
+      str(tmp_path),
+      "--image",
+      paths[0],
+      "--image",
+      paths[1],
+      "--max_len",
+      "12",
+      "--batch_size",
+      "4",
+    ]
+  )
   assert rc == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert [line.split(": ")[0] for line in lines] == paths
   assert api.generator_for(run) is gen
-  want = gen.caption_codes(np.stack(
-      [np.full(GRID, 1), np.full(GRID, 2)]), max_len=12)
+  want = gen.caption_codes(np.stack([np.full(GRID, 1), np.full(GRID, 2)]), max_len=12)
   assert [line.split(": ", 1)[1] for line in lines] == want

@@ -16,11 +16,25 @@ from vqlm.vocab import Vocab
 
 VOCAB = Vocab(text_size=40, image_size=24, grid=(2, 3), num_reserved=2, pad_to=16)
 HW = VOCAB.tokens_per_image
-BOS, EOS, BOI, EOI, FRAME, PAD = (VOCAB.bos_id, VOCAB.eos_id, VOCAB.boi_id, VOCAB.eoi_id,
-                                  VOCAB.frame_id, VOCAB.pad_id)
-MODEL = dict(vocab_size=VOCAB.padded_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-             mlp_dim=128, image_offset=VOCAB.image_offset, image_size=VOCAB.image_size,
-             grid=VOCAB.grid)
+BOS, EOS, BOI, EOI, FRAME, PAD = (
+  VOCAB.bos_id,
+  VOCAB.eos_id,
+  VOCAB.boi_id,
+  VOCAB.eoi_id,
+  VOCAB.frame_id,
+  VOCAB.pad_id,
+)
+MODEL = dict(
+  vocab_size=VOCAB.padded_size,
+  dim=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  mlp_dim=128,
+  image_offset=VOCAB.image_offset,
+  image_size=VOCAB.image_size,
+  grid=VOCAB.grid,
+)
 GREEDY = SamplingConfig.greedy()
 CODES = [VOCAB.image_offset + c for c in (1, 7, 3, 20, 11, 0)]
 
@@ -28,8 +42,9 @@ CODES = [VOCAB.image_offset + c for c in (1, 7, 3, 20, 11, 0)]
 def random_variables(model, seed=0):
   """Random params of the model's shapes drawn with NumPy (a compiled init costs seconds)."""
   rng = np.random.default_rng(seed)
-  abstract = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
-                                          jnp.zeros((1, 4), jnp.int32)))
+  abstract = nn.meta.unbox(
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  )
 
   def draw(path, x):
     if "scale" in jax.tree_util.keystr(path):
@@ -55,7 +70,7 @@ def _full_logits(model, variables, seqs):
   length = max(len(s) for s in seqs)
   tokens = np.full((len(seqs), length), PAD, np.int32)
   for i, s in enumerate(seqs):
-    tokens[i, :len(s)] = s
+    tokens[i, : len(s)] = s
   logits, _ = jax.jit(model.apply)(variables, jnp.asarray(tokens))
   return np.asarray(logits)
 
@@ -74,19 +89,24 @@ def test_cached_decoding_matches_a_full_forward_pass(variant, plain):
     variables = random_variables(model, seed=1)
   sampler = Sampler(model, variables, VOCAB)
   # An open image run (row 0) guarantees image codes among the checked positions.
-  prompts = [[BOS, 3, BOI, CODES[0]], [BOS, 5, BOI, *CODES, EOI, 9, 8, 7],
-             [BOS] + list(range(1, 20))]
+  prompts = [
+    [BOS, 3, BOI, CODES[0]],
+    [BOS, 5, BOI, *CODES, EOI, 9, 8, 7],
+    [BOS] + list(range(1, 20)),
+  ]
   sampling = SamplingConfig(text=Settings(temperature=1.0), image=Settings(temperature=1.0))
-  out = sampler(prompts, max_new_tokens=24, mode="interleaved", sampling=sampling, seed=3,
-                return_logits=True)
+  out = sampler(
+    prompts, max_new_tokens=24, mode="interleaved", sampling=sampling, seed=3, return_logits=True
+  )
   assert out.tokens.shape == (3, 24) and out.logits.shape == (3, 24, VOCAB.padded_size)
   assert _is_code(out.tokens).any()
-  seqs = [p + out.tokens[r, :out.lengths[r]].tolist() for r, p in enumerate(prompts)]
+  seqs = [p + out.tokens[r, : out.lengths[r]].tolist() for r, p in enumerate(prompts)]
   full = _full_logits(model, variables, seqs)
   for r, p in enumerate(prompts):
     n = out.lengths[r]
-    np.testing.assert_allclose(out.logits[r, :n], full[r, len(p) - 1:len(p) - 1 + n],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      out.logits[r, :n], full[r, len(p) - 1 : len(p) - 1 + n], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bfloat16_sampling_casts_weights_once_and_keeps_float32_logits(plain):
@@ -96,15 +116,14 @@ def test_bfloat16_sampling_casts_weights_once_and_keeps_float32_logits(plain):
   assert kernels and all(x.dtype == jnp.bfloat16 for x in kernels)
   assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32  # the caller's are kept
   prompts = [[BOS, 3, 4, BOI], [BOS, 9, BOI]]
-  out = sampler(prompts, max_new_tokens=HW + 1, mode="image", sampling=GREEDY,
-                return_logits=True)
+  out = sampler(prompts, max_new_tokens=HW + 1, mode="image", sampling=GREEDY, return_logits=True)
   assert out.logits.dtype == np.float32
   for row in out.tokens:  # the constraints still hold: one full grid, then <eoi>
     assert _is_code(row[:HW]).all() and row[HW] == EOI
   # The same continuation's float32 logits agree to bfloat16 precision.
   full = _full_logits(model, variables, [p + out.tokens[r].tolist() for r, p in enumerate(prompts)])
   for r, p in enumerate(prompts):
-    want = full[r, len(p) - 1:len(p) + HW]
+    want = full[r, len(p) - 1 : len(p) + HW]
     got = out.logits[r]
     codes = slice(VOCAB.image_offset, VOCAB.image_offset + VOCAB.image_size)
     np.testing.assert_allclose(got[:HW, codes], want[:HW, codes], atol=0.1 * np.abs(want).max())
@@ -114,22 +133,26 @@ def test_cfg_in_one_doubled_batch_equals_two_separate_passes(plain, sampler):
   model, variables = plain
   prompts = [[BOS, 3, 4, 5, BOI], [BOS, 9, BOI]]
   scale = 3.0
-  out = sampler(prompts, max_new_tokens=HW + 1, mode="image", cfg_scale=scale, seed=0,
-                return_logits=True)
+  out = sampler(
+    prompts, max_new_tokens=HW + 1, mode="image", cfg_scale=scale, seed=0, return_logits=True
+  )
   for row in out.tokens:  # exactly one grid, then <eoi>
     assert _is_code(row[:HW]).all() and row[HW] == EOI
   n = HW + 1
-  full = _full_logits(model, variables, [p + out.tokens[r].tolist() for r, p in enumerate(prompts)]
-                      + [[BOS, BOI] + out.tokens[r].tolist() for r in range(2)])
+  full = _full_logits(
+    model,
+    variables,
+    [p + out.tokens[r].tolist() for r, p in enumerate(prompts)]
+    + [[BOS, BOI] + out.tokens[r].tolist() for r in range(2)],
+  )
   cond, uncond = full[:2], full[2:]
   for r, p in enumerate(prompts):
-    c = cond[r, len(p) - 1:len(p) - 1 + n]
-    u = uncond[r, 1:1 + n]
+    c = cond[r, len(p) - 1 : len(p) - 1 + n]
+    u = uncond[r, 1 : 1 + n]
     want = np.concatenate([u[:HW] + scale * (c[:HW] - u[:HW]), c[HW:]])  # guidance on codes only
     np.testing.assert_allclose(out.logits[r], want, rtol=1e-5, atol=1e-4)
   # The guided draw differs from the unguided one, and a new scale does not recompile.
-  sampler(prompts, max_new_tokens=HW + 1, mode="image", cfg_scale=0.5, seed=0,
-          return_logits=True)
+  sampler(prompts, max_new_tokens=HW + 1, mode="image", cfg_scale=0.5, seed=0, return_logits=True)
   fn = sampler._jitted[("image", HW + 1, True, True)]
   assert fn._cache_size() == 1
 
@@ -157,7 +180,7 @@ def test_image_mode_draws_from_the_code_logits_alone(sampler, cfg):
   np.testing.assert_array_equal(fast.tokens, full.tokens)
   assert _is_code(fast.tokens[:, :HW]).all() and (fast.tokens[:, HW] == EOI).all()
   # Each drawn code is among the 5 most likely codes of the step (top-k over the codes only).
-  code_logits = full.logits[:, :HW, VOCAB.image_offset:VOCAB.size]
+  code_logits = full.logits[:, :HW, VOCAB.image_offset : VOCAB.size]
   top5 = np.argsort(-code_logits, axis=-1)[..., :5] + VOCAB.image_offset
   assert all(fast.tokens[r, t] in top5[r, t] for r in range(2) for t in range(HW))
 
@@ -246,6 +269,11 @@ def test_sampling_on_a_mesh_matches_one_device():
   tests = os.path.dirname(os.path.abspath(__file__))
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), env.get("PYTHONPATH", "")])
-  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT.format(tests=tests)], env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", _MESH_SCRIPT.format(tests=tests)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert "MESH-OK" in proc.stdout, proc.stderr[-3000:]

@@ -10,8 +10,14 @@ from vqlm.eval import scene_parser
 def _accuracy(image_size, *, sigma=0.0, num=1000, max_objects=3, seed=5):
   noise_rng = np.random.default_rng(123)
   results = []
-  for ex in shapes.make_examples(split="test", num_examples=num, image_size=image_size,
-                                 min_objects=1, max_objects=max_objects, seed=seed):
+  for ex in shapes.make_examples(
+    split="test",
+    num_examples=num,
+    image_size=image_size,
+    min_objects=1,
+    max_objects=max_objects,
+    seed=seed,
+  ):
     img = ex["image"]
     if sigma:
       img = np.clip(img + noise_rng.normal(0.0, sigma, img.shape), 0, 255).astype(np.uint8)
@@ -62,12 +68,18 @@ def test_parser_reads_moving_frames():
 
 
 def test_compare_semantics():
-  truth = [{"shape": "circle", "color": "red", "size": "large", "position": "top left"},
-           {"shape": "square", "color": "blue", "size": "small", "position": "center"}]
-  assert all(scene_parser.compare(truth, truth)[k] for k in
-             ("count", "position", "color", "shape", "size", "scene"))
-  pred = [dict(truth[0], color="green"),
-          {"shape": "triangle", "color": "cyan", "size": "small", "position": "bottom"}]
+  truth = [
+    {"shape": "circle", "color": "red", "size": "large", "position": "top left"},
+    {"shape": "square", "color": "blue", "size": "small", "position": "center"},
+  ]
+  assert all(
+    scene_parser.compare(truth, truth)[k]
+    for k in ("count", "position", "color", "shape", "size", "scene")
+  )
+  pred = [
+    dict(truth[0], color="green"),
+    {"shape": "triangle", "color": "cyan", "size": "small", "position": "bottom"},
+  ]
   r = scene_parser.compare(pred, truth)
   assert r["count"] and not r["position"] and not r["scene"]
   got = (r["num_matched"], r["color_correct"], r["shape_correct"], r["size_correct"])
@@ -84,14 +96,19 @@ def test_scene_features():
   feats = scene_parser.scene_features(imgs)
   assert feats.shape == (4, scene_parser.NUM_FEATURES) and feats.dtype == np.float32
   np.testing.assert_array_equal(feats[1], scene_parser.scene_features(imgs[1]))
-  occ = feats[:, :scene_parser.NUM_OCCUPANCY]
-  frac = feats[:, scene_parser.NUM_OCCUPANCY:].reshape(4, 9, scene_parser.NUM_LABELS)
+  occ = feats[:, : scene_parser.NUM_OCCUPANCY]
+  frac = feats[:, scene_parser.NUM_OCCUPANCY :].reshape(4, 9, scene_parser.NUM_LABELS)
   np.testing.assert_allclose(frac.sum(-1), 1.0, rtol=1e-6)
   for e, o in zip(exs, occ):
     assert o.sum() == len(e["scene"])
     obj = e["scene"][0]
     idx = np.ravel_multi_index(
-        (shapes.POSITIONS.index(obj["position"]), list(shapes.COLORS).index(obj["color"]),
-         shapes.SHAPES.index(obj["shape"]), shapes.SIZES.index(obj["size"])),
-        (9, len(shapes.COLORS), len(shapes.SHAPES), len(shapes.SIZES)))
+      (
+        shapes.POSITIONS.index(obj["position"]),
+        list(shapes.COLORS).index(obj["color"]),
+        shapes.SHAPES.index(obj["shape"]),
+        shapes.SIZES.index(obj["size"]),
+      ),
+      (9, len(shapes.COLORS), len(shapes.SHAPES), len(shapes.SIZES)),
+    )
     assert o[idx] == 1.0

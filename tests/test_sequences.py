@@ -1,4 +1,5 @@
 """LM example construction: layouts, shifted targets, loss weights, dropout, packing."""
+
 import numpy as np
 import pytest
 
@@ -35,8 +36,26 @@ def test_i2t_layout():
 
 def test_video_layout():
   s = seq.video(VIDEO, V)
-  assert s.tokens.tolist() == [BOS, 5, 6, 7, BOI, 28, 29, 30, 31, EOI, FRAME,
-                               BOI, 32, 33, 34, 35, EOI, EOS]
+  assert s.tokens.tolist() == [
+    BOS,
+    5,
+    6,
+    7,
+    BOI,
+    28,
+    29,
+    30,
+    31,
+    EOI,
+    FRAME,
+    BOI,
+    32,
+    33,
+    34,
+    35,
+    EOI,
+    EOS,
+  ]
   assert s.prompt_len == 5
   one = seq.video({"text_ids": [], "codes": VIDEO["codes"][:1]}, V)
   assert one.tokens.tolist() == [BOS, BOI, 28, 29, 30, 31, EOI, EOS]
@@ -72,16 +91,20 @@ def test_targets_are_shifted_tokens():
     assert ex["positions"].tolist() == list(range(len(full) - 1))
     assert (ex["segment_ids"] == 1).all()
     assert {k: v.dtype for k, v in ex.items()} == {
-        "tokens": np.int32, "targets": np.int32, "loss_weights": np.float32,
-        "segment_ids": np.int32, "positions": np.int32}
+      "tokens": np.int32,
+      "targets": np.int32,
+      "loss_weights": np.float32,
+      "segment_ids": np.int32,
+      "positions": np.int32,
+    }
 
 
 def test_loss_weights():
   # t2i targets: 5 6 7 <boi> img img img img <eoi> <eos>
   ex = seq.to_example(seq.t2i(REC, V), V, text_weight=0.5, image_weight=2.0)
-  np.testing.assert_array_equal(ex["loss_weights"], [.5, .5, .5, .5, 2, 2, 2, 2, .5, .5])
+  np.testing.assert_array_equal(ex["loss_weights"], [0.5, 0.5, 0.5, 0.5, 2, 2, 2, 2, 0.5, 0.5])
   ex = seq.to_example(seq.t2i(REC, V), V, text_weight=0.5, image_weight=2.0, mask_prompt=True)
-  np.testing.assert_array_equal(ex["loss_weights"], [0, 0, 0, 0, 2, 2, 2, 2, .5, .5])
+  np.testing.assert_array_equal(ex["loss_weights"], [0, 0, 0, 0, 2, 2, 2, 2, 0.5, 0.5])
   ex = seq.to_example(seq.t2i(REC, V, drop_caption=True), V, mask_prompt=True)
   np.testing.assert_array_equal(ex["loss_weights"], [0, 1, 1, 1, 1, 1, 1])
   # i2t targets: <boi> img img img img <eoi> 5 6 7 <eos>
@@ -89,12 +112,14 @@ def test_loss_weights():
   np.testing.assert_array_equal(ex["loss_weights"], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
   ex = seq.to_example(seq.video(VIDEO, V), V, image_weight=3.0, mask_prompt=True)
   assert ex["loss_weights"][:4].tolist() == [0, 0, 0, 0]
-  np.testing.assert_array_equal(ex["loss_weights"][4:],
-                                np.where(V.is_image(ex["targets"][4:]), 3.0, 1.0))
+  np.testing.assert_array_equal(
+    ex["loss_weights"][4:], np.where(V.is_image(ex["targets"][4:]), 3.0, 1.0)
+  )
   # A document has no prompt: mask_prompt changes nothing.
   doc = seq.document([REC, REC2], V, np.random.default_rng(0))
-  np.testing.assert_array_equal(seq.to_example(doc, V, mask_prompt=True)["loss_weights"],
-                                np.ones(len(doc.tokens) - 1))
+  np.testing.assert_array_equal(
+    seq.to_example(doc, V, mask_prompt=True)["loss_weights"], np.ones(len(doc.tokens) - 1)
+  )
 
 
 def test_caption_dropout_rate():
@@ -132,15 +157,20 @@ def test_too_long_raises():
     b(REC, 0)
   assert seq.needed_seq_len(V, max_text_len=3) == 10
   assert seq.SequenceBuilder(vocab=V, mode="t2i", seq_len=10)(REC, 0)["segment_ids"].all()
-  assert seq.needed_seq_len(V, max_text_len=3, mode="video", frames=2) == len(
-      seq.video(VIDEO, V).tokens) - 1
-  assert seq.needed_seq_len(V, max_text_len=3, mode="document", pairs=2) >= len(
-      seq.document([REC, REC2], V, np.random.default_rng(0)).tokens) - 1
+  assert (
+    seq.needed_seq_len(V, max_text_len=3, mode="video", frames=2)
+    == len(seq.video(VIDEO, V).tokens) - 1
+  )
+  assert (
+    seq.needed_seq_len(V, max_text_len=3, mode="document", pairs=2)
+    >= len(seq.document([REC, REC2], V, np.random.default_rng(0)).tokens) - 1
+  )
 
 
 def test_pack_first_fit():
   def example(n, start):
     return seq.to_example(seq.Segment(np.arange(start, start + n + 1, dtype=np.int32), 0), V)
+
   lengths = [10, 20, 10, 4]
   examples = [example(n, 2 * k) for k, n in enumerate(lengths)]
   rows = seq.pack(examples, 24, pad_id=PAD)
@@ -148,11 +178,14 @@ def test_pack_first_fit():
   r0, r1 = rows
   assert r0["segment_ids"].tolist() == [1] * 10 + [2] * 10 + [3] * 4
   assert r0["positions"].tolist() == list(range(10)) + list(range(10)) + list(range(4))
-  assert r0["tokens"].tolist() == (examples[0]["tokens"].tolist() + examples[2]["tokens"].tolist()
-                                   + examples[3]["tokens"].tolist())
-  assert r0["targets"].tolist() == (examples[0]["targets"].tolist()
-                                    + examples[2]["targets"].tolist()
-                                    + examples[3]["targets"].tolist())
+  assert r0["tokens"].tolist() == (
+    examples[0]["tokens"].tolist() + examples[2]["tokens"].tolist() + examples[3]["tokens"].tolist()
+  )
+  assert r0["targets"].tolist() == (
+    examples[0]["targets"].tolist()
+    + examples[2]["targets"].tolist()
+    + examples[3]["targets"].tolist()
+  )
   assert r1["segment_ids"].tolist() == [1] * 20 + [0] * 4
   assert r1["positions"].tolist() == list(range(20)) + [0] * 4
   assert r1["tokens"][20:].tolist() == [PAD] * 4 and (r1["loss_weights"][20:] == 0).all()
@@ -182,7 +215,7 @@ def test_document_builder_and_grouped_source():
   b = seq.SequenceBuilder(vocab=V, mode="document", seq_len=32, seed=1)
   ex = b(source[0], 5)
   expected = seq.document([REC, REC2], V, np.random.default_rng([1, 5])).tokens
-  assert ex["tokens"][:len(expected) - 1].tolist() == expected[:-1].tolist()
+  assert ex["tokens"][: len(expected) - 1].tolist() == expected[:-1].tolist()
   with pytest.raises(ValueError, match="GroupedSource"):
     b(REC, 0)
 
@@ -202,6 +235,7 @@ def test_bad_records():
 
 def test_grain_map_with_index():
   import grain  # pylint: disable=g-import-not-at-top
+
   b = seq.SequenceBuilder(vocab=V, mode="t2i", caption_dropout=0.5, seq_len=16, seed=2)
   ds = grain.MapDataset.source([REC, REC2] * 4).map_with_index(b.map_with_index)
   got = [ds[i] for i in range(8)]

@@ -95,8 +95,13 @@ def test_heldout_pairs_never_in_train_and_always_in_heldout():
   assert 3 <= len(held) <= 4
   for split in ("train", "validation", "test"):
     seen = set()
-    for ex in shapes.make_examples(split=split, num_examples=3000 if split == "train" else 1000,
-                                   image_size=32, max_objects=3, seed=7):
+    for ex in shapes.make_examples(
+      split=split,
+      num_examples=3000 if split == "train" else 1000,
+      image_size=32,
+      max_objects=3,
+      seed=7,
+    ):
       pairs = {(o["color"], o["shape"]) for o in ex["scene"]}
       assert not pairs & held
       seen |= pairs
@@ -107,31 +112,42 @@ def test_heldout_pairs_never_in_train_and_always_in_heldout():
 
 
 def test_caption_format_and_round_trip():
-  scene = [{"shape": "square", "color": "blue", "size": "small", "position": "center"},
-           {"shape": "circle", "color": "red", "size": "large", "position": "top left"}]
-  assert shapes.caption(scene) == ("a large red circle at the top left and "
-                                   "a small blue square in the center")
+  scene = [
+    {"shape": "square", "color": "blue", "size": "small", "position": "center"},
+    {"shape": "circle", "color": "red", "size": "large", "position": "top left"},
+  ]
+  assert shapes.caption(scene) == (
+    "a large red circle at the top left and a small blue square in the center"
+  )
   three = scene + [{"shape": "triangle", "color": "cyan", "size": "large", "position": "right"}]
-  assert shapes.caption(three) == ("a large red circle at the top left, a small blue square in the"
-                                   " center and a large cyan triangle on the right")
+  assert shapes.caption(three) == (
+    "a large red circle at the top left, a small blue square in the"
+    " center and a large cyan triangle on the right"
+  )
   rng = np.random.default_rng(2)
   for _ in range(2000):
-    s = shapes.sample_scene(rng, min_objects=1, max_objects=9,
-                            split=str(rng.choice(shapes.SPLITS)))
+    s = shapes.sample_scene(rng, min_objects=1, max_objects=9, split=str(rng.choice(shapes.SPLITS)))
     assert shapes.parse_caption(shapes.caption(s)) == s
   # Non-canonical order parses to the canonical scene.
-  assert shapes.parse_caption("a small blue square in the center and a large red circle at the "
-                              "top left") == shapes.sort_scene(scene)
+  assert shapes.parse_caption(
+    "a small blue square in the center and a large red circle at the top left"
+  ) == shapes.sort_scene(scene)
 
 
-@pytest.mark.parametrize("text", [
-    "", "a red circle at the top left", "a large red circle at the top left and",
+@pytest.mark.parametrize(
+  "text",
+  [
+    "",
+    "a red circle at the top left",
+    "a large red circle at the top left and",
     "a large red circle at the top left, a small blue square in the center",
     "a large red circle at the top left and a small blue square at the top left",
     "a large red circle at the top left and a small blue square in the center and a small red "
     "square on the left",
-    "a huge red circle at the top left", "a large red circle at the top middle",
-])
+    "a huge red circle at the top left",
+    "a large red circle at the top middle",
+  ],
+)
 def test_parse_caption_rejects_malformed(text):
   assert shapes.parse_caption(text) is None
 
@@ -182,8 +198,10 @@ def test_clips_shapes_text_and_determinism():
     assert len(c["scenes"]) == 6
     obj = c["scenes"][0][0]
     start, end = c["scenes"][0][0]["position"], c["scenes"][-1][0]["position"]
-    assert c["text"] == (f"a {obj['size']} {obj['color']} {obj['shape']} moves {c['direction']} "
-                         f"from the {start} to the {end}")
+    assert c["text"] == (
+      f"a {obj['size']} {obj['color']} {obj['shape']} moves {c['direction']} "
+      f"from the {start} to the {end}"
+    )
     # First and last frames are the grid renders of the start and end cells.
     np.testing.assert_array_equal(c["frames"][0], shapes.render(c["scenes"][0], 32))
     np.testing.assert_array_equal(c["frames"][-1], shapes.render(c["scenes"][-1], 32))
@@ -208,6 +226,7 @@ def test_clips_move_smoothly_at_constant_speed():
 
 def test_moving_shapes_source_is_random_access_and_deterministic():
   from vqlm.data.sources import get_source
+
   src = get_source("moving_shapes", split="train", image_size=32, num_clips=5, num_frames=4)
   assert len(src) == 5
   a, b = src[3], src[3]

@@ -39,8 +39,9 @@ def test_build_and_read_each_split(data_dir, split):
 
 
 def test_64_and_three_objects(data_dir):
-  src = shapes_tfds.load_shapes(data_dir=data_dir, image_size=64, max_objects=3, split="test",
-                                sizes=SIZES)
+  src = shapes_tfds.load_shapes(
+    data_dir=data_dir, image_size=64, max_objects=3, split="test", sizes=SIZES
+  )
   ex = src[3]
   assert ex["image"].shape == (64, 64, 3)
   np.testing.assert_array_equal(ex["image"], shapes.render(ex["scene"], 64))

@@ -1,4 +1,5 @@
 """Sharded training equals single-device training (8 faked CPU devices; two local processes)."""
+
 import json
 import os
 import socket
@@ -13,14 +14,20 @@ SCRIPT = os.path.join(ROOT, "tests", "sharded_lm_script.py")
 
 
 def _env(devices=1, **extra):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    **extra,
+  )
   return env
 
 
 def _run(args, env, timeout=300):
-  proc = subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  proc = subprocess.run(
+    [sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=timeout
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -47,9 +54,16 @@ def test_two_processes_equal_one(tmp_path):
   _run(["single", single], _env())
   multi = str(tmp_path / "multi.json")
   env = _env(COORD=f"127.0.0.1:{_free_port()}")
-  procs = [subprocess.Popen([sys.executable, SCRIPT, "proc", multi, str(i), "2"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, SCRIPT, "proc", multi, str(i), "2"],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]

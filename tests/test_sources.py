@@ -4,11 +4,12 @@ import pickle
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from vqlm.data import sources
-from vqlm.data.sources import base, tfds as tfds_sources
+from vqlm.data.sources import base
+from vqlm.data.sources import tfds as tfds_sources
 
 S = 16
 
@@ -28,11 +29,15 @@ def test_unknown_source_lists_valid_names():
 
 # ---------------------------------------------------------------------------------------- digits
 
+
 def test_digits_splits_captions_and_pixels():
   from sklearn.datasets import load_digits
+
   digits = load_digits()
-  lengths = {s: len(sources.get_source("digits", split=s, image_size=S))
-             for s in ("train", "validation", "test")}
+  lengths = {
+    s: len(sources.get_source("digits", split=s, image_size=S))
+    for s in ("train", "validation", "test")
+  }
   assert lengths == {"train": 1400, "validation": 200, "test": 197}
   src = sources.get_source("digits", split="validation", image_size=S, method="nearest")
   assert isinstance(src, sources.Source) and src.name == "digits"
@@ -53,6 +58,7 @@ def test_digits_splits_captions_and_pixels():
 
 # ---------------------------------------------------------------------------------------- photos
 
+
 def test_photos_deterministic_held_out_and_picklable():
   src = sources.get_source("photos", split="train", image_size=S, num_examples=6)
   assert len(src) == 6
@@ -71,14 +77,16 @@ def test_photos_deterministic_held_out_and_picklable():
   assert {test[i]["photo"] for i in range(4)} <= set(sources.PHOTO_SPLITS["test"])
   assert not set(sources.PHOTO_SPLITS["test"]) & set(sources.PHOTO_SPLITS["train"])
   # min_scale=1 crops the whole shorter side.
-  one = sources.get_source("photos", split="test", image_size=S, num_examples=2,
-                           photos=["chelsea"], min_scale=1.0)
+  one = sources.get_source(
+    "photos", split="test", image_size=S, num_examples=2, photos=["chelsea"], min_scale=1.0
+  )
   assert one[0]["original_size"] == (300, 300)
   with pytest.raises(ValueError, match="unknown photo 'lena'"):
     sources.get_source("photos", split="train", image_size=S, photos=["lena"])
 
 
 # ------------------------------------------------------------------------------------------ TFDS
+
 
 @pytest.fixture()
 def mock_tfds():
@@ -103,6 +111,7 @@ def test_tfds_classification_mock(mock_tfds, name, split):
 
 def test_imagenet_mock_class_names(mock_tfds, tmp_path):
   import tensorflow_datasets as tfds
+
   synsets = tfds.builder("imagenet2012").info.features["label"].names
   names = [f"thing{i}" for i in range(1000)]
   names[0] = "apple"
@@ -112,12 +121,14 @@ def test_imagenet_mock_class_names(mock_tfds, tmp_path):
     _check_item(item)  # mock images have random odd sizes
     assert item["text"] == f"a photo of a thing{item['label']}"
   assert src.convert({"image": np.zeros((9, 30, 3), np.uint8), "label": 0}, 0)["text"] == (
-      "a photo of an apple")
+    "a photo of an apple"
+  )
   mapping = tmp_path / "synsets.txt"
   lines = [f"{s} name{i}, other" for i, s in enumerate(synsets)]
   mapping.write_text("\n".join(reversed(lines)))  # any order
-  src = sources.get_source("imagenet2012", split="validation", image_size=S,
-                           class_names=str(mapping))
+  src = sources.get_source(
+    "imagenet2012", split="validation", image_size=S, class_names=str(mapping)
+  )
   item = src[0]
   assert item["text"] == f"a photo of a name{item['label']}"
   with pytest.raises(ValueError, match="class_names has 2 names but the data set has 1000"):
@@ -146,17 +157,23 @@ def coco_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
 
   with tfds.core.registered.skip_registration():
+
     class CocoCaptions(tfds.core.GeneratorBasedBuilder):
       VERSION = tfds.core.Version("1.1.0")
       BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="2014")]
 
       def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "image/filename": tfds.features.Text(),
-            "image/id": np.int64,
-            "captions": tfds.features.Sequence({"text": np.str_, "id": np.int64}),
-        }))
+        return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict(
+            {
+              "image": tfds.features.Image(encoding_format="jpeg"),
+              "image/filename": tfds.features.Text(),
+              "image/id": np.int64,
+              "captions": tfds.features.Sequence({"text": np.str_, "id": np.int64}),
+            }
+          ),
+        )
 
       def _split_generators(self, dl_manager):
         return {"val": self._generate_examples(3)}
@@ -164,9 +181,18 @@ def coco_dir(tmp_path_factory):
       def _generate_examples(self, n):
         for i in range(n):
           image = Image.fromarray(np.full((20 + i, 30, 3), 60 * i, np.uint8))
-          yield i, {"image": image, "image/filename": f"{i}.jpg", "image/id": i,
-                    "captions": {"text": [f"image {i} first", f"image {i} second"],
-                                 "id": [2 * i, 2 * i + 1]}}
+          yield (
+            i,
+            {
+              "image": image,
+              "image/filename": f"{i}.jpg",
+              "image/id": i,
+              "captions": {
+                "text": [f"image {i} first", f"image {i} second"],
+                "id": [2 * i, 2 * i + 1],
+              },
+            },
+          )
 
   CocoCaptions(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
   return str(data_dir)
@@ -187,8 +213,9 @@ def test_coco_captions_from_prepared_files(coco_dir):
     assert abs(int(item["image"].mean()) - 60 * k) <= 2  # JPEG round trip
   assert seen == {0, 1, 2}
   assert "tensorflow" not in sys.modules
-  rand = sources.get_source("coco_captions", split="val", image_size=S, data_dir=coco_dir,
-                            caption="random", seed=3)
+  rand = sources.get_source(
+    "coco_captions", split="val", image_size=S, data_dir=coco_dir, caption="random", seed=3
+  )
   texts = [rand[i]["text"] for i in range(3)]
   assert texts == [rand[i]["text"] for i in range(3)]  # deterministic
   assert all(t in rand[i]["captions"] for i, t in enumerate(texts))
@@ -197,6 +224,7 @@ def test_coco_captions_from_prepared_files(coco_dir):
 
 
 # ---------------------------------------------------------------------------------------- folder
+
 
 def _png_bytes(image, **kwargs):
   buf = io.BytesIO()
@@ -223,11 +251,11 @@ def image_dir(tmp_path):
   (tmp_path / "sub").mkdir()
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "sub" / "nested.bmp")
   truncated = _png_bytes(Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)))
-  (tmp_path / "truncated.png").write_bytes(truncated[:len(truncated) // 2])
+  (tmp_path / "truncated.png").write_bytes(truncated[: len(truncated) // 2])
   (tmp_path / "random.jpg").write_bytes(rng.bytes(300))
   buf = io.BytesIO()
   Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
-  (tmp_path / "zbroken.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+  (tmp_path / "zbroken.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
   (tmp_path / "notes.txt").write_text("not an image")
   return tmp_path
 
@@ -236,8 +264,17 @@ def test_folder_without_captions(image_dir):
   with pytest.warns(UserWarning, match=r"skipped 2 unreadable images in .* \(first: random.jpg"):
     src = sources.get_source("folder", split="all", data_dir=str(image_dir), image_size=S)
   assert sorted(src.skipped) == ["random.jpg", "truncated.png"]
-  files = ["good.png", "gray.png", "odd.jpg", "palette.png", "palette_clear.png", "rgba.png",
-           "sixteen.png", "sub/nested.bmp", "zbroken.jpg"]
+  files = [
+    "good.png",
+    "gray.png",
+    "odd.jpg",
+    "palette.png",
+    "palette_clear.png",
+    "rgba.png",
+    "sixteen.png",
+    "sub/nested.bmp",
+    "zbroken.jpg",
+  ]
   assert src._files == files  # zbroken.jpg passes verify() and fails when decoded
   items = {}
   with pytest.warns(UserWarning, match="image zbroken.jpg .* failed to load"):
@@ -251,15 +288,17 @@ def test_folder_without_captions(image_dir):
   assert src[len(src) - 1]["file"] == "good.png"
   np.testing.assert_array_equal(items["gray.png"]["image"], 90)
   np.testing.assert_array_equal(items["rgba.png"]["image"], 255)  # transparent over white
-  np.testing.assert_array_equal(items["palette.png"]["image"], np.broadcast_to([0, 0, 255],
-                                                                               (S, S, 3)))
+  np.testing.assert_array_equal(
+    items["palette.png"]["image"], np.broadcast_to([0, 0, 255], (S, S, 3))
+  )
   np.testing.assert_array_equal(items["sixteen.png"]["image"], 100)
   np.testing.assert_array_equal(items["palette_clear.png"]["image"], 255)
   assert items["odd.jpg"]["original_size"] == (17, 91)
   assert items["good.png"]["original_size"] == (40, 60)
   with pytest.warns(UserWarning, match="skipped 2"):
-    black = sources.get_source("folder", split="all", data_dir=str(image_dir), image_size=S,
-                               background="black")
+    black = sources.get_source(
+      "folder", split="all", data_dir=str(image_dir), image_size=S, background="black"
+    )
   np.testing.assert_array_equal(black[black._files.index("rgba.png")]["image"], 0)
   again = pickle.loads(pickle.dumps(src))
   np.testing.assert_array_equal(again[0]["image"], items["good.png"]["image"])
@@ -279,17 +318,18 @@ def test_folder_hash_split_partitions_files(tmp_path):
 
 
 def test_folder_captions_jsonl(image_dir):
-  rows = [{"file": "good.png", "text": "a noisy picture"},
-          {"file": "gray.png", "text": "gray"},
-          {"file": "good.png", "text": "second caption"},
-          {"file": "random.jpg", "text": "corrupt"},
-          {"file": "missing.png", "text": "gone"}]
+  rows = [
+    {"file": "good.png", "text": "a noisy picture"},
+    {"file": "gray.png", "text": "gray"},
+    {"file": "good.png", "text": "second caption"},
+    {"file": "random.jpg", "text": "corrupt"},
+    {"file": "missing.png", "text": "gone"},
+  ]
   (image_dir / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
   with pytest.warns(UserWarning, match="skipped 2 unreadable images"):
     src = sources.get_source("folder", split="all", data_dir=str(image_dir), image_size=S)
   assert sorted(src.skipped) == ["missing.png", "random.jpg"]
-  assert [src[i]["text"] for i in range(len(src))] == ["a noisy picture", "gray",
-                                                       "second caption"]
+  assert [src[i]["text"] for i in range(len(src))] == ["a noisy picture", "gray", "second caption"]
   (image_dir / "captions.jsonl").write_text('{"file": "good.png", "text": "ok"}\n{"file": 3\n')
   with pytest.raises(ValueError, match=r"captions.jsonl:2: not valid JSON"):
     sources.get_source("folder", split="all", data_dir=str(image_dir), image_size=S)
@@ -300,8 +340,8 @@ def test_folder_captions_jsonl(image_dir):
 
 def test_folder_captions_csv_and_split_column(image_dir):
   (image_dir / "captions.csv").write_text(
-      'file,text,split\ngood.png,"a picture, noisy",train\ngray.png,gray,test\n'
-      "odd.jpg,odd,train\n")
+    'file,text,split\ngood.png,"a picture, noisy",train\ngray.png,gray,test\nodd.jpg,odd,train\n'
+  )
   train = sources.get_source("folder", split="train", data_dir=str(image_dir), image_size=S)
   assert [train[i]["text"] for i in range(len(train))] == ["a picture, noisy", "odd"]
   test = sources.get_source("folder", split="test", data_dir=str(image_dir), image_size=S)
@@ -330,11 +370,13 @@ def test_folder_errors(tmp_path):
 
 # ---------------------------------------------------------------------------------------- shapes
 
+
 def test_shapes_wrapper(tmp_path):
   pytest.importorskip("vqlm.data.sources.shapes_tfds")
   sizes = {"train": 3, "validation": 2, "test": 2, "test_heldout": 2}
-  src = sources.get_source("shapes", split="validation", data_dir=str(tmp_path), image_size=32,
-                           sizes=sizes)
+  src = sources.get_source(
+    "shapes", split="validation", data_dir=str(tmp_path), image_size=32, sizes=sizes
+  )
   assert isinstance(src, sources.Source)
   assert len(src) == 2 and src.name == "shapes" and src.image_size == 32
   item = src[1]
@@ -353,6 +395,6 @@ def test_folder_big_jpeg_and_exif_rotation(tmp_path):
   big, rotated = src[0], src[1]
   assert big["original_size"] == (100, 200)  # not the reduced size decoded by draft()
   assert rotated["original_size"] == (200, 100)
-  assert big["image"][:, :S // 2 - 1].max() < 30 and big["image"][:, S // 2 + 1:].min() > 225
+  assert big["image"][:, : S // 2 - 1].max() < 30 and big["image"][:, S // 2 + 1 :].min() > 225
   # After the rotation the white half is at the bottom.
-  assert rotated["image"][:S // 2 - 1].max() < 30 and rotated["image"][S // 2 + 1:].min() > 225
+  assert rotated["image"][: S // 2 - 1].max() < 30 and rotated["image"][S // 2 + 1 :].min() > 225

@@ -1,11 +1,12 @@
 """The tokenizer stage's state survives a checkpoint round trip exactly (VQ extras included)."""
+
 import jax
 import numpy as np
 
-from vqlm.stages.tokenizer_config import get_config
 from vqlm.runtime import mesh as mesh_lib
 from vqlm.runtime.checkpoint import Checkpointer, to_numpy
 from vqlm.stages import tokenizer as tokenizer_stage
+from vqlm.stages.tokenizer_config import get_config
 
 
 def test_save_restore_gives_identical_next_step(tmp_path):

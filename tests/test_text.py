@@ -1,4 +1,5 @@
 """SentencePiece training and the TextTokenizer wrapper."""
+
 import itertools
 
 import pytest
@@ -24,8 +25,11 @@ def test_round_trip(model_path):
   tok = text_lib.TextTokenizer.load(model_path)
   assert tok.vocab_size == 64
   assert tok.unk_id == 0
-  for caption in ["a large red circle at the top left", "a small blue triangle at the center",
-                  "a yellow square"]:
+  for caption in [
+    "a large red circle at the top left",
+    "a small blue triangle at the center",
+    "a yellow square",
+  ]:
     ids = tok.encode(caption)
     assert ids and all(0 < i < 64 for i in ids)  # Known characters never map to <unk>.
     assert tok.decode(ids) == caption
@@ -46,12 +50,14 @@ def test_unknown_character_is_unk_without_byte_fallback(model_path):
 
 
 def test_deterministic(tmp_path, model_path):
-  again = text_lib.train_sentencepiece(iter(captions()), model_prefix=str(tmp_path / "again"),
-                                       vocab_size=64)
+  again = text_lib.train_sentencepiece(
+    iter(captions()), model_prefix=str(tmp_path / "again"), vocab_size=64
+  )
   a, b = text_lib.TextTokenizer.load(model_path), text_lib.TextTokenizer.load(again)
   assert a.vocab_size == b.vocab_size
   assert [a.id_to_piece(i) for i in range(a.vocab_size)] == [
-      b.id_to_piece(i) for i in range(b.vocab_size)]
+    b.id_to_piece(i) for i in range(b.vocab_size)
+  ]
   caption = "a large yellow triangle at the bottom right"
   assert a.encode(caption) == b.encode(caption)
 
@@ -64,12 +70,14 @@ def test_empty_corpus_raises(tmp_path, corpus):
 
 def test_too_large_vocab_lowers_with_warning(tmp_path):
   with pytest.warns(UserWarning, match="fewer than the requested vocab_size=400"):
-    path = text_lib.train_sentencepiece(captions(), model_prefix=str(tmp_path / "big"),
-                                        vocab_size=400, byte_fallback=False)
+    path = text_lib.train_sentencepiece(
+      captions(), model_prefix=str(tmp_path / "big"), vocab_size=400, byte_fallback=False
+    )
   tok = text_lib.TextTokenizer.load(path)
   assert 20 < tok.vocab_size < 400
   assert tok.decode(tok.encode("a small green square at the center")) == (
-      "a small green square at the center")
+    "a small green square at the center"
+  )
 
 
 def test_too_small_vocab_raises(tmp_path):
@@ -79,8 +87,9 @@ def test_too_small_vocab_raises(tmp_path):
 
 def test_byte_fallback_auto(tmp_path):
   with pytest.warns(UserWarning, match="only supports"):  # 256 bytes + a small corpus < 512.
-    path = text_lib.train_sentencepiece(captions(), model_prefix=str(tmp_path / "bf"),
-                                        vocab_size=text_lib.BYTE_FALLBACK_MIN_VOCAB)
+    path = text_lib.train_sentencepiece(
+      captions(), model_prefix=str(tmp_path / "bf"), vocab_size=text_lib.BYTE_FALLBACK_MIN_VOCAB
+    )
   tok = text_lib.TextTokenizer.load(path)
   ids = tok.encode("a red Qü")
   assert 0 not in ids
@@ -89,8 +98,9 @@ def test_byte_fallback_auto(tmp_path):
 
 def test_bad_arguments(tmp_path, model_path):
   with pytest.raises(ValueError, match="model_type"):
-    text_lib.train_sentencepiece(captions(), model_prefix=str(tmp_path / "m"), vocab_size=64,
-                                 model_type="wordpiece")
+    text_lib.train_sentencepiece(
+      captions(), model_prefix=str(tmp_path / "m"), vocab_size=64, model_type="wordpiece"
+    )
   with pytest.raises(ValueError, match="expects strings"):
     text_lib.train_sentencepiece([b"bytes"], model_prefix=str(tmp_path / "m"), vocab_size=64)
   with pytest.raises(ValueError, match="does not exist"):

@@ -8,9 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vqlm.nn.transformer import (
+  TokenEmbed,
+  Transformer,
+  TransformerConfig,
+  count_params,
+  param_counts,
+)
 from vqlm.stages import lm_config
-from vqlm.nn.transformer import (TokenEmbed, Transformer, TransformerConfig, count_params,
-                                 param_counts)
 
 V, OFF, K, GRID = 96, 60, 30, (2, 3)
 BASE = dict(vocab_size=V, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
@@ -101,30 +106,39 @@ def test_packed_segments_do_not_see_each_other():
 
 
 VARIANTS = {
-    "plain": {},
-    "untied_qknorm_headdim": dict(tie_embeddings=False, qk_norm=True, head_dim=12),
-    "codebook": dict(image_offset=OFF, image_size=K, image_embed_init="codebook",
-                     codebook_dim=6),
-    "rope2d_codebook": dict(image_offset=OFF, image_size=K, grid=GRID, rope_2d=True,
-                            image_embed_init="codebook", codebook_dim=6),
-    "image_pos": dict(image_offset=OFF, image_size=K, grid=GRID, image_pos_embed=True),
-    "levels": dict(image_offset=OFF, image_size=K, image_embed_init="levels",
-                   code_levels=(5, 3, 2)),
+  "plain": {},
+  "untied_qknorm_headdim": dict(tie_embeddings=False, qk_norm=True, head_dim=12),
+  "codebook": dict(image_offset=OFF, image_size=K, image_embed_init="codebook", codebook_dim=6),
+  "rope2d_codebook": dict(
+    image_offset=OFF,
+    image_size=K,
+    grid=GRID,
+    rope_2d=True,
+    image_embed_init="codebook",
+    codebook_dim=6,
+  ),
+  "image_pos": dict(image_offset=OFF, image_size=K, grid=GRID, image_pos_embed=True),
+  "levels": dict(image_offset=OFF, image_size=K, image_embed_init="levels", code_levels=(5, 3, 2)),
 }
 
 
-@pytest.mark.parametrize("variant,scan", [(v, False) for v in VARIANTS] +
-                         [("plain", True), ("image_pos", True), ("levels", True)])
+@pytest.mark.parametrize(
+  "variant,scan",
+  [(v, False) for v in VARIANTS] + [("plain", True), ("image_pos", True), ("levels", True)],
+)
 def test_count_params_equals_the_leaves_of_a_real_init(variant, scan):
-  config = TransformerConfig(**BASE, **VARIANTS[variant], scan_layers=scan,
-                             remat_policy="full" if scan else "none")
+  config = TransformerConfig(
+    **BASE, **VARIANTS[variant], scan_layers=scan, remat_policy="full" if scan else "none"
+  )
   variables = Transformer(config).init(jax.random.key(0), _tokens(0, 1, 3))
   assert count_params(config) == _num_params(variables["params"])
   counts = param_counts(config)
   assert sum(counts.values()) == count_params(config)
-  assert set(counts) == ({"embed", "layers", "final_norm"}
-                         | ({"head"} if not config.tie_embeddings else set())
-                         | ({"image_position"} if config.image_pos_embed else set()))
+  assert set(counts) == (
+    {"embed", "layers", "final_norm"}
+    | ({"head"} if not config.tie_embeddings else set())
+    | ({"image_position"} if config.image_pos_embed else set())
+  )
   params = nn.meta.unbox(variables["params"])
   assert counts["embed"] == _num_params(params["embed"])
   if "image_position" in counts:
@@ -134,21 +148,29 @@ def test_count_params_equals_the_leaves_of_a_real_init(variant, scan):
 def test_count_params_ignores_settings_that_do_not_change_params():
   config = TransformerConfig(**BASE)
   n = count_params(config)
-  assert n == count_params(config.replace(remat_policy="dots", attention_impl="cudnn",
-                                          query_chunks=4, dtype="bfloat16"))
+  assert n == count_params(
+    config.replace(remat_policy="dots", attention_impl="cudnn", query_chunks=4, dtype="bfloat16")
+  )
   assert count_params(config.replace(scan_layers=True)) == n
   assert count_params(config.replace(tie_embeddings=False)) == n + V * BASE["dim"]
 
 
-_EXPECTED = {"tiny": (0.05e6, 0.2e6), "small": (3e6, 4.5e6), "base": (90e6, 130e6),
-             "large": (300e6, 400e6), "xl": (1.1e9, 1.5e9), "7b": (6.5e9, 7.5e9)}
+_EXPECTED = {
+  "tiny": (0.05e6, 0.2e6),
+  "small": (3e6, 4.5e6),
+  "base": (90e6, 130e6),
+  "large": (300e6, 400e6),
+  "xl": (1.1e9, 1.5e9),
+  "7b": (6.5e9, 7.5e9),
+}
 
 
 @pytest.mark.parametrize("size", list(lm_config.SIZES))
 def test_config_sizes_param_counts(size):
   config = lm_config.get_config(f"size={size}")
-  model_config = TransformerConfig(**config.model.to_dict(),
-                                   vocab_size=lm_config.NOMINAL_VOCAB[size])
+  model_config = TransformerConfig(
+    **config.model.to_dict(), vocab_size=lm_config.NOMINAL_VOCAB[size]
+  )
   model = Transformer(model_config)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   n = _num_params(abstract["params"])
@@ -175,28 +197,32 @@ def test_config_rejects_unknown_keys_and_is_locked():
 
 def test_invalid_settings_raise_value_error_when_the_config_is_built():
   cases = [
-      (dict(BASE, dim=0), "dim=0 must be > 0"),
-      (dict(BASE, num_layers=-1), "num_layers=-1 must be > 0"),
-      (dict(BASE, num_kv_heads=-2), "num_kv_heads=-2 must be > 0"),
-      (dict(BASE, num_kv_heads=3), "multiple of num_kv_heads"),
-      (dict(BASE, dim=30), "not divisible by num_heads"),
-      (dict(BASE, head_dim=7), "must be even for RoPE"),
-      (dict(BASE, head_dim=6, image_offset=OFF, image_size=K, grid=GRID, rope_2d=True),
-       "divisible by 4"),
-      (dict(BASE, image_pos_embed=True), "image_pos_embed needs"),
-      (dict(BASE, image_offset=OFF, image_size=K, grid=(2,), rope_2d=True), "rope_2d needs"),
-      (dict(BASE, rope_2d=True), "rope_2d needs"),
-      (dict(BASE, image_embed_init="codebook"), "codebook_dim"),
-      (dict(BASE, image_embed_init="random"), "image_embed_init"),
-      (dict(BASE, image_offset=OFF, image_size=K, image_embed_init="levels", code_levels=(4, 8)),
-       "product is image_size=30"),
-      (dict(BASE, image_offset=OFF, image_size=K, image_embed_init="levels"), "code_levels"),
-      (dict(BASE, remat_policy="some"), "remat_policy"),
-      (dict(BASE, attention_impl="flash"), "attention_impl"),
-      (dict(BASE, image_offset=90, image_size=30), "inside the vocabulary"),
-      (dict(BASE, query_chunks=0), "query_chunks=0 must be >= 1"),
-      (dict(BASE, dtype="float17"), "dtype='float17' is not a dtype"),
-      (dict(BASE, param_dtype="int32"), "floating-point"),
+    (dict(BASE, dim=0), "dim=0 must be > 0"),
+    (dict(BASE, num_layers=-1), "num_layers=-1 must be > 0"),
+    (dict(BASE, num_kv_heads=-2), "num_kv_heads=-2 must be > 0"),
+    (dict(BASE, num_kv_heads=3), "multiple of num_kv_heads"),
+    (dict(BASE, dim=30), "not divisible by num_heads"),
+    (dict(BASE, head_dim=7), "must be even for RoPE"),
+    (
+      dict(BASE, head_dim=6, image_offset=OFF, image_size=K, grid=GRID, rope_2d=True),
+      "divisible by 4",
+    ),
+    (dict(BASE, image_pos_embed=True), "image_pos_embed needs"),
+    (dict(BASE, image_offset=OFF, image_size=K, grid=(2,), rope_2d=True), "rope_2d needs"),
+    (dict(BASE, rope_2d=True), "rope_2d needs"),
+    (dict(BASE, image_embed_init="codebook"), "codebook_dim"),
+    (dict(BASE, image_embed_init="random"), "image_embed_init"),
+    (
+      dict(BASE, image_offset=OFF, image_size=K, image_embed_init="levels", code_levels=(4, 8)),
+      "product is image_size=30",
+    ),
+    (dict(BASE, image_offset=OFF, image_size=K, image_embed_init="levels"), "code_levels"),
+    (dict(BASE, remat_policy="some"), "remat_policy"),
+    (dict(BASE, attention_impl="flash"), "attention_impl"),
+    (dict(BASE, image_offset=90, image_size=30), "inside the vocabulary"),
+    (dict(BASE, query_chunks=0), "query_chunks=0 must be >= 1"),
+    (dict(BASE, dtype="float17"), "dtype='float17' is not a dtype"),
+    (dict(BASE, param_dtype="int32"), "floating-point"),
   ]
   for kwargs, message in cases:
     with pytest.raises(ValueError, match=message):
@@ -211,9 +237,16 @@ def test_invalid_settings_raise_value_error_when_the_config_is_built():
 
 
 def test_config_normalises_json_values():
-  config = TransformerConfig(**dict(BASE, head_dim=0, num_kv_heads=0), dtype="bfloat16",
-                             param_dtype="float32", grid=[2, 3], image_offset=OFF, image_size=K,
-                             image_embed_init="levels", code_levels=[5, 3, 2])
+  config = TransformerConfig(
+    **dict(BASE, head_dim=0, num_kv_heads=0),
+    dtype="bfloat16",
+    param_dtype="float32",
+    grid=[2, 3],
+    image_offset=OFF,
+    image_size=K,
+    image_embed_init="levels",
+    code_levels=[5, 3, 2],
+  )
   assert config.head_dim is None and config.num_kv_heads is None
   assert config.head_size() == 8 and config.kv_heads() == 4
   assert config.dtype == jnp.bfloat16 and config.param_dtype == jnp.float32
@@ -248,7 +281,8 @@ def test_scan_and_remat_match_plain():
   def logits_and_grad(model, params):
     def loss(p):
       logits = model.apply({"params": p}, tokens)[0]
-      return jnp.mean(logits ** 2), logits
+      return jnp.mean(logits**2), logits
+
     return jax.jit(jax.grad(loss, has_aux=True))(nn.meta.unbox(params))
 
   plain = _model(**BASE)
@@ -282,19 +316,21 @@ def _decode_matches_full(model, seqs, prompt_lens, max_len=16):
   apply = jax.jit(model.apply, static_argnames="decode")
   padded = np.zeros((b, total), np.int32)
   for i, s in enumerate(seqs):
-    padded[i, :len(s)] = s
+    padded[i, : len(s)] = s
   width = max(prompt_lens)
   prompt = np.where(np.arange(width)[None] < np.array(prompt_lens)[:, None], padded[:, :width], 0)
   pos = np.broadcast_to(np.arange(width), (b, width))
   cache = model.init_cache(b, max_len, jnp.float32)
-  logits, cache = apply(variables, jnp.asarray(prompt), positions=jnp.asarray(pos), cache=cache,
-                        decode=True)
+  logits, cache = apply(
+    variables, jnp.asarray(prompt), positions=jnp.asarray(pos), cache=cache, decode=True
+  )
   got = [[logits[i, t] for t in range(n)] for i, n in enumerate(prompt_lens)]
   nxt = np.array(prompt_lens)
   for _ in range(total - min(prompt_lens)):
     tok = padded[np.arange(b), np.minimum(nxt, total - 1)][:, None]
-    logits, cache = apply(variables, jnp.asarray(tok), positions=jnp.asarray(nxt[:, None]),
-                          cache=cache, decode=True)
+    logits, cache = apply(
+      variables, jnp.asarray(tok), positions=jnp.asarray(nxt[:, None]), cache=cache, decode=True
+    )
     for i, s in enumerate(seqs):
       if nxt[i] < len(s):
         got[i].append(logits[i, 0])
@@ -302,13 +338,12 @@ def _decode_matches_full(model, seqs, prompt_lens, max_len=16):
   # Right padding never changes the logits of earlier tokens (causal), so one batch suffices.
   full, _ = apply(variables, jnp.asarray(padded))
   for i, s in enumerate(seqs):
-    np.testing.assert_allclose(jnp.stack(got[i]), full[i, :len(s)], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jnp.stack(got[i]), full[i, : len(s)], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_decoding_equals_full_forward(scan):
-  model = _model(**BASE, scan_layers=scan, qk_norm=True,
-                      remat_policy="full" if scan else "none")
+  model = _model(**BASE, scan_layers=scan, qk_norm=True, remat_policy="full" if scan else "none")
   rng = np.random.default_rng(0)
   seqs = [rng.integers(0, V, size=n) for n in (9, 11, 7)]
   _decode_matches_full(model, seqs, prompt_lens=[3, 6, 1])
@@ -328,8 +363,11 @@ def test_cached_decoding_with_image_positions(scan, variant):
   text = lambda n: list(np.random.default_rng(n).integers(0, OFF, size=n))
   image = lambda n: list(np.random.default_rng(n + 100).integers(OFF, OFF + K, size=6))
   # Prompts end inside an image, right before one, and inside text; two images back to back.
-  seqs = [np.array(text(2) + image(1) + text(3)), np.array(text(1) + image(2) + image(3)),
-          np.array(text(4) + image(4) + text(2))]
+  seqs = [
+    np.array(text(2) + image(1) + text(3)),
+    np.array(text(1) + image(2) + image(3)),
+    np.array(text(4) + image(4) + text(2)),
+  ]
   _decode_matches_full(model, seqs, prompt_lens=[4, 1, 4], max_len=16)
   assert model.init_cache(3, 16)["image_run"].shape == (3, 16)
 
@@ -378,8 +416,9 @@ def test_codebook_embeddings_are_projected_codebook_rows():
   assert learned.shape == (V - K, 32)
   codebook = variables["codebook"]["embed"]["vectors"]
   embed = TokenEmbed(V, 32, image_offset=OFF, image_size=K, codebook_dim=6)
-  rows = embed.apply({"params": params["embed"], "codebook": variables["codebook"]["embed"]},
-                     tokens)[0]
+  rows = embed.apply(
+    {"params": params["embed"], "codebook": variables["codebook"]["embed"]}, tokens
+  )[0]
   proj = params["embed"]["codebook_proj"]["kernel"]
   np.testing.assert_allclose(rows[0], learned[1], atol=1e-6)
   np.testing.assert_allclose(rows[1], codebook[0] @ proj, atol=1e-5)
@@ -403,7 +442,8 @@ def test_level_embeddings_sum_one_vector_per_channel_digit():
   learned, table = params["embed"]["embedding"], params["embed"]["level_embedding"]
   assert learned.shape == (V - K, 32) and table.shape == (sum(levels), 32)
   rows = TokenEmbed(V, 32, image_offset=OFF, image_size=K, code_levels=levels).apply(
-      {"params": params["embed"]}, tokens)[0]
+    {"params": params["embed"]}, tokens
+  )[0]
   np.testing.assert_allclose(rows[0], learned[1], atol=1e-6)
   np.testing.assert_allclose(rows[-1], learned[V - 1 - K], atol=1e-6)
   for row, code in zip(rows[1:-1], codes):
@@ -413,10 +453,13 @@ def test_level_embeddings_sum_one_vector_per_channel_digit():
   # Tied head: image logits add up over channels, so swapping one channel's digit between two
   # codes moves the logits by the same amount: l(a0,b1) + l(b0,a1) == l(a0,a1) + l(b0,b1).
   logits, _ = _apply(model)({"params": params}, tokens)
-  image = np.asarray(logits[0, :, OFF:OFF + K])
+  image = np.asarray(logits[0, :, OFF : OFF + K])
   code = lambda d0, d1, d2: d0 + 5 * d1 + 15 * d2
-  np.testing.assert_allclose(image[:, code(1, 2, 0)] + image[:, code(3, 0, 1)],
-                             image[:, code(1, 0, 1)] + image[:, code(3, 2, 0)], atol=1e-4)
+  np.testing.assert_allclose(
+    image[:, code(1, 2, 0)] + image[:, code(3, 0, 1)],
+    image[:, code(1, 0, 1)] + image[:, code(3, 2, 0)],
+    atol=1e-4,
+  )
   assert np.abs(image[:, code(1, 2, 0)] - image[:, code(3, 0, 1)]).max() > 1e-3
 
 
@@ -429,6 +472,6 @@ def test_logits_slice_equals_the_slice_of_the_full_logits(tied):
   full, _ = apply(variables, tokens)
   part, _ = apply(variables, tokens, logits_slice=(OFF, K))
   assert part.shape == (2, 7, K) and part.dtype == jnp.float32
-  np.testing.assert_allclose(part, full[..., OFF:OFF + K], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(part, full[..., OFF : OFF + K], rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="inside the vocabulary"):
     model.apply(variables, tokens, logits_slice=(OFF, V))

@@ -79,8 +79,12 @@ def test_random_crop_is_a_seeded_window():
   for _ in range(60):
     crop = transforms.random_crop(image, (4, 5), rng)
     assert crop.shape == (4, 5, 3)
-    matches = [(t, l) for t in range(7) for l in range(8)
-               if np.array_equal(image[t:t + 4, l:l + 5], crop)]
+    matches = [
+      (t, l)
+      for t in range(7)
+      for l in range(8)
+      if np.array_equal(image[t : t + 4, l : l + 5], crop)
+    ]
     assert len(matches) == 1
     corners.add(matches[0])
   assert len(corners) > 20  # positions vary

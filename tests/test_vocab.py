@@ -1,4 +1,5 @@
 """The unified vocabulary: layout, id conversion, text round trips, persistence."""
+
 import dataclasses
 import os
 
@@ -8,9 +9,13 @@ import pytest
 from vqlm import text as text_lib
 from vqlm.vocab import DEFAULT_SPECIALS, Vocab
 
-CAPTIONS = [f"a {s} {c} {sh} at the {p}" for s in ["small", "large"]
-            for c in ["red", "green", "blue"] for sh in ["circle", "square", "triangle"]
-            for p in ["top left", "bottom right", "center"]]
+CAPTIONS = [
+  f"a {s} {c} {sh} at the {p}"
+  for s in ["small", "large"]
+  for c in ["red", "green", "blue"]
+  for sh in ["circle", "square", "triangle"]
+  for p in ["top left", "bottom right", "center"]
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +47,14 @@ def test_layout():
   assert v.special("boi") == v.boi_id
 
 
-@pytest.mark.parametrize("kw", [
-    dict(), dict(text_size=1, image_size=1, grid=(1, 1), num_reserved=0),
-    dict(text_size=32000, image_size=16384)])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(),
+    dict(text_size=1, image_size=1, grid=(1, 1), num_reserved=0),
+    dict(text_size=32000, image_size=16384),
+  ],
+)
 def test_ids_partition_the_space(kw):
   v = make(**kw)
   ids = np.arange(v.size)
@@ -82,6 +92,7 @@ def test_image_token_round_trip():
 
 def test_image_token_on_jax_arrays():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   v = make()
   codes = jnp.arange(4, dtype=jnp.int32)
   np.testing.assert_array_equal(v.image_token(codes), np.arange(4) + v.image_offset)
@@ -138,15 +149,22 @@ def test_text_round_trip_through_vocab(run_dir, tok):
   assert ids and all(v.is_text(i) and not v.is_special(i) and not v.is_image(i) for i in ids)
   assert max(ids) < v.pad_id  # Text ids sit below every special and image id.
   assert v.decode_text(tok, ids) == caption
-  seq = [v.bos_id] + ids + [v.boi_id] + list(v.image_token(np.array([3, 0, 15, 1]))) + [
-      v.eoi_id, v.eos_id]
+  seq = (
+    [v.bos_id]
+    + ids
+    + [v.boi_id]
+    + list(v.image_token(np.array([3, 0, 15, 1])))
+    + [v.eoi_id, v.eos_id]
+  )
   assert v.decode_text(tok, seq) == caption
   assert v.decode_text(tok, seq, keep_specials=True) == (
-      "<bos>" + caption + "<boi><img:3><img:0><img:15><img:1><eoi><eos>")
+    "<bos>" + caption + "<boi><img:3><img:0><img:15><img:1><eoi><eos>"
+  )
   two = ids + [v.boi_id, v.eoi_id] + v.encode_text(tok, "a blue square")
   assert v.decode_text(tok, two) == caption + " a blue square"
   assert v.decode_text(tok, np.array(two), keep_specials=True) == (
-      caption + "<boi><eoi>a blue square")
+    caption + "<boi><eoi>a blue square"
+  )
   with pytest.raises(ValueError, match="outside the vocab"):
     v.decode_text(tok, [v.size])
   assert v.text_tokenizer(run_dir).vocab_size == tok.vocab_size

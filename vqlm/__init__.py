@@ -8,6 +8,7 @@ or an `LMRun` (generate images, caption, continue documents and videos). See doc
 def load(workdir: str, **kwargs):
   """The trained run in `workdir` (`vqlm.runs.load`): `TokenizerRun` or `LMRun`."""
   from vqlm.runs import load as load_run  # Imported on use: `import vqlm` stays light.
+
   return load_run(workdir, **kwargs)
 
 

@@ -1,44 +1,31 @@
 """The `vqlm` command: `vqlm <command> [flags]`. Parses and dispatches; the work lives elsewhere.
 
-Commands:
-  train     train a stage from a config (`--config configs/tokenizer.py:size=small --workdir RUN`)
-  eval      evaluate a run directory and write RUN/eval.json
-  encode    encode a data set with a trained image tokenizer into code shards
-  text      train the SentencePiece model of a data set's captions (`vqlm text train ...`)
-  generate  draw images from text prompts with a trained LM run
-  caption   describe an image with a trained LM run
-  demo      the built-in end-to-end demo (all stages on the shapes data)
-  info      print a config's model and its parameter count
-  compile   compile the train step ahead of time and print its memory use
-  bench     benchmarks (`vqlm bench lm|sample|tokenizer ...`)
+`vqlm --help` lists the commands; `vqlm <command> --help` (or `-h`) lists a command's flags.
 
-User errors (bad config keys, missing files, mismatched checkpoints, bad images) print one line
-`vqlm: error: ...` naming the fix, and exit with status 2; no traceback.
+User errors (`vqlm.errors.UserError`: bad config keys, missing files, mismatched checkpoints, bad
+images) print one line `vqlm: error: ...` naming the fix and exit with status 2; `--debug` shows
+their traceback too. Any other exception keeps its traceback.
 """
+
 import importlib
 import sys
 
-COMMANDS = {
-    "train": "vqlm.commands.train",
-    "eval": "vqlm.commands.evaluate",
-    "encode": "vqlm.commands.encode",
-    "text": "vqlm.commands.text",
-    "generate": "vqlm.commands.generate",
-    "caption": "vqlm.commands.caption",
-    "demo": "vqlm.commands.demo",
-    "info": "vqlm.commands.info",
-    "compile": "vqlm.commands.compile",
-    "bench": "vqlm.bench.__main__",
-}
+from vqlm.commands import COMMANDS
+from vqlm.errors import UserError
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               PermissionError)
+# Mistakes a user can fix: one line, no traceback (unless --debug).
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
 def usage() -> str:
-  lines = ["usage: vqlm <command> [--flags]   (vqlm <command> --help for its flags)", "", "commands:"]
-  for name in COMMANDS:
-    lines.append(f"  {name}")
+  lines = [
+    "usage: vqlm <command> [--flags]   (vqlm <command> --help for its flags)",
+    "",
+    "commands:",
+  ]
+  for name, (_, description) in COMMANDS.items():
+    lines.append(f"  {name:<10}{description}")
+  lines += ["", "--debug (any command): show the traceback of user errors too"]
   return "\n".join(lines)
 
 
@@ -47,15 +34,18 @@ def _quiet_libraries() -> None:
   import logging
   import os
   import warnings
+
   if os.environ.get("VQLM_VERBOSE"):
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   from absl import logging as absl_logging
+
   absl_logging.set_verbosity(absl_logging.ERROR)
   logging.getLogger("jax").setLevel(logging.ERROR)
   warnings.filterwarnings("ignore", category=DeprecationWarning)
   try:
     import tensorflow_datasets as tfds
+
     tfds.disable_progress_bar()
   except ImportError:
     pass
@@ -79,27 +69,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   command = argv[1]
   if command not in COMMANDS:
-    print(f"vqlm: error: unknown command '{command}'; valid: {', '.join(COMMANDS)}",
-          file=sys.stderr)
+    print(
+      f"vqlm: error: unknown command '{command}'; valid: {', '.join(COMMANDS)}", file=sys.stderr
+    )
     return 2
+  debug = "--debug" in argv[2:]
+  argv = argv[:2] + [a for a in argv[2:] if a != "--debug"]
   from absl import flags
+
+  from vqlm.commands.flags import HelpShown
   from vqlm.runtime import host_memory
+
   try:
     host_memory.reuse_host_memory()  # before JAX starts its CPU threads
   except ValueError as e:
     print(f"vqlm: error: {e}", file=sys.stderr)
     return 2
   _quiet_libraries()
-  module = importlib.import_module(COMMANDS[command])
+  module = importlib.import_module(COMMANDS[command][0])
   try:
     if command == "bench":
       return int(module.main(argv[2:]) or 0)
     return int(module.main([f"vqlm {command}"] + argv[2:]) or 0)
+  except HelpShown:
+    return 0
   except USER_ERRORS as e:
+    if debug:
+      raise
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"vqlm: error: {message}", file=sys.stderr)
     return 2
   except flags.Error as e:
+    if debug:
+      raise
     print(f"vqlm: error: {_flag_error_message(e)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

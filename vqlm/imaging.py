@@ -1,8 +1,11 @@
 """Image grids and PNG files."""
+
 import os
 
 import numpy as np
 from PIL import Image
+
+from vqlm.errors import UserError
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -11,12 +14,18 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def make_grid(images: np.ndarray, *, columns: int | None = None, pad: int = 2,
-              pad_value: int = 255, scale: int = 1) -> np.ndarray:
+def make_grid(
+  images: np.ndarray,
+  *,
+  columns: int | None = None,
+  pad: int = 2,
+  pad_value: int = 255,
+  scale: int = 1,
+) -> np.ndarray:
   """Tiles uint8 images [N, H, W, 3] into one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, 3]."""
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {images.shape}")
+    raise UserError(f"expected uint8 images [N, H, W, 3], got shape {images.shape}")
   if scale > 1:
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)
   n, h, w, _ = images.shape
@@ -25,7 +34,9 @@ def make_grid(images: np.ndarray, *, columns: int | None = None, pad: int = 2,
   grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), pad_value, np.uint8)
   for i, image in enumerate(images):
     r, c = divmod(i, columns)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = image
+    grid[
+      pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w
+    ] = image
   return grid
 
 

@@ -9,7 +9,9 @@ Anything a stage did not produce is reported as "not run".
 Sections (each an <h2> with a stable id): summary, losses, codebook, reconstructions,
 text-to-image, image-to-text.
 """
+
 import base64
+from collections.abc import Mapping, Sequence
 import glob
 import html
 import io
@@ -17,24 +19,29 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 # Figures are drawn on the Agg canvas directly (no pyplot: no global figure state to close).
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
+import numpy as np
 from PIL import Image
 from scipy.spatial import cKDTree  # scipy comes with scikit-learn and scikit-image.
 
 from vqlm import imaging
-from vqlm.data import shapes
+from vqlm.errors import UserError
+from vqlm.eval.captions import captions_match
 from vqlm.train.metrics import read_metrics
 
-SECTIONS = (("summary", "Summary"), ("losses", "Losses"), ("codebook", "Codebook"),
-            ("reconstructions", "Reconstructions"), ("text-to-image", "Text to image"),
-            ("image-to-text", "Image to text"))
+SECTIONS = (
+  ("summary", "Summary"),
+  ("losses", "Losses"),
+  ("codebook", "Codebook"),
+  ("reconstructions", "Reconstructions"),
+  ("text-to-image", "Text to image"),
+  ("image-to-text", "Image to text"),
+)
 NOT_RUN = "not run"
 GRID_PAD = 2  # `imaging.make_grid`'s default padding, used by the demo's sample grids.
 
@@ -54,20 +61,21 @@ nav a{margin-right:1em}
 
 # (key in the scene-parser metrics, label): scene-level rates, then object-level accuracies.
 _SCENE_METRICS = (
-    ("scene", "whole scene right"),
-    ("count", "object count right"),
-    ("position", "all positions right"),
-    ("color", "all colours right"),
-    ("shape", "all shapes right"),
-    ("size", "all sizes right"),
-    ("position_acc", "objects found at their position"),
-    ("color_acc", "colour accuracy (per object)"),
-    ("shape_acc", "shape accuracy (per object)"),
-    ("size_acc", "size accuracy (per object)"),
+  ("scene", "whole scene right"),
+  ("count", "object count right"),
+  ("position", "all positions right"),
+  ("color", "all colours right"),
+  ("shape", "all shapes right"),
+  ("size", "all sizes right"),
+  ("position_acc", "objects found at their position"),
+  ("color_acc", "colour accuracy (per object)"),
+  ("shape_acc", "shape accuracy (per object)"),
+  ("size_acc", "size accuracy (per object)"),
 )
 
 
 # ---- small helpers ---------------------------------------------------------------------------
+
 
 def _esc(value: Any) -> str:
   return html.escape(str(value), quote=True)
@@ -134,6 +142,7 @@ def _upscale(image: np.ndarray, factor: int) -> np.ndarray:
 
 # ---- summary ---------------------------------------------------------------------------------
 
+
 def _kv_table(rows: Sequence[tuple[str, str]]) -> str:
   body = "".join(f'<tr><th class="text">{_esc(k)}</th><td>{v}</td></tr>' for k, v in rows)
   return f"<table>{body}</table>"
@@ -142,15 +151,21 @@ def _kv_table(rows: Sequence[tuple[str, str]]) -> str:
 def _tokenizer_summary(tok: Mapping[str, Any] | None) -> str:
   if not tok:
     return "<h3>Image tokenizer</h3>" + _missing("Tokenizer evaluation")
-  rows = [("PSNR", f"{_num(tok.get('psnr'), 2)} dB"), ("SSIM", _num(tok.get("ssim"))),
-          ("codebook usage", _pct(tok.get("codebook_usage"))),
-          ("codebook perplexity", _num(tok.get("codebook_perplexity"), 1)),
-          ("dead codes", _num(tok.get("dead_codes"), 0)),
-          ("scene agreement (recon parses as the original)",
-           _pct(tok["scene_agreement"]) if "scene_agreement" in tok else NOT_RUN),
-          ("scene agreement on held-out colour-shape pairs",
-           _pct(tok["heldout_scene_agreement"]) if "heldout_scene_agreement" in tok
-           else NOT_RUN)]
+  rows = [
+    ("PSNR", f"{_num(tok.get('psnr'), 2)} dB"),
+    ("SSIM", _num(tok.get("ssim"))),
+    ("codebook usage", _pct(tok.get("codebook_usage"))),
+    ("codebook perplexity", _num(tok.get("codebook_perplexity"), 1)),
+    ("dead codes", _num(tok.get("dead_codes"), 0)),
+    (
+      "scene agreement (recon parses as the original)",
+      _pct(tok["scene_agreement"]) if "scene_agreement" in tok else NOT_RUN,
+    ),
+    (
+      "scene agreement on held-out colour-shape pairs",
+      _pct(tok["heldout_scene_agreement"]) if "heldout_scene_agreement" in tok else NOT_RUN,
+    ),
+  ]
   where = ", ".join(f"{k} {_esc(tok[k])}" for k in ("split", "num_examples", "step") if k in tok)
   note = f'<p class="note">Evaluated on {where}.</p>' if where else ""
   return "<h3>Image tokenizer</h3>" + _kv_table(rows) + note
@@ -177,8 +192,9 @@ def _scene_table(metrics: Mapping[str, Any], *, extra: Sequence[tuple[str, str]]
   head = "".join(f"<th>{_esc(name)}</th>" for name, _ in cols)
   rows = [f'<tr><th class="text">metric</th>{head}</tr>']
   num_row = [_num(m.get("num_images", m.get("num")), 0) for _, m in cols]
-  rows.append('<tr><th class="text">images</th>' + "".join(f"<td>{v}</td>" for v in num_row)
-              + "</tr>")
+  rows.append(
+    '<tr><th class="text">images</th>' + "".join(f"<td>{v}</td>" for v in num_row) + "</tr>"
+  )
   for key, label in tuple(extra) + _SCENE_METRICS:
     if not any(key in m for _, m in cols):
       continue
@@ -189,9 +205,11 @@ def _scene_table(metrics: Mapping[str, Any], *, extra: Sequence[tuple[str, str]]
 
 def _generation_summary(ev: Mapping[str, Any]) -> str:
   out = []
-  for section, title in (("text_to_image", "Text to image (test prompts)"),
-                         ("text_to_image_heldout", "Text to image (held-out colour-shape pairs)"),
-                         ("image_to_text", "Image to text (test images)")):
+  for section, title in (
+    ("text_to_image", "Text to image (test prompts)"),
+    ("text_to_image_heldout", "Text to image (held-out colour-shape pairs)"),
+    ("image_to_text", "Image to text (test images)"),
+  ):
     out.append(f"<h3>{_esc(title)}</h3>")
     metrics = ev.get(section)
     if not metrics:
@@ -209,20 +227,32 @@ def _generation_summary(ev: Mapping[str, Any]) -> str:
 def _scene_fd_summary(fd: Mapping[str, Any] | None) -> str:
   if not fd:
     return "<h3>Scene Fréchet distance</h3>" + _missing("Scene FD")
-  rows = [("generated vs test images", _num(fd.get("generated_vs_test"), 2)),
-          ("images", _num(fd.get("num_images"), 0))]
-  return ("<h3>Scene Fréchet distance</h3>" + _kv_table(rows)
-          + '<p class="note">Fréchet distance over scene-parser features (lower is better).</p>')
+  rows = [
+    ("generated vs test images", _num(fd.get("generated_vs_test"), 2)),
+    ("images", _num(fd.get("num_images"), 0)),
+  ]
+  return (
+    "<h3>Scene Fréchet distance</h3>"
+    + _kv_table(rows)
+    + '<p class="note">Fréchet distance over scene-parser features (lower is better).</p>'
+  )
 
 
 def _timings_summary(timings: Mapping[str, Any] | None) -> str:
   if not timings:
     return "<h3>Timings</h3>" + _missing("Timings")
-  rows = [(k, f"{v:.0f} s" if _is_number(v) else _esc(v)) for k, v in timings.items()
-          if k not in ("total", "preset")]
+  rows = [
+    (k, f"{v:.0f} s" if _is_number(v) else _esc(v))
+    for k, v in timings.items()
+    if k not in ("total", "preset")
+  ]
   if "total" in timings:
-    rows.append(("total", f"{timings['total']:.0f} s" if _is_number(timings["total"])
-                 else _esc(timings["total"])))
+    rows.append(
+      (
+        "total",
+        f"{timings['total']:.0f} s" if _is_number(timings["total"]) else _esc(timings["total"]),
+      )
+    )
   if "preset" in timings:
     rows.append(("preset", _esc(timings["preset"])))
   return "<h3>Timings</h3>" + _kv_table(rows)
@@ -230,11 +260,16 @@ def _timings_summary(timings: Mapping[str, Any] | None) -> str:
 
 def summary_section(ev: Mapping[str, Any]) -> str:
   """The evaluation tables from `eval.json`; missing sections read "not run"."""
-  return (_tokenizer_summary(ev.get("tokenizer")) + _generation_summary(ev)
-          + _scene_fd_summary(ev.get("scene_fd")) + _timings_summary(ev.get("timings")))
+  return (
+    _tokenizer_summary(ev.get("tokenizer"))
+    + _generation_summary(ev)
+    + _scene_fd_summary(ev.get("scene_fd"))
+    + _timings_summary(ev.get("timings"))
+  )
 
 
 # ---- curves ----------------------------------------------------------------------------------
+
 
 def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
   pts = [(r["step"], r[key]) for r in rows if "step" in r and _is_number(r.get(key))]
@@ -244,11 +279,15 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np
   return np.asarray(steps, np.float64), np.asarray(values, np.float64)
 
 
-def _curves(rows: Sequence[Mapping[str, Any]],
-            panels: Sequence[tuple[str, Sequence[tuple[str, str]]]], alt: str) -> str | None:
+def _curves(
+  rows: Sequence[Mapping[str, Any]],
+  panels: Sequence[tuple[str, Sequence[tuple[str, str]]]],
+  alt: str,
+) -> str | None:
   """One subplot per panel (title, [(metric key, legend label)]); None when nothing to plot."""
-  panels = [(title, [(k, lab) for k, lab in lines if _series(rows, k)[0].size])
-            for title, lines in panels]
+  panels = [
+    (title, [(k, lab) for k, lab in lines if _series(rows, k)[0].size]) for title, lines in panels
+  ]
   panels = [(title, lines) for title, lines in panels if lines]
   if not panels:
     return None
@@ -268,16 +307,21 @@ def _curves(rows: Sequence[Mapping[str, Any]],
   return _figure_img(fig, alt)
 
 
-def losses_section(tok_rows: Sequence[Mapping[str, Any]],
-                   lm_rows: Sequence[Mapping[str, Any]]) -> str:
+def losses_section(
+  tok_rows: Sequence[Mapping[str, Any]], lm_rows: Sequence[Mapping[str, Any]]
+) -> str:
   """LM per-modality train/valid losses and accuracies; tokenizer loss and PSNR."""
   out = ["<h3>Language model</h3>"]
-  lm = _curves(lm_rows, [
+  lm = _curves(
+    lm_rows,
+    [
       ("total loss", [("train/loss", "train"), ("valid/loss", "valid")]),
       ("text loss", [("train/text_loss", "train"), ("valid/text_loss", "valid")]),
       ("image loss", [("train/image_loss", "train"), ("valid/image_loss", "valid")]),
       ("next-token accuracy", [("train/text_acc", "text"), ("train/image_acc", "image")]),
-  ], "language model losses")
+    ],
+    "language model losses",
+  )
   if lm is None:
     out.append(_missing("LM training metrics"))
   else:
@@ -294,15 +338,20 @@ def losses_section(tok_rows: Sequence[Mapping[str, Any]],
     if notes:
       out.append(f'<p class="note">Last validation: {_esc("; ".join(notes))}.</p>')
   out.append("<h3>Image tokenizer</h3>")
-  tok = _curves(tok_rows, [
+  tok = _curves(
+    tok_rows,
+    [
       ("loss", [("train/loss", "total"), ("train/recon_loss", "reconstruction")]),
       ("PSNR (dB)", [("train/psnr", "train batch"), ("valid/psnr_grid", "valid grid")]),
-  ], "tokenizer losses")
+    ],
+    "tokenizer losses",
+  )
   out.append(tok if tok is not None else _missing("Tokenizer training metrics"))
   return "".join(out)
 
 
 # ---- codebook --------------------------------------------------------------------------------
+
 
 def pca_basis(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """PCA of codebook vectors [K, D] (numpy SVD) -> (mean [D], components [2, D]).
@@ -311,16 +360,17 @@ def pca_basis(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """
   x = np.asarray(vectors, np.float64)
   if x.ndim != 2 or x.shape[0] == 0:
-    raise ValueError(f"expected codebook vectors [K, D], got shape {x.shape}")
+    raise UserError(f"expected codebook vectors [K, D], got shape {x.shape}")
   mean = x.mean(axis=0)
   _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
   comps = np.zeros((2, x.shape[1]))
-  comps[:min(2, vt.shape[0])] = vt[:2]
+  comps[: min(2, vt.shape[0])] = vt[:2]
   return mean, comps
 
 
-def nearest_code_image(points: np.ndarray, extent: tuple[float, float, float, float],
-                       resolution: int = 200) -> np.ndarray:
+def nearest_code_image(
+  points: np.ndarray, extent: tuple[float, float, float, float], resolution: int = 200
+) -> np.ndarray:
   """Index of the nearest point [K, 2] at every pixel of the plane -> int [res, res] (row 0 at the
   bottom, `extent` = (xmin, xmax, ymin, ymax)): the Voronoi cells of the points, rasterised."""
   xs = np.linspace(extent[0], extent[1], resolution)
@@ -354,8 +404,13 @@ def codebook_projection_figure(snapshots: Sequence[tuple[int, np.ndarray]]) -> s
   fig = Figure(figsize=(3.2 * len(projected), 3.3))
   for i, (step, pts) in enumerate(projected):
     ax = fig.add_subplot(1, len(projected), i + 1)
-    ax.imshow(_cells_rgb(nearest_code_image(pts, extent)), extent=extent, origin="lower",
-              aspect="auto", interpolation="nearest")
+    ax.imshow(
+      _cells_rgb(nearest_code_image(pts, extent)),
+      extent=extent,
+      origin="lower",
+      aspect="auto",
+      interpolation="nearest",
+    )
     ax.scatter(pts[:, 0], pts[:, 1], s=4 if len(pts) > 256 else 9, c="k", linewidths=0)
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
@@ -376,13 +431,19 @@ def _pick(items: Sequence[Any], count: int) -> list[Any]:
   return [items[i] for i in idx]
 
 
-def codebook_section(tok_rows: Sequence[Mapping[str, Any]], samples_dir: str,
-                     max_panels: int = 4) -> str:
+def codebook_section(
+  tok_rows: Sequence[Mapping[str, Any]], samples_dir: str, max_panels: int = 4
+) -> str:
   out = ["<h3>Usage over training</h3>"]
-  usage = _curves(tok_rows, [("codebook usage (fraction used)", [("train/usage", "usage")]),
-                             ("perplexity", [("train/perplexity", "perplexity")]),
-                             ("dead codes", [("train/dead_codes", "dead codes")])],
-                  "codebook usage")
+  usage = _curves(
+    tok_rows,
+    [
+      ("codebook usage (fraction used)", [("train/usage", "usage")]),
+      ("perplexity", [("train/perplexity", "perplexity")]),
+      ("dead codes", [("train/dead_codes", "dead codes")]),
+    ],
+    "codebook usage",
+  )
   out.append(usage if usage is not None else _missing("Codebook usage metrics"))
   out.append("<h3>How the code words divide the latent space</h3>")
   paths = _pick(_files_by_step(os.path.join(samples_dir, "codebook_*.npy")), max_panels)
@@ -393,18 +454,22 @@ def codebook_section(tok_rows: Sequence[Mapping[str, Any]], samples_dir: str,
   k, d = snapshots[-1][1].shape
   out.append(codebook_projection_figure(snapshots))
   out.append(
-      f'<p class="note">{k} code vectors of dimension {d} at {len(snapshots)} points of training, '
-      "projected on the two principal components of the final codebook (the same projection in "
-      "every panel and shared axes). The coloured cells are the Voronoi cells of the projected "
-      "codes: each point of the plane is coloured by its nearest code word.</p>")
+    f'<p class="note">{k} code vectors of dimension {d} at {len(snapshots)} points of training, '
+    "projected on the two principal components of the final codebook (the same projection in "
+    "every panel and shared axes). The coloured cells are the Voronoi cells of the projected "
+    "codes: each point of the plane is coloured by its nearest code word.</p>"
+  )
   if all(np.array_equal(snapshots[0][1], snap) for _, snap in snapshots[1:]):
-    out.append('<p class="note">The code words did not move during training: the codebook is '
-               "fixed (FSQ's grid of levels), and training only chose which of them the encoder "
-               "uses (usage above).</p>")
+    out.append(
+      '<p class="note">The code words did not move during training: the codebook is '
+      "fixed (FSQ's grid of levels), and training only chose which of them the encoder "
+      "uses (usage above).</p>"
+    )
   return "".join(out)
 
 
 # ---- images ----------------------------------------------------------------------------------
+
 
 def reconstructions_section(samples_dir: str) -> str:
   paths = _files_by_step(os.path.join(samples_dir, "recon_*.png"))
@@ -428,7 +493,7 @@ def split_grid_rows(grid: np.ndarray, rows: int, pad: int = GRID_PAD) -> list[np
   cell = (h - pad) // rows - pad
   if cell <= 0 or (w - pad) % (cell + pad):
     return None
-  return [grid[r * (cell + pad):(r + 1) * (cell + pad) + pad] for r in range(rows)]
+  return [grid[r * (cell + pad) : (r + 1) * (cell + pad) + pad] for r in range(rows)]
 
 
 def _prompt_rows(samples_dir: str, name: str, title: str) -> str:
@@ -447,24 +512,19 @@ def _prompt_rows(samples_dir: str, name: str, title: str) -> str:
     return "".join(out)
   out.append('<table><tr><th class="text">prompt</th><th class="text">generated images</th></tr>')
   for prompt, strip in zip(prompts, strips):
-    out.append(f'<tr><td class="text">{_esc(prompt)}</td><td class="text">'
-               f"{_img(strip, prompt)}</td></tr>")
+    out.append(
+      f'<tr><td class="text">{_esc(prompt)}</td><td class="text">{_img(strip, prompt)}</td></tr>'
+    )
   out.append("</table>")
   return "".join(out)
 
 
 def text_to_image_section(samples_dir: str) -> str:
-  return (_prompt_rows(samples_dir, "text_to_image", "Test prompts")
-          + _prompt_rows(samples_dir, "text_to_image_heldout",
-                         "Held-out prompts (colour-shape pairs never seen in training)"))
-
-
-def captions_match(truth: str, caption: str) -> bool:
-  """Same scene: both parse and agree (object order free), else the same text."""
-  a, b = shapes.parse_caption(truth), shapes.parse_caption(caption)
-  if a is not None and b is not None:
-    return shapes.canonical(a) == shapes.canonical(b)
-  return " ".join(truth.lower().split()) == " ".join(caption.lower().split())
+  return _prompt_rows(samples_dir, "text_to_image", "Test prompts") + _prompt_rows(
+    samples_dir,
+    "text_to_image_heldout",
+    "Held-out prompts (colour-shape pairs never seen in training)",
+  )
 
 
 def image_to_text_section(samples_dir: str, scale: int = 3) -> str:
@@ -474,23 +534,30 @@ def image_to_text_section(samples_dir: str, scale: int = 3) -> str:
   images_path = os.path.join(samples_dir, "caption_images.npy")
   images = np.load(images_path) if os.path.exists(images_path) else np.zeros((0, 1, 1, 3), np.uint8)
   matches = [captions_match(str(c.get("truth", "")), str(c.get("caption", ""))) for c in captions]
-  out = [f'<p>{sum(matches)} of {len(matches)} generated captions describe the same scene as the '
-         f"true caption ({_pct(np.mean(matches))}).</p>"]
+  out = [
+    f"<p>{sum(matches)} of {len(matches)} generated captions describe the same scene as the "
+    f"true caption ({_pct(np.mean(matches))}).</p>"
+  ]
   shown = len(images) if len(images) else min(len(captions), 20)
-  out.append('<table><tr><th>#</th><th>image</th><th class="text">true caption</th>'
-             '<th class="text">generated caption</th><th>match</th></tr>')
+  out.append(
+    '<table><tr><th>#</th><th>image</th><th class="text">true caption</th>'
+    '<th class="text">generated caption</th><th>match</th></tr>'
+  )
   for i in range(min(shown, len(captions))):
     entry, ok = captions[i], matches[i]
     image = _img(_upscale(images[i], scale), f"test image {i}") if i < len(images) else "&ndash;"
     mark = '<span class="ok">&#10003;</span>' if ok else '<span class="bad">&#10007;</span>'
-    out.append(f"<tr><td>{i}</td><td>{image}</td>"
-               f'<td class="text">{_esc(entry.get("truth", ""))}</td>'
-               f'<td class="text">{_esc(entry.get("caption", ""))}</td><td>{mark}</td></tr>')
+    out.append(
+      f"<tr><td>{i}</td><td>{image}</td>"
+      f'<td class="text">{_esc(entry.get("truth", ""))}</td>'
+      f'<td class="text">{_esc(entry.get("caption", ""))}</td><td>{mark}</td></tr>'
+    )
   out.append("</table>")
   return "".join(out)
 
 
 # ---- the page --------------------------------------------------------------------------------
+
 
 def build_report(workdir: str) -> str:
   """The report's HTML text for a demo `workdir`."""
@@ -501,18 +568,21 @@ def build_report(workdir: str) -> str:
   tok_samples = os.path.join(tok_dir, "samples")
   samples = os.path.join(workdir, "samples")
   bodies = {
-      "summary": summary_section(ev),
-      "losses": losses_section(tok_rows, lm_rows),
-      "codebook": codebook_section(tok_rows, tok_samples),
-      "reconstructions": reconstructions_section(tok_samples),
-      "text-to-image": text_to_image_section(samples),
-      "image-to-text": image_to_text_section(samples),
+    "summary": summary_section(ev),
+    "losses": losses_section(tok_rows, lm_rows),
+    "codebook": codebook_section(tok_rows, tok_samples),
+    "reconstructions": reconstructions_section(tok_samples),
+    "text-to-image": text_to_image_section(samples),
+    "image-to-text": image_to_text_section(samples),
   }
   title = f"vqlm demo report: {os.path.basename(os.path.abspath(workdir))}"
   nav = "".join(f'<a href="#{sid}">{_esc(name)}</a>' for sid, name in SECTIONS)
-  parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{_esc(title)}</title><style>{_STYLE}</style></head><body>",
-           f"<h1>{_esc(title)}</h1><nav>{nav}</nav>"]
+  parts = [
+    "<!DOCTYPE html>",
+    '<html lang="en"><head><meta charset="utf-8">',
+    f"<title>{_esc(title)}</title><style>{_STYLE}</style></head><body>",
+    f"<h1>{_esc(title)}</h1><nav>{nav}</nav>",
+  ]
   for sid, name in SECTIONS:
     parts.append(f'<section><h2 id="{sid}">{_esc(name)}</h2>{bodies[sid]}</section>')
   parts.append("</body></html>")
@@ -522,7 +592,7 @@ def build_report(workdir: str) -> str:
 def write_report(workdir: str) -> str:
   """Writes the self-contained `WORKDIR/report.html` and returns its path."""
   if not os.path.isdir(workdir):
-    raise ValueError(f"demo workdir '{workdir}' does not exist; run `vqlm demo` first")
+    raise UserError(f"demo workdir '{workdir}' does not exist; run `vqlm demo` first")
   text = build_report(workdir)
   path = os.path.join(workdir, "report.html")
   with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -531,8 +601,9 @@ def write_report(workdir: str) -> str:
   return path
 
 
-def save_prompt_figure(samples_dir: str, out_path: str, *, name: str = "text_to_image",
-                       max_rows: int = 8) -> str | None:
+def save_prompt_figure(
+  samples_dir: str, out_path: str, *, name: str = "text_to_image", max_rows: int = 8
+) -> str | None:
   """A PNG of prompts (left) beside the images drawn for them (right): the README picture."""
   png = os.path.join(samples_dir, f"{name}.png")
   prompts = _read_json(os.path.join(samples_dir, f"{name}.json"))

@@ -5,6 +5,7 @@ pad/bos/eos and no user-defined symbols. The LM's special tokens (`<bos>`, `<boi
 `vqlm.vocab.Vocab` as ids after the text ids, so sequences are always built from ids, never by
 joining strings (joined strings make SentencePiece emit stray `▁` pieces before the symbols).
 """
+
 from collections.abc import Iterable, Iterator, Sequence
 import itertools
 import os
@@ -12,6 +13,8 @@ import re
 import warnings
 
 import sentencepiece as spm
+
+from vqlm.errors import UserError
 
 # Byte fallback adds 256 `<0xNN>` pieces; below this size they would crowd out the real pieces.
 BYTE_FALLBACK_MIN_VOCAB = 512
@@ -21,21 +24,23 @@ _MODEL_TYPES = ("bpe", "unigram", "char", "word")
 def _non_empty(texts: Iterable[str]) -> Iterator[str]:
   for text in texts:
     if not isinstance(text, str):
-      raise ValueError(f"train_sentencepiece expects strings, got {type(text).__name__}; "
-                       "decode bytes to str first.")
+      raise UserError(
+        f"train_sentencepiece expects strings, got {type(text).__name__}; "
+        "decode bytes to str first."
+      )
     text = text.strip()
     if text:
       yield text
 
 
 def train_sentencepiece(
-    texts: Iterable[str],
-    *,
-    model_prefix: str,
-    vocab_size: int,
-    model_type: str = "bpe",
-    byte_fallback: bool | None = None,
-    character_coverage: float = 1.0,
+  texts: Iterable[str],
+  *,
+  model_prefix: str,
+  vocab_size: int,
+  model_type: str = "bpe",
+  byte_fallback: bool | None = None,
+  character_coverage: float = 1.0,
 ) -> str:
   """Trains a SentencePiece model on an in-memory stream of texts and returns the `.model` path.
 
@@ -61,46 +66,55 @@ def train_sentencepiece(
       than the corpus's required characters.
   """
   if model_type not in _MODEL_TYPES:
-    raise ValueError(f"model_type={model_type!r} is not one of {_MODEL_TYPES}.")
+    raise UserError(f"model_type={model_type!r} is not one of {_MODEL_TYPES}.")
   if vocab_size < 2:
-    raise ValueError(f"vocab_size={vocab_size} is too small; use at least 2 (<unk> + one piece).")
+    raise UserError(f"vocab_size={vocab_size} is too small; use at least 2 (<unk> + one piece).")
   if not 0.0 < character_coverage <= 1.0:
-    raise ValueError(f"character_coverage={character_coverage} must be in (0, 1].")
+    raise UserError(f"character_coverage={character_coverage} must be in (0, 1].")
   if byte_fallback is None:
     byte_fallback = vocab_size >= BYTE_FALLBACK_MIN_VOCAB
 
   stream = _non_empty(texts)
   first = next(stream, None)
   if first is None:
-    raise ValueError("train_sentencepiece got an empty or whitespace-only corpus; pass at least "
-                     "one non-blank text (e.g. the data set's captions).")
+    raise UserError(
+      "train_sentencepiece got an empty or whitespace-only corpus; pass at least "
+      "one non-blank text (e.g. the data set's captions)."
+    )
   parent = os.path.dirname(os.path.abspath(model_prefix))
   os.makedirs(parent, exist_ok=True)
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=itertools.chain([first], stream),
-        model_prefix=model_prefix,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=byte_fallback,
-        character_coverage=character_coverage,
-        hard_vocab_limit=False,  # A corpus too small for vocab_size yields fewer pieces.
-        unk_id=0, pad_id=-1, bos_id=-1, eos_id=-1,
-        minloglevel=2,
+      sentence_iterator=itertools.chain([first], stream),
+      model_prefix=model_prefix,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      byte_fallback=byte_fallback,
+      character_coverage=character_coverage,
+      hard_vocab_limit=False,  # A corpus too small for vocab_size yields fewer pieces.
+      unk_id=0,
+      pad_id=-1,
+      bos_id=-1,
+      eos_id=-1,
+      minloglevel=2,
     )
   except RuntimeError as e:
     match = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
     if match:
-      raise ValueError(
-          f"vocab_size={vocab_size} is below the {match.group(2)} pieces the corpus requires "
-          f"(its characters + <unk>{' + 256 byte pieces' if byte_fallback else ''}); raise "
-          "vocab_size, lower character_coverage, or set byte_fallback=False.") from e
+      raise UserError(
+        f"vocab_size={vocab_size} is below the {match.group(2)} pieces the corpus requires "
+        f"(its characters + <unk>{' + 256 byte pieces' if byte_fallback else ''}); raise "
+        "vocab_size, lower character_coverage, or set byte_fallback=False."
+      ) from e
     raise
   path = model_prefix + ".model"
   got = TextTokenizer.load(path).vocab_size
   if got < vocab_size:
-    warnings.warn(f"SentencePiece: the corpus only supports {got} pieces, fewer than the "
-                  f"requested vocab_size={vocab_size}; the model has {got}.", stacklevel=2)
+    warnings.warn(
+      f"SentencePiece: the corpus only supports {got} pieces, fewer than the "
+      f"requested vocab_size={vocab_size}; the model has {got}.",
+      stacklevel=2,
+    )
   return path
 
 
@@ -119,8 +133,10 @@ class TextTokenizer:
   def load(cls, path: str) -> "TextTokenizer":
     """Loads a `.model` file written by `train_sentencepiece` (or any SentencePiece model)."""
     if not os.path.isfile(path):
-      raise ValueError(f"SentencePiece model {path!r} does not exist; train one with "
-                       "vqlm.text.train_sentencepiece or fix the path.")
+      raise UserError(
+        f"SentencePiece model {path!r} does not exist; train one with "
+        "vqlm.text.train_sentencepiece or fix the path."
+      )
     return cls(spm.SentencePieceProcessor(model_file=path), path=path)
 
   @property
@@ -141,8 +157,10 @@ class TextTokenizer:
     ids = [int(i) for i in ids]
     bad = [i for i in ids if not 0 <= i < self.vocab_size]
     if bad:
-      raise ValueError(f"decode got ids {bad[:5]} outside [0, {self.vocab_size}); pass only "
-                       "SentencePiece ids (use Vocab.decode_text for unified-vocabulary ids).")
+      raise UserError(
+        f"decode got ids {bad[:5]} outside [0, {self.vocab_size}); pass only "
+        "SentencePiece ids (use Vocab.decode_text for unified-vocabulary ids)."
+      )
     return self._sp.decode(ids)
 
   def id_to_piece(self, i: int) -> str:

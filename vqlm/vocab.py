@@ -16,6 +16,7 @@ takes a reserved slot (append the name, decrement `num_reserved`) and no image i
 an ordinary special, not id 0: padding is identified by `segment_ids == 0` / `loss_weights == 0`,
 never by the pad id. Ids in `[size, padded_size)` are never produced; the sampler must mask them.
 """
+
 from collections.abc import Sequence
 import dataclasses
 import json
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from vqlm.errors import UserError
 from vqlm.text import TextTokenizer
 
 DEFAULT_SPECIALS = ("pad", "bos", "eos", "boi", "eoi", "frame")
@@ -43,6 +45,7 @@ class Vocab:
     text_model: path of the SentencePiece `.model`, relative to the run directory.
     pad_to: `padded_size` is `size` rounded up to a multiple of this (TPU-friendly tables).
   """
+
   text_size: int
   image_size: int
   grid: tuple[int, int]
@@ -55,22 +58,23 @@ class Vocab:
     object.__setattr__(self, "specials", tuple(self.specials))
     grid = tuple(self.grid) if isinstance(self.grid, (list, tuple)) else ()
     if len(grid) != 2 or not all(isinstance(g, (int, np.integer)) and g > 0 for g in grid):
-      raise ValueError(f"Vocab.grid={self.grid!r} must be two positive ints (h, w).")
+      raise UserError(f"Vocab.grid={self.grid!r} must be two positive ints (h, w).")
     object.__setattr__(self, "grid", (int(grid[0]), int(grid[1])))
     if self.text_size <= 0:
-      raise ValueError(f"Vocab.text_size={self.text_size} must be > 0 (the SentencePiece size).")
+      raise UserError(f"Vocab.text_size={self.text_size} must be > 0 (the SentencePiece size).")
     if self.image_size <= 0:
-      raise ValueError(f"Vocab.image_size={self.image_size} must be > 0 (the codebook size).")
+      raise UserError(f"Vocab.image_size={self.image_size} must be > 0 (the codebook size).")
     if self.num_reserved < 0:
-      raise ValueError(f"Vocab.num_reserved={self.num_reserved} must be >= 0.")
+      raise UserError(f"Vocab.num_reserved={self.num_reserved} must be >= 0.")
     if self.pad_to <= 0:
-      raise ValueError(f"Vocab.pad_to={self.pad_to} must be >= 1 (1 disables padding).")
+      raise UserError(f"Vocab.pad_to={self.pad_to} must be >= 1 (1 disables padding).")
     if len(set(self.specials)) != len(self.specials) or not all(
-        isinstance(s, str) and s for s in self.specials):
-      raise ValueError(f"Vocab.specials={self.specials} must be unique non-empty names.")
+      isinstance(s, str) and s for s in self.specials
+    ):
+      raise UserError(f"Vocab.specials={self.specials} must be unique non-empty names.")
     missing = [s for s in DEFAULT_SPECIALS if s not in self.specials]
     if missing:
-      raise ValueError(f"Vocab.specials lacks {missing}; include all of {DEFAULT_SPECIALS}.")
+      raise UserError(f"Vocab.specials lacks {missing}; include all of {DEFAULT_SPECIALS}.")
 
   # ---- layout -------------------------------------------------------------------------------
 
@@ -101,7 +105,7 @@ class Vocab:
     try:
       return self.text_size + self.specials.index(name)
     except ValueError:
-      raise ValueError(f"Unknown special {name!r}; valid: {self.specials}.") from None
+      raise UserError(f"Unknown special {name!r}; valid: {self.specials}.") from None
 
   @property
   def pad_id(self) -> int:
@@ -134,14 +138,18 @@ class Vocab:
     checked (NumPy results are int32); other array types (jax) are offset unchecked."""
     if isinstance(code, (int, np.integer)):
       if not 0 <= code < self.image_size:
-        raise ValueError(f"image code {code} outside [0, {self.image_size}); check the codebook "
-                         "size in the vocab against the image tokenizer.")
+        raise UserError(
+          f"image code {code} outside [0, {self.image_size}); check the codebook "
+          "size in the vocab against the image tokenizer."
+        )
       return int(code) + self.image_offset
     if isinstance(code, (np.ndarray, list, tuple)):
       code = np.asarray(code)
       if code.size and (code.min() < 0 or code.max() >= self.image_size):
-        raise ValueError(f"image codes span [{code.min()}, {code.max()}], outside [0, "
-                         f"{self.image_size}); check the codebook size against the tokenizer.")
+        raise UserError(
+          f"image codes span [{code.min()}, {code.max()}], outside [0, "
+          f"{self.image_size}); check the codebook size against the tokenizer."
+        )
       return code.astype(np.int32) + np.int32(self.image_offset)
     return code + self.image_offset
 
@@ -149,14 +157,17 @@ class Vocab:
     """Unified id(s) of image tokens -> code(s) in `[0, image_size)` (inverse of image_token)."""
     if isinstance(token, (int, np.integer)):
       if not self.is_image(token):
-        raise ValueError(f"id {token} is not an image token (image ids are [{self.image_offset}, "
-                         f"{self.size})).")
+        raise UserError(
+          f"id {token} is not an image token (image ids are [{self.image_offset}, {self.size}))."
+        )
       return int(token) - self.image_offset
     if isinstance(token, (np.ndarray, list, tuple)):
       token = np.asarray(token)
       if not np.all(self.is_image(token)):
-        raise ValueError(f"ids outside the image range [{self.image_offset}, {self.size}); keep "
-                         "only image runs before image_code.")
+        raise UserError(
+          f"ids outside the image range [{self.image_offset}, {self.size}); keep "
+          "only image runs before image_code."
+        )
       return (token - self.image_offset).astype(np.int32)
     return token - self.image_offset
 
@@ -184,34 +195,42 @@ class Vocab:
       return f"<img:{i - self.image_offset}>"
     if self.is_special(i):
       k = i - self.text_size
-      return f"<{self.specials[k]}>" if k < len(self.specials) else (
-          f"<reserved_{k - len(self.specials)}>")
-    raise ValueError(f"id {i} is not a special or image id of this vocab (size {self.size}).")
+      return (
+        f"<{self.specials[k]}>"
+        if k < len(self.specials)
+        else (f"<reserved_{k - len(self.specials)}>")
+      )
+    raise UserError(f"id {i} is not a special or image id of this vocab (size {self.size}).")
 
   def check_codes(self, codes: Any) -> np.ndarray:
     """Validates a code grid `[..., h, w]` against `grid`; returns it as int32."""
     codes = np.asarray(codes)
     if codes.ndim < 2 or codes.shape[-2:] != self.grid:
-      raise ValueError(f"codes of shape {codes.shape} do not end in the vocab grid {self.grid}; "
-                       "re-encode the data with the tokenizer this vocab was built for.")
+      raise UserError(
+        f"codes of shape {codes.shape} do not end in the vocab grid {self.grid}; "
+        "re-encode the data with the tokenizer this vocab was built for."
+      )
     if not np.issubdtype(codes.dtype, np.integer):
-      raise ValueError(f"codes must be integers, got {codes.dtype}.")
+      raise UserError(f"codes must be integers, got {codes.dtype}.")
     return codes.astype(np.int32)
 
   # ---- text -------------------------------------------------------------------------------
 
   def _check_tokenizer(self, tokenizer: TextTokenizer):
     if tokenizer.vocab_size != self.text_size:
-      raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but vocab.text_size is "
-                       f"{self.text_size}; load the SentencePiece model saved with this vocab.")
+      raise UserError(
+        f"tokenizer has {tokenizer.vocab_size} pieces but vocab.text_size is "
+        f"{self.text_size}; load the SentencePiece model saved with this vocab."
+      )
 
   def encode_text(self, tokenizer: TextTokenizer, text: str) -> list[int]:
     """Text -> unified ids (equal to the SentencePiece ids; never special or image ids)."""
     self._check_tokenizer(tokenizer)
     return tokenizer.encode(text)
 
-  def decode_text(self, tokenizer: TextTokenizer, ids: Sequence[int], *,
-                  keep_specials: bool = False) -> str:
+  def decode_text(
+    self, tokenizer: TextTokenizer, ids: Sequence[int], *, keep_specials: bool = False
+  ) -> str:
     """Unified ids -> text.
 
     With `keep_specials=False` specials and image ids are dropped and all text ids are decoded as
@@ -226,8 +245,9 @@ class Vocab:
     ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
     bad = [i for i in ids if not 0 <= i < self.size]
     if bad:
-      raise ValueError(f"ids {bad[:5]} are outside the vocab [0, {self.size}); mask ids >= size "
-                       "when sampling.")
+      raise UserError(
+        f"ids {bad[:5]} are outside the vocab [0, {self.size}); mask ids >= size when sampling."
+      )
     if not keep_specials:
       return tokenizer.decode([i for i in ids if i < self.text_size])
     parts, run = [], []
@@ -261,12 +281,14 @@ class Vocab:
     d = dict(d)
     fmt = d.pop("format", _FORMAT)
     if fmt != _FORMAT:
-      raise ValueError(f"vocab format {fmt!r} is not {_FORMAT!r}; this vocab.json is from "
-                       "another program or version.")
+      raise UserError(
+        f"vocab format {fmt!r} is not {_FORMAT!r}; this vocab.json is from "
+        "another program or version."
+      )
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(names))
     if unknown:
-      raise ValueError(f"unknown vocab keys {unknown}; valid keys: {names}.")
+      raise UserError(f"unknown vocab keys {unknown}; valid keys: {names}.")
     d["grid"] = tuple(d["grid"])
     if "specials" in d:
       d["specials"] = tuple(d["specials"])

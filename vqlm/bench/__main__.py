@@ -1,13 +1,19 @@
 """`python -m vqlm.bench <lm|matmul|sample|sweep|tokenizer|soak> [flags]`
 (also `vqlm bench ...`)."""
+
 import importlib
 import sys
 
 from vqlm.runtime import host_memory
 
-BENCHMARKS = {"lm": "vqlm.bench.lm", "matmul": "vqlm.bench.matmul",
-              "sample": "vqlm.bench.sample", "sweep": "vqlm.bench.sweep",
-              "tokenizer": "vqlm.bench.tokenizer", "soak": "vqlm.bench.soak"}
+BENCHMARKS = {
+  "lm": "vqlm.bench.lm",
+  "matmul": "vqlm.bench.matmul",
+  "sample": "vqlm.bench.sample",
+  "sweep": "vqlm.bench.sweep",
+  "tokenizer": "vqlm.bench.tokenizer",
+  "soak": "vqlm.bench.soak",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

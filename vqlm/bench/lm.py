@@ -6,6 +6,7 @@ On CPU it also trains the same-shaped Hugging Face `transformers` LlamaForCausal
 optional `bench` extra) in the same process and prints the ratio vqlm / transformers. Both use the
 config's compute dtype over float32 parameters (`dtype=bfloat16`: torch under `torch.autocast`).
 """
+
 import time
 
 import jax
@@ -13,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlm.bench import peak
-from vqlm.nn.flops import flops_per_token
 from vqlm.commands import flags as flag_lib
+from vqlm.nn.flops import flops_per_token
 
 
 def _define(f):
@@ -29,23 +30,29 @@ def _define(f):
 
 def _vqlm_step(config, vocab: int, batch: int, seq_len: int):
   from vqlm.nn.transformer import Transformer, TransformerConfig
-  from vqlm.train.optim import make_optimizer
-  from vqlm.train.lm_task import LMTask
   from vqlm.runtime.config import as_kwargs
+  from vqlm.train.lm_task import LMTask
+  from vqlm.train.optim import make_optimizer
+
   kw = as_kwargs(config.model)
-  model = Transformer(TransformerConfig(vocab_size=vocab, image_offset=vocab // 2,
-                                        image_size=vocab // 2, **kw))
-  opt, _ = make_optimizer(learning_rate=1e-4, warmup_steps=10, total_steps=1000,
-                          weight_decay=0.1)
-  task = LMTask(model=model, optimizer=opt, z_loss_weight=0.0, image_offset=vocab // 2,
-                image_size=vocab // 2)
+  model = Transformer(
+    TransformerConfig(vocab_size=vocab, image_offset=vocab // 2, image_size=vocab // 2, **kw)
+  )
+  opt, _ = make_optimizer(learning_rate=1e-4, warmup_steps=10, total_steps=1000, weight_decay=0.1)
+  task = LMTask(
+    model=model, optimizer=opt, z_loss_weight=0.0, image_offset=vocab // 2, image_size=vocab // 2
+  )
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
-  data = {"tokens": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-          "loss_weights": jnp.ones((batch, seq_len), jnp.float32),
-          "segment_ids": jnp.ones((batch, seq_len), jnp.int32),
-          "positions": jnp.tile(jnp.arange(seq_len, dtype=jnp.int32), (batch, 1))}
+  data = {
+    "tokens": jnp.asarray(tokens[:, :-1]),
+    "targets": jnp.asarray(tokens[:, 1:]),
+    "loss_weights": jnp.ones((batch, seq_len), jnp.float32),
+    "segment_ids": jnp.ones((batch, seq_len), jnp.int32),
+    "positions": jnp.tile(jnp.arange(seq_len, dtype=jnp.int32), (batch, 1)),
+  }
   import flax.linen as nn
+
   state = jax.jit(lambda r: nn.meta.unbox(task.init(r, data)))(jax.random.key(0))
   step = jax.jit(task.train_step, donate_argnums=0)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -82,10 +89,17 @@ def time_torch(config, vocab, batch, seq_len, steps, repeats, threads):
     torch.set_num_threads(threads)
   m = config.model
   cfg = transformers.LlamaConfig(
-      vocab_size=vocab, hidden_size=m.dim, intermediate_size=m.mlp_dim,
-      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-      num_key_value_heads=m.num_kv_heads, max_position_embeddings=max(seq_len, 2048),
-      tie_word_embeddings=m.tie_embeddings, rms_norm_eps=m.norm_eps, attention_bias=False)
+    vocab_size=vocab,
+    hidden_size=m.dim,
+    intermediate_size=m.mlp_dim,
+    num_hidden_layers=m.num_layers,
+    num_attention_heads=m.num_heads,
+    num_key_value_heads=m.num_kv_heads,
+    max_position_embeddings=max(seq_len, 2048),
+    tie_word_embeddings=m.tie_embeddings,
+    rms_norm_eps=m.norm_eps,
+    attention_bias=False,
+  )
   cfg._attn_implementation = "sdpa"
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(cfg)
@@ -118,21 +132,30 @@ def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, _define, config=True)
   config = flag_lib.require_config(fv)
   from vqlm.nn.presets import NOMINAL_VOCAB
+
   vocab = fv.vocab or NOMINAL_VOCAB.get(config.get("size", ""), 32768)
   device = jax.devices()[0]
   tps, compile_s, n, model = time_vqlm(config, vocab, fv.batch, fv.seq_len, fv.steps, fv.repeats)
   print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")
-  print(f"model: size={config.get('size')} params={n:,} vocab={vocab} batch={fv.batch} "
-        f"seq_len={fv.seq_len} dtype={config.model.dtype}")
+  print(
+    f"model: size={config.get('size')} params={n:,} vocab={vocab} batch={fv.batch} "
+    f"seq_len={fv.seq_len} dtype={config.model.dtype}"
+  )
   print(f"vqlm: {tps:,.0f} tokens/s (compile {compile_s:.1f}s, excluded)")
   peak_flops = peak.peak_flops(device, config.model.dtype)
   if peak_flops:
-    fpt = flops_per_token(n, num_layers=model.config.num_layers,
-                          num_heads=model.config.num_heads, head_dim=model.config.head_size(),
-                          seq_len=fv.seq_len)
+    fpt = flops_per_token(
+      n,
+      num_layers=model.config.num_layers,
+      num_heads=model.config.num_heads,
+      head_dim=model.config.head_size(),
+      seq_len=fv.seq_len,
+    )
     mfu = tps * fpt / (peak_flops * jax.device_count())
-    print(f"MFU: {100 * mfu:.1f}% ({fpt / 1e9:.2f} GFLOP/token, peak "
-          f"{peak_flops / 1e12:.0f} TFLOP/s per device)")
+    print(
+      f"MFU: {100 * mfu:.1f}% ({fpt / 1e9:.2f} GFLOP/token, peak "
+      f"{peak_flops / 1e12:.0f} TFLOP/s per device)"
+    )
   if fv.torch and device.platform == "cpu":
     ref = time_torch(config, vocab, fv.batch, fv.seq_len, fv.steps, fv.repeats, fv.threads)
     if ref:

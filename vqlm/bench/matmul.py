@@ -6,12 +6,14 @@ PyTorch is installed, with `torch` on the same arrays: per product, jax's timed 
 torch's, each after an untimed call; the best block counts. This is where the LM benchmark's gap to
 PyTorch comes from on CPU (`docs/architecture.md`).
 """
+
 import time
 
 import jax
 import numpy as np
 
 from vqlm.commands import flags as flag_lib
+from vqlm.errors import UserError
 
 KINDS = ("forward", "input grad", "weight grad")
 # The products named by KINDS, written once for jax arrays and torch tensors alike.
@@ -20,8 +22,9 @@ PRODUCTS = (lambda x, w, dy: x @ w, lambda x, w, dy: dy @ w.T, lambda x, w, dy: 
 
 def _define(f):
   f.DEFINE_integer("tokens", 2048, "M: rows of the activations (batch x sequence)")
-  f.DEFINE_string("shapes", "256x768,768x256,256x256,256x1536",
-                  "KxN weight shapes, comma-separated")
+  f.DEFINE_string(
+    "shapes", "256x768,768x256,256x256,256x1536", "KxN weight shapes, comma-separated"
+  )
   f.DEFINE_integer("calls", 20, "calls per timed block")
   f.DEFINE_integer("blocks", 5, "timed blocks per implementation; the best counts")
   f.DEFINE_bool("torch", True, "also time torch (CPU)")
@@ -32,7 +35,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
   for item in text.split(","):
     parts = item.strip().lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-      raise ValueError(f"--shapes item {item!r} must be KxN with positive integers, e.g. 256x768")
+      raise UserError(f"--shapes item {item!r} must be KxN with positive integers, e.g. 256x768")
     shapes.append((int(parts[0]), int(parts[1])))
   return shapes
 
@@ -49,11 +52,12 @@ def _best_ms(fn, args, calls: int, blocks: int, sync) -> float:
   return 1e3 * best / calls
 
 
-def run(*, tokens: int, shapes: list[tuple[int, int]], calls: int, blocks: int,
-        use_torch: bool) -> list[dict]:
+def run(
+  *, tokens: int, shapes: list[tuple[int, int]], calls: int, blocks: int, use_torch: bool
+) -> list[dict]:
   """Rows `{"shape", "kind", "jax_ms", "torch_ms" (or None)}`, one per shape and matmul."""
   if tokens <= 0 or calls <= 0 or blocks <= 0:
-    raise ValueError("--tokens, --calls and --blocks must be positive")
+    raise UserError("--tokens, --calls and --blocks must be positive")
   torch = None
   if use_torch:
     try:
@@ -69,16 +73,20 @@ def run(*, tokens: int, shapes: list[tuple[int, int]], calls: int, blocks: int,
     torch_args = [torch.from_numpy(a) for a in arrays] if torch else None
     for kind, product, jax_product in zip(KINDS, PRODUCTS, jitted):
       jax_ms = _best_ms(jax_product, jax_args, calls, blocks, jax.block_until_ready)
-      torch_ms = (_best_ms(product, torch_args, calls, blocks, lambda out: out) if torch
-                  else None)
+      torch_ms = _best_ms(product, torch_args, calls, blocks, lambda out: out) if torch else None
       rows.append({"shape": (tokens, k, n), "kind": kind, "jax_ms": jax_ms, "torch_ms": torch_ms})
   return rows
 
 
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, _define)
-  rows = run(tokens=fv.tokens, shapes=parse_shapes(fv.shapes), calls=fv.calls, blocks=fv.blocks,
-             use_torch=fv.torch)
+  rows = run(
+    tokens=fv.tokens,
+    shapes=parse_shapes(fv.shapes),
+    calls=fv.calls,
+    blocks=fv.blocks,
+    use_torch=fv.torch,
+  )
   print(f"device: {jax.devices()[0].device_kind}; float32; best of {fv.blocks} x {fv.calls} calls")
   print(f"{'M x K x N':>18} | {'matmul':>11} | {'jax ms':>8} | {'torch ms':>8} | jax / torch speed")
   for r in rows:

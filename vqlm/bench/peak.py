@@ -1,16 +1,17 @@
 """Peak dense FLOP/s of accelerators, for model-FLOPs utilisation (MFU)."""
+
 import jax
 
 # Dense (not sparse) peak FLOP/s per chip by compute dtype, from vendor data sheets.
 PEAKS = {
-    "H100": {"bfloat16": 989e12, "float32": 67e12},  # SXM
-    "H200": {"bfloat16": 989e12, "float32": 67e12},
-    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
-    "TPU v4": {"bfloat16": 275e12},
-    "TPU v5 lite": {"bfloat16": 197e12},
-    "TPU v5e": {"bfloat16": 197e12},
-    "TPU v5p": {"bfloat16": 459e12},
-    "TPU v6 lite": {"bfloat16": 918e12},
+  "H100": {"bfloat16": 989e12, "float32": 67e12},  # SXM
+  "H200": {"bfloat16": 989e12, "float32": 67e12},
+  "A100": {"bfloat16": 312e12, "float32": 19.5e12},
+  "TPU v4": {"bfloat16": 275e12},
+  "TPU v5 lite": {"bfloat16": 197e12},
+  "TPU v5e": {"bfloat16": 197e12},
+  "TPU v5p": {"bfloat16": 459e12},
+  "TPU v6 lite": {"bfloat16": 918e12},
 }
 
 

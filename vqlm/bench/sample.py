@@ -18,16 +18,18 @@ a message.
 vqlm's timing is end to end (prompt packing, prefill, the 64 codes plus the forced `<eoi>`, and
 the copy back to the host), counting only the 64 image tokens.
 """
+
 import argparse
+from collections.abc import Callable
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqlm.errors import UserError
 from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.sample.processors import SamplingConfig, Settings
 from vqlm.sample.sampler import Sampler
@@ -44,21 +46,29 @@ def demo_vocab(grid: int = 8, codes: int = 512) -> Vocab:
 
 def model_kwargs(size: str, vocab: Vocab) -> dict[str, Any]:
   from vqlm.nn.presets import TRANSFORMER_SIZES
+
   if size not in TRANSFORMER_SIZES:
-    raise ValueError(f"unknown --size {size!r}; valid: {', '.join(TRANSFORMER_SIZES)}")
-  return dict(vocab_size=vocab.padded_size, **TRANSFORMER_SIZES[size],
-              image_offset=vocab.image_offset, image_size=vocab.image_size, grid=vocab.grid)
+    raise UserError(f"unknown --size {size!r}; valid: {', '.join(TRANSFORMER_SIZES)}")
+  return dict(
+    vocab_size=vocab.padded_size,
+    **TRANSFORMER_SIZES[size],
+    image_offset=vocab.image_offset,
+    image_size=vocab.image_size,
+    grid=vocab.grid,
+  )
 
 
 def prompts(vocab: Vocab, batch: int, seed: int = 0) -> np.ndarray:
   rng = np.random.default_rng(seed)
   text = rng.integers(1, vocab.text_size, size=(batch, PROMPT_TEXT_LEN))
-  return np.concatenate([np.full((batch, 1), vocab.bos_id), text,
-                         np.full((batch, 1), vocab.boi_id)], axis=1).astype(np.int64)
+  return np.concatenate(
+    [np.full((batch, 1), vocab.bos_id), text, np.full((batch, 1), vocab.boi_id)], axis=1
+  ).astype(np.int64)
 
 
-def vqlm_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: str = "float32"
-                ) -> Callable[[int, int], None]:
+def vqlm_runner(
+  kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: str = "float32"
+) -> Callable[[int, int], None]:
   """`run(batch, seed)`: one t2i grid per prompt with the vqlm sampler (compiles per batch)."""
   model = Transformer(TransformerConfig(**kw))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
@@ -68,15 +78,21 @@ def vqlm_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: str = "f
   n = vocab.tokens_per_image
 
   def run(batch: int, seed: int) -> None:
-    res = sampler(prompts(vocab, batch).tolist(), max_new_tokens=n + 1, mode="image",
-                  sampling=sampling, seed=seed)
+    res = sampler(
+      prompts(vocab, batch).tolist(),
+      max_new_tokens=n + 1,
+      mode="image",
+      sampling=sampling,
+      seed=seed,
+    )
     assert res.tokens.shape == (batch, n + 1)
 
   return run
 
 
-def transformers_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: str = "float32"
-                        ) -> Callable[[int, int, int | None], None] | str:
+def transformers_runner(
+  kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: str = "float32"
+) -> Callable[[int, int, int | None], None] | str:
   """`run(batch, seed, threads)` with `LlamaForCausalLM.generate`, or a skip message."""
   try:
     import torch
@@ -84,11 +100,20 @@ def transformers_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: 
   except ImportError as e:
     return f"skipped: torch/transformers not installed ({e.name}); pip install -e '.[bench]'"
   config = transformers.LlamaConfig(
-      vocab_size=kw["vocab_size"], hidden_size=kw["dim"], num_hidden_layers=kw["num_layers"],
-      num_attention_heads=kw["num_heads"], num_key_value_heads=kw["num_kv_heads"],
-      intermediate_size=kw["mlp_dim"], tie_word_embeddings=kw["tie_embeddings"],
-      rms_norm_eps=1e-6, rope_theta=10_000.0, max_position_embeddings=max(256, 2 * vocab.tokens_per_image + 32),
-      bos_token_id=vocab.bos_id, eos_token_id=None, pad_token_id=vocab.pad_id)
+    vocab_size=kw["vocab_size"],
+    hidden_size=kw["dim"],
+    num_hidden_layers=kw["num_layers"],
+    num_attention_heads=kw["num_heads"],
+    num_key_value_heads=kw["num_kv_heads"],
+    intermediate_size=kw["mlp_dim"],
+    tie_word_embeddings=kw["tie_embeddings"],
+    rms_norm_eps=1e-6,
+    rope_theta=10_000.0,
+    max_position_embeddings=max(256, 2 * vocab.tokens_per_image + 32),
+    bos_token_id=vocab.bos_id,
+    eos_token_id=None,
+    pad_token_id=vocab.pad_id,
+  )
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(config).eval().to(getattr(torch, dtype))
   n = vocab.tokens_per_image
@@ -100,10 +125,18 @@ def transformers_runner(kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: 
     torch.manual_seed(seed)
     try:
       with torch.inference_mode():
-        res = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                             do_sample=True, max_new_tokens=n, min_new_tokens=n,
-                             temperature=1.0, top_k=top_k or None, top_p=1.0,
-                             pad_token_id=vocab.pad_id)
+        res = model.generate(
+          ids,
+          attention_mask=torch.ones_like(ids),
+          use_cache=True,
+          do_sample=True,
+          max_new_tokens=n,
+          min_new_tokens=n,
+          temperature=1.0,
+          top_k=top_k or None,
+          top_p=1.0,
+          pad_token_id=vocab.pad_id,
+        )
     finally:
       torch.set_num_threads(default_threads)
     assert res.shape == (batch, ids.shape[1] + n)
@@ -119,39 +152,53 @@ def _timed(fn, *args) -> float:
 
 
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog=argv[0] if argv else "vqlm.bench sample",
-                                   description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+    prog=argv[0] if argv else "vqlm.bench sample", description=__doc__.splitlines()[0]
+  )
   parser.add_argument("--size", default="small", help="configs/lm.py size (default: small)")
   parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
   parser.add_argument("--top_k", type=int, default=50, help="top-k of both samplers (0 = off)")
   parser.add_argument("--repeats", type=int, default=4, help="timed runs per block")
-  parser.add_argument("--blocks", type=int, default=3,
-                      help="alternating blocks of timed runs per sampler and batch size")
+  parser.add_argument(
+    "--blocks",
+    type=int,
+    default=3,
+    help="alternating blocks of timed runs per sampler and batch size",
+  )
   parser.add_argument("--skip_transformers", action="store_true", help="time vqlm only")
   parser.add_argument("--grid", type=int, default=8, help="image grid side (16: 256 tokens)")
   parser.add_argument("--codes", type=int, default=512, help="image codebook size")
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="weights and compute of both samplers (vqlm keeps logits, softmax "
-                           "and sampling in float32)")
+  parser.add_argument(
+    "--dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="weights and compute of both samplers (vqlm keeps logits, softmax "
+    "and sampling in float32)",
+  )
   args = parser.parse_args(argv[1:])
   try:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
   except ValueError:
-    raise ValueError(f"--batches={args.batches!r} must be comma-separated integers") from None
+    raise UserError(f"--batches={args.batches!r} must be comma-separated integers") from None
   if not batches or min(batches) <= 0 or args.repeats <= 0 or args.blocks <= 0:
-    raise ValueError("--batches, --repeats and --blocks must be positive")
+    raise UserError("--batches, --repeats and --blocks must be positive")
   vocab = demo_vocab(args.grid, args.codes)
   kw = model_kwargs(args.size, vocab)
   n = vocab.tokens_per_image
-  print(f"sample bench: size={args.size} dim={kw['dim']} layers={kw['num_layers']} "
-        f"heads={kw['num_heads']}/{kw['num_kv_heads']} mlp={kw['mlp_dim']} "
-        f"vocab={vocab.padded_size} ({vocab.text_size} text, {vocab.image_size} codes), "
-        f"{n} image tokens per prompt, temperature 1, top_k={args.top_k}, "
-        f"dtype={args.dtype}, device={jax.devices()[0].platform}, median of "
-        f"{args.blocks} x {args.repeats} runs")
+  print(
+    f"sample bench: size={args.size} dim={kw['dim']} layers={kw['num_layers']} "
+    f"heads={kw['num_heads']}/{kw['num_kv_heads']} mlp={kw['mlp_dim']} "
+    f"vocab={vocab.padded_size} ({vocab.text_size} text, {vocab.image_size} codes), "
+    f"{n} image tokens per prompt, temperature 1, top_k={args.top_k}, "
+    f"dtype={args.dtype}, device={jax.devices()[0].platform}, median of "
+    f"{args.blocks} x {args.repeats} runs"
+  )
   ours = vqlm_runner(kw, vocab, top_k=args.top_k, dtype=args.dtype)
-  theirs = ("skipped: --skip_transformers" if args.skip_transformers else
-            transformers_runner(kw, vocab, top_k=args.top_k, dtype=args.dtype))
+  theirs = (
+    "skipped: --skip_transformers"
+    if args.skip_transformers
+    else transformers_runner(kw, vocab, top_k=args.top_k, dtype=args.dtype)
+  )
   if isinstance(theirs, str):
     print(f"transformers baseline {theirs}")
   rows = []
@@ -170,17 +217,20 @@ def main(argv: list[str]) -> int:
         times[name] = []
     for block in range(args.blocks):  # Alternating blocks: load changes hit all alike.
       ours(b, 1000 + block)  # Untimed: settles the runtime after the other sampler's block.
-      times["vqlm"] += [_timed(ours, b, 2 + block * args.repeats + i)
-                        for i in range(args.repeats)]
+      times["vqlm"] += [_timed(ours, b, 2 + block * args.repeats + i) for i in range(args.repeats)]
       for name, threads in variants.items():
         theirs(b, 1000 + block, threads)
-        times[name] += [_timed(theirs, b, 1 + block * args.repeats + i, threads)
-                        for i in range(args.repeats)]
+        times[name] += [
+          _timed(theirs, b, 1 + block * args.repeats + i, threads) for i in range(args.repeats)
+        ]
     rate = {name: b * n / statistics.median(t) for name, t in times.items()}
     rows.append((b, rate))
   names = [k for k in rows[0][1] if k != "vqlm"]
-  header = f"{'batch':>5} | {'vqlm tok/s':>10}" + "".join(
-      f" | {'hf ' + k + ' tok/s':>20}" for k in names) + f" | {'vqlm / best hf':>14}"
+  header = (
+    f"{'batch':>5} | {'vqlm tok/s':>10}"
+    + "".join(f" | {'hf ' + k + ' tok/s':>20}" for k in names)
+    + f" | {'vqlm / best hf':>14}"
+  )
   print(header)
   for b, rate in rows:
     line = f"{b:>5} | {rate['vqlm']:>10.0f}" + "".join(f" | {rate[k]:>20.0f}" for k in names)

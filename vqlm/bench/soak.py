@@ -4,6 +4,7 @@ Runs the toy training (`vqlm.bench.toy_run`) once straight through as the refere
 with SIGKILL at random moments (async checkpoint commits slowed so some kills land mid-save),
 restarting after each kill, and checks that per-step losses and final parameters are bit-identical.
 """
+
 import json
 import os
 import random
@@ -35,11 +36,14 @@ def _losses(workdir):
 
 
 def main(argv: list[str]) -> int:
-  fv = flag_lib.parse(argv, lambda f: (
+  fv = flag_lib.parse(
+    argv,
+    lambda f: (
       f.DEFINE_integer("kills", 20, "number of SIGKILLs"),
       f.DEFINE_integer("steps", 200, "training steps"),
       f.DEFINE_integer("seed", 0, "seed of the kill moments"),
-  ))
+    ),
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   rng = random.Random(fv.seed)
   with tempfile.TemporaryDirectory() as tmp:
@@ -49,8 +53,9 @@ def main(argv: list[str]) -> int:
     start, kills, restarts = time.time(), 0, 0
     targets = sorted(rng.sample(range(5, fv.steps - 5), fv.kills))
     for target in targets:
-      proc = subprocess.Popen(_cmd(run, fv.steps), env=kill_env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+      proc = subprocess.Popen(
+        _cmd(run, fv.steps), env=kill_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+      )
       restarts += 1
       while proc.poll() is None and (_rows(run) or [{"step": 0}])[-1]["step"] < target:
         time.sleep(0.02)
@@ -63,6 +68,8 @@ def main(argv: list[str]) -> int:
     same_losses = _losses(run) == _losses(ref)
     a, b = np.load(os.path.join(ref, "final.npz")), np.load(os.path.join(run, "final.npz"))
     same_params = all(np.array_equal(a[k], b[k]) for k in a.files)
-    print(f"soak: {kills} SIGKILLs over {restarts + 1} starts in {time.time() - start:.0f}s; "
-          f"per-step losses identical: {same_losses}; final parameters identical: {same_params}")
+    print(
+      f"soak: {kills} SIGKILLs over {restarts + 1} starts in {time.time() - start:.0f}s; "
+      f"per-step losses identical: {same_losses}; final parameters identical: {same_params}"
+    )
     return 0 if same_losses and same_params else 1

@@ -5,11 +5,13 @@ captions of the first `--prompts` test (and held-out) shapes scenes and scores t
 scene parser. Prints a table, best first, and writes LM_RUN/sweep.json. The demo's defaults come
 from this sweep.
 """
+
 import itertools
 import json
 import os
 
 from vqlm.commands import flags as flag_lib
+from vqlm.errors import UserError
 
 
 def _define(f):
@@ -25,12 +27,13 @@ def _define(f):
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, _define)
   if not fv.workdir:
-    raise ValueError("--workdir is required")
+    raise UserError("--workdir is required")
+  from vqlm.data.sources import source_from_config
   from vqlm.eval import text_image
+  from vqlm.runs import LMRun
   from vqlm.sample.api import Generator
   from vqlm.sample.processors import SamplingConfig, Settings
-  from vqlm.runs import LMRun
-  from vqlm.data.sources import source_from_config
+
   run = LMRun(fv.workdir)
   tokenizer = run.tokenizer_run()
   generator = Generator(run, batch_size=32, progress=False, image_tokenizer=tokenizer)
@@ -40,15 +43,22 @@ def main(argv: list[str]) -> int:
     source = source_from_config(tokenizer.config.data, split)
     examples[split] = [source[i] for i in range(min(fv.prompts, len(source)))]
   rows = []
-  for t, k, cfg in itertools.product(map(float, fv.temperatures), map(int, fv.top_ks),
-                                     map(float, fv.cfg)):
-    sampling = SamplingConfig(text=Settings(temperature=0.0),
-                              image=Settings(temperature=t, top_k=k))
+  for t, k, cfg in itertools.product(
+    map(float, fv.temperatures), map(int, fv.top_ks), map(float, fv.cfg)
+  ):
+    sampling = SamplingConfig(
+      text=Settings(temperature=0.0), image=Settings(temperature=t, top_k=k)
+    )
     row = {"temperature": t, "top_k": k, "cfg": cfg}
     for split in splits:
-      metrics, _ = text_image.text_to_image(generator, examples[split],
-                                            num_per_prompt=fv.images_per_prompt, cfg_scale=cfg,
-                                            sampling=sampling, seed=0)
+      metrics, _ = text_image.text_to_image(
+        generator,
+        examples[split],
+        num_per_prompt=fv.images_per_prompt,
+        cfg_scale=cfg,
+        sampling=sampling,
+        seed=0,
+      )
       row[split] = metrics["scene"]
     rows.append(row)
     print(" ".join(f"{key}={value:.3g}" for key, value in row.items()), flush=True)

@@ -9,16 +9,18 @@ every device the process sees (the batch is split over data x fsdp).
 Imports no data library (grain, TFDS), so it runs from a plain checkout on a machine that has
 only jax, flax, optax, orbax and ml-collections.
 """
-import time
+
 from collections.abc import Callable
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlm.runtime.config import as_kwargs
 from vqlm.commands import flags as flag_lib
+from vqlm.errors import UserError
+from vqlm.runtime.config import as_kwargs
 
 
 def _define(f) -> None:
@@ -30,11 +32,13 @@ def _define(f) -> None:
 def build_trainer(config) -> Any:
   """The loop's Trainer for a tokenizer config (no data library is imported)."""
   from vqlm.stages.tokenizer import build_trainer as build
+
   return build(config, progress=False)
 
 
-def time_calls(call: Callable[[Any], Any], carry: Any, *, steps: int, repeats: int
-               ) -> tuple[float, float, Any]:
+def time_calls(
+  call: Callable[[Any], Any], carry: Any, *, steps: int, repeats: int
+) -> tuple[float, float, Any]:
   """(compile seconds, best seconds per call, carry): `carry = call(carry)` repeatedly.
 
   The first call (tracing + compiling + one run) is timed on its own; a second, untimed call
@@ -59,21 +63,25 @@ def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, _define, config=True)
   config = flag_lib.require_config(fv)
   if config.get("stage") != "tokenizer":
-    raise ValueError("vqlm.bench tokenizer needs an image-tokenizer config, e.g. "
-                     "--config configs/tokenizer.py:size=small")
+    raise UserError(
+      "vqlm.bench tokenizer needs an image-tokenizer config, e.g. "
+      "--config configs/tokenizer.py:size=small"
+    )
   config = config.copy_and_resolve_references()
   if fv.batch:
     config.train.batch_size = fv.batch
-  from vqlm.runtime import mesh as mesh_lib
   from vqlm.nn import image_tokenizer as it
+  from vqlm.runtime import mesh as mesh_lib
   from vqlm.train.tokenizer_task import TokenizerTask
 
   trainer = build_trainer(config)
   mesh = trainer.mesh
   b, size = config.train.batch_size, config.data.image_size
   if b % mesh_lib.batch_divisor(mesh):
-    raise ValueError(f"--batch {b} is not divisible by data x fsdp = "
-                     f"{mesh_lib.batch_divisor(mesh)}; pass a multiple of it")
+    raise UserError(
+      f"--batch {b} is not divisible by data x fsdp = "
+      f"{mesh_lib.batch_divisor(mesh)}; pass a multiple of it"
+    )
   rng = np.random.default_rng(0)
   local = rng.uniform(-1, 1, (b // jax.process_count(), size, size, 3)).astype(np.float32)
   batch = mesh_lib.global_batch({"image": local}, mesh)
@@ -84,8 +92,10 @@ def main(argv: list[str]) -> int:
   print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")
   grid = model.grid_shape(size, size)
   codes_desc = f"{model.codebook_size} codes" if model.is_discrete else "continuous latents"
-  print(f"tokenizer: {size}x{size} -> {grid[0]}x{grid[1]} ({codes_desc}), {num_params:,} params, "
-        f"batch {b}, gan={config.loss.gan_weight > 0}")
+  print(
+    f"tokenizer: {size}x{size} -> {grid[0]}x{grid[1]} ({codes_desc}), {num_params:,} params, "
+    f"batch {b}, gan={config.loss.gan_weight > 0}"
+  )
 
   key = jax.random.key(1)
 
@@ -94,8 +104,9 @@ def main(argv: list[str]) -> int:
     s, metrics = trainer.step(s, batch, key)
     return s, metrics["loss"]
 
-  compile_s, per_step, (state, _) = time_calls(train, (state, jnp.zeros(())),
-                                               steps=fv.steps, repeats=fv.repeats)
+  compile_s, per_step, (state, _) = time_calls(
+    train, (state, jnp.zeros(())), steps=fv.steps, repeats=fv.repeats
+  )
   print(f"train step: {b / per_step:,.1f} images/s (compile {compile_s:.1f}s, excluded)")
 
   variables = TokenizerTask.variables(state.params, state.extra)
@@ -112,9 +123,11 @@ def main(argv: list[str]) -> int:
     """jit(v, x, c) -> (fn(v, x + c), next c): c is a zero that depends on the previous call, so
     timed calls run one after another whatever the runtime's dispatch order. The full output is
     returned (and dropped by the caller) so that XLA computes all of it."""
+
     def call(v, x, c):
       out = fn(v, x + c)
       return out, (out.reshape(-1)[0] * 0).astype(c.dtype)
+
     return jax.jit(call)
 
   images = batch["image"]
@@ -122,8 +135,11 @@ def main(argv: list[str]) -> int:
     codes = jax.jit(encode)(variables, images)
     for name, fn, x in ((names[0], encode, images), (names[1], decode, codes)):
       call = chained(fn)
-      compile_s, per_call, _ = time_calls(lambda c, call=call, x=x: call(variables, x, c)[1],
-                                          jnp.zeros((), x.dtype), steps=fv.steps,
-                                          repeats=fv.repeats)
+      compile_s, per_call, _ = time_calls(
+        lambda c, call=call, x=x: call(variables, x, c)[1],
+        jnp.zeros((), x.dtype),
+        steps=fv.steps,
+        repeats=fv.repeats,
+      )
       print(f"{name}: {b / per_call:,.1f} images/s (compile {compile_s:.1f}s, excluded)")
   return 0

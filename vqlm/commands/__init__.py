@@ -1,0 +1,15 @@
+"""One module per `vqlm` subcommand: argument parsing only; the work lives in the library."""
+
+# name -> (module, one-line description)
+COMMANDS = {
+  "train": ("vqlm.commands.train", "train a stage (image tokenizer or LM) from a config"),
+  "eval": ("vqlm.commands.evaluate", "run a run's evaluators; results to RUN/eval.json"),
+  "encode": ("vqlm.commands.encode", "encode a data set into code shards with a tokenizer run"),
+  "text": ("vqlm.commands.text", "train the SentencePiece model of a data set's captions"),
+  "generate": ("vqlm.commands.generate", "draw images from text prompts with an LM run"),
+  "caption": ("vqlm.commands.caption", "describe images with an LM run"),
+  "demo": ("vqlm.commands.demo", "the built-in end-to-end demo on the shapes data"),
+  "info": ("vqlm.commands.info", "a config's model and its parameter count"),
+  "compile": ("vqlm.commands.compile", "compile a train step ahead of time; memory per device"),
+  "bench": ("vqlm.bench.__main__", "benchmarks against baselines (vqlm bench lm|sample|...)"),
+}

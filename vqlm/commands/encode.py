@@ -3,35 +3,44 @@
 Encodes a data set once with a trained image tokenizer into ArrayRecord code shards (resumable:
 finished shards are skipped) and prints the encoding throughput in images/s.
 """
+
 import json
 import os
 
 import numpy as np
 
 from vqlm.commands import flags as flag_lib
+from vqlm.errors import UserError
 
 
 def _filtered(source, run, spec: str, report_path: str):
   """`source` minus what the configured filters reject; counts written to `report_path`."""
   from vqlm.data.filters import apply_filters, make_filters
+
   try:
     config = json.loads(spec)
   except json.JSONDecodeError as e:
-    raise ValueError(f"--filters is not valid JSON ({e.msg}); e.g. '{{\"min_caption_words\": 3}}'"
-                     ) from None
+    raise UserError(
+      f"--filters is not valid JSON ({e.msg}); e.g. '{{\"min_caption_words\": 3}}'"
+    ) from None
 
   def reconstruction_error(images: np.ndarray) -> np.ndarray:
     recon = run.decode(run.encode(images)).astype(np.float32)
     return np.abs(recon - images.astype(np.float32)).mean(axis=(1, 2, 3)) / 127.5
 
-  kept, counts = apply_filters(source, make_filters(config, score_fns={
-      "reconstruction_error": reconstruction_error}), report_path=report_path)
+  kept, counts = apply_filters(
+    source,
+    make_filters(config, score_fns={"reconstruction_error": reconstruction_error}),
+    report_path=report_path,
+  )
   print(f"filters kept {counts['kept']} of {counts['total']}: {counts['removed']}")
   return kept
 
 
 def main(argv: list[str]) -> int:
-  fv = flag_lib.parse(argv, lambda f: (
+  fv = flag_lib.parse(
+    argv,
+    lambda f: (
       f.DEFINE_string("tokenizer", None, "image tokenizer run directory"),
       f.DEFINE_string("out", None, "output directory for shards + manifest.json"),
       f.DEFINE_string("data", "", "data set name (default: the tokenizer's training data)"),
@@ -39,15 +48,21 @@ def main(argv: list[str]) -> int:
       f.DEFINE_list("splits", ["train", "validation", "test"], "splits to encode"),
       f.DEFINE_integer("shard_size", 10_000, "records per shard"),
       f.DEFINE_integer("batch_size", 256, "images per encode call"),
-      f.DEFINE_string("filters", "", "JSON quality filters applied before encoding, e.g. "
-                      '\'{"min_caption_words": 3, "reconstruction_error": 0.1}\' (the model-based '
-                      "score is the tokenizer's mean absolute reconstruction error in [0, 2])"),
-  ))
+      f.DEFINE_string(
+        "filters",
+        "",
+        "JSON quality filters applied before encoding, e.g. "
+        '\'{"min_caption_words": 3, "reconstruction_error": 0.1}\' (the model-based '
+        "score is the tokenizer's mean absolute reconstruction error in [0, 2])",
+      ),
+    ),
+  )
   if not fv.tokenizer or not fv.out:
-    raise ValueError("--tokenizer and --out are required")
+    raise UserError("--tokenizer and --out are required")
   from vqlm.data.code_shards import encode_split
   from vqlm.data.sources import source_from_config
   from vqlm.runs import TokenizerRun
+
   run = TokenizerRun(fv.tokenizer)
   data = run.config.data
   if fv.data:
@@ -57,14 +72,17 @@ def main(argv: list[str]) -> int:
     data.source_kwargs = {}  # The tokenizer's source options belong to its own data set.
   if fv.data_dir:
     data.data_dir = fv.data_dir
-  out = flag_lib.check_workdir(fv.out)
+  out = flag_lib.check_workdir(fv.out, "--out")
   for split in fv.splits:
     source = source_from_config(data, split)
     if fv.filters:
       source = _filtered(source, run, fv.filters, os.path.join(out, f"filters_{split}.json"))
-    entry = encode_split(run, source, out,
-                         split=split, shard_size=fv.shard_size, batch_size=fv.batch_size)
+    entry = encode_split(
+      run, source, out, split=split, shard_size=fv.shard_size, batch_size=fv.batch_size
+    )
     rate = entry.get("images_per_sec")
-    print(f"encoded {split}: {entry['num_records']} records in {entry['num_shards']} shard(s)"
-          + (f", {rate:.0f} images/s" if rate else ""))
+    print(
+      f"encoded {split}: {entry['num_records']} records in {entry['num_shards']} shard(s)"
+      + (f", {rate:.0f} images/s" if rate else "")
+    )
   return 0

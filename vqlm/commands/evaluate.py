@@ -7,10 +7,12 @@ and caption test images, judged by the scene parser, plus a Fréchet distance ov
 features and, with `--inception_weights`, FID. Flags given on the command line override the
 evaluators' settings. Only JSON goes to stdout; messages go to stderr.
 """
+
 import json
 import sys
 
 from vqlm.commands import flags as flag_lib
+from vqlm.errors import UserError
 
 
 def _define(f):
@@ -32,10 +34,10 @@ def default_evals(stage: str, fv) -> dict:
   if stage == "tokenizer":
     return {"tokenizer": {"type": "reconstruction"}}
   evals = {
-      "text_to_image": {"type": "text_to_image", "split": "test"},
-      "text_to_image_heldout": {"type": "text_to_image", "split": "test_heldout"},
-      "image_to_text": {"type": "image_to_text", "split": "test"},
-      "scene_fd": {"type": "scene_fd", "split": "test"},
+    "text_to_image": {"type": "text_to_image", "split": "test"},
+    "text_to_image_heldout": {"type": "text_to_image", "split": "test_heldout"},
+    "image_to_text": {"type": "image_to_text", "split": "test"},
+    "scene_fd": {"type": "scene_fd", "split": "test"},
   }
   if fv.inception_weights:
     evals["fid"] = {"type": "fid", "split": "test", "inception_weights": fv.inception_weights}
@@ -44,14 +46,14 @@ def default_evals(stage: str, fv) -> dict:
 
 # flag -> (evaluator setting, the evaluator types it applies to)
 _OVERRIDES = {
-    "split": ("split", ("reconstruction", "text_to_image", "image_to_text", "scene_fd", "fid")),
-    "num_examples": ("num_examples", ("reconstruction",)),
-    "num_prompts": ("num_prompts", ("text_to_image",)),
-    "images_per_prompt": ("images_per_prompt", ("text_to_image",)),
-    "caption_images": ("num_images", ("image_to_text",)),
-    "cfg": ("cfg_scale", ("text_to_image", "scene_fd", "fid")),
-    "temperature": ("temperature", ("text_to_image", "scene_fd", "fid")),
-    "top_k": ("top_k", ("text_to_image", "scene_fd", "fid")),
+  "split": ("split", ("reconstruction", "text_to_image", "image_to_text", "scene_fd", "fid")),
+  "num_examples": ("num_examples", ("reconstruction",)),
+  "num_prompts": ("num_prompts", ("text_to_image",)),
+  "images_per_prompt": ("images_per_prompt", ("text_to_image",)),
+  "caption_images": ("num_images", ("image_to_text",)),
+  "cfg": ("cfg_scale", ("text_to_image", "scene_fd", "fid")),
+  "temperature": ("temperature", ("text_to_image", "scene_fd", "fid")),
+  "top_k": ("top_k", ("text_to_image", "scene_fd", "fid")),
 }
 
 
@@ -73,10 +75,11 @@ def with_overrides(evals: dict, fv) -> dict:
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, _define)
   if not fv.workdir:
-    raise ValueError("--workdir is required: the run directory to evaluate")
+    raise UserError("--workdir is required: the run directory to evaluate")
   from vqlm import runs
   from vqlm.eval import evaluators as evaluators_lib
   from vqlm.runtime.config import as_kwargs
+
   config = runs.load_config(fv.workdir)
   kwargs = {"tokenizer": fv.tokenizer} if config.get("stage") == "lm" and fv.tokenizer else {}
   run = runs.load(fv.workdir, **kwargs)
@@ -84,7 +87,12 @@ def main(argv: list[str]) -> int:
   log = lambda message: print(message, file=sys.stderr)
   evaluators = evaluators_lib.build(with_overrides(evals, fv), log_fn=log)
   results = evaluators_lib.run_all(run, evaluators, workdir=fv.workdir, log_fn=log)
-  print(json.dumps({k: {m: v for m, v in r.items() if not isinstance(v, dict)}
-                    for k, r in results.items()}, indent=1, default=float))
+  print(
+    json.dumps(
+      {k: {m: v for m, v in r.items() if not isinstance(v, dict)} for k, r in results.items()},
+      indent=1,
+      default=float,
+    )
+  )
   log(f"wrote {runs.eval_file.eval_path(fv.workdir)}")
   return 0

@@ -1,10 +1,21 @@
-"""Per-command flag parsing on a fresh absl FlagValues (so commands can run in-process repeatedly)."""
-import os
-from collections.abc import Callable
+"""Per-command flag parsing on a fresh absl FlagValues (so commands can run in-process
+repeatedly)."""
 
-import ml_collections
+from collections.abc import Callable
+import os
+
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
+
+from vqlm.errors import UserError
+
+
+class HelpShown(Exception):
+  """Raised after `--help` / `-h` printed a command's flags (the command then exits with 0)."""
+
+
+HELP_FLAGS = ("--help", "-h", "--helpfull", "--helpshort")
 
 
 class _Definer:
@@ -18,8 +29,9 @@ class _Definer:
     return lambda *args, **kwargs: define(*args, flag_values=self._fv, **kwargs)
 
 
-def parse(argv: list[str], define: Callable[[_Definer], None], *,
-          config: bool = False) -> flags.FlagValues:
+def parse(
+  argv: list[str], define: Callable[[_Definer], None], *, config: bool = False
+) -> flags.FlagValues:
   """Defines `define(f)`'s flags (plus `--config` with overrides if asked) and parses `argv`.
 
   `--config path.py:arg` loads `get_config(arg)`; `--config.train.steps=100` overrides a field;
@@ -27,34 +39,64 @@ def parse(argv: list[str], define: Callable[[_Definer], None], *,
   """
   fv = flags.FlagValues()
   if config:
-    config_flags.DEFINE_config_file("config", None, "config file: path.py[:key=value,...]",
-                                    flag_values=fv, lock_config=True, sys_argv=list(argv))
+    config_flags.DEFINE_config_file(
+      "config",
+      None,
+      "config file: path.py[:key=value,...]",
+      flag_values=fv,
+      lock_config=True,
+      sys_argv=list(argv),
+    )
   define(_Definer(fv))
+  if any(arg in HELP_FLAGS for arg in argv[1:]):
+    print(command_help(argv[0], fv))
+    raise HelpShown()
   try:
     fv(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field.
     detail = str(e.args[0] if e.args else e).replace("\n", "; ").replace("'", "")
-    raise ValueError(f"unknown config field {detail} (see the config file for valid fields)"
-                     ) from None
+    raise UserError(
+      f"unknown config field {detail} (see the config file for valid fields)"
+    ) from None
   return fv
 
 
-def check_workdir(workdir: str) -> str:
-  """Returns the absolute workdir; its parent must exist (the workdir itself is created)."""
+def check_workdir(workdir: str, flag: str = "--workdir") -> str:
+  """Returns the absolute workdir, created with its parents; a clear error when it cannot be."""
   if not workdir:
-    raise ValueError("--workdir is required: a directory for this run's outputs")
+    raise UserError(f"{flag} is required: a directory for this run's outputs")
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  parent = os.path.dirname(workdir)
-  if not os.path.isdir(parent):
-    raise ValueError(f"the parent of --workdir {workdir} does not exist; create {parent} first "
-                     "or choose another path")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"--workdir {workdir} is a file; choose a directory")
-  os.makedirs(workdir, exist_ok=True)
+    raise UserError(f"{flag} {workdir} is a file; choose a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(
+      f"cannot create {flag} {workdir} ({e.strerror}); choose a path you can write to"
+    ) from None
   return workdir
 
 
 def require_config(fv: flags.FlagValues) -> ml_collections.ConfigDict:
   if fv["config"].value is None:
-    raise ValueError("--config is required, e.g. --config configs/tokenizer.py:size=small")
+    raise UserError("--config is required, e.g. --config configs/tokenizer.py:size=small")
   return fv["config"].value
+
+
+def command_help(name: str, fv: flags.FlagValues) -> str:
+  """`usage: vqlm <command> [flags]`, the command's description, then each flag with its help."""
+  from vqlm.commands import COMMANDS
+
+  lines = [f"usage: {name} [flags]"]
+  entry = COMMANDS.get(name.split()[-1])
+  if entry:
+    lines += ["", entry[1]]
+  lines += ["", "flags:"]
+  for flag in sorted(fv._flags().values(), key=lambda f: f.name):  # noqa: SLF001
+    if flag.name in ("help", "helpfull", "helpshort", "helpxml") or flag.name.startswith("config."):
+      continue
+    default = "" if flag.default is None else f" (default: {flag.default_as_str or flag.default})"
+    lines.append(f"  --{flag.name}: {flag.help}{default}")
+  if "config" in fv:
+    lines.append("  --config.<field>=VALUE: override any field of the config (unknown fields fail)")
+  return "\n".join(lines)

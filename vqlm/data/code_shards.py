@@ -11,16 +11,19 @@ Each record is msgpack: {"index": int, "codes": int32 [h, w] (or [T, h, w] for v
 "text": str}. A shard is written to a temporary name and renamed when complete, so a killed run
 leaves only whole shards and a re-run skips them.
 """
+
+from collections.abc import Iterator, Sequence
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.serialization
 import jax
 import numpy as np
 from tqdm.auto import tqdm
+
+from vqlm.errors import UserError
 
 MANIFEST = "manifest.json"
 
@@ -31,8 +34,12 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
 
 def serialize(record: dict[str, Any]) -> bytes:
   return flax.serialization.msgpack_serialize(
-      {"index": int(record["index"]), "codes": np.asarray(record["codes"], np.int32),
-       "text": str(record.get("text", ""))})
+    {
+      "index": int(record["index"]),
+      "codes": np.asarray(record["codes"], np.int32),
+      "text": str(record.get("text", "")),
+    }
+  )
 
 
 def deserialize(data: bytes) -> dict[str, Any]:
@@ -42,8 +49,10 @@ def deserialize(data: bytes) -> dict[str, Any]:
 def read_manifest(directory: str) -> dict:
   path = os.path.join(directory, MANIFEST)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{directory} holds no encoded data ({MANIFEST} missing); run "
-                            "`vqlm encode --tokenizer TOKENIZER_RUN --out DIR` first")
+    raise FileNotFoundError(
+      f"{directory} holds no encoded data ({MANIFEST} missing); run "
+      "`vqlm encode --tokenizer TOKENIZER_RUN --out DIR` first"
+    )
   with open(path, encoding="utf-8") as f:
     return json.load(f)
 
@@ -60,15 +69,20 @@ class CodeShards:
 
   def __init__(self, directory: str, split: str):
     import grain
+
     self.manifest = read_manifest(directory)
     info = self.manifest["splits"].get(split)
     if info is None:
-      raise ValueError(f"split '{split}' was not encoded in {directory}; encoded: "
-                       f"{', '.join(self.manifest['splits'])}")
+      raise UserError(
+        f"split '{split}' was not encoded in {directory}; encoded: "
+        f"{', '.join(self.manifest['splits'])}"
+      )
     missing = [s for s in info["shards"] if not s["complete"]]
     if missing:
-      raise ValueError(f"{len(missing)} shard(s) of split '{split}' in {directory} are "
-                       "incomplete; re-run the same `vqlm encode` command to finish them")
+      raise UserError(
+        f"{len(missing)} shard(s) of split '{split}' in {directory} are "
+        "incomplete; re-run the same `vqlm encode` command to finish them"
+      )
     paths = [os.path.join(directory, s["file"]) for s in info["shards"]]
     self._source = grain.sources.ArrayRecordDataSource(paths)
     self.grid = tuple(self.manifest["grid"])
@@ -83,32 +97,54 @@ class CodeShards:
 
 def _batches(indices: Sequence[int], batch_size: int) -> Iterator[Sequence[int]]:
   for start in range(0, len(indices), batch_size):
-    yield indices[start:start + batch_size]
+    yield indices[start : start + batch_size]
 
 
-def encode_split(run, source, directory: str, *, split: str, shard_size: int = 10_000,
-                 batch_size: int = 256, progress: bool = True,
-                 log_fn=print) -> dict[str, Any]:
+def encode_split(
+  run,
+  source,
+  directory: str,
+  *,
+  split: str,
+  shard_size: int = 10_000,
+  batch_size: int = 256,
+  progress: bool = True,
+  log_fn=print,
+) -> dict[str, Any]:
   """Encodes every item of `source` with the tokenizer `run` into shards of `directory`.
 
   Items with an "image" [H, W, 3] give codes [h, w]; items with "frames" [T, H, W, 3] give
   [T, h, w]. Returns this split's manifest entry (with images/s of the encoding).
   """
   from array_record.python.array_record_module import ArrayRecordWriter
+
   os.makedirs(directory, exist_ok=True)
   n = len(source)
   if n == 0:
-    raise ValueError(f"the '{split}' split is empty; nothing to encode")
+    raise UserError(f"the '{split}' split is empty; nothing to encode")
   num_shards = max(1, -(-n // shard_size))
   manifest = _load_or_new_manifest(directory, run)
   entry = manifest["splits"].get(split)
   if entry is None or entry["num_shards"] != num_shards or entry["num_records"] != n:
-    entry = {"num_records": n, "num_shards": num_shards, "shards": [
-        {"file": shard_name(split, s, num_shards), "start": s * shard_size,
-         "stop": min(n, (s + 1) * shard_size), "complete": False} for s in range(num_shards)]}
+    entry = {
+      "num_records": n,
+      "num_shards": num_shards,
+      "shards": [
+        {
+          "file": shard_name(split, s, num_shards),
+          "start": s * shard_size,
+          "stop": min(n, (s + 1) * shard_size),
+          "complete": False,
+        }
+        for s in range(num_shards)
+      ],
+    }
   manifest["splits"][split] = entry
-  todo = [s for s in entry["shards"] if not (
-      s["complete"] and os.path.exists(os.path.join(directory, s["file"])))]
+  todo = [
+    s
+    for s in entry["shards"]
+    if not (s["complete"] and os.path.exists(os.path.join(directory, s["file"])))
+  ]
   mine = [s for i, s in enumerate(todo) if i % jax.process_count() == jax.process_index()]
   skipped = num_shards - len(todo)
   if skipped:
@@ -153,16 +189,22 @@ def _encode_items(run, items: list[dict]) -> tuple[list[np.ndarray], int]:
 
 
 def _load_or_new_manifest(directory: str, run) -> dict:
-  identity = {"tokenizer_run": os.path.abspath(run.workdir), "tokenizer_step": run.step,
-              "grid": list(run.grid), "codebook_size": run.codebook_size,
-              "image_size": run.image_size}
+  identity = {
+    "tokenizer_run": os.path.abspath(run.workdir),
+    "tokenizer_step": run.step,
+    "grid": list(run.grid),
+    "codebook_size": run.codebook_size,
+    "image_size": run.image_size,
+  }
   path = os.path.join(directory, MANIFEST)
   if os.path.exists(path):
     manifest = read_manifest(directory)
     same = all(manifest.get(k) == v for k, v in identity.items())
     if same:
       return manifest
-    raise ValueError(f"{directory} already holds codes of another tokenizer "
-                     f"({manifest.get('tokenizer_run')} step {manifest.get('tokenizer_step')}); "
-                     "choose a new --out directory")
+    raise UserError(
+      f"{directory} already holds codes of another tokenizer "
+      f"({manifest.get('tokenizer_run')} step {manifest.get('tokenizer_step')}); "
+      "choose a new --out directory"
+    )
   return {**identity, "splits": {}}

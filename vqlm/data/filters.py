@@ -13,16 +13,18 @@ Model-based filters (`ScoreFilter`, `ReconstructionErrorFilter`) score a batch o
 function the caller provides (e.g. the image tokenizer's reconstruction error) and keep the scores
 within bounds; their score statistics go into the report too.
 """
+
 import abc
+from collections.abc import Callable, Mapping, Sequence
 import hashlib
 import json
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from vqlm.data.sources import Source
+from vqlm.errors import UserError
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # uint8 [B, H, W, 3] -> float32 [B]
 
@@ -32,8 +34,8 @@ class Filter(abc.ABC):
 
   name: str = "filter"
 
-  def reset(self) -> None:
-    """Forgets state from an earlier pass (e.g. hashes already seen)."""
+  def reset(self) -> None:  # noqa: B027 - optional hook: a no-op for stateless filters
+    """Forgets state from an earlier pass (e.g. hashes already seen); a no-op by default."""
 
   @abc.abstractmethod
   def keep_batch(self, examples: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -66,7 +68,7 @@ class MinCaptionWords(ExampleFilter):
 
   def __init__(self, min_words: int):
     if min_words < 0:
-      raise ValueError(f"min_caption_words must be >= 0, got {min_words}")
+      raise UserError(f"min_caption_words must be >= 0, got {min_words}")
     self.min_words = int(min_words)
 
   def keep(self, example: Mapping[str, Any]) -> bool:
@@ -80,7 +82,7 @@ class MinImageSize(ExampleFilter):
 
   def __init__(self, min_size: int):
     if min_size < 1:
-      raise ValueError(f"min_image_size must be >= 1, got {min_size}")
+      raise UserError(f"min_image_size must be >= 1, got {min_size}")
     self.min_size = int(min_size)
 
   def keep(self, example: Mapping[str, Any]) -> bool:
@@ -94,7 +96,7 @@ class MaxAspectRatio(ExampleFilter):
 
   def __init__(self, max_ratio: float):
     if max_ratio < 1.0:
-      raise ValueError(f"max_aspect_ratio must be >= 1, got {max_ratio}")
+      raise UserError(f"max_aspect_ratio must be >= 1, got {max_ratio}")
     self.max_ratio = float(max_ratio)
 
   def keep(self, example: Mapping[str, Any]) -> bool:
@@ -110,7 +112,7 @@ class MinPixelStd(ExampleFilter):
 
   def __init__(self, min_std: float):
     if min_std < 0:
-      raise ValueError(f"min_pixel_std must be >= 0, got {min_std}")
+      raise UserError(f"min_pixel_std must be >= 0, got {min_std}")
     self.min_std = float(min_std)
 
   def keep(self, example: Mapping[str, Any]) -> bool:
@@ -146,10 +148,16 @@ class ScoreFilter(Filter):
   The scores seen in a pass are kept in `scores` for the report.
   """
 
-  def __init__(self, score_fn: ScoreFn, *, min_score: float | None = None,
-               max_score: float | None = None, name: str = "score"):
+  def __init__(
+    self,
+    score_fn: ScoreFn,
+    *,
+    min_score: float | None = None,
+    max_score: float | None = None,
+    name: str = "score",
+  ):
     if min_score is None and max_score is None:
-      raise ValueError(f"{name}: give min_score and/or max_score")
+      raise UserError(f"{name}: give min_score and/or max_score")
     self.score_fn, self.min_score, self.max_score, self.name = score_fn, min_score, max_score, name
     self.scores: list[float] = []
 
@@ -162,8 +170,10 @@ class ScoreFilter(Filter):
     images = np.stack([np.asarray(e["image"]) for e in examples])
     scores = np.asarray(self.score_fn(images), np.float32)
     if scores.shape != (len(examples),):
-      raise ValueError(f"{self.name}: score_fn must return one score per image, shape "
-                       f"[{len(examples)}], got {scores.shape}")
+      raise UserError(
+        f"{self.name}: score_fn must return one score per image, shape "
+        f"[{len(examples)}], got {scores.shape}"
+      )
     self.scores.extend(scores.tolist())
     keep = ~np.isnan(scores)
     if self.min_score is not None:
@@ -179,8 +189,15 @@ class ScoreFilter(Filter):
     if not scores.size:
       return {"count": 0}
     p5, p50, p95 = np.percentile(scores, [5, 50, 95])
-    return {"count": int(scores.size), "mean": float(scores.mean()), "min": float(scores.min()),
-            "p5": float(p5), "p50": float(p50), "p95": float(p95), "max": float(scores.max())}
+    return {
+      "count": int(scores.size),
+      "mean": float(scores.mean()),
+      "min": float(scores.min()),
+      "p5": float(p5),
+      "p50": float(p50),
+      "p95": float(p95),
+      "max": float(scores.max()),
+    }
 
 
 class ReconstructionErrorFilter(ScoreFilter):
@@ -212,8 +229,9 @@ class FilteredSource(Source):
     return self.source[int(self.indices[index])]
 
 
-def apply_filters(source: Source, filters: Sequence[Filter], *, report_path: str | None = None,
-                  batch_size: int = 64) -> tuple[FilteredSource, dict[str, Any]]:
+def apply_filters(
+  source: Source, filters: Sequence[Filter], *, report_path: str | None = None, batch_size: int = 64
+) -> tuple[FilteredSource, dict[str, Any]]:
   """Runs `filters` over every example of `source` once.
 
   Returns the kept examples (a `FilteredSource`) and counts
@@ -223,9 +241,9 @@ def apply_filters(source: Source, filters: Sequence[Filter], *, report_path: str
   """
   names = [f.name for f in filters]
   if len(set(names)) != len(names):
-    raise ValueError(f"filter names must be unique, got {names}; pass name=... to score filters")
+    raise UserError(f"filter names must be unique, got {names}; pass name=... to score filters")
   if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    raise UserError(f"batch_size must be >= 1, got {batch_size}")
   for f in filters:
     f.reset()
   removed = {name: 0 for name in names}
@@ -256,17 +274,18 @@ def apply_filters(source: Source, filters: Sequence[Filter], *, report_path: str
 
 # Filters in the order they run (cheap ones first); these four take one number each.
 _NUMBER_FILTERS: dict[str, Callable[[Any], Filter]] = {
-    "min_caption_words": MinCaptionWords,
-    "min_image_size": MinImageSize,
-    "max_aspect_ratio": MaxAspectRatio,
-    "min_pixel_std": MinPixelStd,
+  "min_caption_words": MinCaptionWords,
+  "min_image_size": MinImageSize,
+  "max_aspect_ratio": MaxAspectRatio,
+  "min_pixel_std": MinPixelStd,
 }
 _SCORE_FILTERS = ("reconstruction_error",)
 FILTER_NAMES = (*_NUMBER_FILTERS, "exact_duplicates", *_SCORE_FILTERS)
 
 
-def make_filters(config: Mapping[str, Any], *,
-                 score_fns: Mapping[str, ScoreFn] | None = None) -> list[Filter]:
+def make_filters(
+  config: Mapping[str, Any], *, score_fns: Mapping[str, ScoreFn] | None = None
+) -> list[Filter]:
   """Filters from a plain config, e.g. `{"min_caption_words": 3, "exact_duplicates": True}`.
 
   Keys (see `FILTER_NAMES`): min_caption_words (int), min_image_size (pixels), max_aspect_ratio
@@ -276,7 +295,7 @@ def make_filters(config: Mapping[str, Any], *,
   """
   unknown = sorted(set(config) - set(FILTER_NAMES))
   if unknown:
-    raise ValueError(f"unknown filter {unknown[0]!r}; valid: {', '.join(FILTER_NAMES)}")
+    raise UserError(f"unknown filter {unknown[0]!r}; valid: {', '.join(FILTER_NAMES)}")
   score_fns = dict(score_fns or {})
   filters: list[Filter] = []
   for name in FILTER_NAMES:
@@ -285,15 +304,17 @@ def make_filters(config: Mapping[str, Any], *,
       continue
     if name in _SCORE_FILTERS:
       if name not in score_fns:
-        raise ValueError(f"filter {name!r} needs a score function: pass "
-                         f"score_fns={{{name!r}: fn}} (uint8 [B, H, W, 3] -> float32 [B])")
+        raise UserError(
+          f"filter {name!r} needs a score function: pass "
+          f"score_fns={{{name!r}: fn}} (uint8 [B, H, W, 3] -> float32 [B])"
+        )
       filters.append(ReconstructionErrorFilter(score_fns[name], max_score=float(value)))
     elif name == "exact_duplicates":
       if value is not True:
-        raise ValueError(f"exact_duplicates takes True or False, got {value!r}")
+        raise UserError(f"exact_duplicates takes True or False, got {value!r}")
       filters.append(ExactDuplicates())
     else:
       if isinstance(value, bool):
-        raise ValueError(f"{name} takes a number, got {value!r}")
+        raise UserError(f"{name} takes a number, got {value!r}")
       filters.append(_NUMBER_FILTERS[name](value))
   return filters

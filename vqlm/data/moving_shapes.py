@@ -10,29 +10,36 @@ The per-frame scene puts the object in the cell that contains its bounding-box c
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from vqlm.data import shapes
+from vqlm.errors import UserError
 
-DIRECTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0),
-                                          "down": (1, 0)}
+DIRECTIONS: dict[str, tuple[int, int]] = {
+  "left": (0, -1),
+  "right": (0, 1),
+  "up": (-1, 0),
+  "down": (1, 0),
+}
 MIN_FRAMES, MAX_FRAMES = 4, 8
 
 
 def clip_caption(obj: dict, direction: str, start: str, end: str) -> str:
   """'a large red circle moves right from the top left to the top right'."""
-  return (f"a {obj['size']} {obj['color']} {obj['shape']} moves {direction} "
-          f"from the {start} to the {end}")
+  return (
+    f"a {obj['size']} {obj['color']} {obj['shape']} moves {direction} from the {start} to the {end}"
+  )
 
 
-def sample_clip(rng: np.random.Generator, *, num_frames: int = 6, image_size: int = 32,
-                split: str = "train") -> dict:
+def sample_clip(
+  rng: np.random.Generator, *, num_frames: int = 6, image_size: int = 32, split: str = "train"
+) -> dict:
   """One clip: `{"frames": uint8[T, H, W, 3], "text": str, "scenes": [T] scenes, "direction": str,
   "boxes": int32[T, 2] (top, left) of the object per frame}`."""
   if not MIN_FRAMES <= num_frames <= MAX_FRAMES:
-    raise ValueError(f"num_frames must be in [{MIN_FRAMES}, {MAX_FRAMES}], got {num_frames}")
+    raise UserError(f"num_frames must be in [{MIN_FRAMES}, {MAX_FRAMES}], got {num_frames}")
   geo = shapes.layout(image_size)
   obj = shapes.sample_scene(rng, min_objects=1, max_objects=1, split=split)[0]
   direction = tuple(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
@@ -59,18 +66,18 @@ def sample_clip(rng: np.random.Generator, *, num_frames: int = 6, image_size: in
   return {"frames": frames, "text": text, "scenes": scenes, "direction": direction, "boxes": boxes}
 
 
-def make_clips(*, split: str, num_clips: int, num_frames: int = 6, image_size: int = 32,
-               seed: int = 0) -> Iterator[dict]:
+def make_clips(
+  *, split: str, num_clips: int, num_frames: int = 6, image_size: int = 32, seed: int = 0
+) -> Iterator[dict]:
   """Yield `num_clips` clips (see `sample_clip`); deterministic given `(seed, split)`."""
   if num_clips < 0:
-    raise ValueError(f"num_clips must be >= 0, got {num_clips}")
+    raise UserError(f"num_clips must be >= 0, got {num_clips}")
   if split not in shapes.SPLITS:
-    raise ValueError(f"split must be one of {shapes.SPLITS}, got {split!r}")
+    raise UserError(f"split must be one of {shapes.SPLITS}, got {split!r}")
   # A stream distinct from the still images' (`shapes.split_rng`) for the same seed and split.
   rng = np.random.default_rng([int(seed), shapes.SPLITS.index(split), 1])
   for _ in range(num_clips):
     yield sample_clip(rng, num_frames=num_frames, image_size=image_size, split=split)
-
 
 
 DEFAULT_NUM_CLIPS = {"train": 10000, "validation": 500, "test": 500, "test_heldout": 500}
@@ -84,12 +91,19 @@ class MovingShapesSource:
   "image": frames[0]} ("image" lets image-only consumers such as tokenizer training read clips).
   """
 
-  def __init__(self, *, split: str = "train", image_size: int = 32, num_clips: int | None = None,
-               num_frames: int = 6, seed: int = 0):
+  def __init__(
+    self,
+    *,
+    split: str = "train",
+    image_size: int = 32,
+    num_clips: int | None = None,
+    num_frames: int = 6,
+    seed: int = 0,
+  ):
     if split not in shapes.SPLITS:
-      raise ValueError(f"split must be one of {shapes.SPLITS}, got {split!r}")
+      raise UserError(f"split must be one of {shapes.SPLITS}, got {split!r}")
     if not MIN_FRAMES <= num_frames <= MAX_FRAMES:
-      raise ValueError(f"num_frames must be in [{MIN_FRAMES}, {MAX_FRAMES}], got {num_frames}")
+      raise UserError(f"num_frames must be in [{MIN_FRAMES}, {MAX_FRAMES}], got {num_frames}")
     self.name, self.split, self.image_size = "moving_shapes", split, image_size
     self.num_frames, self.seed = num_frames, seed
     self._len = DEFAULT_NUM_CLIPS[split] if num_clips is None else int(num_clips)
@@ -103,7 +117,8 @@ class MovingShapesSource:
       raise IndexError(f"clip {index} out of range for {self._len} clips")
     index %= self._len
     rng = np.random.default_rng([self.seed, shapes.SPLITS.index(self.split), 2, index])
-    clip = sample_clip(rng, num_frames=self.num_frames, image_size=self.image_size,
-                       split=self.split)
+    clip = sample_clip(
+      rng, num_frames=self.num_frames, image_size=self.image_size, split=self.split
+    )
     clip["image"] = clip["frames"][0]
     return clip

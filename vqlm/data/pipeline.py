@@ -8,12 +8,15 @@ resumed run recomputes exactly the same batches), then batch.
 
 The iterator's state is a small JSON dict saved in the same Orbax checkpoint as the train state.
 """
+
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grain
 import jax
 import numpy as np
+
+from vqlm.errors import UserError
 
 Example = Mapping[str, Any]
 
@@ -43,10 +46,18 @@ def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def make_dataset(source: Any, *, global_batch_size: int, transform: Callable[[int, Example], dict],
-                 seed: int, shuffle: bool = True, num_epochs: int | None = None,
-                 process_index: int | None = None, process_count: int | None = None,
-                 drop_remainder: bool = True) -> "grain.MapDataset":
+def make_dataset(
+  source: Any,
+  *,
+  global_batch_size: int,
+  transform: Callable[[int, Example], dict],
+  seed: int,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  drop_remainder: bool = True,
+) -> "grain.MapDataset":
   """A grain MapDataset of host-local batches.
 
   Args:
@@ -58,16 +69,20 @@ def make_dataset(source: Any, *, global_batch_size: int, transform: Callable[[in
     num_epochs: None repeats forever.
   """
   if len(source) == 0:
-    raise ValueError("the data set is empty; check the source name, split and data_dir")
+    raise UserError("the data set is empty; check the source name, split and data_dir")
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size % process_count:
-    raise ValueError(f"batch size {global_batch_size} is not divisible by {process_count} "
-                     "processes; change config.train.batch_size")
+    raise UserError(
+      f"batch size {global_batch_size} is not divisible by {process_count} "
+      "processes; change config.train.batch_size"
+    )
   local_batch = global_batch_size // process_count
   if len(source) < global_batch_size and drop_remainder:
-    raise ValueError(f"the data set has {len(source)} examples, fewer than one batch of "
-                     f"{global_batch_size}; lower config.train.batch_size")
+    raise UserError(
+      f"the data set has {len(source)} examples, fewer than one batch of "
+      f"{global_batch_size}; lower config.train.batch_size"
+    )
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)
@@ -89,8 +104,10 @@ def make_iterator(source: Any, **kwargs) -> BatchIterator:
 
 def image_transform(image_key: str = "image") -> Callable[[int, Example], dict]:
   """The tokenizer's per-example transform: uint8 [H, W, 3] -> float32 [H, W, 3] in [-1, 1]."""
+
   def transform(index: int, example: Example) -> dict:
     del index
     image = np.asarray(example[image_key])
     return {"image": image.astype(np.float32) / 127.5 - 1.0}
+
   return transform

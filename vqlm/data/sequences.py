@@ -27,11 +27,13 @@ targets), `segment_ids` = 1 and `positions` = 0..L-2. Padding rows carry `tokens
 Too long: an example longer than `seq_len` raises ValueError (a truncated image is useless);
 pick `seq_len >= needed_seq_len(...)` in the config.
 """
+
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from vqlm.errors import UserError
 from vqlm.vocab import Vocab
 
 Example = dict[str, np.ndarray]
@@ -46,6 +48,7 @@ class Segment(NamedTuple):
     tokens: int32[L] unified ids, `<bos> ... <eos>`.
     prompt_len: number of leading tokens a sampler would be given (0: none).
   """
+
   tokens: np.ndarray
   prompt_len: int
 
@@ -53,25 +56,28 @@ class Segment(NamedTuple):
 def _text(record: Mapping[str, Any], vocab: Vocab) -> np.ndarray:
   ids = np.asarray(record.get("text_ids", ()), dtype=np.int64).reshape(-1)
   if ids.size and (ids.min() < 0 or ids.max() >= vocab.text_size):
-    raise ValueError(f"text_ids span [{ids.min()}, {ids.max()}], outside the text ids [0, "
-                     f"{vocab.text_size}); store plain SentencePiece ids of this vocab's model.")
+    raise UserError(
+      f"text_ids span [{ids.min()}, {ids.max()}], outside the text ids [0, "
+      f"{vocab.text_size}); store plain SentencePiece ids of this vocab's model."
+    )
   return ids.astype(np.int32)
 
 
 def _codes(record: Mapping[str, Any], vocab: Vocab, ndim: int) -> np.ndarray:
   if "codes" not in record:
-    raise ValueError("record has no 'codes'; encode the images with the image tokenizer first.")
+    raise UserError("record has no 'codes'; encode the images with the image tokenizer first.")
   codes = vocab.check_codes(record["codes"])
   if codes.ndim != ndim:
     hint = "use mode='video'" if codes.ndim == 3 else "video records need codes [T, h, w]"
-    raise ValueError(f"codes of shape {codes.shape} need {ndim} dims here; {hint}.")
+    raise UserError(f"codes of shape {codes.shape} need {ndim} dims here; {hint}.")
   return codes
 
 
 def _image(codes: np.ndarray, vocab: Vocab) -> np.ndarray:
   """`[h, w]` codes -> `<boi> ids... <eoi>`."""
-  return np.concatenate([[vocab.boi_id], vocab.image_token(codes.reshape(-1)),
-                         [vocab.eoi_id]]).astype(np.int32)
+  return np.concatenate(
+    [[vocab.boi_id], vocab.image_token(codes.reshape(-1)), [vocab.eoi_id]]
+  ).astype(np.int32)
 
 
 def _join(*parts: Sequence[int]) -> np.ndarray:
@@ -80,7 +86,7 @@ def _join(*parts: Sequence[int]) -> np.ndarray:
 
 def t2i(record: Mapping[str, Any], vocab: Vocab, *, drop_caption: bool = False) -> Segment:
   """`<bos> caption <boi> codes <eoi> <eos>` (caption omitted when `drop_caption`)."""
-  text = _text(record, vocab)[:0 if drop_caption else None]
+  text = _text(record, vocab)[: 0 if drop_caption else None]
   image = _image(_codes(record, vocab, 2), vocab)
   return Segment(_join([vocab.bos_id], text, image, [vocab.eos_id]), len(text) + 2)
 
@@ -92,8 +98,14 @@ def i2t(record: Mapping[str, Any], vocab: Vocab) -> Segment:
   return Segment(_join([vocab.bos_id], image, text, [vocab.eos_id]), len(image) + 1)
 
 
-def mixed(record: Mapping[str, Any], vocab: Vocab, rng: np.random.Generator, *,
-          t2i_ratio: float = 0.5, caption_dropout: float = 0.0) -> Segment:
+def mixed(
+  record: Mapping[str, Any],
+  vocab: Vocab,
+  rng: np.random.Generator,
+  *,
+  t2i_ratio: float = 0.5,
+  caption_dropout: float = 0.0,
+) -> Segment:
   """t2i with probability `t2i_ratio` (caption dropped with probability `caption_dropout`), else
   i2t. Always draws two numbers from `rng` (mode, then dropout)."""
   u_mode, u_drop = rng.random(2)
@@ -102,12 +114,13 @@ def mixed(record: Mapping[str, Any], vocab: Vocab, rng: np.random.Generator, *,
   return i2t(record, vocab)
 
 
-def document(records: Sequence[Mapping[str, Any]], vocab: Vocab,
-             rng: np.random.Generator) -> Segment:
+def document(
+  records: Sequence[Mapping[str, Any]], vocab: Vocab, rng: np.random.Generator
+) -> Segment:
   """`<bos> pair_1 ... pair_n <eos>`; each pair is text-then-image or image-then-text (p = 1/2,
   one draw per pair)."""
   if not records:
-    raise ValueError("document needs at least one record; group records with GroupedSource.")
+    raise UserError("document needs at least one record; group records with GroupedSource.")
   parts = [[vocab.bos_id]]
   for record in records:
     text, image = _text(record, vocab), _image(_codes(record, vocab, 2), vocab)
@@ -118,7 +131,7 @@ def document(records: Sequence[Mapping[str, Any]], vocab: Vocab,
 
 def video(record: Mapping[str, Any], vocab: Vocab, *, drop_caption: bool = False) -> Segment:
   """`<bos> caption <boi> f_1 <eoi> <frame> <boi> f_2 <eoi> ... <boi> f_T <eoi> <eos>`."""
-  text = _text(record, vocab)[:0 if drop_caption else None]
+  text = _text(record, vocab)[: 0 if drop_caption else None]
   frames = _codes(record, vocab, 3)
   parts = [[vocab.bos_id], text]
   for t, frame in enumerate(frames):
@@ -129,8 +142,9 @@ def video(record: Mapping[str, Any], vocab: Vocab, *, drop_caption: bool = False
   return Segment(_join(*parts), len(text) + 2)
 
 
-def needed_seq_len(vocab: Vocab, *, max_text_len: int, mode: str = "t2i", frames: int = 1,
-                   pairs: int = 1) -> int:
+def needed_seq_len(
+  vocab: Vocab, *, max_text_len: int, mode: str = "t2i", frames: int = 1, pairs: int = 1
+) -> int:
   """Example length (tokens per row) needed for captions of up to `max_text_len` ids."""
   image = vocab.tokens_per_image + 2
   if mode in ("t2i", "i2t", "mix"):
@@ -140,28 +154,35 @@ def needed_seq_len(vocab: Vocab, *, max_text_len: int, mode: str = "t2i", frames
   elif mode == "video":
     length = 2 + max_text_len + frames * image + (frames - 1)
   else:
-    raise ValueError(f"mode={mode!r} is not one of {MODES}.")
+    raise UserError(f"mode={mode!r} is not one of {MODES}.")
   return length - 1
 
 
-def to_example(segment: Segment, vocab: Vocab, *, text_weight: float = 1.0,
-               image_weight: float = 1.0, mask_prompt: bool = False) -> Example:
+def to_example(
+  segment: Segment,
+  vocab: Vocab,
+  *,
+  text_weight: float = 1.0,
+  image_weight: float = 1.0,
+  mask_prompt: bool = False,
+) -> Example:
   """Segment of length L -> unpadded example of length L - 1 (see the module docstring)."""
   seq = np.asarray(segment.tokens, dtype=np.int32)
   if seq.ndim != 1 or seq.size < 2:
-    raise ValueError(f"a segment needs >= 2 tokens, got shape {seq.shape}.")
+    raise UserError(f"a segment needs >= 2 tokens, got shape {seq.shape}.")
   targets = seq[1:]
-  weights = np.where(vocab.is_image(targets), np.float32(image_weight),
-                     np.float32(text_weight)).astype(np.float32)
+  weights = np.where(
+    vocab.is_image(targets), np.float32(image_weight), np.float32(text_weight)
+  ).astype(np.float32)
   if mask_prompt and segment.prompt_len > 1:
-    weights[:segment.prompt_len - 1] = 0.0
+    weights[: segment.prompt_len - 1] = 0.0
   n = seq.size - 1
   return {
-      "tokens": seq[:-1].copy(),
-      "targets": targets.copy(),
-      "loss_weights": weights,
-      "segment_ids": np.ones(n, np.int32),
-      "positions": np.arange(n, dtype=np.int32),
+    "tokens": seq[:-1].copy(),
+    "targets": targets.copy(),
+    "loss_weights": weights,
+    "segment_ids": np.ones(n, np.int32),
+    "positions": np.arange(n, dtype=np.int32),
   }
 
 
@@ -171,16 +192,23 @@ def _length(example: Example) -> int:
 
 def _check_fits(n: int, seq_len: int):
   if n > seq_len:
-    raise ValueError(f"an example of {n} tokens exceeds seq_len={seq_len}; raise seq_len to at "
-                     f"least {n} (see needed_seq_len) or shorten the captions.")
+    raise UserError(
+      f"an example of {n} tokens exceeds seq_len={seq_len}; raise seq_len to at "
+      f"least {n} (see needed_seq_len) or shorten the captions."
+    )
 
 
 def pad(example: Example, seq_len: int, *, pad_id: int) -> Example:
   """Pads one example (one or more segments) to `[seq_len]`; too long -> ValueError."""
   n = _length(example)
   _check_fits(n, seq_len)
-  fill = {"tokens": pad_id, "targets": pad_id, "loss_weights": 0.0, "segment_ids": 0,
-          "positions": 0}
+  fill = {
+    "tokens": pad_id,
+    "targets": pad_id,
+    "loss_weights": 0.0,
+    "segment_ids": 0,
+    "positions": 0,
+  }
   out = {}
   for key in _KEYS:
     value = np.asarray(example[key])
@@ -212,7 +240,8 @@ def pack(examples: Sequence[Example], seq_len: int, *, pad_id: int) -> list[Exam
   for row in rows:
     merged = {key: np.concatenate([np.asarray(e[key]) for e in row]) for key in _KEYS}
     merged["segment_ids"] = np.concatenate(
-        [np.full(_length(e), k + 1, np.int32) for k, e in enumerate(row)])
+      [np.full(_length(e), k + 1, np.int32) for k, e in enumerate(row)]
+    )
     merged["positions"] = np.concatenate([np.arange(_length(e), dtype=np.int32) for e in row])
     out.append(pad(merged, seq_len, pad_id=pad_id))
   return out
@@ -230,7 +259,7 @@ class GroupedSource:
 
   def __init__(self, source: Sequence[Any], k: int):
     if k < 1:
-      raise ValueError(f"GroupedSource k={k} must be >= 1.")
+      raise UserError(f"GroupedSource k={k} must be >= 1.")
     self.source, self.k = source, k
 
   def __len__(self) -> int:
@@ -255,21 +284,32 @@ class SequenceBuilder:
   batch of records.
   """
 
-  def __init__(self, *, vocab: Vocab, mode: str = "t2i", seq_len: int, t2i_ratio: float = 0.5,
-               caption_dropout: float = 0.0, text_weight: float = 1.0, image_weight: float = 1.0,
-               mask_prompt: bool = False, pack: bool = False, seed: int = 0):
+  def __init__(
+    self,
+    *,
+    vocab: Vocab,
+    mode: str = "t2i",
+    seq_len: int,
+    t2i_ratio: float = 0.5,
+    caption_dropout: float = 0.0,
+    text_weight: float = 1.0,
+    image_weight: float = 1.0,
+    mask_prompt: bool = False,
+    pack: bool = False,
+    seed: int = 0,
+  ):
     if mode not in MODES:
-      raise ValueError(f"mode={mode!r} is not one of {MODES}.")
+      raise UserError(f"mode={mode!r} is not one of {MODES}.")
     if seq_len < 1:
-      raise ValueError(f"seq_len={seq_len} must be >= 1.")
+      raise UserError(f"seq_len={seq_len} must be >= 1.")
     if not 0.0 <= t2i_ratio <= 1.0:
-      raise ValueError(f"t2i_ratio={t2i_ratio} must be in [0, 1].")
+      raise UserError(f"t2i_ratio={t2i_ratio} must be in [0, 1].")
     if not 0.0 <= caption_dropout <= 1.0:
-      raise ValueError(f"caption_dropout={caption_dropout} must be in [0, 1].")
+      raise UserError(f"caption_dropout={caption_dropout} must be in [0, 1].")
     if text_weight < 0 or image_weight < 0:
-      raise ValueError(f"text_weight={text_weight}, image_weight={image_weight} must be >= 0.")
+      raise UserError(f"text_weight={text_weight}, image_weight={image_weight} must be >= 0.")
     if seed < 0:
-      raise ValueError(f"seed={seed} must be >= 0.")
+      raise UserError(f"seed={seed} must be >= 0.")
     self.vocab, self.mode, self.seq_len = vocab, mode, seq_len
     self.t2i_ratio, self.caption_dropout = t2i_ratio, caption_dropout
     self.text_weight, self.image_weight = text_weight, image_weight
@@ -277,7 +317,7 @@ class SequenceBuilder:
 
   def rng(self, index: int) -> np.random.Generator:
     if index < 0:
-      raise ValueError(f"index={index} must be >= 0.")
+      raise UserError(f"index={index} must be >= 0.")
     return np.random.default_rng([self.seed, int(index)])
 
   def segment(self, record: Any, index: int) -> Segment:
@@ -285,12 +325,15 @@ class SequenceBuilder:
     rng, vocab = self.rng(index), self.vocab
     if self.mode == "document":
       if isinstance(record, Mapping):
-        raise ValueError("mode='document' takes a list of records per element; wrap the source "
-                         "in GroupedSource(source, k).")
+        raise UserError(
+          "mode='document' takes a list of records per element; wrap the source "
+          "in GroupedSource(source, k)."
+        )
       return document(record, vocab, rng)
     if self.mode == "mix":
-      return mixed(record, vocab, rng, t2i_ratio=self.t2i_ratio,
-                   caption_dropout=self.caption_dropout)
+      return mixed(
+        record, vocab, rng, t2i_ratio=self.t2i_ratio, caption_dropout=self.caption_dropout
+      )
     if self.mode == "i2t":
       return i2t(record, vocab)
     drop = bool(rng.random() < self.caption_dropout)
@@ -300,8 +343,13 @@ class SequenceBuilder:
 
   def example(self, record: Any, index: int) -> Example:
     """Unpadded example of `record` at `index`; longer than seq_len -> ValueError."""
-    example = to_example(self.segment(record, index), self.vocab, text_weight=self.text_weight,
-                         image_weight=self.image_weight, mask_prompt=self.mask_prompt)
+    example = to_example(
+      self.segment(record, index),
+      self.vocab,
+      text_weight=self.text_weight,
+      image_weight=self.image_weight,
+      mask_prompt=self.mask_prompt,
+    )
     _check_fits(_length(example), self.seq_len)
     return example
 
@@ -313,13 +361,14 @@ class SequenceBuilder:
     """grain's `MapDataset.map_with_index` argument order."""
     return self(record, index)
 
-  def build_packed(self, records: Sequence[Any],
-                   indices: Sequence[int] | None = None) -> list[Example]:
+  def build_packed(
+    self, records: Sequence[Any], indices: Sequence[int] | None = None
+  ) -> list[Example]:
     """Builds the examples of `records` (at `indices`, default 0..n-1) and packs them into rows
     `[seq_len]` (first fit, in order)."""
     if indices is None:
       indices = range(len(records))
     if len(indices) != len(records):
-      raise ValueError(f"{len(records)} records but {len(indices)} indices; pass one per record.")
+      raise UserError(f"{len(records)} records but {len(indices)} indices; pass one per record.")
     examples = [self.example(r, i) for r, i in zip(records, indices)]
     return pack(examples, self.seq_len, pad_id=self.vocab.pad_id)

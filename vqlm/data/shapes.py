@@ -18,47 +18,55 @@ scenes), so identical scenes do occur in both train and test; nothing removes th
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
 import functools
 import re
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+
+from vqlm.errors import UserError
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Flat, well separated colours (min pairwise RGB distance ~110, >= 200 from the background).
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40),
-    "green": (40, 200, 70),
-    "blue": (50, 100, 240),
-    "yellow": (240, 220, 40),
-    "magenta": (220, 60, 220),
-    "cyan": (40, 210, 230),
+  "red": (230, 40, 40),
+  "green": (40, 200, 70),
+  "blue": (50, 100, 240),
+  "yellow": (240, 220, 40),
+  "magenta": (220, 60, 220),
+  "cyan": (40, 210, 230),
 }
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 SIZES: tuple[str, ...] = ("small", "large")
 # 3x3 grid cells in reading order; the index of a name is its cell index (row * 3 + col).
 POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+  "top left",
+  "top",
+  "top right",
+  "left",
+  "center",
+  "right",
+  "bottom left",
+  "bottom",
+  "bottom right",
 )
 POSITION_PHRASES: dict[str, str] = {
-    "top left": "at the top left",
-    "top": "at the top",
-    "top right": "at the top right",
-    "left": "on the left",
-    "center": "in the center",
-    "right": "on the right",
-    "bottom left": "at the bottom left",
-    "bottom": "at the bottom",
-    "bottom right": "at the bottom right",
+  "top left": "at the top left",
+  "top": "at the top",
+  "top right": "at the top right",
+  "left": "on the left",
+  "center": "in the center",
+  "right": "on the right",
+  "bottom left": "at the bottom left",
+  "bottom": "at the bottom",
+  "bottom right": "at the bottom right",
 }
 # (color, shape) pairs that only the `test_heldout` split contains.
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
-    ("blue", "triangle"),
-    ("green", "circle"),
-    ("yellow", "square"),
+  ("blue", "triangle"),
+  ("green", "circle"),
+  ("yellow", "square"),
 )
 SPLITS: tuple[str, ...] = ("train", "validation", "test", "test_heldout")
 MIN_IMAGE_SIZE = 30
@@ -75,6 +83,7 @@ class Layout:
   The grid is `3 * cell` pixels wide, centred (`offset` pixels from the top-left edge). An object
   of side `sides[size]` sits at `(cell - side) // 2` inside its cell, leaving >= 1 px margin.
   """
+
   image_size: int
   cell: int
   offset: int
@@ -98,7 +107,7 @@ class Layout:
     return POSITIONS[row * 3 + col]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def layout(image_size: int) -> Layout:
   """Grid geometry for a square image of side `image_size` (>= 30; 32 and 64 are the usual).
 
@@ -106,32 +115,34 @@ def layout(image_size: int) -> Layout:
   small triangle, circle and square stay distinguishable at 32x32: 5 px vs 8 px there).
   """
   if not isinstance(image_size, (int, np.integer)) or image_size < MIN_IMAGE_SIZE:
-    raise ValueError(f"image_size must be an int >= {MIN_IMAGE_SIZE} (e.g. 32 or 64), "
-                     f"got {image_size!r}")
+    raise UserError(
+      f"image_size must be an int >= {MIN_IMAGE_SIZE} (e.g. 32 or 64), got {image_size!r}"
+    )
   image_size = int(image_size)
   cell = image_size // 3
   offset = (image_size - 3 * cell) // 2
   large = min(cell - 2, int(0.8 * cell + 0.5))
   small = max(5, int(0.45 * cell + 0.5))
-  return Layout(image_size=image_size, cell=cell, offset=offset,
-                sides={"small": small, "large": large})
+  return Layout(
+    image_size=image_size, cell=cell, offset=offset, sides={"small": small, "large": large}
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shape_mask(shape: str, side: int) -> np.ndarray:
   """Binary mask `bool[side, side]` of `shape` (sampled at pixel centres; read-only, cached).
 
   Triangles point up with rows of odd (even) width for odd (even) `side`, so they are symmetric.
   """
   if shape not in SHAPES:
-    raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    raise UserError(f"shape must be one of {SHAPES}, got {shape!r}")
   # Coordinates doubled so pixel centres are integers: u = 2x + 1 - side is in [-(side-1), side-1].
   u = 2 * np.arange(side) + 1 - side
   yy, xx = np.meshgrid(np.arange(side), u, indexing="ij")
   if shape == "square":
     mask = np.ones((side, side), bool)
   elif shape == "circle":
-    mask = xx ** 2 + (2 * yy + 1 - side) ** 2 <= side ** 2
+    mask = xx**2 + (2 * yy + 1 - side) ** 2 <= side**2
   else:  # triangle: half-width grows by half a pixel per row, apex at the top.
     mask = np.abs(xx) <= yy + 1
   mask.setflags(write=False)
@@ -141,18 +152,17 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
 def validate_scene(scene: Sequence[Mapping[str, str]]) -> None:
   """Raise ValueError unless `scene` is a list of valid objects with distinct positions."""
   if not isinstance(scene, (list, tuple)):
-    raise ValueError(f"scene must be a list of object dicts, got {type(scene).__name__}")
+    raise UserError(f"scene must be a list of object dicts, got {type(scene).__name__}")
   allowed = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES, "position": POSITIONS}
   seen = set()
   for obj in scene:
     if not isinstance(obj, Mapping) or set(obj) != set(KEYS):
-      raise ValueError(f"each object must be a dict with keys {KEYS}, got {obj!r}")
+      raise UserError(f"each object must be a dict with keys {KEYS}, got {obj!r}")
     for key, values in allowed.items():
       if obj[key] not in values:
-        raise ValueError(f"object {key} must be one of {values}, got {obj[key]!r}")
+        raise UserError(f"object {key} must be one of {values}, got {obj[key]!r}")
     if obj["position"] in seen:
-      raise ValueError(f"two objects share position {obj['position']!r}; "
-                       "positions must be distinct")
+      raise UserError(f"two objects share position {obj['position']!r}; positions must be distinct")
     seen.add(obj["position"])
 
 
@@ -166,8 +176,9 @@ def canonical(scene: Sequence[Mapping[str, str]]) -> tuple:
   return tuple((o["position"], o["color"], o["size"], o["shape"]) for o in sort_scene(scene))
 
 
-def sample_scene(rng: np.random.Generator, *, min_objects: int = 1, max_objects: int = 2,
-                 split: str = "train") -> list[dict]:
+def sample_scene(
+  rng: np.random.Generator, *, min_objects: int = 1, max_objects: int = 2, split: str = "train"
+) -> list[dict]:
   """Sample a scene with `min_objects..max_objects` objects in distinct cells (canonical order).
 
   Positions, sizes and (color, shape) pairs are uniform; `train`/`validation`/`test` exclude
@@ -175,9 +186,9 @@ def sample_scene(rng: np.random.Generator, *, min_objects: int = 1, max_objects:
   others have any pair.
   """
   if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    raise UserError(f"split must be one of {SPLITS}, got {split!r}")
   if not 1 <= min_objects <= max_objects <= len(POSITIONS):
-    raise ValueError(f"need 1 <= min_objects <= max_objects <= 9, got {min_objects}, {max_objects}")
+    raise UserError(f"need 1 <= min_objects <= max_objects <= 9, got {min_objects}, {max_objects}")
   n = int(rng.integers(min_objects, max_objects + 1))
   cells = np.sort(rng.choice(len(POSITIONS), size=n, replace=False))
   forced = int(rng.integers(n)) if split == "test_heldout" else -1
@@ -198,9 +209,9 @@ def sample_scene(rng: np.random.Generator, *, min_objects: int = 1, max_objects:
 def draw(image: np.ndarray, shape: str, color: str, side: int, top: int, left: int) -> None:
   """Paint `shape` of `side` px with the flat colour `color` into `image[H, W, 3]` in place."""
   mask = shape_mask(shape, side)
-  region = image[top:top + side, left:left + side]
+  region = image[top : top + side, left : left + side]
   if region.shape[:2] != mask.shape:
-    raise ValueError(f"object at ({top}, {left}) of side {side} does not fit in the image")
+    raise UserError(f"object at ({top}, {left}) of side {side} does not fit in the image")
   region[mask] = COLORS[color]
 
 
@@ -233,15 +244,19 @@ def caption(scene: Sequence[Mapping[str, str]]) -> str:
   'a large red circle at the top left and a small blue square in the center'."""
   validate_scene(scene)
   if not scene:
-    raise ValueError("cannot caption an empty scene; sample with min_objects >= 1")
+    raise UserError("cannot caption an empty scene; sample with min_objects >= 1")
   return join_phrases([object_phrase(o) for o in sort_scene(scene)])
 
 
 _PHRASE_TO_POSITION = {v: k for k, v in POSITION_PHRASES.items()}
 _OBJECT_RE = re.compile(
-    r"a (?P<size>{}) (?P<color>{}) (?P<shape>{}) (?P<where>{})".format(
-        "|".join(SIZES), "|".join(COLORS), "|".join(SHAPES),
-        "|".join(sorted(POSITION_PHRASES.values(), key=len, reverse=True))))
+  r"a (?P<size>{}) (?P<color>{}) (?P<shape>{}) (?P<where>{})".format(
+    "|".join(SIZES),
+    "|".join(COLORS),
+    "|".join(SHAPES),
+    "|".join(sorted(POSITION_PHRASES.values(), key=len, reverse=True)),
+  )
+)
 
 
 def parse_caption(text: str) -> list[dict] | None:
@@ -263,8 +278,14 @@ def parse_caption(text: str) -> list[dict] | None:
     m = _OBJECT_RE.fullmatch(phrase)
     if m is None:
       return None
-    scene.append({"shape": m["shape"], "color": m["color"], "size": m["size"],
-                  "position": _PHRASE_TO_POSITION[m["where"]]})
+    scene.append(
+      {
+        "shape": m["shape"],
+        "color": m["color"],
+        "size": m["size"],
+        "position": _PHRASE_TO_POSITION[m["where"]],
+      }
+    )
   if len({o["position"] for o in scene}) != len(scene):
     return None
   return sort_scene(scene)
@@ -273,19 +294,26 @@ def parse_caption(text: str) -> list[dict] | None:
 def split_rng(seed: int, split: str) -> np.random.Generator:
   """Independent random stream per (seed, split)."""
   if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    raise UserError(f"split must be one of {SPLITS}, got {split!r}")
   return np.random.default_rng([int(seed), SPLITS.index(split)])
 
 
-def make_examples(*, split: str, num_examples: int, image_size: int = 32, min_objects: int = 1,
-                  max_objects: int = 2, seed: int = 0) -> Iterator[dict]:
+def make_examples(
+  *,
+  split: str,
+  num_examples: int,
+  image_size: int = 32,
+  min_objects: int = 1,
+  max_objects: int = 2,
+  seed: int = 0,
+) -> Iterator[dict]:
   """Yield `num_examples` dicts `{"image": uint8[H, W, 3], "text": str, "scene": list[dict]}`.
 
   Deterministic given `(seed, split)`; each split uses its own derived random stream.
   """
   layout(image_size)  # Validate before the first example.
   if num_examples < 0:
-    raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    raise UserError(f"num_examples must be >= 0, got {num_examples}")
   rng = split_rng(seed, split)
   for _ in range(num_examples):
     scene = sample_scene(rng, min_objects=min_objects, max_objects=max_objects, split=split)

@@ -4,21 +4,24 @@ Images are `[H, W, C]` arrays (or `[H, W]` for grayscale). Pixel images are `uin
 model inputs are `float32` in [-1, 1] (`to_float` / `to_uint8` convert between the two). Resizing
 goes through PIL, whose filters are antialiased when shrinking.
 """
+
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
+from vqlm.errors import UserError
+
 Size = int | Sequence[int]
 
 _METHODS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "area": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
+  "nearest": Image.Resampling.NEAREST,
+  "bilinear": Image.Resampling.BILINEAR,
+  "bicubic": Image.Resampling.BICUBIC,
+  "lanczos": Image.Resampling.LANCZOS,
+  "box": Image.Resampling.BOX,
+  "area": Image.Resampling.BOX,
+  "hamming": Image.Resampling.HAMMING,
 }
 
 
@@ -30,18 +33,18 @@ def _size_hw(size: Size) -> tuple[int, int]:
     try:
       h, w = (int(s) for s in size)
     except (TypeError, ValueError):
-      raise ValueError(f"size must be an int or a pair (h, w), got {size!r}") from None
+      raise UserError(f"size must be an int or a pair (h, w), got {size!r}") from None
   if h <= 0 or w <= 0:
-    raise ValueError(f"size must be positive, got {size!r}")
+    raise UserError(f"size must be positive, got {size!r}")
   return h, w
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
   image = np.asarray(image)
   if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
-    raise ValueError(f"expected an image [H, W] or [H, W, C], got shape {image.shape}")
+    raise UserError(f"expected an image [H, W] or [H, W, C], got shape {image.shape}")
   if image.ndim == 3 and image.shape[-1] == 0:
-    raise ValueError(f"expected an image [H, W, C] with C >= 1, got shape {image.shape}")
+    raise UserError(f"expected an image [H, W, C] with C >= 1, got shape {image.shape}")
   return image
 
 
@@ -54,7 +57,7 @@ def resize(image: np.ndarray, size: Size, method: str = "bicubic") -> np.ndarray
   image = _check_image(image)
   h, w = _size_hw(size)
   if method not in _METHODS:
-    raise ValueError(f"unknown resize method {method!r}; valid: {', '.join(_METHODS)}")
+    raise UserError(f"unknown resize method {method!r}; valid: {', '.join(_METHODS)}")
   if image.shape[:2] == (h, w):
     return image.copy()
   resample = _METHODS[method]
@@ -62,15 +65,24 @@ def resize(image: np.ndarray, size: Size, method: str = "bicubic") -> np.ndarray
     if image.ndim == 2 or image.shape[-1] == 3:
       return np.array(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), resample))
     # Other channel counts (and RGBA, which PIL would premultiply by alpha) go channel by channel.
-    return np.stack([resize(image[..., c], (h, w), method) for c in range(image.shape[-1])],
-                    axis=-1)
+    return np.stack(
+      [resize(image[..., c], (h, w), method) for c in range(image.shape[-1])], axis=-1
+    )
   if np.issubdtype(image.dtype, np.floating):
     channels = image[..., None] if image.ndim == 2 else image
-    out = np.stack([np.array(Image.fromarray(np.ascontiguousarray(channels[..., c], np.float32))
-                             .resize((w, h), resample))
-                    for c in range(channels.shape[-1])], axis=-1)
+    out = np.stack(
+      [
+        np.array(
+          Image.fromarray(np.ascontiguousarray(channels[..., c], np.float32)).resize(
+            (w, h), resample
+          )
+        )
+        for c in range(channels.shape[-1])
+      ],
+      axis=-1,
+    )
     return out[..., 0] if image.ndim == 2 else out
-  raise ValueError(f"resize supports uint8 or floating images, got dtype {image.dtype}")
+  raise UserError(f"resize supports uint8 or floating images, got dtype {image.dtype}")
 
 
 def center_crop(image: np.ndarray, size: Size) -> np.ndarray:
@@ -79,9 +91,9 @@ def center_crop(image: np.ndarray, size: Size) -> np.ndarray:
   h, w = _size_hw(size)
   height, width = image.shape[:2]
   if h > height or w > width:
-    raise ValueError(f"crop {h}x{w} is larger than the image {height}x{width}; resize first")
+    raise UserError(f"crop {h}x{w} is larger than the image {height}x{width}; resize first")
   top, left = (height - h) // 2, (width - w) // 2
-  return image[top:top + h, left:left + w].copy()
+  return image[top : top + h, left : left + w].copy()
 
 
 def random_crop(image: np.ndarray, size: Size, rng: np.random.Generator) -> np.ndarray:
@@ -90,14 +102,15 @@ def random_crop(image: np.ndarray, size: Size, rng: np.random.Generator) -> np.n
   h, w = _size_hw(size)
   height, width = image.shape[:2]
   if h > height or w > width:
-    raise ValueError(f"crop {h}x{w} is larger than the image {height}x{width}; resize first")
+    raise UserError(f"crop {h}x{w} is larger than the image {height}x{width}; resize first")
   top = int(rng.integers(0, height - h + 1))
   left = int(rng.integers(0, width - w + 1))
-  return image[top:top + h, left:left + w].copy()
+  return image[top : top + h, left : left + w].copy()
 
 
-def resize_shorter_then_center_crop(image: np.ndarray, size: int,
-                                    method: str = "bicubic") -> np.ndarray:
+def resize_shorter_then_center_crop(
+  image: np.ndarray, size: int, method: str = "bicubic"
+) -> np.ndarray:
   """Scales `image` so its shorter side is `size`, then takes the centred `[size, size]` window."""
   image = _check_image(image)
   size = _size_hw(size)[0]
@@ -117,19 +130,19 @@ def to_rgb(image: np.ndarray, background: str | int = "white") -> np.ndarray:
   """
   image = _check_image(image)
   if image.dtype != np.uint8:
-    raise ValueError(f"to_rgb expects a uint8 image, got dtype {image.dtype}; use to_uint8 first")
+    raise UserError(f"to_rgb expects a uint8 image, got dtype {image.dtype}; use to_uint8 first")
   if isinstance(background, str):
     if background not in ("white", "black"):
-      raise ValueError(f"background must be 'white', 'black' or 0..255, got {background!r}")
+      raise UserError(f"background must be 'white', 'black' or 0..255, got {background!r}")
     background = 255 if background == "white" else 0
   if not 0 <= int(background) <= 255:
-    raise ValueError(f"background must be 'white', 'black' or 0..255, got {background!r}")
+    raise UserError(f"background must be 'white', 'black' or 0..255, got {background!r}")
   if image.ndim == 2:
     image = image[..., None]
   channels = image.shape[-1]
   if channels not in (1, 2, 3, 4):
-    raise ValueError(f"to_rgb expects 1 to 4 channels, got shape {image.shape}")
-  color = image[..., :1 if channels <= 2 else 3]
+    raise UserError(f"to_rgb expects 1 to 4 channels, got shape {image.shape}")
+  color = image[..., : 1 if channels <= 2 else 3]
   if channels in (2, 4):
     alpha = image[..., -1:].astype(np.float32) / 255.0
     mixed = color.astype(np.float32) * alpha + float(background) * (1.0 - alpha)
@@ -143,7 +156,7 @@ def to_float(image: np.ndarray) -> np.ndarray:
   """uint8 pixels `[..., C]` -> float32 in [-1, 1] (0 -> -1, 255 -> 1)."""
   image = np.asarray(image)
   if image.dtype != np.uint8:
-    raise ValueError(f"to_float expects a uint8 image, got dtype {image.dtype}")
+    raise UserError(f"to_float expects a uint8 image, got dtype {image.dtype}")
   return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
@@ -151,8 +164,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
   """float pixels in [-1, 1] -> uint8 (values outside are clipped; NaN raises ValueError)."""
   image = np.asarray(image)
   if not np.issubdtype(image.dtype, np.floating):
-    raise ValueError(f"to_uint8 expects a floating image in [-1, 1], got dtype {image.dtype}")
+    raise UserError(f"to_uint8 expects a floating image in [-1, 1], got dtype {image.dtype}")
   if np.isnan(image).any():
-    raise ValueError("to_uint8 got NaN pixels; check the model output")
+    raise UserError("to_uint8 got NaN pixels; check the model output")
   scaled = (np.clip(image.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5
   return np.round(scaled).astype(np.uint8)

@@ -12,12 +12,14 @@ Stages (each shows progress, is skipped when its output exists, and can be run a
 
 Layout: WORKDIR/{tokenizer, codes, lm, samples}/, WORKDIR/eval.json, WORKDIR/report.html.
 """
+
 import os
 import time
 
 import jax
 
 from vqlm.demo.recipe import PRESETS, lm_config, split_sizes, tokenizer_config
+from vqlm.errors import UserError
 from vqlm.eval import evaluators as evaluators_lib
 from vqlm.runs import LMRun, TokenizerRun, read_eval, write_eval
 from vqlm.runs.restore import latest_step
@@ -32,10 +34,17 @@ def _latest_step(run_dir: str) -> int | None:
 class Demo:
   """Runs the demo's stages in `workdir` with a preset."""
 
-  def __init__(self, workdir: str, *, preset: str = "default", progress: bool = True,
-               log_fn=print, data_dir: str = ""):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    preset: str = "default",
+    progress: bool = True,
+    log_fn=print,
+    data_dir: str = "",
+  ):
     if preset not in PRESETS:
-      raise ValueError(f"unknown preset '{preset}'; valid: {', '.join(PRESETS)}")
+      raise UserError(f"unknown preset '{preset}'; valid: {', '.join(PRESETS)}")
     self.workdir = workdir
     self.preset_name = preset
     self.p = PRESETS[preset]
@@ -51,7 +60,7 @@ class Demo:
   def run(self, stages: tuple[str, ...] = STAGES) -> dict:
     for stage in stages:
       if stage not in STAGES:
-        raise ValueError(f"unknown demo stage '{stage}'; valid: {', '.join(STAGES)}")
+        raise UserError(f"unknown demo stage '{stage}'; valid: {', '.join(STAGES)}")
     start_all = time.time()
     for stage in stages:
       start = time.time()
@@ -59,18 +68,30 @@ class Demo:
       getattr(self, f"stage_{stage}")()
       self.timings[stage] = time.time() - start
     total = time.time() - start_all
-    self.log("demo timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items())
-             + f", total {total:.0f}s")
-    write_eval(self.workdir, "timings", {**self.timings, "total": total,
-                                         "preset": self.preset_name})
+    self.log(
+      "demo timings: "
+      + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items())
+      + f", total {total:.0f}s"
+    )
+    write_eval(
+      self.workdir, "timings", {**self.timings, "total": total, "preset": self.preset_name}
+    )
     return read_eval(self.workdir)
 
   # ---- stages -------------------------------------------------------------------------------
 
   def _source(self, split: str):
     from vqlm.data.sources import get_source
-    return get_source("shapes", split=split, data_dir=self.data_dir, image_size=32,
-                      min_objects=1, max_objects=2, sizes=split_sizes(self.p))
+
+    return get_source(
+      "shapes",
+      split=split,
+      data_dir=self.data_dir,
+      image_size=32,
+      min_objects=1,
+      max_objects=2,
+      sizes=split_sizes(self.p),
+    )
 
   def stage_data(self) -> None:
     sizes = {split: len(self._source(split)) for split in split_sizes(self.p)}
@@ -78,6 +99,7 @@ class Demo:
 
   def stage_tokenizer(self) -> None:
     from vqlm.stages import tokenizer as tokenizer_stage
+
     config = tokenizer_config(self.p, self.data_dir)
     done = _latest_step(self.tokenizer_dir) == config.train.steps
     if done and "tokenizer" in read_eval(self.tokenizer_dir):
@@ -89,8 +111,9 @@ class Demo:
     if "heldout_scene_agreement" not in result:
       # The ceiling of held-out text-to-image: can the tokenizer even draw unseen colour-shape
       # pairs? (It was trained on the train split, which has none.)
-      heldout = evaluators_lib.Reconstruction(split="test_heldout", num_examples=1000,
-                                              log_fn=self.log).run(TokenizerRun(self.tokenizer_dir))
+      heldout = evaluators_lib.Reconstruction(
+        split="test_heldout", num_examples=1000, log_fn=self.log
+      ).run(TokenizerRun(self.tokenizer_dir))
       result["heldout_scene_agreement"] = heldout["scene_agreement"]
       write_eval(self.tokenizer_dir, "tokenizer", result)
       self.log(f"tokenizer scene agreement on held-out pairs: {heldout['scene_agreement']:.3f}")
@@ -98,16 +121,24 @@ class Demo:
 
   def stage_encode(self) -> None:
     from vqlm.data.code_shards import encode_split
+
     run = TokenizerRun(self.tokenizer_dir)
     rates = {}
     for split in ("train", "validation", "test", "test_heldout"):
-      entry = encode_split(run, self._source(split), self.codes_dir, split=split,
-                           progress=self.progress, log_fn=self.log)
+      entry = encode_split(
+        run,
+        self._source(split),
+        self.codes_dir,
+        split=split,
+        progress=self.progress,
+        log_fn=self.log,
+      )
       rates[split] = entry.get("images_per_sec")
     self.log(f"encoded into {self.codes_dir}; images/s: {rates}")
 
   def stage_lm(self) -> None:
     from vqlm.stages import lm as lm_stage
+
     config = lm_config(self.p, self.codes_dir)
     if _latest_step(self.lm_dir) == config.train.steps:
       self.log(f"LM already trained ({self.lm_dir}); skipping")
@@ -118,17 +149,30 @@ class Demo:
   def evals(self) -> dict:
     """The generation evaluators of the demo (`vqlm.eval.evaluators`), in the order they run."""
     p = self.p
-    sampling = dict(cfg_scale=p.cfg_scale, temperature=p.image_temperature, top_k=p.image_top_k,
-                    batch_size=32)
+    sampling = dict(
+      cfg_scale=p.cfg_scale, temperature=p.image_temperature, top_k=p.image_top_k, batch_size=32
+    )
     return {
-        "text_to_image": dict(type="text_to_image", split="test", num_prompts=p.eval_prompts,
-                              images_per_prompt=p.images_per_prompt, seed=0, **sampling),
-        "text_to_image_heldout": dict(type="text_to_image", split="test_heldout",
-                                      num_prompts=p.eval_prompts,
-                                      images_per_prompt=p.images_per_prompt, seed=0, **sampling),
-        "image_to_text": dict(type="image_to_text", split="test", num_images=p.caption_images,
-                              batch_size=32),
-        "scene_fd": dict(type="scene_fd", split="test", num_prompts=200, seed=1, **sampling),
+      "text_to_image": dict(
+        type="text_to_image",
+        split="test",
+        num_prompts=p.eval_prompts,
+        images_per_prompt=p.images_per_prompt,
+        seed=0,
+        **sampling,
+      ),
+      "text_to_image_heldout": dict(
+        type="text_to_image",
+        split="test_heldout",
+        num_prompts=p.eval_prompts,
+        images_per_prompt=p.images_per_prompt,
+        seed=0,
+        **sampling,
+      ),
+      "image_to_text": dict(
+        type="image_to_text", split="test", num_images=p.caption_images, batch_size=32
+      ),
+      "scene_fd": dict(type="scene_fd", split="test", num_prompts=200, seed=1, **sampling),
     }
 
   def stage_generate(self) -> None:
@@ -139,11 +183,13 @@ class Demo:
     run = LMRun(self.lm_dir)
     run.progress = self.progress
     evaluators = evaluators_lib.build(self.evals(), log_fn=self.log)
-    evaluators_lib.run_all(run, evaluators, workdir=self.workdir, artefacts=self.samples_dir,
-                           log_fn=self.log)
+    evaluators_lib.run_all(
+      run, evaluators, workdir=self.workdir, artefacts=self.samples_dir, log_fn=self.log
+    )
 
   def stage_report(self) -> None:
     from vqlm.report import save_prompt_figure, write_report
+
     save_prompt_figure(self.samples_dir, os.path.join(self.samples_dir, "prompts.png"))
     path = write_report(self.workdir)
     self.log(f"wrote {path}")

@@ -3,6 +3,7 @@
 The configs start from the library's defaults (`vqlm.stages.tokenizer_config`,
 `vqlm.stages.lm_config`, the same ones `configs/*.py` load) and change what the demo needs.
 """
+
 import dataclasses
 
 import ml_collections
@@ -14,6 +15,7 @@ from vqlm.stages import tokenizer_config as tokenizer_defaults
 @dataclasses.dataclass(frozen=True)
 class Preset:
   """How much of everything the demo does."""
+
   train_examples: int
   tokenizer_steps: int
   tokenizer_batch: int
@@ -38,31 +40,64 @@ class Preset:
 
 
 PRESETS = {
-    # ~5 minutes: every stage runs and every artefact appears; numbers well above chance.
-    "smoke": Preset(train_examples=4000, tokenizer_steps=500, tokenizer_batch=64, lm_size="small",
-                    lm_steps=300, lm_batch=32, lm_lr=3e-3, eval_prompts=16, images_per_prompt=2,
-                    caption_images=32),
-    # The default (<= 25 minutes on 2 CPU cores).
-    "default": Preset(train_examples=20000, tokenizer_steps=2400, tokenizer_batch=64,
-                      lm_size="small", lm_steps=1600, lm_batch=32, lm_lr=2e-3, eval_prompts=100,
-                      images_per_prompt=4, caption_images=200),
-    # Longer. Not yet evaluated with the patch-FSQ tokenizer; with 5 FSQ channels the held-out
-    # row peaked mid-training and fell as the LM learned the seen pairs (docs/experiments.md).
-    "long": Preset(train_examples=20000, tokenizer_steps=6000, tokenizer_batch=64,
-                   lm_size="small", lm_steps=10000, lm_batch=32, lm_lr=2e-3, eval_prompts=200,
-                   images_per_prompt=4, caption_images=500),
+  # ~5 minutes: every stage runs and every artefact appears; numbers well above chance.
+  "smoke": Preset(
+    train_examples=4000,
+    tokenizer_steps=500,
+    tokenizer_batch=64,
+    lm_size="small",
+    lm_steps=300,
+    lm_batch=32,
+    lm_lr=3e-3,
+    eval_prompts=16,
+    images_per_prompt=2,
+    caption_images=32,
+  ),
+  # The default (<= 25 minutes on 2 CPU cores).
+  "default": Preset(
+    train_examples=20000,
+    tokenizer_steps=2400,
+    tokenizer_batch=64,
+    lm_size="small",
+    lm_steps=1600,
+    lm_batch=32,
+    lm_lr=2e-3,
+    eval_prompts=100,
+    images_per_prompt=4,
+    caption_images=200,
+  ),
+  # Longer. Not yet evaluated with the patch-FSQ tokenizer; with 5 FSQ channels the held-out
+  # row peaked mid-training and fell as the LM learned the seen pairs (docs/experiments.md).
+  "long": Preset(
+    train_examples=20000,
+    tokenizer_steps=6000,
+    tokenizer_batch=64,
+    lm_size="small",
+    lm_steps=10000,
+    lm_batch=32,
+    lm_lr=2e-3,
+    eval_prompts=200,
+    images_per_prompt=4,
+    caption_images=500,
+  ),
 }
 
 
 def split_sizes(p: Preset) -> dict[str, int]:
   held = max(64, p.eval_prompts)
-  return {"train": p.train_examples, "validation": 256, "test": max(held, p.caption_images),
-          "test_heldout": held}
+  return {
+    "train": p.train_examples,
+    "validation": 256,
+    "test": max(held, p.caption_images),
+    "test_heldout": held,
+  }
 
 
 def tokenizer_config(p: Preset, data_dir: str) -> ml_collections.ConfigDict:
   bottleneck = "fsq" if p.fsq_levels else "vq"
-  c = tokenizer_defaults.get_config(f"size=small,data=shapes,encoder={p.tokenizer_encoder},bottleneck={bottleneck}")
+  c = tokenizer_defaults.get_config(
+    f"size=small,data=shapes,encoder={p.tokenizer_encoder},bottleneck={bottleneck}"
+  )
   if p.fsq_levels:
     c.model.bottleneck.levels = tuple(p.fsq_levels)
   c.data.data_dir = data_dir

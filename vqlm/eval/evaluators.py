@@ -13,6 +13,7 @@ Types: `reconstruction` (tokenizer runs: PSNR, SSIM, codebook statistics for dis
 bottlenecks, scene-parser agreement on shapes), `text_to_image`, `image_to_text`, `scene_fd` and
 `fid` (LM runs on shapes: images judged by the scene parser, captions parsed back into scenes).
 """
+
 from collections.abc import Callable, Mapping
 import json
 import os
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from vqlm.data.sources import source_from_config
+from vqlm.errors import UserError
 from vqlm.eval import reconstruction
 
 
@@ -37,6 +39,7 @@ def _source(data: Any, split: str, log_fn: Callable[[str], None]) -> tuple[Any, 
 
 class Evaluator:
   """Base of all evaluators: keyword settings in, `run(loaded_run, artefacts) -> dict` out."""
+
   stage = ""  # The run stage it applies to ("tokenizer" or "lm").
 
   def __init__(self, log_fn: Callable[[str], None] = print, **settings: Any):
@@ -51,10 +54,12 @@ class Reconstruction(Evaluator):
   """Image tokenizers: reconstruct `num_examples` images of `split`; PSNR, SSIM, for discrete
   bottlenecks codebook usage / perplexity / dead codes, and on shapes the fraction of
   reconstructions the scene parser reads as the original scene."""
+
   stage = "tokenizer"
 
-  def __init__(self, *, split: str = "test", num_examples: int = 1000, batch_size: int = 250,
-               log_fn=print):
+  def __init__(
+    self, *, split: str = "test", num_examples: int = 1000, batch_size: int = 250, log_fn=print
+  ):
     super().__init__(log_fn, split=split, num_examples=num_examples, batch_size=batch_size)
 
   def run(self, run, artefacts=None):
@@ -66,6 +71,7 @@ class Reconstruction(Evaluator):
     if run.config.data.name == "shapes":
       from vqlm.data import shapes
       from vqlm.eval import scene_parser
+
       parse = (scene_parser.parse_image, shapes.canonical)
     for start in range(0, n, s["batch_size"]):
       items = [source[i] for i in range(start, min(n, start + s["batch_size"]))]
@@ -83,16 +89,19 @@ class Reconstruction(Evaluator):
           agree.append(parse[1](parse[0](image)) == parse[1](item["scene"]))
     originals, recons = np.concatenate(originals), np.concatenate(recons)
     result = {
-        "split": split,
-        "num_examples": int(n),
-        "psnr": float(np.mean(np.minimum(reconstruction.psnr(originals, recons), 100.0))),
-        "ssim": float(np.mean(reconstruction.ssim(originals, recons))),
-        "step": run.step,
+      "split": split,
+      "num_examples": int(n),
+      "psnr": float(np.mean(np.minimum(reconstruction.psnr(originals, recons), 100.0))),
+      "ssim": float(np.mean(reconstruction.ssim(originals, recons))),
+      "step": run.step,
     }
     if codes:
       stats = reconstruction.codebook_stats(np.concatenate(codes), run.codebook_size)
-      result.update(codebook_usage=stats["usage"], codebook_perplexity=stats["perplexity"],
-                    dead_codes=stats["dead_codes"])
+      result.update(
+        codebook_usage=stats["usage"],
+        codebook_perplexity=stats["perplexity"],
+        dead_codes=stats["dead_codes"],
+      )
     if agree:
       result["scene_agreement"] = float(np.mean(agree))
     return result
@@ -102,27 +111,50 @@ def _shapes_data(run: Any) -> Any:
   """The data config of the LM's image tokenizer; scene judging needs the shapes data set."""
   data = run.tokenizer_run().config.data
   if data.name != "shapes":
-    raise ValueError(f"this evaluation judges images with the shapes scene parser; the run used "
-                     f"'{data.name}'. Leave it out of config.evals for this data set")
+    raise UserError(
+      f"this evaluation judges images with the shapes scene parser; the run used "
+      f"'{data.name}'. Leave it out of config.evals for this data set"
+    )
   return data
 
 
 def _sampling(temperature: float, top_k: int):
   from vqlm.sample.processors import SamplingConfig, Settings
-  return SamplingConfig(text=Settings(temperature=0.0),
-                        image=Settings(temperature=temperature, top_k=top_k))
+
+  return SamplingConfig(
+    text=Settings(temperature=0.0), image=Settings(temperature=temperature, top_k=top_k)
+  )
 
 
 class _Generation(Evaluator):
   """Shared settings of the LM evaluators that draw images."""
+
   stage = "lm"
 
-  def __init__(self, *, split: str = "test", num_prompts: int = 100, images_per_prompt: int = 4,
-               cfg_scale: float = 1.0, temperature: float = 0.3, top_k: int = 0, seed: int = 0,
-               batch_size: int = 32, log_fn=print):
-    super().__init__(log_fn, split=split, num_prompts=num_prompts,
-                     images_per_prompt=images_per_prompt, cfg_scale=cfg_scale,
-                     temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size)
+  def __init__(
+    self,
+    *,
+    split: str = "test",
+    num_prompts: int = 100,
+    images_per_prompt: int = 4,
+    cfg_scale: float = 1.0,
+    temperature: float = 0.3,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 32,
+    log_fn=print,
+  ):
+    super().__init__(
+      log_fn,
+      split=split,
+      num_prompts=num_prompts,
+      images_per_prompt=images_per_prompt,
+      cfg_scale=cfg_scale,
+      temperature=temperature,
+      top_k=top_k,
+      seed=seed,
+      batch_size=batch_size,
+    )
 
   def examples(self, run) -> list[dict]:
     source = source_from_config(_shapes_data(run), self.settings["split"])
@@ -139,21 +171,32 @@ class TextToImage(_Generation):
   def run(self, run, artefacts=None):
     from vqlm import imaging
     from vqlm.eval import text_image
+
     s = self.settings
     examples = self.examples(run)
     metrics, images = text_image.text_to_image(
-        self.generator(run), examples, num_per_prompt=s["images_per_prompt"],
-        cfg_scale=s["cfg_scale"], sampling=_sampling(s["temperature"], s["top_k"]),
-        seed=s["seed"])
-    metrics["settings"] = {"image_temperature": s["temperature"], "image_top_k": s["top_k"],
-                           "cfg_scale": s["cfg_scale"]}
+      self.generator(run),
+      examples,
+      num_per_prompt=s["images_per_prompt"],
+      cfg_scale=s["cfg_scale"],
+      sampling=_sampling(s["temperature"], s["top_k"]),
+      seed=s["seed"],
+    )
+    metrics["settings"] = {
+      "image_temperature": s["temperature"],
+      "image_top_k": s["top_k"],
+      "cfg_scale": s["cfg_scale"],
+    }
     if artefacts:
       name = self.settings.get("name", "text_to_image")
       shown = min(12, len(examples))
       os.makedirs(artefacts, exist_ok=True)
-      imaging.save_png(imaging.make_grid(images[:shown * s["images_per_prompt"]],
-                                         columns=s["images_per_prompt"], scale=3),
-                       os.path.join(artefacts, f"{name}.png"))
+      imaging.save_png(
+        imaging.make_grid(
+          images[: shown * s["images_per_prompt"]], columns=s["images_per_prompt"], scale=3
+        ),
+        os.path.join(artefacts, f"{name}.png"),
+      )
       with open(os.path.join(artefacts, f"{name}.json"), "w", encoding="utf-8") as f:
         json.dump([e["text"] for e in examples[:shown]], f, indent=1)
     return metrics
@@ -161,14 +204,17 @@ class TextToImage(_Generation):
 
 class ImageToText(Evaluator):
   """Captions `num_images` images of `split` (greedy) and parses each caption back into a scene."""
+
   stage = "lm"
 
-  def __init__(self, *, split: str = "test", num_images: int = 200, batch_size: int = 32,
-               log_fn=print):
+  def __init__(
+    self, *, split: str = "test", num_images: int = 200, batch_size: int = 32, log_fn=print
+  ):
     super().__init__(log_fn, split=split, num_images=num_images, batch_size=batch_size)
 
   def run(self, run, artefacts=None):
     from vqlm.eval import text_image
+
     source = source_from_config(_shapes_data(run), self.settings["split"])
     examples = [source[i] for i in range(min(self.settings["num_images"], len(source)))]
     generator = _Generation.generator(self, run)
@@ -176,28 +222,35 @@ class ImageToText(Evaluator):
     if artefacts:
       os.makedirs(artefacts, exist_ok=True)
       with open(os.path.join(artefacts, "captions.json"), "w", encoding="utf-8") as f:
-        json.dump([{"truth": e["text"], "caption": c} for e, c in zip(examples, captions)], f,
-                  indent=1)
-      np.save(os.path.join(artefacts, "caption_images.npy"),
-              np.stack([e["image"] for e in examples[:12]]))
+        json.dump(
+          [{"truth": e["text"], "caption": c} for e, c in zip(examples, captions)], f, indent=1
+        )
+      np.save(
+        os.path.join(artefacts, "caption_images.npy"), np.stack([e["image"] for e in examples[:12]])
+      )
     return metrics
 
 
 class _SetDistance(_Generation):
   """One image per caption of `split`, compared as a set with the real images of those captions."""
 
-  def __init__(self, *, num_prompts: int = 200, images_per_prompt: int = 1, seed: int = 1,
-               **kwargs):
-    super().__init__(num_prompts=num_prompts, images_per_prompt=images_per_prompt, seed=seed,
-                     **kwargs)
+  def __init__(
+    self, *, num_prompts: int = 200, images_per_prompt: int = 1, seed: int = 1, **kwargs
+  ):
+    super().__init__(
+      num_prompts=num_prompts, images_per_prompt=images_per_prompt, seed=seed, **kwargs
+    )
 
   def images(self, run) -> tuple[np.ndarray, np.ndarray]:
     s = self.settings
     examples = self.examples(run)
     fake = self.generator(run).generate_images(
-        [e["text"] for e in examples], num_per_prompt=s["images_per_prompt"],
-        cfg_scale=s["cfg_scale"], sampling=_sampling(s["temperature"], s["top_k"]),
-        seed=s["seed"])
+      [e["text"] for e in examples],
+      num_per_prompt=s["images_per_prompt"],
+      cfg_scale=s["cfg_scale"],
+      sampling=_sampling(s["temperature"], s["top_k"]),
+      seed=s["seed"],
+    )
     return fake, np.stack([e["image"] for e in examples])
 
 
@@ -206,6 +259,7 @@ class SceneFD(_SetDistance):
 
   def run(self, run, artefacts=None):
     from vqlm.eval.fid import scene_fd
+
     fake, real = self.images(run)
     return {"generated_vs_test": float(scene_fd(fake, real)), "num_images": len(real)}
 
@@ -216,22 +270,29 @@ class FID(_SetDistance):
 
   def __init__(self, *, inception_weights: str = "", **kwargs):
     if not inception_weights:
-      raise ValueError("the fid evaluator needs inception_weights=PATH.npz (see "
-                       "vqlm/nn/inception.py for how to make it)")
+      raise UserError(
+        "the fid evaluator needs inception_weights=PATH.npz (see "
+        "vqlm/nn/inception.py for how to make it)"
+      )
     super().__init__(**kwargs)
     self.inception_weights = inception_weights
 
   def run(self, run, artefacts=None):
     from vqlm.eval.fid import inception_fid
+
     fake, real = self.images(run)
-    return {"generated_vs_test": float(inception_fid(fake, real,
-                                                     weights_path=self.inception_weights)),
-            "num_images": len(real)}
+    return {
+      "generated_vs_test": float(inception_fid(fake, real, weights_path=self.inception_weights)),
+      "num_images": len(real),
+    }
 
 
 TYPES: dict[str, type[Evaluator]] = {
-    "reconstruction": Reconstruction, "text_to_image": TextToImage, "image_to_text": ImageToText,
-    "scene_fd": SceneFD, "fid": FID,
+  "reconstruction": Reconstruction,
+  "text_to_image": TextToImage,
+  "image_to_text": ImageToText,
+  "scene_fd": SceneFD,
+  "fid": FID,
 }
 
 
@@ -243,30 +304,42 @@ def build(evals: Mapping[str, Mapping[str, Any]], *, log_fn=print) -> dict[str, 
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind not in TYPES:
-      raise ValueError(f"config.evals.{name}.type is {kind!r}; valid: {', '.join(TYPES)}")
+      raise UserError(f"config.evals.{name}.type is {kind!r}; valid: {', '.join(TYPES)}")
     try:
       out[name] = TYPES[kind](log_fn=log_fn, **spec)
     except TypeError as e:
-      raise ValueError(f"config.evals.{name}: {e}; see vqlm/eval/evaluators.py for the "
-                       f"settings of '{kind}'") from None
+      raise UserError(
+        f"config.evals.{name}: {e}; see vqlm/eval/evaluators.py for the settings of '{kind}'"
+      ) from None
     if kind == "text_to_image":
       out[name].settings["name"] = name
   return out
 
 
-def run_all(run: Any, evaluators: Mapping[str, Evaluator], *, workdir: str | None = None,
-            artefacts: str | None = None, log_fn=print) -> dict[str, dict[str, Any]]:
+def run_all(
+  run: Any,
+  evaluators: Mapping[str, Evaluator],
+  *,
+  workdir: str | None = None,
+  artefacts: str | None = None,
+  log_fn=print,
+) -> dict[str, dict[str, Any]]:
   """Runs each evaluator on a loaded run; with `workdir`, writes each result as its section of
   `WORKDIR/eval.json` (next to the run's config) as soon as it is done."""
   from vqlm.runs import config_to_dict, write_eval
+
   results = {}
   for name, evaluator in evaluators.items():
     if evaluator.stage and evaluator.stage != run.config.get("stage"):
-      raise ValueError(f"evaluator '{name}' applies to {evaluator.stage} runs, not to "
-                       f"{run.config.get('stage')} runs")
+      raise UserError(
+        f"evaluator '{name}' applies to {evaluator.stage} runs, not to "
+        f"{run.config.get('stage')} runs"
+      )
     results[name] = evaluator.run(run, artefacts)
     if workdir is not None:
       write_eval(workdir, name, results[name], config=config_to_dict(run.config))
-    log_fn(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[name].items()
-                                   if isinstance(v, float)))
+    log_fn(
+      f"{name}: "
+      + ", ".join(f"{k}={v:.4g}" for k, v in results[name].items() if isinstance(v, float))
+    )
   return results

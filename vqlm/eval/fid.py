@@ -13,16 +13,18 @@ FD(a, b) = ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2}) over Gaussian f
 uint8 images resized to 299x299; `scene_fd` uses `vqlm.data.scene_parser.scene_features` of shapes
 images, so a number exists offline on the built-in data.
 """
+
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from vqlm.errors import UserError
 from vqlm.nn import inception
 
 METHODS = ("sqrtm", "eigh")
@@ -32,9 +34,9 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Mean `[D]` and unbiased covariance `[D, D]` (float64) of `features[N, D]`, N >= 2."""
   x = np.asarray(features, np.float64)
   if x.ndim != 2 or x.shape[0] < 2:
-    raise ValueError(f"features must be [N, D] with N >= 2 samples, got shape {list(x.shape)}")
+    raise UserError(f"features must be [N, D] with N >= 2 samples, got shape {list(x.shape)}")
   if not np.all(np.isfinite(x)):
-    raise ValueError("features contain NaN or inf: check the feature extractor's input")
+    raise UserError("features contain NaN or inf: check the feature extractor's input")
   return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
 
 
@@ -42,10 +44,12 @@ def _check_stats(mu: np.ndarray, sigma: np.ndarray, which: str) -> tuple[np.ndar
   mu = np.atleast_1d(np.asarray(mu, np.float64))
   sigma = np.atleast_2d(np.asarray(sigma, np.float64))
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-    raise ValueError(f"statistics {which}: need mu[D] and sigma[D, D], got {list(mu.shape)} and "
-                     f"{list(sigma.shape)} (compute them with vqlm.eval.fid.statistics)")
+    raise UserError(
+      f"statistics {which}: need mu[D] and sigma[D, D], got {list(mu.shape)} and "
+      f"{list(sigma.shape)} (compute them with vqlm.eval.fid.statistics)"
+    )
   if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-    raise ValueError(f"statistics {which} contain NaN or inf")
+    raise UserError(f"statistics {which} contain NaN or inf")
   return mu, sigma
 
 
@@ -58,8 +62,10 @@ def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float
   if np.iscomplexobj(covmean):
     imag = np.max(np.abs(np.diagonal(covmean).imag))
     if imag > 1e-3:
-      raise ValueError(f"sqrtm of the covariance product has an imaginary part of {imag:.3g}: "
-                       "use more samples or method='eigh'")
+      raise UserError(
+        f"sqrtm of the covariance product has an imaginary part of {imag:.3g}: "
+        "use more samples or method='eigh'"
+      )
     covmean = covmean.real
   return float(np.trace(covmean))
 
@@ -87,25 +93,33 @@ def _trace_sqrt_product_samples(xa: np.ndarray, xb: np.ndarray) -> float:
   return float(np.sum(s) / np.sqrt((len(xa) - 1) * (len(xb) - 1)))
 
 
-def _distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-              tr_covmean: float) -> float:
+def _distance(
+  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, tr_covmean: float
+) -> float:
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 def _check_method(method: str) -> None:
   if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise UserError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,
-                     eps: float = 1e-6, method: str = "sqrtm") -> float:
+def frechet_distance(
+  mu1: np.ndarray,
+  sigma1: np.ndarray,
+  mu2: np.ndarray,
+  sigma2: np.ndarray,
+  *,
+  eps: float = 1e-6,
+  method: str = "sqrtm",
+) -> float:
   """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); float64 `mu[D]`, `sigma[D, D]`."""
   _check_method(method)
   mu1, sigma1 = _check_stats(mu1, sigma1, "1")
   mu2, sigma2 = _check_stats(mu2, sigma2, "2")
   if mu1.shape != mu2.shape:
-    raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
+    raise UserError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
   if method == "sqrtm":
     tr_covmean = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
   else:
@@ -113,8 +127,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   return _distance(mu1, sigma1, mu2, sigma2, tr_covmean)
 
 
-def fid_from_features(features_a: np.ndarray, features_b: np.ndarray, *,
-                      method: str = "sqrtm") -> float:
+def fid_from_features(
+  features_a: np.ndarray, features_b: np.ndarray, *, method: str = "sqrtm"
+) -> float:
   """Fréchet distance between Gaussian fits of `features_a[N, D]` and `features_b[M, D]`.
 
   With method="eigh" and few samples (N M min(N, M) < D^3) the trace term comes from an [N, M]
@@ -124,9 +139,9 @@ def fid_from_features(features_a: np.ndarray, features_b: np.ndarray, *,
   mu1, sigma1 = statistics(features_a)
   mu2, sigma2 = statistics(features_b)
   if mu1.shape != mu2.shape:
-    raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
+    raise UserError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
   n, m, d = len(features_a), len(features_b), mu1.shape[0]
-  if method == "eigh" and n * m * min(n, m) < d ** 3:
+  if method == "eigh" and n * m * min(n, m) < d**3:
     xa = np.asarray(features_a, np.float64) - mu1
     xb = np.asarray(features_b, np.float64) - mu2
     return _distance(mu1, sigma1, mu2, sigma2, _trace_sqrt_product_samples(xa, xb))
@@ -140,6 +155,7 @@ def scene_fd(images_a: np.ndarray, images_b: np.ndarray, *, method: str = "eigh"
   covariances are singular: the default is the stable "eigh" method.
   """
   from vqlm.eval.scene_parser import scene_features  # numpy + scipy only; imported where used.
+
   return fid_from_features(scene_features(images_a), scene_features(images_b), method=method)
 
 
@@ -148,21 +164,24 @@ def _inception_features(variables: Mapping, images: jax.Array) -> jax.Array:
   return inception.InceptionV3().apply(variables, inception.preprocess(images))
 
 
-def inception_features(variables: Mapping, images: np.ndarray, *,
-                       batch_size: int = 50) -> np.ndarray:
+def inception_features(
+  variables: Mapping, images: np.ndarray, *, batch_size: int = 50
+) -> np.ndarray:
   """Pool3 features float32 `[N, 2048]` of uint8 images `[N, H, W, 3]` (any H, W; resized to 299).
 
   Runs in fixed-size batches (the last one padded) so one compiled program serves every call.
   """
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError("images must be uint8[N, H, W, 3] (convert with np.clip(x, 0, 255)"
-                     f".astype(np.uint8)), got {images.dtype}{list(images.shape)}")
+    raise UserError(
+      "images must be uint8[N, H, W, 3] (convert with np.clip(x, 0, 255)"
+      f".astype(np.uint8)), got {images.dtype}{list(images.shape)}"
+    )
   if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    raise UserError(f"batch_size must be >= 1, got {batch_size}")
   out = []
   for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
+    batch = images[start : start + batch_size]
     n = len(batch)
     if n < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], np.uint8)])
@@ -172,9 +191,14 @@ def inception_features(variables: Mapping, images: np.ndarray, *,
   return np.concatenate(out).astype(np.float32)
 
 
-def inception_fid(images_a: np.ndarray, images_b: np.ndarray, *,
-                  weights_path: str | os.PathLike | None, batch_size: int = 50,
-                  method: str = "sqrtm") -> float:
+def inception_fid(
+  images_a: np.ndarray,
+  images_b: np.ndarray,
+  *,
+  weights_path: str | os.PathLike | None,
+  batch_size: int = 50,
+  method: str = "sqrtm",
+) -> float:
   """FID between uint8 image sets `[N, H, W, 3]`, `[M, H', W', 3]` with Inception weights `.npz`.
 
   Use thousands of images per set for a meaningful number (10k or 50k is customary); with fewer

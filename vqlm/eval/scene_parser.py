@@ -16,12 +16,13 @@ change the nearest palette colour or the best template.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from vqlm.data import shapes
+from vqlm.errors import UserError
 
 _PALETTE = np.array([shapes.BACKGROUND] + list(shapes.COLORS.values()), np.float32)  # [C + 1, 3]
 _COLOR_NAMES = tuple(shapes.COLORS)
@@ -34,11 +35,13 @@ ATTRIBUTES = ("color", "shape", "size")
 def _check_image(image: np.ndarray) -> np.ndarray:
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError("image must be uint8[H, W, 3] (convert with "
-                     "np.clip(x, 0, 255).astype(np.uint8)),"
-                     f" got {image.dtype}{list(image.shape)}")
+    raise UserError(
+      "image must be uint8[H, W, 3] (convert with "
+      "np.clip(x, 0, 255).astype(np.uint8)),"
+      f" got {image.dtype}{list(image.shape)}"
+    )
   if image.shape[0] != image.shape[1]:
-    raise ValueError(f"image must be square, got {image.shape[:2]}")
+    raise UserError(f"image must be square, got {image.shape[:2]}")
   return image
 
 
@@ -71,7 +74,9 @@ def _best_template(mask: np.ndarray, geo: shapes.Layout) -> tuple[str, str, floa
           x0, x1 = max(0, ox), min(w, ox + s)
           if y1 <= y0 or x1 <= x0:
             continue
-          inter = int(np.count_nonzero(mask[y0:y1, x0:x1] & tmpl[y0 - oy:y1 - oy, x0 - ox:x1 - ox]))
+          inter = int(
+            np.count_nonzero(mask[y0:y1, x0:x1] & tmpl[y0 - oy : y1 - oy, x0 - ox : x1 - ox])
+          )
           best_inter = max(best_inter, inter)
       iou = best_inter / (area + t_area - best_inter)
       if iou > best[2]:
@@ -79,8 +84,9 @@ def _best_template(mask: np.ndarray, geo: shapes.Layout) -> tuple[str, str, floa
   return best
 
 
-def parse_image(image: np.ndarray, *, max_distance: float = 100.0,
-                min_area_frac: float = 0.3) -> list[dict]:
+def parse_image(
+  image: np.ndarray, *, max_distance: float = 100.0, min_area_frac: float = 0.3
+) -> list[dict]:
   """Scene read from `image` (uint8[H, W, 3], H == W >= 30), in canonical order.
 
   Args:
@@ -92,8 +98,9 @@ def parse_image(image: np.ndarray, *, max_distance: float = 100.0,
   image = _check_image(image)
   geo = shapes.layout(image.shape[0])
   labels = snap(image, max_distance=max_distance)
-  min_area = min_area_frac * min(int(shapes.shape_mask(s, geo.sides["small"]).sum())
-                                 for s in shapes.SHAPES)
+  min_area = min_area_frac * min(
+    int(shapes.shape_mask(s, geo.sides["small"]).sum()) for s in shapes.SHAPES
+  )
   # (cell, colour index) -> merged mask of the kept components.
   groups: dict[tuple[str, int], np.ndarray] = {}
   for ci in range(len(_COLOR_NAMES)):
@@ -123,7 +130,7 @@ def parse_image(image: np.ndarray, *, max_distance: float = 100.0,
     ci = per_cell[cell][1]
     mask = groups[(cell, ci)]
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     shape, size, _ = _best_template(crop, geo)
     scene.append({"shape": shape, "color": _COLOR_NAMES[ci], "size": size, "position": cell})
   return scene
@@ -142,20 +149,28 @@ def scene_features(image: np.ndarray) -> np.ndarray:
   """
   image = np.asarray(image)
   if image.ndim == 4:
-    return np.stack([scene_features(im) for im in image]) if len(image) else np.zeros(
-        (0, NUM_FEATURES), np.float32)
+    return (
+      np.stack([scene_features(im) for im in image])
+      if len(image)
+      else np.zeros((0, NUM_FEATURES), np.float32)
+    )
   image = _check_image(image)
   geo = shapes.layout(image.shape[0])
-  occ = np.zeros((len(shapes.POSITIONS), len(shapes.COLORS), len(shapes.SHAPES), len(shapes.SIZES)),
-                 np.float32)
+  occ = np.zeros(
+    (len(shapes.POSITIONS), len(shapes.COLORS), len(shapes.SHAPES), len(shapes.SIZES)), np.float32
+  )
   for o in parse_image(image):
-    occ[shapes.POSITIONS.index(o["position"]), _COLOR_NAMES.index(o["color"]),
-        shapes.SHAPES.index(o["shape"]), shapes.SIZES.index(o["size"])] = 1.0
+    occ[
+      shapes.POSITIONS.index(o["position"]),
+      _COLOR_NAMES.index(o["color"]),
+      shapes.SHAPES.index(o["shape"]),
+      shapes.SIZES.index(o["size"]),
+    ] = 1.0
   labels = snap(image)
   frac = np.zeros((len(shapes.POSITIONS), NUM_LABELS), np.float32)
   for i, cell in enumerate(shapes.POSITIONS):
     y, x = geo.cell_origin(cell)
-    block = labels[y:y + geo.cell, x:x + geo.cell]
+    block = labels[y : y + geo.cell, x : x + geo.cell]
     frac[i] = np.bincount(block.ravel(), minlength=NUM_LABELS) / block.size
   return np.concatenate([occ.ravel(), frac.ravel()])
 
@@ -200,9 +215,11 @@ def summarize(results: Iterable[Mapping]) -> dict[str, float]:
   `scene`) and object-level accuracies (`<attr>_acc`, `position_acc` = matched / true objects)."""
   results = list(results)
   if not results:
-    raise ValueError("summarize needs at least one compare() result")
-  out = {k: float(np.mean([r[k] for r in results]))
-         for k in ("count", "position", "color", "shape", "size", "scene")}
+    raise UserError("summarize needs at least one compare() result")
+  out = {
+    k: float(np.mean([r[k] for r in results]))
+    for k in ("count", "position", "color", "shape", "size", "scene")
+  }
   total = max(1, sum(r["num_truth"] for r in results))
   out["position_acc"] = sum(r["num_matched"] for r in results) / total
   for attr in ATTRIBUTES:

@@ -5,6 +5,7 @@ scene and compared with the caption's scene (object count, colour, shape, size, 
 whole scene). Image-to-text: each test image is captioned and the caption parsed back into a scene.
 Both are reported overall and split by the number of objects in the true scene.
 """
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,9 +23,15 @@ def _by_count(results: list[dict], counts: list[int]) -> dict[str, dict[str, flo
   return out
 
 
-def text_to_image(generator: Any, examples: Sequence[dict], *, num_per_prompt: int = 4,
-                  cfg_scale: float | None = None, sampling: Any = None, seed: int = 0
-                  ) -> tuple[dict[str, Any], np.ndarray]:
+def text_to_image(
+  generator: Any,
+  examples: Sequence[dict],
+  *,
+  num_per_prompt: int = 4,
+  cfg_scale: float | None = None,
+  sampling: Any = None,
+  seed: int = 0,
+) -> tuple[dict[str, Any], np.ndarray]:
   """Draws every example's caption and scores the images against the example's scene.
 
   Args:
@@ -34,20 +41,26 @@ def text_to_image(generator: Any, examples: Sequence[dict], *, num_per_prompt: i
     (metrics, images uint8 [len(examples) * num_per_prompt, H, W, 3]).
   """
   prompts = [e["text"] for e in examples]
-  images = generator.generate_images(prompts, num_per_prompt=num_per_prompt, cfg_scale=cfg_scale,
-                                     sampling=sampling, seed=seed)
+  images = generator.generate_images(
+    prompts, num_per_prompt=num_per_prompt, cfg_scale=cfg_scale, sampling=sampling, seed=seed
+  )
   results, counts = [], []
   for i, image in enumerate(images):
     truth = examples[i // num_per_prompt]["scene"]
     results.append(scene_parser.compare(scene_parser.parse_image(image), truth))
     counts.append(len(truth))
-  metrics = {"num_prompts": len(prompts), "num_images": len(images),
-             **scene_parser.summarize(results), "by_objects": _by_count(results, counts)}
+  metrics = {
+    "num_prompts": len(prompts),
+    "num_images": len(images),
+    **scene_parser.summarize(results),
+    "by_objects": _by_count(results, counts),
+  }
   return metrics, images
 
 
-def image_to_text(generator: Any, examples: Sequence[dict], *, seed: int = 0
-                  ) -> tuple[dict[str, Any], list[str]]:
+def image_to_text(
+  generator: Any, examples: Sequence[dict], *, seed: int = 0
+) -> tuple[dict[str, Any], list[str]]:
   """Captions every example's image (greedy) and scores the parsed captions against its scene."""
   images = np.stack([e["image"] for e in examples])
   captions = generator.caption_images(images, greedy=True, seed=seed)
@@ -57,8 +70,12 @@ def image_to_text(generator: Any, examples: Sequence[dict], *, seed: int = 0
     results.append(scene_parser.compare(parsed, example["scene"]))
     counts.append(len(example["scene"]))
   parsed_rate = float(np.mean([shapes.parse_caption(c) is not None for c in captions]))
-  metrics = {"num_images": len(captions), "parseable": parsed_rate,
-             **scene_parser.summarize(results), "by_objects": _by_count(results, counts)}
+  metrics = {
+    "num_images": len(captions),
+    "parseable": parsed_rate,
+    **scene_parser.summarize(results),
+    "by_objects": _by_count(results, counts),
+  }
   return metrics, captions
 
 

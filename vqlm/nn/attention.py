@@ -19,12 +19,14 @@ row has not reached yet, so the causal-by-position mask hides them, and each is 
 row's real token before that token's position becomes visible. No lengths are stored: the caller
 tracks each row's next position. Positions must be < L (out-of-range writes are dropped).
 """
+
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqlm.errors import UserError
 from vqlm.nn import layers
 
 DType = Any
@@ -50,12 +52,15 @@ def make_decode_mask(positions: jax.Array, cache_len: int) -> jax.Array:
   return (slots[None, None, :] <= positions[:, :, None])[:, None]
 
 
-def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-                  dtype: DType = jnp.float32) -> KVCache:
+def init_kv_cache(
+  batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: DType = jnp.float32
+) -> KVCache:
   """Zero cache of one layer: `{"k": [batch, num_kv_heads, head_dim, max_len],
   "v": [batch, num_kv_heads, max_len, head_dim]}`."""
-  return {"k": jnp.zeros((batch, num_kv_heads, head_dim, max_len), dtype),
-          "v": jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype)}
+  return {
+    "k": jnp.zeros((batch, num_kv_heads, head_dim, max_len), dtype),
+    "v": jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype),
+  }
 
 
 def write_kv_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
@@ -65,12 +70,21 @@ def write_kv_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Ar
   # [B, S, KVH, Dh].
   new_k = cache["k"].at[rows, :, :, positions].set(k.astype(cache["k"].dtype))
   new_v = cache["v"].at[rows, :, positions].set(v.astype(cache["v"].dtype))
-  return {"k": layers.constrain(new_k, ("batch", "kv_heads", "head_dim", "cache_length")),
-          "v": layers.constrain(new_v, ("batch", "kv_heads", "cache_length", "head_dim"))}
+  return {
+    "k": layers.constrain(new_k, ("batch", "kv_heads", "head_dim", "cache_length")),
+    "v": layers.constrain(new_v, ("batch", "kv_heads", "cache_length", "head_dim")),
+  }
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                          *, implementation: str = "xla", query_chunks: int = 1) -> jax.Array:
+def dot_product_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None,
+  *,
+  implementation: str = "xla",
+  query_chunks: int = 1,
+) -> jax.Array:
   """Grouped-query attention. `q[B, S, N, Dh]`, `k, v[B, T, K, Dh]` (N divisible by K).
 
   `mask[B, 1, S, T]` bool (True = attend) or None for causal attention (requires S == T).
@@ -85,19 +99,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   """
   if implementation == "cudnn":
     if q.dtype not in (jnp.bfloat16, jnp.float16):
-      raise ValueError(f"attention_impl='cudnn' needs bfloat16/float16 inputs, got {q.dtype}; "
-                       "set dtype='bfloat16' or attention_impl='xla'.")
+      raise UserError(
+        f"attention_impl='cudnn' needs bfloat16/float16 inputs, got {q.dtype}; "
+        "set dtype='bfloat16' or attention_impl='xla'."
+      )
     if mask is None:
       return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
   if implementation != "xla":
-    raise ValueError(f"attention_impl={implementation!r}; use one of {IMPLEMENTATIONS}.")
-  return attend_head_major(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask,
-                           query_chunks=query_chunks)
+    raise UserError(f"attention_impl={implementation!r}; use one of {IMPLEMENTATIONS}.")
+  return attend_head_major(
+    q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, query_chunks=query_chunks
+  )
 
 
-def attend_head_major(q: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array | None, *,
-                      query_chunks: int = 1, keys_transposed: bool = False) -> jax.Array:
+def attend_head_major(
+  q: jax.Array,
+  kh: jax.Array,
+  vh: jax.Array,
+  mask: jax.Array | None,
+  *,
+  query_chunks: int = 1,
+  keys_transposed: bool = False,
+) -> jax.Array:
   """The "xla" attention with keys and values head-major, as the KV cache stores them.
 
   `q[B, S, N, Dh]`, `kh, vh[B, K, T, Dh]` (`kh[B, K, Dh, T]` with `keys_transposed`),
@@ -107,10 +131,10 @@ def attend_head_major(q: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Arra
   b, s, n, dh = q.shape
   kvh, t = vh.shape[1], vh.shape[2]
   if mask is None and s != t:
-    raise ValueError(f"mask=None means causal self-attention; got {s} queries and {t} keys.")
+    raise UserError(f"mask=None means causal self-attention; got {s} queries and {t} keys.")
   g = n // kvh
   # Head-major queries too, so that every einsum below is a plain batched matmul.
-  qh = (q * jnp.asarray(dh ** -0.5, q.dtype)).reshape(b, s, kvh, g, dh).transpose(0, 2, 3, 1, 4)
+  qh = (q * jnp.asarray(dh**-0.5, q.dtype)).reshape(b, s, kvh, g, dh).transpose(0, 2, 3, 1, 4)
   chunks = query_chunks if s == t and s >= 2 * query_chunks else 1
   bounds = [round(i * s / chunks) for i in range(chunks + 1)]
   outs = []
@@ -121,14 +145,22 @@ def attend_head_major(q: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Arra
     else:
       chunk_mask = mask[:, :, start:end, :keys]
     chunk_keys = kh[..., :keys] if keys_transposed else kh[:, :, :keys]
-    outs.append(_attend(qh[:, :, :, start:end], chunk_keys, vh[:, :, :keys], chunk_mask,
-                        keys_transposed=keys_transposed))
+    outs.append(
+      _attend(
+        qh[:, :, :, start:end],
+        chunk_keys,
+        vh[:, :, :keys],
+        chunk_mask,
+        keys_transposed=keys_transposed,
+      )
+    )
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, dh).astype(q.dtype)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-            keys_transposed: bool = False) -> jax.Array:
+def _attend(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, keys_transposed: bool = False
+) -> jax.Array:
   """`q[B, K, G, S, Dh]` (pre-scaled), `k, v[B, K, T, Dh]` (`k[B, K, Dh, T]` with
   `keys_transposed`), `mask[B or 1, 1, S, T]` bool -> `[B, K, G, S, Dh]`; logits and softmax in
   float32.
@@ -139,9 +171,12 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   """
   b, kvh, g, s, dh = q.shape
   t = v.shape[2]
-  logits = jnp.einsum("bkqd,bkdt->bkqt" if keys_transposed else "bkqd,bktd->bkqt",
-                      q.reshape(b, kvh, g * s, dh), k,
-                      preferred_element_type=jnp.float32).reshape(b, kvh, g, s, t)
+  logits = jnp.einsum(
+    "bkqd,bkdt->bkqt" if keys_transposed else "bkqd,bktd->bkqt",
+    q.reshape(b, kvh, g * s, dh),
+    k,
+    preferred_element_type=jnp.float32,
+  ).reshape(b, kvh, g, s, t)
   # An additive bias, not a select: its backward pass is free.
   logits = logits + jnp.where(mask[:, :, None], 0.0, _MASKED).astype(jnp.float32)
   # Softmax with the normalisation deferred to the [.., S, Dh] output instead of the [.., S, T]
@@ -150,8 +185,12 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   weights = jnp.exp(logits - top)
   denominator = jnp.sum(weights, axis=-1, keepdims=True)
-  out = jnp.einsum("bkqt,bktd->bkqd", weights.astype(v.dtype).reshape(b, kvh, g * s, t), v,
-                   preferred_element_type=jnp.float32).reshape(b, kvh, g, s, dh)
+  out = jnp.einsum(
+    "bkqt,bktd->bkqd",
+    weights.astype(v.dtype).reshape(b, kvh, g * s, t),
+    v,
+    preferred_element_type=jnp.float32,
+  ).reshape(b, kvh, g, s, dh)
   return (out / denominator).astype(v.dtype)
 
 
@@ -162,6 +201,7 @@ class Attention(nn.Module):
   `out[heads, head_dim, embed]`; with `qk_norm`, RMSNorm scales `query_norm` / `key_norm`
   over head_dim.
   """
+
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -173,9 +213,16 @@ class Attention(nn.Module):
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, sin: jax.Array, cos: jax.Array,
-               mask: jax.Array | None, cache: KVCache | None = None,
-               positions: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    sin: jax.Array,
+    cos: jax.Array,
+    mask: jax.Array | None,
+    cache: KVCache | None = None,
+    positions: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
     """Self-attention over `x[B, S, D]`.
 
     Args:
@@ -190,12 +237,15 @@ class Attention(nn.Module):
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dim = x.shape[-1]
-    q = layers.Dense((self.num_heads, self.head_dim), axes=("embed", "heads", "head_dim"),
-                     name="query", **kw)(x)
-    k = layers.Dense((self.num_kv_heads, self.head_dim), axes=("embed", "kv_heads", "head_dim"),
-                     name="key", **kw)(x)
-    v = layers.Dense((self.num_kv_heads, self.head_dim), axes=("embed", "kv_heads", "head_dim"),
-                     name="value", **kw)(x)
+    q = layers.Dense(
+      (self.num_heads, self.head_dim), axes=("embed", "heads", "head_dim"), name="query", **kw
+    )(x)
+    k = layers.Dense(
+      (self.num_kv_heads, self.head_dim), axes=("embed", "kv_heads", "head_dim"), name="key", **kw
+    )(x)
+    v = layers.Dense(
+      (self.num_kv_heads, self.head_dim), axes=("embed", "kv_heads", "head_dim"), name="value", **kw
+    )(x)
     if self.qk_norm:
       q = layers.RMSNorm(self.norm_eps, name="query_norm", **kw)(q)
       k = layers.RMSNorm(self.norm_eps, name="key_norm", **kw)(k)
@@ -206,17 +256,23 @@ class Attention(nn.Module):
     new_cache = None
     if cache is not None:
       if positions is None or mask is None:
-        raise ValueError("Attention with a KV cache needs `positions` and a decode `mask`.")
+        raise UserError("Attention with a KV cache needs `positions` and a decode `mask`.")
       new_cache = write_kv_cache(cache, k, v, positions)
       kh, vh = (new_cache[name].astype(self.dtype) for name in ("k", "v"))
       if self.attention_impl == "xla":
         out = attend_head_major(q, kh, vh, mask, keys_transposed=True)
       else:
-        out = dot_product_attention(q, kh.transpose(0, 3, 1, 2), vh.transpose(0, 2, 1, 3), mask,
-                                    implementation=self.attention_impl)
+        out = dot_product_attention(
+          q,
+          kh.transpose(0, 3, 1, 2),
+          vh.transpose(0, 2, 1, 3),
+          mask,
+          implementation=self.attention_impl,
+        )
     else:
-      out = dot_product_attention(q, k, v, mask, implementation=self.attention_impl,
-                                  query_chunks=self.query_chunks)
+      out = dot_product_attention(
+        q, k, v, mask, implementation=self.attention_impl, query_chunks=self.query_chunks
+      )
     out = layers.constrain(out, layers.ACT_HEADS)
     y = layers.Dense(dim, axes=("heads", "head_dim", "embed"), in_dims=2, name="out", **kw)(out)
     return y, new_cache

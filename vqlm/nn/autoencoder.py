@@ -13,12 +13,15 @@ keeps full-resolution work small (fast CPU configs).
 
 The decoder output is float32 whatever the compute `dtype`.
 """
+
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vqlm.errors import UserError
 
 Dtype = Any
 
@@ -34,22 +37,25 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
 def factor_of(channel_multipliers: Sequence[int]) -> int:
   """The spatial down-sampling factor implied by `channel_multipliers`."""
   if not channel_multipliers:
-    raise ValueError("channel_multipliers must have at least one entry, e.g. (1, 2, 2)")
+    raise UserError("channel_multipliers must have at least one entry, e.g. (1, 2, 2)")
   return 2 ** (len(channel_multipliers) - 1)
 
 
 class ResBlock(nn.Module):
   """GroupNorm -> swish -> conv3x3, twice, plus a (1x1-projected) skip.  [B,H,W,C] -> [B,H,W,F]."""
+
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda f, k, name: nn.Conv(f, (k, k), padding="SAME", dtype=self.dtype,
-                                      param_dtype=self.param_dtype, name=name)
-    norm = lambda c, name: nn.GroupNorm(num_groups(c), dtype=self.dtype,
-                                        param_dtype=self.param_dtype, name=name)
+    conv = lambda f, k, name: nn.Conv(
+      f, (k, k), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
+    norm = lambda c, name: nn.GroupNorm(
+      num_groups(c), dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     h = conv(self.features, 3, "conv1")(nn.swish(norm(x.shape[-1], "norm1")(x)))
     h = conv(self.features, 3, "conv2")(nn.swish(norm(self.features, "norm2")(h)))
     if x.shape[-1] != self.features:
@@ -62,6 +68,7 @@ class AttnBlock(nn.Module):
 
   Logits and softmax are computed in float32.
   """
+
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -69,8 +76,9 @@ class AttnBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hh, ww, c = x.shape
     dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    h = nn.GroupNorm(num_groups(c), dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="norm")(x).reshape(b, hh * ww, c)
+    h = nn.GroupNorm(num_groups(c), dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
+      x
+    ).reshape(b, hh * ww, c)
     q, k, v = dense("query")(h), dense("key")(h), dense("value")(h)
     logits = jnp.einsum("bqc,bkc->bqk", q.astype(jnp.float32), k.astype(jnp.float32))
     weights = jax.nn.softmax(logits / jnp.sqrt(jnp.float32(c)), axis=-1)
@@ -80,6 +88,7 @@ class AttnBlock(nn.Module):
 
 class MiddleBlock(nn.Module):
   """The lowest-resolution block: ResBlock [-> AttnBlock -> ResBlock]."""
+
   features: int
   attention: bool
   dtype: Dtype = jnp.float32
@@ -97,6 +106,7 @@ class MiddleBlock(nn.Module):
 
 class Encoder(nn.Module):
   """Images [B,H,W,3] in [-1, 1] -> latents [B,H/f,W/f,latent_dim] (f = `factor`)."""
+
   channels: int = 64
   channel_multipliers: Sequence[int] = (1, 2, 2)
   num_res_blocks: int = 1
@@ -118,8 +128,14 @@ class Encoder(nn.Module):
       for j in range(self.num_res_blocks):
         h = ResBlock(self.channels * mult, name=f"down{i}_res{j}", **kw)(h)
       if i < levels - 1:
-        h = nn.Conv(self.channels * self.channel_multipliers[i + 1], (3, 3), strides=(2, 2),
-                    padding="SAME", name=f"down{i}_conv", **kw)(h)
+        h = nn.Conv(
+          self.channels * self.channel_multipliers[i + 1],
+          (3, 3),
+          strides=(2, 2),
+          padding="SAME",
+          name=f"down{i}_conv",
+          **kw,
+        )(h)
     top = self.channels * self.channel_multipliers[-1]
     h = MiddleBlock(top, self.attention_at_lowest, name="mid", **kw)(h)
     h = nn.swish(nn.GroupNorm(num_groups(top), name="norm_out", **kw)(h))
@@ -137,6 +153,7 @@ class PatchEncoder(Encoder):
   channel_multipliers set the width `channels * channel_multipliers[-1]` and the factor;
   `num_res_blocks` and `attention_at_lowest` are not used.
   """
+
   mlp_blocks: int = 2
 
   @nn.compact
@@ -162,6 +179,7 @@ class Decoder(nn.Module):
   `intermediates/last_features` (when that collection is mutable) so a training step can compute
   gradients with respect to the last layer (adaptive GAN weight) without a second backward pass.
   """
+
   channels: int = 64
   channel_multipliers: Sequence[int] = (1, 2, 2)
   num_res_blocks: int = 1
@@ -187,8 +205,13 @@ class Decoder(nn.Module):
         h = ResBlock(features, name=f"up{i}_res{j}", **kw)(h)
       if i > 0:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-        h = nn.Conv(self.channels * self.channel_multipliers[i - 1], (3, 3), padding="SAME",
-                    name=f"up{i}_conv", **kw)(h)
+        h = nn.Conv(
+          self.channels * self.channel_multipliers[i - 1],
+          (3, 3),
+          padding="SAME",
+          name=f"up{i}_conv",
+          **kw,
+        )(h)
     h = nn.swish(nn.GroupNorm(num_groups(h.shape[-1]), name="norm_out", **kw)(h))
     self.sow("intermediates", "last_features", h)
     out = nn.Conv(self.out_channels, (3, 3), padding="SAME", name="conv_out", **kw)(h)
@@ -205,5 +228,9 @@ def output_conv(features: jax.Array, kernel: jax.Array) -> jax.Array:
     [B, H, W, out_channels] float32.
   """
   return jax.lax.conv_general_dilated(
-      features.astype(jnp.float32), kernel.astype(jnp.float32), window_strides=(1, 1),
-      padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    features.astype(jnp.float32),
+    kernel.astype(jnp.float32),
+    window_strides=(1, 1),
+    padding="SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )

@@ -13,14 +13,17 @@ that collection is mutable (`apply(..., mutable=["batch_stats"])`). Training cal
 streams "sample" (Gaussian) and "restart" (VQ k-means initialisation and dead-code restarts).
 Distances, argmin, losses and statistics are float32 whatever the compute dtype.
 """
-import math
+
 from collections.abc import Sequence
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vqlm.errors import UserError
 
 Dtype = Any
 DEFAULT_DEAD_AFTER = 100
@@ -35,8 +38,9 @@ def squared_distances(x: jax.Array, codes: jax.Array) -> jax.Array:
   """Squared Euclidean distances [N, K] between x [N, C] and codes [K, C], in float32."""
   x, codes = x.astype(_F32), codes.astype(_F32)
   cross = jnp.dot(x, codes.T, precision=jax.lax.Precision.HIGHEST)
-  return (jnp.sum(x * x, axis=-1, keepdims=True) - 2.0 * cross
-          + jnp.sum(codes * codes, axis=-1)[None, :])
+  return (
+    jnp.sum(x * x, axis=-1, keepdims=True) - 2.0 * cross + jnp.sum(codes * codes, axis=-1)[None, :]
+  )
 
 
 def nearest_code(x: jax.Array, codes: jax.Array) -> jax.Array:
@@ -44,8 +48,9 @@ def nearest_code(x: jax.Array, codes: jax.Array) -> jax.Array:
   return jnp.argmin(squared_distances(x, codes), axis=-1).astype(jnp.int32)
 
 
-def kmeans(rng: jax.Array, x: jax.Array, k: int, *, iters: int,
-           normalize: bool = False) -> jax.Array:
+def kmeans(
+  rng: jax.Array, x: jax.Array, k: int, *, iters: int, normalize: bool = False
+) -> jax.Array:
   """k-means++ seeding then `iters` Lloyd iterations, jittable.  x [N, C] -> centres [K, C].
 
   With `normalize`, centres are projected back to the unit sphere after each update (spherical
@@ -92,8 +97,9 @@ class _UnusedCounter:
   """Per-code count of consecutive training steps without use, in "batch_stats/steps_unused"."""
 
   def __init__(self, module: nn.Module, codebook_size: int):
-    self.var = module.variable("batch_stats", "steps_unused",
-                               lambda: jnp.zeros((codebook_size,), jnp.int32))
+    self.var = module.variable(
+      "batch_stats", "steps_unused", lambda: jnp.zeros((codebook_size,), jnp.int32)
+    )
 
   def update(self, counts: jax.Array) -> None:
     self.var.value = jnp.where(counts > 0, 0, self.var.value + 1).astype(jnp.int32)
@@ -104,6 +110,7 @@ class _UnusedCounter:
 
 class IdentityBottleneck(nn.Module):
   """A plain autoencoder: z_q = z, no loss."""
+
   latent_dim: int | None = None  # Accepted for a uniform constructor; unused.
 
   def __call__(self, z: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
@@ -118,6 +125,7 @@ class GaussianBottleneck(nn.Module):
   "kl" is KL(q(z|x) || N(0, I)) averaged over latent elements (batch, positions, channels);
   "loss" = kl_weight * kl.
   """
+
   latent_dim: int = 16
   kl_weight: float = 1e-6
   dtype: Dtype = jnp.float32
@@ -125,8 +133,9 @@ class GaussianBottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
-    m = nn.Dense(2 * self.latent_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="moments")(z).astype(_F32)
+    m = nn.Dense(
+      2 * self.latent_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="moments"
+    )(z).astype(_F32)
     mean, logvar = jnp.split(m, 2, axis=-1)
     logvar = jnp.clip(logvar, -30.0, 20.0)
     if train:
@@ -134,7 +143,7 @@ class GaussianBottleneck(nn.Module):
       z_q = mean + jnp.exp(0.5 * logvar) * noise
     else:
       z_q = mean
-    kl = jnp.mean(0.5 * (mean ** 2 + jnp.exp(logvar) - 1.0 - logvar))
+    kl = jnp.mean(0.5 * (mean**2 + jnp.exp(logvar) - 1.0 - logvar))
     return z_q, {"loss": self.kl_weight * kl, "kl": kl}
 
   @staticmethod
@@ -163,6 +172,7 @@ class VectorQuantizer(nn.Module):
       (projected) encoder outputs of the current batch (rng stream "restart").
   Losses and the straight-through estimator act in code space (after projection/normalisation).
   """
+
   codebook_size: int = 512
   latent_dim: int = 16
   code_dim: int | None = None
@@ -184,7 +194,7 @@ class VectorQuantizer(nn.Module):
   def setup(self):
     k, c = self.codebook_size, self._code_dim
     if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-      raise ValueError(f"ema_decay must be None or in (0, 1), got {self.ema_decay}")
+      raise UserError(f"ema_decay must be None or in (0, 1), got {self.ema_decay}")
     if c != self.latent_dim:
       kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
       self.proj_in = nn.Dense(c, name="proj_in", **kw)
@@ -193,15 +203,17 @@ class VectorQuantizer(nn.Module):
     if self.ema_decay is None:
       self.codebook_param = self.param("codebook", init, (k, c), self.param_dtype)
       # Overwrites by k-means / restarts act through this offset (params are read-only here).
-      self.codebook_offset = self.variable("batch_stats", "codebook_offset",
-                                           lambda: jnp.zeros((k, c), _F32))
+      self.codebook_offset = self.variable(
+        "batch_stats", "codebook_offset", lambda: jnp.zeros((k, c), _F32)
+      )
     else:
-      self.cluster_size = self.variable("batch_stats", "cluster_size",
-                                        lambda: jnp.ones((k,), _F32))
+      self.cluster_size = self.variable("batch_stats", "cluster_size", lambda: jnp.ones((k,), _F32))
       self.embed_sum = self.variable(
-          "batch_stats", "embed_sum", lambda: init(self.make_rng("params"), (k, c), _F32))
-    self.initialized = self.variable("batch_stats", "initialized",
-                                     lambda: jnp.array(not self.kmeans_init))
+        "batch_stats", "embed_sum", lambda: init(self.make_rng("params"), (k, c), _F32)
+      )
+    self.initialized = self.variable(
+      "batch_stats", "initialized", lambda: jnp.array(not self.kmeans_init)
+    )
     self.unused = _UnusedCounter(self, k)
 
   def _raw_codebook(self) -> jax.Array:
@@ -253,13 +265,14 @@ class VectorQuantizer(nn.Module):
     points = flat
     if n > self.kmeans_max_points:
       rng, pick_rng = jax.random.split(rng)
-      points = flat[jax.random.permutation(pick_rng, n)[:self.kmeans_max_points]]
-    names = (("codebook_offset",) if self.ema_decay is None else ("cluster_size", "embed_sum"))
+      points = flat[jax.random.permutation(pick_rng, n)[: self.kmeans_max_points]]
+    names = ("codebook_offset",) if self.ema_decay is None else ("cluster_size", "embed_sum")
     current = tuple(getattr(self, name).value for name in names)
 
     def run_kmeans(_):
-      centres = kmeans(rng, points, self.codebook_size, iters=self.kmeans_iters,
-                       normalize=self.l2_normalize)
+      centres = kmeans(
+        rng, points, self.codebook_size, iters=self.kmeans_iters, normalize=self.l2_normalize
+      )
       if self.ema_decay is None:
         return (centres - self.codebook_param.astype(_F32),)
       # EMA statistics as if every past batch had looked like this one, so the next update moves
@@ -311,8 +324,13 @@ class VectorQuantizer(nn.Module):
     if update and self.restart_after:
       self._restart(jax.lax.stop_gradient(flat))
     z_q = self._from_code_space(q_st.reshape(ze.shape))
-    aux = {"loss": commitment + codebook_loss, "commitment": commitment,
-           "codebook": codebook_loss, "indices": indices.reshape(ze.shape[:-1]), **stats}
+    aux = {
+      "loss": commitment + codebook_loss,
+      "commitment": commitment,
+      "codebook": codebook_loss,
+      "indices": indices.reshape(ze.shape[:-1]),
+      **stats,
+    }
     return z_q, aux
 
 
@@ -323,6 +341,7 @@ class FSQ(nn.Module):
   rounding); the implicit codebook has prod(levels) entries. When latent_dim != len(levels), Dense
   in/out projections map D -> len(levels) -> D. Codes lie in [-1, 1].
   """
+
   levels: Sequence[int] = (8, 5, 5, 5)
   latent_dim: int | None = None
   eps: float = 1e-3
@@ -339,7 +358,7 @@ class FSQ(nn.Module):
 
   def setup(self):
     if any(int(l) < 2 for l in self.levels):
-      raise ValueError(f"FSQ levels must all be >= 2, got {tuple(self.levels)}")
+      raise UserError(f"FSQ levels must all be >= 2, got {tuple(self.levels)}")
     if self._project:
       kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
       self.proj_in = nn.Dense(len(self.levels), name="proj_in", **kw)
@@ -404,10 +423,10 @@ class FSQ(nn.Module):
 
 
 BOTTLENECKS = {
-    "identity": IdentityBottleneck,
-    "gaussian": GaussianBottleneck,
-    "vq": VectorQuantizer,
-    "fsq": FSQ,
+  "identity": IdentityBottleneck,
+  "gaussian": GaussianBottleneck,
+  "vq": VectorQuantizer,
+  "fsq": FSQ,
 }
 DISCRETE = ("vq", "fsq")
 
@@ -415,5 +434,5 @@ DISCRETE = ("vq", "fsq")
 def make_bottleneck(kind: str, **kwargs) -> nn.Module:
   """A bottleneck by name: one of "identity", "gaussian", "vq", "fsq"."""
   if kind not in BOTTLENECKS:
-    raise ValueError(f"unknown bottleneck kind {kind!r}; valid kinds: {', '.join(BOTTLENECKS)}")
+    raise UserError(f"unknown bottleneck kind {kind!r}; valid kinds: {', '.join(BOTTLENECKS)}")
   return BOTTLENECKS[kind](**kwargs)

@@ -5,14 +5,16 @@ the "batch_stats" collection. Outside training, use the jit-friendly module-leve
 `encode(model, variables, images)`, `decode(model, variables, codes)` and
 `codebook(model, variables)`, where `variables = {"params": ..., "batch_stats": ...}`.
 """
-import math
+
 from collections.abc import Mapping
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqlm.errors import UserError
 from vqlm.nn.autoencoder import ENCODERS, Decoder, Encoder, factor_of
 from vqlm.nn.bottlenecks import DISCRETE, make_bottleneck
 
@@ -30,6 +32,7 @@ class ImageTokenizer(nn.Module):
     decoder: Decoder kwargs; None mirrors the encoder's (without latent_dim and mlp_blocks).
     bottleneck: {"kind": ..., **bottleneck kwargs}; "latent_dim" defaults to the encoder's.
   """
+
   encoder: Mapping[str, Any]
   bottleneck: Mapping[str, Any]
   decoder: Mapping[str, Any] | None = None
@@ -63,36 +66,44 @@ class ImageTokenizer(nn.Module):
     enc = dict(self.encoder)
     encoder_kind = enc.pop("kind", "conv")
     if encoder_kind not in ENCODERS:
-      raise ValueError(f"unknown encoder kind '{encoder_kind}'; valid: {', '.join(ENCODERS)}")
+      raise UserError(f"unknown encoder kind '{encoder_kind}'; valid: {', '.join(ENCODERS)}")
     self.enc = ENCODERS[encoder_kind](**enc)
-    dec = dict(self.decoder) if self.decoder is not None else {
-        k: v for k, v in enc.items() if k not in ("latent_dim", "mlp_blocks")}
+    dec = (
+      dict(self.decoder)
+      if self.decoder is not None
+      else {k: v for k, v in enc.items() if k not in ("latent_dim", "mlp_blocks")}
+    )
     self.dec = Decoder(**dec)
     bkw = dict(self.bottleneck)
     kind = bkw.pop("kind", None)
     if kind is None:
-      raise ValueError("bottleneck config needs a 'kind': one of identity, gaussian, vq, fsq")
+      raise UserError("bottleneck config needs a 'kind': one of identity, gaussian, vq, fsq")
     latent_dim = enc.get("latent_dim", Encoder.latent_dim)
     if kind == "gaussian":
       bkw.setdefault("latent_dim", latent_dim)
     else:
       if bkw.get("latent_dim", latent_dim) != latent_dim:
-        raise ValueError(f"bottleneck latent_dim {bkw['latent_dim']} != encoder latent_dim "
-                         f"{latent_dim}; drop it from the bottleneck config")
+        raise UserError(
+          f"bottleneck latent_dim {bkw['latent_dim']} != encoder latent_dim "
+          f"{latent_dim}; drop it from the bottleneck config"
+        )
       bkw["latent_dim"] = latent_dim
     self.quantizer = make_bottleneck(kind, **bkw)
 
   def _check_images(self, images: jax.Array) -> None:
     f = self.factor
-    if (images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % f
-        or images.shape[2] % f):
-      raise ValueError(f"images must be [B, H, W, 3] with H and W divisible by {f}, got shape "
-                       f"{tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % f or images.shape[2] % f:
+      raise UserError(
+        f"images must be [B, H, W, 3] with H and W divisible by {f}, got shape "
+        f"{tuple(images.shape)}"
+      )
 
   def _check_discrete(self, what: str) -> None:
     if not self.is_discrete:
-      raise ValueError(f"{what} needs a discrete bottleneck (vq or fsq), this tokenizer's is "
-                       f"{self.kind!r}; use encode_latent / decode_latent")
+      raise UserError(
+        f"{what} needs a discrete bottleneck (vq or fsq), this tokenizer's is "
+        f"{self.kind!r}; use encode_latent / decode_latent"
+      )
 
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
     """images [B,H,W,3] in [-1, 1] -> (reconstruction [B,H,W,3] float32, bottleneck aux)."""
@@ -121,7 +132,7 @@ class ImageTokenizer(nn.Module):
     """codes int [B,h,w] -> images [B,H,W,3] float32 (not clipped)."""
     self._check_discrete("decode")
     if codes.ndim != 3:
-      raise ValueError(f"codes must be [B, h, w] integers, got shape {tuple(codes.shape)}")
+      raise UserError(f"codes must be [B, h, w] integers, got shape {tuple(codes.shape)}")
     return self.dec(self.quantizer.lookup(codes))
 
   def codebook(self) -> jax.Array:

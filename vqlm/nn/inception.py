@@ -35,24 +35,32 @@ Converting the pytorch-fid weights (pt_inception-2015-12-05-6726825d.pth), where
   numpy.savez("inception_fid.npz", **from_torch_state_dict(sd))
 then pass `vqlm eval --inception_weights inception_fid.npz`. Nothing here downloads anything.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 import functools
 import os
-from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqlm.errors import UserError
+
 FLAG = "--inception_weights"
 IMAGE_SIZE = 299
 MIN_SIZE = 75
 FEATURE_DIM = 2048
 _STATS = ("mean", "var")
-_TORCH_SUFFIX = {"conv.weight": "conv/kernel", "bn.weight": "bn/scale", "bn.bias": "bn/bias",
-                 "bn.running_mean": "bn/mean", "bn.running_var": "bn/var"}
+_TORCH_SUFFIX = {
+  "conv.weight": "conv/kernel",
+  "bn.weight": "bn/scale",
+  "bn.bias": "bn/bias",
+  "bn.running_mean": "bn/mean",
+  "bn.running_var": "bn/var",
+}
 _TORCH_SKIP = ("fc.", "AuxLogits.")
 
 Variables = dict[str, dict]
@@ -60,6 +68,7 @@ Variables = dict[str, dict]
 
 class BasicConv(nn.Module):
   """conv (no bias) -> BatchNorm(eps 1e-3) -> ReLU; `[B, H, W, C] -> [B, h, w, F]`."""
+
   features: int
   kernel_size: tuple[int, int]
   strides: int = 1
@@ -68,9 +77,15 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     ph, pw = self.padding
-    x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
-                padding=((ph, ph), (pw, pw)), use_bias=False,
-                precision=jax.lax.Precision.HIGHEST, name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel_size,
+      strides=self.strides,
+      padding=((ph, ph), (pw, pw)),
+      use_bias=False,
+      precision=jax.lax.Precision.HIGHEST,
+      name="conv",
+    )(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
     return nn.relu(x)
 
@@ -86,6 +101,7 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
 class InceptionA(nn.Module):
   """FIDInceptionA: `[B, H, W, C] -> [B, H, W, 224 + pool_features]`."""
+
   pool_features: int
 
   @nn.compact
@@ -114,6 +130,7 @@ class InceptionB(nn.Module):
 
 class InceptionC(nn.Module):
   """FIDInceptionC (factorised 7x7): `[B, H, W, C] -> [B, H, W, 768]`."""
+
   channels_7x7: int
 
   @nn.compact
@@ -148,21 +165,31 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
   """FIDInceptionE_1 (pool="avg"), FIDInceptionE_2 (pool="max"): [B, H, W, C] -> [B, H, W, 2048]."""
+
   pool: str = "avg"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.pool not in ("avg", "max"):
-      raise ValueError(f"InceptionE pool must be 'avg' or 'max', got {self.pool!r}")
+      raise UserError(f"InceptionE pool must be 'avg' or 'max', got {self.pool!r}")
     b1 = BasicConv(320, (1, 1), name="branch1x1")(x)
     b3 = BasicConv(384, (1, 1), name="branch3x3_1")(x)
-    b3 = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-                          BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)], axis=-1)
+    b3 = jnp.concatenate(
+      [
+        BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+        BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+      ],
+      axis=-1,
+    )
     bd = BasicConv(448, (1, 1), name="branch3x3dbl_1")(x)
     bd = BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-    bd = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-                          BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)],
-                         axis=-1)
+    bd = jnp.concatenate(
+      [
+        BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+        BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+      ],
+      axis=-1,
+    )
     if self.pool == "avg":
       pooled = _avg_pool_3x3(x)
     else:
@@ -177,8 +204,10 @@ class InceptionV3(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4 or x.shape[-1] != 3 or min(x.shape[1:3]) < MIN_SIZE:
-      raise ValueError(f"InceptionV3 needs x[B, H, W, 3] with H, W >= {MIN_SIZE} (resize with "
-                       f"vqlm.nn.inception.preprocess), got {list(x.shape)}")
+      raise UserError(
+        f"InceptionV3 needs x[B, H, W, 3] with H, W >= {MIN_SIZE} (resize with "
+        f"vqlm.nn.inception.preprocess), got {list(x.shape)}"
+      )
     x = x.astype(jnp.float32)
     x = BasicConv(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
     x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
@@ -206,11 +235,14 @@ def preprocess(images: jax.Array, *, image_size: int = IMAGE_SIZE) -> jax.Array:
   half-pixel centres, no antialiasing.
   """
   if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError("Inception input must be uint8[B, H, W, 3] (convert with np.clip(x, 0, 255)"
-                     f".astype(np.uint8)), got {images.dtype}{list(images.shape)}")
+    raise UserError(
+      "Inception input must be uint8[B, H, W, 3] (convert with np.clip(x, 0, 255)"
+      f".astype(np.uint8)), got {images.dtype}{list(images.shape)}"
+    )
   x = images.astype(jnp.float32) / 255.0
-  x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3), method="bilinear",
-                       antialias=False)
+  x = jax.image.resize(
+    x, (x.shape[0], image_size, image_size, 3), method="bilinear", antialias=False
+  )
   return 2.0 * x - 1.0
 
 
@@ -273,8 +305,11 @@ def export_param_names(variables: Mapping | None = None) -> dict[str, tuple[int,
 
 @functools.lru_cache(maxsize=1)
 def _expected_names() -> dict[str, tuple[int, ...]]:
-  shapes = jax.eval_shape(InceptionV3().init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, MIN_SIZE, MIN_SIZE, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    InceptionV3().init,
+    jax.random.key(0),
+    jax.ShapeDtypeStruct((1, MIN_SIZE, MIN_SIZE, 3), jnp.float32),
+  )
   return export_param_names(shapes)
 
 
@@ -286,21 +321,27 @@ def save_inception_params(path: str, variables: Mapping) -> None:
 def load_inception_params(path: str | os.PathLike | None) -> Variables:
   """Reads and checks a weight `.npz` (names and shapes in the module docstring) -> variables."""
   if not path or not os.path.isfile(path):
-    raise ValueError(f"Inception weights not found at {str(path)!r}: pass {FLAG} PATH.npz "
-                     "(FID Inception-v3 weights; see vqlm.nn.inception for the format)")
+    raise UserError(
+      f"Inception weights not found at {str(path)!r}: pass {FLAG} PATH.npz "
+      "(FID Inception-v3 weights; see vqlm.nn.inception for the format)"
+    )
   with np.load(path) as data:
     flat = {k: np.asarray(data[k], np.float32) for k in data.files}
   expected = export_param_names()
   missing = sorted(set(expected) - set(flat))
   extra = sorted(set(flat) - set(expected))
   if missing or extra:
-    raise ValueError(f"Inception weights {str(path)!r}: {len(missing)} missing names (first: "
-                     f"{missing[:3]}), {len(extra)} unexpected (first: {extra[:3]}); names are "
-                     "listed by vqlm.nn.inception.export_param_names()")
+    raise UserError(
+      f"Inception weights {str(path)!r}: {len(missing)} missing names (first: "
+      f"{missing[:3]}), {len(extra)} unexpected (first: {extra[:3]}); names are "
+      "listed by vqlm.nn.inception.export_param_names()"
+    )
   for name, shape in expected.items():
     if flat[name].shape != shape:
-      raise ValueError(f"Inception weights {str(path)!r}: {name!r} has shape "
-                       f"{list(flat[name].shape)}, expected {list(shape)}")
+      raise UserError(
+        f"Inception weights {str(path)!r}: {name!r} has shape "
+        f"{list(flat[name].shape)}, expected {list(shape)}"
+      )
   return jax.tree.map(jnp.asarray, unflatten_variables(flat))
 
 
@@ -320,8 +361,10 @@ def from_torch_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.
     module, _, layer = module.rpartition(".")
     target = _TORCH_SUFFIX.get(f"{layer}.{suffix}")
     if target is None or not module:
-      raise ValueError(f"unexpected Inception state-dict key {key!r} (expected '<module>.conv"
-                       ".weight' or '<module>.bn.{weight,bias,running_mean,running_var}')")
+      raise UserError(
+        f"unexpected Inception state-dict key {key!r} (expected '<module>.conv"
+        ".weight' or '<module>.bn.{weight,bias,running_mean,running_var}')"
+      )
     value = np.asarray(value, np.float32)
     if target == "conv/kernel":
       value = value.transpose(2, 3, 1, 0)

@@ -7,6 +7,7 @@ to mesh axes. Activations are constrained with `nn.with_logical_constraint` (a n
 mesh). Modules take `dtype` (compute) and `param_dtype` (storage, float32 by default); norms,
 softmax statistics and logits are computed in float32.
 """
+
 from collections.abc import Callable, Sequence
 import math
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vqlm.errors import UserError
 
 DType = Any
 Initializer = Callable[..., jax.Array]
@@ -46,6 +49,7 @@ class Dense(nn.Module):
     kernel_init: defaults to fan-in truncated normal over the contracted dimensions.
     dtype: compute dtype; param_dtype: storage dtype.
   """
+
   features: int | Sequence[int]
   axes: Sequence[str]
   in_dims: int = 1
@@ -62,38 +66,56 @@ class Dense(nn.Module):
     computed from that slice of the kernel (e.g. the logits of a range of ids).
     """
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-    in_shape = tuple(x.shape[-self.in_dims:])
+    in_shape = tuple(x.shape[-self.in_dims :])
     ndim = self.in_dims + len(features)
     if len(self.axes) != ndim:
-      raise ValueError(f"Dense {self.name}: axes={tuple(self.axes)} must name all {ndim} kernel "
-                       f"dimensions (in {in_shape} + out {features}).")
+      raise UserError(
+        f"Dense {self.name}: axes={tuple(self.axes)} must name all {ndim} kernel "
+        f"dimensions (in {in_shape} + out {features})."
+      )
     init = self.kernel_init or nn.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(self.in_dims)),
-        out_axis=tuple(range(self.in_dims, ndim)))
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
-                        in_shape + features, self.param_dtype)
+      1.0,
+      "fan_in",
+      "truncated_normal",
+      in_axis=tuple(range(self.in_dims)),
+      out_axis=tuple(range(self.in_dims, ndim)),
+    )
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(init, tuple(self.axes)),
+      in_shape + features,
+      self.param_dtype,
+    )
     x = jnp.asarray(x, self.dtype)
     kernel = jnp.asarray(kernel, self.dtype)
-    lead = x.shape[:x.ndim - self.in_dims]
+    lead = x.shape[: x.ndim - self.in_dims]
     kernel = kernel.reshape(math.prod(in_shape), -1)
     bias = None
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(
-          nn.initializers.zeros_init(), tuple(self.axes[self.in_dims:])), features,
-          self.param_dtype)
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), tuple(self.axes[self.in_dims :])
+        ),
+        features,
+        self.param_dtype,
+      )
       bias = jnp.asarray(bias, self.dtype)
     if out_slice is not None:
       start, size = out_slice
       if len(features) != 1 or start < 0 or size <= 0 or start + size > features[0]:
-        raise ValueError(f"Dense {self.name}: out_slice={out_slice} must be a range inside one "
-                         f"output dimension, got features {features}.")
-      kernel = kernel[:, start:start + size]
-      bias = None if bias is None else bias[start:start + size]
+        raise UserError(
+          f"Dense {self.name}: out_slice={out_slice} must be a range inside one "
+          f"output dimension, got features {features}."
+        )
+      kernel = kernel[:, start : start + size]
+      bias = None if bias is None else bias[start : start + size]
       features = (size,)
     # One 2D matmul (a multi-axis dot_general makes XLA:CPU transpose in the backward pass),
     # accumulated in float32 (also the fast path of bfloat16 matmuls on CPUs with AVX512-BF16).
-    y = jnp.dot(x.reshape(-1, math.prod(in_shape)), kernel,
-                preferred_element_type=jnp.float32).astype(self.dtype)
+    y = jnp.dot(
+      x.reshape(-1, math.prod(in_shape)), kernel, preferred_element_type=jnp.float32
+    ).astype(self.dtype)
     y = y.reshape(lead + features)
     return y if bias is None else y + bias
 
@@ -104,6 +126,7 @@ class Embed(nn.Module):
   `__call__(ids[...]) -> [..., features]` in `dtype`; `attend(x[..., features]) -> [...,
   num_embeddings]` is the tied output projection, accumulated and returned in float32.
   """
+
   num_embeddings: int
   features: int
   axes: tuple[str, str] = ("vocab", "embed")
@@ -113,16 +136,21 @@ class Embed(nn.Module):
 
   def setup(self):
     init = self.embedding_init or nn.initializers.normal(stddev=1.0 / math.sqrt(self.features))
-    self.embedding = self.param("embedding", nn.with_logical_partitioning(init, self.axes),
-                                (self.num_embeddings, self.features), self.param_dtype)
+    self.embedding = self.param(
+      "embedding",
+      nn.with_logical_partitioning(init, self.axes),
+      (self.num_embeddings, self.features),
+      self.param_dtype,
+    )
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
 
   def attend(self, x: jax.Array) -> jax.Array:
     table = jnp.asarray(self.embedding, self.dtype)
-    return jnp.einsum("...d,vd->...v", jnp.asarray(x, self.dtype), table,
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      "...d,vd->...v", jnp.asarray(x, self.dtype), table, preferred_element_type=jnp.float32
+    )
 
 
 class RMSNorm(nn.Module):
@@ -131,6 +159,7 @@ class RMSNorm(nn.Module):
   The learned `scale` (initialised to ones) is named `axes` (default `("norm",)`, which no rule
   shards).
   """
+
   eps: float = 1e-6
   axes: tuple[str, ...] = ("norm",)
   dtype: DType = jnp.float32
@@ -138,9 +167,12 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                             self.axes),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones_init(), self.axes),
+      (x.shape[-1],),
+      self.param_dtype,
+    )
     x32 = jnp.asarray(x, jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(var + self.eps) * jnp.asarray(scale, jnp.float32)
@@ -149,6 +181,7 @@ class RMSNorm(nn.Module):
 
 class MLP(nn.Module):
   """SwiGLU feed-forward: `wo(silu(x wi_gate) * (x wi_up))`, `[B, S, D] -> [B, S, D]`."""
+
   mlp_dim: int
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
@@ -177,18 +210,19 @@ def _inv_frequencies(num_pairs: int, theta: float) -> jax.Array:
   return theta ** (-jnp.arange(num_pairs, dtype=jnp.float32) / num_pairs)
 
 
-def rope_1d(positions: jax.Array, head_dim: int, theta: float = 10_000.0
-            ) -> tuple[jax.Array, jax.Array]:
+def rope_1d(
+  positions: jax.Array, head_dim: int, theta: float = 10_000.0
+) -> tuple[jax.Array, jax.Array]:
   """Angles of standard RoPE: `positions[B, S]` -> `(sin, cos)` each `[B, S, head_dim // 2]`."""
   if head_dim % 2:
-    raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
-  angles = (jnp.asarray(positions, jnp.float32)[..., None]
-            * _inv_frequencies(head_dim // 2, theta))
+    raise UserError(f"RoPE needs an even head_dim, got {head_dim}.")
+  angles = jnp.asarray(positions, jnp.float32)[..., None] * _inv_frequencies(head_dim // 2, theta)
   return jnp.sin(angles), jnp.cos(angles)
 
 
-def rope_2d(rows: jax.Array, cols: jax.Array, head_dim: int, theta: float = 10_000.0
-            ) -> tuple[jax.Array, jax.Array]:
+def rope_2d(
+  rows: jax.Array, cols: jax.Array, head_dim: int, theta: float = 10_000.0
+) -> tuple[jax.Array, jax.Array]:
   """2D RoPE: half the rotary pairs turn with `rows[B, S]`, the other half with `cols[B, S]`.
 
   Each half uses the frequencies of a 1D RoPE over `head_dim // 2` dimensions. Returns `(sin,
@@ -196,10 +230,15 @@ def rope_2d(rows: jax.Array, cols: jax.Array, head_dim: int, theta: float = 10_0
   coarser frequency ladder), which is how text tokens are encoded next to image tokens.
   """
   if head_dim % 4:
-    raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}.")
+    raise UserError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}.")
   freqs = _inv_frequencies(head_dim // 4, theta)
-  angles = jnp.concatenate([jnp.asarray(rows, jnp.float32)[..., None] * freqs,
-                            jnp.asarray(cols, jnp.float32)[..., None] * freqs], axis=-1)
+  angles = jnp.concatenate(
+    [
+      jnp.asarray(rows, jnp.float32)[..., None] * freqs,
+      jnp.asarray(cols, jnp.float32)[..., None] * freqs,
+    ],
+    axis=-1,
+  )
   return jnp.sin(angles), jnp.cos(angles)
 
 
@@ -219,13 +258,13 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   x32 = jnp.asarray(x, jnp.float32)
   cos = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
   sin = jnp.concatenate([sin, sin], axis=-1)[:, :, None, :]
-  rotated = jnp.einsum("bshd,de->bshe", x32, rotate_half,
-                       precision=jax.lax.Precision.HIGHEST)
+  rotated = jnp.einsum("bshd,de->bshe", x32, rotate_half, precision=jax.lax.Precision.HIGHEST)
   return jnp.asarray(x32 * cos + rotated * sin, x.dtype)
 
 
-def image_run_index(is_image: jax.Array, starts: jax.Array | None = None,
-                    previous: jax.Array | None = None) -> jax.Array:
+def image_run_index(
+  is_image: jax.Array, starts: jax.Array | None = None, previous: jax.Array | None = None
+) -> jax.Array:
   """Number of consecutive image tokens ending at each token (0 on non-image tokens).
 
   Args:
@@ -248,8 +287,9 @@ def image_run_index(is_image: jax.Array, starts: jax.Array | None = None,
   return jnp.where(is_image, run, 0).astype(jnp.int32)
 
 
-def image_rows_cols(positions: jax.Array, run: jax.Array, grid: tuple[int, int]
-                    ) -> tuple[jax.Array, jax.Array]:
+def image_rows_cols(
+  positions: jax.Array, run: jax.Array, grid: tuple[int, int]
+) -> tuple[jax.Array, jax.Array]:
   """2D RoPE coordinates: image tokens get (row, col) offsets from their image's first position.
 
   The k-th token (0-based, `k = (run - 1) mod h*w`) of an image whose first token sits at position

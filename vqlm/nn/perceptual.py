@@ -14,13 +14,16 @@ relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 taps).
 Distance (per image): sum over stages of the spatial mean of sum_c lin_c * (f1_c - f2_c)^2, where
 f1, f2 are the feature maps unit-normalised over channels. Zero for identical images, symmetric.
 """
+
+from collections.abc import Mapping, Sequence
 import os
 import re
-from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vqlm.errors import UserError
 
 _LPIPS_SHIFT = np.asarray([-0.030, -0.088, -0.188], np.float32)
 _LPIPS_SCALE = np.asarray([0.458, 0.448, 0.450], np.float32)
@@ -38,15 +41,15 @@ def _structure(weights: Mapping[str, np.ndarray]) -> list[int]:
     if m:
       convs.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
   if not convs or sorted(convs) != list(range(len(convs))):
-    raise ValueError("feature weights need keys 'stage{s}.conv{j}.kernel/bias' for stages 0..S-1")
+    raise UserError("feature weights need keys 'stage{s}.conv{j}.kernel/bias' for stages 0..S-1")
   out = []
   for s in range(len(convs)):
     if sorted(convs[s]) != list(range(len(convs[s]))):
-      raise ValueError(f"feature weights: stage {s} convs are not numbered 0..J-1")
+      raise UserError(f"feature weights: stage {s} convs are not numbered 0..J-1")
     for j in convs[s]:
       for part in ("kernel", "bias"):
         if f"stage{s}.conv{j}.{part}" not in weights:
-          raise ValueError(f"feature weights: missing 'stage{s}.conv{j}.{part}'")
+          raise UserError(f"feature weights: missing 'stage{s}.conv{j}.{part}'")
     out.append(len(convs[s]))
   return out
 
@@ -54,8 +57,10 @@ def _structure(weights: Mapping[str, np.ndarray]) -> list[int]:
 def load_feature_weights(path: str) -> dict[str, jax.Array]:
   """Reads and checks a feature-network .npz (format in the module docstring)."""
   if not path or not os.path.isfile(path):
-    raise ValueError(f"perceptual feature weights not found at {path!r}: set {FLAG} to a .npz "
-                     "of feature-net weights, or set --config.loss.perceptual_weight=0")
+    raise UserError(
+      f"perceptual feature weights not found at {path!r}: set {FLAG} to a .npz "
+      "of feature-net weights, or set --config.loss.perceptual_weight=0"
+    )
   with np.load(path) as data:
     weights = {k: np.asarray(data[k], np.float32) for k in data.files}
   _structure(weights)
@@ -68,8 +73,9 @@ def save_feature_weights(path: str, weights: Mapping[str, np.ndarray]) -> None:
   np.savez(path, **{k: np.asarray(v, np.float32) for k, v in weights.items()})
 
 
-def random_feature_weights(seed: int, stage_channels: Sequence[int] = (16, 32),
-                           convs_per_stage: int = 2) -> dict[str, np.ndarray]:
+def random_feature_weights(
+  seed: int, stage_channels: Sequence[int] = (16, 32), convs_per_stage: int = 2
+) -> dict[str, np.ndarray]:
   """He-initialised random weights (for tests and as a weak stand-in for a trained net)."""
   rng = np.random.default_rng(seed)
   weights, c_in = {}, 3
@@ -77,7 +83,8 @@ def random_feature_weights(seed: int, stage_channels: Sequence[int] = (16, 32),
     for j in range(convs_per_stage):
       fan_in = 9 * c_in
       weights[f"stage{s}.conv{j}.kernel"] = (
-          rng.normal(size=(3, 3, c_in, c_out)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        rng.normal(size=(3, 3, c_in, c_out)) * np.sqrt(2.0 / fan_in)
+      ).astype(np.float32)
       weights[f"stage{s}.conv{j}.bias"] = np.zeros((c_out,), np.float32)
       c_in = c_out
   return weights
@@ -94,8 +101,12 @@ def feature_maps(weights: FeatureWeights, images: jax.Array) -> list[jax.Array]:
       h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
     for j in range(n_convs):
       h = jax.lax.conv_general_dilated(
-          h, weights[f"stage{s}.conv{j}.kernel"].astype(jnp.float32), (1, 1), "SAME",
-          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h,
+        weights[f"stage{s}.conv{j}.kernel"].astype(jnp.float32),
+        (1, 1),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
       h = jax.nn.relu(h + weights[f"stage{s}.conv{j}.bias"].astype(jnp.float32))
     taps.append(h)
   return taps

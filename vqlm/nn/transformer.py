@@ -17,6 +17,7 @@ tokens get 2D rotary positions (row, col of the `grid`) and other tokens 1D posi
 Every setting lives in one frozen, validated `TransformerConfig`: the module is
 `Transformer(config)`, and `count_params(config)` counts its parameters from the abstract init.
 """
+
 from collections.abc import Sequence
 import dataclasses
 import math
@@ -27,18 +28,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlm.nn import attention
-from vqlm.nn import layers
+from vqlm.errors import UserError
+from vqlm.nn import attention, layers
 
 DType = Any
 Cache = dict[str, Any]
 
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything": jax.checkpoint_policies.everything_saveable,
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "everything": jax.checkpoint_policies.everything_saveable,
 }
 IMAGE_EMBED_INITS = ("learned", "codebook", "levels")
 
@@ -49,6 +50,7 @@ class Block(nn.Module):
   `__call__(x[B, S, D], cache, sin, cos, mask, positions) -> (x, new_cache)`; all arguments are
   arrays or None so the block can be scanned and rematerialised.
   """
+
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -65,10 +67,16 @@ class Block(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
     h, new_cache = attention.Attention(
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-        qk_norm=self.qk_norm, attention_impl=self.attention_impl,
-        query_chunks=self.query_chunks, norm_eps=self.norm_eps, name="attn",
-        **kw)(h, sin=sin, cos=cos, mask=mask, cache=cache, positions=positions)
+      num_heads=self.num_heads,
+      num_kv_heads=self.num_kv_heads,
+      head_dim=self.head_dim,
+      qk_norm=self.qk_norm,
+      attention_impl=self.attention_impl,
+      query_chunks=self.query_chunks,
+      norm_eps=self.norm_eps,
+      name="attn",
+      **kw,
+    )(h, sin=sin, cos=cos, mask=mask, cache=cache, positions=positions)
     x = layers.constrain(x + h, layers.ACT_EMBED)
     h = layers.RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
     h = layers.MLP(self.mlp_dim, name="mlp", **kw)(h)
@@ -103,6 +111,7 @@ class TokenEmbed(nn.Module):
   sums of per-channel logits: `softmax` over codes factors into one distribution per channel.
   A code never seen in training still gets a trained row when its digits were seen.
   """
+
   vocab_size: int
   dim: int
   image_offset: int = 0
@@ -118,25 +127,42 @@ class TokenEmbed(nn.Module):
     init = nn.initializers.normal(stddev=1.0 / math.sqrt(self.dim))
     derived = bool(self.codebook_dim or self.code_levels)
     learned_rows = self.vocab_size - (self.image_size if derived else 0)
-    emb = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
-                     (learned_rows, self.dim), self.param_dtype)
+    emb = self.param(
+      "embedding",
+      nn.with_logical_partitioning(init, ("vocab", "embed")),
+      (learned_rows, self.dim),
+      self.param_dtype,
+    )
     emb = jnp.asarray(emb, self.dtype)
     if self.code_levels:
-      levels = self.param("level_embedding", nn.with_logical_partitioning(init, (None, "embed")),
-                          (sum(self.code_levels), self.dim), self.param_dtype)
+      levels = self.param(
+        "level_embedding",
+        nn.with_logical_partitioning(init, (None, "embed")),
+        (sum(self.code_levels), self.dim),
+        self.param_dtype,
+      )
       image_rows = jnp.asarray(level_one_hot(self.code_levels), self.dtype) @ jnp.asarray(
-          levels, self.dtype)
+        levels, self.dtype
+      )
       off = self.image_offset
       return jnp.concatenate([emb[:off], image_rows, emb[off:]], axis=0)
     if not self.codebook_dim:
       return emb
     if not self.is_initializing() and not self.has_variable("codebook", "vectors"):
-      raise ValueError("image_embed_init='codebook' needs the image tokenizer's codebook: pass "
-                       "variables={'params': ..., 'codebook': {'embed': {'vectors': [K, D]}}}.")
-    codebook = self.variable("codebook", "vectors", jnp.zeros,
-                             (self.image_size, self.codebook_dim), jnp.float32).value
-    proj = layers.Dense(self.dim, axes=("codebook", "embed"), name="codebook_proj",
-                        dtype=self.dtype, param_dtype=self.param_dtype)
+      raise UserError(
+        "image_embed_init='codebook' needs the image tokenizer's codebook: pass "
+        "variables={'params': ..., 'codebook': {'embed': {'vectors': [K, D]}}}."
+      )
+    codebook = self.variable(
+      "codebook", "vectors", jnp.zeros, (self.image_size, self.codebook_dim), jnp.float32
+    ).value
+    proj = layers.Dense(
+      self.dim,
+      axes=("codebook", "embed"),
+      name="codebook_proj",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
     image_rows = proj(jax.lax.stop_gradient(codebook))
     off = self.image_offset
     return jnp.concatenate([emb[:off], image_rows, emb[off:]], axis=0)
@@ -150,7 +176,7 @@ class TokenEmbed(nn.Module):
     the logits of ids `[start, start + size)`, `[B, S, size]`."""
     table = self.table()
     if rows is not None:
-      table = table[rows[0]:rows[0] + rows[1]]
+      table = table[rows[0] : rows[0] + rows[1]]
     return jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
 
 
@@ -187,6 +213,7 @@ class TransformerConfig:
     query_chunks: with "xla", training and full forward passes split the queries into this many
       chunks that skip the masked upper triangle (`attention.dot_product_attention`); 1 = off.
   """
+
   vocab_size: int
   dim: int
   num_layers: int
@@ -227,10 +254,11 @@ class TransformerConfig:
       try:
         dtype = jnp.dtype(value)
       except TypeError as e:
-        raise ValueError(f"{name}={value!r} is not a dtype; use e.g. 'float32' or "
-                         "'bfloat16'.") from e
+        raise UserError(
+          f"{name}={value!r} is not a dtype; use e.g. 'float32' or 'bfloat16'."
+        ) from e
       if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{name}={value!r} must be a floating-point dtype.")
+        raise UserError(f"{name}={value!r} must be a floating-point dtype.")
       set_(name, dtype)
     self._validate()
 
@@ -238,49 +266,55 @@ class TransformerConfig:
     for name in ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim"):
       value = getattr(self, name)
       if value <= 0:
-        raise ValueError(f"Transformer {name}={value} must be > 0.")
+        raise UserError(f"Transformer {name}={value} must be > 0.")
     for name in ("num_kv_heads", "head_dim"):
       value = getattr(self, name)
       if value is not None and value < 0:
-        raise ValueError(f"Transformer {name}={value} must be > 0 (or None: derived).")
+        raise UserError(f"Transformer {name}={value} must be > 0 (or None: derived).")
     kvh = self.kv_heads()
     if self.num_heads % kvh:
-      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={kvh}.")
+      raise UserError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={kvh}.")
     if not self.head_dim and self.dim % self.num_heads:
-      raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}; set "
-                       "head_dim.")
+      raise UserError(
+        f"dim={self.dim} is not divisible by num_heads={self.num_heads}; set head_dim."
+      )
     hd = self.head_size()
     if hd % 2:
-      raise ValueError(f"head_dim={hd} must be even for RoPE.")
+      raise UserError(f"head_dim={hd} must be even for RoPE.")
     off, size = self.image_offset, self.image_size
     if off < 0 or size < 0 or off + size > self.vocab_size:
-      raise ValueError(f"image ids [{off}, {off + size}) must lie inside the vocabulary of size "
-                       f"{self.vocab_size}.")
+      raise UserError(
+        f"image ids [{off}, {off + size}) must lie inside the vocabulary of size {self.vocab_size}."
+      )
     if self.rope_2d and hd % 4:
-      raise ValueError(f"rope_2d needs head_dim divisible by 4, got {hd}.")
+      raise UserError(f"rope_2d needs head_dim divisible by 4, got {hd}.")
     has_grid = size > 0 and self.grid is not None and len(self.grid) == 2 and min(self.grid) > 0
     for name in ("rope_2d", "image_pos_embed"):
       if getattr(self, name) and not has_grid:
-        raise ValueError(f"{name} needs image_size > 0 and grid=(h, w) of the image code grid.")
+        raise UserError(f"{name} needs image_size > 0 and grid=(h, w) of the image code grid.")
     init = self.image_embed_init
     if init not in IMAGE_EMBED_INITS:
-      raise ValueError(f"image_embed_init={init!r}; use one of {IMAGE_EMBED_INITS}.")
+      raise UserError(f"image_embed_init={init!r}; use one of {IMAGE_EMBED_INITS}.")
     if init == "codebook" and (self.codebook_dim <= 0 or size <= 0):
-      raise ValueError("image_embed_init='codebook' needs image_size > 0 and codebook_dim > 0 "
-                       "(the image tokenizer's codebook width).")
+      raise UserError(
+        "image_embed_init='codebook' needs image_size > 0 and codebook_dim > 0 "
+        "(the image tokenizer's codebook width)."
+      )
     levels = self.code_levels
     if init == "levels" and (not levels or min(levels) < 2 or math.prod(levels) != size):
-      raise ValueError(f"image_embed_init='levels' needs code_levels (the FSQ levels, each >= 2) "
-                       f"whose product is image_size={size}, got {levels}; it applies to FSQ "
-                       "image tokenizers only.")
+      raise UserError(
+        f"image_embed_init='levels' needs code_levels (the FSQ levels, each >= 2) "
+        f"whose product is image_size={size}, got {levels}; it applies to FSQ "
+        "image tokenizers only."
+      )
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy={self.remat_policy!r}; use one of "
-                       f"{tuple(REMAT_POLICIES)}.")
+      raise UserError(f"remat_policy={self.remat_policy!r}; use one of {tuple(REMAT_POLICIES)}.")
     if int(self.query_chunks) < 1:
-      raise ValueError(f"query_chunks={self.query_chunks} must be >= 1 (1 turns chunking off).")
+      raise UserError(f"query_chunks={self.query_chunks} must be >= 1 (1 turns chunking off).")
     if self.attention_impl not in attention.IMPLEMENTATIONS:
-      raise ValueError(f"attention_impl={self.attention_impl!r}; use one of "
-                       f"{attention.IMPLEMENTATIONS}.")
+      raise UserError(
+        f"attention_impl={self.attention_impl!r}; use one of {attention.IMPLEMENTATIONS}."
+      )
 
   def kv_heads(self) -> int:
     """Key/value heads: `num_kv_heads`, or `num_heads` when unset."""
@@ -301,9 +335,12 @@ class TransformerConfig:
   def to_dict(self) -> dict[str, Any]:
     """JSON-friendly fields (dtype names, lists); `TransformerConfig(**c.to_dict()) == c`."""
     out = dataclasses.asdict(self)
-    out.update(dtype=self.dtype.name, param_dtype=self.param_dtype.name,
-               grid=None if self.grid is None else list(self.grid),
-               code_levels=list(self.code_levels))
+    out.update(
+      dtype=self.dtype.name,
+      param_dtype=self.param_dtype.name,
+      grid=None if self.grid is None else list(self.grid),
+      code_levels=list(self.code_levels),
+    )
     return out
 
 
@@ -313,12 +350,15 @@ class Transformer(nn.Module):
   Attributes:
     config: every setting (a `TransformerConfig`, validated when it was built).
   """
+
   config: TransformerConfig
 
   def __post_init__(self):
     if not isinstance(self.config, TransformerConfig):
-      raise TypeError(f"Transformer takes a TransformerConfig, got {type(self.config).__name__}: "
-                      "use Transformer(TransformerConfig(**kwargs)).")
+      raise TypeError(
+        f"Transformer takes a TransformerConfig, got {type(self.config).__name__}: "
+        "use Transformer(TransformerConfig(**kwargs))."
+      )
     super().__post_init__()
 
   @nn.nowrap
@@ -342,10 +382,16 @@ class Transformer(nn.Module):
     return cache
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: Cache | None = None,
-               decode: bool = False, logits_slice: tuple[int, int] | None = None
-               ) -> tuple[jax.Array, Cache | None]:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: Cache | None = None,
+    decode: bool = False,
+    logits_slice: tuple[int, int] | None = None,
+  ) -> tuple[jax.Array, Cache | None]:
     """Logits for `tokens[B, S]`.
 
     Args:
@@ -369,26 +415,34 @@ class Transformer(nn.Module):
     if logits_slice is not None:
       start, size = logits_slice
       if start < 0 or size <= 0 or start + size > cfg.vocab_size:
-        raise ValueError(f"logits_slice={logits_slice} must lie inside the vocabulary "
-                         f"[0, {cfg.vocab_size}).")
+        raise UserError(
+          f"logits_slice={logits_slice} must lie inside the vocabulary [0, {cfg.vocab_size})."
+        )
     if decode and (cache is None or positions is None):
-      raise ValueError("decode=True needs `cache=model.init_cache(...)` and explicit `positions`.")
+      raise UserError("decode=True needs `cache=model.init_cache(...)` and explicit `positions`.")
     if cache is not None and not decode:
-      raise ValueError("A cache was passed without decode=True; pass decode=True to use it.")
+      raise UserError("A cache was passed without decode=True; pass decode=True to use it.")
     if decode and segment_ids is not None:
-      raise ValueError("segment_ids are not supported with decode=True; right-pad prompts and use "
-                       "per-row positions instead.")
+      raise UserError(
+        "segment_ids are not supported with decode=True; right-pad prompts and use "
+        "per-row positions instead."
+      )
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     positions = jnp.asarray(positions, jnp.int32)
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     head_dim = cfg.head_size()
 
-    embed = TokenEmbed(cfg.vocab_size, cfg.dim, image_offset=cfg.image_offset,
-                       image_size=cfg.image_size,
-                       codebook_dim=cfg.codebook_dim if cfg.image_embed_init == "codebook" else 0,
-                       code_levels=cfg.code_levels if cfg.image_embed_init == "levels" else (),
-                       name="embed", **kw)
+    embed = TokenEmbed(
+      cfg.vocab_size,
+      cfg.dim,
+      image_offset=cfg.image_offset,
+      image_size=cfg.image_size,
+      codebook_dim=cfg.codebook_dim if cfg.image_embed_init == "codebook" else 0,
+      code_levels=cfg.code_levels if cfg.image_embed_init == "levels" else (),
+      name="embed",
+      **kw,
+    )
     x = layers.constrain(embed(tokens), layers.ACT_EMBED)
 
     new_cache = None if cache is None else {}
@@ -404,17 +458,26 @@ class Transformer(nn.Module):
       else:
         starts = None
         if segment_ids is not None:
-          starts = jnp.concatenate([jnp.ones((b, 1), bool),
-                                    segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+          starts = jnp.concatenate(
+            [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+          )
         run = layers.image_run_index(is_image, starts=starts)
     if cfg.image_pos_embed:
       cells = cfg.grid[0] * cfg.grid[1]
-      table = self.param("image_position", nn.with_logical_partitioning(
-          nn.initializers.normal(stddev=1.0 / math.sqrt(cfg.dim)), ("image_cells", "embed")),
-                         (cells, cfg.dim), kw["param_dtype"])
+      table = self.param(
+        "image_position",
+        nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=1.0 / math.sqrt(cfg.dim)), ("image_cells", "embed")
+        ),
+        (cells, cfg.dim),
+        kw["param_dtype"],
+      )
       cell = jnp.mod(jnp.maximum(run - 1, 0), cells)
-      x = x + jnp.where((run > 0)[..., None], jnp.take(jnp.asarray(table, x.dtype), cell, axis=0),
-                        jnp.zeros((), x.dtype))
+      x = x + jnp.where(
+        (run > 0)[..., None],
+        jnp.take(jnp.asarray(table, x.dtype), cell, axis=0),
+        jnp.zeros((), x.dtype),
+      )
       x = layers.constrain(x, layers.ACT_EMBED)
     if cfg.rope_2d:
       rows, cols = layers.image_rows_cols(positions, run, cfg.grid)
@@ -432,21 +495,34 @@ class Transformer(nn.Module):
       mask = None
     layer_positions = positions if decode else None
 
-    block_kw = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads(), head_dim=head_dim,
-                    mlp_dim=cfg.mlp_dim, qk_norm=cfg.qk_norm,
-                    attention_impl=cfg.attention_impl, query_chunks=cfg.query_chunks,
-                    norm_eps=cfg.norm_eps, **kw)
+    block_kw = dict(
+      num_heads=cfg.num_heads,
+      num_kv_heads=cfg.kv_heads(),
+      head_dim=head_dim,
+      mlp_dim=cfg.mlp_dim,
+      qk_norm=cfg.qk_norm,
+      attention_impl=cfg.attention_impl,
+      query_chunks=cfg.query_chunks,
+      norm_eps=cfg.norm_eps,
+      **kw,
+    )
     block_cls = Block
     policy = REMAT_POLICIES[cfg.remat_policy]
     if cfg.remat_policy != "none":
       block_cls = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
     layer_cache = None if cache is None else cache["layers"]
     if cfg.scan_layers:
-      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, out_cache = stack(name="layers", **block_kw)(x, layer_cache, sin, cos, mask,
-                                                      layer_positions)
+      stack = nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, out_cache = stack(name="layers", **block_kw)(
+        x, layer_cache, sin, cos, mask, layer_positions
+      )
     else:
       out_cache = []
       for i in range(cfg.num_layers):

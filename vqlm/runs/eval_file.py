@@ -4,9 +4,10 @@ Each evaluation is a section (`{"tokenizer": {...}, "text_to_image": {...}}`); w
 replaces it and keeps the others. With `config`, the run's config is stored next to the results,
 so a result file says what produced it. Writes are atomic (temporary file, then rename).
 """
+
+from collections.abc import Mapping
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 EVAL_FILE = "eval.json"
@@ -25,8 +26,9 @@ def read_eval(workdir: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def write_eval(workdir: str, section: str, result: Any, *,
-               config: Mapping[str, Any] | None = None) -> str:
+def write_eval(
+  workdir: str, section: str, result: Any, *, config: Mapping[str, Any] | None = None
+) -> str:
   """Merges `{section: result}` (and `config`, when given) into `WORKDIR/eval.json`."""
   data = read_eval(workdir)
   data[section] = dict(result) if isinstance(result, Mapping) else result

@@ -6,6 +6,7 @@ run needs only its parameters (and non-trainable collections such as a VQ layer'
 read) and places it on a mesh made from the devices of *this* process: a run trained on 8 devices
 with `fsdp=8` loads on one CPU, and a run trained on one CPU loads sharded over a GPU node.
 """
+
 from collections.abc import Mapping
 import os
 from typing import Any
@@ -16,7 +17,7 @@ from jax.sharding import Mesh
 import orbax.checkpoint as ocp
 
 from vqlm.runtime import mesh as mesh_lib
-from vqlm.runtime.checkpoint import CheckpointMismatchError, Checkpointer
+from vqlm.runtime.checkpoint import Checkpointer, CheckpointMismatchError
 
 
 def inference_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
@@ -29,8 +30,9 @@ def placed_abstract(boxed: Any, mesh: Mesh, rules: Any) -> Any:
   """Boxed `jax.eval_shape` output -> unboxed ShapeDtypeStructs carrying the mesh's shardings."""
   shardings = mesh_lib.logical_shardings(boxed, mesh, mesh_lib.rules_from_config(rules))
   abstract = nn.meta.unbox(boxed)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def latest_step(directory: str) -> int | None:
@@ -44,8 +46,9 @@ def latest_step(directory: str) -> int | None:
     ckpt.close()
 
 
-def restore_subtree(directory: str, target: Mapping[str, Any], *,
-                    step: int | None = None) -> tuple[int, dict[str, Any]]:
+def restore_subtree(
+  directory: str, target: Mapping[str, Any], *, step: int | None = None
+) -> tuple[int, dict[str, Any]]:
   """Restores the parts of the saved train state named by `target` (e.g. `{"params": ...}`).
 
   Args:
@@ -67,10 +70,19 @@ def restore_subtree(directory: str, target: Mapping[str, Any], *,
   path = os.path.join(os.path.abspath(directory), str(step), "state")
   restore_args = ocp.checkpoint_utils.construct_restore_args(dict(target))
   with ocp.PyTreeCheckpointer() as reader:
-    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
-        item=dict(target), restore_args=restore_args, partial_restore=True))
+    restored = reader.restore(
+      path,
+      args=ocp.args.PyTreeRestore(
+        item=dict(target), restore_args=restore_args, partial_restore=True
+      ),
+    )
   return step, {k: restored[k] for k in target}
 
 
-__all__ = ["CheckpointMismatchError", "inference_mesh", "latest_step", "placed_abstract",
-           "restore_subtree"]
+__all__ = [
+  "CheckpointMismatchError",
+  "inference_mesh",
+  "latest_step",
+  "placed_abstract",
+  "restore_subtree",
+]

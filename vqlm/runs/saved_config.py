@@ -4,11 +4,14 @@ A run directory holds `config.json` (the config that made it), `checkpoints/` (O
 LM run, `vocab.json` and the SentencePiece model. Everything a later stage needs is found from the
 run directory alone.
 """
+
 import json
 import os
 from typing import Any
 
 import ml_collections
+
+from vqlm.errors import UserError
 
 CONFIG_FILE = "config.json"
 # Paths a run records that point at other runs or data. Each is also stored relative to the run
@@ -43,8 +46,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config saved in a run directory; a clear error if the directory is not a run."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} is not a vqlm run directory (no {CONFIG_FILE}); "
-                            "train it first with `vqlm train --workdir ...`")
+    raise FileNotFoundError(
+      f"{workdir} is not a vqlm run directory (no {CONFIG_FILE}); "
+      "train it first with `vqlm train --workdir ...`"
+    )
   with open(path, encoding="utf-8") as f:
     data = json.load(f)
   for key, rel in data.pop(RELATIVE_PATHS, {}).items():
@@ -81,8 +86,9 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
   return [] if a == b else [prefix.rstrip(".")]
 
 
-def check_same_model(workdir: str, config: ml_collections.ConfigDict,
-                     sections: tuple[str, ...] = ("model",)) -> None:
+def check_same_model(
+  workdir: str, config: ml_collections.ConfigDict, sections: tuple[str, ...] = ("model",)
+) -> None:
   """Refuses to resume a run whose saved config differs from `config` in the given sections."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
@@ -92,5 +98,7 @@ def check_same_model(workdir: str, config: ml_collections.ConfigDict,
   for section in sections:
     diffs = _differences(saved.get(section), new.get(section), f"{section}.")
     if diffs:
-      raise ValueError(f"the config does not match the run in {workdir}: {diffs[0]} differs "
-                       f"({len(diffs)} field(s)); use a new --workdir or the config that made it")
+      raise UserError(
+        f"the config does not match the run in {workdir}: {diffs[0]} differs "
+        f"({len(diffs)} field(s)); use a new --workdir or the config that made it"
+      )

@@ -5,6 +5,7 @@
 bottleneck's statistics are read from the checkpoint (no optimizer or discriminator state), on a
 mesh of the devices present.
 """
+
 import os
 from typing import Any
 
@@ -14,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from vqlm import imaging
+from vqlm.errors import UserError
 from vqlm.nn.image_tokenizer import ImageTokenizer
 from vqlm.runs import restore
 from vqlm.runs.saved_config import load_config
@@ -30,8 +32,9 @@ def tokenizer_model(config: ml_collections.ConfigDict) -> ImageTokenizer:
 def abstract_variables(model: ImageTokenizer, image_size: int) -> dict[str, Any]:
   """Boxed ShapeDtypeStructs of `model.init` (params and any `batch_stats`); nothing allocated."""
   rngs = {name: jax.random.key(i) for i, name in enumerate(("params", "sample", "restart"))}
-  return jax.eval_shape(lambda: model.init(
-      rngs, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False))
+  return jax.eval_shape(
+    lambda: model.init(rngs, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+  )
 
 
 class TokenizerRun:
@@ -43,33 +46,40 @@ class TokenizerRun:
     mesh_shape: the mesh to place parameters on (default: data-parallel over all devices).
   """
 
-  def __init__(self, workdir: str, *, step: int | None = None,
-               mesh_shape: dict[str, int] | None = None):
+  def __init__(
+    self, workdir: str, *, step: int | None = None, mesh_shape: dict[str, int] | None = None
+  ):
     self.workdir = os.path.abspath(workdir)
     self.config = load_config(workdir)
     if self.config.get("stage") != STAGE:
-      raise ValueError(f"{workdir} is not an image-tokenizer run (stage="
-                       f"{self.config.get('stage')}); point --tokenizer at a run made with "
-                       "configs/tokenizer.py")
+      raise UserError(
+        f"{workdir} is not an image-tokenizer run (stage="
+        f"{self.config.get('stage')}); point --tokenizer at a run made with "
+        "configs/tokenizer.py"
+      )
     self.model = tokenizer_model(self.config)
     self.mesh = restore.inference_mesh(mesh_shape)
     self.rules = self.config.mesh.rules
     boxed = abstract_variables(self.model, self.image_size)
     target = {"params": restore.placed_abstract(boxed["params"], self.mesh, self.rules)}
     if "batch_stats" in boxed:
-      target["extra"] = {"batch_stats": restore.placed_abstract(boxed["batch_stats"], self.mesh,
-                                                                self.rules)}
-    self.step, restored = restore.restore_subtree(os.path.join(workdir, "checkpoints"), target,
-                                                  step=step)
+      target["extra"] = {
+        "batch_stats": restore.placed_abstract(boxed["batch_stats"], self.mesh, self.rules)
+      }
+    self.step, restored = restore.restore_subtree(
+      os.path.join(workdir, "checkpoints"), target, step=step
+    )
     self.variables = {"params": restored["params"]}
     if "extra" in restored:
       self.variables["batch_stats"] = restored["extra"]["batch_stats"]
     self._encode = jax.jit(lambda v, x: self.model.apply(v, x, method=self.model.encode))
     self._decode = jax.jit(lambda v, c: self.model.apply(v, c, method=self.model.decode))
     self._encode_latent = jax.jit(
-        lambda v, x: self.model.apply(v, x, method=self.model.encode_latent))
+      lambda v, x: self.model.apply(v, x, method=self.model.encode_latent)
+    )
     self._decode_latent = jax.jit(
-        lambda v, z: self.model.apply(v, z, method=self.model.decode_latent))
+      lambda v, z: self.model.apply(v, z, method=self.model.decode_latent)
+    )
 
   @property
   def image_size(self) -> int:
@@ -95,8 +105,9 @@ class TokenizerRun:
 
   def decode_latent(self, latents: np.ndarray) -> np.ndarray:
     """float32 latents `[B, h, w, C]` -> uint8 images `[B, H, W, 3]`."""
-    return imaging.to_uint8(np.asarray(self._decode_latent(self.variables,
-                                                           jnp.asarray(latents, jnp.float32))))
+    return imaging.to_uint8(
+      np.asarray(self._decode_latent(self.variables, jnp.asarray(latents, jnp.float32)))
+    )
 
   def reconstruct(self, images: np.ndarray) -> np.ndarray:
     """uint8 `[B, H, W, 3]` -> uint8 reconstructions (through codes when the bottleneck is
@@ -113,8 +124,10 @@ class TokenizerRun:
   def grid(self) -> tuple[int, int]:
     size = self.image_size
     codes = jax.eval_shape(
-        lambda v, x: self.model.apply(v, x, method=self.model.encode), self.variables,
-        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+      lambda v, x: self.model.apply(v, x, method=self.model.encode),
+      self.variables,
+      jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+    )
     return tuple(codes.shape[1:])
 
   @property

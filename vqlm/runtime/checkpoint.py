@@ -7,6 +7,7 @@ step, and `cleanup_tmp_directories` removes the leftovers on the next start.
 Permanent checkpoints are the steps divisible by `keep_every_steps`; all others (periodic or
 time-based saves) are temporary and only the newest `max_to_keep` of them survive.
 """
+
 import dataclasses
 import os
 from typing import Any
@@ -14,7 +15,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
 
 FAULT_ENV = "VQLM_TEST_CHECKPOINT_FAULT"
 
@@ -27,10 +27,10 @@ def _fault_injecting_path_class() -> type | None:
   if not spec:
     return None
   import asyncio
+
   base = ocp.path.atomicity.AtomicRenameTemporaryPath
 
   class FaultyTemporaryPath(base):
-
     async def finalize(self, *args, **kwargs):
       if spec.startswith("slow:"):
         await asyncio.sleep(float(spec.split(":", 1)[1]))
@@ -55,9 +55,11 @@ class Restored:
 
 def _abstract(tree: Any) -> Any:
   """ShapeDtypeStructs carrying the target's shardings, for restoring onto a new topology."""
+
   def leaf(x):
     sharding = getattr(x, "sharding", None)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
   return jax.tree.map(leaf, tree)
 
 
@@ -84,19 +86,28 @@ class Checkpointer:
     async_save: write in a background thread while training continues.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, keep_every_steps: int = 0,
-               async_save: bool = True):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    max_to_keep: int = 3,
+    keep_every_steps: int = 0,
+    async_save: bool = True,
+  ):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        keep_period=keep_every_steps or None,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
-        temporary_path_class=_fault_injecting_path_class(),
+      max_to_keep=max_to_keep,
+      keep_period=keep_every_steps or None,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      create=True,
+      temporary_path_class=_fault_injecting_path_class(),
     )
-    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler()}
+    handlers = {
+      "state": ocp.StandardCheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler(),
+    }
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   @property
@@ -106,8 +117,9 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, *, data: dict | None = None,
-           meta: dict | None = None) -> bool:
+  def save(
+    self, step: int, state: Any, *, data: dict | None = None, meta: dict | None = None
+  ) -> bool:
     """Starts saving `state` at `step` (asynchronously); returns whether a save started."""
     items = {"state": ocp.args.StandardSave(state)}
     if data is not None:
@@ -138,15 +150,17 @@ class Checkpointer:
     if missing or extra:
       name = (missing or extra)[0]
       raise CheckpointMismatchError(
-          f"checkpoint step {step} in {self.directory} does not match the config (parameter "
-          f"{name} is {'missing from' if missing else 'only in'} the checkpoint); use a new "
-          "--workdir or the config that made this run")
+        f"checkpoint step {step} in {self.directory} does not match the config (parameter "
+        f"{name} is {'missing from' if missing else 'only in'} the checkpoint); use a new "
+        "--workdir or the config that made this run"
+      )
     for name, shape in want.items():
       if have[name] != shape:
         raise CheckpointMismatchError(
-            f"checkpoint step {step} in {self.directory} does not match the config: {name} has "
-            f"shape {have[name]} there but {shape} in the config; use a new --workdir or the "
-            "config that made this run")
+          f"checkpoint step {step} in {self.directory} does not match the config: {name} has "
+          f"shape {have[name]} there but {shape} in the config; use a new --workdir or the "
+          "config that made this run"
+        )
 
   def restore(self, target: Any, step: int | None = None) -> Restored | None:
     """Restores the latest (or given) step onto `target`'s shapes and shardings; None if empty."""
@@ -159,8 +173,9 @@ class Checkpointer:
       if os.path.isdir(os.path.join(self.directory, str(step), name)):
         items[name] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return Restored(step=step, state=restored["state"], data=restored.get("data"),
-                    meta=restored.get("meta"))
+    return Restored(
+      step=step, state=restored["state"], data=restored.get("data"), meta=restored.get("meta")
+    )
 
   def close(self) -> None:
     self._manager.wait_until_finished()

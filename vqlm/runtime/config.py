@@ -4,10 +4,13 @@
 Values are parsed as Python literals where possible (ints, floats, bools, tuples), otherwise kept as
 strings. Unknown keys fail with the list of valid ones, so a typo never silently does nothing.
 """
+
 import ast
 from typing import Any
 
 import ml_collections
+
+from vqlm.errors import UserError
 
 
 def _literal(text: str) -> Any:
@@ -32,13 +35,13 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in defaults:
       valid = ", ".join(sorted(defaults))
-      raise ValueError(f"unknown config argument '{key}'; valid: {valid}")
+      raise UserError(f"unknown config argument '{key}'; valid: {valid}")
     parsed = _literal(value.strip()) if sep else True
     default = defaults[key]
     if isinstance(default, bool) and not isinstance(parsed, bool):
-      raise ValueError(f"config argument '{key}' takes True or False, not '{value}'")
+      raise UserError(f"config argument '{key}' takes True or False, not '{value}'")
     if isinstance(default, int) and not isinstance(default, bool) and isinstance(parsed, float):
-      raise ValueError(f"config argument '{key}' takes an integer, not '{value}'")
+      raise UserError(f"config argument '{key}' takes an integer, not '{value}'")
     if isinstance(default, str) and not isinstance(parsed, str):
       parsed = str(value.strip())
     values[key] = parsed
@@ -59,34 +62,37 @@ def as_kwargs(value: Any) -> Any:
 def choose(name: str, value: str, options: dict[str, Any]) -> Any:
   """Returns `options[value]`, or raises ValueError listing the valid choices for `name`."""
   if value not in options:
-    raise ValueError(f"unknown {name} '{value}'; valid: {', '.join(options)}")
+    raise UserError(f"unknown {name} '{value}'; valid: {', '.join(options)}")
   return options[value]
 
 
-def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1,
-                rules: tuple[tuple[str, Any], ...] | None = None) -> ml_collections.ConfigDict:
+def mesh_config(
+  data: int = -1, fsdp: int = 1, tensor: int = 1, rules: tuple[tuple[str, Any], ...] | None = None
+) -> ml_collections.ConfigDict:
   """Mesh shape (one axis may be -1: all remaining devices) and logical -> mesh axis rules."""
   if rules is None:
     rules = DEFAULT_RULES
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "shape": {"data": data, "fsdp": fsdp, "tensor": tensor},
       "rules": [list(rule) for rule in rules],
-  })
+    }
+  )
 
 
 # Logical axis -> mesh axes. Batch-like axes split over data x fsdp; weights' embed dimension is
 # sharded by fsdp (ZeRO-3 style), and heads / mlp / vocab by tensor (Megatron style).
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("conv_in", None),
-    ("conv_out", "tensor"),
-    ("codebook", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("vocab", "tensor"),
+  ("layers", None),
+  ("conv_in", None),
+  ("conv_out", "tensor"),
+  ("codebook", None),
 )

@@ -7,6 +7,7 @@ Recognised launches (first match wins):
   * Cloud TPU VM pod slices: jax discovers the other hosts itself (TPU_WORKER_HOSTNAMES).
 A single process (the default on a laptop) initialises nothing.
 """
+
 import os
 
 import jax
@@ -23,8 +24,9 @@ def maybe_initialize() -> bool:
   if env.get("VQLM_COORDINATOR"):
     num = int(env.get("VQLM_NUM_PROCESSES", "1"))
     if num > 1:
-      jax.distributed.initialize(env["VQLM_COORDINATOR"], num_processes=num,
-                                 process_id=int(env["VQLM_PROCESS_ID"]))
+      jax.distributed.initialize(
+        env["VQLM_COORDINATOR"], num_processes=num, process_id=int(env["VQLM_PROCESS_ID"])
+      )
       _initialized = True
   elif int(env.get("SLURM_NTASKS", "1")) > 1:
     jax.distributed.initialize()

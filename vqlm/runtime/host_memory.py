@@ -29,11 +29,14 @@ memory more than doubles, since the heap keeps every block it ever held. A large
 CPU machine may therefore want `VQLM_HOST_MALLOC=system`. Figures and commands are in
 docs/benchmarks.md.
 """
+
 import ctypes
 import importlib.metadata
 import importlib.util
 import os
 import sys
+
+from vqlm.errors import UserError
 
 ENV_VAR = "VQLM_HOST_MALLOC"
 MODES = ("auto", "reuse", "system")
@@ -41,10 +44,10 @@ MODES = ("auto", "reuse", "system")
 _ACCELERATOR_PACKAGES = ("libtpu",)
 
 # mallopt(3) parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD = -1   # free memory at the top of the heap kept before returning it to the OS
-_M_MMAP_MAX = -4         # how many blocks may be served by mmap; 0 = none
-_M_ARENA_MAX = -8        # malloc arenas; 1 = every thread uses the main, brk-grown heap
-_KEEP_BYTES = -1         # mallopt takes an int; glibc reads -1 as SIZE_MAX: never trim
+_M_TRIM_THRESHOLD = -1  # free memory at the top of the heap kept before returning it to the OS
+_M_MMAP_MAX = -4  # how many blocks may be served by mmap; 0 = none
+_M_ARENA_MAX = -8  # malloc arenas; 1 = every thread uses the main, brk-grown heap
+_KEEP_BYTES = -1  # mallopt takes an int; glibc reads -1 as SIZE_MAX: never trim
 
 _applied = False
 
@@ -53,8 +56,10 @@ def mode() -> str:
   """The requested mode from `VQLM_HOST_MALLOC` ("auto" unless set); ValueError if unknown."""
   value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
   if value not in MODES:
-    raise ValueError(f"{ENV_VAR}={value!r}; use 'auto' (keep freed host memory when JAX runs on "
-                     "the CPU), 'reuse' (always) or 'system' (glibc's defaults).")
+    raise UserError(
+      f"{ENV_VAR}={value!r}; use 'auto' (keep freed host memory when JAX runs on "
+      "the CPU), 'reuse' (always) or 'system' (glibc's defaults)."
+    )
   return value
 
 
@@ -73,9 +78,9 @@ def reuse_host_memory() -> bool:
   """Makes glibc's malloc serve every block from one heap and keep freed memory for reuse.
 
   Sets `M_ARENA_MAX=1` (in a per-thread arena a block over 64 MiB must be mmapped),
-  `M_MMAP_MAX=0` and an unlimited `M_TRIM_THRESHOLD` (never trim). Idempotent. Returns True when the settings are
-  in effect; False when `VQLM_HOST_MALLOC=system`, or `auto` and JAX will use an accelerator
-  (settings made by an earlier call stay), or the C library is not glibc.
+  `M_MMAP_MAX=0` and an unlimited `M_TRIM_THRESHOLD` (never trim). Idempotent. Returns True when
+  the settings are in effect; False when `VQLM_HOST_MALLOC=system`, or `auto` and JAX will use an
+  accelerator (settings made by an earlier call stay), or the C library is not glibc.
   """
   global _applied
   requested = mode()

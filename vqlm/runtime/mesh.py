@@ -4,14 +4,18 @@ The same code runs on 1 CPU, 8 faked CPU devices, several processes and a TPU po
 logical axis names (`embed`, `mlp`, ...), the config's rules map them to the mesh axes
 (`data`, `fsdp`, `tensor`), and batches are sharded over `data` x `fsdp`.
 """
-import contextlib
+
 from collections.abc import Iterator, Mapping, Sequence
+import contextlib
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vqlm.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -26,20 +30,24 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   devices = list(jax.devices() if devices is None else devices)
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid: {', '.join(MESH_AXES)}")
+    raise UserError(f"unknown mesh axes {sorted(unknown)}; valid: {', '.join(MESH_AXES)}")
   sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError("at most one mesh axis may be -1 (all remaining devices)")
+    raise UserError("at most one mesh axis may be -1 (all remaining devices)")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices;"
-                       " change config.mesh.shape")
+      raise UserError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices;"
+        " change config.mesh.shape"
+      )
     sizes[sizes.index(-1)] = len(devices) // known
   total = int(np.prod(sizes))
   if total != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices but "
-                     f"{len(devices)} are available; change config.mesh.shape")
+    raise UserError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices but "
+      f"{len(devices)} are available; change config.mesh.shape"
+    )
   try:
     array = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
   except Exception:  # Topology-unaware fallback (e.g. CPU or odd shapes).
@@ -76,8 +84,9 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   """
   specs = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(specs, rules)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec), mesh_specs, is_leaf=lambda x: isinstance(x, P)
+  )
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -101,6 +110,6 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     local: arrays [B_local, ...]; each process holds a distinct, equally sized slice.
   """
   return {
-      k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-      for k, v in local.items()
+    k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+    for k, v in local.items()
   }

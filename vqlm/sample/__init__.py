@@ -3,12 +3,32 @@
 `Sampler` (sampler.py) is the device-side engine over unified ids; `Generator` (api.py) turns
 captions, images and videos into prompts and generated ids back into images and text.
 """
-from vqlm.sample.api import (Continuation, Generator, caption_images, continue_sequence,
-                             continue_video, generate_images, generator_for)
+
+from vqlm.sample.api import (
+  Continuation,
+  Generator,
+  caption_images,
+  continue_sequence,
+  continue_video,
+  generate_images,
+  generator_for,
+)
 from vqlm.sample.constraints import MODES
 from vqlm.sample.processors import GREEDY, SamplingConfig, Settings
 from vqlm.sample.sampler import SampleOutput, Sampler
 
-__all__ = ["Continuation", "GREEDY", "Generator", "MODES", "SampleOutput", "Sampler",
-           "SamplingConfig", "Settings", "caption_images", "continue_sequence", "continue_video",
-           "generate_images", "generator_for"]
+__all__ = [
+  "Continuation",
+  "GREEDY",
+  "Generator",
+  "MODES",
+  "SampleOutput",
+  "Sampler",
+  "SamplingConfig",
+  "Settings",
+  "caption_images",
+  "continue_sequence",
+  "continue_video",
+  "generate_images",
+  "generator_for",
+]

@@ -8,6 +8,7 @@ with seed `(seed, i)`: results do not depend on `batch_size`. A tqdm bar runs ov
 
 The module functions (`generate_images(run, ...)`, ...) reuse one Generator per run object.
 """
+
 from collections.abc import Sequence
 import dataclasses
 from typing import Any
@@ -16,6 +17,7 @@ import weakref
 import numpy as np
 from tqdm.auto import tqdm
 
+from vqlm.errors import UserError
 from vqlm.sample import constraints as cons
 from vqlm.sample.processors import GREEDY, SamplingConfig
 from vqlm.sample.sampler import Sampler
@@ -34,6 +36,7 @@ class Continuation:
       image the prompt left open is completed with the prompt's codes).
     text: the generated ids rendered with specials (`"a red<boi><img:3>...<eoi><eos>"`).
   """
+
   ids: np.ndarray
   segments: list[str | np.ndarray]
   text: str
@@ -53,10 +56,17 @@ class Generator:
     dtype: sampling compute dtype (`Sampler`'s; None: the model's own).
   """
 
-  def __init__(self, run: Any, *, batch_size: int = 8, progress: bool = True,
-               image_tokenizer: Any = None, dtype: Any = None):
+  def __init__(
+    self,
+    run: Any,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    image_tokenizer: Any = None,
+    dtype: Any = None,
+  ):
     if batch_size <= 0:
-      raise ValueError(f"batch_size={batch_size} must be >= 1.")
+      raise UserError(f"batch_size={batch_size} must be >= 1.")
     self.run = run
     self.vocab: Vocab = run.vocab
     self.text_tokenizer = run.text_tokenizer
@@ -67,9 +77,14 @@ class Generator:
     if run.model.config.image_embed_init == "codebook":
       codebook = np.asarray(self.image_tokenizer.codebook(), np.float32)
       variables["codebook"] = {"embed": {"vectors": codebook}}
-    self.sampler = Sampler(run.model, variables, self.vocab,
-                           mesh=getattr(run, "mesh", None), rules=getattr(run, "rules", None),
-                           dtype=dtype)
+    self.sampler = Sampler(
+      run.model,
+      variables,
+      self.vocab,
+      mesh=getattr(run, "mesh", None),
+      rules=getattr(run, "rules", None),
+      dtype=dtype,
+    )
 
   @property
   def image_tokenizer(self) -> Any:
@@ -85,14 +100,17 @@ class Generator:
   def image_ids(self, codes: np.ndarray) -> list[int]:
     """`[h, w]` codes -> `<boi> ids <eoi>`."""
     codes = self.vocab.check_codes(codes)
-    return [self.vocab.boi_id, *self.vocab.image_token(codes.reshape(-1)).tolist(),
-            self.vocab.eoi_id]
+    return [
+      self.vocab.boi_id,
+      *self.vocab.image_token(codes.reshape(-1)).tolist(),
+      self.vocab.eoi_id,
+    ]
 
   def encode_images(self, images: np.ndarray) -> np.ndarray:
     """uint8 `[N, H, W, 3]` -> codes `[N, h, w]` with the image tokenizer (checked)."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-      raise ValueError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}.")
+      raise UserError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}.")
     return self.vocab.check_codes(self.image_tokenizer.encode(images))
 
   def prompt_ids(self, parts: Sequence[Part]) -> list[int]:
@@ -112,18 +130,21 @@ class Generator:
       elif arr.ndim == 1 and (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
         ids += [int(i) for i in arr]
       else:
-        raise ValueError(f"prompt part of type {type(part).__name__} and shape {arr.shape}: use "
-                         "str, uint8 [H, W, 3] images, int [h, w] codes or 1-D int ids.")
+        raise UserError(
+          f"prompt part of type {type(part).__name__} and shape {arr.shape}: use "
+          "str, uint8 [H, W, 3] images, int [h, w] codes or 1-D int ids."
+        )
     return ids
 
   # ---- batching -----------------------------------------------------------------------------
 
-  def _run_batches(self, prompts: list[list[int]], *, desc: str, batch_size: int | None,
-                   **kwargs) -> tuple[np.ndarray, np.ndarray]:
+  def _run_batches(
+    self, prompts: list[list[int]], *, desc: str, batch_size: int | None, **kwargs
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Samples all prompts in fixed-size batches; returns `(tokens [N, T], lengths [N])`."""
     bs = batch_size or self.batch_size
     if bs <= 0:
-      raise ValueError(f"batch_size={bs} must be >= 1.")
+      raise UserError(f"batch_size={bs} must be >= 1.")
     uncond = kwargs.pop("uncond_prompts", None)
     num_images = np.broadcast_to(np.asarray(kwargs.pop("num_images", 1)), (len(prompts),))
     tokens, lengths = [], []
@@ -131,9 +152,13 @@ class Generator:
     for start in tqdm(starts, desc=desc, disable=not self.progress, unit="batch"):
       stop = min(start + bs, len(prompts))
       out = self.sampler(
-          prompts[start:stop], batch_size=bs, row_seeds=range(start, stop),
-          uncond_prompts=None if uncond is None else uncond[start:stop],
-          num_images=num_images[start:stop], **kwargs)
+        prompts[start:stop],
+        batch_size=bs,
+        row_seeds=range(start, stop),
+        uncond_prompts=None if uncond is None else uncond[start:stop],
+        num_images=num_images[start:stop],
+        **kwargs,
+      )
       tokens.append(out.tokens)
       lengths.append(out.lengths)
     return np.concatenate(tokens), np.concatenate(lengths)
@@ -162,10 +187,17 @@ class Generator:
 
   # ---- tasks --------------------------------------------------------------------------------
 
-  def generate_images(self, prompts: Sequence[str], *, num_per_prompt: int = 1,
-                      cfg_scale: float | None = None, sampling: SamplingConfig | None = None,
-                      seed: int = 0, batch_size: int | None = None, return_codes: bool = False
-                      ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  def generate_images(
+    self,
+    prompts: Sequence[str],
+    *,
+    num_per_prompt: int = 1,
+    cfg_scale: float | None = None,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    return_codes: bool = False,
+  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Text-to-image: `num_per_prompt` images per caption, prompt-major order.
 
     Args:
@@ -181,73 +213,119 @@ class Generator:
       uint8 `[N, H, W, 3]` with `N = len(prompts) * num_per_prompt` (and int32 codes `[N, h, w]`).
     """
     if isinstance(prompts, str):
-      raise ValueError("prompts must be a list of strings, not one string; wrap it in a list.")
+      raise UserError("prompts must be a list of strings, not one string; wrap it in a list.")
     if num_per_prompt <= 0:
-      raise ValueError(f"num_per_prompt={num_per_prompt} must be >= 1.")
+      raise UserError(f"num_per_prompt={num_per_prompt} must be >= 1.")
     v = self.vocab
-    rows = [[v.bos_id, *self.text_ids(p), v.boi_id] for p in prompts for _ in
-            range(num_per_prompt)]
+    rows = [[v.bos_id, *self.text_ids(p), v.boi_id] for p in prompts for _ in range(num_per_prompt)]
     if not rows:
-      raise ValueError("no prompts given; pass at least one caption.")
+      raise UserError("no prompts given; pass at least one caption.")
     use_cfg = cfg_scale is not None and float(cfg_scale) != 1.0
     tokens, _ = self._run_batches(
-        rows, desc="images", batch_size=batch_size, mode="image",
-        max_new_tokens=v.tokens_per_image + 1, sampling=sampling, seed=seed,
-        cfg_scale=float(cfg_scale) if use_cfg else None,
-        uncond_prompts=[[v.bos_id, v.boi_id]] * len(rows) if use_cfg else None)
+      rows,
+      desc="images",
+      batch_size=batch_size,
+      mode="image",
+      max_new_tokens=v.tokens_per_image + 1,
+      sampling=sampling,
+      seed=seed,
+      cfg_scale=float(cfg_scale) if use_cfg else None,
+      uncond_prompts=[[v.bos_id, v.boi_id]] * len(rows) if use_cfg else None,
+    )
     hw = v.tokens_per_image
     codes = (tokens[:, :hw] - v.image_offset).reshape(len(rows), *v.grid).astype(np.int32)
     images = self._decode(codes)
     return (images, codes) if return_codes else images
 
-  def caption_images(self, images: np.ndarray, *, greedy: bool = True,
-                     sampling: SamplingConfig | None = None, seed: int = 0,
-                     max_len: int = 48, batch_size: int | None = None) -> list[str]:
+  def caption_images(
+    self,
+    images: np.ndarray,
+    *,
+    greedy: bool = True,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    max_len: int = 48,
+    batch_size: int | None = None,
+  ) -> list[str]:
     """Image-to-text: uint8 `[N, H, W, 3]` -> N captions (greedy by default)."""
     codes = self.encode_images(images)
-    return self.caption_codes(codes, greedy=greedy, sampling=sampling, seed=seed,
-                              max_len=max_len, batch_size=batch_size)
+    return self.caption_codes(
+      codes, greedy=greedy, sampling=sampling, seed=seed, max_len=max_len, batch_size=batch_size
+    )
 
-  def caption_codes(self, codes: np.ndarray, *, greedy: bool = True,
-                    sampling: SamplingConfig | None = None, seed: int = 0, max_len: int = 48,
-                    batch_size: int | None = None) -> list[str]:
+  def caption_codes(
+    self,
+    codes: np.ndarray,
+    *,
+    greedy: bool = True,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    max_len: int = 48,
+    batch_size: int | None = None,
+  ) -> list[str]:
     """Image-to-text from code grids `[N, h, w]` (prompt `<bos> <boi> codes <eoi>`)."""
     codes = self.vocab.check_codes(codes)
     if codes.ndim != 3:
-      raise ValueError(f"codes must be [N, h, w], got shape {codes.shape}.")
+      raise UserError(f"codes must be [N, h, w], got shape {codes.shape}.")
     if greedy:
       if sampling is not None:
-        raise ValueError("greedy=True ignores `sampling`; pass greedy=False to sample.")
+        raise UserError("greedy=True ignores `sampling`; pass greedy=False to sample.")
       sampling = SamplingConfig(text=GREEDY, image=GREEDY)
     rows = [[self.vocab.bos_id, *self.image_ids(c)] for c in codes]
-    tokens, lengths = self._run_batches(rows, desc="captions", batch_size=batch_size, mode="text",
-                                        max_new_tokens=max_len, sampling=sampling, seed=seed)
-    return [self.vocab.decode_text(self.text_tokenizer, t[:n]).strip()
-            for t, n in zip(tokens, lengths)]
+    tokens, lengths = self._run_batches(
+      rows,
+      desc="captions",
+      batch_size=batch_size,
+      mode="text",
+      max_new_tokens=max_len,
+      sampling=sampling,
+      seed=seed,
+    )
+    return [
+      self.vocab.decode_text(self.text_tokenizer, t[:n]).strip() for t, n in zip(tokens, lengths)
+    ]
 
-  def continue_sequence(self, prompts: Sequence[Sequence[Part]], *, max_new_tokens: int = 128,
-                        mode: str = "interleaved", sampling: SamplingConfig | None = None,
-                        seed: int = 0, cfg_scale: float | None = None,
-                        uncond_prompts: Sequence[Sequence[Part]] | None = None,
-                        num_images: int = 1, batch_size: int | None = None
-                        ) -> list[Continuation]:
+  def continue_sequence(
+    self,
+    prompts: Sequence[Sequence[Part]],
+    *,
+    max_new_tokens: int = 128,
+    mode: str = "interleaved",
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    cfg_scale: float | None = None,
+    uncond_prompts: Sequence[Sequence[Part]] | None = None,
+    num_images: int = 1,
+    batch_size: int | None = None,
+  ) -> list[Continuation]:
     """Continues mixed prompts (see `prompt_ids` for the parts) in any sampler mode.
 
     Every image run opened (or left open by the prompt) is completed with exactly `h*w` codes.
     """
     if mode not in cons.MODES:
-      raise ValueError(f"mode={mode!r} is not one of {cons.MODES}.")
+      raise UserError(f"mode={mode!r} is not one of {cons.MODES}.")
     rows = [self.prompt_ids(p) for p in prompts]
     if not rows:
-      raise ValueError("no prompts given; pass at least one prompt.")
+      raise UserError("no prompts given; pass at least one prompt.")
     uncond = None
     if cfg_scale is not None:
-      uncond = ([[self.vocab.bos_id, self.vocab.boi_id]] * len(rows) if uncond_prompts is None
-                else [self.prompt_ids(p) for p in uncond_prompts])
+      uncond = (
+        [[self.vocab.bos_id, self.vocab.boi_id]] * len(rows)
+        if uncond_prompts is None
+        else [self.prompt_ids(p) for p in uncond_prompts]
+      )
     tokens, lengths = self._run_batches(
-        rows, desc="sequences", batch_size=batch_size, mode=mode, max_new_tokens=max_new_tokens,
-        sampling=sampling, seed=seed, cfg_scale=cfg_scale, uncond_prompts=uncond,
-        num_images=num_images)
+      rows,
+      desc="sequences",
+      batch_size=batch_size,
+      mode=mode,
+      max_new_tokens=max_new_tokens,
+      sampling=sampling,
+      seed=seed,
+      cfg_scale=cfg_scale,
+      uncond_prompts=uncond,
+      num_images=num_images,
+    )
     return [self._continuation(prompt, t[:n]) for prompt, t, n in zip(rows, tokens, lengths)]
 
   def _continuation(self, prompt: list[int], ids: np.ndarray) -> Continuation:
@@ -266,7 +344,7 @@ class Generator:
           segments.append(v.decode_text(self.text_tokenizer, text_run))
           text_run = []
         end = i + 1 + v.tokens_per_image
-        grids = self._image_runs(full[i:end + 1])
+        grids = self._image_runs(full[i : end + 1])
         if grids:
           segments.append(self._decode(grids[0][None])[0])
         i = end + 1
@@ -276,12 +354,22 @@ class Generator:
       i += 1
     if text_run:
       segments.append(v.decode_text(self.text_tokenizer, text_run))
-    return Continuation(ids=np.asarray(ids, np.int32), segments=segments,
-                        text=v.decode_text(self.text_tokenizer, ids, keep_specials=True))
+    return Continuation(
+      ids=np.asarray(ids, np.int32),
+      segments=segments,
+      text=v.decode_text(self.text_tokenizer, ids, keep_specials=True),
+    )
 
-  def continue_video(self, frames: np.ndarray, *, num_new_frames: int, caption: str = "",
-                     cfg_scale: float | None = None, sampling: SamplingConfig | None = None,
-                     seed: int = 0) -> np.ndarray:
+  def continue_video(
+    self,
+    frames: np.ndarray,
+    *,
+    num_new_frames: int,
+    caption: str = "",
+    cfg_scale: float | None = None,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+  ) -> np.ndarray:
     """Video continuation: uint8 frames `[T, H, W, 3]` -> `[num_new_frames, H, W, 3]`.
 
     The prompt is `<bos> caption <boi> f_1 <eoi> <frame> ... <boi> f_T <eoi>`; the sampler then
@@ -289,9 +377,12 @@ class Generator:
     unconditional prompt drops the caption.
     """
     if num_new_frames <= 0:
-      raise ValueError(f"num_new_frames={num_new_frames} must be >= 1.")
-    codes = self.encode_images(np.asarray(frames)) if len(frames) else np.zeros(
-        (0, *self.vocab.grid), np.int32)
+      raise UserError(f"num_new_frames={num_new_frames} must be >= 1.")
+    codes = (
+      self.encode_images(np.asarray(frames))
+      if len(frames)
+      else np.zeros((0, *self.vocab.grid), np.int32)
+    )
 
     def build(text: str) -> list[int]:
       ids = [self.vocab.bos_id, *(self.text_ids(text) if text else [])]
@@ -307,10 +398,18 @@ class Generator:
     max_new = cons.min_new_tokens(spec, state)
     use_cfg = cfg_scale is not None and float(cfg_scale) != 1.0
     tokens, lengths = self._run_batches(
-        [prompt], desc="video", batch_size=1, mode="video", max_new_tokens=max_new,
-        sampling=sampling, seed=seed, cfg_scale=float(cfg_scale) if use_cfg else None,
-        uncond_prompts=[build("")] if use_cfg else None, num_images=num_new_frames)
-    ids = tokens[0, :lengths[0]].tolist()
+      [prompt],
+      desc="video",
+      batch_size=1,
+      mode="video",
+      max_new_tokens=max_new,
+      sampling=sampling,
+      seed=seed,
+      cfg_scale=float(cfg_scale) if use_cfg else None,
+      uncond_prompts=[build("")] if use_cfg else None,
+      num_images=num_new_frames,
+    )
+    ids = tokens[0, : lengths[0]].tolist()
     if not len(codes):
       ids = [self.vocab.boi_id] + ids
     grids = self._image_runs(ids)
@@ -333,8 +432,9 @@ def generator_for(run: Any, **kwargs) -> Generator:
   return per_run[key]
 
 
-def generate_images(run: Any, prompts: Sequence[str], **kwargs: Any
-                    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def generate_images(
+  run: Any, prompts: Sequence[str], **kwargs: Any
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """`Generator.generate_images` with the run's cached Generator (same keyword arguments)."""
   return generator_for(run).generate_images(prompts, **kwargs)
 
@@ -344,8 +444,9 @@ def caption_images(run: Any, images: np.ndarray, **kwargs: Any) -> list[str]:
   return generator_for(run).caption_images(images, **kwargs)
 
 
-def continue_sequence(run: Any, prompts: Sequence[Sequence[Part]], **kwargs: Any
-                      ) -> list[Continuation]:
+def continue_sequence(
+  run: Any, prompts: Sequence[Sequence[Part]], **kwargs: Any
+) -> list[Continuation]:
   """`Generator.continue_sequence` with the run's cached Generator."""
   return generator_for(run).continue_sequence(prompts, **kwargs)
 
@@ -355,5 +456,12 @@ def continue_video(run: Any, frames: np.ndarray, **kwargs: Any) -> np.ndarray:
   return generator_for(run).continue_video(frames, **kwargs)
 
 
-__all__ = ["Continuation", "Generator", "caption_images", "continue_sequence", "continue_video",
-           "generate_images", "generator_for"]
+__all__ = [
+  "Continuation",
+  "Generator",
+  "caption_images",
+  "continue_sequence",
+  "continue_video",
+  "generate_images",
+  "generator_for",
+]

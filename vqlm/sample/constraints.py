@@ -20,14 +20,16 @@ The state lives on device (`ConstraintState`, a pytree of `[B]` arrays) and is a
 sampler's `lax.while_loop`; `initial_state` reads it off the prompts on the host, so a prompt may
 also end inside an image run (the run is completed: image completion).
 """
-import dataclasses
+
 from collections.abc import Sequence
+import dataclasses
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqlm.errors import UserError
 from vqlm.vocab import Vocab
 
 MODES = ("text", "image", "interleaved", "video")
@@ -38,6 +40,7 @@ _FORCED, _IMAGE, _TEXT, _TEXT_OR_IMAGE = range(4)
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """Static description of the vocabulary and the mode (hashable: a jit static argument)."""
+
   mode: str
   text_size: int
   image_offset: int
@@ -54,12 +57,21 @@ class Spec:
   @classmethod
   def from_vocab(cls, vocab: Vocab, mode: str) -> "Spec":
     if mode not in MODES:
-      raise ValueError(f"mode={mode!r} is not one of {MODES}.")
-    return cls(mode=mode, text_size=vocab.text_size, image_offset=vocab.image_offset,
-               image_size=vocab.image_size, tokens_per_image=vocab.tokens_per_image,
-               padded_size=vocab.padded_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
-               eos_id=vocab.eos_id, boi_id=vocab.boi_id, eoi_id=vocab.eoi_id,
-               frame_id=vocab.frame_id)
+      raise UserError(f"mode={mode!r} is not one of {MODES}.")
+    return cls(
+      mode=mode,
+      text_size=vocab.text_size,
+      image_offset=vocab.image_offset,
+      image_size=vocab.image_size,
+      tokens_per_image=vocab.tokens_per_image,
+      padded_size=vocab.padded_size,
+      pad_id=vocab.pad_id,
+      bos_id=vocab.bos_id,
+      eos_id=vocab.eos_id,
+      boi_id=vocab.boi_id,
+      eoi_id=vocab.eoi_id,
+      frame_id=vocab.frame_id,
+    )
 
   def is_image(self, ids):
     return (ids >= self.image_offset) & (ids < self.image_offset + self.image_size)
@@ -86,15 +98,20 @@ class ConstraintState:
     last: int32 the row's last token (prompt or generated).
     done: bool, the row has stopped (it emits `<pad>` from now on).
   """
+
   codes_left: jax.Array
   images_left: jax.Array
   last: jax.Array
   done: jax.Array
 
 
-def initial_state(spec: Spec, prompts: Sequence[Sequence[int]], *,
-                  num_images: int | Sequence[int] = 1,
-                  active: Sequence[bool] | None = None) -> ConstraintState:
+def initial_state(
+  spec: Spec,
+  prompts: Sequence[Sequence[int]],
+  *,
+  num_images: int | Sequence[int] = 1,
+  active: Sequence[bool] | None = None,
+) -> ConstraintState:
   """The state after each prompt (NumPy, host side).
 
   Args:
@@ -115,11 +132,13 @@ def initial_state(spec: Spec, prompts: Sequence[Sequence[int]], *,
   for r, prompt in enumerate(prompts):
     ids = np.asarray(prompt, np.int64).reshape(-1)
     if ids.size == 0:
-      raise ValueError(f"prompt {r} is empty; start every prompt with <bos> (id {spec.bos_id}).")
+      raise UserError(f"prompt {r} is empty; start every prompt with <bos> (id {spec.bos_id}).")
     size = spec.image_offset + spec.image_size
     if ids.min() < 0 or ids.max() >= size or np.any(ids == spec.pad_id):
-      raise ValueError(f"prompt {r} holds ids outside [0, {size}) or <pad>; build prompts from "
-                       "Vocab ids without padding (the sampler pads).")
+      raise UserError(
+        f"prompt {r} holds ids outside [0, {size}) or <pad>; build prompts from "
+        "Vocab ids without padding (the sampler pads)."
+      )
     open_run, in_run = False, 0
     for i in ids:
       if i == spec.boi_id:
@@ -127,17 +146,22 @@ def initial_state(spec: Spec, prompts: Sequence[Sequence[int]], *,
       elif open_run and spec.is_image(i):
         in_run += 1
         if in_run > hw:
-          raise ValueError(f"prompt {r} has an image run longer than {hw} codes; end each run "
-                           "with <eoi> after exactly h*w codes.")
+          raise UserError(
+            f"prompt {r} has an image run longer than {hw} codes; end each run "
+            "with <eoi> after exactly h*w codes."
+          )
       elif spec.is_image(i):
-        raise ValueError(f"prompt {r} has image codes outside <boi> ... <eoi>.")
+        raise UserError(f"prompt {r} has image codes outside <boi> ... <eoi>.")
       else:
         if open_run and i != spec.eoi_id:
-          raise ValueError(f"prompt {r} interrupts an image run with id {i}; image runs hold "
-                           f"exactly {hw} codes followed by <eoi>.")
+          raise UserError(
+            f"prompt {r} interrupts an image run with id {i}; image runs hold "
+            f"exactly {hw} codes followed by <eoi>."
+          )
         if i == spec.eoi_id and open_run and in_run != hw:
-          raise ValueError(f"prompt {r} closes an image run after {in_run} codes; a run holds "
-                           f"exactly {hw}.")
+          raise UserError(
+            f"prompt {r} closes an image run after {in_run} codes; a run holds exactly {hw}."
+          )
         open_run = False
     still_open = open_run and in_run < hw
     codes_left[r] = hw - in_run if still_open else 0
@@ -147,15 +171,18 @@ def initial_state(spec: Spec, prompts: Sequence[Sequence[int]], *,
     need = int(counts[r]) - started
     if spec.mode in ("image", "video") and active[r]:
       if need < 0 or (need == 0 and ids[-1] == spec.frame_id):
-        raise ValueError(f"prompt {r} already holds the requested {int(counts[r])} image(s); "
-                         "ask for more images or shorten the prompt.")
+        raise UserError(
+          f"prompt {r} already holds the requested {int(counts[r])} image(s); "
+          "ask for more images or shorten the prompt."
+        )
       if need == 0 and not open_run:
-        raise ValueError(f"prompt {r}: num_images={int(counts[r])} leaves nothing to generate "
-                         "in mode " + repr(spec.mode) + "; ask for at least one image.")
+        raise UserError(
+          f"prompt {r}: num_images={int(counts[r])} leaves nothing to generate "
+          "in mode " + repr(spec.mode) + "; ask for at least one image."
+        )
     images_left[r] = max(need, 0)
     last[r] = ids[-1]
-  return ConstraintState(codes_left=codes_left, images_left=images_left, last=last,
-                         done=~active)
+  return ConstraintState(codes_left=codes_left, images_left=images_left, last=last, done=~active)
 
 
 def min_new_tokens(spec: Spec, state: ConstraintState) -> int:
@@ -175,8 +202,9 @@ def min_new_tokens(spec: Spec, state: ConstraintState) -> int:
   return int(np.max(np.where(np.asarray(state.done), 0, total), initial=0))
 
 
-def forced_and_class(spec: Spec, state: ConstraintState, steps_left: jax.Array
-                     ) -> tuple[jax.Array, jax.Array]:
+def forced_and_class(
+  spec: Spec, state: ConstraintState, steps_left: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """`(forced [B] int32 id or -1, class [B] int32)` for the next token of each row.
 
   `steps_left` counts the current step: interleaved rows may open an image run only while
@@ -188,8 +216,9 @@ def forced_and_class(spec: Spec, state: ConstraintState, steps_left: jax.Array
   if spec.mode in ("image", "video"):
     after_eoi = last == spec.eoi_id
     if spec.mode == "video":
-      free = jnp.where(images_left > 0, jnp.where(after_eoi, spec.frame_id, spec.boi_id),
-                       spec.eos_id)
+      free = jnp.where(
+        images_left > 0, jnp.where(after_eoi, spec.frame_id, spec.boi_id), spec.eos_id
+      )
     else:
       free = jnp.where(images_left > 0, spec.boi_id, spec.eos_id)
     free_class = jnp.full_like(last, _FORCED)
@@ -199,8 +228,9 @@ def forced_and_class(spec: Spec, state: ConstraintState, steps_left: jax.Array
       free_class = jnp.where(steps_left >= hw + 2, _TEXT_OR_IMAGE, _TEXT)
     else:
       free_class = jnp.full_like(last, _TEXT)
-  forced = jnp.where(spec.is_image(last), spec.eoi_id,
-                     jnp.where(last == spec.frame_id, spec.boi_id, free))
+  forced = jnp.where(
+    spec.is_image(last), spec.eoi_id, jnp.where(last == spec.frame_id, spec.boi_id, free)
+  )
   klass = jnp.where((forced >= 0), _FORCED, free_class)
   in_run = codes_left > 0
   forced = jnp.where(in_run, -1, forced)
@@ -230,5 +260,9 @@ def update(spec: Spec, state: ConstraintState, token: jax.Array) -> ConstraintSt
   if spec.mode == "image":
     done = done | ((token == spec.eoi_id) & (images_left == 0))
   last = jnp.where(state.done, state.last, token)
-  return ConstraintState(codes_left=codes_left.astype(jnp.int32),
-                         images_left=images_left.astype(jnp.int32), last=last, done=done)
+  return ConstraintState(
+    codes_left=codes_left.astype(jnp.int32),
+    images_left=images_left.astype(jnp.int32),
+    last=last,
+    done=done,
+  )

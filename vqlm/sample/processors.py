@@ -14,11 +14,14 @@ ids is one `lax.top_k`; larger top-k and top-p boundaries are found exactly by b
 logits' float bits (32 masked counts/sums over `[B, V]`). Each stage is skipped when no row uses
 it, and a draw is an inverse-CDF lookup with one uniform per row.
 """
+
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from vqlm.errors import UserError
 
 NEG_INF = -jnp.inf
 
@@ -33,6 +36,7 @@ class Settings:
     top_p: keep the smallest set of most likely ids whose probability reaches `top_p`
       (nucleus sampling); `1.0` keeps all.
   """
+
   temperature: Any = 1.0
   top_k: Any = 0
   top_p: Any = 1.0
@@ -41,18 +45,20 @@ class Settings:
     """Raises ValueError on out-of-range values (host-side; call before jitting)."""
     t, k, p = float(self.temperature), int(self.top_k), float(self.top_p)
     if t < 0:
-      raise ValueError(f"{name}.temperature={t} must be >= 0 (0 = greedy).")
+      raise UserError(f"{name}.temperature={t} must be >= 0 (0 = greedy).")
     if k < 0:
-      raise ValueError(f"{name}.top_k={k} must be >= 0 (0 = off).")
+      raise UserError(f"{name}.top_k={k} must be >= 0 (0 = off).")
     if not 0.0 < p <= 1.0:
-      raise ValueError(f"{name}.top_p={p} must be in (0, 1] (1 = off).")
+      raise UserError(f"{name}.top_p={p} must be in (0, 1] (1 = off).")
     return self
 
   def as_arrays(self) -> "Settings":
     """The same settings as float32 / int32 scalars (fixed dtypes: no recompiles)."""
-    return Settings(temperature=jnp.asarray(self.temperature, jnp.float32),
-                    top_k=jnp.asarray(self.top_k, jnp.int32),
-                    top_p=jnp.asarray(self.top_p, jnp.float32))
+    return Settings(
+      temperature=jnp.asarray(self.temperature, jnp.float32),
+      top_k=jnp.asarray(self.top_k, jnp.int32),
+      top_p=jnp.asarray(self.top_p, jnp.float32),
+    )
 
 
 GREEDY = Settings(temperature=0.0)
@@ -61,6 +67,7 @@ GREEDY = Settings(temperature=0.0)
 @flax.struct.dataclass
 class SamplingConfig:
   """Settings for text tokens and for image codes (rows inside an image run use `image`)."""
+
   text: Settings = Settings()
   image: Settings = Settings()
 
@@ -77,14 +84,17 @@ class SamplingConfig:
     return SamplingConfig(text=self.text.as_arrays(), image=self.image.as_arrays())
 
 
-def row_settings(config: SamplingConfig, in_image: jax.Array
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def row_settings(
+  config: SamplingConfig, in_image: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-row `(temperature [B] f32, top_k [B] i32, top_p [B] f32)`: image settings where
   `in_image[B]` is True, text settings elsewhere."""
   pick = lambda a, b, dtype: jnp.where(in_image, jnp.asarray(a, dtype), jnp.asarray(b, dtype))
-  return (pick(config.image.temperature, config.text.temperature, jnp.float32),
-          pick(config.image.top_k, config.text.top_k, jnp.int32),
-          pick(config.image.top_p, config.text.top_p, jnp.float32))
+  return (
+    pick(config.image.temperature, config.text.temperature, jnp.float32),
+    pick(config.image.top_k, config.text.top_k, jnp.int32),
+    pick(config.image.top_p, config.text.top_p, jnp.float32),
+  )
 
 
 def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -104,23 +114,28 @@ def _sortable(x: jax.Array) -> jax.Array:
 def _bisect_max(pred, lo: jax.Array, hi: jax.Array) -> jax.Array:
   """Per row, the largest `t` in `[lo, hi)` with `pred(t)` (monotone: true up to a point, and
   true at `lo`). 32 halvings cover the int32 range."""
+
   def body(_, carry):
     lo, hi = carry
     mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
     ok = pred(mid)
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
   return jax.lax.fori_loop(0, 32, body, (lo, hi), unroll=4)[0]
 
 
-def _take_prefix(key: jax.Array, threshold: jax.Array, weight: jax.Array,
-                 budget: jax.Array) -> jax.Array:
+def _take_prefix(
+  key: jax.Array, threshold: jax.Array, weight: jax.Array, budget: jax.Array
+) -> jax.Array:
   """Ids with `key > threshold`, plus ids at the threshold in id order while the running
   `weight` of those before them stays `< budget` (ties broken towards the lower id)."""
   above = key > threshold[:, None]
   at = key == threshold[:, None]
+
   def with_ties(_):
     before = jnp.cumsum(jnp.where(at, weight, 0), axis=-1) - jnp.where(at, weight, 0)
     return above | (at & (before < budget[:, None]))
+
   # Ties at the threshold are rare: skip the cumulative sum when every row has at most one.
   ties = jnp.any(jnp.sum(at, axis=-1) > 1)
   return jax.lax.cond(ties, with_ties, lambda _: above | at, None)
@@ -131,8 +146,7 @@ def _take_prefix(key: jax.Array, threshold: jax.Array, weight: jax.Array,
 FAST_TOP_K = 64
 
 
-def top_k_mask(logits: jax.Array, top_k: jax.Array, *, fast_top_k: int = FAST_TOP_K
-               ) -> jax.Array:
+def top_k_mask(logits: jax.Array, top_k: jax.Array, *, fast_top_k: int = FAST_TOP_K) -> jax.Array:
   """bool `[B, V]`: exactly the `top_k[B]` largest logits per row (ties towards the lower id);
   `top_k <= 0` keeps all. Exact either way: when every row keeps at most `fast_top_k` ids (or
   all), the ids come from one `lax.top_k`; otherwise the k-th largest value is bisected."""
@@ -152,8 +166,9 @@ def top_k_mask(logits: jax.Array, top_k: jax.Array, *, fast_top_k: int = FAST_TO
 
   def bisect():
     key = _sortable(logits)
-    kth = _bisect_max(lambda t: jnp.sum(key >= t[:, None], axis=-1) >= k,
-                      key.min(axis=-1), key.max(axis=-1) + 1)
+    kth = _bisect_max(
+      lambda t: jnp.sum(key >= t[:, None], axis=-1) >= k, key.min(axis=-1), key.max(axis=-1) + 1
+    )
     above = jnp.sum(key > kth[:, None], axis=-1)
     return _take_prefix(key, kth, jnp.ones_like(key), (k - above).astype(jnp.int32))
 
@@ -171,14 +186,17 @@ def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
   probs = jax.nn.softmax(logits, axis=-1)
   key = _sortable(logits)
   boundary = _bisect_max(
-      lambda t: jnp.sum(jnp.where(key >= t[:, None], probs, 0.0), axis=-1) >= p,
-      key.min(axis=-1), key.max(axis=-1) + 1)
+    lambda t: jnp.sum(jnp.where(key >= t[:, None], probs, 0.0), axis=-1) >= p,
+    key.min(axis=-1),
+    key.max(axis=-1) + 1,
+  )
   above = jnp.sum(jnp.where(key > boundary[:, None], probs, 0.0), axis=-1)
   return _take_prefix(key, boundary, probs, p - above) | (p >= 1.0)[:, None]
 
 
-def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
-                     fast_top_k: int = FAST_TOP_K) -> jax.Array:
+def top_k_top_p_mask(
+  logits: jax.Array, top_k: jax.Array, top_p: jax.Array, *, fast_top_k: int = FAST_TOP_K
+) -> jax.Array:
   """Which ids survive top-k then top-p: `logits[B, V]` (already tempered) -> bool `[B, V]`.
 
   top-k keeps exactly `k` ids (ties broken towards the lower id), `k = 0` keeps all. top-p then
@@ -190,16 +208,17 @@ def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
   top_k = jnp.asarray(top_k, jnp.int32)
   top_p = jnp.asarray(top_p, jnp.float32)
   everything = jnp.ones(logits.shape, bool)
-  keep = jax.lax.cond(jnp.any(top_k > 0), lambda: top_k_mask(logits, top_k, fast_top_k=fast_top_k),
-                      lambda: everything)
+  keep = jax.lax.cond(
+    jnp.any(top_k > 0), lambda: top_k_mask(logits, top_k, fast_top_k=fast_top_k), lambda: everything
+  )
   kept = jnp.where(keep, logits, NEG_INF)
-  keep_p = jax.lax.cond(jnp.any(top_p < 1.0), lambda: top_p_mask(kept, top_p),
-                        lambda: everything)
+  keep_p = jax.lax.cond(jnp.any(top_p < 1.0), lambda: top_p_mask(kept, top_p), lambda: everything)
   return keep & keep_p
 
 
-def process(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
-            top_p: jax.Array) -> jax.Array:
+def process(
+  logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
   """Temperature, top-k, top-p: `logits[B, V]` -> float32 `[B, V]` with dropped ids at -inf."""
   scaled = apply_temperature(logits, temperature)
   keep = top_k_top_p_mask(scaled, top_k, top_p)
@@ -237,8 +256,9 @@ def categorical(u: jax.Array, logits: jax.Array, *, block: int = 32) -> jax.Arra
   return (bi * block + j).astype(jnp.int32)
 
 
-def sample(keys: jax.Array, logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array) -> jax.Array:
+def sample(
+  keys: jax.Array, logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
   """One id per row: greedy where `temperature <= 0`, else a draw from the processed logits.
 
   Args:

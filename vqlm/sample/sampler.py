@@ -25,6 +25,7 @@ Randomness: row `r` draws one uniform at step `t` from
 `fold_in(fold_in(key(seed, impl="threefry2x32"), row_seeds[r]), t)`, so a row's sample depends on
 its seed, not on its batch neighbours (nor on the global default PRNG implementation).
 """
+
 from collections.abc import Sequence
 import contextlib
 import dataclasses
@@ -35,9 +36,11 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vqlm.errors import UserError
 from vqlm.runtime import mesh as mesh_lib
 from vqlm.sample import constraints as cons
 from vqlm.sample import processors
@@ -58,6 +61,7 @@ class SamplerState:
     machine: the modality constraint state of the B rows.
     logits: `[B, T, V]` float32 logits after guidance (only with `return_logits`, else None).
   """
+
   step: jax.Array
   tokens: jax.Array
   feed: jax.Array
@@ -77,6 +81,7 @@ class SampleOutput:
     lengths: `[B]` int32 tokens generated per row (the stop token included).
     logits: `[B, T, V]` float32 logits after guidance, before constraints (`return_logits`).
   """
+
   tokens: np.ndarray
   lengths: np.ndarray
   logits: np.ndarray | None = None
@@ -87,9 +92,22 @@ def bucket(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-def _generate(variables, prompt_tokens, prompt_lengths, machine, row_keys, sampling, cfg_scale,
-              *, model: nn.Module, spec: cons.Spec, max_new_tokens: int, use_cfg: bool,
-              return_logits: bool, cache_dtype: Any) -> tuple[jax.Array, jax.Array, Any]:
+def _generate(
+  variables,
+  prompt_tokens,
+  prompt_lengths,
+  machine,
+  row_keys,
+  sampling,
+  cfg_scale,
+  *,
+  model: nn.Module,
+  spec: cons.Spec,
+  max_new_tokens: int,
+  use_cfg: bool,
+  return_logits: bool,
+  cache_dtype: Any,
+) -> tuple[jax.Array, jax.Array, Any]:
   """Prefill + decode loop (traced). `prompt_tokens[R, S]`, `prompt_lengths[R]` -> tokens."""
   r, s = prompt_tokens.shape
   b = machine.last.shape[0]
@@ -102,10 +120,15 @@ def _generate(variables, prompt_tokens, prompt_lengths, machine, row_keys, sampl
   v = spec.padded_size
 
   state = SamplerState(
-      step=jnp.zeros((), jnp.int32),
-      tokens=jnp.full((b, t_max), spec.pad_id, jnp.int32),
-      feed=feed, positions=last_pos, cache=cache, row_keys=row_keys, machine=machine,
-      logits=jnp.zeros((b, t_max, v), jnp.float32) if return_logits else None)
+    step=jnp.zeros((), jnp.int32),
+    tokens=jnp.full((b, t_max), spec.pad_id, jnp.int32),
+    feed=feed,
+    positions=last_pos,
+    cache=cache,
+    row_keys=row_keys,
+    machine=machine,
+    logits=jnp.zeros((b, t_max, v), jnp.float32) if return_logits else None,
+  )
 
   def cond(st: SamplerState) -> jax.Array:
     return (st.step < t_max) & ~jnp.all(st.machine.done)
@@ -118,8 +141,14 @@ def _generate(variables, prompt_tokens, prompt_lengths, machine, row_keys, sampl
   logits_slice = codes if codes_only and not return_logits else None
 
   def body(st: SamplerState) -> SamplerState:
-    logits, cache = model.apply(variables, st.feed[:, None], positions=st.positions[:, None],
-                                cache=st.cache, decode=True, logits_slice=logits_slice)
+    logits, cache = model.apply(
+      variables,
+      st.feed[:, None],
+      positions=st.positions[:, None],
+      cache=st.cache,
+      decode=True,
+      logits_slice=logits_slice,
+    )
     logits = logits[:, 0].astype(jnp.float32)
     m = st.machine
     in_image = m.codes_left > 0
@@ -131,7 +160,7 @@ def _generate(variables, prompt_tokens, prompt_lengths, machine, row_keys, sampl
     temperature, top_k, top_p = processors.row_settings(sampling, in_image)
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(st.row_keys, st.step)
     if codes_only:
-      code_logits = logits if logits_slice else logits[:, codes[0]:codes[0] + codes[1]]
+      code_logits = logits if logits_slice else logits[:, codes[0] : codes[0] + codes[1]]
       token = codes[0] + processors.sample(keys, code_logits, temperature, top_k, top_p)
     else:
       allowed = cons.allowed_ids(spec, forced, klass)
@@ -143,9 +172,16 @@ def _generate(variables, prompt_tokens, prompt_lengths, machine, row_keys, sampl
     if return_logits:
       out_logits = jax.lax.dynamic_update_slice(st.logits, logits[:, None], (0, st.step, 0))
     feed = jnp.concatenate([token, token]) if use_cfg else token
-    return SamplerState(step=st.step + 1, tokens=tokens, feed=feed, positions=st.positions + 1,
-                        cache=cache, row_keys=st.row_keys, machine=cons.update(spec, m, token),
-                        logits=out_logits)
+    return SamplerState(
+      step=st.step + 1,
+      tokens=tokens,
+      feed=feed,
+      positions=st.positions + 1,
+      cache=cache,
+      row_keys=st.row_keys,
+      machine=cons.update(spec, m, token),
+      logits=out_logits,
+    )
 
   state = jax.lax.while_loop(cond, body, state)
   lengths = jnp.sum(state.tokens != spec.pad_id, axis=1).astype(jnp.int32)
@@ -169,14 +205,25 @@ class Sampler:
       guidance, softmax and sampling stay float32. None: the model's own dtypes.
   """
 
-  def __init__(self, model: nn.Module, variables: dict[str, Any], vocab: Vocab, *,
-               mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None,
-               prompt_bucket: int = 16, cache_dtype: Any = None, dtype: Any = None):
+  def __init__(
+    self,
+    model: nn.Module,
+    variables: dict[str, Any],
+    vocab: Vocab,
+    *,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    prompt_bucket: int = 16,
+    cache_dtype: Any = None,
+    dtype: Any = None,
+  ):
     if model.config.vocab_size != vocab.padded_size:
-      raise ValueError(f"the model's vocab_size={model.config.vocab_size} is not the vocab's "
-                       f"padded_size={vocab.padded_size}; load the model and vocab of one run.")
+      raise UserError(
+        f"the model's vocab_size={model.config.vocab_size} is not the vocab's "
+        f"padded_size={vocab.padded_size}; load the model and vocab of one run."
+      )
     if prompt_bucket <= 0:
-      raise ValueError(f"prompt_bucket={prompt_bucket} must be >= 1.")
+      raise UserError(f"prompt_bucket={prompt_bucket} must be >= 1.")
     variables = nn.meta.unbox(variables)
     if dtype is not None:
       dtype = jnp.dtype(dtype)
@@ -196,9 +243,14 @@ class Sampler:
     key = (mode, max_new_tokens, use_cfg, return_logits)
     if key not in self._jitted:
       fn = functools.partial(
-          _generate, model=self.model, spec=cons.Spec.from_vocab(self.vocab, mode),
-          max_new_tokens=max_new_tokens, use_cfg=use_cfg, return_logits=return_logits,
-          cache_dtype=self.cache_dtype)
+        _generate,
+        model=self.model,
+        spec=cons.Spec.from_vocab(self.vocab, mode),
+        max_new_tokens=max_new_tokens,
+        use_cfg=use_cfg,
+        return_logits=return_logits,
+        cache_dtype=self.cache_dtype,
+      )
       self._jitted[key] = jax.jit(fn)
     return self._jitted[key]
 
@@ -215,13 +267,21 @@ class Sampler:
     spec = P(axes) if x.ndim and x.shape[0] % divisor == 0 else P()
     return jax.device_put(x, NamedSharding(self.mesh, spec))
 
-  def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-               mode: str = "interleaved",
-               sampling: processors.SamplingConfig | None = None, seed: int = 0,
-               row_seeds: Sequence[int] | None = None, cfg_scale: float | None = None,
-               uncond_prompts: Sequence[Sequence[int]] | None = None,
-               num_images: int | Sequence[int] = 1, batch_size: int | None = None,
-               return_logits: bool = False) -> SampleOutput:
+  def __call__(
+    self,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    mode: str = "interleaved",
+    sampling: processors.SamplingConfig | None = None,
+    seed: int = 0,
+    row_seeds: Sequence[int] | None = None,
+    cfg_scale: float | None = None,
+    uncond_prompts: Sequence[Sequence[int]] | None = None,
+    num_images: int | Sequence[int] = 1,
+    batch_size: int | None = None,
+    return_logits: bool = False,
+  ) -> SampleOutput:
     """Generates up to `max_new_tokens` ids after each prompt.
 
     Args:
@@ -242,12 +302,12 @@ class Sampler:
     sampling = (sampling or processors.SamplingConfig()).check()
     b = len(prompts)
     if b == 0:
-      raise ValueError("no prompts given; pass at least one prompt.")
+      raise UserError("no prompts given; pass at least one prompt.")
     if max_new_tokens <= 0:
-      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+      raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1.")
     full = b if batch_size is None else batch_size
     if full < b:
-      raise ValueError(f"{b} prompts exceed batch_size={batch_size}; split them into batches.")
+      raise UserError(f"{b} prompts exceed batch_size={batch_size}; split them into batches.")
     use_cfg = cfg_scale is not None
     prompts = [list(np.asarray(p, np.int64).reshape(-1)) for p in prompts]
     if use_cfg:
@@ -255,8 +315,9 @@ class Sampler:
         uncond_prompts = [[self.vocab.bos_id, self.vocab.boi_id]] * b
       uncond_prompts = [list(np.asarray(p, np.int64).reshape(-1)) for p in uncond_prompts]
       if len(uncond_prompts) != b:
-        raise ValueError(f"{len(uncond_prompts)} unconditional prompts for {b} prompts; pass one "
-                         "per prompt.")
+        raise UserError(
+          f"{len(uncond_prompts)} unconditional prompts for {b} prompts; pass one per prompt."
+        )
     pad_rows = full - b
     active = [True] * b + [False] * pad_rows
     rows = prompts + [prompts[0]] * pad_rows
@@ -270,18 +331,19 @@ class Sampler:
       rows = rows + uncond
     need = cons.min_new_tokens(spec, machine)
     if max_new_tokens < need:
-      raise ValueError(f"max_new_tokens={max_new_tokens} cannot finish the requested images; "
-                       f"use at least {need}.")
+      raise UserError(
+        f"max_new_tokens={max_new_tokens} cannot finish the requested images; use at least {need}."
+      )
     lengths = np.asarray([len(p) for p in rows], np.int32)
     s = bucket(int(lengths.max()), self.prompt_bucket)
     tokens = np.full((len(rows), s), self.vocab.pad_id, np.int32)
     for i, p in enumerate(rows):
-      tokens[i, :len(p)] = p
+      tokens[i, : len(p)] = p
     if row_seeds is None:
       row_seeds = range(b)
     row_seeds = np.asarray(list(row_seeds), np.uint32)
     if row_seeds.shape != (b,):
-      raise ValueError(f"row_seeds has {row_seeds.shape[0]} entries for {b} prompts.")
+      raise UserError(f"row_seeds has {row_seeds.shape[0]} entries for {b} prompts.")
     row_seeds = np.concatenate([row_seeds, np.zeros(pad_rows, np.uint32)])
     # Threefry whatever the global default: its draws under vmap equal the per-key draws, so a
     # row's sample never depends on its batch neighbours (the "rbg" generators do not promise it).
@@ -292,11 +354,16 @@ class Sampler:
     fn = self._fn(mode, int(max_new_tokens), use_cfg, return_logits)
     with self._context():
       out_tokens, out_lengths, logits = fn(
-          self.variables, self._put(tokens), self._put(lengths), machine, keys,
-          sampling.as_arrays(), scale)
+        self.variables,
+        self._put(tokens),
+        self._put(lengths),
+        machine,
+        keys,
+        sampling.as_arrays(),
+        scale,
+      )
     out_tokens, out_lengths = jax.device_get((out_tokens, out_lengths))
     logits = None if logits is None else np.asarray(jax.device_get(logits))[:b]
-    return SampleOutput(tokens=np.asarray(out_tokens)[:b], lengths=np.asarray(out_lengths)[:b],
-                        logits=logits)
-
-
+    return SampleOutput(
+      tokens=np.asarray(out_tokens)[:b], lengths=np.asarray(out_lengths)[:b], logits=logits
+    )

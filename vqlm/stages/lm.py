@@ -1,8 +1,10 @@
-"""Stage 2 from a config: text model + vocabulary, LM examples from code shards, the LM task, the loop.
+"""Stage 2 from a config: text model + vocabulary, LM examples from code shards, the LM task,
+the loop.
 
 An LM run directory records everything generation needs: `config.json` (with the tokenizer run's
 path and the encoded data directory), `vocab.json` and `text.model` (SentencePiece).
 """
+
 import os
 import shutil
 from typing import Any
@@ -12,20 +14,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqlm.runtime import mesh as mesh_lib
 from vqlm import runs
 from vqlm.data import pipeline
 from vqlm.data.code_shards import CodeShards, read_manifest
 from vqlm.data.sequences import SequenceBuilder, needed_seq_len
+from vqlm.errors import UserError
 from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.runs import TokenizerRun
 from vqlm.runs.lm_run import TEXT_MODEL, VOCAB_FILE, transformer_config
-from vqlm.train.optim import make_optimizer
+from vqlm.runtime import mesh as mesh_lib
+from vqlm.runtime.config import as_kwargs
 from vqlm.text import TextTokenizer, train_sentencepiece
 from vqlm.train import loop
 from vqlm.train.lm_task import LMTask, eval_summary
-from vqlm.runtime.config import as_kwargs
+from vqlm.train.optim import make_optimizer
 from vqlm.vocab import Vocab
+
 
 def model_config(config: ml_collections.ConfigDict, vocab: Vocab) -> TransformerConfig:
   """The Transformer's config: the config's model section + sizes from the vocabulary."""
@@ -41,6 +45,7 @@ def prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=pri
   if jax.process_count() == 1:
     return _prepare_vocab(config, workdir, log_fn=log_fn)
   from jax.experimental import multihost_utils
+
   if jax.process_index() == 0:
     _prepare_vocab(config, workdir, log_fn=log_fn)
   multihost_utils.sync_global_devices("vqlm_prepare_vocab")
@@ -54,9 +59,10 @@ def _prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=pr
   if os.path.exists(vocab_path):
     vocab = Vocab.load(vocab_path)
     if tuple(vocab.grid) != grid or vocab.image_size != codebook_size:
-      raise ValueError(
-          f"{vocab_path} was made for a {vocab.grid} grid of {vocab.image_size} codes but "
-          f"{config.data.codes} holds a {grid} grid of {codebook_size} codes; use a new --workdir")
+      raise UserError(
+        f"{vocab_path} was made for a {vocab.grid} grid of {vocab.image_size} codes but "
+        f"{config.data.codes} holds a {grid} grid of {codebook_size} codes; use a new --workdir"
+      )
     return vocab
   text_model = os.path.join(workdir, TEXT_MODEL)
   if config.data.text_model:
@@ -67,14 +73,18 @@ def _prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=pr
     texts = [shards[i]["text"] for i in range(n)]
     texts = [t for t in texts if t.strip()]
     if not texts:
-      raise ValueError(f"the training split of {config.data.codes} has no captions to train the "
-                       "text model on; pass --config.data.text_model=PATH")
-    made = train_sentencepiece(texts, model_prefix=text_model[:-len(".model")],
-                               vocab_size=config.data.text_vocab_size)
+      raise UserError(
+        f"the training split of {config.data.codes} has no captions to train the "
+        "text model on; pass --config.data.text_model=PATH"
+      )
+    made = train_sentencepiece(
+      texts, model_prefix=text_model[: -len(".model")], vocab_size=config.data.text_vocab_size
+    )
     log_fn(f"trained the text model on {len(texts)} captions: {made}")
   tokenizer = TextTokenizer.load(text_model)
-  vocab = Vocab(text_size=tokenizer.vocab_size, image_size=codebook_size, grid=grid,
-                text_model=TEXT_MODEL)
+  vocab = Vocab(
+    text_size=tokenizer.vocab_size, image_size=codebook_size, grid=grid, text_model=TEXT_MODEL
+  )
   vocab.save(vocab_path)
   return vocab
 
@@ -97,50 +107,79 @@ class ExampleTransform:
       self._tokenizer = TextTokenizer.load(self.text_model)
     # Captions beyond max_text_len are cut (checked up front on the training split, so this
     # only guards against rare outliers; an over-long example must never stop an epoch).
-    text_ids = self.builder.vocab.encode_text(self._tokenizer, record["text"])[:self.max_text_len]
+    text_ids = self.builder.vocab.encode_text(self._tokenizer, record["text"])[: self.max_text_len]
     return self.builder({"text_ids": text_ids, "codes": record["codes"]}, index)
 
 
 def make_builder(config: ml_collections.ConfigDict, vocab: Vocab, *, seed: int) -> SequenceBuilder:
   d = config.data
-  return SequenceBuilder(vocab=vocab, mode=d.mode, seq_len=config.train.seq_len,
-                         t2i_ratio=d.t2i_ratio, caption_dropout=d.caption_dropout,
-                         text_weight=config.loss.text_weight, image_weight=config.loss.image_weight,
-                         mask_prompt=d.mask_prompt, seed=seed)
+  return SequenceBuilder(
+    vocab=vocab,
+    mode=d.mode,
+    seq_len=config.train.seq_len,
+    t2i_ratio=d.t2i_ratio,
+    caption_dropout=d.caption_dropout,
+    text_weight=config.loss.text_weight,
+    image_weight=config.loss.image_weight,
+    mask_prompt=d.mask_prompt,
+    seed=seed,
+  )
 
 
 def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab, text_model: str) -> None:
   """Fails early if the captions (first 2000 training ones) or images do not fit train.seq_len."""
   tokenizer = TextTokenizer.load(text_model)
   shards = CodeShards(config.data.codes, "train")
-  longest = max((len(tokenizer.encode(shards[i]["text"]))
-                 for i in range(min(2000, len(shards)))), default=0)
+  longest = max(
+    (len(tokenizer.encode(shards[i]["text"])) for i in range(min(2000, len(shards)))), default=0
+  )
   if longest > config.data.max_text_len:
-    raise ValueError(f"captions of up to {longest} text ids exceed data.max_text_len="
-                     f"{config.data.max_text_len}; set --config.data.max_text_len={longest}")
-  need = needed_seq_len(vocab, max_text_len=config.data.max_text_len, mode=config.data.mode,
-                        frames=config.data.get("frames", 1))
+    raise UserError(
+      f"captions of up to {longest} text ids exceed data.max_text_len="
+      f"{config.data.max_text_len}; set --config.data.max_text_len={longest}"
+    )
+  need = needed_seq_len(
+    vocab,
+    max_text_len=config.data.max_text_len,
+    mode=config.data.mode,
+    frames=config.data.get("frames", 1),
+  )
   if need > config.train.seq_len:
-    raise ValueError(f"sequences need {need} tokens (captions up to {config.data.max_text_len} "
-                     f"ids + {vocab.tokens_per_image} image codes) but train.seq_len is "
-                     f"{config.train.seq_len}; set --config.train.seq_len={need}")
+    raise UserError(
+      f"sequences need {need} tokens (captions up to {config.data.max_text_len} "
+      f"ids + {vocab.tokens_per_image} image codes) but train.seq_len is "
+      f"{config.train.seq_len}; set --config.train.seq_len={need}"
+    )
 
 
-def build_trainer(config: ml_collections.ConfigDict, vocab: Vocab, *,
-                  progress: bool = True) -> loop.Trainer:
+def build_trainer(
+  config: ml_collections.ConfigDict, vocab: Vocab, *, progress: bool = True
+) -> loop.Trainer:
   model = Transformer(model_config(config, vocab))
   optimizer, _ = make_optimizer(total_steps=config.train.steps, **as_kwargs(config.optim))
   codebook = None
   if config.model.image_embed_init == "codebook":
     codebook = jnp.asarray(TokenizerRun(config.data.tokenizer).codebook())
-  task = LMTask(model=model, optimizer=optimizer, z_loss_weight=config.loss.z_loss,
-                image_offset=vocab.image_offset, image_size=vocab.image_size, codebook=codebook)
+  task = LMTask(
+    model=model,
+    optimizer=optimizer,
+    z_loss_weight=config.loss.z_loss,
+    image_offset=vocab.image_offset,
+    image_size=vocab.image_size,
+    codebook=codebook,
+  )
   t = config.train
   options = loop.LoopOptions(
-      steps=t.steps, seed=t.seed, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-      checkpoint_minutes=t.checkpoint_minutes, keep_checkpoints=t.keep_checkpoints,
-      max_consecutive_skips=t.max_consecutive_skips, progress=progress,
-      throughput_key="num_tokens")
+    steps=t.steps,
+    seed=t.seed,
+    log_every=t.log_every,
+    checkpoint_every=t.checkpoint_every,
+    checkpoint_minutes=t.checkpoint_minutes,
+    keep_checkpoints=t.keep_checkpoints,
+    max_consecutive_skips=t.max_consecutive_skips,
+    progress=progress,
+    throughput_key="num_tokens",
+  )
   mesh = mesh_lib.make_mesh(as_kwargs(config.mesh.shape))
   return loop.Trainer(task, mesh=mesh, rules=config.mesh.rules, options=options)
 
@@ -148,25 +187,31 @@ def build_trainer(config: ml_collections.ConfigDict, vocab: Vocab, *,
 def example_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   b, s = config.train.batch_size, config.train.seq_len
   zeros = np.zeros((b, s), np.int32)
-  return {"tokens": zeros, "targets": zeros, "segment_ids": np.ones((b, s), np.int32),
-          "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)),
-          "loss_weights": np.ones((b, s), np.float32)}
+  return {
+    "tokens": zeros,
+    "targets": zeros,
+    "segment_ids": np.ones((b, s), np.int32),
+    "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)),
+    "loss_weights": np.ones((b, s), np.float32),
+  }
 
 
 def _resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Absolute data paths, the tokenizer run taken from the code shards' manifest if unset, and
   the tokenizer's FSQ levels when the LM embeds image codes by level."""
   if not config.data.codes:
-    raise ValueError("config.data.codes is empty: pass --config.data.codes=DIR made by "
-                     "`vqlm encode`")
+    raise UserError(
+      "config.data.codes is empty: pass --config.data.codes=DIR made by `vqlm encode`"
+    )
   config.data.codes = os.path.abspath(config.data.codes)
   manifest = read_manifest(config.data.codes)
   if not config.data.tokenizer:
     config.data.tokenizer = manifest["tokenizer_run"]
   config.data.tokenizer = os.path.abspath(config.data.tokenizer)
   if config.model.get("image_embed_init") == "levels":
-    config.model.code_levels = tokenizer_levels(config.data.tokenizer,
-                                                tuple(config.model.get("code_levels", ())))
+    config.model.code_levels = tokenizer_levels(
+      config.data.tokenizer, tuple(config.model.get("code_levels", ()))
+    )
   return config
 
 
@@ -175,13 +220,17 @@ def tokenizer_levels(tokenizer_dir: str, given: tuple[int, ...] = ()) -> tuple[i
   `given` levels must match them."""
   bottleneck = runs.load_config(tokenizer_dir).model.bottleneck
   if bottleneck.get("kind") != "fsq":
-    raise ValueError(f"image_embed_init='levels' needs an FSQ image tokenizer, but {tokenizer_dir} "
-                     f"uses '{bottleneck.get('kind')}'; use image_embed_init='learned' or train "
-                     "the tokenizer with bottleneck=fsq")
+    raise UserError(
+      f"image_embed_init='levels' needs an FSQ image tokenizer, but {tokenizer_dir} "
+      f"uses '{bottleneck.get('kind')}'; use image_embed_init='learned' or train "
+      "the tokenizer with bottleneck=fsq"
+    )
   levels = tuple(int(l) for l in bottleneck.levels)
   if given and tuple(int(l) for l in given) != levels:
-    raise ValueError(f"config.model.code_levels={tuple(given)} but the tokenizer {tokenizer_dir} "
-                     f"has FSQ levels {levels}; leave code_levels empty to take the tokenizer's")
+    raise UserError(
+      f"config.model.code_levels={tuple(given)} but the tokenizer {tokenizer_dir} "
+      f"has FSQ levels {levels}; leave code_levels empty to take the tokenizer's"
+    )
   return levels
 
 
@@ -189,10 +238,17 @@ def make_eval_hook(trainer: loop.Trainer, config, vocab: Vocab, text_model: str)
   """Validation perplexity per modality over `config.eval.num_batches` fixed batches."""
   shards = CodeShards(config.data.codes, "validation")
   builder = make_builder(config, vocab, seed=config.train.seed + 1)
-  transform = ExampleTransform(text_model=text_model, builder=builder,
-                               max_text_len=config.data.max_text_len)
-  ds = pipeline.make_dataset(shards, global_batch_size=config.train.batch_size,
-                             transform=transform, seed=0, shuffle=False, num_epochs=1)
+  transform = ExampleTransform(
+    text_model=text_model, builder=builder, max_text_len=config.data.max_text_len
+  )
+  ds = pipeline.make_dataset(
+    shards,
+    global_batch_size=config.train.batch_size,
+    transform=transform,
+    seed=0,
+    shuffle=False,
+    num_epochs=1,
+  )
   batches = [b for _, b in zip(range(config.eval.num_batches), ds)]
   eval_step = jax.jit(trainer.task.eval_step)
 
@@ -208,8 +264,14 @@ def make_eval_hook(trainer: loop.Trainer, config, vocab: Vocab, text_model: str)
   return hook
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          log_fn=print, extra_hooks=()) -> Any:
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  progress: bool = True,
+  log_fn=print,
+  extra_hooks=(),
+) -> Any:
   """Trains the LM on pre-encoded data (`config.data.codes`)."""
   config = _resolve_paths(config)
   runs.check_same_model(workdir, config, sections=("model",))
@@ -218,14 +280,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   check_seq_len(config, vocab, text_model)
   runs.save_config(workdir, config)
   trainer = build_trainer(config, vocab, progress=progress)
-  transform = ExampleTransform(text_model=text_model,
-                               builder=make_builder(config, vocab, seed=config.train.seed),
-                               max_text_len=config.data.max_text_len)
+  transform = ExampleTransform(
+    text_model=text_model,
+    builder=make_builder(config, vocab, seed=config.train.seed),
+    max_text_len=config.data.max_text_len,
+  )
   data_iter = pipeline.make_iterator(
-      CodeShards(config.data.codes, "train"), global_batch_size=config.train.batch_size,
-      transform=transform, seed=config.train.seed, num_threads=config.data.num_threads)
-  hooks = [loop.Hook(every=config.train.eval_every,
-                     fn=make_eval_hook(trainer, config, vocab, text_model), name="valid")]
+    CodeShards(config.data.codes, "train"),
+    global_batch_size=config.train.batch_size,
+    transform=transform,
+    seed=config.train.seed,
+    num_threads=config.data.num_threads,
+  )
+  hooks = [
+    loop.Hook(
+      every=config.train.eval_every,
+      fn=make_eval_hook(trainer, config, vocab, text_model),
+      name="valid",
+    )
+  ]
   hooks += list(extra_hooks)
-  return loop.run(trainer, data_iter=data_iter, workdir=workdir, hooks=hooks,
-                  meta={"stage": "lm"}, log_fn=log_fn)
+  return loop.run(
+    trainer, data_iter=data_iter, workdir=workdir, hooks=hooks, meta={"stage": "lm"}, log_fn=log_fn
+  )

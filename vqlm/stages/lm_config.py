@@ -16,6 +16,7 @@ With image_embed_init="levels" (FSQ tokenizers: each code's row is a sum of per-
 embeddings), an empty `model.code_levels` is filled from the tokenizer run. The parameter counts
 above assume the vocabulary sizes of `NOMINAL_VOCAB` (`vqlm.nn.transformer.count_params`).
 """
+
 import ml_collections
 
 from vqlm.nn.presets import NOMINAL_VOCAB, TRANSFORMER_SIZES  # noqa: F401 (re-exported)
@@ -25,21 +26,58 @@ _SMALL_MODELS = ("tiny", "small")
 
 # How each size is trained and run (its shape is `vqlm.nn.presets.TRANSFORMER_SIZES`).
 RECIPES = {
-    "tiny": dict(lr=3e-3, steps=20, batch_size=4, seq_len=96, scan_layers=False,
-                 remat_policy="none", mesh=dict()),
-    # 2 query chunks: faster than 8 on CPU at this shape (docs/benchmarks.md).
-    "small": dict(lr=2e-3, steps=4000, batch_size=32, seq_len=96, scan_layers=False,
-                  remat_policy="none", mesh=dict(), query_chunks=2),
-    # Unrolled: data-parallel by default, so scanning buys only compile time and costs step time
-    # on CPU (docs/benchmarks.md).
-    "base": dict(lr=6e-4, steps=200_000, batch_size=256, seq_len=2048, scan_layers=False,
-                 remat_policy="dots_with_no_batch_dims", mesh=dict()),
-    "large": dict(lr=3e-4, steps=300_000, batch_size=512, seq_len=2048, scan_layers=True,
-                  remat_policy="dots_with_no_batch_dims", mesh=dict(data=-1, fsdp=1)),
-    "xl": dict(lr=2e-4, steps=400_000, batch_size=1024, seq_len=2048, scan_layers=True,
-               remat_policy="dots_with_no_batch_dims", mesh=dict(data=1, fsdp=-1)),
-    "7b": dict(lr=1e-4, steps=500_000, batch_size=1024, seq_len=4096, scan_layers=True,
-               remat_policy="full", mesh=dict(data=1, fsdp=-1)),
+  "tiny": dict(
+    lr=3e-3, steps=20, batch_size=4, seq_len=96, scan_layers=False, remat_policy="none", mesh=dict()
+  ),
+  # 2 query chunks: faster than 8 on CPU at this shape (docs/benchmarks.md).
+  "small": dict(
+    lr=2e-3,
+    steps=4000,
+    batch_size=32,
+    seq_len=96,
+    scan_layers=False,
+    remat_policy="none",
+    mesh=dict(),
+    query_chunks=2,
+  ),
+  # Unrolled: data-parallel by default, so scanning buys only compile time and costs step time
+  # on CPU (docs/benchmarks.md).
+  "base": dict(
+    lr=6e-4,
+    steps=200_000,
+    batch_size=256,
+    seq_len=2048,
+    scan_layers=False,
+    remat_policy="dots_with_no_batch_dims",
+    mesh=dict(),
+  ),
+  "large": dict(
+    lr=3e-4,
+    steps=300_000,
+    batch_size=512,
+    seq_len=2048,
+    scan_layers=True,
+    remat_policy="dots_with_no_batch_dims",
+    mesh=dict(data=-1, fsdp=1),
+  ),
+  "xl": dict(
+    lr=2e-4,
+    steps=400_000,
+    batch_size=1024,
+    seq_len=2048,
+    scan_layers=True,
+    remat_policy="dots_with_no_batch_dims",
+    mesh=dict(data=1, fsdp=-1),
+  ),
+  "7b": dict(
+    lr=1e-4,
+    steps=500_000,
+    batch_size=1024,
+    seq_len=4096,
+    scan_layers=True,
+    remat_policy="full",
+    mesh=dict(data=1, fsdp=-1),
+  ),
 }
 SIZES = tuple(RECIPES)
 
@@ -60,33 +98,72 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Data: code shards written by `vqlm encode` (the tokenizer run is read from their manifest when
   # `tokenizer` is empty); the SentencePiece model is trained on their captions unless given.
   c.data = dict(
-      codes="", tokenizer="", text_model="", text_vocab_size=512 if small else 32000,
-      text_train_examples=100_000, mode="mix", t2i_ratio=0.5, caption_dropout=0.1,
-      mask_prompt=False, max_text_len=29 if small else 128, frames=1, codebook_dim=0,
-      num_threads=2,
+    codes="",
+    tokenizer="",
+    text_model="",
+    text_vocab_size=512 if small else 32000,
+    text_train_examples=100_000,
+    mode="mix",
+    t2i_ratio=0.5,
+    caption_dropout=0.1,
+    mask_prompt=False,
+    max_text_len=29 if small else 128,
+    frames=1,
+    codebook_dim=0,
+    num_threads=2,
   )
 
   c.model = dict(
-      dim=s["dim"], num_layers=s["num_layers"], num_heads=s["num_heads"],
-      num_kv_heads=s["num_kv_heads"], head_dim=0,  # 0: dim // num_heads
-      mlp_dim=s["mlp_dim"], qk_norm=s["qk_norm"], tie_embeddings=s["tie_embeddings"],
-      rope_theta=10_000.0, rope_2d=False, image_pos_embed=False, image_embed_init="learned",
-      code_levels=(), scan_layers=s["scan_layers"], remat_policy=remat, norm_eps=1e-6,
-      dtype=dtype, param_dtype="float32", attention_impl="xla",
-      query_chunks=s.get("query_chunks", 8),
+    dim=s["dim"],
+    num_layers=s["num_layers"],
+    num_heads=s["num_heads"],
+    num_kv_heads=s["num_kv_heads"],
+    head_dim=0,  # 0: dim // num_heads
+    mlp_dim=s["mlp_dim"],
+    qk_norm=s["qk_norm"],
+    tie_embeddings=s["tie_embeddings"],
+    rope_theta=10_000.0,
+    rope_2d=False,
+    image_pos_embed=False,
+    image_embed_init="learned",
+    code_levels=(),
+    scan_layers=s["scan_layers"],
+    remat_policy=remat,
+    norm_eps=1e-6,
+    dtype=dtype,
+    param_dtype="float32",
+    attention_impl="xla",
+    query_chunks=s.get("query_chunks", 8),
   )
 
-  c.optim = dict(learning_rate=s["lr"], warmup_steps=min(2000, max(1, s["steps"] // 10)),
-                 end_lr_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-                 clip_norm=1.0, grad_accum_steps=1)
+  c.optim = dict(
+    learning_rate=s["lr"],
+    warmup_steps=min(2000, max(1, s["steps"] // 10)),
+    end_lr_fraction=0.1,
+    weight_decay=0.1,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    clip_norm=1.0,
+    grad_accum_steps=1,
+  )
 
   # text_weight / image_weight scale the loss weights of text / image targets when the data
   # pipeline builds examples; z_loss is LMTask's z_loss_weight.
   c.loss = dict(z_loss=1e-4, text_weight=1.0, image_weight=1.0)
 
-  c.train = dict(steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], seed=0,
-                 log_every=50, eval_every=1000, checkpoint_every=1000, checkpoint_minutes=10.0,
-                 keep_checkpoints=3, max_consecutive_skips=10)
+  c.train = dict(
+    steps=s["steps"],
+    batch_size=s["batch_size"],
+    seq_len=s["seq_len"],
+    seed=0,
+    log_every=50,
+    eval_every=1000,
+    checkpoint_every=1000,
+    checkpoint_minutes=10.0,
+    keep_checkpoints=3,
+    max_consecutive_skips=10,
+  )
   c.eval = dict(num_batches=10)
   # Evaluators run after training (and by `vqlm eval`): `{section: {"type": ..., settings}}`
   # (`vqlm.eval.evaluators`); those that judge images need the shapes data set.

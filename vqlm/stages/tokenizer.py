@@ -2,8 +2,9 @@
 config's evaluators (`config.evals`) on the trained run. A trained run is read back for use by
 `vqlm.runs.TokenizerRun`.
 """
-import os
+
 from collections.abc import Mapping
+import os
 from typing import Any
 
 import jax
@@ -11,17 +12,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqlm import imaging
+from vqlm import imaging, runs
 from vqlm.data.sources import source_from_config
-from vqlm.runtime.config import as_kwargs
-from vqlm.runtime import mesh as mesh_lib
-from vqlm import runs
-from vqlm.runs import TokenizerRun
 from vqlm.eval import evaluators as evaluators_lib
 from vqlm.eval import reconstruction
 from vqlm.nn.image_tokenizer import ImageTokenizer
-from vqlm.train.optim import make_optimizer
+from vqlm.runs import TokenizerRun
+from vqlm.runtime import mesh as mesh_lib
+from vqlm.runtime.config import as_kwargs
 from vqlm.train import loop
+from vqlm.train.optim import make_optimizer
 from vqlm.train.tokenizer_task import TokenizerTask
 
 
@@ -31,17 +31,27 @@ def build_task(config: ml_collections.ConfigDict) -> TokenizerTask:
   disc_optimizer = None
   if config.loss.gan_weight > 0:
     disc_optimizer, _ = make_optimizer(total_steps=config.train.steps, **optim)
-  return TokenizerTask(model_kwargs=as_kwargs(config.model), loss=as_kwargs(config.loss),
-                       optimizer=optimizer, disc_optimizer=disc_optimizer)
+  return TokenizerTask(
+    model_kwargs=as_kwargs(config.model),
+    loss=as_kwargs(config.loss),
+    optimizer=optimizer,
+    disc_optimizer=disc_optimizer,
+  )
 
 
 def build_trainer(config: ml_collections.ConfigDict, *, progress: bool = True) -> loop.Trainer:
   mesh = mesh_lib.make_mesh(as_kwargs(config.mesh.shape))
   t = config.train
   options = loop.LoopOptions(
-      steps=t.steps, seed=t.seed, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-      checkpoint_minutes=t.checkpoint_minutes, keep_checkpoints=t.keep_checkpoints,
-      max_consecutive_skips=t.max_consecutive_skips, progress=progress)
+    steps=t.steps,
+    seed=t.seed,
+    log_every=t.log_every,
+    checkpoint_every=t.checkpoint_every,
+    checkpoint_minutes=t.checkpoint_minutes,
+    keep_checkpoints=t.keep_checkpoints,
+    max_consecutive_skips=t.max_consecutive_skips,
+    progress=progress,
+  )
   return loop.Trainer(build_task(config), mesh=mesh, rules=config.mesh.rules, options=options)
 
 
@@ -55,23 +65,34 @@ def _collections(extra: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in (extra or {}).items() if k == "batch_stats"}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          log_fn=print) -> dict[str, float]:
+def train(
+  config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, log_fn=print
+) -> dict[str, float]:
   """Trains the image tokenizer, saves grids and metrics, and writes the final eval to eval.json."""
   runs.check_same_model(workdir, config, sections=("model", "data"))
   runs.save_config(workdir, config)
   from vqlm.data import pipeline
+
   trainer = build_trainer(config, progress=progress)
   source = source_from_config(config.data, "train")
   if config.data.get("filters"):
     from vqlm.data.filters import apply_filters, make_filters
-    source, counts = apply_filters(source, make_filters(as_kwargs(config.data.filters)),
-                                   report_path=os.path.join(workdir, "filters.json"))
-    log_fn(f"filters kept {counts['kept']} of {counts['total']} training images: "
-           f"{counts['removed']}")
+
+    source, counts = apply_filters(
+      source,
+      make_filters(as_kwargs(config.data.filters)),
+      report_path=os.path.join(workdir, "filters.json"),
+    )
+    log_fn(
+      f"filters kept {counts['kept']} of {counts['total']} training images: {counts['removed']}"
+    )
   data_iter = pipeline.make_iterator(
-      source, global_batch_size=config.train.batch_size, transform=pipeline.image_transform(),
-      seed=config.train.seed, num_threads=config.data.get("num_threads", 2))
+    source,
+    global_batch_size=config.train.batch_size,
+    transform=pipeline.image_transform(),
+    seed=config.train.seed,
+    num_threads=config.data.get("num_threads", 2),
+  )
   valid = source_from_config(config.data, "validation")
   grid_images = np.stack([valid[i]["image"] for i in range(min(16, len(valid)))])
   grid_input = jnp.asarray(grid_images.astype(np.float32) / 127.5 - 1.0)
@@ -79,8 +100,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   reconstruct = jax.jit(trainer.task.reconstruct)
   model = ImageTokenizer(**as_kwargs(config.model))
   discrete = model.codebook_size > 0
-  codebook = jax.jit(lambda params, extra: model.apply(
-      {"params": params, **_collections(extra)}, method=model.codebook))
+  codebook = jax.jit(
+    lambda params, extra: model.apply(
+      {"params": params, **_collections(extra)}, method=model.codebook
+    )
+  )
 
   def save_grid(state, step):
     """Inputs (top row) vs reconstructions (bottom row), and a snapshot of the codebook."""
@@ -89,15 +113,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       vectors = np.asarray(codebook(state.params, state.extra)) if discrete else None
     if jax.process_index() == 0:
       both = np.concatenate([grid_images, recon])
-      imaging.save_png(imaging.make_grid(both, columns=len(grid_images), scale=2),
-                       os.path.join(writer_dir, f"recon_{step:07d}.png"))
+      imaging.save_png(
+        imaging.make_grid(both, columns=len(grid_images), scale=2),
+        os.path.join(writer_dir, f"recon_{step:07d}.png"),
+      )
       if vectors is not None:
         np.save(os.path.join(writer_dir, f"codebook_{step:07d}.npy"), vectors)
     return {"psnr_grid": float(np.mean(reconstruction.psnr(grid_images, recon)))}
 
   hooks = [loop.Hook(every=config.train.sample_every, fn=save_grid, name="valid")]
-  loop.run(trainer, data_iter=data_iter, workdir=workdir, hooks=hooks,
-           meta={"stage": "tokenizer"}, log_fn=log_fn)
+  loop.run(
+    trainer,
+    data_iter=data_iter,
+    workdir=workdir,
+    hooks=hooks,
+    meta={"stage": "tokenizer"},
+    log_fn=log_fn,
+  )
   return run_evals(config, workdir, log_fn=log_fn)
 
 
@@ -105,6 +137,6 @@ def run_evals(config: ml_collections.ConfigDict, workdir: str, *, log_fn=print) 
   """Runs `config.evals` on the trained run (parameters only) and writes RUN/eval.json."""
   run = TokenizerRun(workdir)
   evaluators = evaluators_lib.build(as_kwargs(config.evals), log_fn=log_fn)
-  return evaluators_lib.run_all(run, evaluators,
-                                workdir=workdir if jax.process_index() == 0 else None,
-                                log_fn=log_fn)
+  return evaluators_lib.run_all(
+    run, evaluators, workdir=workdir if jax.process_index() == 0 else None, log_fn=log_fn
+  )

@@ -12,43 +12,69 @@ Arguments (`key=value,...`):
   gan         add the PatchGAN discriminator (VQ-GAN); on by default for base/large/dalle
   image_size  override the size's default resolution
 """
+
 import ml_collections
 
+from vqlm.errors import UserError
 from vqlm.nn.presets import AUTOENCODER_SIZES
 from vqlm.runtime.config import choose, mesh_config, parse_arg
 
 # How each size is trained (its shape is `vqlm.nn.presets.AUTOENCODER_SIZES`).
 RECIPES = {
-    "tiny": dict(batch_size=8, steps=20, lr=2e-3),
-    "small": dict(batch_size=64, steps=4000, lr=2e-3),
-    "base": dict(batch_size=128, steps=400_000, lr=1e-4),
-    "large": dict(batch_size=256, steps=400_000, lr=1e-4),
-    "dalle": dict(batch_size=128, steps=400_000, lr=1e-4),
+  "tiny": dict(batch_size=8, steps=20, lr=2e-3),
+  "small": dict(batch_size=64, steps=4000, lr=2e-3),
+  "base": dict(batch_size=128, steps=400_000, lr=1e-4),
+  "large": dict(batch_size=256, steps=400_000, lr=1e-4),
+  "dalle": dict(batch_size=128, steps=400_000, lr=1e-4),
 }
 SIZES = tuple(RECIPES)
 
-DATA = ("shapes", "moving_shapes", "digits", "photos", "mnist", "cifar10", "imagenet2012",
-        "coco_captions", "folder")
+DATA = (
+  "shapes",
+  "moving_shapes",
+  "digits",
+  "photos",
+  "mnist",
+  "cifar10",
+  "imagenet2012",
+  "coco_captions",
+  "folder",
+)
 
 
 def bottleneck_config(kind: str, s: dict) -> dict:
   common = {"kind": kind, "latent_dim": s["latent_dim"]}
   options = {
-      "vq": dict(codebook_size=s["codebook_size"], code_dim=s["code_dim"], beta=0.25,
-                 ema_decay=None, l2_normalize=True, kmeans_init=True, restart_after=50),
-      "fsq": dict(levels=(8, 5, 5, 5) if s["codebook_size"] >= 1000 else (8, 8, 8)),
-      "gaussian": dict(kl_weight=1e-6),
-      "identity": dict(),
+    "vq": dict(
+      codebook_size=s["codebook_size"],
+      code_dim=s["code_dim"],
+      beta=0.25,
+      ema_decay=None,
+      l2_normalize=True,
+      kmeans_init=True,
+      restart_after=50,
+    ),
+    "fsq": dict(levels=(8, 5, 5, 5) if s["codebook_size"] >= 1000 else (8, 8, 8)),
+    "gaussian": dict(kl_weight=1e-6),
+    "identity": dict(),
   }
   return {**common, **choose("bottleneck", kind, options)}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, size="small", data="shapes", bottleneck="vq", encoder="conv", gan=False,
-                  image_size=0, runlocal=False)
+  arg = parse_arg(
+    arg,
+    size="small",
+    data="shapes",
+    bottleneck="vq",
+    encoder="conv",
+    gan=False,
+    image_size=0,
+    runlocal=False,
+  )
   s = {**choose("size", arg.size, RECIPES), **AUTOENCODER_SIZES[arg.size]}
   if arg.data not in DATA:
-    raise ValueError(f"unknown dataset '{arg.data}'; valid: {', '.join(DATA)}")
+    raise UserError(f"unknown dataset '{arg.data}'; valid: {', '.join(DATA)}")
   image_size = arg.image_size or s["image_size"]
   gan = arg.gan or arg.size in ("base", "large", "dalle")
 
@@ -56,48 +82,75 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage = "tokenizer"
 
   c.data = dict(
-      name=arg.data, data_dir="", image_size=image_size, num_threads=2,
-      # Quality filters on the training split (vqlm/data/filters.py), e.g.
-      # {"min_pixel_std": 2.0, "exact_duplicates": True}; counts go to WORKDIR/filters.json.
-      filters={},
-      # Source-specific options (e.g. shapes: min/max objects and split sizes; folder: path).
-      source_kwargs=({"min_objects": 1, "max_objects": 2} if arg.data == "shapes" else {}),
+    name=arg.data,
+    data_dir="",
+    image_size=image_size,
+    num_threads=2,
+    # Quality filters on the training split (vqlm/data/filters.py), e.g.
+    # {"min_pixel_std": 2.0, "exact_duplicates": True}; counts go to WORKDIR/filters.json.
+    filters={},
+    # Source-specific options (e.g. shapes: min/max objects and split sizes; folder: path).
+    source_kwargs=({"min_objects": 1, "max_objects": 2} if arg.data == "shapes" else {}),
   )
 
-  autoencoder = dict(channels=s["channels"], channel_multipliers=s["channel_multipliers"],
-                     num_res_blocks=s["num_res_blocks"], attention_at_lowest=s["attention"])
-  encoder = choose("encoder", arg.encoder, {
+  autoencoder = dict(
+    channels=s["channels"],
+    channel_multipliers=s["channel_multipliers"],
+    num_res_blocks=s["num_res_blocks"],
+    attention_at_lowest=s["attention"],
+  )
+  encoder = choose(
+    "encoder",
+    arg.encoder,
+    {
       "conv": dict(autoencoder),
       # Twice the width of the conv encoder's lowest level, 2 residual MLP blocks per patch.
       "patch": dict(autoencoder, kind="patch", channels=2 * s["channels"], mlp_blocks=2),
-  })
+    },
+  )
   c.model = dict(
-      encoder=dict(encoder, latent_dim=s["latent_dim"]),
-      decoder=dict(autoencoder),
-      bottleneck=bottleneck_config(arg.bottleneck, s),
+    encoder=dict(encoder, latent_dim=s["latent_dim"]),
+    decoder=dict(autoencoder),
+    bottleneck=bottleneck_config(arg.bottleneck, s),
   )
 
   c.loss = dict(
-      recon="l1" if gan else "l2",
-      recon_weight=1.0,
-      perceptual_weight=0.0,
-      perceptual_weights_path="",
-      gan_weight=0.1 if gan else 0.0,
-      disc_start=20_000 if gan else 0,
-      adaptive_weight=True,
+    recon="l1" if gan else "l2",
+    recon_weight=1.0,
+    perceptual_weight=0.0,
+    perceptual_weights_path="",
+    gan_weight=0.1 if gan else 0.0,
+    disc_start=20_000 if gan else 0,
+    adaptive_weight=True,
   )
 
-  c.optim = dict(learning_rate=s["lr"], warmup_steps=min(200, s["steps"] // 10),
-                 end_lr_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8,
-                 clip_norm=1.0)
+  c.optim = dict(
+    learning_rate=s["lr"],
+    warmup_steps=min(200, s["steps"] // 10),
+    end_lr_fraction=0.1,
+    weight_decay=0.0,
+    b1=0.9,
+    b2=0.99,
+    eps=1e-8,
+    clip_norm=1.0,
+  )
 
-  c.train = dict(steps=s["steps"], batch_size=s["batch_size"], seed=0, log_every=50,
-                 sample_every=500, checkpoint_every=1000, checkpoint_minutes=10.0,
-                 keep_checkpoints=3, max_consecutive_skips=10)
+  c.train = dict(
+    steps=s["steps"],
+    batch_size=s["batch_size"],
+    seed=0,
+    log_every=50,
+    sample_every=500,
+    checkpoint_every=1000,
+    checkpoint_minutes=10.0,
+    keep_checkpoints=3,
+    max_consecutive_skips=10,
+  )
   # Run after training (and by `vqlm eval`); each entry is one section of RUN/eval.json
   # (`vqlm.eval.evaluators`: type + settings).
-  c.evals = {"tokenizer": dict(type="reconstruction", split="test", num_examples=1000,
-                               batch_size=250)}
+  c.evals = {
+    "tokenizer": dict(type="reconstruction", split="test", num_examples=1000, batch_size=250)
+  }
   c.mesh = mesh_config()
 
   if arg.size == "tiny" or arg.runlocal:

@@ -1,4 +1,5 @@
 """A tiny regression task: exercises the shared training loop (tests, the soak benchmark)."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,10 +14,16 @@ class ToyModel(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), ("embed", "mlp")), (x.shape[-1], self.width))
-    out = self.param("out", nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), ("mlp", "embed")), (self.width, 1))
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+      (x.shape[-1], self.width),
+    )
+    out = self.param(
+      "out",
+      nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
+      (self.width, 1),
+    )
     return jnp.tanh(x @ kernel) @ out
 
 
@@ -29,8 +36,12 @@ class ToyTask:
 
   def init(self, rng, batch):
     params = self.model.init(rng, batch["x"])["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(nn.meta.unbox(params)), extra={})
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=self.tx.init(nn.meta.unbox(params)),
+      extra={},
+    )
 
   def train_step(self, state, batch, rng):
     noise = 1e-3 * jax.random.normal(rng, batch["y"].shape)
@@ -43,7 +54,9 @@ class ToyTask:
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(params=params, opt_state=opt_state), {
-        "loss": loss, "grad_norm": optax.global_norm(grads)}
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+    }
 
 
 class ToySource:

@@ -9,6 +9,7 @@ Batch (one LM example per row, as `vqlm.data.sequences` builds them): `tokens`, 
 masked prompts). Metrics are split by the modality of the *target*: image if `image_offset <=
 target < image_offset + image_size`, text otherwise.
 """
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,13 +18,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vqlm.errors import UserError
 from vqlm.nn.transformer import Transformer
 from vqlm.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 
-EVAL_SUM_KEYS = ("weight", "loss_sum", "text_weight", "text_loss_sum", "text_correct",
-                 "image_weight", "image_loss_sum", "image_correct")
+EVAL_SUM_KEYS = (
+  "weight",
+  "loss_sum",
+  "text_weight",
+  "text_loss_sum",
+  "text_correct",
+  "image_weight",
+  "image_loss_sum",
+  "image_correct",
+)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -56,18 +66,29 @@ class LMTask:
       `image_embed_init="codebook"`; stored in `state.extra["codebook"]` (never trained).
   """
 
-  def __init__(self, *, model: Transformer, optimizer: optax.GradientTransformation,
-               z_loss_weight: float, image_offset: int, image_size: int,
-               codebook: jax.Array | None = None):
+  def __init__(
+    self,
+    *,
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    z_loss_weight: float,
+    image_offset: int,
+    image_size: int,
+    codebook: jax.Array | None = None,
+  ):
     uses_codebook = model.config.image_embed_init == "codebook"
     if uses_codebook and codebook is None:
-      raise ValueError("the model embeds images from the tokenizer codebook: pass "
-                       "LMTask(codebook=<[image_size, codebook_dim] array>).")
+      raise UserError(
+        "the model embeds images from the tokenizer codebook: pass "
+        "LMTask(codebook=<[image_size, codebook_dim] array>)."
+      )
     if codebook is not None:
       want = (model.config.image_size, model.config.codebook_dim)
       if not uses_codebook or tuple(codebook.shape) != want:
-        raise ValueError(f"codebook of shape {tuple(codebook.shape)} given; the model needs "
-                         f"image_embed_init='codebook' and shape {want}.")
+        raise UserError(
+          f"codebook of shape {tuple(codebook.shape)} given; the model needs "
+          f"image_embed_init='codebook' and shape {want}."
+        )
     self.model = model
     self.optimizer = optimizer
     self.z_loss_weight = float(z_loss_weight)
@@ -82,21 +103,27 @@ class LMTask:
     return variables
 
   def _forward(self, variables, batch: Batch) -> jax.Array:
-    logits, _ = self.model.apply(variables, batch["tokens"], positions=batch["positions"],
-                                 segment_ids=batch["segment_ids"])
+    logits, _ = self.model.apply(
+      variables, batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+    )
     return logits
 
   def init(self, rng: jax.Array, batch: Batch) -> TrainState:
     """A fresh state: boxed params, optimizer state, `extra["codebook"]` if the model needs it."""
     one = {k: batch[k][:1] for k in ("tokens", "positions", "segment_ids")}
-    variables = self.model.init({"params": rng}, one["tokens"], positions=one["positions"],
-                                segment_ids=one["segment_ids"])
+    variables = self.model.init(
+      {"params": rng}, one["tokens"], positions=one["positions"], segment_ids=one["segment_ids"]
+    )
     extra = {}
     if self.codebook is not None:
       extra["codebook"] = {"embed": {"vectors": jnp.asarray(self.codebook, jnp.float32)}}
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.optimizer.init(params), extra=extra)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=self.optimizer.init(params),
+      extra=extra,
+    )
 
   def _losses(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
     """Weighted sums over the batch (float32 scalars), keyed like EVAL_SUM_KEYS + z_sum."""
@@ -107,15 +134,20 @@ class LMTask:
     w_img = jnp.where(is_image, weights, 0.0)
     w_txt = weights - w_img
     return {
-        "weight": weights.sum(), "loss_sum": (ce * weights).sum(), "z_sum": (z * weights).sum(),
-        "text_weight": w_txt.sum(), "text_loss_sum": (ce * w_txt).sum(),
-        "text_correct": (correct * w_txt).sum(),
-        "image_weight": w_img.sum(), "image_loss_sum": (ce * w_img).sum(),
-        "image_correct": (correct * w_img).sum(),
+      "weight": weights.sum(),
+      "loss_sum": (ce * weights).sum(),
+      "z_sum": (z * weights).sum(),
+      "text_weight": w_txt.sum(),
+      "text_loss_sum": (ce * w_txt).sum(),
+      "text_correct": (correct * w_txt).sum(),
+      "image_weight": w_img.sum(),
+      "image_loss_sum": (ce * w_img).sum(),
+      "image_correct": (correct * w_img).sum(),
     }
 
-  def train_step(self, state: TrainState, batch: Batch, rng: jax.Array
-                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+  def train_step(
+    self, state: TrainState, batch: Batch, rng: jax.Array
+  ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update. `rng` is unused (the model has no dropout); kept for the loop's interface.
 
     Metrics: loss (cross-entropy + z-loss term, per unit weight), ce_loss, text_loss, image_loss,
@@ -135,13 +167,15 @@ class LMTask:
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = {
-        "loss": loss, "ce_loss": ce, "z_loss": z_loss,
-        "text_loss": _safe_div(sums["text_loss_sum"], sums["text_weight"]),
-        "image_loss": _safe_div(sums["image_loss_sum"], sums["image_weight"]),
-        "text_acc": _safe_div(sums["text_correct"], sums["text_weight"]),
-        "image_acc": _safe_div(sums["image_correct"], sums["image_weight"]),
-        "grad_norm": optax.tree.norm(nn.meta.unbox(grads)),
-        "num_tokens": sums["weight"],
+      "loss": loss,
+      "ce_loss": ce,
+      "z_loss": z_loss,
+      "text_loss": _safe_div(sums["text_loss_sum"], sums["text_weight"]),
+      "image_loss": _safe_div(sums["image_loss_sum"], sums["image_weight"]),
+      "text_acc": _safe_div(sums["text_correct"], sums["text_weight"]),
+      "image_acc": _safe_div(sums["image_correct"], sums["image_weight"]),
+      "grad_norm": optax.tree.norm(nn.meta.unbox(grads)),
+      "num_tokens": sums["weight"],
     }
     return new_state, metrics
 

@@ -10,19 +10,20 @@ with non-finite numbers (and, optionally, loss spikes), Orbax checkpoints of sta
 TensorBoard + `metrics.jsonl`, a tqdm bar with loss and throughput, and periodic hooks (image grids,
 evaluation).
 """
+
+from collections.abc import Callable, Mapping
 import dataclasses
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
+import numpy as np
 from tqdm.auto import tqdm
 
 from vqlm.runtime import mesh as mesh_lib
@@ -34,13 +35,11 @@ log = logging.getLogger(__name__)
 
 
 class TrainTask(Protocol):
+  def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> TrainState: ...
 
-  def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> TrainState:
-    ...
-
-  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array],
-                 rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-    ...
+  def train_step(
+    self, state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
+  ) -> tuple[TrainState, dict[str, jax.Array]]: ...
 
 
 class NonFiniteError(RuntimeError):
@@ -50,6 +49,7 @@ class NonFiniteError(RuntimeError):
 @dataclasses.dataclass
 class LoopOptions:
   """How long to train and how often to log, save and run hooks (all in steps unless named)."""
+
   steps: int
   seed: int = 0
   log_every: int = 50
@@ -68,6 +68,7 @@ class LoopOptions:
 @dataclasses.dataclass
 class Hook:
   """Calls `fn(state, step)` every `every` steps (and after the last step)."""
+
   every: int
   fn: Callable[[TrainState, int], Mapping[str, float] | None]
   name: str = ""
@@ -75,11 +76,11 @@ class Hook:
 
 def _guard_init() -> dict[str, jax.Array]:
   return {
-      "skipped": jnp.zeros((), jnp.int32),
-      "consecutive": jnp.zeros((), jnp.int32),
-      "loss_mean": jnp.zeros((), jnp.float32),
-      "loss_sq": jnp.zeros((), jnp.float32),
-      "count": jnp.zeros((), jnp.int32),
+    "skipped": jnp.zeros((), jnp.int32),
+    "consecutive": jnp.zeros((), jnp.int32),
+    "loss_mean": jnp.zeros((), jnp.float32),
+    "loss_sq": jnp.zeros((), jnp.float32),
+    "count": jnp.zeros((), jnp.int32),
   }
 
 
@@ -103,19 +104,23 @@ def guarded(train_step: Callable, *, spike_sigma: float, spike_warmup: int) -> C
     else:
       spike = jnp.zeros((), bool)
     apply = ok & ~spike
-    kept = jax.tree.map(lambda new, old: jnp.where(apply, new, old),
-                        (new_state.params, new_state.opt_state, new_state.extra),
-                        (state.params, state.opt_state, state.extra))
+    kept = jax.tree.map(
+      lambda new, old: jnp.where(apply, new, old),
+      (new_state.params, new_state.opt_state, new_state.extra),
+      (state.params, state.opt_state, state.extra),
+    )
     decay = 0.99
     safe_loss = jnp.where(apply, loss, guard["loss_mean"])
     new_guard = {
-        "skipped": guard["skipped"] + (~apply).astype(jnp.int32),
-        "consecutive": jnp.where(apply, 0, guard["consecutive"] + 1).astype(jnp.int32),
-        "loss_mean": jnp.where(guard["count"] == 0, safe_loss,
-                               decay * guard["loss_mean"] + (1 - decay) * safe_loss),
-        "loss_sq": jnp.where(guard["count"] == 0, safe_loss ** 2,
-                             decay * guard["loss_sq"] + (1 - decay) * safe_loss ** 2),
-        "count": guard["count"] + apply.astype(jnp.int32),
+      "skipped": guard["skipped"] + (~apply).astype(jnp.int32),
+      "consecutive": jnp.where(apply, 0, guard["consecutive"] + 1).astype(jnp.int32),
+      "loss_mean": jnp.where(
+        guard["count"] == 0, safe_loss, decay * guard["loss_mean"] + (1 - decay) * safe_loss
+      ),
+      "loss_sq": jnp.where(
+        guard["count"] == 0, safe_loss**2, decay * guard["loss_sq"] + (1 - decay) * safe_loss**2
+      ),
+      "count": guard["count"] + apply.astype(jnp.int32),
     }
     extra = dict(kept[2])
     extra["guard"] = new_guard
@@ -148,6 +153,7 @@ class Trainer:
       extra = dict(state.extra or {})
       extra["guard"] = _guard_init()
       return state.replace(extra=extra)
+
     return init
 
   def abstract_state(self, example_batch) -> Any:
@@ -168,18 +174,26 @@ class Trainer:
     abstract = nn.meta.unbox(self.abstract_state(example_batch))
     if self.state_shardings is None:
       self.state_shardings = mesh_lib.logical_shardings(
-          self.abstract_state(example_batch), self.mesh, self.rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, self.state_shardings)
+        self.abstract_state(example_batch), self.mesh, self.rules
+      )
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract,
+      self.state_shardings,
+    )
 
   @property
   def step_fn(self) -> Callable:
     """jit(state, batch, rng) -> (state, metrics); the state argument is donated."""
     if self._step_fn is None:
-      step = guarded(self.task.train_step, spike_sigma=self.options.spike_sigma,
-                     spike_warmup=self.options.spike_warmup)
-      self._step_fn = jax.jit(step, donate_argnums=0,
-                              out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)))
+      step = guarded(
+        self.task.train_step,
+        spike_sigma=self.options.spike_sigma,
+        spike_warmup=self.options.spike_warmup,
+      )
+      self._step_fn = jax.jit(
+        step, donate_argnums=0, out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh))
+      )
     return self._step_fn
 
   def step(self, state, batch, rng):
@@ -211,8 +225,9 @@ class _Preemption:
     return False
 
 
-def _save_signals(step: int, opts: LoopOptions, ckpt: Checkpointer, *, elapsed: float,
-                  sigterm: bool) -> tuple[bool, bool]:
+def _save_signals(
+  step: int, opts: LoopOptions, ckpt: Checkpointer, *, elapsed: float, sigterm: bool
+) -> tuple[bool, bool]:
   """(time-based save due, preemption) agreed by all processes.
 
   With one process both are checked every step. With several, they are checked at log steps only
@@ -224,14 +239,23 @@ def _save_signals(step: int, opts: LoopOptions, ckpt: Checkpointer, *, elapsed: 
   if step % opts.log_every:
     return False, False
   from jax.experimental import multihost_utils
+
   flags = np.asarray([timed, sigterm or ckpt.reached_preemption(step)], np.int32)
   flags = multihost_utils.broadcast_one_to_all(flags)
   return bool(flags[0]), bool(flags[1])
 
 
-def run(trainer: Trainer, *, data_iter, workdir: str, hooks: list[Hook] = (),
-        meta: Mapping[str, Any] | None = None, log_fn: Callable[[str], None] = print) -> TrainState:
-  """Trains `trainer.task` on `data_iter` until `options.steps`, resuming from `workdir` if possible.
+def run(
+  trainer: Trainer,
+  *,
+  data_iter,
+  workdir: str,
+  hooks: list[Hook] = (),
+  meta: Mapping[str, Any] | None = None,
+  log_fn: Callable[[str], None] = print,
+) -> TrainState:
+  """Trains `trainer.task` on `data_iter` until `options.steps`, resuming from `workdir` if
+  possible.
 
   Args:
     trainer: the task, mesh and options.
@@ -244,8 +268,12 @@ def run(trainer: Trainer, *, data_iter, workdir: str, hooks: list[Hook] = (),
   """
   opts = trainer.options
   os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=opts.keep_checkpoints,
-                      keep_every_steps=opts.keep_every_steps, async_save=opts.async_checkpoints)
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=opts.keep_checkpoints,
+    keep_every_steps=opts.keep_every_steps,
+    async_save=opts.async_checkpoints,
+  )
   writer = MetricWriter(workdir)
   first = next(data_iter)
   example = mesh_lib.global_batch(first, trainer.mesh)
@@ -262,8 +290,13 @@ def run(trainer: Trainer, *, data_iter, workdir: str, hooks: list[Hook] = (),
     pending = example  # The batch already drawn is the first training batch.
   start = int(jax.device_get(state.step))
   base_rng = jax.random.key(opts.seed + 1)
-  bar = tqdm(total=opts.steps, initial=start, disable=not opts.progress or jax.process_index() != 0,
-             dynamic_ncols=True, desc=os.path.basename(os.path.normpath(workdir)))
+  bar = tqdm(
+    total=opts.steps,
+    initial=start,
+    disable=not opts.progress or jax.process_index() != 0,
+    dynamic_ncols=True,
+    desc=os.path.basename(os.path.normpath(workdir)),
+  )
   last_save_time = time.monotonic()
   last_log_time = time.monotonic()
   last_log_step = start
@@ -271,8 +304,9 @@ def run(trainer: Trainer, *, data_iter, workdir: str, hooks: list[Hook] = (),
   try:
     with _Preemption() as preemption:
       while step < opts.steps:
-        batch = pending if pending is not None else mesh_lib.global_batch(next(data_iter),
-                                                                        trainer.mesh)
+        batch = (
+          pending if pending is not None else mesh_lib.global_batch(next(data_iter), trainer.mesh)
+        )
         pending = None
         state, metrics = trainer.step(state, batch, jax.random.fold_in(base_rng, step))
         step += 1
@@ -290,17 +324,18 @@ def run(trainer: Trainer, *, data_iter, workdir: str, hooks: list[Hook] = (),
           consecutive = int(jax.device_get(state.extra["guard"]["consecutive"]))
           if consecutive >= opts.max_consecutive_skips:
             raise NonFiniteError(
-                f"{consecutive} consecutive updates had non-finite numbers (last at step {step});"
-                f" the last good checkpoint is step {ckpt.latest_step}; lower the learning rate "
-                "or check the data")
+              f"{consecutive} consecutive updates had non-finite numbers (last at step {step});"
+              f" the last good checkpoint is step {ckpt.latest_step}; lower the learning rate "
+              "or check the data"
+            )
         for hook in hooks:
           if step % hook.every == 0 or step == opts.steps:
             scalars = hook.fn(state, step)
             if scalars:
               writer.write_scalars(step, scalars, prefix=f"{hook.name}/" if hook.name else "")
         timed, preempted = _save_signals(
-            step, opts, ckpt, elapsed=time.monotonic() - last_save_time,
-            sigterm=preemption.requested)
+          step, opts, ckpt, elapsed=time.monotonic() - last_save_time, sigterm=preemption.requested
+        )
         if step % opts.checkpoint_every == 0 or step == opts.steps or timed or preempted:
           ckpt.save(step, state, data=data_iter.get_state(), meta=dict(meta or {}))
           last_save_time = time.monotonic()

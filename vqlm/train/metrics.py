@@ -1,7 +1,8 @@
 """Where training metrics go: TensorBoard event files and `metrics.jsonl`, from process 0 only."""
+
+from collections.abc import Mapping
 import json
 import os
-from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ class MetricWriter:
     self._jsonl = None
     if self._enabled:
       from tensorboardX import SummaryWriter  # Light: needs no TensorFlow.
+
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
 

@@ -4,12 +4,15 @@ weight decay only on weight matrices, optional gradient accumulation.
 Works on plain and on boxed (`nn.LogicallyPartitioned`) parameter trees: the optimizer state then
 carries the same logical axis names as the params.
 """
+
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import optax
+
+from vqlm.errors import UserError
 
 # A parameter whose path contains one of these (case-insensitive) is never decayed.
 NO_DECAY_NAMES = ("embed", "norm", "scale", "bias", "codebook")
@@ -34,26 +37,41 @@ def default_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decay, nn.meta.unbox(params))
 
 
-def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int,
-                  end_lr_fraction: float = 0.1) -> optax.Schedule:
+def make_schedule(
+  *, learning_rate: float, warmup_steps: int, total_steps: int, end_lr_fraction: float = 0.1
+) -> optax.Schedule:
   """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then cosine decay to
   `learning_rate * end_lr_fraction` at `total_steps` (constant afterwards)."""
   if total_steps <= 0 or warmup_steps < 0 or warmup_steps >= total_steps:
-    raise ValueError(f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
-                     f"total_steps={total_steps}.")
+    raise UserError(
+      f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
+      f"total_steps={total_steps}."
+    )
   if not 0.0 <= end_lr_fraction <= 1.0:
-    raise ValueError(f"end_lr_fraction={end_lr_fraction} must be in [0, 1].")
+    raise UserError(f"end_lr_fraction={end_lr_fraction} must be in [0, 1].")
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
-      decay_steps=total_steps, end_value=learning_rate * end_lr_fraction)
+    init_value=0.0,
+    peak_value=learning_rate,
+    warmup_steps=warmup_steps,
+    decay_steps=total_steps,
+    end_value=learning_rate * end_lr_fraction,
+  )
 
 
-def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
-                   end_lr_fraction: float = 0.1, weight_decay: float = 0.0, b1: float = 0.9,
-                   b2: float = 0.95, eps: float = 1e-8, clip_norm: float | None = 1.0,
-                   grad_accum_steps: int = 1,
-                   decay_mask_fn: Callable[[Any], Any] = default_decay_mask
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  *,
+  learning_rate: float,
+  warmup_steps: int,
+  total_steps: int,
+  end_lr_fraction: float = 0.1,
+  weight_decay: float = 0.0,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  clip_norm: float | None = 1.0,
+  grad_accum_steps: int = 1,
+  decay_mask_fn: Callable[[Any], Any] = default_decay_mask,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with warm-up + cosine schedule, clipping and masked weight decay.
 
   Args:
@@ -71,16 +89,21 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
     `(optimizer, schedule)`.
   """
   if grad_accum_steps < 1:
-    raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1.")
+    raise UserError(f"grad_accum_steps={grad_accum_steps} must be >= 1.")
   if clip_norm is not None and clip_norm < 0:
-    raise ValueError(f"clip_norm={clip_norm} must be >= 0 (0 or None disables clipping).")
-  schedule = make_schedule(learning_rate=learning_rate, warmup_steps=warmup_steps,
-                           total_steps=total_steps, end_lr_fraction=end_lr_fraction)
+    raise UserError(f"clip_norm={clip_norm} must be >= 0 (0 or None disables clipping).")
+  schedule = make_schedule(
+    learning_rate=learning_rate,
+    warmup_steps=warmup_steps,
+    total_steps=total_steps,
+    end_lr_fraction=end_lr_fraction,
+  )
   parts = []
   if clip_norm:
     parts.append(optax.clip_by_global_norm(clip_norm))
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                           mask=decay_mask_fn))
+  parts.append(
+    optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask_fn)
+  )
   tx = optax.chain(*parts)
   if grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps).gradient_transformation()

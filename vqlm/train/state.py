@@ -1,4 +1,5 @@
 """The train state every stage shares: a pytree that jit, sharding and Orbax all understand."""
+
 from typing import Any
 
 import flax.struct
@@ -17,6 +18,7 @@ class TrainState:
       layer's EMA codebook statistics under `extra["batch_stats"]`), a discriminator's params and
       optimizer state, counters such as skipped non-finite updates. A dict (may be empty).
   """
+
   step: jax.Array
   params: Any
   opt_state: Any

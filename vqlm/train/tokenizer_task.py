@@ -14,6 +14,7 @@ State layout: `params` = the tokenizer's params, `extra["batch_stats"]` = its no
 collection (VQ codebook EMA / counters; `{}` when none), and with a GAN
 `extra["disc_params"]`, `extra["disc_opt_state"]`.
 """
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vqlm.errors import UserError
 from vqlm.nn.autoencoder import output_conv
 from vqlm.nn.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from vqlm.nn.image_tokenizer import LAST_LAYER, ImageTokenizer
@@ -30,15 +32,15 @@ from vqlm.train.state import TrainState
 _F32 = jnp.float32
 
 LOSS_DEFAULTS: dict[str, Any] = {
-    "recon": "l1",                   # "l1" or "l2" pixel loss on [-1, 1] images.
-    "recon_weight": 1.0,
-    "perceptual_weight": 0.0,        # > 0 needs perceptual_weights_path (vqlm.nn.perceptual).
-    "perceptual_weights_path": "",
-    "gan_weight": 0.0,               # > 0 enables the PatchGAN (needs a disc_optimizer).
-    "disc_start": 0,                 # Step from which the discriminator trains and the G term acts.
-    "adaptive_weight": True,         # Scale the G term by |grad nll| / |grad g| at the last layer.
-    "max_adaptive_weight": 1e4,
-    "disc": {},                      # NLayerDiscriminator kwargs.
+  "recon": "l1",  # "l1" or "l2" pixel loss on [-1, 1] images.
+  "recon_weight": 1.0,
+  "perceptual_weight": 0.0,  # > 0 needs perceptual_weights_path (vqlm.nn.perceptual).
+  "perceptual_weights_path": "",
+  "gan_weight": 0.0,  # > 0 enables the PatchGAN (needs a disc_optimizer).
+  "disc_start": 0,  # Step from which the discriminator trains and the G term acts.
+  "adaptive_weight": True,  # Scale the G term by |grad nll| / |grad g| at the last layer.
+  "max_adaptive_weight": 1e4,
+  "disc": {},  # NLayerDiscriminator kwargs.
 }
 
 
@@ -47,10 +49,10 @@ def loss_config(loss: Mapping[str, Any] | None) -> dict[str, Any]:
   cfg = dict(LOSS_DEFAULTS)
   for key, value in dict(loss or {}).items():
     if key not in cfg:
-      raise ValueError(f"unknown tokenizer loss option {key!r}; valid: {', '.join(cfg)}")
+      raise UserError(f"unknown tokenizer loss option {key!r}; valid: {', '.join(cfg)}")
     cfg[key] = value
   if cfg["recon"] not in ("l1", "l2"):
-    raise ValueError(f"loss.recon must be 'l1' or 'l2', got {cfg['recon']!r}")
+    raise UserError(f"loss.recon must be 'l1' or 'l2', got {cfg['recon']!r}")
   cfg["disc"] = dict(cfg["disc"] or {})
   return cfg
 
@@ -58,7 +60,7 @@ def loss_config(loss: Mapping[str, Any] | None) -> dict[str, Any]:
 def psnr(recon: jax.Array, images: jax.Array) -> jax.Array:
   """Mean over images of the PSNR (dB) in [0, 1] units; recon is clipped to [-1, 1]."""
   diff = (jnp.clip(recon.astype(_F32), -1.0, 1.0) - images.astype(_F32)) * 0.5
-  mse = jnp.mean(diff ** 2, axis=(1, 2, 3))
+  mse = jnp.mean(diff**2, axis=(1, 2, 3))
   return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)))
 
 
@@ -79,15 +81,20 @@ class TokenizerTask:
     disc_optimizer: the discriminator's; required when loss["gan_weight"] > 0.
   """
 
-  def __init__(self, *, model_kwargs: Mapping[str, Any], loss: Mapping[str, Any] | None = None,
-               optimizer: optax.GradientTransformation,
-               disc_optimizer: optax.GradientTransformation | None = None):
+  def __init__(
+    self,
+    *,
+    model_kwargs: Mapping[str, Any],
+    loss: Mapping[str, Any] | None = None,
+    optimizer: optax.GradientTransformation,
+    disc_optimizer: optax.GradientTransformation | None = None,
+  ):
     self.model = ImageTokenizer(**dict(model_kwargs))
     self.loss = loss_config(loss)
     self.tx = optimizer
     self.gan = self.loss["gan_weight"] > 0
     if self.gan and disc_optimizer is None:
-      raise ValueError("loss.gan_weight > 0 needs a discriminator optimizer (disc_optimizer)")
+      raise UserError("loss.gan_weight > 0 needs a discriminator optimizer (disc_optimizer)")
     self.disc_tx = disc_optimizer
     self.disc = NLayerDiscriminator(**self.loss["disc"]) if self.gan else None
     self.perceptual = None
@@ -103,7 +110,7 @@ class TokenizerTask:
 
   def _recon_loss(self, recon: jax.Array, images: jax.Array) -> jax.Array:
     diff = recon.astype(_F32) - images.astype(_F32)
-    return jnp.mean(jnp.abs(diff)) if self.loss["recon"] == "l1" else jnp.mean(diff ** 2)
+    return jnp.mean(jnp.abs(diff)) if self.loss["recon"] == "l1" else jnp.mean(diff**2)
 
   def _nll(self, recon: jax.Array, images: jax.Array) -> tuple[jax.Array, dict]:
     """The non-adversarial image loss and its parts (float32 scalars)."""
@@ -126,19 +133,22 @@ class TokenizerTask:
     """A fresh state; `images` is an example batch (array [B,H,W,3] or {"image": ...})."""
     images = self._images(images)
     k_params, k_sample, k_restart, k_disc = jax.random.split(rng, 4)
-    variables = self.model.init({"params": k_params, "sample": k_sample, "restart": k_restart},
-                                images, train=False)
+    variables = self.model.init(
+      {"params": k_params, "sample": k_sample, "restart": k_restart}, images, train=False
+    )
     params = variables["params"]
     extra: dict[str, Any] = {"batch_stats": dict(variables.get("batch_stats", {}))}
     if self.gan:
       disc_params = self.disc.init(k_disc, images)["params"]
       extra["disc_params"] = disc_params
       extra["disc_opt_state"] = self.disc_tx.init(disc_params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params), extra=extra)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), extra=extra
+    )
 
-  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array],
-                 rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  def train_step(
+    self, state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
+  ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update of the tokenizer (and discriminator); metrics are float32 scalars."""
     images = self._images(batch)
     sample_rng, restart_rng = jax.random.split(rng)
@@ -146,14 +156,18 @@ class TokenizerTask:
 
     def forward(params):
       (recon, aux), new_vars = self.model.apply(
-          self.variables(params, state.extra), images, train=True,
-          rngs={"sample": sample_rng, "restart": restart_rng},
-          mutable=["batch_stats", "intermediates"])
+        self.variables(params, state.extra),
+        images,
+        train=True,
+        rngs={"sample": sample_rng, "restart": restart_rng},
+        mutable=["batch_stats", "intermediates"],
+      )
       features = new_vars["intermediates"]["dec"]["last_features"][0]
       return (recon, aux["loss"]), (aux, dict(new_vars.get("batch_stats", {})), features)
 
     (recon, bn_loss), pullback, (aux, batch_stats, features) = jax.vjp(
-        forward, state.params, has_aux=True)
+      forward, state.params, has_aux=True
+    )
     (nll, parts), g_nll = jax.value_and_grad(lambda r: self._nll(r, images), has_aux=True)(recon)
     cotangent, loss = g_nll, nll + bn_loss
     metrics = dict(parts)
@@ -164,7 +178,8 @@ class TokenizerTask:
       disc_params, disc_opt_state = state.extra["disc_params"], state.extra["disc_opt_state"]
       active = state.step >= cfg["disc_start"]
       g_loss, g_g = jax.value_and_grad(
-          lambda r: hinge_g_loss(self.disc.apply({"params": disc_params}, r)))(recon)
+        lambda r: hinge_g_loss(self.disc.apply({"params": disc_params}, r))
+      )(recon)
       if cfg["adaptive_weight"]:
         kernel = _get(state.params, LAST_LAYER)["kernel"]
         _, conv_vjp = jax.vjp(lambda k: output_conv(features, k), kernel.astype(_F32))
@@ -184,26 +199,33 @@ class TokenizerTask:
         real, fake = jnp.split(logits, 2, axis=0)
         return hinge_d_loss(real, fake), (jnp.mean(real), jnp.mean(fake))
 
-      (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(
-          d_loss_fn, has_aux=True)(disc_params)
+      (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
+        disc_params
+      )
       d_updates, new_d_opt = self.disc_tx.update(d_grads, disc_opt_state, disc_params)
       new_dp = optax.apply_updates(disc_params, d_updates)
       keep = lambda new, old: jnp.where(active, new, old)
       extra["disc_params"] = jax.tree.map(keep, new_dp, disc_params)
       extra["disc_opt_state"] = jax.tree.map(keep, new_d_opt, disc_opt_state)
-      metrics.update(g_loss=g_loss, d_loss=d_loss, d_weight=d_weight,
-                     disc_active=active.astype(_F32), logits_real=logits_real,
-                     logits_fake=logits_fake, disc_grad_norm=optax.tree.norm(d_grads))
+      metrics.update(
+        g_loss=g_loss,
+        d_loss=d_loss,
+        d_weight=d_weight,
+        disc_active=active.astype(_F32),
+        logits_real=logits_real,
+        logits_fake=logits_fake,
+        disc_grad_norm=optax.tree.norm(d_grads),
+      )
 
     (grads,) = pullback((cotangent, jnp.ones_like(bn_loss)))
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics.update({k: v for k, v in aux.items() if k not in ("loss", "indices")})
-    metrics.update(loss=loss, bottleneck_loss=bn_loss, psnr=psnr(recon, images),
-                   grad_norm=optax.tree.norm(grads))
+    metrics.update(
+      loss=loss, bottleneck_loss=bn_loss, psnr=psnr(recon, images), grad_norm=optax.tree.norm(grads)
+    )
     metrics = {k: jnp.asarray(v, _F32) for k, v in metrics.items()}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              extra=extra)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
     return new_state, metrics
 
   def eval_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -212,8 +234,7 @@ class TokenizerTask:
     images = self._images(batch)
     recon, aux = self.model.apply(self.variables(state.params, state.extra), images, train=False)
     out = {k: jnp.asarray(v, _F32) for k, v in aux.items() if k != "indices"}
-    out.update(recon=recon, recon_loss=self._recon_loss(recon, images),
-               psnr=psnr(recon, images))
+    out.update(recon=recon, recon_loss=self._recon_loss(recon, images), psnr=psnr(recon, images))
     if "indices" in aux:
       out["codes"] = aux["indices"].astype(jnp.int32)
     return out

@@ -19,6 +19,7 @@ photos; shapes is built by `shapes_tfds`), `tfds` (the TFDS sets) and `folder`; 
 `vqlm.data.moving_shapes`. Only numpy and PIL load with this package: scikit-learn, scikit-image
 and tensorflow_datasets load when a source that needs them is built.
 """
+
 from collections.abc import Callable
 from typing import Any
 
@@ -28,21 +29,35 @@ from vqlm.data.sources.base import Source
 from vqlm.data.sources.builtin import PHOTO_SPLITS, DigitsSource, PhotosSource, _shapes_source
 from vqlm.data.sources.folder import IMAGE_EXTENSIONS, FolderSource
 from vqlm.data.sources.tfds import TfdsSource
+from vqlm.errors import UserError
 
-__all__ = ["Source", "get_source", "SOURCE_NAMES", "DigitsSource", "PhotosSource", "PHOTO_SPLITS",
-           "TfdsSource", "FolderSource", "IMAGE_EXTENSIONS", "source_from_config"]
+__all__ = [
+  "Source",
+  "get_source",
+  "SOURCE_NAMES",
+  "DigitsSource",
+  "PhotosSource",
+  "PHOTO_SPLITS",
+  "TfdsSource",
+  "FolderSource",
+  "IMAGE_EXTENSIONS",
+  "source_from_config",
+]
 
 
 def _folder_source(*, split: str, data_dir: str | None, image_size: int, **kwargs) -> Source:
   if data_dir is None:
-    raise ValueError("the folder source needs data_dir=DIR (a folder of images, optionally with "
-                     "captions.jsonl or captions.csv)")
+    raise UserError(
+      "the folder source needs data_dir=DIR (a folder of images, optionally with "
+      "captions.jsonl or captions.csv)"
+    )
   return FolderSource(data_dir, split=split, image_size=image_size, **kwargs)
 
 
 def _tfds_builder(tfds_name: str) -> Callable[..., Source]:
   def build(*, split: str, data_dir: str | None, image_size: int, **kwargs) -> Source:
     return TfdsSource(tfds_name, split=split, data_dir=data_dir, image_size=image_size, **kwargs)
+
   return build
 
 
@@ -50,31 +65,35 @@ def _no_data_dir(cls: type[Source]) -> Callable[..., Source]:
   def build(*, split: str, data_dir: str | None, image_size: int, **kwargs) -> Source:
     del data_dir  # Bundled with an installed package.
     return cls(split=split, image_size=image_size, **kwargs)
+
   return build
 
 
 def _moving_shapes(**kwargs):
   from vqlm.data.moving_shapes import MovingShapesSource  # pylint: disable=import-outside-toplevel
+
   return MovingShapesSource(**kwargs)
 
 
 _SOURCES: dict[str, Callable[..., Source]] = {
-    "shapes": _shapes_source,
-    "digits": _no_data_dir(DigitsSource),
-    "photos": _no_data_dir(PhotosSource),
-    "mnist": _tfds_builder("mnist"),
-    "cifar10": _tfds_builder("cifar10"),
-    "imagenet2012": _tfds_builder("imagenet2012"),
-    "coco_captions": _tfds_builder("coco_captions"),
-    "folder": _folder_source,
-    "moving_shapes": lambda *, split, data_dir, image_size, **kw: _moving_shapes(
-        split=split, image_size=image_size, **kw),
+  "shapes": _shapes_source,
+  "digits": _no_data_dir(DigitsSource),
+  "photos": _no_data_dir(PhotosSource),
+  "mnist": _tfds_builder("mnist"),
+  "cifar10": _tfds_builder("cifar10"),
+  "imagenet2012": _tfds_builder("imagenet2012"),
+  "coco_captions": _tfds_builder("coco_captions"),
+  "folder": _folder_source,
+  "moving_shapes": lambda *, split, data_dir, image_size, **kw: _moving_shapes(
+    split=split, image_size=image_size, **kw
+  ),
 }
 SOURCE_NAMES = tuple(_SOURCES)
 
 
-def get_source(name: str, *, split: str, data_dir: str | None = None, image_size: int,
-               **kwargs: Any) -> Source:
+def get_source(
+  name: str, *, split: str, data_dir: str | None = None, image_size: int, **kwargs: Any
+) -> Source:
   """The data source `name` (one of `SOURCE_NAMES`); `kwargs` go to that source's constructor.
 
   `data_dir`: the TFDS data directory for shapes (built there if absent) and the TFDS sets (None:
@@ -84,9 +103,9 @@ def get_source(name: str, *, split: str, data_dir: str | None = None, image_size
   (validation_fraction, method, background, name).
   """
   if name not in _SOURCES:
-    raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(SOURCE_NAMES)}")
+    raise UserError(f"unknown dataset {name!r}; valid: {', '.join(SOURCE_NAMES)}")
   if not isinstance(image_size, (int, np.integer)) or image_size <= 0:
-    raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    raise UserError(f"image_size must be a positive int, got {image_size!r}")
   return _SOURCES[name](split=split, data_dir=data_dir, image_size=int(image_size), **kwargs)
 
 
@@ -94,7 +113,8 @@ def source_from_config(data, split: str) -> Source:
   """The data set a config's `data` section names (`name`, `data_dir`, `image_size`,
   `source_kwargs`), for one split."""
   from vqlm.runtime.config import as_kwargs
-  kwargs = as_kwargs(data.get("source_kwargs", {})) or {}
-  return get_source(data.name, split=split, data_dir=data.data_dir or None,
-                    image_size=data.image_size, **kwargs)
 
+  kwargs = as_kwargs(data.get("source_kwargs", {})) or {}
+  return get_source(
+    data.name, split=split, data_dir=data.data_dir or None, image_size=data.image_size, **kwargs
+  )

@@ -1,8 +1,11 @@
 """The `Source` interface every data source implements, and helpers the families share."""
+
 import abc
-import operator
 from collections.abc import Sequence
+import operator
 from typing import Any
+
+from vqlm.errors import UserError
 
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -28,15 +31,16 @@ class Source(abc.ABC):
     if index < 0:
       index += n
     if not 0 <= index < n:
-      raise IndexError(f"index {index} out of range for {self.name}/{self.split} "
-                       f"with {n} examples")
+      raise IndexError(f"index {index} out of range for {self.name}/{self.split} with {n} examples")
     return self._get(index)
 
   def __repr__(self) -> str:
-    return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, "
-            f"image_size={self.image_size}, len={len(self)})")
+    return (
+      f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, "
+      f"image_size={self.image_size}, len={len(self)})"
+    )
 
 
 def _check_split(split: str, valid: Sequence[str], what: str) -> None:
   if split not in valid:
-    raise ValueError(f"unknown split {split!r} for {what}; valid: {', '.join(valid)}")
+    raise UserError(f"unknown split {split!r} for {what}; valid: {', '.join(valid)}")

@@ -1,14 +1,16 @@
 """Sources that need no download: shapes (procedural), digits (scikit-learn), photos
 (scikit-image). The data libraries are imported only when a source of theirs is built."""
+
+from collections.abc import Sequence
 import functools
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from vqlm.data import transforms
 from vqlm.data.sources.base import _DIGIT_WORDS, Source, _check_split
+from vqlm.errors import UserError
 
 
 class _WrappedSource(Source):
@@ -27,6 +29,7 @@ class _WrappedSource(Source):
 
 def _shapes_source(*, split: str, data_dir: str | None, image_size: int, **kwargs) -> Source:
   from vqlm.data.sources import shapes_tfds  # pylint: disable=import-outside-toplevel
+
   inner = shapes_tfds.load_shapes(data_dir=data_dir, image_size=image_size, split=split, **kwargs)
   return _WrappedSource(inner, name="shapes", split=split, image_size=image_size)
 
@@ -39,6 +42,7 @@ _DIGIT_SPLITS = {"train": (0, 1400), "validation": (1400, 1600), "test": (1600, 
 @functools.cache
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+
   digits = load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # [1797, 8, 8]
   return images, digits.target.astype(np.int64)
@@ -56,26 +60,43 @@ class DigitsSource(Source):
     start, stop = _DIGIT_SPLITS[split]
     images, labels = _load_digits()
     self._labels = labels[start:stop]
-    self._images = np.stack([transforms.to_rgb(transforms.resize(x, image_size, method))
-                             for x in images[start:stop]])  # [N, S, S, 3]
+    self._images = np.stack(
+      [transforms.to_rgb(transforms.resize(x, image_size, method)) for x in images[start:stop]]
+    )  # [N, S, S, 3]
 
   def __len__(self) -> int:
     return len(self._labels)
 
   def _get(self, index: int) -> dict[str, Any]:
     label = int(self._labels[index])
-    return {"image": self._images[index].copy(), "text": f"the digit {_DIGIT_WORDS[label]}",
-            "label": label, "original_size": (8, 8)}
+    return {
+      "image": self._images[index].copy(),
+      "text": f"the digit {_DIGIT_WORDS[label]}",
+      "label": label,
+      "original_size": (8, 8),
+    }
 
 
 # ---------------------------------------------------------------------------------------- photos
 
 # Photos that ship inside the scikit-image package (no download), held out by split.
 PHOTO_SPLITS = {
-    "train": ("astronaut", "camera", "coffee", "rocket", "hubble_deep_field",
-              "immunohistochemistry", "retina", "coins", "moon", "brick", "grass", "cell"),
-    "validation": ("clock", "page"),
-    "test": ("chelsea", "gravel"),
+  "train": (
+    "astronaut",
+    "camera",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "coins",
+    "moon",
+    "brick",
+    "grass",
+    "cell",
+  ),
+  "validation": ("clock", "page"),
+  "test": ("chelsea", "gravel"),
 }
 _PHOTO_EXAMPLES = {"train": 10_000, "validation": 500, "test": 500}
 
@@ -88,24 +109,32 @@ class PhotosSource(Source):
   position. Each split has its own photos (`PHOTO_SPLITS`). Text: the photo's name ("coffee").
   """
 
-  def __init__(self, *, split: str = "train", image_size: int = 32,
-               num_examples: int | None = None, seed: int = 0, min_scale: float = 0.25,
-               photos: Sequence[str] | None = None, method: str = "bicubic"):
+  def __init__(
+    self,
+    *,
+    split: str = "train",
+    image_size: int = 32,
+    num_examples: int | None = None,
+    seed: int = 0,
+    min_scale: float = 0.25,
+    photos: Sequence[str] | None = None,
+    method: str = "bicubic",
+  ):
     _check_split(split, tuple(PHOTO_SPLITS), "photos")
     known = sorted(set().union(*PHOTO_SPLITS.values()))
     photos = tuple(photos) if photos is not None else PHOTO_SPLITS[split]
     for photo in photos:
       if photo not in known:
-        raise ValueError(f"unknown photo {photo!r}; valid: {', '.join(known)}")
+        raise UserError(f"unknown photo {photo!r}; valid: {', '.join(known)}")
     if not photos:
-      raise ValueError("photos must name at least one photo")
+      raise UserError("photos must name at least one photo")
     if not 0.0 < min_scale <= 1.0:
-      raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
+      raise UserError(f"min_scale must be in (0, 1], got {min_scale}")
     self.name, self.split, self.image_size = "photos", split, image_size
     self.photos = photos
     self._num = _PHOTO_EXAMPLES[split] if num_examples is None else int(num_examples)
     if self._num <= 0:
-      raise ValueError(f"num_examples must be positive, got {num_examples}")
+      raise UserError(f"num_examples must be positive, got {num_examples}")
     self._seed, self._min_scale, self._method = seed, min_scale, method
     self._split_id = tuple(PHOTO_SPLITS).index(split)
     self._cache: dict[str, np.ndarray] = {}
@@ -126,6 +155,7 @@ class PhotosSource(Source):
     with self._lock:
       if name not in self._cache:
         import skimage.data  # pylint: disable=import-outside-toplevel
+
         image = getattr(skimage.data, name)()
         self._cache[name] = transforms.to_rgb(np.asarray(image, np.uint8))
       return self._cache[name]
@@ -139,6 +169,9 @@ class PhotosSource(Source):
     side = int(rng.integers(low, short + 1))
     crop = transforms.random_crop(image, side, rng)
     crop = transforms.resize(crop, self.image_size, self._method)
-    return {"image": crop, "text": name.replace("_", " "), "photo": name,
-            "original_size": (side, side)}
-
+    return {
+      "image": crop,
+      "text": name.replace("_", " "),
+      "photo": name,
+      "original_size": (side, side),
+    }

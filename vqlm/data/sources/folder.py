@@ -1,18 +1,20 @@
 """The folder source: a directory of images, optionally captioned by captions.jsonl or
 captions.csv."""
+
 import csv
 import hashlib
 import json
 import pathlib
 import threading
-import warnings
 from typing import Any
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from vqlm.data import transforms
 from vqlm.data.sources.base import Source, _check_split
+from vqlm.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _CAPTION_FILES = ("captions.jsonl", "captions.csv")
@@ -22,7 +24,7 @@ def _read_captions(root: pathlib.Path) -> tuple[list[dict[str, str]], pathlib.Pa
   """Rows {"file", "text"[, "split"]} of root's captions file, or None if it has none."""
   found = [root / f for f in _CAPTION_FILES if (root / f).is_file()]
   if len(found) > 1:
-    raise ValueError(f"{root} has both captions.jsonl and captions.csv; keep one")
+    raise UserError(f"{root} has both captions.jsonl and captions.csv; keep one")
   if not found:
     return None
   path = found[0]
@@ -34,23 +36,28 @@ def _read_captions(root: pathlib.Path) -> tuple[list[dict[str, str]], pathlib.Pa
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
       if not isinstance(row, dict) or not {"file", "text"} <= row.keys():
-        raise ValueError(f"{path}:{lineno}: each line needs keys 'file' and 'text', got "
-                         f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        raise UserError(
+          f"{path}:{lineno}: each line needs keys 'file' and 'text', got "
+          f"{sorted(row) if isinstance(row, dict) else type(row).__name__}"
+        )
       rows.append(row)
   else:
     with path.open(newline="", encoding="utf-8") as f:
       reader = csv.DictReader(f)
       if not {"file", "text"} <= set(reader.fieldnames or ()):
-        raise ValueError(f"{path} needs a header with columns 'file', 'text', got "
-                         f"{reader.fieldnames}")
+        raise UserError(
+          f"{path} needs a header with columns 'file', 'text', got {reader.fieldnames}"
+        )
       rows = list(reader)
   for row in rows:
     if not isinstance(row["file"], str) or not isinstance(row["text"], str):
-      raise ValueError(f"{path}: 'file' and 'text' must be strings, got {row}")
-  return [{k: str(v) for k, v in row.items() if k in ("file", "text", "split") and v is not None}
-          for row in rows], path
+      raise UserError(f"{path}: 'file' and 'text' must be strings, got {row}")
+  return [
+    {k: str(v) for k, v in row.items() if k in ("file", "text", "split") and v is not None}
+    for row in rows
+  ], path
 
 
 def _hash_fraction(file: str) -> float:
@@ -105,20 +112,31 @@ class FolderSource(Source):
   order, wrapping) is returned instead, so an epoch never stops on a bad file.
   """
 
-  def __init__(self, directory: str | pathlib.Path, *, split: str = "train",
-               image_size: int = 32, validation_fraction: float = 0.05,
-               method: str = "bicubic", background: str | int = "white", name: str = "folder"):
+  def __init__(
+    self,
+    directory: str | pathlib.Path,
+    *,
+    split: str = "train",
+    image_size: int = 32,
+    validation_fraction: float = 0.05,
+    method: str = "bicubic",
+    background: str | int = "white",
+    name: str = "folder",
+  ):
     root = pathlib.Path(directory)
     if not root.is_dir():
-      raise ValueError(f"image folder {root} does not exist or is not a directory")
+      raise UserError(f"image folder {root} does not exist or is not a directory")
     if not 0.0 <= validation_fraction <= 1.0:
-      raise ValueError(f"validation_fraction must be in [0, 1], got {validation_fraction}")
+      raise UserError(f"validation_fraction must be in [0, 1], got {validation_fraction}")
     self.name, self.split, self.image_size = name, split, image_size
     self.root, self._method, self._background = root, method, background
     captions = _read_captions(root)
     if captions is None:
-      files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                     if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+      files = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+      )
       rows = [{"file": f, "text": ""} for f in files]
       source_desc = str(root)
     else:
@@ -137,19 +155,23 @@ class FolderSource(Source):
         self.skipped[file] = _one_line(e)
     if self.skipped:
       first, reason = next(iter(self.skipped.items()))
-      warnings.warn(f"skipped {len(self.skipped)} unreadable images in {root} "
-                    f"(first: {first}: {reason})")
+      warnings.warn(
+        f"skipped {len(self.skipped)} unreadable images in {root} (first: {first}: {reason})",
+        stacklevel=2,
+      )
     rows = [r for r in rows if r["file"] in readable]
     if not rows:
-      raise ValueError(f"no usable images in {root} for split {split!r} "
-                       f"({len(self.skipped)} unreadable)")
+      raise UserError(
+        f"no usable images in {root} for split {split!r} ({len(self.skipped)} unreadable)"
+      )
     self._files = [r["file"] for r in rows]
     self._texts = [r["text"] for r in rows]
     self._lock = threading.Lock()
 
   @staticmethod
-  def _select_split(rows: list[dict[str, str]], split: str, validation_fraction: float,
-                    where: str) -> list[dict[str, str]]:
+  def _select_split(
+    rows: list[dict[str, str]], split: str, validation_fraction: float, where: str
+  ) -> list[dict[str, str]]:
     if split == "all":
       return rows
     with_split = [bool(r.get("split")) for r in rows]
@@ -158,8 +180,9 @@ class FolderSource(Source):
       _check_split(split, valid + ["all"], f"the 'split' column of {where}")
       return [r for r in rows if r["split"] == split]
     if any(with_split):
-      raise ValueError(f"{where}: some rows have a 'split' value and some do not; fill them all "
-                       "or drop the column")
+      raise UserError(
+        f"{where}: some rows have a 'split' value and some do not; fill them all or drop the column"
+      )
     _check_split(split, ("train", "validation", "all"), where)
     in_validation = [_hash_fraction(r["file"]) < validation_fraction for r in rows]
     return [r for r, v in zip(rows, in_validation) if v == (split == "validation")]
@@ -201,11 +224,15 @@ class FolderSource(Source):
       except Exception as e:  # pylint: disable=broad-except
         with self._lock:
           if not self.failed:
-            warnings.warn(f"image {file} in {self.root} failed to load ({_one_line(e)}); "
-                          "serving the next readable image instead (see .failed)")
+            warnings.warn(
+              f"image {file} in {self.root} failed to load ({_one_line(e)}); "
+              "serving the next readable image instead (see .failed)",
+              stacklevel=2,
+            )
           self.failed[file] = _one_line(e)
         continue
-      return {"image": image, "text": self._texts[j], "file": file,
-              "original_size": original_size}
-    raise ValueError(f"none of the {n} images in {self.root} could be read "
-                     f"(first failure: {next(iter(self.failed.items()), '')})")
+      return {"image": image, "text": self._texts[j], "file": file, "original_size": original_size}
+    raise UserError(
+      f"none of the {n} images in {self.root} could be read "
+      f"(first failure: {next(iter(self.failed.items()), '')})"
+    )

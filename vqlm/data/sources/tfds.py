@@ -1,19 +1,31 @@
 """TFDS data sets (mnist, cifar10, imagenet2012, coco_captions) prepared as array_record and
 read with random access, without TensorFlow. tensorflow_datasets is imported only when one is
 opened."""
+
+from collections.abc import Sequence
 import pathlib
 import re
-import warnings
-from collections.abc import Sequence
 from typing import Any
+import warnings
 
 import numpy as np
 
 from vqlm.data import transforms
 from vqlm.data.sources.base import _DIGIT_WORDS, Source
+from vqlm.errors import UserError
 
-_CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                  "truck")
+_CIFAR10_NAMES = (
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+)
 
 
 def _article(noun: str) -> str:
@@ -29,22 +41,27 @@ def _read_class_names(class_names: Sequence[str] | str, synsets: Sequence[str]) 
     if mapping and len(mapping) == len(lines):
       missing = [s for s in synsets if s not in mapping]
       if missing:
-        raise ValueError(f"{class_names} lacks {len(missing)} synsets (first: {missing[0]})")
+        raise UserError(f"{class_names} lacks {len(missing)} synsets (first: {missing[0]})")
       return [mapping[s].split(",")[0].strip() for s in synsets]
     class_names = lines
   names = [str(n) for n in class_names]
   if len(names) != len(synsets):
-    raise ValueError(f"class_names has {len(names)} names but the data set has {len(synsets)} "
-                     "classes; give one name per class in label order")
+    raise UserError(
+      f"class_names has {len(names)} names but the data set has {len(synsets)} "
+      "classes; give one name per class in label order"
+    )
   return names
 
 
 def _open_tfds(tfds_name: str, split: str, data_dir: str | None, *, code_needs_tf: bool):
   """`(random-access data source, DatasetInfo)` of a TFDS data set prepared as array_record."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   where = data_dir or "the default TFDS data_dir"
-  prepare = (f"prepare it with `tfds build {tfds_name} --file_format=array_record"
-             f"{' --data_dir=' + data_dir if data_dir else ''}`")
+  prepare = (
+    f"prepare it with `tfds build {tfds_name} --file_format=array_record"
+    f"{' --data_dir=' + data_dir if data_dir else ''}`"
+  )
   builder = None
   if not code_needs_tf:
     try:
@@ -55,20 +72,25 @@ def _open_tfds(tfds_name: str, split: str, data_dir: str | None, *, code_needs_t
   if builder is None:  # The builder's code imports TensorFlow: read the prepared files instead.
     try:
       builder = tfds.core.read_only_builder.builder_from_files(
-          tfds_name, data_dir=data_dir, file_format="array_record")
+        tfds_name, data_dir=data_dir, file_format="array_record"
+      )
     except tfds.core.registered.DatasetNotFoundError:
-      raise ValueError(f"{tfds_name} is not prepared in {where}; {prepare} (its TFDS builder "
-                       "needs TensorFlow to prepare, but not to read)") from None
+      raise UserError(
+        f"{tfds_name} is not prepared in {where}; {prepare} (its TFDS builder "
+        "needs TensorFlow to prepare, but not to read)"
+      ) from None
   try:
     return builder.as_data_source(split=split), builder.info
   except (KeyError, ValueError, NotImplementedError) as e:
     if not builder.info.splits:
-      raise ValueError(f"{tfds_name} is not prepared in {where}; {prepare}") from None
+      raise UserError(f"{tfds_name} is not prepared in {where}; {prepare}") from None
     if split.split("[")[0] not in builder.info.splits:
-      raise ValueError(f"unknown split {split!r} for {tfds_name}; valid: "
-                       f"{', '.join(builder.info.splits)}") from None
-    raise ValueError(f"cannot read {tfds_name} split {split!r} from {where} ({e}); {prepare}"
-                     ) from None
+      raise UserError(
+        f"unknown split {split!r} for {tfds_name}; valid: {', '.join(builder.info.splits)}"
+      ) from None
+    raise UserError(
+      f"cannot read {tfds_name} split {split!r} from {where} ({e}); {prepare}"
+    ) from None
 
 
 def _text(value: Any) -> str:
@@ -86,24 +108,37 @@ class TfdsSource(Source):
   by `(seed, index)` (`caption="random"`); all of them are under "captions".
   """
 
-  _KINDS = {"mnist": "digits", "cifar10": "cifar10", "imagenet2012": "imagenet",
-            "coco_captions": "coco"}
+  _KINDS = {
+    "mnist": "digits",
+    "cifar10": "cifar10",
+    "imagenet2012": "imagenet",
+    "coco_captions": "coco",
+  }
   _SPLIT_ALIASES = {"coco_captions": {"validation": "val"}}
 
-  def __init__(self, tfds_name: str, *, split: str = "train", data_dir: str | None = None,
-               image_size: int = 32, method: str = "bicubic",
-               class_names: Sequence[str] | str | None = None, caption: str = "first",
-               seed: int = 0):
+  def __init__(
+    self,
+    tfds_name: str,
+    *,
+    split: str = "train",
+    data_dir: str | None = None,
+    image_size: int = 32,
+    method: str = "bicubic",
+    class_names: Sequence[str] | str | None = None,
+    caption: str = "first",
+    seed: int = 0,
+  ):
     if tfds_name not in self._KINDS:
-      raise ValueError(f"unknown TFDS source {tfds_name!r}; valid: {', '.join(self._KINDS)}")
+      raise UserError(f"unknown TFDS source {tfds_name!r}; valid: {', '.join(self._KINDS)}")
     if caption not in ("first", "random"):
-      raise ValueError(f"caption must be 'first' or 'random', got {caption!r}")
+      raise UserError(f"caption must be 'first' or 'random', got {caption!r}")
     self.name, self.split, self.image_size = tfds_name, split, image_size
     self._kind = self._KINDS[tfds_name]
     self._method, self._caption, self._seed = method, caption, seed
     tfds_split = self._SPLIT_ALIASES.get(tfds_name, {}).get(split, split)
-    self._data, info = _open_tfds(tfds_name, tfds_split, data_dir,
-                                  code_needs_tf=self._kind == "coco")
+    self._data, info = _open_tfds(
+      tfds_name, tfds_split, data_dir, code_needs_tf=self._kind == "coco"
+    )
     self._class_texts: list[str] = []
     if self._kind == "digits":
       self._class_texts = [f"the digit {w}" for w in _DIGIT_WORDS]
@@ -112,8 +147,11 @@ class TfdsSource(Source):
     elif self._kind == "imagenet":
       synsets = list(info.features["label"].names)
       if class_names is None:
-        warnings.warn("imagenet2012 has no class_names: captions use WordNet ids; pass "
-                      "class_names=FILE (one name per line, or 'n01443537 goldfish' lines)")
+        warnings.warn(
+          "imagenet2012 has no class_names: captions use WordNet ids; pass "
+          "class_names=FILE (one name per line, or 'n01443537 goldfish' lines)",
+          stacklevel=2,
+        )
         names = synsets
       else:
         names = _read_class_names(class_names, synsets)
