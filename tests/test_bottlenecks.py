@@ -299,8 +299,15 @@ def test_fsq_forward_uses_exactly_the_levels_and_passes_gradients():
   assert [len(np.unique(flat[:, i])) for i in range(3)] == [8, 5, 3]
   looked_up = module.apply(variables, aux["indices"], method=module.lookup)
   np.testing.assert_allclose(looked_up, z_q, atol=1e-6)
-  grad = jax.grad(lambda z: jnp.sum(module.apply(variables, z)[0]))(z)
-  assert float(jnp.abs(grad).min()) >= 0.0 and float(jnp.abs(grad).max()) > 0.0
+  # Straight-through rounding: d sum(z_q) / dz is the bound's derivative, rescaled to [-1, 1]:
+  # z_q = round(tanh(z + shift) * half - offset) / (levels // 2) with the rounding's gradient 1.
+  grad = np.asarray(jax.grad(lambda z: jnp.sum(module.apply(variables, z)[0]))(z))
+  levels = np.asarray((8, 5, 3), np.float64)
+  half = (levels - 1.0) * (1.0 + module.eps) / 2.0
+  shift = np.arctanh(np.where(levels % 2 == 0, 0.5, 0.0) / half)
+  expected = (1.0 - np.tanh(np.asarray(z, np.float64) + shift) ** 2) * half / (levels // 2)
+  assert expected.max() > 0.5  # Some z lie where the bound is steep, not only in its tails.
+  np.testing.assert_allclose(grad, expected, rtol=0, atol=1e-5)
 
 
 def test_fsq_projects_when_dims_differ():

@@ -1,3 +1,4 @@
+import json
 import os
 
 import jax
@@ -174,62 +175,68 @@ def test_bad_inputs_raise(gen):
     gen.prompt_ids([3.5])
 
 
-def test_generate_command_writes_a_grid_and_each_image(run, gen, tmp_path, monkeypatch, capsys):
+def generate_argv(workdir, out, *extra):
+  return ["vqlm generate", "--workdir", str(workdir), "--out", str(out), "--noprogress", *extra]
+
+
+def test_generate_command_writes_each_image_prompts_codes_and_a_grid(
+  run, gen, tmp_path, monkeypatch, capsys
+):
   monkeypatch.setattr(generate_cmd, "load_run", lambda workdir, tokenizer=None: run)
   prompt_file = tmp_path / "prompts.txt"
   prompt_file.write_text("a blue circle\n\n")
-  out = tmp_path / "samples.png"
-  rc = generate_cmd.main(
-    [
-      "vqlm generate",
-      "--workdir",
-      str(tmp_path),
-      "--prompt",
-      "a red square",
-      "--prompt-file",
-      str(prompt_file),
-      "--num",
-      "2",
-      "--cfg",
-      "2.0",
-      "--out",
-      str(out),
-      "--batch_size",
-      "4",
-      "--noprogress",
-    ]
+  out, grid = tmp_path / "samples", tmp_path / "grid.png"
+  argv = ["--prompt", "a red square", "--prompt-file", str(prompt_file), "--num", "2"]
+  argv += ["--prompt", "a green triangle", "--cfg", "2.0", "--grid", str(grid), "--npz"]
+  assert generate_cmd.main(generate_argv(tmp_path, out, *argv, "--batch_size", "4")) == 0
+  names = [f"{i:05d}" for i in range(6)]
+  assert sorted(os.listdir(out)) == sorted(
+    ["prompts.jsonl"] + [f"{n}.png" for n in names] + [f"{n}.npz" for n in names]
   )
-  assert rc == 0
-  grid = imaging.load_png(str(out))
-  assert grid.shape == (2 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2, 3)
-  singles = sorted(p for p in os.listdir(tmp_path) if p.startswith("samples-"))
-  assert singles == [f"samples-{i:03d}.png" for i in range(4)]
-  assert imaging.load_png(str(tmp_path / singles[0])).shape == (SIZE, SIZE, 3)
+  rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+  prompts = ["a red square", "a green triangle", "a blue circle"]  # --prompt, then the file
+  assert rows == [
+    {
+      "file": f"{n}.png",
+      "prompt": prompts[i // 2],
+      "prompt_index": i // 2,
+      "sample_index": i % 2,
+      "codes": f"{n}.npz",
+    }
+    for i, n in enumerate(names)
+  ]
+  # Streamed in batches of 4 (the second padded), the files equal one call over all captions.
+  images, codes = gen.generate_images(
+    prompts, num_per_prompt=2, cfg_scale=2.0, seed=0, return_codes=True
+  )
+  for i, n in enumerate(names):
+    np.testing.assert_array_equal(imaging.load_png(str(out / f"{n}.png")), images[i])
+    np.testing.assert_array_equal(np.load(out / f"{n}.npz")["codes"], codes[i])
+  assert imaging.load_png(str(grid)).shape == (3 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2, 3)
   assert "wrote" in capsys.readouterr().out
   with pytest.raises(ValueError, match="no captions"):
-    generate_cmd.main(["vqlm generate", "--workdir", str(tmp_path)])
+    generate_cmd.main(generate_argv(tmp_path, tmp_path / "none"))
+  with pytest.raises(ValueError, match="--grid"):
+    generate_cmd.main(generate_argv(tmp_path, tmp_path / "x", "--prompt", "a", "--out", "x.png"))
+
+
+def test_generate_command_files_do_not_depend_on_batch_size(run, tmp_path, monkeypatch):
+  monkeypatch.setattr(generate_cmd, "load_run", lambda workdir, tokenizer=None: run)
+  argv = ["--prompt", "a red square", "--prompt", "a green circle", "--num", "2", "--seed", "5"]
+  files = {}
+  for bs in (1, 4):
+    out = tmp_path / f"bs{bs}"
+    assert generate_cmd.main(generate_argv(tmp_path, out, *argv, "--batch_size", str(bs))) == 0
+    files[bs] = {name: (out / name).read_bytes() for name in sorted(os.listdir(out))}
+  assert len(files[1]) == 5 and files[1] == files[4]  # 4 PNGs + prompts.jsonl, byte for byte
 
 
 def test_generate_command_samples_in_bfloat16_on_request(run, tmp_path, monkeypatch):
   monkeypatch.setattr(generate_cmd, "load_run", lambda workdir, tokenizer=None: run)
-  out = tmp_path / "bf16.png"
-  rc = generate_cmd.main(
-    [
-      "vqlm generate",
-      "--workdir",
-      str(tmp_path),
-      "--prompt",
-      "a red square",
-      "--num",
-      "2",
-      "--out",
-      str(out),
-      "--dtype",
-      "bfloat16",
-      "--noprogress",
-    ]
-  )
-  assert rc == 0 and imaging.load_png(str(out)).shape == (SIZE + 4, 2 * (SIZE + 2) + 2, 3)
+  out = tmp_path / "bf16"
+  argv = ["--prompt", "a red square", "--num", "2", "--dtype", "bfloat16"]
+  assert generate_cmd.main(generate_argv(tmp_path, out, *argv)) == 0
+  assert imaging.load_png(str(out / "00001.png")).shape == (SIZE, SIZE, 3)
   gen = api.generator_for(run, dtype="bfloat16")
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(gen.sampler.variables["params"]))
   assert api.generator_for(run) is not gen

@@ -193,26 +193,42 @@ def _gib(b: int) -> str:
   return f"{b / GIB:10.4f} GiB  ({b:,} bytes)"
 
 
-def main(argv: list[str]) -> int:
-  fv = flag_lib.parse(argv, _define, config=True)
-  from vqlm.runtime.distributed import maybe_initialize
-
-  maybe_initialize()
-  config = flag_lib.require_config(fv)
+def apply_overrides(
+  config: ml_collections.ConfigDict, *, mesh: str = "", batch: int = 0, seq_len: int = 0
+) -> ml_collections.ConfigDict:
+  """A resolved copy of `config` with the `--mesh`, `--batch` and `--seq_len` overrides applied."""
   config = config.copy_and_resolve_references()
-  if fv.mesh:
-    for axis, size in parse_mesh(fv.mesh).items():
+  if mesh:
+    for axis, size in parse_mesh(mesh).items():
       config.mesh.shape[axis] = size
-  if fv.batch:
-    config.train.batch_size = fv.batch
-  if fv.seq_len:
+  if batch:
+    config.train.batch_size = batch
+  if seq_len:
     if config.get("stage") != "lm":
       raise UserError("--seq_len applies to LM configs only")
-    config.train.seq_len = fv.seq_len
+    config.train.seq_len = seq_len
+  return config
 
+
+def analyze(
+  config: ml_collections.ConfigDict, *, vocab_size: int = 0, lower_only: bool = False
+) -> dict[str, Any]:
+  """Lowers (and unless `lower_only`, compiles) one train step of `config` on abstract inputs.
+
+  Returns plain values (bytes and FLOPs are per device):
+    devices, device_kind, platform, processes: what the program was built for;
+    mesh: {axis: size}; description: the model in one line;
+    batch_shape: the global batch's leading array shape; global_batch; per_shard_batch (per
+      data x fsdp shard); num_params; state_bytes: {"params", "optimizer", "other"};
+    lower_seconds; scan_layers: whether XLA counts the layer loop's body once;
+  and, None when `lower_only` (or, for the memory facts, when the backend does not say):
+    compile_seconds; memory: `memory_summary`; xla_flops: XLA's cost analysis;
+    model_flops: 6 N + attention (LM configs only); device_memory: bytes XLA may use (GPU/TPU);
+    fits: memory["total"] <= device_memory.
+  """
   from vqlm.runtime import mesh as mesh_lib
 
-  trainer, example_fn, desc = build(config, vocab_size=fv.vocab_size)
+  trainer, example_fn, desc = build(config, vocab_size=vocab_size)
   mesh = trainer.mesh
   divisor = mesh_lib.batch_divisor(mesh)
   if config.train.batch_size % divisor:
@@ -221,65 +237,99 @@ def main(argv: list[str]) -> int:
       f"{divisor}; pass --batch a multiple of {divisor}"
     )
   device = jax.devices()[0]
-  shape = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
-  print(
-    f"devices: {jax.device_count()} x {device.device_kind} ({device.platform}), "
-    f"{jax.process_count()} process(es); mesh {shape}"
-  )
   batch = abstract_batch(config, example_fn, mesh)
   first = next(iter(batch.values()))
-  print(
-    f"model: {desc}; global batch {' x '.join(map(str, first.shape))} "
-    f"({first.shape[0] // divisor} per data x fsdp shard)"
-  )
-
   # The state's shapes do not depend on the batch size: trace init on a batch-of-`divisor` one.
   state = trainer.abstract_target(example_fn(_with_batch(config, divisor)))
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  parts = {
-    "params": shard_bytes(state.params),
-    "optimizer": shard_bytes(state.opt_state),
-    "other": shard_bytes(state.extra) + shard_bytes(state.step),
+  facts: dict[str, Any] = {
+    "devices": jax.device_count(),
+    "device_kind": device.device_kind,
+    "platform": device.platform,
+    "processes": jax.process_count(),
+    "mesh": {str(k): int(v) for k, v in mesh.shape.items()},
+    "description": desc,
+    "batch_shape": tuple(int(d) for d in first.shape),
+    "global_batch": int(first.shape[0]),
+    "per_shard_batch": int(first.shape[0]) // divisor,
+    "num_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
+    "state_bytes": {
+      "params": shard_bytes(state.params),
+      "optimizer": shard_bytes(state.opt_state),
+      "other": shard_bytes(state.extra) + shard_bytes(state.step),
+    },
+    "scan_layers": bool(config.model.get("scan_layers", False)),
+    "compile_seconds": None,
+    "memory": None,
+    "xla_flops": None,
+    "model_flops": None,
+    "device_memory": None,
+    "fits": None,
   }
-  print(
-    f"train state per device: {sum(parts.values()) / GIB:.4g} GiB for {num_params:,} "
-    f"params (" + ", ".join(f"{k} {v / GIB:.4g}" for k, v in parts.items()) + ")"
-  )
 
   rng = jax.random.key(0)
   start = time.perf_counter()
   with trainer.context():
     lowered = trainer.step_fn.lower(state, batch, rng)
-  print(f"lowered in {time.perf_counter() - start:.1f}s")
-  if fv.lower_only:
-    return 0
+  facts["lower_seconds"] = time.perf_counter() - start
+  if lower_only:
+    return facts
   start = time.perf_counter()
   compiled = lowered.compile()
-  print(f"compiled in {time.perf_counter() - start:.1f}s")
+  facts["compile_seconds"] = time.perf_counter() - start
 
   stats = compiled.memory_analysis()
-  if stats is None:
-    print("memory analysis: not available on this backend")
-  else:
-    print("memory per device (XLA):")
-    for name, value in memory_summary(stats).items():
-      print(f"  {name:<15}{_gib(value)}")
-    limit = _device_memory(device)
-    if limit:
-      total = memory_summary(stats)["total"]
-      verdict = "fits" if total <= limit else "DOES NOT FIT"
-      print(f"  device memory  {limit / GIB:10.4f} GiB: {verdict}")
-  flops = _flops(compiled)
-  if flops is not None:
-    note = (
-      " (the scanned layer loop's body counted once)"
-      if config.model.get("scan_layers", False)
-      else ""
-    )
-    print(f"FLOPs per step per device (XLA cost analysis): {flops:.4g}{note}")
+  if stats is not None:
+    facts["memory"] = memory_summary(stats)
+    facts["device_memory"] = _device_memory(device) or None
+    if facts["device_memory"]:
+      facts["fits"] = facts["memory"]["total"] <= facts["device_memory"]
+  facts["xla_flops"] = _flops(compiled)
   if config.get("stage") == "lm":
-    model_flops = _model_flops_per_step(config, trainer, state)
-    print(
-      f"model FLOPs per step per device (6N + attention): {model_flops / jax.device_count():.4g}"
-    )
+    facts["model_flops"] = _model_flops_per_step(config, trainer, state) / jax.device_count()
+  return facts
+
+
+def report(facts: Mapping[str, Any]) -> list[str]:
+  """The lines `vqlm compile` prints for `analyze`'s facts."""
+  shape = " ".join(f"{k}={v}" for k, v in facts["mesh"].items())
+  parts = facts["state_bytes"]
+  lines = [
+    f"devices: {facts['devices']} x {facts['device_kind']} ({facts['platform']}), "
+    f"{facts['processes']} process(es); mesh {shape}",
+    f"model: {facts['description']}; global batch {' x '.join(map(str, facts['batch_shape']))} "
+    f"({facts['per_shard_batch']} per data x fsdp shard)",
+    f"train state per device: {sum(parts.values()) / GIB:.4g} GiB for {facts['num_params']:,} "
+    f"params (" + ", ".join(f"{k} {v / GIB:.4g}" for k, v in parts.items()) + ")",
+    f"lowered in {facts['lower_seconds']:.1f}s",
+  ]
+  if facts["compile_seconds"] is None:
+    return lines
+  lines.append(f"compiled in {facts['compile_seconds']:.1f}s")
+  memory = facts["memory"]
+  if memory is None:
+    lines.append("memory analysis: not available on this backend")
+  else:
+    lines.append("memory per device (XLA):")
+    lines += [f"  {name:<15}{_gib(value)}" for name, value in memory.items()]
+    if facts["device_memory"]:
+      verdict = "fits" if facts["fits"] else "DOES NOT FIT"
+      lines.append(f"  device memory  {facts['device_memory'] / GIB:10.4f} GiB: {verdict}")
+  if facts["xla_flops"] is not None:
+    note = " (the scanned layer loop's body counted once)" if facts["scan_layers"] else ""
+    lines.append(f"FLOPs per step per device (XLA cost analysis): {facts['xla_flops']:.4g}{note}")
+  if facts["model_flops"] is not None:
+    lines.append(f"model FLOPs per step per device (6N + attention): {facts['model_flops']:.4g}")
+  return lines
+
+
+def main(argv: list[str]) -> int:
+  fv = flag_lib.parse(argv, _define, config=True)
+  from vqlm.runtime.distributed import maybe_initialize
+
+  maybe_initialize()
+  config = apply_overrides(
+    flag_lib.require_config(fv), mesh=fv.mesh, batch=fv.batch, seq_len=fv.seq_len
+  )
+  facts = analyze(config, vocab_size=fv.vocab_size, lower_only=fv.lower_only)
+  print("\n".join(report(facts)))
   return 0

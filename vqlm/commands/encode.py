@@ -2,6 +2,10 @@
 
 Encodes a data set once with a trained image tokenizer into ArrayRecord code shards (resumable:
 finished shards are skipped) and prints the encoding throughput in images/s.
+
+Without `--splits`, encodes those of train, validation and test that the data set has and says
+which it skipped (a folder of images has no test split unless its captions name one); a split
+named in `--splits` that the data set lacks is an error.
 """
 
 import json
@@ -37,6 +41,14 @@ def _filtered(source, run, spec: str, report_path: str):
   return kept
 
 
+DEFAULT_SPLITS = ("train", "validation", "test")
+
+
+def _missing_split(error: UserError, split: str) -> bool:
+  """Whether `error` is a source's "unknown split" error for `split` (`_check_split`, TFDS)."""
+  return str(error).startswith(f"unknown split {split!r}")
+
+
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(
     argv,
@@ -45,7 +57,11 @@ def main(argv: list[str]) -> int:
       f.DEFINE_string("out", None, "output directory for shards + manifest.json"),
       f.DEFINE_string("data", "", "data set name (default: the tokenizer's training data)"),
       f.DEFINE_string("data_dir", "", "data directory (default: the tokenizer's)"),
-      f.DEFINE_list("splits", ["train", "validation", "test"], "splits to encode"),
+      f.DEFINE_list(
+        "splits",
+        list(DEFAULT_SPLITS),
+        "splits to encode (default: those of train,validation,test the data set has)",
+      ),
       f.DEFINE_integer("shard_size", 10_000, "records per shard"),
       f.DEFINE_integer("batch_size", 256, "images per encode call"),
       f.DEFINE_string(
@@ -73,8 +89,26 @@ def main(argv: list[str]) -> int:
   if fv.data_dir:
     data.data_dir = fv.data_dir
   out = flag_lib.check_workdir(fv.out, "--out")
+  sources = {}  # Every split's source first, so a missing split fails before any encoding.
   for split in fv.splits:
-    source = source_from_config(data, split)
+    try:
+      sources[split] = source_from_config(data, split)
+    except UserError as e:
+      if not _missing_split(e, split):
+        raise
+      if fv["splits"].present:
+        raise UserError(f"{e}; pass --splits with splits the data set has") from None
+      has = str(e).partition("; valid: ")[2]
+      print(
+        f"skipped {split}: the {data.name} data set has no {split} split"
+        + (f" (it has {has})" if has else "")
+      )
+  if not sources:
+    raise UserError(
+      f"the {data.name} data set has none of the splits {', '.join(fv.splits)}; "
+      "pass --splits with splits it has"
+    )
+  for split, source in sources.items():
     if fv.filters:
       source = _filtered(source, run, fv.filters, os.path.join(out, f"filters_{split}.json"))
     entry = encode_split(

@@ -20,6 +20,7 @@ from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.runs import restore
 from vqlm.runs.saved_config import load_config
 from vqlm.runs.tokenizer_run import TokenizerRun
+from vqlm.runtime import mesh as mesh_lib
 from vqlm.runtime.config import as_kwargs
 from vqlm.text import TextTokenizer
 from vqlm.vocab import Vocab
@@ -98,7 +99,7 @@ class LMRun:
     self.vocab, self.text_tokenizer = load_vocab(workdir)
     self.model = Transformer(transformer_config(self.config, self.vocab))
     self.mesh = restore.inference_mesh(mesh_shape)
-    self.rules = restore.mesh_lib.rules_from_config(self.config.mesh.rules)
+    self.rules = mesh_lib.rules_from_config(self.config.mesh.rules)
     boxed = abstract_params(self.model, int(self.config.train.seq_len))
     target = {"params": restore.placed_abstract(boxed, self.mesh, self.rules)}
     self.step, restored = restore.restore_subtree(

@@ -1,10 +1,15 @@
 """Stage 2 from a config: text model + vocabulary, LM examples from code shards, the LM task,
 the loop.
 
+`config.data.mode` picks the layout (`vqlm.data.sequences`): one shard record per example in
+t2i / i2t / mix, clips of codes `[frames, h, w]` in video, and in document mode one document of
+`config.data.pairs_per_document` consecutive records (`make_source`: a `GroupedSource`).
+
 An LM run directory records everything generation needs: `config.json` (with the tokenizer run's
 path and the encoded data directory), `vocab.json` and `text.model` (SentencePiece).
 """
 
+from collections.abc import Mapping
 import os
 import shutil
 from typing import Any
@@ -17,7 +22,7 @@ import numpy as np
 from vqlm import runs
 from vqlm.data import pipeline
 from vqlm.data.code_shards import CodeShards, read_manifest
-from vqlm.data.sequences import SequenceBuilder, needed_seq_len
+from vqlm.data.sequences import GroupedSource, SequenceBuilder, needed_seq_len
 from vqlm.errors import UserError
 from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.runs import TokenizerRun
@@ -93,8 +98,28 @@ def load_text_tokenizer(workdir: str) -> TextTokenizer:
   return TextTokenizer.load(os.path.join(workdir, TEXT_MODEL))
 
 
+def make_source(config: ml_collections.ConfigDict, split: str):
+  """The split's random-access elements for `config.data.mode`: shard records, or in document
+  mode groups of `pairs_per_document` consecutive records (the tail that fills no group is
+  dropped)."""
+  shards = CodeShards(config.data.codes, split)
+  if config.data.mode == "document":
+    return GroupedSource(shards, _pairs_per_document(config))
+  return shards
+
+
+def _pairs_per_document(config: ml_collections.ConfigDict) -> int:
+  k = int(config.data.get("pairs_per_document", 2))
+  if k < 1:
+    raise UserError(
+      f"config.data.pairs_per_document={k} must be >= 1; e.g. --config.data.pairs_per_document=2"
+    )
+  return k
+
+
 class ExampleTransform:
-  """(index, shard record) -> padded LM example: caption encoded, then the sequence layout."""
+  """(index, element) -> padded LM example: captions encoded, then the sequence layout. An
+  element is a shard record, or in document mode a list of them (see `make_source`)."""
 
   def __init__(self, *, text_model: str, builder: SequenceBuilder, max_text_len: int):
     self.text_model = text_model
@@ -102,13 +127,18 @@ class ExampleTransform:
     self.max_text_len = max_text_len
     self._tokenizer = None
 
-  def __call__(self, index: int, record: dict) -> dict[str, np.ndarray]:
+  def __call__(self, index: int, element: dict | list[dict]) -> dict[str, np.ndarray]:
     if self._tokenizer is None:
       self._tokenizer = TextTokenizer.load(self.text_model)
+    if isinstance(element, Mapping):
+      return self.builder(self._record(element), index)
+    return self.builder([self._record(r) for r in element], index)
+
+  def _record(self, record: Mapping[str, Any]) -> dict[str, Any]:
     # Captions beyond max_text_len are cut (checked up front on the training split, so this
     # only guards against rare outliers; an over-long example must never stop an epoch).
     text_ids = self.builder.vocab.encode_text(self._tokenizer, record["text"])[: self.max_text_len]
-    return self.builder({"text_ids": text_ids, "codes": record["codes"]}, index)
+    return {"text_ids": text_ids, "codes": record["codes"]}
 
 
 def make_builder(config: ml_collections.ConfigDict, vocab: Vocab, *, seed: int) -> SequenceBuilder:
@@ -126,8 +156,39 @@ def make_builder(config: ml_collections.ConfigDict, vocab: Vocab, *, seed: int) 
   )
 
 
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Fails early if the first training record does not suit `config.data.mode`: images `[h, w]`
+  for t2i / i2t / mix / document, clips `[frames, h, w]` for video."""
+  d = config.data
+  if d.mode == "document":
+    _pairs_per_document(config)
+  shards = CodeShards(d.codes, "train")
+  if not len(shards):
+    return
+  shape = tuple(np.shape(shards[0]["codes"]))
+  if d.mode == "video":
+    if len(shape) != 3:
+      raise UserError(
+        f"mode='video' needs clips of codes [frames, h, w] but {d.codes} holds images of codes "
+        f"{list(shape)}; encode a video source (`vqlm encode --data moving_shapes`) or set "
+        "--config.data.mode=mix"
+      )
+    frames = d.get("frames", 1)
+    if shape[0] != frames:
+      raise UserError(
+        f"the clips in {d.codes} have {shape[0]} frames but config.data.frames={frames}; "
+        f"set --config.data.frames={shape[0]}"
+      )
+  elif len(shape) != 2:
+    raise UserError(
+      f"{d.codes} holds video clips of codes {list(shape)} but config.data.mode={d.mode!r}; set "
+      f"--config.data.mode=video --config.data.frames={shape[0]}"
+    )
+
+
 def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab, text_model: str) -> None:
-  """Fails early if the captions (first 2000 training ones) or images do not fit train.seq_len."""
+  """Fails early if the captions (first 2000 training ones) or the sequences of
+  `config.data.mode` (pairs per document, frames per clip) do not fit train.seq_len."""
   tokenizer = TextTokenizer.load(text_model)
   shards = CodeShards(config.data.codes, "train")
   longest = max(
@@ -138,17 +199,20 @@ def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab, text_model: s
       f"captions of up to {longest} text ids exceed data.max_text_len="
       f"{config.data.max_text_len}; set --config.data.max_text_len={longest}"
     )
+  mode = config.data.mode
+  frames = int(config.data.get("frames", 1)) if mode == "video" else 1
+  pairs = _pairs_per_document(config) if mode == "document" else 1
   need = needed_seq_len(
-    vocab,
-    max_text_len=config.data.max_text_len,
-    mode=config.data.mode,
-    frames=config.data.get("frames", 1),
+    vocab, max_text_len=config.data.max_text_len, mode=mode, frames=frames, pairs=pairs
   )
   if need > config.train.seq_len:
+    per = f"{pairs} x (" if pairs > 1 else ""
+    images = f"{frames} x " if frames > 1 else ""
     raise UserError(
-      f"sequences need {need} tokens (captions up to {config.data.max_text_len} "
-      f"ids + {vocab.tokens_per_image} image codes) but train.seq_len is "
-      f"{config.train.seq_len}; set --config.train.seq_len={need}"
+      f"mode={mode!r} sequences need {need} tokens ({per}captions up to "
+      f"{config.data.max_text_len} ids + {images}{vocab.tokens_per_image} image codes"
+      f"{')' if per else ''} + specials) but train.seq_len is {config.train.seq_len}; set "
+      f"--config.train.seq_len={need}"
     )
 
 
@@ -236,13 +300,13 @@ def tokenizer_levels(tokenizer_dir: str, given: tuple[int, ...] = ()) -> tuple[i
 
 def make_eval_hook(trainer: loop.Trainer, config, vocab: Vocab, text_model: str):
   """Validation perplexity per modality over `config.eval.num_batches` fixed batches."""
-  shards = CodeShards(config.data.codes, "validation")
+  source = make_source(config, "validation")
   builder = make_builder(config, vocab, seed=config.train.seed + 1)
   transform = ExampleTransform(
     text_model=text_model, builder=builder, max_text_len=config.data.max_text_len
   )
   ds = pipeline.make_dataset(
-    shards,
+    source,
     global_batch_size=config.train.batch_size,
     transform=transform,
     seed=0,
@@ -274,6 +338,7 @@ def train(
 ) -> Any:
   """Trains the LM on pre-encoded data (`config.data.codes`)."""
   config = _resolve_paths(config)
+  check_data(config)
   runs.check_same_model(workdir, config, sections=("model",))
   vocab = prepare_vocab(config, workdir, log_fn=log_fn)
   text_model = os.path.join(workdir, TEXT_MODEL)
@@ -286,7 +351,7 @@ def train(
     max_text_len=config.data.max_text_len,
   )
   data_iter = pipeline.make_iterator(
-    CodeShards(config.data.codes, "train"),
+    make_source(config, "train"),
     global_batch_size=config.train.batch_size,
     transform=transform,
     seed=config.train.seed,
@@ -300,6 +365,23 @@ def train(
     )
   ]
   hooks += list(extra_hooks)
-  return loop.run(
+  result = loop.run(
     trainer, data_iter=data_iter, workdir=workdir, hooks=hooks, meta={"stage": "lm"}, log_fn=log_fn
+  )
+  if config.get("evals"):
+    run_evals(config, workdir, log_fn=log_fn)
+  return result
+
+
+def run_evals(config: ml_collections.ConfigDict, workdir: str, *, log_fn=print) -> dict:
+  """Runs `config.evals` on the trained LM (parameters only) and writes RUN/eval.json."""
+  from vqlm.eval import evaluators as evaluators_lib
+  from vqlm.runs import LMRun
+
+  evaluators = evaluators_lib.build(as_kwargs(config.evals), log_fn=log_fn)
+  return evaluators_lib.run_all(
+    LMRun(workdir),
+    evaluators,
+    workdir=workdir if jax.process_index() == 0 else None,
+    log_fn=log_fn,
   )

@@ -97,6 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Data: code shards written by `vqlm encode` (the tokenizer run is read from their manifest when
   # `tokenizer` is empty); the SentencePiece model is trained on their captions unless given.
+  # mode: t2i | i2t | mix | document (`pairs_per_document` consecutive records per sequence) |
+  # video (records of codes [frames, h, w], e.g. `vqlm encode --data moving_shapes`).
   c.data = dict(
     codes="",
     tokenizer="",
@@ -109,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     mask_prompt=False,
     max_text_len=29 if small else 128,
     frames=1,
+    pairs_per_document=2,
     codebook_dim=0,
     num_threads=2,
   )

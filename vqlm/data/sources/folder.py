@@ -1,6 +1,7 @@
 """The folder source: a directory of images, optionally captioned by captions.jsonl or
 captions.csv."""
 
+from collections.abc import Callable
 import csv
 import hashlib
 import json
@@ -28,7 +29,7 @@ def _read_captions(root: pathlib.Path) -> tuple[list[dict[str, str]], pathlib.Pa
   if not found:
     return None
   path = found[0]
-  rows = []
+  rows = []  # (line number, row)
   if path.suffix == ".jsonl":
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
       if not line.strip():
@@ -42,7 +43,7 @@ def _read_captions(root: pathlib.Path) -> tuple[list[dict[str, str]], pathlib.Pa
           f"{path}:{lineno}: each line needs keys 'file' and 'text', got "
           f"{sorted(row) if isinstance(row, dict) else type(row).__name__}"
         )
-      rows.append(row)
+      rows.append((lineno, row))
   else:
     with path.open(newline="", encoding="utf-8") as f:
       reader = csv.DictReader(f)
@@ -50,19 +51,51 @@ def _read_captions(root: pathlib.Path) -> tuple[list[dict[str, str]], pathlib.Pa
         raise UserError(
           f"{path} needs a header with columns 'file', 'text', got {reader.fieldnames}"
         )
-      rows = list(reader)
-  for row in rows:
+      rows = [(reader.line_num, row) for row in reader]
+  for lineno, row in rows:
     if not isinstance(row["file"], str) or not isinstance(row["text"], str):
-      raise UserError(f"{path}: 'file' and 'text' must be strings, got {row}")
+      got = {k: row[k] for k in ("file", "text")}
+      raise UserError(
+        f"{path}:{lineno}: 'file' and 'text' must be strings (\"\" for no caption), got {got}"
+      )
   return [
     {k: str(v) for k, v in row.items() if k in ("file", "text", "split") and v is not None}
-    for row in rows
+    for _, row in rows
   ], path
 
 
 def _hash_fraction(file: str) -> float:
   digest = hashlib.blake2b(file.encode("utf-8"), digest_size=8).digest()
   return int.from_bytes(digest, "big") / 2.0**64
+
+
+def _image_files(root: pathlib.Path) -> list[str]:
+  """The image files under root (recursively), as sorted posix paths relative to it."""
+  return sorted(
+    p.relative_to(root).as_posix()
+    for p in root.rglob("*")
+    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+  )
+
+
+def _verify(path: pathlib.Path) -> str | None:
+  """None if PIL can read the file's header, else the reason (one line)."""
+  try:
+    with Image.open(path) as image:
+      image.verify()
+  except Exception as e:  # pylint: disable=broad-except
+    return _one_line(e)
+  return None
+
+
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _some(files: list[str], limit: int = 3) -> str:
+  return ", ".join(files[:limit]) + (
+    f" and {len(files) - limit} more" if len(files) > limit else ""
+  )
 
 
 def _one_line(error: BaseException) -> str:
@@ -100,9 +133,14 @@ class FolderSource(Source):
   listed several times gives several examples (one per caption). Without a captions file, every
   image under the folder (recursively) is used with empty text.
 
+  Images under the folder that the captions file does not list are not used (one warning names
+  them); a row with `"text": ""` uses its image without a caption, and blank lines are ignored.
+
   Splits: if every row has a "split" value, `split` selects those rows (any name). Otherwise a
   hash of the file name puts a `validation_fraction` of files in "validation", the rest in
-  "train"; "all" always selects everything.
+  "train" (when the hash puts no readable file in "validation", the readable file of smallest
+  hash goes there, so a small folder still has one; a folder of one image has none); "all"
+  always selects everything. There is no "test" split unless the "split" column names one.
 
   Images are converted to RGB (grayscale repeated; alpha composited over `background`, white by
   default; palettes expanded; 16-bit scaled; EXIF rotation applied) and resized (shorter side) +
@@ -132,34 +170,42 @@ class FolderSource(Source):
     self.root, self._method, self._background = root, method, background
     captions = _read_captions(root)
     if captions is None:
-      files = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-      )
-      rows = [{"file": f, "text": ""} for f in files]
+      rows = [{"file": f, "text": ""} for f in _image_files(root)]
       source_desc = str(root)
     else:
       rows, path = captions
       source_desc = str(path)
-    rows = self._select_split(rows, split, validation_fraction, source_desc)
+      listed = {pathlib.PurePosixPath(r["file"]).as_posix() for r in rows}
+      uncaptioned = [f for f in _image_files(root) if f not in listed]
+      if uncaptioned:
+        warnings.warn(
+          f"{path.name} has no line for {_count(len(uncaptioned), 'image')} in {root} "
+          f"({_some(uncaptioned)}): not used; give each a line with an empty text to use it "
+          "uncaptioned",
+          stacklevel=2,
+        )
+    verified: dict[str, str | None] = {}  # file -> None if readable, else why not.
+
+    def unreadable(file: str) -> str | None:
+      if file not in verified:
+        verified[file] = _verify(root / file)
+      return verified[file]
+
+    rows = self._select_split(rows, split, validation_fraction, source_desc, unreadable)
     self.skipped: dict[str, str] = {}  # file -> reason, found at construction.
     self.failed: dict[str, str] = {}  # file -> reason, found while reading examples.
-    readable = set()
     for file in dict.fromkeys(r["file"] for r in rows):
-      try:
-        with Image.open(root / file) as image:
-          image.verify()
-        readable.add(file)
-      except Exception as e:  # pylint: disable=broad-except
-        self.skipped[file] = _one_line(e)
+      reason = unreadable(file)
+      if reason is not None:
+        self.skipped[file] = reason
     if self.skipped:
-      first, reason = next(iter(self.skipped.items()))
+      (first, reason), others = next(iter(self.skipped.items())), list(self.skipped)[1:]
       warnings.warn(
-        f"skipped {len(self.skipped)} unreadable images in {root} (first: {first}: {reason})",
+        f"skipped {_count(len(self.skipped), 'unreadable image')} in {root} "
+        f"(first: {first}: {reason}" + (f"; also {_some(others)}" if others else "") + ")",
         stacklevel=2,
       )
-    rows = [r for r in rows if r["file"] in readable]
+    rows = [r for r in rows if r["file"] not in self.skipped]
     if not rows:
       raise UserError(
         f"no usable images in {root} for split {split!r} ({len(self.skipped)} unreadable)"
@@ -170,7 +216,11 @@ class FolderSource(Source):
 
   @staticmethod
   def _select_split(
-    rows: list[dict[str, str]], split: str, validation_fraction: float, where: str
+    rows: list[dict[str, str]],
+    split: str,
+    validation_fraction: float,
+    where: str,
+    unreadable: Callable[[str], str | None],
   ) -> list[dict[str, str]]:
     if split == "all":
       return rows
@@ -184,8 +234,16 @@ class FolderSource(Source):
         f"{where}: some rows have a 'split' value and some do not; fill them all or drop the column"
       )
     _check_split(split, ("train", "validation", "all"), where)
-    in_validation = [_hash_fraction(r["file"]) < validation_fraction for r in rows]
-    return [r for r, v in zip(rows, in_validation) if v == (split == "validation")]
+    files = sorted(dict.fromkeys(r["file"] for r in rows), key=_hash_fraction)
+    validation = {f for f in files if _hash_fraction(f) < validation_fraction}
+    if validation_fraction > 0 and all(unreadable(f) is not None for f in validation):
+      # Too few files for the fraction: the readable file of smallest hash validates, as long as
+      # another readable file is left to train on.
+      readable = (f for f in files if f not in validation and unreadable(f) is None)
+      first, second = next(readable, None), next(readable, None)
+      if second is not None:
+        validation.add(first)
+    return [r for r in rows if (r["file"] in validation) == (split == "validation")]
 
   def __getstate__(self) -> dict:
     return {**self.__dict__, "_lock": None}
