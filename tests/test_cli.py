@@ -77,17 +77,23 @@ def test_unknown_dataset(capsys, tmp_path):
   assert "unknown dataset 'imagenet'; valid: shapes" in _one_error_line(err)
 
 
-def test_missing_workdir_parent(capsys, tmp_path):
+def test_workdir_parents_are_created_and_an_impossible_one_is_one_line(capsys, tmp_path):
+  from vqlm.commands import flags as flag_lib
+
+  made = flag_lib.check_workdir(str(tmp_path / "runs" / "demo"))
+  assert os.path.isdir(made) and made == str(tmp_path / "runs" / "demo")
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
   code, _, err = _main(
     capsys,
     "train",
     "--config",
     "configs/tokenizer.py:size=tiny",
     "--workdir",
-    str(tmp_path / "nope" / "run"),
+    str(blocker / "run"),
   )
   assert code == 2
-  assert "does not exist; create" in _one_error_line(err)
+  assert "cannot create --workdir" in _one_error_line(err)
 
 
 def test_not_a_run_directory(capsys, tmp_path):
@@ -305,3 +311,25 @@ def test_encode_with_quality_filters_writes_counts(tiny, tmp_path):
   from vqlm.data.code_shards import CodeShards
 
   assert len(CodeShards(out, "validation")) == counts["kept"]
+
+
+def test_top_level_help_describes_every_command(capsys):
+  from vqlm.commands import COMMANDS
+
+  code, out, _ = _main(capsys, "--help")
+  assert code == 0
+  for name, (_, description) in COMMANDS.items():
+    assert f"  {name}" in out and description in out
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_command_prints_its_flags(capsys, flag):
+  from vqlm.commands import COMMANDS
+
+  for name in COMMANDS:
+    if name == "bench":
+      continue  # `vqlm bench --help` lists the benchmarks (its own argument parser).
+    code, out, err = _main(capsys, name, flag)
+    assert code == 0, (name, err)
+    assert out.startswith(f"usage: vqlm {name}"), (name, out)
+    assert "flags:" in out and "--" in out.split("flags:")[1], (name, out)

@@ -19,6 +19,7 @@ def lm(tiny):
 @pytest.fixture
 def run_continue(lm, monkeypatch, tmp_path):
   monkeypatch.setattr(continue_cmd, "load_run", lambda workdir, tokenizer=None: lm)
+  monkeypatch.chdir(tmp_path)  # the default --out is relative
 
   def run(*argv):
     return cli.main(["vqlm", "continue", "--workdir", "unused", *argv])

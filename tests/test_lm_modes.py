@@ -34,7 +34,11 @@ def _train(workdir, codes: str, *overrides: str) -> int:
       "configs/lm.py:size=tiny",
       f"--config.data.codes={codes}",
       "--config.train.steps=3",
+      "--config.train.batch_size=2",
       "--config.eval.num_batches=1",
+      # Fewer ops to compile (compilation is most of a tiny run): one layer, unchunked attention.
+      "--config.model.num_layers=1",
+      "--config.model.query_chunks=1",
       *overrides,
       "--workdir",
       str(workdir),
@@ -67,6 +71,12 @@ def _example(workdir, index: int = 0) -> tuple[dict, Vocab]:
     max_text_len=config.data.max_text_len,
   )
   return transform(index, lm.make_source(config, "train")[index]), vocab
+
+
+def _assert_one_error_line(capsys, message: str) -> None:
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if l.startswith("vqlm: error:")]
+  assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
 
 
 def _image_runs(tokens: np.ndarray, vocab: Vocab) -> list[tuple[int, int]]:
@@ -156,6 +166,18 @@ def test_video_mode_trains(video_codes, tmp_path):
 )
 def test_video_config_mistakes_are_one_line(video_codes, tmp_path, capsys, overrides, message):
   assert _train(tmp_path / "lm", video_codes, *overrides) == 2
-  err = capsys.readouterr().err
-  lines = [l for l in err.splitlines() if l.startswith("vqlm: error:")]
-  assert len(lines) == 1 and message in lines[0], err
+  _assert_one_error_line(capsys, message)
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (("--config.data.pairs_per_document=0",), "pairs_per_document=0 must be >= 1"),
+    (("--config.data.pairs_per_document=3",), "--config.train.seq_len="),
+    (("--config.data.mode=video", "--config.data.frames=4"), "encode a video source"),
+  ],
+)
+def test_document_config_mistakes_are_one_line(tiny, tmp_path, capsys, overrides, message):
+  args = ("--config.data.mode=document", *overrides)
+  assert _train(tmp_path / "lm", tiny["codes"], *args) == 2
+  _assert_one_error_line(capsys, message)

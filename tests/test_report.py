@@ -1,10 +1,12 @@
 """Tests for vqlm.report: the self-contained HTML report of a demo workdir."""
 
 import base64
+import glob
 import io
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -295,3 +297,144 @@ def test_captions_match_ignores_object_order():
   assert captions_match(f"{a} and {b}", f"{b} and {a}")
   assert not captions_match(f"{a} and {b}", a)
   assert captions_match("Not A Caption", "not a  caption")
+
+
+# ---- `vqlm report` on any run directory -------------------------------------------------------
+
+TOKENIZER_IDS = ("summary", "losses", "codebook", "reconstructions", "prior-samples")
+LM_IDS = ("summary", "losses", "text-to-image", "image-to-text", "samples")
+
+
+def _report_command(workdir: str) -> str:
+  from vqlm import cli
+
+  assert cli.main(["vqlm", "report", "--workdir", workdir]) == 0
+  with open(os.path.join(workdir, "report.html"), encoding="utf-8") as f:
+    return f.read()
+
+
+def _check_sections(text: str, ids: tuple[str, ...]) -> None:
+  assert text.startswith("<!DOCTYPE html>")
+  assert re.findall(r'<h2 id="([^"]+)">', text) == list(ids)
+  _check_self_contained(text)
+
+
+def test_report_command_on_a_tokenizer_run(tiny, tmp_path, capsys):
+  run = shutil.copytree(tiny["tok"], str(tmp_path / "tok"))
+  text = _report_command(run)
+  assert "tokenizer report" in capsys.readouterr().out
+  assert "vqlm image tokenizer report: tok" in text
+  _check_sections(text, TOKENIZER_IDS)
+  assert "<h3>Run</h3>" in text and "bottleneck" in text and "steps trained" in text
+  # eval.json's reconstruction section, every curve of metrics.jsonl and the last values.
+  assert "<h3>Image tokenizer</h3>" in text and " dB" in text
+  assert "<h3>Last values</h3>" in text and "recon_loss" in text and "psnr_grid" in text
+  # Curves, codebook usage and projection, the first and latest reconstruction grids.
+  assert len(_img_srcs(text)) == 5
+  assert "code vectors of dimension" in text and "Step 20 (latest)" in text
+  assert "codes are discrete (their prior is the LM)" in text
+  assert not os.path.exists(os.path.join(tiny["tok"], "report.html"))
+
+
+def test_report_of_a_continuous_tokenizer_shows_its_prior_grids(tiny, tmp_path):
+  run = shutil.copytree(tiny["tok"], str(tmp_path / "tok"))
+  config_path = os.path.join(run, "config.json")
+  with open(config_path, encoding="utf-8") as f:
+    config = json.load(f)
+  config["model"]["bottleneck"]["kind"] = "gaussian"
+  with open(config_path, "w", encoding="utf-8") as f:
+    json.dump(config, f)
+  for path in glob.glob(os.path.join(run, "samples", "codebook_*.npy")):
+    os.remove(path)
+  grid = imaging.make_grid(np.zeros((4, 8, 8, 3), np.uint8), columns=2)
+  imaging.save_png(grid, os.path.join(run, "samples", "prior_samples.png"))
+  text = open(report.write_report(run), encoding="utf-8").read()
+  _check_sections(text, TOKENIZER_IDS)
+  assert "The bottleneck is continuous (gaussian): it has no codebook." in text
+  assert 'alt="Prior samples"' in text and "Random latents: not run" in text
+  assert len(_img_srcs(text)) == 1 + 2 + 1  # Curves, two reconstruction grids, the prior grid.
+
+
+def test_report_command_on_an_lm_run(tiny, tmp_path):
+  run = shutil.copytree(tiny["lm"], str(tmp_path / "lm"))
+  text = _report_command(run)
+  assert "vqlm LM report: lm" in text
+  _check_sections(text, LM_IDS)
+  assert "<h3>Run</h3>" in text and "vocabulary" in text and "image tokenizer run" in text
+  # Train and validation losses: one figure and the table of last values.
+  assert len(_img_srcs(text)) == 1
+  assert re.search(r"<th[^>]*>text_loss</th><td>[\d.]+ \(\d+\)</td><td>[\d.]+ \(\d+\)</td>", text)
+  assert "No eval.json results yet" in text
+  for what in (
+    "Text to image (test prompts)",
+    "Image to text (test images)",
+    "Scene FD",
+    "Test prompts",
+    "Captions",
+    "Other sample grids",
+  ):
+    assert f"{what}: not run" in text, what
+  # What `vqlm eval` and the evaluators with artefacts add: eval.json tables and sample grids.
+  os.makedirs(tmp_path / "fake")
+  fake = _fake_workdir(str(tmp_path / "fake"))
+  ev = json.load(open(os.path.join(fake, "eval.json"), encoding="utf-8"))
+  ev = {k: ev[k] for k in ("text_to_image", "image_to_text")}
+  ev["scene_fd"] = {"generated_vs_test": 12.345, "num_images": 8}
+  ev["config"] = {"evals": {"t2i_custom": {"type": "text_to_image"}}}
+  ev["t2i_custom"] = _scene_metrics(0.25)
+  with open(os.path.join(run, "eval.json"), "w", encoding="utf-8") as f:
+    json.dump(ev, f)
+  shutil.copytree(os.path.join(fake, "samples"), os.path.join(run, "samples"))
+  imaging.save_png(np.zeros((10, 10, 3), np.uint8), os.path.join(run, "samples", "extra.png"))
+  text = _report_command(run)
+  _check_sections(text, LM_IDS)
+  for expected in ("68.8%", "43.8%", "25.0%", "12.35", "Text to image (t2i_custom)", "extra.png"):
+    assert expected in text, expected
+  assert "2 of 4 generated captions" in text
+  # Curves, 4 prompt rows, 3 captioned images, the extra grid.
+  assert len(_img_srcs(text)) == 1 + 4 + 3 + 1
+
+
+def test_report_command_on_an_empty_directory_is_a_user_error(tmp_path, capsys):
+  from vqlm import cli
+  from vqlm.errors import UserError
+
+  empty = str(tmp_path / "empty")
+  os.makedirs(empty)
+  with pytest.raises(UserError, match="is not a run directory: it has no config.json"):
+    report.run_kind(empty, strict=True)
+  assert cli.main(["vqlm", "report", "--workdir", empty]) == 2
+  assert "is not a run directory" in capsys.readouterr().err
+  assert not os.path.exists(os.path.join(empty, "report.html"))
+  assert cli.main(["vqlm", "report", "--workdir", str(tmp_path / "nope")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert cli.main(["vqlm", "report"]) == 2
+  assert "--workdir is required" in capsys.readouterr().err
+
+
+def _timings_table(text: str) -> str:
+  return text.split("<h3>Timings</h3>", 1)[1].split("</table>", 1)[0]
+
+
+def test_demo_report_shows_the_timings(tmp_path):
+  from vqlm.demo.main import Demo
+
+  # eval.json's "timings" section, as the demo writes it after its last stage.
+  ev = {"timings": {"tokenizer": 61.2, "lm": 300.4, "total": 361.6, "preset": "default"}}
+  with open(tmp_path / "eval.json", "w", encoding="utf-8") as f:
+    json.dump(ev, f)
+  root = str(tmp_path)
+  assert report.run_kind(root) == "demo"
+  timings = _timings_table(open(report.write_report(root), encoding="utf-8").read())
+  for expected in ("tokenizer</th><td>61 s", "lm</th><td>300 s", "total</th><td>362 s", "default"):
+    assert expected in timings, expected
+  # The demo's report stage shows this run's timings, which eval.json only gets at the end.
+  demo = Demo(root, preset="smoke", log_fn=lambda _: None)
+  demo.timings = {"data": 2.0, "tokenizer": 40.4}
+  demo.stage_report()
+  text = open(os.path.join(root, "report.html"), encoding="utf-8").read()
+  _check_sections(text, SECTION_IDS)
+  timings = _timings_table(text)
+  for expected in ("data</th><td>2 s", "tokenizer</th><td>40 s", "total</th><td>42 s", "smoke"):
+    assert expected in timings, expected
+  assert "lm</th>" not in timings

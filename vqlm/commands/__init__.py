@@ -9,6 +9,7 @@ COMMANDS = {
   "generate": ("vqlm.commands.generate", "draw images from text prompts with an LM run"),
   "caption": ("vqlm.commands.caption", "describe images with an LM run"),
   "continue": ("vqlm.commands.continue_", "continue interleaved text + images or a video clip"),
+  "report": ("vqlm.commands.report", "write RUN/report.html: a run's curves, evaluations, samples"),
   "demo": ("vqlm.commands.demo", "the built-in end-to-end demo on the shapes data"),
   "info": ("vqlm.commands.info", "a config's model and its parameter count"),
   "compile": ("vqlm.commands.compile", "compile a train step ahead of time; memory per device"),

@@ -145,6 +145,10 @@ def main(argv: list[str]) -> int:
       raise UserError("--num_frames and --caption go with --frames (video continuation)")
     if fv.max_new_tokens <= 0 or fv.num_images <= 0:
       raise UserError("--max_new_tokens and --num_images must be >= 1")
+  for flag, paths in (("--frames", frames if video else []), ("--image", fv.image)):
+    for path in paths:
+      if not os.path.isfile(path):  # before the (slow) run loads
+        raise FileNotFoundError(f"{flag} {path} does not exist")
   out_dir = flag_lib.check_workdir(fv.out, "--out")
   from vqlm import imaging
   from vqlm.sample.api import generator_for

@@ -2,13 +2,15 @@
 
 The evaluators are the run's `config.evals` (`vqlm.eval.evaluators`), or, where the run has none,
 this stage's standard set: image-tokenizer runs reconstruct test images (PSNR, SSIM, codebook
-statistics, scene-parser agreement on shapes); LM runs on shapes draw test and held-out prompts
-and caption test images, judged by the scene parser, plus a Fréchet distance over scene-parser
-features and, with `--inception_weights`, FID. Flags given on the command line override the
-evaluators' settings. Only JSON goes to stdout; messages go to stderr.
+statistics, a VAE's KL, scene-parser agreement on shapes; continuous bottlenecks also write
+RUN/samples/prior_samples.png or random_latents.png); LM runs on shapes draw test and held-out
+prompts and caption test images, judged by the scene parser, plus a Fréchet distance over
+scene-parser features and, with `--inception_weights`, FID. Flags given on the command line
+override the evaluators' settings. Only JSON goes to stdout; messages go to stderr.
 """
 
 import json
+import os
 import sys
 
 from vqlm.commands import flags as flag_lib
@@ -86,7 +88,11 @@ def main(argv: list[str]) -> int:
   evals = as_kwargs(config.get("evals")) or default_evals(config.get("stage"), fv)
   log = lambda message: print(message, file=sys.stderr)
   evaluators = evaluators_lib.build(with_overrides(evals, fv), log_fn=log)
-  results = evaluators_lib.run_all(run, evaluators, workdir=fv.workdir, log_fn=log)
+  # Tokenizer runs write their image grids (prior samples, random latents) next to training's.
+  artefacts = os.path.join(fv.workdir, "samples") if config.get("stage") == "tokenizer" else None
+  results = evaluators_lib.run_all(
+    run, evaluators, workdir=fv.workdir, artefacts=artefacts, log_fn=log
+  )
   print(
     json.dumps(
       {k: {m: v for m, v in r.items() if not isinstance(v, dict)} for k, r in results.items()},

@@ -11,10 +11,11 @@ from vqlm.errors import UserError
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) < 2 or argv[1] != "train":
+  wants_help = any(arg in flag_lib.HELP_FLAGS for arg in argv[1:2])
+  if not wants_help and (len(argv) < 2 or argv[1] != "train"):
     raise UserError("usage: vqlm text train --config CONFIG --out DIR [--vocab_size N]")
   fv = flag_lib.parse(
-    [argv[0]] + argv[2:],
+    [argv[0]] + argv[1 if wants_help else 2 :],
     lambda f: (
       f.DEFINE_string("out", None, "directory for text.model"),
       f.DEFINE_integer("vocab_size", 1000, "SentencePiece vocabulary size"),

@@ -74,8 +74,10 @@ class CodeShards:
     info = self.manifest["splits"].get(split)
     if info is None:
       raise UserError(
-        f"split '{split}' was not encoded in {directory}; encoded: "
-        f"{', '.join(self.manifest['splits'])}"
+        f"split '{split}' was not encoded in {directory} (encoded: "
+        f"{', '.join(self.manifest['splits'])}); if the data set has it, run `vqlm encode "
+        f"--tokenizer {self.manifest.get('tokenizer_run', 'TOKENIZER_RUN')} --out {directory} "
+        f"--splits {split}`"
       )
     missing = [s for s in info["shards"] if not s["complete"]]
     if missing:

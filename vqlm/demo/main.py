@@ -191,7 +191,13 @@ class Demo:
     from vqlm.report import save_prompt_figure, write_report
 
     save_prompt_figure(self.samples_dir, os.path.join(self.samples_dir, "prompts.png"))
-    path = write_report(self.workdir)
+    # This run's stage timings so far (eval.json gets them, with the report's, after the last
+    # stage); a run of the report stage alone shows eval.json's timings of the previous run.
+    timings = None
+    if self.timings:
+      total = sum(self.timings.values())
+      timings = {**self.timings, "total": total, "preset": self.preset_name}
+    path = write_report(self.workdir, kind="demo", timings=timings)
     self.log(f"wrote {path}")
 
 

@@ -10,7 +10,8 @@ metrics, plus nested groups such as `by_objects`), and `run_all` writes every re
 of `RUN/eval.json`. Training stages, `vqlm eval` and the demos run them this way.
 
 Types: `reconstruction` (tokenizer runs: PSNR, SSIM, codebook statistics for discrete
-bottlenecks, scene-parser agreement on shapes), `text_to_image`, `image_to_text`, `scene_fd` and
+bottlenecks, KL and prior samples for a VAE, random-latent samples for an autoencoder,
+scene-parser agreement on shapes), `text_to_image`, `image_to_text`, `scene_fd` and
 `fid` (LM runs on shapes: images judged by the scene parser, captions parsed back into scenes).
 """
 
@@ -51,11 +52,19 @@ class Evaluator:
 
 
 class Reconstruction(Evaluator):
-  """Image tokenizers: reconstruct `num_examples` images of `split`; PSNR, SSIM, for discrete
-  bottlenecks codebook usage / perplexity / dead codes, and on shapes the fraction of
-  reconstructions the scene parser reads as the original scene."""
+  """Image tokenizers: reconstruct `num_examples` images of `split`; PSNR, SSIM, and on shapes the
+  fraction of reconstructions the scene parser reads as the original scene. What else depends on
+  the bottleneck:
+
+  - discrete (vq, fsq): codebook usage / perplexity / dead codes of the test codes;
+  - gaussian (VAE): `kl`, KL(q(z|x) || N(0, I)) averaged over latent elements (the training
+    loss's "kl" term); with `artefacts`, `prior_samples.png`: images decoded from z ~ N(0, I);
+  - identity (autoencoder): with `artefacts`, `random_latents.png`: images decoded from Gaussian
+    noise with the per-channel mean and std of the test latents.
+  """
 
   stage = "tokenizer"
+  num_samples = 16  # Images in the prior-sample / random-latent grids.
 
   def __init__(
     self, *, split: str = "test", num_examples: int = 1000, batch_size: int = 250, log_fn=print
@@ -66,7 +75,9 @@ class Reconstruction(Evaluator):
     s = self.settings
     source, split = _source(run.config.data, s["split"], self.log)
     n = min(s["num_examples"], len(source))
+    kind = run.bottleneck
     originals, recons, codes, agree = [], [], [], []
+    latents = _LatentStats()
     parse = None
     if run.config.data.name == "shapes":
       from vqlm.data import shapes
@@ -80,8 +91,14 @@ class Reconstruction(Evaluator):
         batch_codes = run.encode(images)
         recon = run.decode(batch_codes)
         codes.append(batch_codes)
+      elif kind == "gaussian":
+        mean, logvar = run.posterior(images)  # The mean is what encode_latent gives.
+        recon = run.decode_latent(mean)
+        latents.add(mean, kl=0.5 * (np.square(mean) + np.exp(logvar) - 1.0 - logvar))
       else:
-        recon = run.reconstruct(images)
+        z = run.encode_latent(images)
+        recon = run.decode_latent(z)
+        latents.add(z)
       originals.append(images)
       recons.append(recon)
       if parse is not None:
@@ -91,6 +108,7 @@ class Reconstruction(Evaluator):
     result = {
       "split": split,
       "num_examples": int(n),
+      "bottleneck": kind,
       "psnr": float(np.mean(np.minimum(reconstruction.psnr(originals, recons), 100.0))),
       "ssim": float(np.mean(reconstruction.ssim(originals, recons))),
       "step": run.step,
@@ -102,9 +120,58 @@ class Reconstruction(Evaluator):
         codebook_perplexity=stats["perplexity"],
         dead_codes=stats["dead_codes"],
       )
+    if kind == "gaussian":
+      result["kl"] = latents.mean_kl()
     if agree:
       result["scene_agreement"] = float(np.mean(agree))
+    if artefacts and not run.is_discrete:
+      self._save_samples(run, latents, artefacts)
     return result
+
+  def _save_samples(self, run, latents: "_LatentStats", artefacts: str) -> None:
+    """Decodes latents drawn without an input image: the VAE's prior, or for an autoencoder noise
+    matched to the test latents' statistics (an autoencoder has no prior to sample)."""
+    import jax
+
+    from vqlm import imaging
+
+    if run.bottleneck == "gaussian":
+      z, name = run.sample_prior(self.num_samples, seed=0), "prior_samples.png"
+    else:
+      z, name = latents.matched_noise(self.num_samples, seed=0), "random_latents.png"
+    images = run.decode_latent(z)  # Every process decodes; process 0 writes.
+    if jax.process_index() == 0:
+      grid = imaging.make_grid(images, columns=8, scale=max(1, 64 // run.image_size))
+      self.log(f"wrote {imaging.save_png(grid, os.path.join(artefacts, name))}")
+
+
+class _LatentStats:
+  """Running per-channel sums of continuous latents `[B, h, w, C]` (and of their KL terms)."""
+
+  def __init__(self):
+    self.count, self.sum, self.sum_sq, self.kl_sum = 0, 0.0, 0.0, 0.0
+    self.shape: tuple[int, ...] = ()
+
+  def add(self, z: np.ndarray, kl: np.ndarray | None = None) -> None:
+    z = np.asarray(z, np.float64)
+    self.shape = z.shape[1:]
+    flat = z.reshape(-1, z.shape[-1])
+    self.count += flat.shape[0]
+    self.sum = self.sum + flat.sum(0)
+    self.sum_sq = self.sum_sq + np.square(flat).sum(0)
+    if kl is not None:
+      self.kl_sum += float(np.sum(kl, dtype=np.float64))
+
+  def mean_kl(self) -> float:
+    """The KL per latent element, averaged over examples, positions and channels."""
+    return self.kl_sum / max(self.count * self.shape[-1], 1)
+
+  def matched_noise(self, num: int, *, seed: int) -> np.ndarray:
+    """float32 `[num, h, w, C]` Gaussian noise with each channel's mean and std."""
+    mean = self.sum / self.count
+    std = np.sqrt(np.maximum(self.sum_sq / self.count - np.square(mean), 0.0))
+    noise = np.random.default_rng(seed).standard_normal((num, *self.shape))
+    return (mean + std * noise).astype(np.float32)
 
 
 def _shapes_data(run: Any) -> Any:

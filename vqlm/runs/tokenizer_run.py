@@ -1,9 +1,10 @@
 """A trained image tokenizer loaded for use: `TokenizerRun(workdir)`.
 
 `encode(images uint8 [B, H, W, 3]) -> codes int32 [B, h, w]` and `decode(codes) -> images uint8
-[B, H, W, 3]`, both jitted; `codebook() -> float32 [K, D]`. Only the parameters and the
-bottleneck's statistics are read from the checkpoint (no optimizer or discriminator state), on a
-mesh of the devices present.
+[B, H, W, 3]`, both jitted; `codebook() -> float32 [K, D]`. Every bottleneck (continuous ones too)
+has `encode_latent` / `decode_latent` / `reconstruct`; a Gaussian (VAE) one also has `posterior`
+(mean, log-variance) and `sample_prior`. Only the parameters and the bottleneck's statistics are
+read from the checkpoint (no optimizer or discriminator state), on a mesh of the devices present.
 """
 
 import os
@@ -16,6 +17,7 @@ import numpy as np
 
 from vqlm import imaging
 from vqlm.errors import UserError
+from vqlm.nn.bottlenecks import GaussianBottleneck
 from vqlm.nn.image_tokenizer import ImageTokenizer
 from vqlm.runs import restore
 from vqlm.runs.saved_config import load_config
@@ -80,6 +82,7 @@ class TokenizerRun:
     self._decode_latent = jax.jit(
       lambda v, z: self.model.apply(v, z, method=self.model.decode_latent)
     )
+    self._posterior = jax.jit(lambda v, x: _posterior(self.model, v, x))
 
   @property
   def image_size(self) -> int:
@@ -89,6 +92,22 @@ class TokenizerRun:
   def is_discrete(self) -> bool:
     """Whether the bottleneck gives integer codes (VQ, FSQ) rather than continuous latents."""
     return self.model.codebook_size > 0
+
+  @property
+  def bottleneck(self) -> str:
+    """The bottleneck kind: "identity", "gaussian", "vq" or "fsq"."""
+    return self.model.kind
+
+  @property
+  def latent_shape(self) -> tuple[int, int, int]:
+    """`(h, w, C)` of one image's latents (what `encode_latent` gives, `decode_latent` reads)."""
+    size = self.image_size
+    latents = jax.eval_shape(
+      lambda v, x: self.model.apply(v, x, method=self.model.encode_latent),
+      self.variables,
+      jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+    )
+    return tuple(latents.shape[1:])
 
   def encode(self, images: np.ndarray) -> np.ndarray:
     """uint8 (or float in [-1, 1]) `[B, H, W, 3]` -> int32 codes `[B, h, w]`."""
@@ -108,6 +127,27 @@ class TokenizerRun:
     return imaging.to_uint8(
       np.asarray(self._decode_latent(self.variables, jnp.asarray(latents, jnp.float32)))
     )
+
+  def posterior(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian (VAE) bottlenecks: uint8 `[B, H, W, 3]` -> float32 `(mean, logvar)`, each
+    `[B, h, w, C]`, of q(z | x) (the log-variance clipped as the bottleneck clips it)."""
+    self._check_gaussian("posterior")
+    mean, logvar = self._posterior(self.variables, jnp.asarray(_to_float(images)))
+    return np.asarray(mean), np.asarray(logvar)
+
+  def sample_prior(self, num: int, *, seed: int = 0) -> np.ndarray:
+    """Gaussian (VAE) bottlenecks: `num` float32 latents `[num, h, w, C]` drawn from the prior
+    N(0, I); `decode_latent` turns them into images."""
+    self._check_gaussian("sample_prior")
+    shape = (num, *self.latent_shape)
+    return np.asarray(GaussianBottleneck.sample_prior(jax.random.key(seed), shape))
+
+  def _check_gaussian(self, what: str) -> None:
+    if self.bottleneck != "gaussian":
+      raise UserError(
+        f"{what} needs a Gaussian (VAE) bottleneck, this run's is {self.bottleneck!r}; use "
+        "encode_latent / decode_latent"
+      )
 
   def reconstruct(self, images: np.ndarray) -> np.ndarray:
     """uint8 `[B, H, W, 3]` -> uint8 reconstructions (through codes when the bottleneck is
@@ -133,6 +173,27 @@ class TokenizerRun:
   @property
   def codebook_size(self) -> int:
     return int(self.codebook().shape[0])
+
+
+# The name of the Gaussian bottleneck's Dense that predicts mean and log-variance, and its
+# log-variance clip (both as in `vqlm.nn.bottlenecks.GaussianBottleneck`).
+_MOMENTS = "moments"
+_LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def _posterior(model: ImageTokenizer, variables: Any, images: jax.Array) -> tuple[jax.Array, ...]:
+  """(mean, logvar) float32 of a Gaussian bottleneck: the output of its "moments" Dense, captured
+  while the model encodes (the bottleneck itself returns only the mean outside training)."""
+  _, state = model.apply(
+    variables,
+    images,
+    method=model.encode_latent,
+    capture_intermediates=lambda module, method: module.name == _MOMENTS and method == "__call__",
+    mutable=["intermediates"],
+  )
+  (moments,) = state["intermediates"]["quantizer"][_MOMENTS]["__call__"]
+  mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+  return mean, jnp.clip(logvar, *_LOGVAR_RANGE)
 
 
 def _to_float(images: np.ndarray) -> np.ndarray:

@@ -103,9 +103,15 @@ def make_source(config: ml_collections.ConfigDict, split: str):
   mode groups of `pairs_per_document` consecutive records (the tail that fills no group is
   dropped)."""
   shards = CodeShards(config.data.codes, split)
-  if config.data.mode == "document":
-    return GroupedSource(shards, _pairs_per_document(config))
-  return shards
+  if config.data.mode != "document":
+    return shards
+  k = _pairs_per_document(config)
+  if len(shards) < k:
+    raise UserError(
+      f"the '{split}' split of {config.data.codes} has {len(shards)} records, fewer than one "
+      f"document of config.data.pairs_per_document={k}; lower --config.data.pairs_per_document"
+    )
+  return GroupedSource(shards, k)
 
 
 def _pairs_per_document(config: ml_collections.ConfigDict) -> int:

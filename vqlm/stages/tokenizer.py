@@ -134,9 +134,14 @@ def train(
 
 
 def run_evals(config: ml_collections.ConfigDict, workdir: str, *, log_fn=print) -> dict:
-  """Runs `config.evals` on the trained run (parameters only) and writes RUN/eval.json."""
+  """Runs `config.evals` on the trained run (parameters only) and writes RUN/eval.json, and
+  image grids (e.g. a VAE's prior samples) to RUN/samples."""
   run = TokenizerRun(workdir)
   evaluators = evaluators_lib.build(as_kwargs(config.evals), log_fn=log_fn)
   return evaluators_lib.run_all(
-    run, evaluators, workdir=workdir if jax.process_index() == 0 else None, log_fn=log_fn
+    run,
+    evaluators,
+    workdir=workdir if jax.process_index() == 0 else None,
+    artefacts=os.path.join(workdir, "samples"),
+    log_fn=log_fn,
   )
