@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 import pytest
 
 from vqlm import cli
+from vqlm.data.code_shards import CodeShards
 from vqlm.data.sources import FolderSource
 from vqlm.errors import UserError
 
@@ -135,6 +136,13 @@ def test_own_folder_of_images_end_to_end(tmp_path, capsys):
   counts = {s: manifest["splits"][s]["num_records"] for s in manifest["splits"]}
   assert sum(counts.values()) == len(rows) - 1  # every listed file but broken.png
   assert counts["validation"] >= 4  # at least one LM batch of the tiny size
+  texts = [
+    shards[i]["text"]
+    for shards in (CodeShards(str(codes), split) for split in counts)
+    for i in range(len(shards))
+  ]
+  assert "" in texts  # the empty caption: its image is kept, uncaptioned
+  assert "a broken file" not in texts and "a cut" not in texts  # the next image stood in for it
 
   # An explicitly requested split the folder lacks is a one-line error naming the valid ones.
   code, _, err = _vqlm(

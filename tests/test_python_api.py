@@ -1,11 +1,9 @@
 """docs/python-api.md runs: every ```python block, in order, in one namespace, on the tiny runs."""
 
-import contextlib
 import os
 import re
 import shutil
 
-import jax
 import numpy as np
 
 DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "python-api.md")
@@ -15,19 +13,6 @@ PLACEHOLDERS = {"runs/demo/tokenizer": "tok", "runs/demo/lm": "lm"}
 
 def python_blocks(text: str) -> list[str]:
   return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
-
-
-@contextlib.contextmanager
-def _fast_compiles():
-  """The snippets compile six sampling loops and a few tokenizer functions; at XLA's cheapest
-  optimisation level the test takes about a third less CPU time, and the page only needs them to
-  run. Restored afterwards for the other tests."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def test_every_python_block_of_the_page_runs(tiny, tmp_path, monkeypatch, capsys):
@@ -40,13 +25,12 @@ def test_every_python_block_of_the_page_runs(tiny, tmp_path, monkeypatch, capsys
   shutil.copytree(tiny["lm"], dirs["runs/demo/lm"])
   monkeypatch.chdir(tmp_path)  # Files the page writes by relative path land here.
   namespace: dict = {}
-  with _fast_compiles():
-    for i, block in enumerate(blocks):
-      code = block
-      for placeholder, path in dirs.items():
-        code = code.replace(placeholder, path)
-      assert "runs/demo" not in code, f"block {i} has a path the test does not know"
-      exec(compile(code, f"{DOC}:block{i}", "exec"), namespace)  # noqa: S102
+  for i, block in enumerate(blocks):
+    code = block
+    for placeholder, path in dirs.items():
+      code = code.replace(placeholder, path)
+    assert "runs/demo" not in code, f"block {i} has a path the test does not know"
+    exec(compile(code, f"{DOC}:block{i}", "exec"), namespace)  # noqa: S102
   capsys.readouterr()
 
   ns = namespace

@@ -332,7 +332,7 @@ def test_report_command_on_a_tokenizer_run(tiny, tmp_path, capsys):
   # Curves, codebook usage and projection, the first and latest reconstruction grids.
   assert len(_img_srcs(text)) == 5
   assert "code vectors of dimension" in text and "Step 20 (latest)" in text
-  assert "codes are discrete (their prior is the LM)" in text
+  assert "codes are discrete (vq): their prior is the LM" in text
   assert not os.path.exists(os.path.join(tiny["tok"], "report.html"))
 
 
@@ -348,10 +348,16 @@ def test_report_of_a_continuous_tokenizer_shows_its_prior_grids(tiny, tmp_path):
     os.remove(path)
   grid = imaging.make_grid(np.zeros((4, 8, 8, 3), np.uint8), columns=2)
   imaging.save_png(grid, os.path.join(run, "samples", "prior_samples.png"))
+  ev = {"tokenizer": {"bottleneck": "gaussian", "psnr": 21.5, "ssim": 0.7, "kl": 0.01234}}
+  with open(os.path.join(run, "eval.json"), "w", encoding="utf-8") as f:
+    json.dump(ev, f)
   text = open(report.write_report(run), encoding="utf-8").read()
   _check_sections(text, TOKENIZER_IDS)
   assert "The bottleneck is continuous (gaussian): it has no codebook." in text
-  assert 'alt="Prior samples"' in text and "Random latents: not run" in text
+  assert "KL to the prior (per latent element)</th><td>0.0123" in text and "21.50 dB" in text
+  assert "codebook usage" not in text
+  # A VAE's grid; `random_latents.png` is an autoencoder's.
+  assert 'alt="Prior samples"' in text and "Random latents" not in text
   assert len(_img_srcs(text)) == 1 + 2 + 1  # Curves, two reconstruction grids, the prior grid.
 
 

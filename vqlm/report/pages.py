@@ -117,7 +117,7 @@ def _run_bodies(workdir: str, stage: str) -> dict[str, str]:
       else sections.codebook_section(rows, samples)
     )
     bodies["reconstructions"] = sections.reconstructions_section(samples)
-    bodies["prior-samples"] = sections.prior_section(samples, discrete)
+    bodies["prior-samples"] = sections.prior_section(samples, tables.bottleneck_kind(config))
   else:
     bodies["text-to-image"] = sections.text_to_image_section(samples, extra=True)
     bodies["image-to-text"] = sections.image_to_text_section(samples)

@@ -9,6 +9,7 @@ import numpy as np
 
 from vqlm import imaging
 from vqlm.eval.captions import captions_match
+from vqlm.report import tables
 from vqlm.report.common import (
   GRID_PAD,
   esc,
@@ -30,11 +31,16 @@ from vqlm.report.figures import (
   series,
 )
 
-# Grids of decoded prior draws that continuous-bottleneck tokenizer runs leave in `samples/`:
-# (file stem, title, what it shows).
+# Grids of latents drawn without an input image, decoded, that the `reconstruction` evaluator
+# leaves in a continuous tokenizer's `samples/`: (file stem, title, bottleneck, what it shows).
 PRIOR_GRIDS = (
-  ("prior_samples", "Prior samples", "latents drawn from the bottleneck's prior, decoded"),
-  ("random_latents", "Random latents", "random latent grids, decoded"),
+  ("prior_samples", "Prior samples", "gaussian", "latents drawn from the prior N(0, I)"),
+  (
+    "random_latents",
+    "Random latents",
+    "identity",
+    "Gaussian noise with the per-channel mean and std of the test latents",
+  ),
 )
 MAX_OTHER_GRIDS = 12
 
@@ -180,26 +186,25 @@ def reconstructions_section(samples_dir: str) -> str:
   return "".join(out)
 
 
-def prior_section(samples_dir: str, discrete: bool | None) -> str:
-  """The decoded prior draws of a continuous bottleneck (`samples/prior_samples.png`, ...)."""
-  out = []
-  found = False
-  for stem, title, what in PRIOR_GRIDS:
-    paths = glob.glob(os.path.join(samples_dir, f"{stem}.png")) or files_by_step(
-      os.path.join(samples_dir, f"{stem}_*.png")
+def prior_section(samples_dir: str, kind: str | None) -> str:
+  """The decoded prior draws of a continuous bottleneck (`samples/prior_samples.png` of a VAE,
+  `samples/random_latents.png` of an autoencoder); `kind`: the bottleneck, None if unknown."""
+  if kind in tables.DISCRETE_BOTTLENECKS:
+    return note(
+      f"Decoded prior grids are made for continuous bottlenecks; this tokenizer's codes are "
+      f"discrete ({esc(kind)}): their prior is the LM."
     )
-    grid = _load_png(paths[-1]) if paths else None
+  out = []
+  for stem, title, bottleneck, what in PRIOR_GRIDS:
+    path = os.path.join(samples_dir, f"{stem}.png")
+    if kind not in (None, bottleneck) and not os.path.exists(path):
+      continue  # The other continuous bottleneck's grid.
+    grid = _load_png(path) if os.path.exists(path) else None
     out.append(f"<h3>{esc(title)}</h3>")
     if grid is None:
       out.append(missing(title))
       continue
-    found = True
-    out.append(note(f"{esc(what)} ({esc(os.path.basename(paths[-1]))}).") + img(grid, title))
-  if not found and discrete:
-    return note(
-      "Decoded prior grids are made for continuous bottlenecks; this tokenizer's codes are "
-      "discrete (their prior is the LM)."
-    )
+    out.append(note(f"Images decoded from {esc(what)}.") + img(grid, title))
   return "".join(out)
 
 

@@ -85,12 +85,18 @@ def scene_table(metrics: Mapping[str, Any], *, extra: Sequence[tuple[str, str]] 
 def tokenizer_summary(tok: Mapping[str, Any] | None, title: str = "Image tokenizer") -> str:
   if not tok or not isinstance(tok, Mapping):
     return f"<h3>{esc(title)}</h3>" + missing("Tokenizer evaluation")
-  rows = [
-    ("PSNR", f"{num(tok.get('psnr'), 2)} dB"),
-    ("SSIM", num(tok.get("ssim"))),
-    ("codebook usage", pct(tok.get("codebook_usage"))),
-    ("codebook perplexity", num(tok.get("codebook_perplexity"), 1)),
-    ("dead codes", num(tok.get("dead_codes"), 0)),
+  kind = tok.get("bottleneck")
+  rows = [("bottleneck", esc(kind))] if kind else []
+  rows += [("PSNR", f"{num(tok.get('psnr'), 2)} dB"), ("SSIM", num(tok.get("ssim")))]
+  if "kl" in tok:
+    rows.append(("KL to the prior (per latent element)", num(tok.get("kl"), 4)))
+  if kind is None or kind in DISCRETE_BOTTLENECKS:
+    rows += [
+      ("codebook usage", pct(tok.get("codebook_usage"))),
+      ("codebook perplexity", num(tok.get("codebook_perplexity"), 1)),
+      ("dead codes", num(tok.get("dead_codes"), 0)),
+    ]
+  rows += [
     (
       "scene agreement (recon parses as the original)",
       pct(tok["scene_agreement"]) if "scene_agreement" in tok else NOT_RUN,
