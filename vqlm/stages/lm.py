@@ -29,6 +29,7 @@ from vqlm.runs import TokenizerRun
 from vqlm.runs.lm_run import TEXT_MODEL, VOCAB_FILE, transformer_config
 from vqlm.runtime import mesh as mesh_lib
 from vqlm.runtime.config import as_kwargs
+from vqlm.stages.wiring import make_trainer
 from vqlm.text import TextTokenizer, train_sentencepiece
 from vqlm.train import loop
 from vqlm.train.lm_task import LMTask, eval_summary
@@ -238,20 +239,7 @@ def build_trainer(
     image_size=vocab.image_size,
     codebook=codebook,
   )
-  t = config.train
-  options = loop.LoopOptions(
-    steps=t.steps,
-    seed=t.seed,
-    log_every=t.log_every,
-    checkpoint_every=t.checkpoint_every,
-    checkpoint_minutes=t.checkpoint_minutes,
-    keep_checkpoints=t.keep_checkpoints,
-    max_consecutive_skips=t.max_consecutive_skips,
-    progress=progress,
-    throughput_key="num_tokens",
-  )
-  mesh = mesh_lib.make_mesh(as_kwargs(config.mesh.shape))
-  return loop.Trainer(task, mesh=mesh, rules=config.mesh.rules, options=options)
+  return make_trainer(task, config, progress=progress, throughput_key="num_tokens")
 
 
 def example_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:

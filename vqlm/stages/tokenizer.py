@@ -18,8 +18,8 @@ from vqlm.eval import evaluators as evaluators_lib
 from vqlm.eval import reconstruction
 from vqlm.nn.image_tokenizer import ImageTokenizer
 from vqlm.runs import TokenizerRun
-from vqlm.runtime import mesh as mesh_lib
 from vqlm.runtime.config import as_kwargs
+from vqlm.stages.wiring import make_trainer
 from vqlm.train import loop
 from vqlm.train.optim import make_optimizer
 from vqlm.train.tokenizer_task import TokenizerTask
@@ -40,19 +40,7 @@ def build_task(config: ml_collections.ConfigDict) -> TokenizerTask:
 
 
 def build_trainer(config: ml_collections.ConfigDict, *, progress: bool = True) -> loop.Trainer:
-  mesh = mesh_lib.make_mesh(as_kwargs(config.mesh.shape))
-  t = config.train
-  options = loop.LoopOptions(
-    steps=t.steps,
-    seed=t.seed,
-    log_every=t.log_every,
-    checkpoint_every=t.checkpoint_every,
-    checkpoint_minutes=t.checkpoint_minutes,
-    keep_checkpoints=t.keep_checkpoints,
-    max_consecutive_skips=t.max_consecutive_skips,
-    progress=progress,
-  )
-  return loop.Trainer(build_task(config), mesh=mesh, rules=config.mesh.rules, options=options)
+  return make_trainer(build_task(config), config, progress=progress)
 
 
 def _example_batch(config) -> dict[str, np.ndarray]:
