@@ -31,10 +31,18 @@ def _define(f):
   f.DEFINE_string("tokenizer", None, "LM: the image tokenizer run (default: the one recorded)")
 
 
-def default_evals(stage: str, fv) -> dict:
-  """The standard evaluators of a stage (used when the run's config names none)."""
-  if stage == "tokenizer":
+def default_evals(run, fv, log) -> dict:
+  """The standard evaluators of a run's stage (used when the run's config names none)."""
+  if run.config.get("stage") == "tokenizer":
     return {"tokenizer": {"type": "reconstruction"}}
+  data = run.tokenizer_run().config.data.name
+  if data != "shapes":
+    log(
+      f"no standard LM evaluators apply to the '{data}' data set (they judge images with the "
+      "shapes scene parser); the validation losses are in metrics.jsonl, and config.evals "
+      "may name evaluators such as fid"
+    )
+    return {}
   evals = {
     "text_to_image": {"type": "text_to_image", "split": "test"},
     "text_to_image_heldout": {"type": "text_to_image", "split": "test_heldout"},
@@ -85,8 +93,8 @@ def main(argv: list[str]) -> int:
   config = runs.load_config(fv.workdir)
   kwargs = {"tokenizer": fv.tokenizer} if config.get("stage") == "lm" and fv.tokenizer else {}
   run = runs.load(fv.workdir, **kwargs)
-  evals = as_kwargs(config.get("evals")) or default_evals(config.get("stage"), fv)
   log = lambda message: print(message, file=sys.stderr)
+  evals = as_kwargs(config.get("evals")) or default_evals(run, fv, log)
   evaluators = evaluators_lib.build(with_overrides(evals, fv), log_fn=log)
   # Tokenizer runs write their image grids (prior samples, random latents) next to training's.
   artefacts = os.path.join(fv.workdir, "samples") if config.get("stage") == "tokenizer" else None

@@ -292,9 +292,29 @@ def tokenizer_levels(tokenizer_dir: str, given: tuple[int, ...] = ()) -> tuple[i
   return levels
 
 
+class _Repeated:
+  """`source` repeated until it holds at least `size` elements (in order)."""
+
+  def __init__(self, source, size: int):
+    if not len(source):
+      raise UserError(
+        "the validation split is empty; encode it with `vqlm encode --splits train,validation`"
+      )
+    self.source, self.size = source, max(size, len(source))
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int):
+    return self.source[index % len(self.source)]
+
+
 def make_eval_hook(trainer: loop.Trainer, config, vocab: Vocab, text_model: str):
   """Validation perplexity per modality over `config.eval.num_batches` fixed batches."""
   source = make_source(config, "validation")
+  if len(source) < config.train.batch_size:
+    # A small validation split (e.g. 5% of one's own folder) is repeated to fill one batch.
+    source = _Repeated(source, config.train.batch_size)
   builder = make_builder(config, vocab, seed=config.train.seed + 1)
   transform = ExampleTransform(
     text_model=text_model, builder=builder, max_text_len=config.data.max_text_len

@@ -89,7 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Quality filters on the training split (vqlm/data/filters.py), e.g.
     # {"min_pixel_std": 2.0, "exact_duplicates": True}; counts go to WORKDIR/filters.json.
     filters={},
-    # Source-specific options (e.g. shapes: min/max objects and split sizes; folder: path).
+    # Source-specific options (e.g. shapes: min/max objects and split sizes; folder:
+    # validation_fraction). A folder of images is given as data_dir.
     source_kwargs=({"min_objects": 1, "max_objects": 2} if arg.data == "shapes" else {}),
   )
 
