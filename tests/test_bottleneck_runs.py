@@ -17,11 +17,13 @@ from vqlm import cli, imaging
 SLOW = pytest.mark.slow
 CASES = [
   pytest.param("identity", False, id="identity"),
-  pytest.param("gaussian", False, id="gaussian", marks=SLOW),
+  pytest.param("gaussian", False, id="gaussian"),
+  # Discrete bottlenecks are trained and evaluated by the default suite's session fixture (VQ)
+  # too; these and the GAN cases compile larger train steps, so they run with -m slow.
   pytest.param("vq", False, id="vq", marks=SLOW),
-  pytest.param("fsq", False, id="fsq"),
-  pytest.param("gaussian", True, id="gaussian+gan"),
-  pytest.param("vq", True, id="vq+gan"),
+  pytest.param("fsq", False, id="fsq", marks=SLOW),
+  pytest.param("gaussian", True, id="gaussian+gan", marks=SLOW),
+  pytest.param("vq", True, id="vq+gan", marks=SLOW),
 ]
 GRIDS = {"gaussian": "prior_samples.png", "identity": "random_latents.png"}
 

@@ -91,6 +91,7 @@ def _pngs(path: pathlib.Path) -> set[pathlib.Path]:
   return set(path.rglob("*.png")) if path.exists() else set()
 
 
+@pytest.mark.slow  # Five commands, each compiling its own programs: ~40 s on 2 cores.
 def test_own_folder_of_images_end_to_end(tmp_path, capsys):
   images = tmp_path / "my_images"
   rows = write_folder(images)
