@@ -333,3 +333,10 @@ def test_every_command_prints_its_flags(capsys, flag):
     assert code == 0, (name, err)
     assert out.startswith(f"usage: vqlm {name}"), (name, out)
     assert "flags:" in out and "--" in out.split("flags:")[1], (name, out)
+
+
+def test_a_config_file_that_cannot_be_read_is_one_line(capsys, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # configs/ is not here.
+  code, _, err = _main(capsys, "train", "--config", "configs/lm.py:size=tiny", "--workdir", "x")
+  assert code == 2
+  assert "cannot read the config file configs/lm.py;" in _one_error_line(err)

@@ -78,9 +78,19 @@ def check_workdir(workdir: str, flag: str = "--workdir") -> str:
 
 
 def require_config(fv: flags.FlagValues) -> ml_collections.ConfigDict:
+  """The loaded `--config`; a config file that cannot be read is one line naming the path."""
   if fv["config"].value is None:
     raise UserError("--config is required, e.g. --config configs/tokenizer.py:size=small")
-  return fv["config"].value
+  config = fv["config"].value
+  try:
+    config.get("stage")  # ml_collections defers a failed load to the first access.
+  except OSError:
+    path = str(getattr(fv["config"], "config_filename", "") or "").split(":")[0]
+    raise UserError(
+      f"cannot read the config file {path or 'given to --config'}; config paths are relative to "
+      "the current directory (the shipped ones are in the repository's configs/)"
+    ) from None
+  return config
 
 
 def command_help(name: str, fv: flags.FlagValues) -> str:
