@@ -35,7 +35,8 @@ def write_eval(
   if config is not None:
     data["config"] = dict(config)
   path = eval_path(workdir)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
+  tmp = f"{path}.tmp{os.getpid()}"  # One temporary file per process (see saved_config).
+  with open(tmp, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=2, sort_keys=True, default=float)
-  os.replace(path + ".tmp", path)
+  os.replace(tmp, path)
   return path

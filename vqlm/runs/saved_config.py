@@ -35,7 +35,9 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
       relative[key] = os.path.relpath(value, os.path.abspath(workdir))
   if relative:
     data[RELATIVE_PATHS] = relative
-  tmp = path + ".tmp"
+  # Every process of a multi-process run writes the same file: a temporary name of its own keeps
+  # one process's rename from taking the file another is still writing.
+  tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
