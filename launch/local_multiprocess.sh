@@ -37,6 +37,12 @@ stop_all() {
   for pid in "${running[@]}"; do
     kill "$pid" 2>/dev/null || true
   done
+  # SIGTERM asks the loop to save and stop between steps; a process blocked in a collective
+  # waiting for the one that died never gets there, so it is killed after a grace period.
+  (
+    sleep "${VQLM_STOP_GRACE:-10}"
+    kill -KILL "${running[@]}" 2>/dev/null || true
+  ) >/dev/null 2>&1 &
 }
 trap 'stop_all; exit 130' INT TERM
 
