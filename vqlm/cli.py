@@ -107,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("vqlm: interrupted; run the same command to resume", file=sys.stderr)
     return 130
+  except BrokenPipeError:
+    # The reader went away (`vqlm train --help | head`): not an error. Point stdout at devnull
+    # so that Python's final flush does not raise again.
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 if __name__ == "__main__":

@@ -42,8 +42,7 @@ def main(argv: list[str]) -> int:
   fv = flag_lib.parse(
     argv,
     lambda f: (
-      f.DEFINE_string("workdir", None, "LM run directory (from `vqlm train`, configs/lm.py)"),
-      f.DEFINE_string("tokenizer", None, "image tokenizer run (default: the one the LM recorded)"),
+      flag_lib.define_lm_run(f),
       f.DEFINE_multi_string("image", [], "an image file; repeat for several"),
       f.DEFINE_float("temperature", 0.0, "text temperature (0 = greedy)"),
       f.DEFINE_integer("max_len", 48, "most caption tokens"),

@@ -94,8 +94,7 @@ def main(argv: list[str]) -> int:
   fv = flag_lib.parse(
     argv,
     lambda f: (
-      f.DEFINE_string("workdir", None, "LM run directory (from `vqlm train`, configs/lm.py)"),
-      f.DEFINE_string("tokenizer", None, "image tokenizer run (default: the one the LM recorded)"),
+      flag_lib.define_lm_run(f),
       f.DEFINE_multi_string("text", [], "a text part of the prompt (order on the line counts)"),
       f.DEFINE_multi_string("image", [], "an image part of the prompt (order on the line counts)"),
       f.DEFINE_string("frames", None, "video: comma-separated frame images f1.png,f2.png,..."),

@@ -61,6 +61,12 @@ def parse(
   return fv
 
 
+def define_lm_run(f: _Definer) -> None:
+  """`--workdir` (an LM run) and `--tokenizer` (its image tokenizer, when it moved apart)."""
+  f.DEFINE_string("workdir", None, "LM run directory (from `vqlm train`, configs/lm.py)")
+  f.DEFINE_string("tokenizer", None, "image tokenizer run (default: the one the LM recorded)")
+
+
 def check_workdir(workdir: str, flag: str = "--workdir") -> str:
   """Returns the absolute workdir, created with its parents; a clear error when it cannot be."""
   if not workdir:

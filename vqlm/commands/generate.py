@@ -85,8 +85,7 @@ def main(argv: list[str]) -> int:
   fv = flag_lib.parse(
     argv,
     lambda f: (
-      f.DEFINE_string("workdir", None, "LM run directory (from `vqlm train`, configs/lm.py)"),
-      f.DEFINE_string("tokenizer", None, "image tokenizer run (default: the one the LM recorded)"),
+      flag_lib.define_lm_run(f),
       f.DEFINE_multi_string("prompt", [], "a caption; repeat for several"),
       f.DEFINE_string("prompt-file", None, "a text file with one caption per line"),
       f.DEFINE_integer("num", 8, "images per caption"),
