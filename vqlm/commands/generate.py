@@ -46,41 +46,6 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
   return out
 
 
-def sample_range(
-  gen,
-  prompts: list[str],
-  num: int,
-  start: int,
-  stop: int,
-  *,
-  batch_size: int,
-  cfg_scale: float,
-  sampling,
-  seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Images `start..stop-1` of `gen.generate_images(prompts, num_per_prompt=num, ...)` and their
-  codes, drawn in one sampler call of `batch_size` rows with the same row seeds `(seed, i)`."""
-  v = gen.vocab
-  ids = {p: gen.text_ids(prompts[p]) for p in range(start // num, (stop - 1) // num + 1)}
-  rows = [[v.bos_id, *ids[i // num], v.boi_id] for i in range(start, stop)]
-  use_cfg = float(cfg_scale) != 1.0
-  out = gen.sampler(
-    rows,
-    batch_size=batch_size,
-    row_seeds=range(start, stop),
-    mode="image",
-    max_new_tokens=v.tokens_per_image + 1,
-    cfg_scale=float(cfg_scale) if use_cfg else None,
-    uncond_prompts=[[v.bos_id, v.boi_id]] * len(rows) if use_cfg else None,
-    sampling=sampling,
-    seed=seed,
-  )
-  hw = v.tokens_per_image
-  codes = (out.tokens[:, :hw] - v.image_offset).reshape(len(rows), *v.grid).astype(np.int32)
-  images = np.asarray(gen.image_tokenizer.decode(codes), np.uint8)
-  return images, codes
-
-
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(
     argv,
@@ -133,6 +98,7 @@ def main(argv: list[str]) -> int:
   gen = generator_for(
     load_run(fv.workdir, fv.tokenizer), dtype=None if fv.dtype == "model" else fv.dtype
   )
+  gen.progress = False  # This command's bar counts images across batches.
   total = len(prompts) * fv.num
   width = max(5, len(str(total - 1)))
   names = [f"{i:0{width}d}" for i in range(total)]
@@ -140,16 +106,14 @@ def main(argv: list[str]) -> int:
   with open(os.path.join(out_dir, PROMPTS_FILE), "w") as index:
     for start in range(0, total, fv.batch_size):
       stop = min(start + fv.batch_size, total)
-      images, codes = sample_range(
-        gen,
-        prompts,
-        fv.num,
-        start,
-        stop,
-        batch_size=fv.batch_size,
+      images, codes = gen.generate_images(
+        [prompts[i // fv.num] for i in range(start, stop)],
         cfg_scale=fv.cfg,
         sampling=sampling,
         seed=fv.seed,
+        batch_size=fv.batch_size,
+        first_row=start,
+        return_codes=True,
       )
       if fv.scale > 1:
         images = images.repeat(fv.scale, axis=1).repeat(fv.scale, axis=2)

@@ -227,9 +227,6 @@ class _Generation(Evaluator):
     source = source_from_config(_shapes_data(run), self.settings["split"])
     return [source[i] for i in range(min(self.settings["num_prompts"], len(source)))]
 
-  def generator(self, run):
-    return run.generator(batch_size=self.settings["batch_size"])
-
 
 class TextToImage(_Generation):
   """Draws `images_per_prompt` images per caption of `split` and judges each with the scene
@@ -242,7 +239,7 @@ class TextToImage(_Generation):
     s = self.settings
     examples = self.examples(run)
     metrics, images = text_image.text_to_image(
-      self.generator(run),
+      run.generator(batch_size=self.settings["batch_size"]),
       examples,
       num_per_prompt=s["images_per_prompt"],
       cfg_scale=s["cfg_scale"],
@@ -284,7 +281,7 @@ class ImageToText(Evaluator):
 
     source = source_from_config(_shapes_data(run), self.settings["split"])
     examples = [source[i] for i in range(min(self.settings["num_images"], len(source)))]
-    generator = _Generation.generator(self, run)
+    generator = run.generator(batch_size=self.settings["batch_size"])
     metrics, captions = text_image.image_to_text(generator, examples)
     if artefacts:
       os.makedirs(artefacts, exist_ok=True)
@@ -311,7 +308,7 @@ class _SetDistance(_Generation):
   def images(self, run) -> tuple[np.ndarray, np.ndarray]:
     s = self.settings
     examples = self.examples(run)
-    fake = self.generator(run).generate_images(
+    fake = run.generator(batch_size=self.settings["batch_size"]).generate_images(
       [e["text"] for e in examples],
       num_per_prompt=s["images_per_prompt"],
       cfg_scale=s["cfg_scale"],

@@ -59,11 +59,13 @@ def restore_subtree(
   Returns:
     (step, the restored subtree with `target`'s structure and shardings).
   """
-  step = latest_step(directory) if step is None else step
-  if step is None:
+  if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint in {directory}; train the run first")
   ckpt = Checkpointer(directory)
   try:
+    step = ckpt.latest_step if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}; train the run first")
     ckpt.check_compatible(step, target, partial=True)
   finally:
     ckpt.close()

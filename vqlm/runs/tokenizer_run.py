@@ -7,6 +7,7 @@ has `encode_latent` / `decode_latent` / `reconstruct`; a Gaussian (VAE) one also
 read from the checkpoint (no optimizer or discriminator state), on a mesh of the devices present.
 """
 
+import functools
 import os
 from typing import Any
 
@@ -160,8 +161,9 @@ class TokenizerRun:
     """float32 `[K, D]`: the code vectors the decoder sees."""
     return np.asarray(self.model.apply(self.variables, method=self.model.codebook))
 
-  @property
+  @functools.cached_property
   def grid(self) -> tuple[int, int]:
+    """`(h, w)` of the code grid (traced once, nothing computed)."""
     size = self.image_size
     codes = jax.eval_shape(
       lambda v, x: self.model.apply(v, x, method=self.model.encode),
@@ -172,7 +174,8 @@ class TokenizerRun:
 
   @property
   def codebook_size(self) -> int:
-    return int(self.codebook().shape[0])
+    """Codes of a discrete bottleneck (the rows of `codebook()`); 0 for a continuous one."""
+    return int(self.model.codebook_size)
 
 
 # The name of the Gaussian bottleneck's Dense that predicts mean and log-variance, and its

@@ -139,9 +139,16 @@ class Generator:
   # ---- batching -----------------------------------------------------------------------------
 
   def _run_batches(
-    self, prompts: list[list[int]], *, desc: str, batch_size: int | None, **kwargs
+    self,
+    prompts: list[list[int]],
+    *,
+    desc: str,
+    batch_size: int | None,
+    first_row: int = 0,
+    **kwargs,
   ) -> tuple[np.ndarray, np.ndarray]:
-    """Samples all prompts in fixed-size batches; returns `(tokens [N, T], lengths [N])`."""
+    """Samples all prompts in fixed-size batches; returns `(tokens [N, T], lengths [N])`. Row `i`
+    draws with seed `(seed, first_row + i)`."""
     bs = batch_size or self.batch_size
     if bs <= 0:
       raise UserError(f"batch_size={bs} must be >= 1.")
@@ -154,7 +161,7 @@ class Generator:
       out = self.sampler(
         prompts[start:stop],
         batch_size=bs,
-        row_seeds=range(start, stop),
+        row_seeds=range(first_row + start, first_row + stop),
         uncond_prompts=None if uncond is None else uncond[start:stop],
         num_images=num_images[start:stop],
         **kwargs,
@@ -197,6 +204,7 @@ class Generator:
     seed: int = 0,
     batch_size: int | None = None,
     return_codes: bool = False,
+    first_row: int = 0,
   ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Text-to-image: `num_per_prompt` images per caption, prompt-major order.
 
@@ -209,6 +217,9 @@ class Generator:
       seed: base seed; image `i` uses `(seed, i)`.
       batch_size: rows per sampler call (default: the Generator's).
       return_codes: also return the code grids.
+      first_row: this call's images are rows `first_row ...` of a longer list (seeds
+        `(seed, first_row + i)`), so drawing a long list slice by slice gives the images of one
+        call.
     Returns:
       uint8 `[N, H, W, 3]` with `N = len(prompts) * num_per_prompt` (and int32 codes `[N, h, w]`).
     """
@@ -225,6 +236,7 @@ class Generator:
       rows,
       desc="images",
       batch_size=batch_size,
+      first_row=first_row,
       mode="image",
       max_new_tokens=v.tokens_per_image + 1,
       sampling=sampling,

@@ -24,7 +24,7 @@ from vqlm.data import pipeline
 from vqlm.data.code_shards import CodeShards, read_manifest
 from vqlm.data.sequences import GroupedSource, SequenceBuilder, needed_seq_len
 from vqlm.errors import UserError
-from vqlm.nn.transformer import Transformer, TransformerConfig
+from vqlm.nn.transformer import Transformer
 from vqlm.runs import TokenizerRun
 from vqlm.runs.lm_run import TEXT_MODEL, VOCAB_FILE, transformer_config
 from vqlm.runtime import mesh as mesh_lib
@@ -35,11 +35,6 @@ from vqlm.train import loop
 from vqlm.train.lm_task import LMTask, eval_summary
 from vqlm.train.optim import make_optimizer
 from vqlm.vocab import Vocab
-
-
-def model_config(config: ml_collections.ConfigDict, vocab: Vocab) -> TransformerConfig:
-  """The Transformer's config: the config's model section + sizes from the vocabulary."""
-  return transformer_config(config, vocab)
 
 
 def prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=print) -> Vocab:
@@ -93,10 +88,6 @@ def _prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=pr
   )
   vocab.save(vocab_path)
   return vocab
-
-
-def load_text_tokenizer(workdir: str) -> TextTokenizer:
-  return TextTokenizer.load(os.path.join(workdir, TEXT_MODEL))
 
 
 def make_source(config: ml_collections.ConfigDict, split: str):
@@ -226,7 +217,7 @@ def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab, text_model: s
 def build_trainer(
   config: ml_collections.ConfigDict, vocab: Vocab, *, progress: bool = True
 ) -> loop.Trainer:
-  model = Transformer(model_config(config, vocab))
+  model = Transformer(transformer_config(config, vocab))
   optimizer, _ = make_optimizer(total_steps=config.train.steps, **as_kwargs(config.optim))
   codebook = None
   if config.model.image_embed_init == "codebook":
