@@ -99,3 +99,48 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
   wide.task = ToyTask(width=16)
   with pytest.raises(ValueError, match="does not match the config"):
     loop.run(wide, data_iter=_iter(), workdir=str(tmp_path), log_fn=lambda s: None)
+
+
+def test_loss_spike_is_skipped_after_warmup():
+  trainer = _trainer(30, spike_sigma=3.0, spike_warmup=5)
+  it = _iter()
+  batch = mesh_lib.global_batch(next(it), trainer.mesh)
+  state = trainer.init_state(jax.random.key(0), batch)
+  for i in range(8):
+    state, metrics = trainer.step(
+      state, mesh_lib.global_batch(next(it), trainer.mesh), jax.random.key(i)
+    )
+  assert float(metrics["skipped"]) == 0.0
+  before = to_numpy(state.params)
+  spike = dict(batch, y=batch["y"] * 1000.0)  # Finite, but far above the running loss.
+  state, metrics = trainer.step(state, spike, jax.random.key(9))
+  assert float(metrics["skipped"]) == 1.0
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(to_numpy(state.params))):
+    np.testing.assert_array_equal(a, b)
+  state, metrics = trainer.step(state, batch, jax.random.key(10))
+  assert int(state.extra["guard"]["skipped"]) == 1 and int(state.extra["guard"]["consecutive"]) == 0
+
+
+def test_time_based_checkpoints(tmp_path):
+  def steps_saved(minutes, workdir):
+    trainer = _trainer(4, checkpoint_every=1000, checkpoint_minutes=minutes, keep_checkpoints=10)
+    loop.run(trainer, data_iter=_iter(), workdir=str(workdir), log_fn=lambda s: None)
+    return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+
+  assert steps_saved(0.0, tmp_path / "often") == [1, 2, 3, 4]
+  assert steps_saved(1e6, tmp_path / "rarely") == [4]
+
+
+def test_config_train_fields_reach_the_loop_options():
+  from vqlm.errors import UserError
+  from vqlm.stages import tokenizer_config, wiring
+
+  config = tokenizer_config.get_config("size=tiny")
+  config.train.update(keep_every_steps=7, spike_sigma=2.5, spike_warmup=11)
+  config.train.checkpoint_commit = "commit_file"
+  options = wiring.make_trainer(ToyTask(), config).options
+  assert (options.keep_every_steps, options.spike_sigma, options.spike_warmup) == (7, 2.5, 11)
+  assert options.checkpoint_commit == "commit_file"
+  config.train.spike_sigma = -1.0
+  with pytest.raises(UserError, match="spike_sigma"):
+    wiring.make_trainer(ToyTask(), config)

@@ -85,16 +85,48 @@ class CodeShards:
         f"{len(missing)} shard(s) of split '{split}' in {directory} are "
         "incomplete; re-run the same `vqlm encode` command to finish them"
       )
-    paths = [os.path.join(directory, s["file"]) for s in info["shards"]]
+    self._directory = directory
+    self._split = split
+    self._files = [s["file"] for s in info["shards"]]
+    self._ends = np.cumsum([s["stop"] - s["start"] for s in info["shards"]])
+    for shard in info["shards"]:
+      self._check_shard(grain, shard)
+    paths = [os.path.join(directory, f) for f in self._files]
     self._source = grain.sources.ArrayRecordDataSource(paths)
     self.grid = tuple(self.manifest["grid"])
     self.codebook_size = int(self.manifest["codebook_size"])
+
+  def _damaged(self, file: str, what: str) -> UserError:
+    fix = "" if what == "missing" else "delete it and "
+    return UserError(
+      f"encoded data file {os.path.join(self._directory, file)} is damaged ({what}); {fix}"
+      f"re-run the `vqlm encode` command that made {self._directory} (it re-encodes only "
+      "missing shards)"
+    )
+
+  def _check_shard(self, grain, shard: dict) -> None:
+    """Opens one shard up front: a missing, truncated or short file is named before training."""
+    path = os.path.join(self._directory, shard["file"])
+    if not os.path.exists(path):
+      raise self._damaged(shard["file"], "missing")
+    try:
+      count = len(grain.sources.ArrayRecordDataSource([path]))
+    except (RuntimeError, ValueError, OSError) as e:
+      raise self._damaged(shard["file"], str(e).strip() or "unreadable") from None
+    if count != shard["stop"] - shard["start"]:
+      raise self._damaged(
+        shard["file"], f"{count} records where the manifest lists {shard['stop'] - shard['start']}"
+      )
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    return deserialize(self._source[i])
+    try:
+      return deserialize(self._source[i])
+    except (RuntimeError, ValueError, TypeError) as e:  # Riegeli checksum, msgpack decoding.
+      file = self._files[int(np.searchsorted(self._ends, i, side="right"))]
+      raise self._damaged(file, f"record {i}: {str(e).strip()[:160]}") from None
 
 
 def _batches(indices: Sequence[int], batch_size: int) -> Iterator[Sequence[int]]:

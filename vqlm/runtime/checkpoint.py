@@ -6,9 +6,22 @@ step, and `cleanup_tmp_directories` removes the leftovers on the next start.
 
 Permanent checkpoints are the steps divisible by `keep_every_steps`; all others (periodic or
 time-based saves) are temporary and only the newest `max_to_keep` of them survive.
+
+How a step commits (`commit`):
+  * `rename` (local disks): Orbax writes into a temporary directory and renames it.
+  * `commit_file`: Orbax writes into the step directory itself and marks it committed with a
+    `commit_success.txt` file. Needed where renaming a directory fails or is not atomic: gcsfuse
+    mounts of flat-namespace buckets refuse directory renames by default.
+  * `auto` (the default): `commit_file` on FUSE mounts (`/proc/mounts`) and `gs://` URLs (which
+    Orbax writes natively, with no mount), `rename` elsewhere.
+
+A latest step that cannot be read back (a truncated or damaged file) is set aside as
+`checkpoints/corrupt-<step>` with a warning, and the run resumes from the newest good step.
 """
 
+from collections.abc import Callable
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -16,10 +29,69 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vqlm.errors import UserError
+
+log = logging.getLogger(__name__)
+
 FAULT_ENV = "VQLM_TEST_CHECKPOINT_FAULT"
+COMMIT_MODES = ("auto", "rename", "commit_file")
+CORRUPT_PREFIX = "corrupt-"
 
 
-def _fault_injecting_path_class() -> type | None:
+def is_url(path: str) -> bool:
+  """`gs://bucket/dir` and other URL-style paths, which Orbax opens natively (no FUSE)."""
+  return "://" in str(path)
+
+
+def _mount_type(path: str, mounts_file: str = "/proc/mounts") -> str:
+  """The file-system type of the mount holding `path` (e.g. `ext4`, `fuse.gcsfuse`); '' if
+  unknown (no /proc on this OS)."""
+  try:
+    with open(mounts_file, encoding="utf-8") as f:
+      rows = [line.split() for line in f if line.strip()]
+  except OSError:
+    return ""
+  path = os.path.realpath(path)
+  best, kind = "", ""
+  for row in rows:
+    if len(row) < 3:
+      continue
+    point = row[1].replace("\\040", " ")
+    inside = path == point or path.startswith(point.rstrip("/") + "/")
+    if inside and len(point) >= len(best):
+      best, kind = point, row[2]
+  return kind
+
+
+def commit_mode(
+  directory: str, requested: str = "auto", *, mounts_file: str = "/proc/mounts"
+) -> str:
+  """`rename` or `commit_file` for a checkpoint directory (see the module docstring)."""
+  if requested not in COMMIT_MODES:
+    raise UserError(
+      f"unknown checkpoint commit mode {requested!r}; valid: {', '.join(COMMIT_MODES)}"
+      " (config.train.checkpoint_commit)"
+    )
+  if requested != "auto":
+    return requested
+  if is_url(directory):
+    return "commit_file"
+  fstype = _mount_type(directory, mounts_file)  # The directory need not exist yet.
+  return "commit_file" if fstype.startswith("fuse") else "rename"
+
+
+def _temporary_path_class(mode: str) -> type:
+  """Orbax's commit strategy for `mode`, wrapped by the fault-injection hook when it is set."""
+  atomicity = ocp.path.atomicity
+  base = (
+    atomicity.CommitFileTemporaryPath
+    if mode == "commit_file"
+    else atomicity.AtomicRenameTemporaryPath
+  )
+  return _fault_injecting_path_class(base) or base
+
+
+def _fault_injecting_path_class(base: type) -> type | None:
   """A test hook: `VQLM_TEST_CHECKPOINT_FAULT=slow:SECONDS` delays every commit (so a test can
   kill the process while an async save is in flight); `=enospc` makes every commit fail as if the
   disk were full. Unset (always, outside tests) it changes nothing."""
@@ -27,8 +99,6 @@ def _fault_injecting_path_class() -> type | None:
   if not spec:
     return None
   import asyncio
-
-  base = ocp.path.atomicity.AtomicRenameTemporaryPath
 
   class FaultyTemporaryPath(base):
     async def finalize(self, *args, **kwargs):
@@ -80,10 +150,12 @@ class Checkpointer:
   """Saves and restores a run; one instance per run directory.
 
   Args:
-    directory: where step directories live (created if missing).
+    directory: where step directories live (created if missing); a local path or a `gs://` URL.
     max_to_keep: how many of the newest checkpoints to keep.
     keep_every_steps: steps divisible by this are never deleted (0: none are permanent).
     async_save: write in a background thread while training continues.
+    commit: `auto`, `rename` or `commit_file` (see the module docstring).
+    warn: where warnings go (a damaged step set aside); default: the `logging` module.
   """
 
   def __init__(
@@ -93,15 +165,19 @@ class Checkpointer:
     max_to_keep: int = 3,
     keep_every_steps: int = 0,
     async_save: bool = True,
+    commit: str = "auto",
+    warn: Callable[[str], None] | None = None,
   ):
-    self.directory = os.path.abspath(directory)
+    self._warn = warn or log.warning
+    self.directory = directory if is_url(directory) else os.path.abspath(directory)
+    self.commit = commit_mode(self.directory, commit)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       keep_period=keep_every_steps or None,
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True,
       create=True,
-      temporary_path_class=_fault_injecting_path_class(),
+      temporary_path_class=_temporary_path_class(self.commit),
     )
     handlers = {
       "state": ocp.StandardCheckpointHandler(),
@@ -163,10 +239,58 @@ class Checkpointer:
         )
 
   def restore(self, target: Any, step: int | None = None) -> Restored | None:
-    """Restores the latest (or given) step onto `target`'s shapes and shardings; None if empty."""
-    step = self.latest_step if step is None else step
-    if step is None:
-      return None
+    """Restores the latest (or given) step onto `target`'s shapes and shardings; None if empty.
+
+    Without `step`, a newest step that cannot be read is set aside (`corrupt-<step>`, with a
+    warning naming it) and the next older one is tried. A checkpoint of another model is never
+    skipped: it raises CheckpointMismatchError."""
+    if step is not None:
+      return self._restore_step(target, step)
+    unreadable = []
+    for candidate in sorted(self.all_steps(), reverse=True):
+      try:
+        restored = self._restore_step(target, candidate)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001 - any read failure marks the step as damaged.
+        unreadable.append((candidate, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]))
+        continue
+      for bad, reason in unreadable:
+        self._set_aside(bad, reason, resume_step=candidate)
+      return restored
+    if unreadable:
+      # No step at all can be read: more likely a problem of this process than of every file.
+      # Nothing is moved; the first error is shown.
+      bad, reason = unreadable[0]
+      raise UserError(
+        f"no checkpoint in {self.directory} can be read (step {bad}: {reason}); check the "
+        "files, or start again with a new --workdir"
+      )
+    return None
+
+  def _set_aside(self, step: int, reason: str, *, resume_step: int) -> None:
+    """Moves an unreadable step out of Orbax's view, keeping its files for inspection."""
+    from etils import epath
+
+    target = f"{CORRUPT_PREFIX}{step}"
+    self._warn(
+      f"warning: checkpoint step {step} in {self.directory} cannot be read ({reason}); it is "
+      f"kept as {target} and the run resumes from step {resume_step}"
+    )
+    if jax.process_index() == 0:
+      root = epath.Path(self.directory)
+      suffix = 0
+      while (root / target).exists():
+        suffix += 1
+        target = f"{CORRUPT_PREFIX}{step}.{suffix}"
+      (root / str(step)).rename(root / target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"vqlm_checkpoint_set_aside_{step}")
+    self._manager.reload()
+
+  def _restore_step(self, target: Any, step: int) -> Restored:
     self.check_compatible(step, target)
     items = {"state": ocp.args.StandardRestore(_abstract(target))}
     for name in ("data", "meta"):

@@ -28,6 +28,7 @@ from vqlm.nn.transformer import Transformer
 from vqlm.runs import TokenizerRun
 from vqlm.runs.lm_run import TEXT_MODEL, VOCAB_FILE, transformer_config
 from vqlm.runtime import mesh as mesh_lib
+from vqlm.runtime import workdir_lock
 from vqlm.runtime.config import as_kwargs
 from vqlm.stages.wiring import make_trainer
 from vqlm.text import TextTokenizer, train_sentencepiece
@@ -341,7 +342,14 @@ def train(
   log_fn=print,
   extra_hooks=(),
 ) -> Any:
-  """Trains the LM on pre-encoded data (`config.data.codes`)."""
+  """Trains the LM on pre-encoded data (`config.data.codes`).
+
+  Refused (UserError) while another run trains in `workdir`."""
+  with workdir_lock.hold(workdir):
+    return _train(config, workdir, progress=progress, log_fn=log_fn, extra_hooks=extra_hooks)
+
+
+def _train(config, workdir, *, progress, log_fn, extra_hooks) -> Any:
   config = _resolve_paths(config)
   check_data(config)
   runs.check_same_model(workdir, config, sections=("model",))

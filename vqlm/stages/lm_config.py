@@ -165,7 +165,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     checkpoint_every=1000,
     checkpoint_minutes=10.0,
     keep_checkpoints=3,
+    # Steps divisible by this are permanent checkpoints, never deleted (0: none).
+    keep_every_steps=0,
+    # How a checkpoint commits: auto (commit_file on FUSE mounts and gs://, else rename),
+    # rename, or commit_file.
+    checkpoint_commit="auto",
     max_consecutive_skips=10,
+    # > 0: skip an update whose loss exceeds the running mean + spike_sigma * std (an EMA),
+    # after spike_warmup applied updates; 0: only non-finite updates are skipped.
+    spike_sigma=0.0,
+    spike_warmup=100,
   )
   c.eval = dict(num_batches=10)
   # Evaluators run after training (and by `vqlm eval`): `{section: {"type": ..., settings}}`

@@ -18,6 +18,7 @@ from vqlm.eval import evaluators as evaluators_lib
 from vqlm.eval import reconstruction
 from vqlm.nn.image_tokenizer import ImageTokenizer
 from vqlm.runs import TokenizerRun
+from vqlm.runtime import workdir_lock
 from vqlm.runtime.config import as_kwargs
 from vqlm.stages.wiring import make_trainer
 from vqlm.train import loop
@@ -56,7 +57,14 @@ def _collections(extra: Mapping[str, Any]) -> dict[str, Any]:
 def train(
   config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, log_fn=print
 ) -> dict[str, float]:
-  """Trains the image tokenizer, saves grids and metrics, and writes the final eval to eval.json."""
+  """Trains the image tokenizer, saves grids and metrics, and writes the final eval to eval.json.
+
+  Refused (UserError) while another run trains in `workdir`."""
+  with workdir_lock.hold(workdir):
+    return _train(config, workdir, progress=progress, log_fn=log_fn)
+
+
+def _train(config, workdir, *, progress, log_fn) -> dict[str, float]:
   runs.check_same_model(workdir, config, sections=("model", "data"))
   runs.save_config(workdir, config)
   from vqlm.data import pipeline

@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from vqlm.errors import UserError
 from vqlm.runtime import mesh as mesh_lib
 from vqlm.runtime.config import as_kwargs
 from vqlm.train import loop
@@ -16,6 +17,9 @@ def make_trainer(
 ) -> loop.Trainer:
   """A `loop.Trainer` for `task` with the config's `train` options and `mesh`."""
   t = config.train
+  for name in ("keep_every_steps", "spike_sigma", "spike_warmup"):
+    if t.get(name, 0) < 0:
+      raise UserError(f"config.train.{name} is {t.get(name)}; it must be >= 0")
   options = loop.LoopOptions(
     steps=t.steps,
     seed=t.seed,
@@ -23,7 +27,11 @@ def make_trainer(
     checkpoint_every=t.checkpoint_every,
     checkpoint_minutes=t.checkpoint_minutes,
     keep_checkpoints=t.keep_checkpoints,
+    keep_every_steps=t.get("keep_every_steps", 0),
+    checkpoint_commit=t.get("checkpoint_commit", "auto"),
     max_consecutive_skips=t.max_consecutive_skips,
+    spike_sigma=t.get("spike_sigma", 0.0),
+    spike_warmup=t.get("spike_warmup", 100),
     progress=progress,
     throughput_key=throughput_key,
   )

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vqlm.runtime import mesh as mesh_lib
+from vqlm.runtime import workdir_lock
 from vqlm.runtime.checkpoint import Checkpointer
 from vqlm.train.metrics import MetricWriter
 from vqlm.train.state import TrainState
@@ -56,7 +57,8 @@ class LoopOptions:
   checkpoint_every: int = 1000
   checkpoint_minutes: float = 10.0
   keep_checkpoints: int = 3
-  keep_every_steps: int = 0
+  keep_every_steps: int = 0  # Steps divisible by this are kept for good (0: none).
+  checkpoint_commit: str = "auto"  # auto | rename | commit_file (`runtime.checkpoint`).
   async_checkpoints: bool = True
   max_consecutive_skips: int = 10
   spike_sigma: float = 0.0  # > 0: skip updates whose loss exceeds mean + sigma * std (EMA).
@@ -266,6 +268,13 @@ def run(
   Returns:
     The final train state.
   """
+  with workdir_lock.hold(workdir):
+    return _run(
+      trainer, data_iter=data_iter, workdir=workdir, hooks=hooks, meta=meta, log_fn=log_fn
+    )
+
+
+def _run(trainer, *, data_iter, workdir, hooks, meta, log_fn) -> TrainState:
   opts = trainer.options
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(
@@ -273,6 +282,8 @@ def run(
     max_to_keep=opts.keep_checkpoints,
     keep_every_steps=opts.keep_every_steps,
     async_save=opts.async_checkpoints,
+    commit=opts.checkpoint_commit,
+    warn=log_fn,
   )
   writer = MetricWriter(workdir)
   first = next(data_iter)
