@@ -41,6 +41,12 @@ def _define(f) -> None:
   f.DEFINE_integer("seq_len", 0, "LM tokens per sequence (default: config.train.seq_len)")
   f.DEFINE_integer("vocab_size", 0, "LM vocabulary size (default: the size's nominal one)")
   f.DEFINE_bool("lower_only", False, "stop after lowering (prints the train state's size only)")
+  f.DEFINE_enum(
+    "distributed",
+    None,
+    ["auto", "on", "off"],
+    "multi-process start-up, as in vqlm train (default: $VQLM_DISTRIBUTED or auto)",
+  )
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -326,7 +332,7 @@ def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, _define, config=True)
   from vqlm.runtime.distributed import maybe_initialize
 
-  maybe_initialize()
+  maybe_initialize(fv.distributed)
   config = apply_overrides(
     flag_lib.require_config(fv), mesh=fv.mesh, batch=fv.batch, seq_len=fv.seq_len
   )

@@ -18,12 +18,20 @@ def main(argv: list[str]) -> int:
     lambda f: (
       f.DEFINE_string("workdir", None, "run directory (created; resumed if it holds a run)"),
       f.DEFINE_bool("progress", True, "show a progress bar"),
+      f.DEFINE_enum(
+        "distributed",
+        None,
+        ["auto", "on", "off"],
+        "multi-process start-up: auto = when a launcher describes several processes (srun step, "
+        "Cloud TPU VM, VQLM_COORDINATOR, ...); on = always; off = never (default: "
+        "$VQLM_DISTRIBUTED or auto)",
+      ),
     ),
     config=True,
   )
   from vqlm.runtime.distributed import maybe_initialize
 
-  maybe_initialize()
+  maybe_initialize(fv.distributed)
   config = flag_lib.require_config(fv)
   workdir = flag_lib.check_workdir(fv.workdir)
   stage = config.get("stage")

@@ -7,11 +7,13 @@ logical axis names (`embed`, `mlp`, ...), the config's rules map them to the mes
 
 from collections.abc import Iterator, Mapping, Sequence
 import contextlib
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
@@ -22,10 +24,25 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a Mesh with axes (data, fsdp, tensor); one size may be -1 (all remaining devices).
+  """Builds a Mesh with axes (data, fsdp, tensor) laid out along the devices' topology.
+
+  One size may be -1 (all remaining devices); the sizes must multiply to `len(devices)` (default:
+  every device of every process). `jax.make_mesh` orders the devices: on TPU it maps each mesh
+  axis onto whole axes of the chips' physical torus, `tensor` (the last, most communicating axis)
+  first, so neighbours along an axis are linked chips; on GPU it orders by device id; on CPU it
+  keeps the given order. A shape that does not fit the TPU torus is a UserError, not a silent
+  plain reshape.
+
+  Devices in several slices (jax's `slice_index`: TPU slices, and GPU nodes, which jax counts as
+  one slice each) are split: `data`, then `fsdp`, take the slice count (the slow links between
+  slices carry only their gradient traffic) and each slice is laid out as above
+  (`mesh_utils.create_hybrid_device_mesh`; `jax.make_mesh` refuses several slices).
 
   Uses Auto axis types: linen's logical constraints need them, and with the Explicit axis types
-  that `jax.make_mesh` now defaults to, `nn.Embed` raises `ShardingTypeError`.
+  that `jax.make_mesh` defaults to, `nn.Embed` raises `ShardingTypeError`.
+
+  Returns:
+    a Mesh whose `devices` array has shape [data, fsdp, tensor].
   """
   devices = list(jax.devices() if devices is None else devices)
   unknown = set(shape) - set(MESH_AXES)
@@ -48,11 +65,51 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
       f"mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices but "
       f"{len(devices)} are available; change config.mesh.shape"
     )
+  named = dict(zip(MESH_AXES, sizes))
+  auto = (AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
   try:
-    array = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
-  except Exception:  # Topology-unaware fallback (e.g. CPU or odd shapes).
-    array = np.asarray(devices).reshape(sizes)
-  return Mesh(array, MESH_AXES)
+    if slices == 1:
+      return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+    across = _across_slices(named, slices)
+    within = [size // n for size, n in zip(sizes, across)]
+    grid = mesh_utils.create_hybrid_device_mesh(within, across, devices)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+  except NotImplementedError:  # mesh_utils: a size is no product of the torus's axis sizes.
+    raise UserError(
+      f"mesh {named} does not fit the {_topology(devices)} topology of the {len(devices)} "
+      f"{devices[0].device_kind} devices: make each axis size a product of some of the topology's "
+      "axis sizes (change config.mesh.shape)"
+    ) from None
+
+
+def _across_slices(named: Mapping[str, int], slices: int) -> list[int]:
+  """How many slices each mesh axis spans: `data` as many as it can, then `fsdp`, never `tensor`.
+
+  Returns:
+    [data, fsdp, tensor] factors whose product is `slices`; each divides its axis size.
+  """
+  across, left = [], slices
+  for axis in MESH_AXES:
+    n = math.gcd(named[axis], left) if axis in BATCH_AXES else 1
+    across.append(n)
+    left //= n
+  if left > 1:
+    raise UserError(
+      f"mesh {dict(named)} cannot be split over the devices' {slices} slices (TPU slices or GPU "
+      f"nodes): make data x fsdp a multiple of {slices} (change config.mesh.shape)"
+    )
+  return across
+
+
+def _topology(devices: Sequence[Any]) -> str:
+  """`4x4x4`: the extent of the devices' physical coordinates (TPU `coords`), x cores per chip."""
+  if not all(hasattr(d, "coords") for d in devices):
+    return "physical"
+  coords = np.array([d.coords for d in devices])
+  dims = [int(n) for n in coords.max(axis=0) - coords.min(axis=0) + 1]
+  cores = {d.core_on_chip for d in devices}
+  return "x".join(map(str, dims + ([len(cores)] if len(cores) > 1 else [])))
 
 
 @contextlib.contextmanager
