@@ -33,9 +33,39 @@ def main(argv: list[str]) -> int:
 
   maybe_initialize(fv.distributed)
   config = flag_lib.require_config(fv)
-  workdir = flag_lib.check_workdir(fv.workdir)
   stage = config.get("stage")
   if stage not in STAGES:
     raise UserError(f"config has unknown stage '{stage}'; valid: {', '.join(STAGES)}")
-  importlib.import_module(STAGES[stage]).train(config, workdir, progress=fv.progress)
+  train = importlib.import_module(STAGES[stage]).train
+  if fv.workdir and "://" in fv.workdir:
+    _train_in_bucket(train, config, fv.workdir, stage=stage, progress=fv.progress)
+  else:
+    train(config, flag_lib.check_workdir(fv.workdir), progress=fv.progress)
   return 0
+
+
+def _train_in_bucket(train, config, url: str, *, stage: str, progress: bool) -> None:
+  """`--workdir gs://...`: checkpoints straight to the bucket, small files through a local mirror
+  (`vqlm.runtime.remote_workdir`)."""
+  import jax
+
+  from vqlm.runtime.remote_workdir import RemoteWorkdir
+
+  remote = RemoteWorkdir(url)
+  try:
+    remote.pull()
+  except Exception as e:  # noqa: BLE001 - no credentials, no gcsfs, no such bucket, ...
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise UserError(f"cannot read {url} ({reason}); check the URL and your access") from None
+  print(f"{url}: checkpoints go to the bucket, other files through {remote.local}")
+  writer = jax.process_index() == 0
+  kwargs = dict(checkpoint_dir=remote.checkpoint_dir, after_save=None)
+  if writer:
+    kwargs["after_save"] = lambda step: remote.push()
+  if stage == "lm":
+    kwargs["share_files"] = lambda is_writer: remote.push() if is_writer else remote.pull()
+  try:
+    train(config, remote.local, progress=progress, **kwargs)
+  finally:
+    if writer:
+      remote.push()

@@ -46,6 +46,11 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config saved in a run directory; a clear error if the directory is not a run."""
+  if "://" in str(workdir):
+    raise UserError(
+      f"{workdir}: a run in a bucket is trained there (`vqlm train --workdir URL`) but read "
+      f"from a local copy (e.g. `gcloud storage cp -r {workdir} .`) or a mounted bucket"
+    )
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(

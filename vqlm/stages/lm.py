@@ -38,19 +38,28 @@ from vqlm.train.optim import make_optimizer
 from vqlm.vocab import Vocab
 
 
-def prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=print) -> Vocab:
+def prepare_vocab(
+  config: ml_collections.ConfigDict, workdir: str, *, log_fn=print, share_files=None
+) -> Vocab:
   """Trains (or copies) the SentencePiece model into the run and writes `vocab.json`.
 
   An existing `vocab.json` is kept, after checking that it matches the encoded data. With several
-  processes, process 0 writes the files and the others wait for it, then read them.
+  processes, process 0 writes the files and the others wait for it, then read them. Where each
+  process has its own copy of the run directory (a bucket work directory), every process calls
+  `share_files(writer)` around the wait: process 0 (`writer=True`) publishes, the others fetch.
   """
   if jax.process_count() == 1:
     return _prepare_vocab(config, workdir, log_fn=log_fn)
   from jax.experimental import multihost_utils
 
-  if jax.process_index() == 0:
+  writer = jax.process_index() == 0
+  if writer:
     _prepare_vocab(config, workdir, log_fn=log_fn)
+    if share_files is not None:
+      share_files(True)
   multihost_utils.sync_global_devices("vqlm_prepare_vocab")
+  if share_files is not None and not writer:
+    share_files(False)
   return _prepare_vocab(config, workdir, log_fn=log_fn)
 
 
@@ -341,19 +350,32 @@ def train(
   progress: bool = True,
   log_fn=print,
   extra_hooks=(),
+  checkpoint_dir: str | None = None,
+  after_save=None,
+  share_files=None,
 ) -> Any:
   """Trains the LM on pre-encoded data (`config.data.codes`).
 
+  `checkpoint_dir` and `after_save` are `loop.run`'s; `share_files` is `prepare_vocab`'s.
   Refused (UserError) while another run trains in `workdir`."""
+  loop_kwargs = dict(checkpoint_dir=checkpoint_dir, after_save=after_save)
   with workdir_lock.hold(workdir):
-    return _train(config, workdir, progress=progress, log_fn=log_fn, extra_hooks=extra_hooks)
+    return _train(
+      config,
+      workdir,
+      progress=progress,
+      log_fn=log_fn,
+      extra_hooks=extra_hooks,
+      loop_kwargs=loop_kwargs,
+      share_files=share_files,
+    )
 
 
-def _train(config, workdir, *, progress, log_fn, extra_hooks) -> Any:
+def _train(config, workdir, *, progress, log_fn, extra_hooks, loop_kwargs, share_files) -> Any:
   config = _resolve_paths(config)
   check_data(config)
   runs.check_same_model(workdir, config, sections=("model",))
-  vocab = prepare_vocab(config, workdir, log_fn=log_fn)
+  vocab = prepare_vocab(config, workdir, log_fn=log_fn, share_files=share_files)
   text_model = os.path.join(workdir, TEXT_MODEL)
   check_seq_len(config, vocab, text_model)
   runs.save_config(workdir, config)
@@ -379,7 +401,13 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks) -> Any:
   ]
   hooks += list(extra_hooks)
   result = loop.run(
-    trainer, data_iter=data_iter, workdir=workdir, hooks=hooks, meta={"stage": "lm"}, log_fn=log_fn
+    trainer,
+    data_iter=data_iter,
+    workdir=workdir,
+    hooks=hooks,
+    meta={"stage": "lm"},
+    log_fn=log_fn,
+    **loop_kwargs,
   )
   if config.get("evals"):
     run_evals(config, workdir, log_fn=log_fn)

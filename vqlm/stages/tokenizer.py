@@ -55,16 +55,24 @@ def _collections(extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def train(
-  config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, log_fn=print
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  progress: bool = True,
+  log_fn=print,
+  checkpoint_dir: str | None = None,
+  after_save=None,
 ) -> dict[str, float]:
   """Trains the image tokenizer, saves grids and metrics, and writes the final eval to eval.json.
 
-  Refused (UserError) while another run trains in `workdir`."""
+  `checkpoint_dir` and `after_save` are `loop.run`'s. Refused (UserError) while another run
+  trains in `workdir`."""
+  loop_kwargs = dict(checkpoint_dir=checkpoint_dir, after_save=after_save)
   with workdir_lock.hold(workdir):
-    return _train(config, workdir, progress=progress, log_fn=log_fn)
+    return _train(config, workdir, progress=progress, log_fn=log_fn, loop_kwargs=loop_kwargs)
 
 
-def _train(config, workdir, *, progress, log_fn) -> dict[str, float]:
+def _train(config, workdir, *, progress, log_fn, loop_kwargs) -> dict[str, float]:
   runs.check_same_model(workdir, config, sections=("model", "data"))
   runs.save_config(workdir, config)
   from vqlm.data import pipeline
@@ -125,6 +133,7 @@ def _train(config, workdir, *, progress, log_fn) -> dict[str, float]:
     hooks=hooks,
     meta={"stage": "tokenizer"},
     log_fn=log_fn,
+    **loop_kwargs,
   )
   return run_evals(config, workdir, log_fn=log_fn)
 

@@ -255,6 +255,8 @@ def run(
   hooks: list[Hook] = (),
   meta: Mapping[str, Any] | None = None,
   log_fn: Callable[[str], None] = print,
+  checkpoint_dir: str | None = None,
+  after_save: Callable[[int], None] | None = None,
 ) -> TrainState:
   """Trains `trainer.task` on `data_iter` until `options.steps`, resuming from `workdir` if
   possible.
@@ -265,20 +267,30 @@ def run(
     workdir: the run directory; checkpoints go to `workdir/checkpoints`.
     hooks: periodic callbacks (image grids, evaluation); their returned scalars are logged.
     meta: JSON metadata stored with every checkpoint (e.g. the config).
+    checkpoint_dir: where checkpoints go (default `workdir/checkpoints`; may be a `gs://` URL).
+    after_save: called with the step after each checkpoint save starts (e.g. to copy the run's
+      small files to a bucket).
   Returns:
     The final train state.
   """
   with workdir_lock.hold(workdir):
     return _run(
-      trainer, data_iter=data_iter, workdir=workdir, hooks=hooks, meta=meta, log_fn=log_fn
+      trainer,
+      data_iter=data_iter,
+      workdir=workdir,
+      hooks=hooks,
+      meta=meta,
+      log_fn=log_fn,
+      checkpoint_dir=checkpoint_dir or os.path.join(workdir, "checkpoints"),
+      after_save=after_save,
     )
 
 
-def _run(trainer, *, data_iter, workdir, hooks, meta, log_fn) -> TrainState:
+def _run(trainer, *, data_iter, workdir, hooks, meta, log_fn, checkpoint_dir, after_save):
   opts = trainer.options
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
+    checkpoint_dir,
     max_to_keep=opts.keep_checkpoints,
     keep_every_steps=opts.keep_every_steps,
     async_save=opts.async_checkpoints,
@@ -350,6 +362,8 @@ def _run(trainer, *, data_iter, workdir, hooks, meta, log_fn) -> TrainState:
         if step % opts.checkpoint_every == 0 or step == opts.steps or timed or preempted:
           ckpt.save(step, state, data=data_iter.get_state(), meta=dict(meta or {}))
           last_save_time = time.monotonic()
+          if after_save is not None:
+            after_save(step)
         if preempted:
           ckpt.wait()
           log_fn(f"preempted: saved step {step} to {workdir}; run the same command to resume")
