@@ -15,11 +15,12 @@
 # metadata server, so vqlm.runtime.distributed joins them into one job; the mesh spans every chip of the
 # slice and each host feeds its share of the global batch. (One slice; multi-slice is not covered.)
 #
-# Storage: every host must read the same data and write the same run directory. vqlm writes the
-# workdir with ordinary file I/O, so `setup` mounts the Cloud Storage bucket $TPU_BUCKET with
-# Cloud Storage FUSE (gcsfuse) at $TPU_MOUNT (default /mnt/vqlm) on every host; pass paths under
-# it (a gs:// URL is not accepted by --workdir). Encode the data once (`vqlm encode`) into the
-# bucket before training the LM.
+# Storage: every host must read the same data and write the same run directory. `setup` mounts
+# the Cloud Storage bucket $TPU_BUCKET with Cloud Storage FUSE (gcsfuse) at $TPU_MOUNT (default
+# /mnt/vqlm) on every host; pass data paths under it. The workdir can be a path under the mount
+# (checkpoints then commit with a commit file, not a directory rename, which gcsfuse refuses) or
+# a gs:// URL (Orbax writes checkpoints to the bucket directly; `setup` installs the gcs extra).
+# Encode the data once (`vqlm encode`) into the bucket before training the LM.
 #
 # Preemption (spot/preemptible slices, maintenance): the loop saves a checkpoint on SIGTERM; run
 # the same `run` command again (on a re-created slice if needed) to resume from the workdir.
@@ -103,7 +104,7 @@ if ! command -v $python >/dev/null; then
 fi
 $python -m venv ~/vqlm-venv
 ~/vqlm-venv/bin/pip install -q --upgrade pip
-~/vqlm-venv/bin/pip install -q -e ~/vqlm 'jax[tpu]>=0.10.2,<0.12'
+~/vqlm-venv/bin/pip install -q -e ~/vqlm'[gcs]' 'jax[tpu]>=0.10.2,<0.12'
 ~/vqlm-venv/bin/python -c 'import jax; print(jax.device_count(), jax.local_device_count())'"
   on_all_hosts "$install"
   if [[ -n "${TPU_BUCKET:-}" ]]; then
