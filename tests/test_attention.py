@@ -1,3 +1,5 @@
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -150,3 +152,209 @@ def test_attention_with_cache_matches_full_attention():
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="positions"):
     mod.apply(variables, x, sin=sin, cos=cos, mask=None, cache=cache)
+
+
+# -- implementations: "auto" resolution, "splash", accelerator-only checks --------------------
+
+needs_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (cuDNN)")
+needs_tpu = pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU (Splash)")
+
+
+def test_auto_resolves_by_platform_dtype_and_head_dim():
+  resolve = attention.resolve_implementation
+  for platform in ("gpu", "cuda"):
+    assert resolve("auto", jnp.bfloat16, platform=platform) == "cudnn"
+    assert resolve("auto", jnp.float16, platform=platform, head_dim=64) == "cudnn"
+    assert resolve("auto", jnp.float32, platform=platform) == "xla"
+    assert resolve("auto", "bfloat16", platform=platform, head_dim=256) == "xla"
+    assert resolve("auto", jnp.bfloat16, platform=platform, head_dim=60) == "xla"
+  assert resolve("auto", jnp.bfloat16, platform="rocm") == "xla"
+  for dtype in (jnp.float32, jnp.bfloat16):
+    assert resolve("auto", dtype, platform="tpu") == "splash"
+    assert resolve("auto", dtype, platform="cpu") == "xla"
+  for name in ("xla", "cudnn", "splash"):  # Named kernels are taken as they are.
+    assert resolve(name, jnp.float32, platform="tpu") == name
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    resolve("flash", jnp.float32)
+  if jax.default_backend() == "cpu":  # The real backend, unmocked.
+    assert resolve("auto", jnp.bfloat16) == "xla"
+
+
+def _qkv(b=2, t=100, n=4, kvh=2, dh=16, dtype=jnp.float32, seed=3):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(kq, (b, t, n, dh), dtype)
+  return (
+    q,
+    jax.random.normal(kk, (b, t, kvh, dh), dtype),
+    jax.random.normal(kv, (b, t, kvh, dh), dtype),
+  )
+
+
+def test_splash_matches_xla_values_and_gradients_with_segments_gqa_and_padding():
+  """Pallas interpret mode off TPU: T=100 is padded to 128, 4 query heads share 2 kv heads, and
+  the rows hold two packed segments / a padding tail (segment 0)."""
+  q, k, v = _qkv()
+  seg = jnp.array([[1] * 40 + [2] * 60, [1] * 90 + [0] * 10])
+  mask = attention.make_attention_mask(seg)
+  g = jax.random.normal(jax.random.key(4), q.shape)
+
+  @jax.jit
+  def both(q, k, v):
+    def loss(impl, q, k, v):
+      out = attention.dot_product_attention(q, k, v, mask, implementation=impl, segment_ids=seg)
+      return jnp.sum(out * g)
+
+    return [
+      jax.value_and_grad(partial(loss, i), argnums=(0, 1, 2))(q, k, v) for i in ("xla", "splash")
+    ]
+
+  ref, ours = both(q, k, v)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_splash_refuses_a_dense_mask_and_auto_falls_back_to_xla(monkeypatch):
+  q, k, v = _qkv(b=1, t=6)
+  mask = attention.make_decode_mask(jnp.broadcast_to(jnp.arange(6), (1, 6)), 6)
+  with pytest.raises(ValueError, match="segment_ids"):
+    attention.dot_product_attention(q, k, v, mask, implementation="splash")
+  with pytest.raises(ValueError, match="self-attention"):
+    attention.splash_attention(q, k[:, :3], v[:, :3])
+  monkeypatch.setattr(attention, "backend_platform", lambda: "tpu")
+  out = attention.dot_product_attention(q, k, v, mask, implementation="auto")
+  np.testing.assert_allclose(out, attention.dot_product_attention(q, k, v, mask), atol=1e-6)
+
+
+def _record(monkeypatch, platform):
+  """Mocks the backend as `platform` and records which kernel runs (each computes with "xla")."""
+  calls = []
+  monkeypatch.setattr(attention, "backend_platform", lambda: platform)
+
+  def fake_splash(q, k, v, segment_ids=None):
+    calls.append("splash")
+    mask = None if segment_ids is None else attention.make_attention_mask(segment_ids)
+    return attention.dot_product_attention(q, k, v, mask)
+
+  real = jax.nn.dot_product_attention
+
+  def fake_sdpa(*args, implementation=None, **kw):
+    calls.append(implementation)
+    return real(*args, implementation="xla", **kw)
+
+  monkeypatch.setattr(attention, "splash_attention", fake_splash)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake_sdpa)
+  return calls
+
+
+def test_auto_picks_the_kernel_for_training_and_xla_for_cached_decoding(monkeypatch):
+  x = jax.random.normal(jax.random.key(0), (2, 6, 16), jnp.bfloat16)
+  positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  sin, cos = layers.rope_1d(positions, 8)
+  seg = jnp.array([[1, 1, 1, 2, 2, 2], [1] * 6])
+  mask = attention.make_attention_mask(seg)
+  mod = _module(dtype=jnp.bfloat16)
+  assert mod.attention_impl == "auto"
+  abstract = jax.eval_shape(partial(mod.init, sin=sin, cos=cos, mask=None), jax.random.key(1), x)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda a: 0.3 * rng.standard_normal(a.shape, np.float32), abstract)
+  cache = attention.init_kv_cache(2, 8, 2, 8, jnp.bfloat16)
+  decode = dict(mask=attention.make_decode_mask(positions, 8), cache=cache, positions=positions)
+  train = dict(mask=mask, segment_ids=seg)
+  # A new function per call: traced afresh, under the platform mocked at that moment.
+  apply = lambda m, run, **kw: run(lambda v, x: m.apply(v, x, sin=sin, cos=cos, **kw))(variables, x)
+  trace = lambda f: partial(jax.eval_shape, f)
+  for platform, kernel in (("tpu", "splash"), ("cuda", "cudnn"), ("rocm", None), ("cpu", None)):
+    calls = _record(monkeypatch, platform)
+    apply(mod, trace, **train)  # Traced only: the kernel is chosen then.
+    assert calls == ([kernel] if kernel else []), platform
+    calls.clear()
+    apply(mod, trace, **decode)
+    assert calls == [], platform  # Cached prefill / decode: "xla", whatever the platform.
+  # The (faked) kernel gets the packing segments: the same values as "xla" with the dense mask.
+  calls = _record(monkeypatch, "tpu")
+  xla = _module(dtype=jnp.bfloat16, attention_impl="xla")
+  ours, ref = (apply(m, jax.jit, **train)[0] for m in (mod, xla))
+  assert calls == ["splash"]
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda", "cpu"])
+def test_attention_impl_leaves_the_parameter_tree_alone(monkeypatch, platform):
+  from vqlm.nn.transformer import Transformer, TransformerConfig
+
+  _record(monkeypatch, platform)  # cuDNN cannot even be traced without a GPU.
+  base = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
+  tokens = jax.ShapeDtypeStruct((1, 128), jnp.int32)
+  trees = []
+  for impl in ("auto", "xla", "cudnn", "splash"):
+    config = TransformerConfig(**base, attention_impl=impl, dtype="bfloat16", scan_layers=True)
+    abstract = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)
+    trees.append(jax.tree.map(lambda x: (x.shape, x.dtype), nn.meta.unbox(abstract)))
+  assert all(t == trees[0] for t in trees[1:])
+  assert TransformerConfig(**base).attention_impl == "auto"
+
+
+def test_transformer_passes_segment_ids_to_the_kernel(monkeypatch):
+  """Packed rows reach the kernel as segment_ids through the scanned blocks: with the backend
+  mocked as a TPU, "auto" gives the same logits as "xla" (the kernel is faked with "xla" over
+  the segments it is given; the real one is compared above)."""
+  from vqlm.nn.transformer import Transformer, TransformerConfig
+
+  calls = _record(monkeypatch, "tpu")
+  base = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 64)
+  seg = jnp.array([[1] * 5 + [2] * 7, [1] * 10 + [0] * 2])
+  positions = jnp.concatenate([jnp.arange(5), jnp.arange(7)])[None].repeat(2, 0)
+  models = [
+    Transformer(TransformerConfig(**base, attention_impl=impl, scan_layers=True))
+    for impl in ("xla", "auto")
+  ]
+  abstract = nn.meta.unbox(jax.eval_shape(models[0].init, jax.random.key(1), tokens))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda x: 0.2 * rng.standard_normal(x.shape, np.float32), abstract)
+  ref, auto = (
+    jax.jit(m.apply)(variables, tokens, positions=positions, segment_ids=seg)[0] for m in models
+  )
+  assert calls and set(calls) == {"splash"}
+  np.testing.assert_allclose(auto, ref, rtol=1e-5, atol=1e-5)
+
+
+# Accelerator-only checks: skipped here, run by a session on a GPU / TPU machine.
+
+
+def _causal_and_packed(dtype, t):
+  q, k, v = _qkv(b=2, t=t, n=8, kvh=4, dh=64, dtype=dtype)
+  seg = jnp.concatenate(
+    [jnp.ones((2, t // 2), jnp.int32), 2 * jnp.ones((2, t - t // 2), jnp.int32)], 1
+  )
+  return q, k, v, seg
+
+
+def _check_kernel_against_xla(impl, dtype, t, tol):
+  q, k, v, seg = _causal_and_packed(dtype, t)
+  mask = attention.make_attention_mask(seg)
+  g = jax.random.normal(jax.random.key(5), q.shape, dtype)
+  for m, s in ((None, None), (mask, seg)):
+
+    def loss(impl, q, k, v, m=m, s=s):
+      out = attention.dot_product_attention(q, k, v, m, implementation=impl, segment_ids=s)
+      return jnp.sum(out.astype(jnp.float32) * g)
+
+    run = lambda i: jax.jit(jax.value_and_grad(partial(loss, i), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(jax.tree.leaves(run(impl)), jax.tree.leaves(run("xla"))):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      assert np.abs(a - b).max() <= tol * (1 + np.abs(b).max()), impl
+
+
+@needs_gpu
+def test_cudnn_matches_xla_on_gpu():
+  _check_kernel_against_xla("cudnn", jnp.bfloat16, 256, 3e-2)
+  assert attention.resolve_implementation("auto", jnp.bfloat16, head_dim=64) == "cudnn"
+
+
+@needs_tpu
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-3), (jnp.bfloat16, 3e-2)])
+def test_splash_matches_xla_on_tpu(dtype, tol):
+  _check_kernel_against_xla("splash", dtype, 1024, tol)
+  _check_kernel_against_xla("splash", dtype, 300, tol)  # Padded to 384.
+  assert attention.resolve_implementation("auto", dtype) == "splash"

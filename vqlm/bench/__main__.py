@@ -1,4 +1,4 @@
-"""`python -m vqlm.bench <lm|matmul|sample|sweep|tokenizer|soak> [flags]`
+"""`python -m vqlm.bench <lm|matmul|sample|sweep|tokenizer|soak|device> [flags]`
 (also `vqlm bench ...`)."""
 
 import importlib
@@ -13,6 +13,7 @@ BENCHMARKS = {
   "sweep": "vqlm.bench.sweep",
   "tokenizer": "vqlm.bench.tokenizer",
   "soak": "vqlm.bench.soak",
+  "device": "vqlm.bench.device",
 }
 
 

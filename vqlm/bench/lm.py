@@ -5,16 +5,21 @@ utilisation: (6 N + 12 L H Dh S) FLOPs per token (PaLM appendix B) over the devi
 On CPU it also trains the same-shaped Hugging Face `transformers` LlamaForCausalLM (PyTorch, the
 optional `bench` extra) in the same process and prints the ratio vqlm / transformers. Both use the
 config's compute dtype over float32 parameters (`dtype=bfloat16`: torch under `torch.autocast`).
+
+`time_vqlm` and `time_torch` take plain model kwargs (`vqlm.nn.presets.TRANSFORMER_SIZES` keys
+plus `dtype`, `remat_policy`, ...) and import no config library: `vqlm.bench.device` times them
+on an accelerator.
 """
 
+from collections.abc import Mapping
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vqlm.bench import peak
-from vqlm.commands import flags as flag_lib
 from vqlm.nn.flops import flops_per_token
 
 
@@ -28,13 +33,11 @@ def _define(f):
   f.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default)")
 
 
-def _vqlm_step(config, vocab: int, batch: int, seq_len: int):
+def _vqlm_step(kw: Mapping[str, Any], vocab: int, batch: int, seq_len: int):
   from vqlm.nn.transformer import Transformer, TransformerConfig
-  from vqlm.runtime.config import as_kwargs
   from vqlm.train.lm_task import LMTask
   from vqlm.train.optim import make_optimizer
 
-  kw = as_kwargs(config.model)
   model = Transformer(
     TransformerConfig(vocab_size=vocab, image_offset=vocab // 2, image_size=vocab // 2, **kw)
   )
@@ -59,8 +62,10 @@ def _vqlm_step(config, vocab: int, batch: int, seq_len: int):
   return model, state, step, data, n
 
 
-def time_vqlm(config, vocab, batch, seq_len, steps, repeats):
-  model, state, step, data, n = _vqlm_step(config, vocab, batch, seq_len)
+def time_vqlm(kw: Mapping[str, Any], vocab, batch, seq_len, steps, repeats):
+  """(tokens/s, compile seconds, parameters, model) of the jitted LMTask train step of a
+  `Transformer(vocab_size=vocab, **kw)` on `[batch, seq_len]` random tokens (best of repeats)."""
+  model, state, step, data, n = _vqlm_step(kw, vocab, batch, seq_len)
   key = jax.random.key(1)
   start = time.perf_counter()
   state, m = step(state, data, key)
@@ -78,39 +83,55 @@ def time_vqlm(config, vocab, batch, seq_len, steps, repeats):
   return batch * seq_len * steps / best, compile_s, n, model
 
 
-def time_torch(config, vocab, batch, seq_len, steps, repeats, threads):
+def time_torch(
+  kw: Mapping[str, Any],
+  vocab,
+  batch,
+  seq_len,
+  steps,
+  repeats,
+  threads=0,
+  *,
+  device: str = "cpu",
+  quiet: bool = False,
+):
+  """Tokens/s of a transformers LlamaForCausalLM (SDPA attention) of the same shape as
+  `Transformer(**kw)`, trained with AdamW on `device` ("cpu", "cuda"), float32 parameters under
+  `torch.autocast` in kw["dtype"]; None (with a message unless `quiet`) without torch."""
   try:
     import torch
     import transformers
   except ImportError:
-    print("transformers baseline skipped: install the bench extra (pip install -e '.[bench]')")
+    if not quiet:
+      print("transformers baseline skipped: install the bench extra (pip install -e '.[bench]')")
     return None
   if threads:
     torch.set_num_threads(threads)
-  m = config.model
   cfg = transformers.LlamaConfig(
     vocab_size=vocab,
-    hidden_size=m.dim,
-    intermediate_size=m.mlp_dim,
-    num_hidden_layers=m.num_layers,
-    num_attention_heads=m.num_heads,
-    num_key_value_heads=m.num_kv_heads,
+    hidden_size=kw["dim"],
+    intermediate_size=kw["mlp_dim"],
+    num_hidden_layers=kw["num_layers"],
+    num_attention_heads=kw["num_heads"],
+    num_key_value_heads=kw.get("num_kv_heads") or kw["num_heads"],
     max_position_embeddings=max(seq_len, 2048),
-    tie_word_embeddings=m.tie_embeddings,
-    rms_norm_eps=m.norm_eps,
+    tie_word_embeddings=kw.get("tie_embeddings", True),
+    rms_norm_eps=kw.get("norm_eps", 1e-6),
     attention_bias=False,
   )
   cfg._attn_implementation = "sdpa"
   torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(cfg)
+  model = transformers.LlamaForCausalLM(cfg).to(device)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-  tokens = torch.randint(0, vocab, (batch, seq_len))
+  tokens = torch.randint(0, vocab, (batch, seq_len), device=device)
   # The same mixed precision as vqlm: float32 parameters, matmuls in the config's compute dtype.
-  dtype = {"float32": None, "bfloat16": torch.bfloat16}[config.model.dtype]
+  dtype = {"float32": None, "bfloat16": torch.bfloat16}[str(kw.get("dtype", "float32"))]
+  kind = torch.device(device).type
+  sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
 
   def one():
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+    with torch.autocast(kind, dtype=dtype, enabled=dtype is not None):
       out = model(input_ids=tokens, labels=tokens)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -119,23 +140,28 @@ def time_torch(config, vocab, batch, seq_len, steps, repeats, threads):
 
   one()
   one()
+  sync()
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
     for _ in range(steps):
       one()
+    sync()
     best = min(best, time.perf_counter() - start)
   return batch * seq_len * steps / best
 
 
 def main(argv: list[str]) -> int:
+  from vqlm.commands import flags as flag_lib
+  from vqlm.nn.presets import NOMINAL_VOCAB
+  from vqlm.runtime.config import as_kwargs
+
   fv = flag_lib.parse(argv, _define, config=True)
   config = flag_lib.require_config(fv)
-  from vqlm.nn.presets import NOMINAL_VOCAB
-
+  kw = as_kwargs(config.model)
   vocab = fv.vocab or NOMINAL_VOCAB.get(config.get("size", ""), 32768)
   device = jax.devices()[0]
-  tps, compile_s, n, model = time_vqlm(config, vocab, fv.batch, fv.seq_len, fv.steps, fv.repeats)
+  tps, compile_s, n, model = time_vqlm(kw, vocab, fv.batch, fv.seq_len, fv.steps, fv.repeats)
   print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")
   print(
     f"model: size={config.get('size')} params={n:,} vocab={vocab} batch={fv.batch} "
@@ -157,7 +183,7 @@ def main(argv: list[str]) -> int:
       f"{peak_flops / 1e12:.0f} TFLOP/s per device)"
     )
   if fv.torch and device.platform == "cpu":
-    ref = time_torch(config, vocab, fv.batch, fv.seq_len, fv.steps, fv.repeats, fv.threads)
+    ref = time_torch(kw, vocab, fv.batch, fv.seq_len, fv.steps, fv.repeats, fv.threads)
     if ref:
       print(f"transformers LlamaForCausalLM: {ref:,.0f} tokens/s")
       print(f"ratio vqlm / transformers: {tps / ref:.2f}")

@@ -11,12 +11,15 @@ PEAKS = {
   "TPU v5 lite": {"bfloat16": 197e12},
   "TPU v5e": {"bfloat16": 197e12},
   "TPU v5p": {"bfloat16": 459e12},
-  "TPU v6 lite": {"bfloat16": 918e12},
+  "TPU v5": {"bfloat16": 459e12},  # v5p's device_kind (after "TPU v5 lite": first match wins)
+  "TPU v6 lite": {"bfloat16": 918e12},  # v6e
+  "TPU v6e": {"bfloat16": 918e12},
 }
 
 
 def peak_flops(device: jax.Device, dtype: str) -> float | None:
-  """Peak FLOP/s of `device` for `dtype` ("bfloat16" / "float32"), None if unknown (e.g. CPU)."""
+  """Peak FLOP/s of `device` for `dtype` ("bfloat16" / "float32"), None if unknown (e.g. CPU).
+  The first PEAKS name contained in the device's `device_kind` wins."""
   kind = device.device_kind
   for name, peaks in PEAKS.items():
     if name.lower() in kind.lower():

@@ -91,9 +91,17 @@ def vqlm_runner(
 
 
 def transformers_runner(
-  kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: str = "float32"
+  kw: dict[str, Any],
+  vocab: Vocab,
+  *,
+  top_k: int,
+  dtype: str = "float32",
+  device: str = "cpu",
+  cache_implementation: str | None = None,
 ) -> Callable[[int, int, int | None], None] | str:
-  """`run(batch, seed, threads)` with `LlamaForCausalLM.generate`, or a skip message."""
+  """`run(batch, seed, threads)` with `LlamaForCausalLM.generate` on torch `device` ("cpu",
+  "cuda"; `threads` applies to the CPU), or a skip message. `cache_implementation`: generate's
+  ("static": a preallocated KV cache; None: transformers' default dynamic cache)."""
   try:
     import torch
     import transformers
@@ -115,12 +123,16 @@ def transformers_runner(
     pad_token_id=vocab.pad_id,
   )
   torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(config).eval().to(getattr(torch, dtype))
+  model = (
+    transformers.LlamaForCausalLM(config).eval().to(device=device, dtype=getattr(torch, dtype))
+  )
   n = vocab.tokens_per_image
   default_threads = torch.get_num_threads()
+  extra = {"cache_implementation": cache_implementation} if cache_implementation else {}
+  sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
   def run(batch: int, seed: int, threads: int | None = None) -> None:
-    ids = torch.as_tensor(prompts(vocab, batch))
+    ids = torch.as_tensor(prompts(vocab, batch), device=device)
     torch.set_num_threads(threads or default_threads)
     torch.manual_seed(seed)
     try:
@@ -136,7 +148,9 @@ def transformers_runner(
           top_k=top_k or None,
           top_p=1.0,
           pad_token_id=vocab.pad_id,
+          **extra,
         )
+      sync()
     finally:
       torch.set_num_threads(default_threads)
     assert res.shape == (batch, ids.shape[1] + n)

@@ -7,7 +7,8 @@ weights. Compile time is excluded from the rates and printed separately (the fir
 every device the process sees (the batch is split over data x fsdp).
 
 Imports no data library (grain, TFDS), so it runs from a plain checkout on a machine that has
-only jax, flax, optax, orbax and ml-collections.
+only jax, flax, optax, orbax and ml-collections; importing the module (for `time_calls`, as
+`vqlm.bench.device` does) needs none of ml-collections either.
 """
 
 from collections.abc import Callable
@@ -18,9 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlm.commands import flags as flag_lib
 from vqlm.errors import UserError
-from vqlm.runtime.config import as_kwargs
 
 
 def _define(f) -> None:
@@ -60,6 +59,9 @@ def time_calls(
 
 
 def main(argv: list[str]) -> int:
+  from vqlm.commands import flags as flag_lib
+  from vqlm.runtime.config import as_kwargs
+
   fv = flag_lib.parse(argv, _define, config=True)
   config = flag_lib.require_config(fv)
   if config.get("stage") != "tokenizer":

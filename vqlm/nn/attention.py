@@ -18,13 +18,26 @@ own length n_b (the next token gets position n_b). Pad slots of a row always lie
 row has not reached yet, so the causal-by-position mask hides them, and each is overwritten by the
 row's real token before that token's position becomes visible. No lengths are stored: the caller
 tracks each row's next position. Positions must be < L (out-of-range writes are dropped).
+
+Implementations (`attention_impl`, `IMPLEMENTATIONS`), all taking and returning `[B, T, H, Dh]`:
+  * "xla": einsums with float32 logits and softmax (`attend_head_major`); runs everywhere.
+  * "cudnn": `jax.nn.dot_product_attention`'s fused cuDNN kernel (GPU, bf16/fp16 inputs).
+  * "splash": the Pallas TPU Splash attention kernel (causal, packed segments from `segment_ids`,
+    grouped-query heads); on other backends it runs in Pallas interpret mode (slow: for tests).
+  * "auto" (the default): `resolve_implementation` picks one of those at trace time from the
+    backend: "cudnn" on a CUDA GPU with bf16/fp16 compute, "splash" on TPU, else "xla".
+The kernels serve the cache-free path (training, full forward passes). Cached decoding and
+prefill always use "xla" unless "cudnn" is asked for by name: a decode step has one query per row
+and a per-row mask, which Splash's static masks do not express.
 """
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from vqlm.errors import UserError
 from vqlm.nn import layers
@@ -32,7 +45,11 @@ from vqlm.nn import layers
 DType = Any
 KVCache = dict[str, jax.Array]
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# Splash's block sizes must be multiples of 128 (TPU lanes): sequences are padded to a multiple of
+# SPLASH_MIN_BLOCK, and each block is the largest of SPLASH_BLOCKS that divides the padded length.
+SPLASH_MIN_BLOCK = 128
+SPLASH_BLOCKS = (512, 256, 128)
 # Added to masked logits: exp() of it underflows to exactly 0, and unlike finfo.min it cannot
 # overflow to -inf when added to a logit (a fully masked row softmaxes to uniform, not NaN).
 _MASKED = -1e30
@@ -76,6 +93,44 @@ def write_kv_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Ar
   }
 
 
+def resolve_implementation(
+  implementation: str,
+  dtype: DType,
+  *,
+  head_dim: int | None = None,
+  platform: str | None = None,
+) -> str:
+  """The concrete attention kernel for `implementation` (one of IMPLEMENTATIONS).
+
+  "auto" becomes "cudnn" on a CUDA GPU when `dtype` (the compute dtype) is bfloat16/float16 and
+  `head_dim` (if given) suits cuDNN's fused kernel (a multiple of 8, at most 128), "splash" on
+  TPU, and "xla" otherwise. Any other name is returned unchanged (an unknown one is a UserError).
+  `platform`: "cpu", "cuda", "rocm", "tpu" ("gpu" counts as "cuda"); default `backend_platform()`.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise UserError(f"attention_impl={implementation!r}; use one of {IMPLEMENTATIONS}.")
+  if implementation != "auto":
+    return implementation
+  platform = platform or backend_platform()
+  if platform == "tpu":
+    return "splash"
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  head_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)
+  if platform in ("gpu", "cuda") and half and head_ok:
+    return "cudnn"
+  return "xla"
+
+
+def backend_platform() -> str:
+  """The default backend as `resolve_implementation` names it: "cpu", "tpu", "cuda" or "rocm"
+  (GPUs told apart by the backend's platform version)."""
+  platform = jax.default_backend()
+  if platform != "gpu":
+    return platform
+  version = jax.devices()[0].client.platform_version.lower()
+  return "rocm" if "rocm" in version else "cuda"
+
+
 def dot_product_attention(
   q: jax.Array,
   k: jax.Array,
@@ -84,12 +139,17 @@ def dot_product_attention(
   *,
   implementation: str = "xla",
   query_chunks: int = 1,
+  segment_ids: jax.Array | None = None,
 ) -> jax.Array:
   """Grouped-query attention. `q[B, S, N, Dh]`, `k, v[B, T, K, Dh]` (N divisible by K).
 
   `mask[B, 1, S, T]` bool (True = attend) or None for causal attention (requires S == T).
+  `segment_ids[B, S]` (optional, self-attention only): the packing segments that `mask` was made
+  from (`make_attention_mask`); "splash" uses them instead of the dense mask. Implementations:
   "xla": einsums with logits and softmax in float32. "cudnn": `jax.nn.dot_product_attention`'s
-  fused cuDNN kernel (GPU only, bf16/fp16 inputs). Returns `[B, S, N, Dh]` in q's dtype.
+  fused cuDNN kernel (GPU only, bf16/fp16 inputs). "splash": the Pallas TPU Splash kernel
+  (causal self-attention; interpret mode off TPU). "auto": `resolve_implementation`, falling back
+  to "xla" where the kernel cannot express the mask. Returns `[B, S, N, Dh]` in q's dtype.
 
   `query_chunks > 1` (xla only, self-attention with S == T and a mask that is at least causal,
   i.e. training or a full forward pass): the queries are cut into that many consecutive chunks
@@ -97,6 +157,19 @@ def dot_product_attention(
   keys anyway) but about half of the causal logits are never computed, and each chunk's logits
   stay in cache: `python -m vqlm.bench lm` measures the gain on CPU.
   """
+  requested = implementation
+  implementation = resolve_implementation(implementation, q.dtype, head_dim=q.shape[-1])
+  if implementation == "splash":
+    dense_only = mask is not None and segment_ids is None
+    if requested == "auto" and (dense_only or q.shape[1] != k.shape[1]):
+      implementation = "xla"
+    else:
+      if dense_only:
+        raise UserError(
+          "attention_impl='splash' needs the packing segment_ids, not a dense mask (cached "
+          "decoding uses 'xla'); pass segment_ids or use attention_impl='xla'."
+        )
+      return splash_attention(q, k, v, segment_ids)
   if implementation == "cudnn":
     if q.dtype not in (jnp.bfloat16, jnp.float16):
       raise UserError(
@@ -105,12 +178,111 @@ def dot_product_attention(
       )
     if mask is None:
       return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-  if implementation != "xla":
-    raise UserError(f"attention_impl={implementation!r}; use one of {IMPLEMENTATIONS}.")
+    # A packing mask is causal too: saying so lets cuDNN skip the blocks above the diagonal.
+    causal = segment_ids is not None
+    return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, is_causal=causal, implementation="cudnn"
+    )
   return attend_head_major(
     q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, query_chunks=query_chunks
   )
+
+
+def splash_block(length: int) -> int:
+  """Splash's block size for a (padded) sequence of `length`, a multiple of SPLASH_MIN_BLOCK."""
+  return next(b for b in SPLASH_BLOCKS if length % b == 0)
+
+
+def _splash_kernel(num_heads: int, length: int, interpret: bool) -> Any:
+  """A causal Splash MHA kernel over `[num_heads, length, Dh]` queries (grouped-query keys
+  `[K, length, Dh]` with K dividing num_heads are mapped by the kernel, head h to h // (N/K))."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  block = splash_block(length)
+  mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
+  sizes = splash.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  # Built in the trace that uses it (under shard_map, its arrays belong to that trace's mesh);
+  # the kernel caches the mask's block tables itself.
+  return splash.make_splash_mha(
+    mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
+
+
+def _shards(mesh: Any, axes: str | tuple[str, ...] | None) -> int:
+  """How many shards the mesh `axes` (a PartitionSpec entry) cut a dimension into."""
+  if axes is None:
+    return 1
+  names = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in names)
+
+
+def splash_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None
+) -> jax.Array:
+  """Causal self-attention with the Splash kernel: `q[B, T, N, Dh]`, `k, v[B, T, K, Dh]`,
+  `segment_ids[B, T]` int (packing; None = one segment) -> `[B, T, N, Dh]` in q's dtype.
+
+  q is scaled by `Dh ** -0.5` as in "xla". T is padded to a multiple of SPLASH_MIN_BLOCK (the
+  pad keys come after every real query, so causality hides them). Under a mesh
+  (`jax.set_mesh`), the kernel runs per shard (`jax.shard_map`): batch and heads split as the
+  logical rules place "batch" and "heads" / "kv_heads", sequence and head_dim whole. Off TPU it
+  runs in Pallas interpret mode.
+  """
+  b, t, n, dh = q.shape
+  if k.shape[1] != t:
+    raise UserError(
+      f"attention_impl='splash' is self-attention; got {t} queries, {k.shape[1]} keys."
+    )
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, t), jnp.int32)
+  padded = -(-t // SPLASH_MIN_BLOCK) * SPLASH_MIN_BLOCK
+  q = q * jnp.asarray(dh**-0.5, q.dtype)
+  if padded != t:
+    pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    segment_ids = jnp.pad(segment_ids, [(0, 0), (0, padded - t)], constant_values=-1)
+  interpret = jax.default_backend() != "tpu"
+
+  def local(q, k, v, seg):
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    kernel = _splash_kernel(q.shape[2], q.shape[1], interpret)
+    # The kernel is head-major, one sequence at a time: [N, T, Dh], mapped over the batch.
+    one = lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s))
+    out = jax.vmap(one)(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), seg.astype(jnp.int32))
+    return out.transpose(0, 2, 1, 3)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    out = local(q, k, v, segment_ids)
+  else:
+    q_spec = nn.logical_to_mesh_axes(("batch", None, "heads", None))
+    kv_spec = nn.logical_to_mesh_axes(("batch", None, "kv_heads", None))
+    batch = q_spec[0] if b % _shards(mesh, q_spec[0]) == 0 else None  # Else whole batches.
+    heads = q_spec[2] if n % _shards(mesh, q_spec[2]) == 0 else None
+    kv_heads = kv_spec[2] if k.shape[2] % _shards(mesh, kv_spec[2]) == 0 else None
+    if kv_heads != heads and k.shape[2] != n:
+      # Heads split unlike kv_heads: give every query head its own key/value head.
+      k, v = (jnp.repeat(x, n // x.shape[2], axis=2) for x in (k, v))
+      kv_heads = heads
+    q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, kv_heads, None)
+    out = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(q_spec, kv_spec, kv_spec, P(batch, None)),
+      out_specs=q_spec,
+      check_vma=False,
+    )(q, k, v, segment_ids)
+  return out[:, :t].astype(q.dtype)
 
 
 def attend_head_major(
@@ -206,7 +378,7 @@ class Attention(nn.Module):
   num_kv_heads: int
   head_dim: int
   qk_norm: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   query_chunks: int = 1
   norm_eps: float = 1e-6
   dtype: DType = jnp.float32
@@ -222,6 +394,7 @@ class Attention(nn.Module):
     mask: jax.Array | None,
     cache: KVCache | None = None,
     positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Self-attention over `x[B, S, D]`.
 
@@ -232,6 +405,8 @@ class Attention(nn.Module):
       cache: this layer's KV cache; when given, the S tokens' k/v are written into slots
         `positions` and the queries attend over the whole (masked) cache.
       positions: `[B, S]` int32 cache slots; required with a cache.
+      segment_ids: `[B, S]` int32 packing segments that `mask` was made from (no cache); the
+        "splash" kernel reads them instead of the dense mask.
     Returns:
       `([B, S, D], new cache or None)`.
     """
@@ -259,19 +434,22 @@ class Attention(nn.Module):
         raise UserError("Attention with a KV cache needs `positions` and a decode `mask`.")
       new_cache = write_kv_cache(cache, k, v, positions)
       kh, vh = (new_cache[name].astype(self.dtype) for name in ("k", "v"))
-      if self.attention_impl == "xla":
-        out = attend_head_major(q, kh, vh, mask, keys_transposed=True)
-      else:
+      if self.attention_impl == "cudnn":  # Asked for by name; "auto" and "splash" use "xla".
         out = dot_product_attention(
-          q,
-          kh.transpose(0, 3, 1, 2),
-          vh.transpose(0, 2, 1, 3),
-          mask,
-          implementation=self.attention_impl,
+          q, kh.transpose(0, 3, 1, 2), vh.transpose(0, 2, 1, 3), mask, implementation="cudnn"
         )
+      else:
+        resolve_implementation(self.attention_impl, self.dtype)  # Validates the name.
+        out = attend_head_major(q, kh, vh, mask, keys_transposed=True)
     else:
       out = dot_product_attention(
-        q, k, v, mask, implementation=self.attention_impl, query_chunks=self.query_chunks
+        q,
+        k,
+        v,
+        mask,
+        implementation=self.attention_impl,
+        query_chunks=self.query_chunks,
+        segment_ids=segment_ids,
       )
     out = layers.constrain(out, layers.ACT_HEADS)
     y = layers.Dense(dim, axes=("heads", "head_dim", "embed"), in_dims=2, name="out", **kw)(out)

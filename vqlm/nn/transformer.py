@@ -47,8 +47,8 @@ IMAGE_EMBED_INITS = ("learned", "codebook", "levels")
 class Block(nn.Module):
   """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
 
-  `__call__(x[B, S, D], cache, sin, cos, mask, positions) -> (x, new_cache)`; all arguments are
-  arrays or None so the block can be scanned and rematerialised.
+  `__call__(x[B, S, D], cache, sin, cos, mask, positions, segment_ids) -> (x, new_cache)`; all
+  arguments are arrays or None so the block can be scanned and rematerialised.
   """
 
   num_heads: int
@@ -56,14 +56,14 @@ class Block(nn.Module):
   head_dim: int
   mlp_dim: int
   qk_norm: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   query_chunks: int = 1
   norm_eps: float = 1e-6
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cache, sin, cos, mask, positions):
+  def __call__(self, x, cache, sin, cos, mask, positions, segment_ids=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
     h, new_cache = attention.Attention(
@@ -76,7 +76,7 @@ class Block(nn.Module):
       norm_eps=self.norm_eps,
       name="attn",
       **kw,
-    )(h, sin=sin, cos=cos, mask=mask, cache=cache, positions=positions)
+    )(h, sin=sin, cos=cos, mask=mask, cache=cache, positions=positions, segment_ids=segment_ids)
     x = layers.constrain(x + h, layers.ACT_EMBED)
     h = layers.RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
     h = layers.MLP(self.mlp_dim, name="mlp", **kw)(h)
@@ -209,7 +209,11 @@ class TransformerConfig:
     norm_eps: RMSNorm epsilon.
     dtype: compute dtype; param_dtype: parameter dtype. Dtypes or names ("float32", "bfloat16",
       as in JSON configs), stored as `jnp.dtype`s.
-    attention_impl: "xla" (einsum, float32 softmax) | "cudnn" (fused kernel on GPU, bf16).
+    attention_impl: "auto" (default: "cudnn" on a CUDA GPU with bf16/fp16 compute, "splash" on
+      TPU, else "xla"; `attention.resolve_implementation`, at trace time) | "xla" (einsum,
+      float32 softmax) | "cudnn" (fused kernel on GPU, bf16/fp16) | "splash" (Pallas TPU kernel;
+      interpret mode elsewhere). Kernels serve training and full forward passes; cached decoding
+      uses "xla" (or "cudnn" when named). No effect on the parameters.
     query_chunks: with "xla", training and full forward passes split the queries into this many
       chunks that skip the masked upper triangle (`attention.dot_product_attention`); 1 = off.
   """
@@ -237,7 +241,7 @@ class TransformerConfig:
   norm_eps: float = 1e-6
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   query_chunks: int = 1
 
   def __post_init__(self):
@@ -494,6 +498,7 @@ class Transformer(nn.Module):
     else:
       mask = None
     layer_positions = positions if decode else None
+    layer_segments = None if decode else segment_ids
 
     block_kw = dict(
       num_heads=cfg.num_heads,
@@ -516,18 +521,20 @@ class Transformer(nn.Module):
         block_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       x, out_cache = stack(name="layers", **block_kw)(
-        x, layer_cache, sin, cos, mask, layer_positions
+        x, layer_cache, sin, cos, mask, layer_positions, layer_segments
       )
     else:
       out_cache = []
       for i in range(cfg.num_layers):
         c = None if layer_cache is None else layer_cache[i]
-        x, c = block_cls(name=f"layer_{i}", **block_kw)(x, c, sin, cos, mask, layer_positions)
+        x, c = block_cls(name=f"layer_{i}", **block_kw)(
+          x, c, sin, cos, mask, layer_positions, layer_segments
+        )
         out_cache.append(c)
     if new_cache is not None:
       new_cache["layers"] = out_cache
