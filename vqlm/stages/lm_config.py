@@ -135,7 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     norm_eps=1e-6,
     dtype=dtype,
     param_dtype="float32",
-    attention_impl="xla",
+    attention_impl="auto",  # cudnn on a CUDA GPU (bf16), splash on TPU, else xla.
     query_chunks=s.get("query_chunks", 8),
   )
 
