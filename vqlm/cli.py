@@ -51,17 +51,6 @@ def _quiet_libraries() -> None:
     pass
 
 
-def _flag_error_message(error: BaseException) -> str:
-  """absl wraps errors raised while loading a config; report the innermost one, on one line."""
-  root = error
-  while root.__cause__ is not None or root.__context__ is not None:
-    root = root.__cause__ or root.__context__
-  if root is not error and str(root).strip():
-    return str(root).strip().splitlines()[0]
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[-1] if lines else type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -77,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
   argv = argv[:2] + [a for a in argv[2:] if a != "--debug"]
   from absl import flags
 
-  from vqlm.commands.flags import HelpShown
+  from vqlm.commands.flags import HelpShown, error_line
   from vqlm.runtime import host_memory
 
   try:
@@ -102,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
   except flags.Error as e:
     if debug:
       raise
-    print(f"vqlm: error: {_flag_error_message(e)}", file=sys.stderr)
+    print(f"vqlm: error: {error_line(e)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("vqlm: interrupted; run the same command to resume", file=sys.stderr)

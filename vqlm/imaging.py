@@ -48,6 +48,23 @@ def save_png(image: np.ndarray, path: str) -> str:
 
 
 def load_png(path: str) -> np.ndarray:
-  """Reads any image file as uint8 [H, W, 3]."""
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
+  """Reads any image file as uint8 [H, W, 3] (`read_image`)."""
+  return read_image(path)
+
+
+def read_image(path: str, what: str = "") -> np.ndarray:
+  """Any image file PIL reads as uint8 RGB `[H, W, 3]`; a one-line UserError naming the file
+  (`what`, e.g. "--image x.png"; default: the path) when it is missing, a directory or not a
+  readable image."""
+  what = what or str(path)
+  if os.path.isdir(path):
+    raise UserError(f"{what} is a directory; pass an image file")
+  if not os.path.exists(path):
+    raise UserError(f"{what} does not exist")
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except Exception as e:  # PIL: OSError, SyntaxError, ValueError, DecompressionBombError, ...
+    lines = str(e).strip().splitlines()
+    reason = lines[0] if lines else type(e).__name__
+    raise UserError(f"{what} is not a readable image ({reason}); pass a PNG or JPEG file") from None

@@ -21,6 +21,16 @@ BYTE_FALLBACK_MIN_VOCAB = 512
 _MODEL_TYPES = ("bpe", "unigram", "char", "word")
 
 
+def _utf8(text: str) -> str:
+  """`text` with what UTF-8 cannot encode (lone surrogates, e.g. from JSON's "\\ud800") replaced
+  by "?": SentencePiece takes UTF-8 only."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return text.encode("utf-8", "replace").decode("utf-8")
+  return text
+
+
 def _non_empty(texts: Iterable[str]) -> Iterator[str]:
   for text in texts:
     if not isinstance(text, str):
@@ -28,7 +38,7 @@ def _non_empty(texts: Iterable[str]) -> Iterator[str]:
         f"train_sentencepiece expects strings, got {type(text).__name__}; "
         "decode bytes to str first."
       )
-    text = text.strip()
+    text = _utf8(text).strip()
     if text:
       yield text
 
@@ -149,8 +159,9 @@ class TextTokenizer:
     return self._sp.unk_id()
 
   def encode(self, text: str) -> list[int]:
-    """`text` -> SentencePiece ids (whitespace is normalised: runs collapse, ends are trimmed)."""
-    return list(self._sp.encode(text))
+    """`text` -> SentencePiece ids (whitespace is normalised: runs collapse, ends are trimmed;
+    what UTF-8 cannot encode, such as a lone surrogate, reads as "?")."""
+    return list(self._sp.encode(_utf8(text) if isinstance(text, str) else text))
 
   def decode(self, ids: Sequence[int]) -> str:
     """SentencePiece ids -> text. Raises ValueError on ids outside `[0, vocab_size)`."""

@@ -17,25 +17,28 @@ def load_run(workdir: str, tokenizer: str | None = None):
   return LMRun(workdir, tokenizer=tokenizer or None)
 
 
-def load_images(paths: list[str], size: int | None) -> np.ndarray:
-  """uint8 `[N, size, size, 3]` (images resized when `size` is given and they differ)."""
-  import os
+def read_images(paths: list[str], flag: str = "--image") -> list[np.ndarray]:
+  """uint8 `[H, W, 3]` of each image file; a one-line UserError naming a file that is missing, a
+  directory or not a readable image (read before the slow run loads)."""
+  from vqlm import imaging
 
+  return [imaging.read_image(path, f"{flag} {path}") for path in paths]
+
+
+def fit_images(images: list[np.ndarray], size: int | None, flag: str = "--image") -> np.ndarray:
+  """uint8 `[N, size, size, 3]`: each image resized (bicubic) when `size` is given and it
+  differs; without `size` the images must share one size."""
   from PIL import Image
 
-  images = []
-  for path in paths:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"--image {path} does not exist")
-    with Image.open(path) as im:
-      im = im.convert("RGB")
-      if size and im.size != (size, size):
-        im = im.resize((size, size), Image.BICUBIC)
-      images.append(np.asarray(im))
-  shapes = {im.shape for im in images}
+  out = []
+  for image in images:
+    if size and image.shape[:2] != (size, size):
+      image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    out.append(image)
+  shapes = {im.shape for im in out}
   if len(shapes) > 1:
-    raise UserError(f"images have different sizes {sorted(shapes)}; resize them to one size")
-  return np.stack(images)
+    raise UserError(f"{flag} images have different sizes {sorted(shapes)}; resize them to one size")
+  return np.stack(out)
 
 
 def main(argv: list[str]) -> int:
@@ -60,9 +63,10 @@ def main(argv: list[str]) -> int:
   from vqlm.sample.api import generator_for
   from vqlm.sample.processors import SamplingConfig, Settings
 
+  images = read_images(fv.image)
   gen = generator_for(load_run(fv.workdir, fv.tokenizer))
   gen.progress = fv.progress
-  images = load_images(fv.image, getattr(gen.image_tokenizer, "image_size", None))
+  images = fit_images(images, getattr(gen.image_tokenizer, "image_size", None))
   greedy = fv.temperature <= 0
   sampling = None if greedy else SamplingConfig(text=Settings(temperature=fv.temperature))
   captions = gen.caption_images(

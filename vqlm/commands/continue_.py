@@ -16,8 +16,6 @@ continues the clip given by its frames and writes `DIR/frame_000.png ...` (the n
 
 import os
 
-import numpy as np
-
 from vqlm.commands import flags as flag_lib
 from vqlm.errors import UserError
 
@@ -49,26 +47,6 @@ def ordered_parts(argv: list[str]) -> list[tuple[str, str]]:
         i += 1
     i += 1
   return parts
-
-
-def read_images(paths: list[str], size: int | None, flag: str) -> np.ndarray:
-  """uint8 `[N, size, size, 3]` from image files; one-line errors naming the bad file."""
-  from PIL import UnidentifiedImageError
-
-  from vqlm.commands.caption import load_images
-
-  images = []
-  for path in paths:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{flag} {path} does not exist")
-    try:
-      images.append(load_images([path], size)[0])
-    except (UnidentifiedImageError, OSError) as e:
-      raise UserError(f"{flag} {path} is not a readable image ({e}); pass a PNG or JPEG") from None
-  if len({im.shape for im in images}) > 1:
-    shapes = sorted({im.shape for im in images})
-    raise UserError(f"{flag} images have different sizes {shapes}; resize them to one size")
-  return np.stack(images)
 
 
 def write_continuation(out_dir: str, segments: list) -> tuple[str, int]:
@@ -144,10 +122,10 @@ def main(argv: list[str]) -> int:
       raise UserError("--num_frames and --caption go with --frames (video continuation)")
     if fv.max_new_tokens <= 0 or fv.num_images <= 0:
       raise UserError("--max_new_tokens and --num_images must be >= 1")
-  for flag, paths in (("--frames", frames if video else []), ("--image", fv.image)):
-    for path in paths:
-      if not os.path.isfile(path):  # before the (slow) run loads
-        raise FileNotFoundError(f"{flag} {path} does not exist")
+  from vqlm.commands.caption import fit_images, read_images
+
+  frame_images = read_images(frames, "--frames") if video else []  # before the (slow) run loads
+  part_images = read_images(fv.image, "--image")
   out_dir = flag_lib.check_workdir(fv.out, "--out")
   from vqlm import imaging
   from vqlm.sample.api import generator_for
@@ -162,7 +140,7 @@ def main(argv: list[str]) -> int:
   size = getattr(gen.image_tokenizer, "image_size", None)
   if video:
     new = gen.continue_video(
-      read_images(frames, size, "--frames"),
+      fit_images(frame_images, size, "--frames"),
       num_new_frames=fv.num_frames,
       caption=fv.caption,
       sampling=sampling,
@@ -172,7 +150,7 @@ def main(argv: list[str]) -> int:
       imaging.save_png(frame, os.path.join(out_dir, f"frame_{k:03d}.png"))
     print(f"wrote {out_dir}: {len(new)} frames frame_000.png ... frame_{len(new) - 1:03d}.png")
     return 0
-  images = iter(read_images(fv.image, size, "--image") if fv.image else [])
+  images = iter(fit_images(part_images, size) if part_images else [])
   prompt = [value if kind == "text" else next(images) for kind, value in parts]
   out = gen.continue_sequence(
     [prompt],

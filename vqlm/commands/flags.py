@@ -3,6 +3,7 @@ repeatedly)."""
 
 from collections.abc import Callable
 import os
+import re
 
 from absl import flags
 import ml_collections
@@ -53,12 +54,67 @@ def parse(
     raise HelpShown()
   try:
     fv(argv)
+  except UserError:
+    raise
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field.
     detail = str(e.args[0] if e.args else e).replace("\n", "; ").replace("'", "")
     raise UserError(
       f"unknown config field {detail} (see the config file for valid fields)"
     ) from None
+  except (IndexError, TypeError, ValueError) as e:
+    # ml_collections: a field path it cannot parse or follow (`--config.mesh.rules.0=...`,
+    # `--config.mesh.rules.x=...`: into a list).
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.lstrip("-").startswith("config.")]
+    raise UserError(
+      f"cannot override {' or '.join(overrides) or 'the config'}: {error_line(e)} (see the "
+      "config file for valid fields; lists are overridden whole)"
+    ) from None
+  except flags.Error as e:  # A value of the wrong type, --config.a after --config.a.b, ...
+    raise UserError(error_line(e)) from None
+  if config:
+    _check_section_overrides(fv, argv)
   return fv
+
+
+# Top-level config sections whose entries are free-form (a dict of evaluators), so that replacing
+# the whole section (`--config.evals={}`: no evaluators) is meaningful.
+FREE_FORM_SECTIONS = ("evals",)
+
+
+def _check_section_overrides(fv: flags.FlagValues, argv: list[str]) -> None:
+  """`--config.train={...}` replaces the whole section: the fields it does not name would be
+  missing when the stage reads them. Refused, except for `FREE_FORM_SECTIONS`."""
+  names = [re.match(r"--?config\.(\w+)(=|$)", arg) for arg in argv[1:]]
+  names = [m.group(1) for m in names if m]
+  if not names or fv["config"].value is None:
+    return
+  try:
+    config = fv["config"].value
+    sections = {n for n in names if isinstance(config.get(n), ml_collections.ConfigDict)}
+  except OSError:  # A config file that cannot be read: `require_config` says so.
+    return
+  bad = sorted(sections - set(FREE_FORM_SECTIONS))
+  if bad:
+    raise UserError(
+      f"--config.{bad[0]} would replace the whole '{bad[0]}' section; override its fields one at "
+      f"a time, e.g. --config.{bad[0]}.FIELD=VALUE"
+    )
+
+
+def error_line(error: BaseException) -> str:
+  """One line for a flag error. absl wraps the error raised while parsing a value: the outermost
+  message that quotes the innermost one (it names the flag too), else the innermost one."""
+  chain = [error]
+  while True:
+    e = chain[-1]
+    inner = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    if inner is None or inner in chain:
+      break
+    chain.append(inner)
+  lines = [next((l.strip() for l in str(e).splitlines() if l.strip()), "") for e in chain]
+  root = lines[-1]
+  line = next((l for l in lines if root and root in l), root)
+  return line or type(chain[-1]).__name__
 
 
 def define_lm_run(f: _Definer) -> None:

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqlm.errors import UserError
+from vqlm.errors import UserError, check_int
 
 Dtype = Any
 
@@ -39,6 +39,33 @@ def factor_of(channel_multipliers: Sequence[int]) -> int:
   if not channel_multipliers:
     raise UserError("channel_multipliers must have at least one entry, e.g. (1, 2, 2)")
   return 2 ** (len(channel_multipliers) - 1)
+
+
+# The integer fields of Encoder / PatchEncoder / Decoder and their smallest valid values.
+_INT_FIELDS = {
+  "channels": 1,
+  "num_res_blocks": 0,
+  "latent_dim": 1,
+  "mlp_blocks": 0,
+  "out_channels": 1,
+}
+
+
+def check_kwargs(kwargs: dict[str, Any], where: str) -> None:
+  """Fails with a UserError naming `where.field` when the integer fields among an encoder's or
+  decoder's kwargs (absent ones keep their defaults) are not integers of a valid size."""
+  for name, minimum in _INT_FIELDS.items():
+    if name in kwargs:
+      check_int(f"{where}.{name}", kwargs[name], minimum=minimum)
+  if "channel_multipliers" in kwargs:
+    multipliers = kwargs["channel_multipliers"]
+    if isinstance(multipliers, (str, bytes)) or not isinstance(multipliers, Sequence):
+      raise UserError(
+        f"{where}.channel_multipliers={multipliers!r} must be a tuple of integers, e.g. (1, 2, 2)"
+      )
+    factor_of(multipliers)
+    for m in multipliers:
+      check_int(f"{where}.channel_multipliers entry", m)
 
 
 class ResBlock(nn.Module):

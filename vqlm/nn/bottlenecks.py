@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlm.errors import UserError
+from vqlm.errors import MAX_SIZE, UserError, check_int
 
 Dtype = Any
 DEFAULT_DEAD_AFTER = 100
@@ -133,6 +133,7 @@ class GaussianBottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
+    check_int("latent_dim", self.latent_dim)
     m = nn.Dense(
       2 * self.latent_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="moments"
     )(z).astype(_F32)
@@ -192,6 +193,14 @@ class VectorQuantizer(nn.Module):
     return self.code_dim or self.latent_dim
 
   def setup(self):
+    check_int("codebook_size", self.codebook_size)
+    check_int("latent_dim", self.latent_dim)
+    if self.code_dim is not None:
+      check_int("code_dim", self.code_dim, minimum=0)  # 0: latent_dim
+    check_int("kmeans_iters", self.kmeans_iters, minimum=0)
+    check_int("kmeans_max_points", self.kmeans_max_points)
+    if self.restart_after is not None:
+      check_int("restart_after", self.restart_after, minimum=0)
     k, c = self.codebook_size, self._code_dim
     if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
       raise UserError(f"ema_decay must be None or in (0, 1), got {self.ema_decay}")
@@ -357,8 +366,16 @@ class FSQ(nn.Module):
     return self.latent_dim is not None and self.latent_dim != len(self.levels)
 
   def setup(self):
-    if any(int(l) < 2 for l in self.levels):
+    try:
+      levels = [int(l) for l in self.levels]
+    except (TypeError, ValueError):
+      raise UserError(f"FSQ levels must be integers >= 2, got {self.levels!r}") from None
+    if any(l < 2 for l in levels):
       raise UserError(f"FSQ levels must all be >= 2, got {tuple(self.levels)}")
+    if math.prod(levels) > MAX_SIZE:
+      raise UserError(f"FSQ levels {tuple(levels)} give more than {MAX_SIZE} codes")
+    if self.latent_dim is not None:
+      check_int("latent_dim", self.latent_dim)
     if self._project:
       kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
       self.proj_in = nn.Dense(len(self.levels), name="proj_in", **kw)

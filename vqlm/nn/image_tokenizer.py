@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from vqlm.errors import UserError
-from vqlm.nn.autoencoder import ENCODERS, Decoder, Encoder, factor_of
+from vqlm.nn.autoencoder import ENCODERS, Decoder, Encoder, check_kwargs, factor_of
 from vqlm.nn.bottlenecks import DISCRETE, make_bottleneck
 
 # Where the decoder's last conv lives in the params (adaptive GAN weight).
@@ -67,12 +67,14 @@ class ImageTokenizer(nn.Module):
     encoder_kind = enc.pop("kind", "conv")
     if encoder_kind not in ENCODERS:
       raise UserError(f"unknown encoder kind '{encoder_kind}'; valid: {', '.join(ENCODERS)}")
+    check_kwargs(enc, "encoder")
     self.enc = ENCODERS[encoder_kind](**enc)
     dec = (
       dict(self.decoder)
       if self.decoder is not None
       else {k: v for k, v in enc.items() if k not in ("latent_dim", "mlp_blocks")}
     )
+    check_kwargs(dec, "decoder")
     self.dec = Decoder(**dec)
     bkw = dict(self.bottleneck)
     kind = bkw.pop("kind", None)

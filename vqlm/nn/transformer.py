@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlm.errors import UserError
+from vqlm.errors import MAX_SIZE, UserError
 from vqlm.nn import attention, layers
 
 DType = Any
@@ -180,6 +180,21 @@ class TokenEmbed(nn.Module):
     return jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
 
 
+_SIZES = (
+  "vocab_size",
+  "dim",
+  "num_layers",
+  "num_heads",
+  "mlp_dim",
+  "num_kv_heads",
+  "head_dim",
+  "image_offset",
+  "image_size",
+  "codebook_dim",
+  "query_chunks",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Every setting of a `Transformer`, validated once, in `__post_init__` (a ValueError names the
@@ -251,13 +266,18 @@ class TransformerConfig:
     for name in ("num_kv_heads", "head_dim"):
       if not getattr(self, name):
         set_(name, None)
-    set_("grid", tuple(int(g) for g in self.grid) if self.grid else None)
-    set_("code_levels", tuple(int(l) for l in self.code_levels))
+    try:
+      set_("grid", tuple(int(g) for g in self.grid) if self.grid else None)
+      set_("code_levels", tuple(int(l) for l in self.code_levels))
+    except (TypeError, ValueError):
+      raise UserError(
+        f"grid={self.grid!r} and code_levels={self.code_levels!r} must be tuples of integers."
+      ) from None
     for name in ("dtype", "param_dtype"):
       value = getattr(self, name)
       try:
         dtype = jnp.dtype(value)
-      except TypeError as e:
+      except (TypeError, ValueError) as e:  # numpy: ValueError for strings like "1e+30".
         raise UserError(
           f"{name}={value!r} is not a dtype; use e.g. 'float32' or 'bfloat16'."
         ) from e
@@ -271,6 +291,10 @@ class TransformerConfig:
       value = getattr(self, name)
       if value <= 0:
         raise UserError(f"Transformer {name}={value} must be > 0.")
+    for name in _SIZES:
+      value = getattr(self, name)
+      if value is not None and value > MAX_SIZE:
+        raise UserError(f"Transformer {name}={value} is too large (at most {MAX_SIZE}).")
     for name in ("num_kv_heads", "head_dim"):
       value = getattr(self, name)
       if value is not None and value < 0:

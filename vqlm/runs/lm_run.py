@@ -171,7 +171,7 @@ class LMRun:
 
     settings = Settings(temperature=temperature, top_k=top_k, top_p=top_p)
     return self.generator().generate_images(
-      list(prompts),
+      prompts if isinstance(prompts, str) else list(prompts),  # the Generator refuses one str
       num_per_prompt=num_per_prompt,
       cfg_scale=cfg_scale,
       sampling=SamplingConfig(text=settings, image=settings).check(),

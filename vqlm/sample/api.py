@@ -225,6 +225,12 @@ class Generator:
     """
     if isinstance(prompts, str):
       raise UserError("prompts must be a list of strings, not one string; wrap it in a list.")
+    prompts = list(prompts)
+    bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+    if bad is not None:
+      raise UserError(
+        f"prompts[{bad}] has type {type(prompts[bad]).__name__}; captions are strings."
+      )
     if num_per_prompt <= 0:
       raise UserError(f"num_per_prompt={num_per_prompt} must be >= 1.")
     v = self.vocab

@@ -4,6 +4,7 @@ captions.csv."""
 from collections.abc import Callable
 import csv
 import hashlib
+import io
 import json
 import pathlib
 import threading
@@ -29,9 +30,17 @@ def _read_captions(root: pathlib.Path) -> tuple[list[dict[str, str]], pathlib.Pa
   if not found:
     return None
   path = found[0]
+  data = path.read_bytes()
+  try:
+    text = data.decode("utf-8-sig")  # A byte-order mark (Windows editors) is not content.
+  except UnicodeDecodeError as e:
+    lineno = data[: e.start].count(b"\n") + 1
+    raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
   rows = []  # (line number, row)
   if path.suffix == ".jsonl":
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # JSON Lines ends lines with \n only: str.splitlines would also split inside a caption (at
+    # U+2028, U+0085, ..., which JSON strings may hold unescaped).
+    for lineno, line in enumerate(text.split("\n"), 1):
       if not line.strip():
         continue
       try:
@@ -45,13 +54,15 @@ def _read_captions(root: pathlib.Path) -> tuple[list[dict[str, str]], pathlib.Pa
         )
       rows.append((lineno, row))
   else:
-    with path.open(newline="", encoding="utf-8") as f:
-      reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
       if not {"file", "text"} <= set(reader.fieldnames or ()):
         raise UserError(
           f"{path} needs a header with columns 'file', 'text', got {reader.fieldnames}"
         )
       rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as e:  # e.g. a field over csv.field_size_limit()
+      raise UserError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
   for lineno, row in rows:
     if not isinstance(row["file"], str) or not isinstance(row["text"], str):
       got = {k: row[k] for k in ("file", "text")}
@@ -65,7 +76,8 @@ def _read_captions(root: pathlib.Path) -> tuple[list[dict[str, str]], pathlib.Pa
 
 
 def _hash_fraction(file: str) -> float:
-  digest = hashlib.blake2b(file.encode("utf-8"), digest_size=8).digest()
+  # surrogateescape: a name that is not UTF-8 on disk is listed with escapes; hash its bytes.
+  digest = hashlib.blake2b(file.encode("utf-8", "surrogateescape"), digest_size=8).digest()
   return int.from_bytes(digest, "big") / 2.0**64
 
 
@@ -129,9 +141,10 @@ class FolderSource(Source):
   """A directory of images, with captions from `captions.jsonl` or `captions.csv`.
 
   Captions: `captions.jsonl` lines `{"file": "a.png", "text": "..."}` or `captions.csv` with
-  columns `file,text` (paths relative to the folder). Only the listed files are used; a file
-  listed several times gives several examples (one per caption). Without a captions file, every
-  image under the folder (recursively) is used with empty text.
+  columns `file,text` (paths relative to the folder; UTF-8, a byte-order mark is ignored). Only
+  the listed files are used; a file listed several times gives several examples (one per
+  caption). Without a captions file, every image under the folder (recursively) is used with
+  empty text.
 
   Images under the folder that the captions file does not list are not used (one warning names
   them); a row with `"text": ""` uses its image without a caption, and blank lines are ignored.
