@@ -173,6 +173,28 @@ def test_config_overrides_build_a_model_or_fail_in_one_line(case):
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
 
 
+@settings(max_examples=10, deadline=None, database=None)
+@given(
+  case=st.sampled_from(
+    [
+      ("configs/lm.py:size=tiny", "train.seq_len"),
+      ("configs/lm.py:size=tiny", "train.batch_size"),
+      ("configs/tokenizer.py:size=tiny", "data.image_size"),
+      ("configs/tokenizer.py:size=tiny", "train.batch_size"),
+    ]
+  ),
+  value=st.integers(max_value=0),
+)
+def test_compile_refuses_example_batches_of_no_size(case, value):
+  # `vqlm compile` builds its example batches from these sizes (numpy refused negative ones).
+  spec, field = case
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    code = cli.main(["vqlm", "compile", "--config", spec, f"--config.{field}={value}"])
+  assert code == 2 and err.getvalue().startswith(f"vqlm: error: config.{field}={value} must be")
+  assert len(err.getvalue().strip().splitlines()) == 1
+
+
 # Once make_mesh refuses sizes below 1 (other than -1) with a UserError, this passes (strict:
 # then a failure): drop the xfail and the assume() above.
 @pytest.mark.xfail(

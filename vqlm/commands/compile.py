@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from vqlm.commands import flags as flag_lib
-from vqlm.errors import UserError
+from vqlm.errors import UserError, check_int
 
 GIB = 2.0**30
 NOMINAL_IMAGE_CODES = 16384
@@ -98,6 +98,7 @@ def build(config: ml_collections.ConfigDict, *, vocab_size: int = 0):
   if stage == "lm":
     from vqlm.stages import lm as lm_stage
 
+    _check_sizes(config, "train.batch_size", "train.seq_len")
     vocab = nominal_vocab(config.get("size", ""), vocab_size)
     trainer = lm_stage.build_trainer(config, vocab, progress=False)
     m = config.model
@@ -109,11 +110,19 @@ def build(config: ml_collections.ConfigDict, *, vocab_size: int = 0):
   if stage == "tokenizer":
     from vqlm.stages import tokenizer as tokenizer_stage
 
+    _check_sizes(config, "train.batch_size", "data.image_size")
     trainer = tokenizer_stage.build_trainer(config, progress=False)
     size = config.data.image_size
     desc = f"image tokenizer {size}x{size} gan={config.loss.gan_weight > 0}"
     return trainer, tokenizer_stage._example_batch, desc
   raise UserError(f"config has unknown stage '{stage}'; valid: lm, tokenizer")
+
+
+def _check_sizes(config: ml_collections.ConfigDict, *fields: str) -> None:
+  """The example batch's sizes must be positive integers (numpy would raise on negative ones)."""
+  for field in fields:
+    section, name = field.split(".")
+    check_int(f"config.{field}", config[section].get(name))
 
 
 def _with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.ConfigDict:
