@@ -132,3 +132,16 @@ def test_fsdp_presets_lower_with_their_meshes_on_8_faked_devices():
       assert held < replicated / 6, (name, arg, held, replicated)
     else:
       assert held == replicated, (name, arg, held, replicated)
+
+
+def test_vq_ema_decay_can_be_set_from_the_command_line():
+  from vqlm.commands import flags as flag_lib
+  from vqlm.runtime.config import as_kwargs
+
+  def bottleneck(*overrides):
+    argv = ["vqlm train", "--config", "configs/tokenizer.py:size=tiny,bottleneck=vq", *overrides]
+    config = flag_lib.require_config(flag_lib.parse(argv, lambda f: None, config=True))
+    return as_kwargs(config.model)["bottleneck"]
+
+  assert bottleneck()["ema_decay"] is None
+  assert bottleneck("--config.model.bottleneck.ema_decay=0.99")["ema_decay"] == 0.99

@@ -19,7 +19,7 @@ import tempfile
 import warnings
 import zlib
 
-from hypothesis import HealthCheck, assume, event, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
@@ -158,8 +158,6 @@ def _build_abstract(config: ml_collections.ConfigDict):
 @example(("configs/tokenizer.py:size=tiny", [("model.bottleneck.restart_after", 2**48)]))
 def test_config_overrides_build_a_model_or_fail_in_one_line(case):
   spec, overrides = case
-  # make_mesh (vqlm/runtime/mesh.py) divides by a size 0 next to a -1: see the xfail below.
-  assume(not any(k.startswith("mesh.shape.") and str(v) == "0" for k, v in overrides))
   argv = ["vqlm train", "--config", spec] + [f"--config.{k}={v}" for k, v in overrides]
   try:
     config = flag_lib.require_config(flag_lib.parse(argv, lambda f: None, config=True))
@@ -195,11 +193,6 @@ def test_compile_refuses_example_batches_of_no_size(case, value):
   assert len(err.getvalue().strip().splitlines()) == 1
 
 
-# Once make_mesh refuses sizes below 1 (other than -1) with a UserError, this passes (strict:
-# then a failure): drop the xfail and the assume() above.
-@pytest.mark.xfail(
-  strict=True, raises=ZeroDivisionError, reason="make_mesh: a mesh size 0 next to -1"
-)
 def test_a_zero_mesh_size_is_a_user_error():
   argv = ["vqlm train", "--config", "configs/lm.py:size=tiny", "--config.mesh.shape.fsdp=0"]
   config = flag_lib.require_config(flag_lib.parse(argv, lambda f: None, config=True))

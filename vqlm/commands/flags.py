@@ -127,6 +127,11 @@ def check_workdir(workdir: str, flag: str = "--workdir") -> str:
   """Returns the absolute workdir, created with its parents; a clear error when it cannot be."""
   if not workdir:
     raise UserError(f"{flag} is required: a directory for this run's outputs")
+  if "://" in workdir:
+    raise UserError(
+      f"{flag} {workdir}: only `vqlm train` takes a bucket URL; copy the run to a local "
+      f"directory first (e.g. `gcloud storage cp -r {workdir} .`) or mount the bucket"
+    )
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"{flag} {workdir} is a file; choose a directory")

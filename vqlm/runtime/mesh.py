@@ -51,6 +51,11 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
   if sizes.count(-1) > 1:
     raise UserError("at most one mesh axis may be -1 (all remaining devices)")
+  if any(s < 1 and s != -1 for s in sizes):
+    raise UserError(
+      f"mesh {dict(zip(MESH_AXES, sizes))}: every size must be >= 1 (or -1: all remaining "
+      "devices); change config.mesh.shape"
+    )
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:

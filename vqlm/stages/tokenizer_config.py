@@ -49,7 +49,9 @@ def bottleneck_config(kind: str, s: dict) -> dict:
       codebook_size=s["codebook_size"],
       code_dim=s["code_dim"],
       beta=0.25,
-      ema_decay=None,
+      # None: the codebook is learned by its loss; a float in (0, 1): EMA updates. (A placeholder,
+      # so that `--config.model.bottleneck.ema_decay=0.99` can override it.)
+      ema_decay=ml_collections.config_dict.placeholder(float),
       l2_normalize=True,
       kmeans_init=True,
       restart_after=50,
