@@ -122,3 +122,40 @@ def test_bad_arguments_raise():
     optim.make_optimizer(learning_rate=1.0, warmup_steps=1, total_steps=10, grad_accum_steps=0)
   with pytest.raises(ValueError, match="end_lr_fraction"):
     optim.make_optimizer(learning_rate=1.0, warmup_steps=1, total_steps=10, end_lr_fraction=2.0)
+
+
+def _flat(tree) -> dict:
+  leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(tree))
+  return {"/".join(str(k.key) for k in path): np.asarray(x) for path, x in leaves}
+
+
+@pytest.mark.parametrize("boxed", [False, True])
+def test_frozen_parameters_never_move_and_do_not_count_in_the_clip(boxed):
+  frozen = ("embed", "layer_0/mlp/wi")
+  params = _params(boxed)
+  grads = jax.tree.map(lambda x: 10.0 * jnp.ones_like(x), params)
+  kw = dict(learning_rate=0.1, warmup_steps=0, total_steps=10, weight_decay=0.5, clip_norm=1.0)
+  tx, _ = optim.make_optimizer(freeze=("embed", "mlp/wi"), **kw)
+  updates = _flat(tx.update(grads, tx.init(params), params)[0])
+  for name, value in updates.items():
+    assert np.any(value) != name.startswith(frozen), name
+  # The clip sees only the trained gradients: the same updates as training them alone.
+  plain, _ = optim.make_optimizer(**kw)
+  zeroed = jax.tree_util.tree_map_with_path(
+    lambda path, g: g * 0 if "/".join(str(k.key) for k in path).startswith(frozen) else g,
+    nn.meta.unbox(grads),
+  )
+  unboxed = nn.meta.unbox(params)
+  reference = _flat(plain.update(zeroed, plain.init(unboxed), unboxed)[0])
+  for name, value in updates.items():
+    if not name.startswith(frozen):
+      np.testing.assert_allclose(value, reference[name], rtol=1e-6)
+
+
+def test_a_freeze_pattern_that_matches_nothing_is_one_line():
+  tx, _ = optim.make_optimizer(learning_rate=0.1, warmup_steps=0, total_steps=10, freeze=("embd",))
+  with pytest.raises(optim.UserError, match="'embd' matches no parameter .*embed/embedding"):
+    tx.init(_params())
+  tx, _ = optim.make_optimizer(learning_rate=0.1, warmup_steps=0, total_steps=10, freeze=("(",))
+  with pytest.raises(optim.UserError, match="not a regular expression"):
+    tx.init(_params())

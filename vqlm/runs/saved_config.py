@@ -16,7 +16,7 @@ from vqlm.errors import UserError
 CONFIG_FILE = "config.json"
 # Paths a run records that point at other runs or data. Each is also stored relative to the run
 # directory (under "relative_paths"), so a tree of runs moved or copied as a whole still loads.
-PATH_KEYS = ("data.tokenizer", "data.codes", "data.data_dir", "data.text_model")
+PATH_KEYS = ("data.tokenizer", "data.codes", "data.data_dir", "data.text_model", "init_from")
 RELATIVE_PATHS = "relative_paths"
 
 

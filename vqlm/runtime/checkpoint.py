@@ -112,7 +112,12 @@ def _fault_injecting_path_class(base: type) -> type | None:
 
 
 class CheckpointMismatchError(ValueError):
-  """The checkpoint in the workdir does not fit the configured model."""
+  """The checkpoint in the workdir does not fit the configured model; `detail` names the first
+  parameter that differs and how."""
+
+  def __init__(self, message: str, detail: str = ""):
+    super().__init__(message)
+    self.detail = detail or message
 
 
 @dataclasses.dataclass
@@ -225,17 +230,19 @@ class Checkpointer:
     extra = [] if partial else sorted(set(have) - set(want))
     if missing or extra:
       name = (missing or extra)[0]
+      detail = f"parameter {name} is {'missing from' if missing else 'only in'} the checkpoint"
       raise CheckpointMismatchError(
-        f"checkpoint step {step} in {self.directory} does not match the config (parameter "
-        f"{name} is {'missing from' if missing else 'only in'} the checkpoint); use a new "
-        "--workdir or the config that made this run"
+        f"checkpoint step {step} in {self.directory} does not match the config ({detail}); use "
+        "a new --workdir or the config that made this run",
+        detail,
       )
     for name, shape in want.items():
       if have[name] != shape:
+        detail = f"{name} has shape {have[name]} there but {shape} in the config"
         raise CheckpointMismatchError(
-          f"checkpoint step {step} in {self.directory} does not match the config: {name} has "
-          f"shape {have[name]} there but {shape} in the config; use a new --workdir or the "
-          "config that made this run"
+          f"checkpoint step {step} in {self.directory} does not match the config: {detail}; use "
+          "a new --workdir or the config that made this run",
+          detail,
         )
 
   def restore(self, target: Any, step: int | None = None) -> Restored | None:

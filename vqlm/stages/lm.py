@@ -30,6 +30,7 @@ from vqlm.runs.lm_run import TEXT_MODEL, VOCAB_FILE, transformer_config
 from vqlm.runtime import mesh as mesh_lib
 from vqlm.runtime import workdir_lock
 from vqlm.runtime.config import as_kwargs
+from vqlm.stages import init_from
 from vqlm.stages.wiring import make_trainer
 from vqlm.text import TextTokenizer, train_sentencepiece
 from vqlm.train import loop
@@ -267,6 +268,10 @@ def _resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if not config.data.tokenizer:
     config.data.tokenizer = manifest["tokenizer_run"]
   config.data.tokenizer = os.path.abspath(config.data.tokenizer)
+  if config.get("init_from"):
+    config.init_from = init_from.check_source(config.init_from)
+    if not config.data.text_model:  # The source run's token ids for text.
+      config.data.text_model = os.path.join(config.init_from, TEXT_MODEL)
   if config.model.get("image_embed_init") == "levels":
     config.model.code_levels = tokenizer_levels(
       config.data.tokenizer, tuple(config.model.get("code_levels", ()))
@@ -407,6 +412,7 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, loop_kwargs, share
     hooks=hooks,
     meta={"stage": "lm"},
     log_fn=log_fn,
+    warm_start=init_from.warm_start(config.get("init_from"), vocab, text_model, log_fn=log_fn),
     **loop_kwargs,
   )
   if config.get("evals"):

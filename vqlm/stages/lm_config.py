@@ -94,6 +94,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "lm"
   c.size = arg.size
+  # Start from another LM run's parameters (not its optimizer state or step): a path to the run.
+  # Its vocabulary and model shapes must match (its text model is reused when data.text_model is
+  # empty). Used only when this run has no checkpoint yet; a run resumes from its own.
+  c.init_from = ""
 
   # Data: code shards written by `vqlm encode` (the tokenizer run is read from their manifest when
   # `tokenizer` is empty); the SentencePiece model is trained on their captions unless given.
@@ -149,6 +153,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     eps=1e-8,
     clip_norm=1.0,
     grad_accum_steps=1,
+    # Regular expressions over parameter paths (`embed`, `blocks_0/attn`, ...); matching
+    # parameters are not trained (e.g. with init_from).
+    freeze=(),
   )
 
   # text_weight / image_weight scale the loss weights of text / image targets when the data

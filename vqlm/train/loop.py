@@ -257,6 +257,7 @@ def run(
   log_fn: Callable[[str], None] = print,
   checkpoint_dir: str | None = None,
   after_save: Callable[[int], None] | None = None,
+  warm_start: Callable[[TrainState], TrainState] | None = None,
 ) -> TrainState:
   """Trains `trainer.task` on `data_iter` until `options.steps`, resuming from `workdir` if
   possible.
@@ -270,6 +271,8 @@ def run(
     checkpoint_dir: where checkpoints go (default `workdir/checkpoints`; may be a `gs://` URL).
     after_save: called with the step after each checkpoint save starts (e.g. to copy the run's
       small files to a bucket).
+    warm_start: applied to the freshly initialised state when the run has no checkpoint yet
+      (e.g. parameters from another run: `config.init_from`); never on resume.
   Returns:
     The final train state.
   """
@@ -283,10 +286,13 @@ def run(
       log_fn=log_fn,
       checkpoint_dir=checkpoint_dir or os.path.join(workdir, "checkpoints"),
       after_save=after_save,
+      warm_start=warm_start,
     )
 
 
-def _run(trainer, *, data_iter, workdir, hooks, meta, log_fn, checkpoint_dir, after_save):
+def _run(
+  trainer, *, data_iter, workdir, hooks, meta, log_fn, checkpoint_dir, after_save, warm_start
+):
   opts = trainer.options
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(
@@ -310,6 +316,8 @@ def _run(trainer, *, data_iter, workdir, hooks, meta, log_fn, checkpoint_dir, af
     pending = None
   else:
     state = trainer.init_state(jax.random.key(opts.seed), example)
+    if warm_start is not None:
+      state = warm_start(state)
     pending = example  # The batch already drawn is the first training batch.
   start = int(jax.device_get(state.step))
   base_rng = jax.random.key(opts.seed + 1)

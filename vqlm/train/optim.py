@@ -5,7 +5,8 @@ Works on plain and on boxed (`nn.LogicallyPartitioned`) parameter trees: the opt
 carries the same logical axis names as the params.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -35,6 +36,39 @@ def default_decay_mask(params: Any) -> Any:
     return leaf.ndim >= 2 and not any(word in names for word in NO_DECAY_NAMES)
 
   return jax.tree_util.tree_map_with_path(decay, nn.meta.unbox(params))
+
+
+def param_paths(params: Any) -> list[str]:
+  """`a/b/kernel` for every leaf of a (possibly boxed) parameter tree."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))
+  return ["/".join(_key_name(k) for k in path) for path, _ in flat]
+
+
+def frozen_mask(params: Any, patterns: Sequence[str]) -> Any:
+  """True for leaves whose path (`a/b/kernel`) matches one of the regular expressions.
+
+  Raises:
+    UserError: a pattern is not a valid regular expression or matches no parameter.
+  """
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(pattern))
+    except re.error as e:
+      raise UserError(
+        f"optim.freeze pattern {pattern!r} is not a regular expression ({e})"
+      ) from None
+  paths = param_paths(params)
+  for pattern, regex in zip(patterns, compiled):
+    if not any(regex.search(p) for p in paths):
+      raise UserError(
+        f"optim.freeze pattern {pattern!r} matches no parameter (they are named like "
+        f"{', '.join(paths[:3])}, ...); see `vqlm compile` for the parameter names"
+      )
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: any(r.search("/".join(_key_name(k) for k in path)) for r in compiled),
+    nn.meta.unbox(params),
+  )
 
 
 def make_schedule(
@@ -71,6 +105,7 @@ def make_optimizer(
   clip_norm: float | None = 1.0,
   grad_accum_steps: int = 1,
   decay_mask_fn: Callable[[Any], Any] = default_decay_mask,
+  freeze: Sequence[str] = (),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with warm-up + cosine schedule, clipping and masked weight decay.
 
@@ -85,6 +120,9 @@ def make_optimizer(
     clip_norm: clip gradients to this global norm (None or 0: no clipping).
     grad_accum_steps: > 1 wraps the chain in `optax.MultiSteps` (mean of the micro-batches).
     decay_mask_fn: params -> tree of bools (True = decay).
+    freeze: regular expressions over parameter paths (`blocks_0/attn/q/kernel`); matching
+      parameters are never updated (their gradients are zeroed before clipping, so they do not
+      count in the global norm, and their updates after AdamW, so no weight decay moves them).
   Returns:
     `(optimizer, schedule)`.
   """
@@ -99,11 +137,16 @@ def make_optimizer(
     end_lr_fraction=end_lr_fraction,
   )
   parts = []
+  freeze = tuple(freeze)
+  if freeze:
+    parts.append(optax.masked(optax.set_to_zero(), lambda p: frozen_mask(p, freeze)))
   if clip_norm:
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(
     optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask_fn)
   )
+  if freeze:
+    parts.append(optax.masked(optax.set_to_zero(), lambda p: frozen_mask(p, freeze)))
   tx = optax.chain(*parts)
   if grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps).gradient_transformation()
