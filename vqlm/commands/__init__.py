@@ -11,6 +11,7 @@ COMMANDS = {
   "continue": ("vqlm.commands.continue_", "continue interleaved text + images or a video clip"),
   "report": ("vqlm.commands.report", "write RUN/report.html: a run's curves, evaluations, samples"),
   "demo": ("vqlm.commands.demo", "the built-in end-to-end demo on the shapes data"),
+  "latent": ("vqlm.commands.latent", "latent-space tools: neighbors|interpolate|attribute|sample"),
   "info": ("vqlm.commands.info", "a config's model and its parameter count"),
   "compile": ("vqlm.commands.compile", "compile a train step ahead of time; memory per device"),
   "bench": ("vqlm.bench.__main__", "benchmarks against baselines (vqlm bench lm|sample|...)"),
