@@ -15,6 +15,10 @@ un-offset). The special block has a fixed width `len(specials) + num_reserved`: 
 takes a reserved slot (append the name, decrement `num_reserved`) and no image id moves. `<pad>` is
 an ordinary special, not id 0: padding is identified by `segment_ids == 0` / `loss_weights == 0`,
 never by the pad id. Ids in `[size, padded_size)` are never produced; the sampler must mask them.
+
+Chat specials (`CHAT_SPECIALS`: `<user>`, `<assistant>`) are not in the default block: a run that
+needs them takes reserved slots with `vocab.with_specials(CHAT_SPECIALS)`, so every id of a vocab
+saved before keeps its meaning (`new.extends(old)`) and an instruction-tuned run can start from it.
 """
 
 from collections.abc import Sequence
@@ -29,6 +33,8 @@ from vqlm.errors import UserError
 from vqlm.text import TextTokenizer
 
 DEFAULT_SPECIALS = ("pad", "bos", "eos", "boi", "eoi", "frame")
+# Turn markers of the chat layout (`vqlm.data.sequences.chat`); added in reserved slots.
+CHAT_SPECIALS = ("user", "assistant")
 _FORMAT = "vqlm.vocab/1"
 
 
@@ -130,6 +136,41 @@ class Vocab:
   @property
   def frame_id(self) -> int:
     return self.special("frame")
+
+  @property
+  def user_id(self) -> int:
+    return self.special("user")
+
+  @property
+  def assistant_id(self) -> int:
+    return self.special("assistant")
+
+  def with_specials(self, names: Sequence[str]) -> "Vocab":
+    """This vocab with `names` (those not present yet, in order) in the first reserved slots.
+
+    No existing id moves (`image_offset` and `size` are unchanged), so parameters trained with
+    this vocab stay valid under the result; `result.extends(self)` holds.
+    """
+    new = tuple(n for n in dict.fromkeys(names) if n not in self.specials)
+    if len(new) > self.num_reserved:
+      raise UserError(
+        f"adding specials {list(new)} needs {len(new)} reserved slots but the vocab has "
+        f"{self.num_reserved}; build the vocab with a larger num_reserved."
+      )
+    return dataclasses.replace(
+      self, specials=self.specials + new, num_reserved=self.num_reserved - len(new)
+    )
+
+  def extends(self, other: "Vocab") -> bool:
+    """True when every id of `other` means the same here: equal fields, except that this vocab's
+    specials may continue `other`'s into its reserved slots (see `with_specials`)."""
+    n = len(other.specials)
+    return (
+      self.specials[:n] == other.specials
+      and self.image_offset == other.image_offset
+      and dataclasses.replace(self, specials=other.specials, num_reserved=other.num_reserved)
+      == other
+    )
 
   # ---- id conversion (ints, NumPy arrays; jax arrays pass through without range checks) -------
 

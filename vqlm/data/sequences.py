@@ -14,6 +14,9 @@ document  <bos> pair_1 ... pair_n <eos>
           (order drawn per pair, p = 1/2; no prompt, no caption dropout)
 video     <bos> caption <boi> f_1 <eoi> <frame> <boi> f_2 <eoi> ... <frame> <boi> f_T <eoi> <eos>
           (`<frame>` separates frames; none after the last)   prompt: <bos> caption <boi>
+chat      <bos> <user> parts <assistant> parts <user> ... <eos>   (`chat`, not a builder mode)
+          part = text ids  or  <boi> codes <eoi>;   prompt: up to the first <assistant>
+          loss only on assistant turns: their parts and the token closing each (<user> or <eos>)
 ```
 
 An LM example of a segment `s` of length L has length L - 1 (no position is wasted):
@@ -140,6 +143,95 @@ def video(record: Mapping[str, Any], vocab: Vocab, *, drop_caption: bool = False
     parts.append(_image(frame, vocab))
   parts.append([vocab.eos_id])
   return Segment(_join(*parts), len(text) + 2)
+
+
+CHAT_ROLES = ("user", "assistant")
+
+
+def _role_id(role: Any, vocab: Vocab) -> int:
+  if role not in CHAT_ROLES:
+    raise UserError(f"turn role {role!r} is not one of {CHAT_ROLES}.")
+  if role not in vocab.specials:
+    raise UserError(
+      f"the vocab has no <{role}> special; use vocab.with_specials(vqlm.vocab.CHAT_SPECIALS)."
+    )
+  return vocab.special(role)
+
+
+def _chat_part(part: Any, vocab: Vocab) -> np.ndarray:
+  """Text ids `int[n]` (n >= 1) or codes `[h, w]` -> ids of the part."""
+  array = np.asarray(part)
+  if array.ndim == 2:
+    return _image(vocab.check_codes(array), vocab)
+  if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+    raise UserError(
+      f"a chat part must be non-empty text ids int[n] or image codes [h, w], got shape "
+      f"{array.shape} of {array.dtype}."
+    )
+  return _text({"text_ids": array}, vocab)
+
+
+def chat(
+  turns: Sequence[Mapping[str, Any]], vocab: Vocab, *, eos: bool = True
+) -> tuple[Segment, np.ndarray]:
+  """Turns -> `<bos> <user> parts <assistant> parts ... <eos>` and its assistant mask.
+
+  Args:
+    turns: `[{"role": "user" | "assistant", "parts": [text ids int[n] | codes [h, w], ...]}]`;
+      two text parts must not be adjacent (they would read back as one).
+    vocab: a vocab with the chat specials (`vocab.with_specials(CHAT_SPECIALS)`).
+    eos: end with `<eos>` (False: a prompt, e.g. turns then a final empty assistant turn).
+
+  Returns:
+    The segment (prompt: through the first `<assistant>`; 0 if none) and `bool[L]`, True on the
+    tokens of assistant parts and on the token after each assistant turn (the next `<user>` or
+    `<eos>`): the model learns to end its turn. Role markers of the assistant are False.
+  """
+  if not turns:
+    raise UserError("a chat needs at least one turn.")
+  ids, mask, prompt_len = [[vocab.bos_id]], [[False]], 0
+  assistant = False
+  for turn in turns:
+    if not isinstance(turn, Mapping) or set(turn) != {"role", "parts"}:
+      raise UserError(f"a turn must be a dict with keys 'role' and 'parts', got {turn!r:.80}.")
+    role = _role_id(turn["role"], vocab)
+    ids.append([role])
+    mask.append([assistant])  # <user> closes the previous assistant turn
+    if turn["role"] == "assistant" and not prompt_len:
+      prompt_len = sum(len(i) for i in ids)
+    assistant = turn["role"] == "assistant"
+    last_text = False
+    for part in turn["parts"]:
+      part_ids = _chat_part(part, vocab)
+      is_text = np.asarray(part).ndim == 1
+      if is_text and last_text:
+        raise UserError("two adjacent text parts in a turn; join them into one string.")
+      last_text = is_text
+      ids.append(part_ids)
+      mask.append(np.full(part_ids.size, assistant))
+  if eos:
+    ids.append([vocab.eos_id])
+    mask.append([assistant])
+  tokens = _join(*ids)
+  return Segment(tokens, prompt_len), np.concatenate([np.asarray(m, bool) for m in mask])
+
+
+def chat_example(
+  segment: Segment,
+  assistant: np.ndarray,
+  vocab: Vocab,
+  *,
+  text_weight: float = 1.0,
+  image_weight: float = 1.0,
+) -> Example:
+  """A `chat` segment and its mask `bool[L]` -> unpadded example of length L - 1: `to_example`
+  with weight 0 wherever the target is not an assistant token."""
+  assistant = np.asarray(assistant, bool)
+  if assistant.shape != np.shape(segment.tokens):
+    raise UserError(f"mask of shape {assistant.shape} does not match the segment's tokens.")
+  example = to_example(segment, vocab, text_weight=text_weight, image_weight=image_weight)
+  example["loss_weights"] = np.where(assistant[1:], example["loss_weights"], 0).astype(np.float32)
+  return example
 
 
 def needed_seq_len(
