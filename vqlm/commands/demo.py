@@ -2,12 +2,18 @@
 
 Trains every stage on the built-in shapes data, evaluates, and writes WORKDIR/report.html.
 Re-running resumes: finished stages are skipped.
+
+`vqlm demo ladder --workdir runs/ladder [--preset smoke|default] [--main runs/demo]`: the same
+test images through an autoencoder, a VAE, a VQ-VAE, FSQ, a VQ-GAN and a VQ + LM
+(`vqlm.demo.ladder`), written to WORKDIR/ladder.html and WORKDIR/ladder.json.
 """
 
 from vqlm.commands import flags as flag_lib
 
 
 def main(argv: list[str]) -> int:
+  if argv[1:2] == ["ladder"]:
+    return ladder_main([f"{argv[0]} ladder", *argv[2:]])
   from vqlm.demo import main as demo
 
   fv = flag_lib.parse(
@@ -35,4 +41,42 @@ def main(argv: list[str]) -> int:
       summary.append(f"{section}.{key}={results[section][key]:.3f}")
   print("demo results: " + ", ".join(summary))
   print(f"report: {workdir}/report.html")
+  return 0
+
+
+def ladder_main(argv: list[str]) -> int:
+  from vqlm.demo import ladder
+  from vqlm.demo.ladder_recipe import PRESETS
+
+  fv = flag_lib.parse(
+    argv,
+    lambda f: (
+      f.DEFINE_string("workdir", "runs/ladder", "ladder directory (created; resumed if present)"),
+      f.DEFINE_string("preset", "default", f"one of {', '.join(PRESETS)}"),
+      f.DEFINE_string(
+        "main",
+        "",
+        "a main demo's directory (`vqlm demo`): its tokenizer and LM are the VQ + LM "
+        "rung (default: train a small LM on the FSQ rung's codes)",
+      ),
+      f.DEFINE_string("stages", "all", f"comma-separated subset of {', '.join(ladder.STAGES)}"),
+      f.DEFINE_string("data_dir", "", "where the shapes data set is built (default WORKDIR/data)"),
+      f.DEFINE_bool("progress", True, "show progress bars"),
+    ),
+  )
+  workdir = flag_lib.check_workdir(fv.workdir)
+  run = ladder.Ladder(
+    workdir, preset=fv.preset, main=fv.main, progress=fv.progress, data_dir=fv.data_dir
+  )
+  results = run.run(ladder.ladder_stages(fv.stages))
+  summary = []
+  for section in ("random_points", "interpolation"):
+    for rung, entry in (results.get(section) or {}).items():
+      if isinstance(entry, dict) and "valid_scene" in entry:
+        summary.append(f"{section}.{rung}={entry['valid_scene']:.2f}")
+  best = (results.get("attributes") or {}).get("best")
+  if best:
+    summary.append(f"attributes.best={best}")
+  print("ladder results: " + ", ".join(summary))
+  print(f"report: {workdir}/ladder.html")
   return 0
