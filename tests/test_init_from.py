@@ -53,3 +53,25 @@ def test_incompatible_sources_are_one_line(tiny, tmp_path, capsys):
   assert "not a vqlm run directory" in error(f"init_from={tmp_path}")
   message = error(f"init_from={tiny['lm']}", "model.mlp_dim=128")
   assert "does not fit this model (" in message and "config.json" in message
+
+
+def test_a_vocabulary_with_chat_specials_in_reserved_slots_extends_the_source(tiny):
+  import os
+
+  from vqlm.runs.lm_run import VOCAB_FILE
+  from vqlm.stages import init_from
+  from vqlm.vocab import CHAT_SPECIALS, Vocab
+
+  source = Vocab.load(os.path.join(tiny["lm"], VOCAB_FILE))
+  chat = source.with_specials(CHAT_SPECIALS)
+  assert chat != source and chat.extends(source) and not source.extends(chat)
+  warm = init_from.warm_start(tiny["lm"], chat, os.path.join(tiny["lm"], "text.model"))
+
+  class Fresh:  # Only `params` and `replace` are used.
+    params = LMRun(tiny["lm"]).params
+
+    def replace(self, params):
+      return params
+
+  restored = warm(Fresh())
+  assert _flat(restored).keys() == _flat(Fresh.params).keys()

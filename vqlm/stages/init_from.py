@@ -2,7 +2,8 @@
 
 Only the parameters are read (an Orbax partial restore: no optimizer state, no step), onto the
 new run's shardings, so the source may have been trained on another device count. The source must
-be an LM run with the same vocabulary, the same SentencePiece model and the same parameter
+be an LM run with the same vocabulary (or one this run's extends with specials in reserved slots,
+such as the chat turns), the same SentencePiece model and the same parameter
 shapes; each mismatch is one line naming what differs. The new run then trains from step 0 with a
 fresh optimizer (and `optim.freeze` may keep parameter groups fixed).
 """
@@ -48,8 +49,9 @@ def warm_start(source: str | None, vocab: Vocab, text_model: str, *, log_fn=prin
 
   def apply(state):
     theirs = Vocab.load(os.path.join(source, VOCAB_FILE))
+    # Specials added in reserved slots (e.g. the chat turns) keep every id of the source.
     differ = [f for f in VOCAB_FIELDS if getattr(theirs, f) != getattr(vocab, f)]
-    if differ:
+    if differ and not vocab.extends(theirs):
       raise UserError(
         f"config.init_from {source} has another vocabulary ({', '.join(differ)} differs): "
         "train on codes of the same image tokenizer, with that run's text model"
