@@ -96,7 +96,7 @@ def test_ladder_smoke_end_to_end(tmp_path):
     assert recon["psnr"] > 0 and recon["compression"] > 0 and len(recon["latent_shape"]) == 3
     assert ("bits" in recon) == (rung in ("vq", "fsq", "vqgan"))
   attributes = result["attributes"]
-  assert attributes["best"] in rungs
+  assert attributes["best"] in (*rungs, None)  # None: no edit succeeded in any latent.
   assert all(0.0 <= e["success"] <= 1.0 for e in attributes["per_rung"].values())
   frames = result["voronoi"]["frames"]
   assert len(frames) >= 2 and sum("usage" in f for f in frames) >= 2

@@ -202,7 +202,7 @@ class Ladder:
       "random_points": {},
       "interpolation": {},
       "neighbours": {},
-      "attributes": {"from": colour_a, "to": colour_b, "per_rung": {}, "images": {}},
+      "attributes": {"from": colour_a, "to": colour_b, "per_rung": {}},
     }
     results["neighbours"]["queries_image"] = self._save(
       "neighbour_queries.png", np.stack([e["image"] for e in single[: p.show]]), columns=p.show
@@ -262,9 +262,9 @@ class Ladder:
         rates["image"] = self._save(f"attribute_{rung}.png", edited[: p.show], columns=p.show)
         results["attributes"]["per_rung"][rung] = rates
     per_rung = results["attributes"]["per_rung"]
-    results["attributes"]["best"] = (
-      max(per_rung, key=lambda r: per_rung[r]["success"]) if per_rung else None
-    )
+    best = max(per_rung, key=lambda r: per_rung[r]["success"]) if per_rung else None
+    # No rung is best when no edit succeeded anywhere.
+    results["attributes"]["best"] = best if best and per_rung[best]["success"] > 0 else None
     results["random_points"]["lm"] = self._lm_samples(test)
     results["voronoi"] = self._voronoi(np.stack([e["image"] for e in test[:64]]))
     self._write_results(results)

@@ -63,7 +63,9 @@ class LadderPreset:
   pool: int  # Training images searched for neighbours (and split by colour for attributes).
   queries: int  # Single-object test queries (neighbours, attribute edits).
   fsq_levels: tuple[int, ...] = (8, 8, 8)
-  attribute: tuple[str, str] = ("red", "blue")
+  # Colour A -> colour B edits. Neither red nor magenta has a held-out colour-shape pair, so an
+  # edit never asks for a pair the tokenizers never saw (blue triangles are held out).
+  attribute: tuple[str, str] = ("red", "magenta")
 
 
 PRESETS = {
