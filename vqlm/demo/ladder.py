@@ -70,8 +70,12 @@ class Ladder:
     self.p = PRESETS[preset]
     self.progress = progress
     self.log = log_fn
-    self.data_dir = data_dir or os.path.join(workdir, "data")
     self.main = os.path.abspath(main) if main else ""
+    # The main demo's data root is shared when there is one: each split-size setting of the shapes
+    # data set has its own directory under it, so nothing is rebuilt or overwritten.
+    main_data = os.path.join(self.main, "data") if self.main else ""
+    self.data_dir = data_dir or (main_data if os.path.isdir(main_data) else "")
+    self.data_dir = self.data_dir or os.path.join(workdir, "data")
     if self.main:
       for part in ("tokenizer", "lm"):
         if _latest_step(os.path.join(self.main, part)) is None:
@@ -275,7 +279,8 @@ class Ladder:
     from vqlm.runs import LMRun
 
     q = MAIN_PRESETS[self.p.main]
-    run = LMRun(self.lm_dir)
+    # With --main, its tokenizer by its place in the main demo's layout (even if moved).
+    run = LMRun(self.lm_dir, tokenizer=os.path.join(self.main, "tokenizer") if self.main else None)
     run.progress = self.progress
     prompts = [e["text"] for e in test[: self.p.samples]]
     images = run.generate(
