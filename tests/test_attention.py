@@ -83,17 +83,51 @@ def test_unknown_implementation_raises():
 
 
 def test_write_kv_cache_scatters_per_row():
-  cache = attention.init_kv_cache(2, 5, 1, 2)
+  cache = attention.init_kv_cache(2, 70, 1, 2)  # 70 positions: two key panels of 64 slots.
   k = jnp.arange(2 * 2 * 2, dtype=jnp.float32).reshape(2, 2, 1, 2) + 1
-  new = attention.write_kv_cache(cache, k, -k, jnp.array([[0, 1], [3, 4]]))
-  assert new["k"].shape == (2, 1, 2, 5)  # [B, KVH, Dh, L]: keys transposed
-  assert new["v"].shape == (2, 1, 5, 2)  # [B, KVH, L, Dh]
-  np.testing.assert_array_equal(new["k"][0, 0, :, :2], k[0, :, 0].T)
-  np.testing.assert_array_equal(new["k"][1, 0, :, 3:], k[1, :, 0].T)
-  np.testing.assert_array_equal(new["v"][1, 0, 3:], -k[1, :, 0])
-  assert float(jnp.abs(new["k"][0, :, :, 2:]).sum()) == 0
-  assert float(jnp.abs(new["k"][1, :, :, :3]).sum()) == 0
-  assert float(jnp.abs(new["v"][1, :, :3]).sum()) == 0
+  new = attention.write_kv_cache(cache, k, -k, jnp.array([[0, 1], [63, 64]]))
+  assert new["k"].shape == (2, 1, 2, 2, 64)  # [B, KVH, L / P, Dh, P]: keys in panels
+  assert new["v"].shape == (2, 1, 128, 2)  # [B, KVH, L, Dh]
+  # Slot-major keys: keys_slot_major undoes the panels.
+  keys = np.asarray(attention.keys_slot_major(new["k"]))  # [B, L, KVH, Dh]
+  np.testing.assert_array_equal(keys[0, :2, 0], k[0, :, 0])
+  np.testing.assert_array_equal(keys[1, 63:65, 0], k[1, :, 0])
+  np.testing.assert_array_equal(new["k"][1, 0, 0, :, 63], k[1, 0, 0])
+  np.testing.assert_array_equal(new["k"][1, 0, 1, :, 0], k[1, 1, 0])
+  np.testing.assert_array_equal(new["v"][1, 0, 63:65], -k[1, :, 0])
+  assert float(np.abs(keys[0, 2:]).sum()) == float(np.abs(keys[1, :63]).sum()) == 0
+  assert float(np.abs(keys[1, 65:]).sum()) == 0
+  assert float(jnp.abs(new["v"][1, :, :63]).sum()) == 0
+
+
+def test_grow_kv_cache_appends_zero_slots_and_keeps_the_written_ones():
+  cache = attention.init_kv_cache(2, 10, 2, 4)
+  assert cache["v"].shape[2] == attention.cache_slots(10) == attention.KEY_PANEL
+  k = jax.random.normal(jax.random.key(0), (2, 3, 2, 4))
+  written = attention.write_kv_cache(cache, k, 2 * k, jnp.array([[0, 1, 2], [5, 6, 7]]))
+  grown = attention.grow_kv_cache(written, 100)  # Rounded up to whole panels: 128 slots.
+  assert grown["k"].shape == (2, 2, 2, 4, 64) and grown["v"].shape == (2, 2, 128, 4)
+  keys = attention.keys_slot_major(grown["k"])
+  np.testing.assert_array_equal(keys[:, :64], attention.keys_slot_major(written["k"]))
+  np.testing.assert_array_equal(grown["v"][:, :, :64], written["v"])
+  assert float(jnp.abs(keys[:, 64:]).sum()) == float(jnp.abs(grown["v"][:, :, 64:]).sum()) == 0
+  with pytest.raises(ValueError, match="below"):
+    attention.grow_kv_cache(grown, 64)
+
+
+def test_paneled_keys_give_the_logits_of_slot_major_keys():
+  """The decode layout (keys in panels, a batched product per panel) against keys [B, K, T, Dh]:
+  the same sums, so the same values."""
+  b, s, n, kvh, dh, t = 3, 2, 4, 2, 8, 128
+  q, k, v = (
+    jax.random.normal(jax.random.key(i), shape)
+    for i, shape in enumerate([(b, s, n, dh), (b, kvh, t, dh), (b, kvh, t, dh)])
+  )
+  mask = attention.make_decode_mask(jnp.array([[70, 71], [0, 1], [126, 127]]), t)
+  panels = k.reshape(b, kvh, t // 64, 64, dh).transpose(0, 1, 2, 4, 3)
+  got = attention.attend_head_major(q, panels, v, mask, keys_paneled=True)
+  want = attention.attend_head_major(q, k, v, mask)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def _module(**kw):
@@ -127,13 +161,14 @@ def test_attention_with_cache_matches_full_attention():
   variables = mod.init(jax.random.key(1), x, sin=sin, cos=cos, mask=None)
   full, _ = mod.apply(variables, x, sin=sin, cos=cos, mask=None)
   cache = attention.init_kv_cache(2, 10, 2, 8)
+  slots = cache["v"].shape[2]  # 10 positions, rounded up to a whole key panel.
   # Prefill 4 tokens, then 2 single steps.
   out, cache = mod.apply(
     variables,
     x[:, :4],
     sin=sin[:, :4],
     cos=cos[:, :4],
-    mask=attention.make_decode_mask(positions[:, :4], 10),
+    mask=attention.make_decode_mask(positions[:, :4], slots),
     cache=cache,
     positions=positions[:, :4],
   )
@@ -144,7 +179,7 @@ def test_attention_with_cache_matches_full_attention():
       x[:, t : t + 1],
       sin=sin[:, t : t + 1],
       cos=cos[:, t : t + 1],
-      mask=attention.make_decode_mask(positions[:, t : t + 1], 10),
+      mask=attention.make_decode_mask(positions[:, t : t + 1], slots),
       cache=cache,
       positions=positions[:, t : t + 1],
     )
@@ -258,7 +293,8 @@ def test_auto_picks_the_kernel_for_training_and_xla_for_cached_decoding(monkeypa
   rng = np.random.default_rng(0)
   variables = jax.tree.map(lambda a: 0.3 * rng.standard_normal(a.shape, np.float32), abstract)
   cache = attention.init_kv_cache(2, 8, 2, 8, jnp.bfloat16)
-  decode = dict(mask=attention.make_decode_mask(positions, 8), cache=cache, positions=positions)
+  decode_mask = attention.make_decode_mask(positions, cache["v"].shape[2])
+  decode = dict(mask=decode_mask, cache=cache, positions=positions)
   train = dict(mask=mask, segment_ids=seg)
   # A new function per call: traced afresh, under the platform mocked at that moment.
   apply = lambda m, run, **kw: run(lambda v, x: m.apply(v, x, sin=sin, cos=cos, **kw))(variables, x)

@@ -10,9 +10,11 @@ from vqlm.sample.processors import SamplingConfig, Settings
 
 V = 50
 MASK = jax.jit(processors.top_k_top_p_mask)  # One compile per input shape for the whole file.
-# The same with top-k always found by bisection instead of `lax.top_k`.
+# The same with a top-k of up to FAST_TOP_K ids always taken by `lax.top_k` (by default only rows
+# of more than FAST_TOP_K_MIN_IDS ids take it), and always found by bisection.
+MASK_TOP_K = jax.jit(functools.partial(processors.top_k_top_p_mask, fast_min_ids=0))
 MASK_BISECT = jax.jit(functools.partial(processors.top_k_top_p_mask, fast_top_k=0))
-BOTH_PATHS = pytest.mark.parametrize("mask_fn", [MASK, MASK_BISECT], ids=["top_k", "bisect"])
+BOTH_PATHS = pytest.mark.parametrize("mask_fn", [MASK_TOP_K, MASK_BISECT], ids=["top_k", "bisect"])
 
 
 def _logits(seed, b=4, v=V):
@@ -191,8 +193,9 @@ def test_fast_and_bisected_top_k_agree_on_mixed_rows_and_ties():
   logits[1, :250] = -np.inf  # Fewer finite ids than some k below.
   for ks in ([1, 7, 64, 0, 64, 2], [5, 65, 1, 0, 300, 9]):  # All within the fast width; not.
     ks = np.array(ks)
-    fast = np.asarray(MASK(logits, ks, np.ones(6)))
+    fast = np.asarray(MASK_TOP_K(logits, ks, np.ones(6)))
     np.testing.assert_array_equal(fast, np.asarray(MASK_BISECT(logits, ks, np.ones(6))))
+    np.testing.assert_array_equal(fast, np.asarray(MASK(logits, ks, np.ones(6))))
     for row, k in enumerate(ks):
       want = np.zeros(300, bool)
       want[np.argsort(-logits[row], kind="stable")[: k if k else 300]] = True

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vqlm.nn import attention
 from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.sample.processors import SamplingConfig, Settings
-from vqlm.sample.sampler import Sampler, bucket
+from vqlm.sample.sampler import MAX_CACHE_SEGMENTS, Sampler, bucket, cache_schedule
 from vqlm.vocab import Vocab
 
 VOCAB = Vocab(text_size=40, image_size=24, grid=(2, 3), num_reserved=2, pad_to=16)
@@ -219,6 +220,43 @@ def test_video_mode_frame_structure(sampler):
   assert got == frame + frame + [EOS] and out.lengths[0] == need
 
 
+@pytest.mark.parametrize(
+  "prompt_len, steps, block",
+  [(16, 257, 64), (16, 65, 64), (4, 24, 64), (16, 1025, 64), (32, 300, 100), (16, 257, 0)],
+)
+def test_cache_schedule_gives_every_step_the_slots_it_needs(prompt_len, steps, block):
+  schedule = cache_schedule(prompt_len, steps, block)
+  ends, lengths = zip(*schedule)
+  assert ends[-1] == steps and list(ends) == sorted(set(ends))
+  assert list(lengths) == sorted(set(lengths)) and len(schedule) <= MAX_CACHE_SEGMENTS
+  assert all(n % attention.KEY_PANEL == 0 for n in lengths)
+  # Step t writes slot n_r - 1 + t <= prompt_len - 1 + t: a segment's last step, end - 1, needs
+  # prompt_len + end - 1 slots.
+  assert all(n >= prompt_len + end - 1 for end, n in schedule)
+  assert (len(schedule) == 1) == (block == 0 or steps < 64)
+
+
+@pytest.mark.parametrize("return_logits", [False, True])
+def test_a_growing_cache_samples_what_one_full_length_cache_samples(plain, return_logits):
+  model, variables = plain
+  prompts = [[BOS, 3, BOI, *CODES, EOI], [BOS, 5, 6, 7]]
+  frames = 16  # (<frame> <boi> 6 codes <eoi>) x 16 <eos>: 145 steps, three cache sizes.
+  kw = dict(
+    max_new_tokens=frames * (HW + 3) + 1,
+    mode="video",
+    num_images=frames,
+    seed=5,
+    return_logits=return_logits,
+  )
+  assert len(cache_schedule(16, kw["max_new_tokens"], 64)) == 3
+  grown = Sampler(model, variables, VOCAB)(prompts, **kw)
+  full = Sampler(model, variables, VOCAB, cache_block=0)(prompts, **kw)
+  assert (grown.lengths > 128).all()  # Every row decodes into the third segment.
+  np.testing.assert_array_equal(grown.tokens, full.tokens)
+  if return_logits:
+    np.testing.assert_allclose(grown.logits, full.logits, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_arguments_raise(plain, sampler):
   model, variables = plain
   with pytest.raises(ValueError, match="padded_size"):
@@ -230,6 +268,8 @@ def test_bad_arguments_raise(plain, sampler):
     sampler([[BOS, 1, BOI]], max_new_tokens=HW, mode="image")
   with pytest.raises(ValueError, match="top_p"):
     sampler([[BOS, 1]], max_new_tokens=4, sampling=SamplingConfig(text=Settings(top_p=0.0)))
+  with pytest.raises(ValueError, match="cache_block"):
+    Sampler(model, variables, VOCAB, cache_block=-1)
 
 
 _MESH_SCRIPT = textwrap.dedent("""

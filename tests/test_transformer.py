@@ -352,8 +352,11 @@ def test_cached_decoding_equals_full_forward(scan):
   assert len(layer_caches) == (1 if scan else 2)
   lead = (2,) if scan else ()
   for c in layer_caches:
-    assert c["k"].shape == lead + (3, 2, 8, 16)  # [B, KVH, Dh, L]: keys transposed
-    assert c["v"].shape == lead + (3, 2, 16, 8)  # [B, KVH, L, Dh]
+    assert c["k"].shape == lead + (3, 2, 1, 8, 64)  # [B, KVH, L / P, Dh, P]: 64-slot key panels
+    assert c["v"].shape == lead + (3, 2, 64, 8)  # [B, KVH, L, Dh]
+  grown = model.grow_cache(cache, 100)
+  for c in [grown["layers"]] if scan else grown["layers"]:
+    assert c["k"].shape == lead + (3, 2, 2, 8, 64) and c["v"].shape == lead + (3, 2, 128, 8)
 
 
 @pytest.mark.parametrize("variant", ["rope2d_codebook", "image_pos"])
@@ -369,7 +372,8 @@ def test_cached_decoding_with_image_positions(scan, variant):
     np.array(text(4) + image(4) + text(2)),
   ]
   _decode_matches_full(model, seqs, prompt_lens=[4, 1, 4], max_len=16)
-  assert model.init_cache(3, 16)["image_run"].shape == (3, 16)
+  assert model.init_cache(3, 16)["image_run"].shape == (3, 64)  # Slots: whole key panels.
+  assert model.grow_cache(model.init_cache(3, 16), 100)["image_run"].shape == (3, 128)
 
 
 def test_2d_rope_changes_image_token_logits_only_through_positions():

@@ -180,6 +180,12 @@ def main(argv: list[str]) -> int:
     help="alternating blocks of timed runs per sampler and batch size",
   )
   parser.add_argument("--skip_transformers", action="store_true", help="time vqlm only")
+  parser.add_argument(
+    "--hf_cache",
+    default="static",
+    choices=("static", "dynamic"),
+    help="transformers' KV cache: static (preallocated, the default) or its dynamic default",
+  )
   parser.add_argument("--grid", type=int, default=8, help="image grid side (16: 256 tokens)")
   parser.add_argument("--codes", type=int, default=512, help="image codebook size")
   parser.add_argument(
@@ -204,14 +210,20 @@ def main(argv: list[str]) -> int:
     f"heads={kw['num_heads']}/{kw['num_kv_heads']} mlp={kw['mlp_dim']} "
     f"vocab={vocab.padded_size} ({vocab.text_size} text, {vocab.image_size} codes), "
     f"{n} image tokens per prompt, temperature 1, top_k={args.top_k}, "
-    f"dtype={args.dtype}, device={jax.devices()[0].platform}, median of "
-    f"{args.blocks} x {args.repeats} runs"
+    f"dtype={args.dtype}, device={jax.devices()[0].platform}, hf cache {args.hf_cache}, "
+    f"median of {args.blocks} x {args.repeats} runs"
   )
   ours = vqlm_runner(kw, vocab, top_k=args.top_k, dtype=args.dtype)
   theirs = (
     "skipped: --skip_transformers"
     if args.skip_transformers
-    else transformers_runner(kw, vocab, top_k=args.top_k, dtype=args.dtype)
+    else transformers_runner(
+      kw,
+      vocab,
+      top_k=args.top_k,
+      dtype=args.dtype,
+      cache_implementation=None if args.hf_cache == "dynamic" else args.hf_cache,
+    )
   )
   if isinstance(theirs, str):
     print(f"transformers baseline {theirs}")

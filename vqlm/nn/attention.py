@@ -6,11 +6,15 @@ heads):
     `mask=None` means plain causal attention over the sequence.
   * cached decoding: `key_slot <= query_position` (`make_decode_mask`).
 
-KV cache (one layer): a plain dict `{"k": [B, KVH, Dh, L], "v": [B, KVH, L, Dh]}` (`init_kv_cache`),
-head-major so that a decode step reads each head's keys contiguously, with no transpose. Keys are
-stored transposed (slots last), so that both attention matmuls of a decode step are plain
-`[.., M, K] x [.., K, N]` products: XLA:CPU runs the `q k^T` form with a transposed right-hand
-side markedly slower (docs/benchmarks.md; `python -m vqlm.bench sample` times the sampler).
+KV cache (one layer): a plain dict `{"k": [B, KVH, L / P, Dh, P], "v": [B, KVH, L, Dh]}`
+(`init_kv_cache`, P = `KEY_PANEL` slots, L a multiple of P), head-major so that a decode step
+reads each head's keys and values contiguously, with no transpose. Keys are stored transposed in
+panels of P slots: `k[b, h, j, :, i]` is the key of slot `j * P + i`. Both matmuls of a decode
+step are then plain `[.., M, K] x [.., K, N]` products whose right-hand side XLA:CPU reads as
+stored: the logits are a batched `[G*S, Dh] x [Dh, P]` product per panel, 2.2-2.7x faster at
+batch 64 than one `[G*S, Dh] x [Dh, L]` product over all slots (slots-last keys), itself faster
+than the `q k^T` form with a transposed right-hand side (docs/benchmarks.md; `python -m
+vqlm.bench sample` times the sampler).
 Design: *slot = position*. A token at position p writes its k/v into slot p of its row and attends
 to every slot <= p. Rows are independent, so prompts of different lengths share one batch with
 static shapes: right-pad the prompts, prefill them at positions 0..S-1, and continue each row at its
@@ -18,6 +22,8 @@ own length n_b (the next token gets position n_b). Pad slots of a row always lie
 row has not reached yet, so the causal-by-position mask hides them, and each is overwritten by the
 row's real token before that token's position becomes visible. No lengths are stored: the caller
 tracks each row's next position. Positions must be < L (out-of-range writes are dropped).
+`grow_kv_cache` appends slots, so a decode loop can attend over the slots it has reached
+(`vqlm.sample.sampler` grows its cache panel by panel).
 
 Implementations (`attention_impl`, `IMPLEMENTATIONS`), all taking and returning `[B, T, H, Dh]`:
   * "xla": einsums with float32 logits and softmax (`attend_head_major`); runs everywhere.
@@ -69,26 +75,59 @@ def make_decode_mask(positions: jax.Array, cache_len: int) -> jax.Array:
   return (slots[None, None, :] <= positions[:, :, None])[:, None]
 
 
+# Slots per key panel of the KV cache (see the module docstring): the width at which XLA:CPU's
+# batched decode-logits matmul reads the keys fastest (batch 64, 192-256 slots: 32-slot panels
+# 1.35x slower, 128-slot panels 2.2x slower, 16-slot panels 2.9x slower).
+KEY_PANEL = 64
+
+
+def cache_slots(max_len: int) -> int:
+  """The slots of a cache for `max_len` positions: `max_len` rounded up to a multiple of
+  KEY_PANEL."""
+  return max(KEY_PANEL, -(-max_len // KEY_PANEL) * KEY_PANEL)
+
+
 def init_kv_cache(
   batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: DType = jnp.float32
 ) -> KVCache:
-  """Zero cache of one layer: `{"k": [batch, num_kv_heads, head_dim, max_len],
-  "v": [batch, num_kv_heads, max_len, head_dim]}`."""
+  """Zero cache of one layer with L = `cache_slots(max_len)` slots: `{"k": [batch, num_kv_heads,
+  L / KEY_PANEL, head_dim, KEY_PANEL], "v": [batch, num_kv_heads, L, head_dim]}`."""
+  slots = cache_slots(max_len)
   return {
-    "k": jnp.zeros((batch, num_kv_heads, head_dim, max_len), dtype),
-    "v": jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype),
+    "k": jnp.zeros((batch, num_kv_heads, slots // KEY_PANEL, head_dim, KEY_PANEL), dtype),
+    "v": jnp.zeros((batch, num_kv_heads, slots, head_dim), dtype),
   }
+
+
+def grow_kv_cache(cache: KVCache, max_len: int) -> KVCache:
+  """One layer's cache (any leading axes, e.g. a stacked layer axis) with zero slots appended up
+  to `cache_slots(max_len)`. Slot = position is unchanged, so decoding continues as before, and
+  a decode step reads only the slots the cache has so far."""
+  length, slots = cache["v"].shape[-2], cache_slots(max_len)
+  if slots < length:
+    raise UserError(f"grow_kv_cache: max_len={max_len} is below the cache's {length} slots.")
+  pad_k = [(0, 0)] * (cache["k"].ndim - 3) + [(0, (slots - length) // KEY_PANEL), (0, 0), (0, 0)]
+  pad_v = [(0, 0)] * (cache["v"].ndim - 2) + [(0, slots - length), (0, 0)]
+  return {"k": jnp.pad(cache["k"], pad_k), "v": jnp.pad(cache["v"], pad_v)}
+
+
+def keys_slot_major(k: jax.Array) -> jax.Array:
+  """Cached keys `[B, KVH, L / P, Dh, P]` -> `[B, L, KVH, Dh]` (a copy)."""
+  b, kvh, panels, dh, width = k.shape
+  return k.transpose(0, 2, 4, 1, 3).reshape(b, panels * width, kvh, dh)
 
 
 def write_kv_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
   """Writes `k, v[B, S, KVH, Dh]` into slots `positions[B, S]` of each row (a per-row scatter)."""
   rows = jnp.arange(k.shape[0])[:, None]
-  # Advanced indices on axes 0 and 2 (or 3) put their [B, S] dims first: the update is
-  # [B, S, KVH, Dh].
-  new_k = cache["k"].at[rows, :, :, positions].set(k.astype(cache["k"].dtype))
+  width = cache["k"].shape[-1]
+  # Separated advanced indices put their [B, S] dims first: both updates are [B, S, KVH, Dh].
+  new_k = (
+    cache["k"].at[rows, :, positions // width, :, positions % width].set(k.astype(cache["k"].dtype))
+  )
   new_v = cache["v"].at[rows, :, positions].set(v.astype(cache["v"].dtype))
   return {
-    "k": layers.constrain(new_k, ("batch", "kv_heads", "head_dim", "cache_length")),
+    "k": layers.constrain(new_k, ("batch", "kv_heads", "cache_length", "head_dim", "cache_panel")),
     "v": layers.constrain(new_v, ("batch", "kv_heads", "cache_length", "head_dim")),
   }
 
@@ -292,13 +331,13 @@ def attend_head_major(
   mask: jax.Array | None,
   *,
   query_chunks: int = 1,
-  keys_transposed: bool = False,
+  keys_paneled: bool = False,
 ) -> jax.Array:
   """The "xla" attention with keys and values head-major, as the KV cache stores them.
 
-  `q[B, S, N, Dh]`, `kh, vh[B, K, T, Dh]` (`kh[B, K, Dh, T]` with `keys_transposed`),
-  `mask[B, 1, S, T]` or None (causal, S == T) -> `[B, S, N, Dh]`; see `dot_product_attention`
-  for `query_chunks`.
+  `q[B, S, N, Dh]`, `kh, vh[B, K, T, Dh]` (with `keys_paneled`, `kh[B, K, T / P, Dh, P]`, the
+  KV cache's layout), `mask[B, 1, S, T]` or None (causal, S == T) -> `[B, S, N, Dh]`; see
+  `dot_product_attention` for `query_chunks` (not with `keys_paneled`).
   """
   b, s, n, dh = q.shape
   kvh, t = vh.shape[1], vh.shape[2]
@@ -307,7 +346,7 @@ def attend_head_major(
   g = n // kvh
   # Head-major queries too, so that every einsum below is a plain batched matmul.
   qh = (q * jnp.asarray(dh**-0.5, q.dtype)).reshape(b, s, kvh, g, dh).transpose(0, 2, 3, 1, 4)
-  chunks = query_chunks if s == t and s >= 2 * query_chunks else 1
+  chunks = query_chunks if s == t and s >= 2 * query_chunks and not keys_paneled else 1
   bounds = [round(i * s / chunks) for i in range(chunks + 1)]
   outs = []
   for start, end in zip(bounds[:-1], bounds[1:]):
@@ -316,26 +355,16 @@ def attend_head_major(
       chunk_mask = (jnp.arange(start, end)[:, None] >= jnp.arange(keys)[None, :])[None, None]
     else:
       chunk_mask = mask[:, :, start:end, :keys]
-    chunk_keys = kh[..., :keys] if keys_transposed else kh[:, :, :keys]
-    outs.append(
-      _attend(
-        qh[:, :, :, start:end],
-        chunk_keys,
-        vh[:, :, :keys],
-        chunk_mask,
-        keys_transposed=keys_transposed,
-      )
-    )
+    chunk_keys = kh if keys_paneled else kh[:, :, :keys]
+    outs.append(_attend(qh[:, :, :, start:end], chunk_keys, vh[:, :, :keys], chunk_mask))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, dh).astype(q.dtype)
 
 
-def _attend(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, keys_transposed: bool = False
-) -> jax.Array:
-  """`q[B, K, G, S, Dh]` (pre-scaled), `k, v[B, K, T, Dh]` (`k[B, K, Dh, T]` with
-  `keys_transposed`), `mask[B or 1, 1, S, T]` bool -> `[B, K, G, S, Dh]`; logits and softmax in
-  float32.
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`q[B, K, G, S, Dh]` (pre-scaled), `k, v[B, K, T, Dh]` (or `k[B, K, T / P, Dh, P]`: keys in
+  the KV cache's panels), `mask[B or 1, 1, S, T]` bool -> `[B, K, G, S, Dh]`; logits and softmax
+  in float32.
 
   The G query heads that share a key/value head are merged with the query axis (`[B, K, G*S,
   Dh]`), so that each einsum, forward and backward, is a batched matmul with one contracting
@@ -343,12 +372,17 @@ def _attend(
   """
   b, kvh, g, s, dh = q.shape
   t = v.shape[2]
-  logits = jnp.einsum(
-    "bkqd,bkdt->bkqt" if keys_transposed else "bkqd,bktd->bkqt",
-    q.reshape(b, kvh, g * s, dh),
-    k,
-    preferred_element_type=jnp.float32,
-  ).reshape(b, kvh, g, s, t)
+  q = q.reshape(b, kvh, g * s, dh)
+  if k.ndim == 5:
+    # One [G*S, Dh] x [Dh, P] product per panel (the queries broadcast over the panels), then
+    # the panels side by side: the same sums as one product over all T slots.
+    panels = k.shape[2]
+    q = jnp.broadcast_to(q[:, :, None], (b, kvh, panels, g * s, dh))
+    logits = jnp.einsum("bkpqd,bkpdn->bkpqn", q, k, preferred_element_type=jnp.float32)
+    logits = logits.transpose(0, 1, 3, 2, 4).reshape(b, kvh, g, s, t)
+  else:
+    logits = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, kvh, g, s, t)
   # An additive bias, not a select: its backward pass is free.
   logits = logits + jnp.where(mask[:, :, None], 0.0, _MASKED).astype(jnp.float32)
   # Softmax with the normalisation deferred to the [.., S, Dh] output instead of the [.., S, T]
@@ -436,11 +470,11 @@ class Attention(nn.Module):
       kh, vh = (new_cache[name].astype(self.dtype) for name in ("k", "v"))
       if self.attention_impl == "cudnn":  # Asked for by name; "auto" and "splash" use "xla".
         out = dot_product_attention(
-          q, kh.transpose(0, 3, 1, 2), vh.transpose(0, 2, 1, 3), mask, implementation="cudnn"
+          q, keys_slot_major(kh), vh.transpose(0, 2, 1, 3), mask, implementation="cudnn"
         )
       else:
         resolve_implementation(self.attention_impl, self.dtype)  # Validates the name.
-        out = attend_head_major(q, kh, vh, mask, keys_transposed=True)
+        out = attend_head_major(q, kh, vh, mask, keys_paneled=True)
     else:
       out = dot_product_attention(
         q,

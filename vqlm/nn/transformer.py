@@ -393,10 +393,11 @@ class Transformer(nn.Module):
   def init_cache(self, batch: int, max_len: int, dtype: DType = jnp.float32) -> Cache:
     """The zero KV cache for `batch` rows of up to `max_len` positions.
 
-    Returns `{"layers": per-layer caches}`: a list of `{"k": [B, KVH, Dh, L], "v": [B, KVH, L,
-    Dh]}` dicts (`attention.init_kv_cache`), or, with `scan_layers`, one dict of the same arrays
-    stacked on a leading `num_layers` axis. With `rope_2d` or `image_pos_embed` it also holds
-    `"image_run": [B, L] int32` (the image-run count at each slot, see `layers.image_run_index`).
+    Returns `{"layers": per-layer caches}`: a list of `{"k": [B, KVH, L / P, Dh, P], "v": [B,
+    KVH, L, Dh]}` dicts (`attention.init_kv_cache`: L is `max_len` rounded up to a multiple of
+    P = `attention.KEY_PANEL`), or, with `scan_layers`, one dict of the same arrays stacked on a
+    leading `num_layers` axis. With `rope_2d` or `image_pos_embed` it also holds `"image_run":
+    [B, L] int32` (the image-run count at each slot, see `layers.image_run_index`).
     """
     cfg = self.config
     one = lambda: attention.init_kv_cache(batch, max_len, cfg.kv_heads(), cfg.head_size(), dtype)
@@ -406,8 +407,26 @@ class Transformer(nn.Module):
     else:
       cache = {"layers": [one() for _ in range(cfg.num_layers)]}
     if cfg.tracks_image_runs():
-      cache["image_run"] = jnp.zeros((batch, max_len), jnp.int32)
+      cache["image_run"] = jnp.zeros((batch, attention.cache_slots(max_len)), jnp.int32)
     return cache
+
+  @nn.nowrap
+  def grow_cache(self, cache: Cache, max_len: int) -> Cache:
+    """`cache` (from `init_cache`, any contents) with zero slots appended up to `max_len`
+    (rounded up as in `init_cache`; `attention.grow_kv_cache`). A decode step reads every slot of
+    the cache it is given, so a sampler can start with the slots its first steps need and grow
+    the cache as it goes (`vqlm.sample.sampler`): the same logits, less memory traffic per step."""
+    layers_ = cache["layers"]
+    if isinstance(layers_, dict):
+      grown = attention.grow_kv_cache(layers_, max_len)
+    else:
+      grown = [attention.grow_kv_cache(c, max_len) for c in layers_]
+    out = {**cache, "layers": grown}
+    if "image_run" in cache:
+      run = cache["image_run"]
+      pad = attention.cache_slots(max_len) - run.shape[-1]
+      out["image_run"] = jnp.pad(run, [(0, 0), (0, pad)])
+    return out
 
   @nn.compact
   def __call__(

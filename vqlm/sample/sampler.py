@@ -4,7 +4,10 @@ Static shapes throughout (no recompilation across prompts):
   * prompts are right-padded to a bucket (a multiple of `prompt_bucket`) and prefilled at
     positions `0..S-1`; each row then continues at its own length `n_r` (slot = position, see
     `vqlm.nn.attention`), so prompts of different lengths share one batch;
-  * `max_new_tokens` is static and the cache holds `S + max_new_tokens` slots;
+  * `max_new_tokens` is static; the cache ends with the `S + max_new_tokens - 1` slots the last
+    step needs (rounded up to whole key panels), but starts with those of the first steps and
+    grows as the loop goes (`cache_schedule`: the loop is a few `lax.while_loop`s, one per cache
+    size), since a decode step reads every slot of its cache;
   * the batch may be padded to a fixed `batch_size` with inactive rows (they start done).
 
 The loop step feeds each row's last token at its next position, takes the logits, applies
@@ -41,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from vqlm.errors import UserError
+from vqlm.nn import attention
 from vqlm.runtime import mesh as mesh_lib
 from vqlm.sample import constraints as cons
 from vqlm.sample import processors
@@ -92,6 +96,32 @@ def bucket(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
+# The decode loop is cut into at most this many segments (each compiles its own loop body).
+MAX_CACHE_SEGMENTS = 8
+
+
+def cache_schedule(prompt_len: int, max_new_tokens: int, block: int) -> list[tuple[int, int]]:
+  """The decode loop's segments, `[(end_step, cache_slots), ...]`: the steps before `end_step`
+  (after the previous segment's) run with a KV cache of `cache_slots` slots.
+
+  Step t feeds a row's token at position `n_r - 1 + t <= prompt_len - 1 + t`, so it needs
+  `prompt_len + t` slots. A decode step reads every slot of its cache, and at batch 64 that read
+  is most of the step on a CPU, so instead of holding all `prompt_len + max_new_tokens - 1` slots
+  from the start the cache grows `block` slots at a time (rounded up to whole key panels,
+  `attention.cache_slots`; larger when more than MAX_CACHE_SEGMENTS segments would be needed).
+  Each segment is its own loop, compiled for its length. `block <= 0`: one segment.
+  """
+  final = attention.cache_slots(prompt_len + max_new_tokens - 1)
+  segments = []
+  if block > 0:
+    block = attention.cache_slots(max(block, -(-final // MAX_CACHE_SEGMENTS)))
+    length = bucket(prompt_len + 1, block)
+    while length < final:
+      segments.append((length - prompt_len + 1, length))
+      length += block
+  return segments + [(max_new_tokens, final)]
+
+
 def _generate(
   variables,
   prompt_tokens,
@@ -107,12 +137,14 @@ def _generate(
   use_cfg: bool,
   return_logits: bool,
   cache_dtype: Any,
+  cache_block: int = 0,
 ) -> tuple[jax.Array, jax.Array, Any]:
   """Prefill + decode loop (traced). `prompt_tokens[R, S]`, `prompt_lengths[R]` -> tokens."""
   r, s = prompt_tokens.shape
   b = machine.last.shape[0]
   t_max = max_new_tokens
-  cache = model.init_cache(r, s + t_max, cache_dtype)
+  schedule = cache_schedule(s, t_max, cache_block)
+  cache = model.init_cache(r, schedule[0][1], cache_dtype)
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (r, s))
   _, cache = model.apply(variables, prompt_tokens, positions=positions, cache=cache, decode=True)
   last_pos = prompt_lengths - 1
@@ -129,9 +161,6 @@ def _generate(
     machine=machine,
     logits=jnp.zeros((b, t_max, v), jnp.float32) if return_logits else None,
   )
-
-  def cond(st: SamplerState) -> jax.Array:
-    return (st.step < t_max) & ~jnp.all(st.machine.done)
 
   # In the "image" and "video" modes every id outside an image run is forced, and inside a run
   # every code is allowed: rows draw from the image codes' logits alone. Without
@@ -183,7 +212,11 @@ def _generate(
       logits=out_logits,
     )
 
-  state = jax.lax.while_loop(cond, body, state)
+  for i, (end, length) in enumerate(schedule):
+    if i:
+      state = state.replace(cache=model.grow_cache(state.cache, length))
+    cond = lambda st, end=end: (st.step < end) & ~jnp.all(st.machine.done)
+    state = jax.lax.while_loop(cond, body, state)
   lengths = jnp.sum(state.tokens != spec.pad_id, axis=1).astype(jnp.int32)
   return state.tokens, lengths, state.logits
 
@@ -203,6 +236,11 @@ class Sampler:
       half the weight and cache memory; on CPU whether it is faster depends on the batch size,
       see docs/benchmarks.md and `python -m vqlm.bench sample --dtype bfloat16`); logits,
       guidance, softmax and sampling stay float32. None: the model's own dtypes.
+    cache_block: grow the KV cache this many slots at a time during the decode loop
+      (`cache_schedule`): a step attends over the slots reached so far rather than over the
+      whole final length, for one compile of the loop body per size (at most
+      MAX_CACHE_SEGMENTS). 0: one cache of the final length from the start (one loop body, the
+      fastest compile). The samples are the same either way.
   """
 
   def __init__(
@@ -216,6 +254,7 @@ class Sampler:
     prompt_bucket: int = 16,
     cache_dtype: Any = None,
     dtype: Any = None,
+    cache_block: int = 64,
   ):
     if model.config.vocab_size != vocab.padded_size:
       raise UserError(
@@ -224,6 +263,8 @@ class Sampler:
       )
     if prompt_bucket <= 0:
       raise UserError(f"prompt_bucket={prompt_bucket} must be >= 1.")
+    if cache_block < 0:
+      raise UserError(f"cache_block={cache_block} must be >= 0 (0: one cache of full length).")
     variables = nn.meta.unbox(variables)
     if dtype is not None:
       dtype = jnp.dtype(dtype)
@@ -237,6 +278,7 @@ class Sampler:
     self.rules = tuple(rules or ())
     self.prompt_bucket = prompt_bucket
     self.cache_dtype = jnp.dtype(cache_dtype or model.config.dtype)
+    self.cache_block = cache_block
     self._jitted = {}
 
   def _fn(self, mode: str, max_new_tokens: int, use_cfg: bool, return_logits: bool):
@@ -250,6 +292,7 @@ class Sampler:
         use_cfg=use_cfg,
         return_logits=return_logits,
         cache_dtype=self.cache_dtype,
+        cache_block=self.cache_block,
       )
       self._jitted[key] = jax.jit(fn)
     return self._jitted[key]
