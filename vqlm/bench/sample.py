@@ -1,22 +1,25 @@
 """`python -m vqlm.bench sample --size small`: text-to-image sampling speed against transformers.
 
 Builds the LM of `configs/lm.py` SIZES[size] with random weights over a vocabulary like the
-demo's (1000 text ids + 16 special slots + 512 image codes, an 8x8 grid) and measures image
-tokens/s for generating one grid (64 codes) per prompt at each batch size, compile time excluded
-(the first call's time is printed separately). In the same process it times Hugging Face
-`LlamaForCausalLM.generate(use_cache=True, do_sample=True, max_new_tokens=64)` of the same shape
-and sampling settings (temperature 1, top-k 50) and prints tokens/s and the ratio
-vqlm / transformers. The timed runs alternate in blocks (`--blocks` blocks of `--repeats` runs
-per sampler, each block after one untimed run), so load changes hit both alike while neither pays
-for the other's state at every call: right after a torch `generate` (its OpenMP pool, its caches)
-a vqlm run is markedly slower than in a block of its own (docs/benchmarks.md). torch runs with its
-default thread count and with one thread (its default pool can collapse on a busy machine); the
-ratio is against the faster. torch
-and transformers (the `bench` extra) are imported lazily; without them the baseline is skipped with
-a message.
+demo's (1000 text ids + 16 special slots + 512 image codes, an 8x8 grid; `--grid 16` for 256
+codes per image) and measures image tokens/s for generating one grid per prompt at each batch
+size, compile time excluded (the first call's time is printed separately). In the same process
+it times Hugging Face `LlamaForCausalLM.generate(do_sample=True, max_new_tokens=min_new_tokens=
+codes)` of the same shape, dtype and sampling settings (temperature 1, top-k 50), with its
+static KV cache (`--hf_cache static`, the default; `dynamic` for transformers' own default), and
+prints tokens/s and the ratio vqlm / transformers. The timed runs alternate in blocks
+(`--blocks` blocks of `--repeats` runs per sampler, each block after one untimed run), so load
+changes hit both alike while neither pays for the other's state at every call: right after a
+torch `generate` (its OpenMP pool, its caches) a vqlm run is markedly slower than in a block of
+its own (docs/benchmarks.md). torch runs with its default thread count (the machine's cores)
+and with one thread (`--hf_threads`; its default pool can collapse on a busy machine); the ratio
+is against the fastest. torch and transformers (the `bench` extra) are imported lazily; without
+them the baseline is skipped with a message.
 
-vqlm's timing is end to end (prompt packing, prefill, the 64 codes plus the forced `<eoi>`, and
-the copy back to the host), counting only the 64 image tokens.
+vqlm's timing is end to end (prompt packing, prefill, the codes plus the forced `<eoi>`, and
+the copy back to the host), counting only the image codes. It samples from the image codes'
+logits alone (its "image" mode computes only those); `generate` computes and filters the whole
+vocabulary's.
 """
 
 import argparse
@@ -186,6 +189,12 @@ def main(argv: list[str]) -> int:
     choices=("static", "dynamic"),
     help="transformers' KV cache: static (preallocated, the default) or its dynamic default",
   )
+  parser.add_argument(
+    "--hf_threads",
+    default="default,1",
+    help="comma-separated torch thread counts to time ('default': torch's own, the machine's "
+    "cores); the ratio is against the fastest (default: default,1)",
+  )
   parser.add_argument("--grid", type=int, default=8, help="image grid side (16: 256 tokens)")
   parser.add_argument("--codes", type=int, default=512, help="image codebook size")
   parser.add_argument(
@@ -202,6 +211,11 @@ def main(argv: list[str]) -> int:
     raise UserError(f"--batches={args.batches!r} must be comma-separated integers") from None
   if not batches or min(batches) <= 0 or args.repeats <= 0 or args.blocks <= 0:
     raise UserError("--batches, --repeats and --blocks must be positive")
+  hf_threads = [t.strip() for t in args.hf_threads.split(",") if t.strip()]
+  if not hf_threads or not all(t == "default" or (t.isdigit() and int(t) > 0) for t in hf_threads):
+    raise UserError(
+      f"--hf_threads={args.hf_threads!r} must be comma-separated positive counts or 'default'"
+    )
   vocab = demo_vocab(args.grid, args.codes)
   kw = model_kwargs(args.size, vocab)
   n = vocab.tokens_per_image
@@ -235,9 +249,10 @@ def main(argv: list[str]) -> int:
     times = {"vqlm": []}
     variants = {}
     if not isinstance(theirs, str):
-      # torch's default thread pool can collapse on a busy machine: time 1 thread as well and
-      # compare against the faster of the two.
-      variants = {f"{theirs.default_threads} threads": theirs.default_threads, "1 thread": 1}
+      # torch's default thread pool can collapse on a busy machine: time 1 thread as well (by
+      # default) and compare against the fastest.
+      counts = [theirs.default_threads if t == "default" else int(t) for t in hf_threads]
+      variants = {f"{c} thread{'s' if c > 1 else ''}": c for c in counts}
       for name, threads in variants.items():
         theirs(b, 0, threads)  # Warm.
         times[name] = []
