@@ -1,4 +1,4 @@
-"""`python -m vqlm.bench <lm|matmul|sample|sweep|tokenizer|soak|device> [flags]`
+"""`python -m vqlm.bench <lm|matmul|sample|sweep|tokenizer|soak|device|load> [flags]`
 (also `vqlm bench ...`)."""
 
 import importlib
@@ -15,6 +15,7 @@ BENCHMARKS = {
   "tokenizer": "vqlm.bench.tokenizer",
   "soak": "vqlm.bench.soak",
   "device": "vqlm.bench.device",
+  "load": "vqlm.bench.load",
 }
 
 

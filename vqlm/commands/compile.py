@@ -11,6 +11,12 @@ TPU pod host the whole slice (run it on every host, as training does:
 of the size's `NOMINAL_VOCAB` (16384 image codes on a 16x16 grid where the size allows; see
 `nominal_vocab`).
 
+`--sampler` (LM configs) compiles instead the step the sampler's decode loop repeats
+(`vqlm.sample.sampler`): one token for each of `--batch` rows against a KV cache of `--seq_len`
+slots, the parameters sharded by the rules as a loaded run's are, and prints the parameters' and
+the cache's bytes per device next to XLA's memory analysis: the memory a sampler needs, sized
+without allocating it (e.g. the `7b` size with `--sampler_dtype bfloat16`).
+
 XLA's cost analysis counts a while loop's body once, so with `scan_layers` its FLOPs cover one
 layer; for LMs the model FLOPs (6 N + attention per token, PaLM appendix B) are printed too.
 """
@@ -41,6 +47,18 @@ def _define(f) -> None:
   f.DEFINE_integer("seq_len", 0, "LM tokens per sequence (default: config.train.seq_len)")
   f.DEFINE_integer("vocab_size", 0, "LM vocabulary size (default: the size's nominal one)")
   f.DEFINE_bool("lower_only", False, "stop after lowering (prints the train state's size only)")
+  f.DEFINE_bool(
+    "sampler",
+    False,
+    "LM configs: compile the sampler's decode step instead of the train step (--batch rows, a "
+    "KV cache of --seq_len slots)",
+  )
+  f.DEFINE_string(
+    "sampler_dtype",
+    "",
+    "with --sampler: sample with the weights cast to this dtype and computed in it, e.g. bfloat16 "
+    "(as Sampler(dtype=...)); default: the config's dtypes",
+  )
   f.DEFINE_enum(
     "distributed",
     None,
@@ -337,6 +355,167 @@ def report(facts: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+def _cache_sharding(mesh: Any, rules: Any, leaf: Any, rows: int, layered: bool) -> Any:
+  """A KV cache leaf's sharding: rows over data x fsdp when they divide evenly (as the sampler
+  places its batch), the KV heads of `k`/`v` as the rules shard `kv_heads`, the rest whole."""
+  import flax.linen as nn
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from vqlm.runtime import mesh as mesh_lib
+
+  def fits(axes: Any, size: int) -> Any:
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return axes if names and size % int(np.prod([mesh.shape[n] for n in names])) == 0 else None
+
+  batch, heads = nn.logical_to_mesh_axes(("batch", "kv_heads"), rules)
+  spec = [None] * len(leaf.shape)
+  lead = 1 if layered else 0
+  if rows % mesh_lib.batch_divisor(mesh) == 0:
+    spec[lead] = fits(batch, rows)
+  if len(leaf.shape) >= lead + 4:  # k [B, KVH, L / P, Dh, P], v [B, KVH, L, Dh]
+    spec[lead + 1] = fits(heads, leaf.shape[lead + 1])
+  return NamedSharding(mesh, P(*spec))
+
+
+def analyze_sampler(
+  config: ml_collections.ConfigDict,
+  *,
+  vocab_size: int = 0,
+  dtype: str = "",
+  lower_only: bool = False,
+) -> dict[str, Any]:
+  """Lowers (and unless `lower_only`, compiles) the sampler's decode step for `config`'s LM.
+
+  The step is `model.apply(variables, feed[R, 1], positions=[R, 1], cache=..., decode=True)`
+  with the cache donated, as each iteration of the sampler's loop runs it (full-vocabulary
+  logits, as in its interleaved and text modes), for R = `config.train.batch_size` rows (with
+  classifier-free guidance the sampler runs 2B rows for B prompts) and a cache of
+  `config.train.seq_len` slots in the compute dtype (the Sampler's default). `dtype` casts
+  weights and computation as `Sampler(dtype=...)` does. Parameters are sharded by the config's
+  mesh and rules as a loaded run's are; nothing is allocated.
+
+  Returns plain values (bytes and FLOPs per device): devices, device_kind, platform, processes,
+  mesh, description, rows, cache_slots, num_params, params_bytes, cache_bytes, dtype,
+  cache_dtype, lower_seconds; and, None when `lower_only` (or unknown): compile_seconds, memory
+  (`memory_summary`), xla_flops, device_memory, fits.
+  """
+  if config.get("stage") != "lm":
+    raise UserError(f"--sampler applies to LM configs only, not to stage {config.get('stage')!r}")
+  _check_sizes(config, "train.batch_size", "train.seq_len")
+  import jax.numpy as jnp
+
+  from vqlm.nn import attention
+  from vqlm.nn.transformer import Transformer
+  from vqlm.runs import restore
+  from vqlm.runs.lm_run import abstract_params, transformer_config
+  from vqlm.runtime import mesh as mesh_lib
+
+  vocab = nominal_vocab(config.get("size", ""), vocab_size)
+  model_config = transformer_config(config, vocab)
+  if dtype:
+    model_config = model_config.replace(dtype=dtype, param_dtype=dtype)
+  model = Transformer(model_config)
+  mesh = mesh_lib.make_mesh(dict(config.mesh.shape))
+  rules = mesh_lib.rules_from_config(config.mesh.rules)
+  rows, slots = int(config.train.batch_size), int(config.train.seq_len)
+  params = restore.placed_abstract(abstract_params(model, 1), mesh, rules)
+  variables: dict[str, Any] = {"params": params}
+  if model_config.image_embed_init == "codebook":
+    shape = (model_config.image_size, model_config.codebook_dim)
+    vectors = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=mesh_lib.replicated(mesh))
+    variables["codebook"] = {"embed": {"vectors": vectors}}
+  cache_dtype = model_config.dtype
+  cache = jax.eval_shape(lambda: model.init_cache(rows, slots, cache_dtype))
+  cache = {
+    name: jax.tree.map(
+      lambda x, layered=(name == "layers" and model_config.scan_layers): jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=_cache_sharding(mesh, rules, x, rows, layered)
+      ),
+      tree,
+    )
+    for name, tree in cache.items()
+  }
+  row_sharding = _cache_sharding(
+    mesh, rules, jax.ShapeDtypeStruct((rows, 1), jnp.int32), rows, False
+  )
+  feed = jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=row_sharding)
+
+  def step(variables, cache, feed, positions):
+    return model.apply(variables, feed, positions=positions, cache=cache, decode=True)
+
+  device = jax.devices()[0]
+  facts: dict[str, Any] = {
+    "devices": jax.device_count(),
+    "device_kind": device.device_kind,
+    "platform": device.platform,
+    "processes": jax.process_count(),
+    "mesh": {str(k): int(v) for k, v in mesh.shape.items()},
+    "description": (
+      f"lm size={config.get('size')} vocab={vocab.padded_size} "
+      f"scan_layers={model_config.scan_layers}"
+    ),
+    "rows": rows,
+    "cache_slots": attention.cache_slots(slots),
+    "num_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+    "params_bytes": shard_bytes(variables),
+    "cache_bytes": shard_bytes(cache),
+    "dtype": jnp.dtype(model_config.param_dtype).name,
+    "cache_dtype": jnp.dtype(cache_dtype).name,
+    "compile_seconds": None,
+    "memory": None,
+    "xla_flops": None,
+    "device_memory": None,
+    "fits": None,
+  }
+  start = time.perf_counter()
+  with mesh_lib.activate(mesh, rules):
+    lowered = jax.jit(step, donate_argnums=(1,)).lower(variables, cache, feed, feed)
+  facts["lower_seconds"] = time.perf_counter() - start
+  if lower_only:
+    return facts
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  facts["compile_seconds"] = time.perf_counter() - start
+  stats = compiled.memory_analysis()
+  if stats is not None:
+    facts["memory"] = memory_summary(stats)
+    facts["device_memory"] = _device_memory(device) or None
+    if facts["device_memory"]:
+      facts["fits"] = facts["memory"]["total"] <= facts["device_memory"]
+  facts["xla_flops"] = _flops(compiled)
+  return facts
+
+
+def report_sampler(facts: Mapping[str, Any]) -> list[str]:
+  """The lines `vqlm compile --sampler` prints for `analyze_sampler`'s facts."""
+  shape = " ".join(f"{k}={v}" for k, v in facts["mesh"].items())
+  lines = [
+    f"devices: {facts['devices']} x {facts['device_kind']} ({facts['platform']}), "
+    f"{facts['processes']} process(es); mesh {shape}",
+    f"sampler decode step: {facts['description']}; {facts['rows']} rows, a KV cache of "
+    f"{facts['cache_slots']} slots ({facts['cache_dtype']})",
+    f"per device: params {facts['params_bytes'] / GIB:.4g} GiB ({facts['num_params']:,} "
+    f"{facts['dtype']} params), KV cache {facts['cache_bytes'] / GIB:.4g} GiB",
+    f"lowered in {facts['lower_seconds']:.1f}s",
+  ]
+  if facts["compile_seconds"] is None:
+    return lines
+  lines.append(f"compiled in {facts['compile_seconds']:.1f}s")
+  memory = facts["memory"]
+  if memory is None:
+    lines.append("memory analysis: not available on this backend")
+  else:
+    lines.append("memory per device (XLA; the cache is donated: aliased to the new one):")
+    lines += [f"  {name:<15}{_gib(value)}" for name, value in memory.items()]
+    if facts["device_memory"]:
+      verdict = "fits" if facts["fits"] else "DOES NOT FIT"
+      lines.append(f"  device memory  {facts['device_memory'] / GIB:10.4f} GiB: {verdict}")
+  if facts["xla_flops"] is not None:
+    lines.append(f"FLOPs per decode step per device (XLA cost analysis): {facts['xla_flops']:.4g}")
+  return lines
+
+
 def main(argv: list[str]) -> int:
   fv = flag_lib.parse(argv, _define, config=True)
   from vqlm.runtime.distributed import maybe_initialize
@@ -345,6 +524,14 @@ def main(argv: list[str]) -> int:
   config = apply_overrides(
     flag_lib.require_config(fv), mesh=fv.mesh, batch=fv.batch, seq_len=fv.seq_len
   )
+  if fv.sampler:
+    facts = analyze_sampler(
+      config, vocab_size=fv.vocab_size, dtype=fv.sampler_dtype, lower_only=fv.lower_only
+    )
+    print("\n".join(report_sampler(facts)))
+    return 0
+  if fv.sampler_dtype:
+    raise UserError("--sampler_dtype applies with --sampler only")
   facts = analyze(config, vocab_size=fv.vocab_size, lower_only=fv.lower_only)
   print("\n".join(report(facts)))
   return 0

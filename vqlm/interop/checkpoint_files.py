@@ -187,11 +187,17 @@ class HFCheckpoint:
 
 @dataclasses.dataclass(frozen=True)
 class Lazy:
-  """One parameter not read yet: `load()` returns a NumPy array of `shape` and `dtype`."""
+  """One parameter not read yet: `load()` returns a NumPy array of `shape` and `dtype`.
+
+  `load_slice(index)`, when given, returns `load()[index]` (`index`: one `slice` per dimension,
+  in the converted tensor's coordinates) reading only that part, so that placing the parameter
+  sharded over a mesh (`vqlm.interop.placement`) never holds the whole tensor.
+  """
 
   shape: tuple[int, ...]
   dtype: np.dtype
   load: Callable[[], np.ndarray]
+  load_slice: Callable[[tuple[slice, ...]], np.ndarray] | None = None
 
   def __call__(self) -> np.ndarray:
     array = np.asarray(self.load())
