@@ -141,12 +141,19 @@ class TextTokenizer:
 
   @classmethod
   def load(cls, path: str) -> "TextTokenizer":
-    """Loads a `.model` file written by `train_sentencepiece` (or any SentencePiece model)."""
+    """Loads a `.model` file written by `train_sentencepiece` (or any SentencePiece model).
+
+    A JSON file (a `.json` path, or a run's `text.model` holding JSON: an imported run's Hugging
+    Face tokenizer) loads as `vqlm.text_hf.HFTextTokenizer`, which has this class's interface."""
     if not os.path.isfile(path):
       raise UserError(
         f"SentencePiece model {path!r} does not exist; train one with "
         "vqlm.text.train_sentencepiece or fix the path."
       )
+    from vqlm import text_hf
+
+    if path.endswith(".json") or text_hf.is_json_file(path):
+      return text_hf.HFTextTokenizer.load(path)
     return cls(spm.SentencePieceProcessor(model_file=path), path=path)
 
   @property
