@@ -479,3 +479,49 @@ def test_logits_slice_equals_the_slice_of_the_full_logits(tied):
   np.testing.assert_allclose(part, full[..., OFF : OFF + K], rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="inside the vocabulary"):
     model.apply(variables, tokens, logits_slice=(OFF, V))
+
+
+def _gelu(x):
+  return np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=False))
+
+
+def test_image_generation_path_embeds_and_scores_image_ids_through_its_own_networks(tied=False):
+  """Janus's path: image ids embed as aligner(gen_embedding[k]) and score through the gen head;
+  the same model without the path, given those rows in its table, has the same hidden states."""
+  gen = dict(gen_embed_dim=6, gen_aligner_depth=2, gen_head_dim=20)
+  model = _model(**BASE, image_offset=OFF, image_size=K, tie_embeddings=tied, **gen)
+  plain = _model(**BASE, image_offset=OFF, image_size=K, tie_embeddings=tied)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, V, size=(2, 9)))
+  assert np.asarray((tokens >= OFF) & (tokens < OFF + K)).any()
+  variables = _init(model, tokens)
+  p = nn.meta.unbox(variables["params"])
+  g = jax.tree.map(np.asarray, p["gen_path"])
+  assert set(g) == {"embedding", "aligner_0", "aligner_1", "head_proj", "head_out"}
+  assert g["embedding"].shape == (K, 6) and g["head_out"]["kernel"].shape == (20, K)
+  assert param_counts(model.config)["gen_path"] == sum(x.size for x in jax.tree.leaves(g))
+  aligned = g["embedding"] @ g["aligner_0"]["kernel"] + g["aligner_0"]["bias"]
+  aligned = _gelu(aligned) @ g["aligner_1"]["kernel"] + g["aligner_1"]["bias"]
+  ref = {k: v for k, v in p.items() if k != "gen_path"}
+  ref["embed"] = {"embedding": p["embed"]["embedding"].at[OFF : OFF + K].set(aligned)}
+  (ref_logits, _), state = plain.apply(
+    {"params": ref}, tokens, capture_intermediates=lambda m, _: m.name == "final_norm"
+  )
+  (h,) = state["intermediates"]["final_norm"]["__call__"]
+  want = np.array(ref_logits)
+  want[..., OFF : OFF + K] = (
+    _gelu(h @ g["head_proj"]["kernel"] + g["head_proj"]["bias"]) @ g["head_out"]["kernel"]
+    + g["head_out"]["bias"]
+  )
+  apply = jax.jit(model.apply, static_argnames="logits_slice")
+  got, _ = apply(variables, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The table's image rows are unused by the path; slices compute only their pieces.
+  unused = {**p, "embed": {"embedding": p["embed"]["embedding"].at[OFF : OFF + K].set(9.0)}}
+  np.testing.assert_allclose(apply({"params": unused}, tokens)[0], got, rtol=1e-6, atol=1e-6)
+  for rows in [(OFF + 3, 5), (OFF - 4, K + 10)]:
+    part, _ = apply(variables, tokens, logits_slice=rows)
+    np.testing.assert_allclose(part, got[..., rows[0] : rows[0] + rows[1]], atol=1e-6)
+  rng = np.random.default_rng(2)
+  _decode_matches_full(model, [rng.integers(0, V, size=n) for n in (9, 6)], prompt_lens=[4, 2])
+  with pytest.raises(ValueError, match="image-generation path"):
+    TransformerConfig(**BASE, gen_embed_dim=4)

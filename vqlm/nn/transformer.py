@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlm.errors import MAX_SIZE, UserError
-from vqlm.nn import attention, layers
+from vqlm.nn import attention, image_io, layers
 
 DType = Any
 Cache = dict[str, Any]
@@ -192,6 +192,9 @@ _SIZES = (
   "image_size",
   "codebook_dim",
   "query_chunks",
+  "gen_embed_dim",
+  "gen_aligner_depth",
+  "gen_head_dim",
 )
 
 
@@ -219,6 +222,10 @@ class TransformerConfig:
       "levels" (FSQ codes; code_levels are the tokenizer's levels, prod == image_size).
     codebook_dim: width of the image tokenizer's codebook (read with "codebook" only).
     code_levels: the FSQ levels, a tuple (read with "levels" only).
+    gen_embed_dim: > 0 turns on Janus's separate image-generation path (`vqlm.nn.image_io`):
+      image ids embed through a `[image_size, gen_embed_dim]` table and an aligner MLP of
+      `gen_aligner_depth` layers, and their logits come from a head `dim -> gen_head_dim (0:
+      dim) -> image_size`; text ids keep the table and the LM head. 0 = off.
     scan_layers: `nn.scan` over the blocks (params and cache stacked on a leading layer axis).
     remat_policy: one of REMAT_POLICIES ("none", "full", "dots", "dots_with_no_batch_dims", ...).
     norm_eps: RMSNorm epsilon.
@@ -251,6 +258,9 @@ class TransformerConfig:
   image_embed_init: str = "learned"
   codebook_dim: int = 0
   code_levels: tuple[int, ...] = ()
+  gen_embed_dim: int = 0
+  gen_aligner_depth: int = 2
+  gen_head_dim: int = 0
   scan_layers: bool = False
   remat_policy: str = "none"
   norm_eps: float = 1e-6
@@ -334,6 +344,12 @@ class TransformerConfig:
         f"image_embed_init='levels' needs code_levels (the FSQ levels, each >= 2) "
         f"whose product is image_size={size}, got {levels}; it applies to FSQ "
         "image tokenizers only."
+      )
+    if self.gen_embed_dim and (size <= 0 or init != "learned" or self.gen_aligner_depth < 1):
+      raise UserError(
+        f"gen_embed_dim={self.gen_embed_dim} (the image-generation path) needs image_size > 0, "
+        f"image_embed_init='learned' and gen_aligner_depth >= 1 (got {size}, {init!r}, "
+        f"{self.gen_aligner_depth})."
       )
     if self.remat_policy not in REMAT_POLICIES:
       raise UserError(f"remat_policy={self.remat_policy!r}; use one of {tuple(REMAT_POLICIES)}.")
@@ -490,7 +506,21 @@ class Transformer(nn.Module):
       name="embed",
       **kw,
     )
-    x = layers.constrain(embed(tokens), layers.ACT_EMBED)
+    x = embed(tokens)
+    gen = None
+    if cfg.gen_embed_dim:
+      gen = image_io.ImageGenPath(
+        cfg.image_size,
+        cfg.dim,
+        cfg.gen_embed_dim,
+        cfg.gen_aligner_depth,
+        cfg.gen_head_dim,
+        name="gen_path",
+        **kw,
+      )
+      is_code = (tokens >= cfg.image_offset) & (tokens < cfg.image_offset + cfg.image_size)
+      x = jnp.where(is_code[..., None], gen.embed(tokens - cfg.image_offset).astype(x.dtype), x)
+    x = layers.constrain(x, layers.ACT_EMBED)
 
     new_cache = None if cache is None else {}
     if cfg.tracks_image_runs():
@@ -584,19 +614,25 @@ class Transformer(nn.Module):
 
     x = layers.RMSNorm(cfg.norm_eps, name="final_norm", **kw)(x)
     if cfg.tie_embeddings:
-      logits = embed.attend(x, rows=logits_slice)
+      base = lambda h, rows: embed.attend(h, rows=rows)
     else:
       head = layers.Dense(cfg.vocab_size, axes=("embed", "vocab"), name="head", **kw)
-      logits = head(x, out_slice=logits_slice).astype(jnp.float32)
+      base = lambda h, rows: head(h, out_slice=rows).astype(jnp.float32)
+    if gen is None:
+      logits = base(x, logits_slice)
+    else:
+      logits = image_io.merged_logits(
+        base, gen, x, cfg.vocab_size, cfg.image_offset, rows=logits_slice
+      )
     logits = layers.constrain(logits, layers.ACT_VOCAB)
     return logits, new_cache
 
 
 def param_counts(config: TransformerConfig) -> dict[str, int]:
   """Parameters of `Transformer(config)` per top-level module: `"embed"`, `"layers"` (all blocks,
-  scanned or not), `"final_norm"` and, when they exist, `"image_position"` and `"head"`. Read off
-  the abstract init (`jax.eval_shape`: nothing is computed or allocated); the codebook collection
-  is not a parameter and is not counted.
+  scanned or not), `"final_norm"` and, when they exist, `"image_position"`, `"gen_path"` and
+  `"head"`. Read off the abstract init (`jax.eval_shape`: nothing is computed or allocated); the
+  codebook collection is not a parameter and is not counted.
 
   Settings that leave the parameters alone (remat_policy, attention_impl, query_chunks) are reset
   for the trace, so any config can be counted on any backend.
