@@ -394,3 +394,95 @@ def test_splash_matches_xla_on_tpu(dtype, tol):
   _check_kernel_against_xla("splash", dtype, 1024, tol)
   _check_kernel_against_xla("splash", dtype, 300, tol)  # Padded to 384.
   assert attention.resolve_implementation("auto", dtype) == "splash"
+
+
+# -- QK-norm kinds and the Swin norm order (Chameleon) ------------------------------------------
+
+
+def test_layernorm_qk_norm_has_per_head_scale_and_bias_and_matches_numpy():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  sin, cos = layers.rope_1d(jnp.broadcast_to(jnp.arange(5), (2, 5)), 8)
+  mod = _module(qk_norm="layernorm")
+  variables = nn.meta.unbox(mod.init(jax.random.key(1), x, sin=sin, cos=cos, mask=None))
+  params = variables["params"]
+  shapes = jax.tree.map(jnp.shape, params)
+  assert shapes["query_norm"] == {"scale": (4, 8), "bias": (4, 8)}
+  assert shapes["key_norm"] == {"scale": (2, 8), "bias": (2, 8)}
+  # Random per-head affine parameters, then the module against a NumPy reference of the layer.
+  keys = iter(jax.random.split(jax.random.key(2), 4))
+  for name in ("query_norm", "key_norm"):
+    for p in ("scale", "bias"):
+      params[name][p] = jax.random.normal(next(keys), params[name][p].shape)
+  y, _ = mod.apply(variables, x, sin=sin, cos=cos, mask=None)
+
+  def ln(h, scale, bias):  # [B, S, H, D]: statistics over D only, then per-head affine.
+    h = np.asarray(h, np.float64)
+    mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    return (h - mu) / np.sqrt(var + attention.QK_LAYERNORM_EPS) * scale + bias
+
+  def rope(h):
+    c, s = (np.concatenate([a, a], -1)[:, :, None] for a in (np.asarray(cos), np.asarray(sin)))
+    return h * c + np.concatenate([-h[..., 4:], h[..., :4]], -1) * s
+
+  xn = np.asarray(x, np.float64)
+  proj = lambda name: np.einsum("bsd,dhk->bshk", xn, np.asarray(params[name]["kernel"]))
+  q = rope(ln(proj("query"), *(np.asarray(params["query_norm"][p]) for p in ("scale", "bias"))))
+  k = rope(ln(proj("key"), *(np.asarray(params["key_norm"][p]) for p in ("scale", "bias"))))
+  v = proj("value")
+  k, v = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)
+  logits = np.einsum("bshk,bthk->bhst", q, k) / np.sqrt(8)
+  logits = np.where(np.tril(np.ones((5, 5), bool)), logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  out = np.einsum("bhst,bthk->bshk", w / w.sum(-1, keepdims=True), v)
+  want = np.einsum("bshk,hkd->bsd", out, np.asarray(params["out"]["kernel"]))
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+
+
+def test_qk_norm_true_is_rms_and_bad_settings_name_the_valid_ones():
+  x = jax.random.normal(jax.random.key(0), (1, 3, 16))
+  sin, cos = layers.rope_1d(jnp.broadcast_to(jnp.arange(3), (1, 3)), 8)
+  outs = []
+  for setting in (True, "rms"):
+    mod = _module(qk_norm=setting)
+    variables = mod.init(jax.random.key(1), x, sin=sin, cos=cos, mask=None)
+    assert jax.tree.map(jnp.shape, nn.meta.unbox(variables["params"]["query_norm"])) == {
+      "scale": (8,)
+    }
+    outs.append(mod.apply(variables, x, sin=sin, cos=cos, mask=None)[0])
+  np.testing.assert_array_equal(outs[0], outs[1])
+  assert attention.qk_norm_kind(False) is None and attention.qk_norm_kind(1) == "rms"
+  with pytest.raises(ValueError, match="layernorm"):
+    _module(qk_norm="ln").init(jax.random.key(1), x, sin=sin, cos=cos, mask=None)
+  from vqlm.nn.transformer import TransformerConfig
+
+  base = dict(vocab_size=16, dim=16, num_layers=1, num_heads=2, mlp_dim=32)
+  assert TransformerConfig(**base, qk_norm="layernorm").qk_norm == "layernorm"
+  with pytest.raises(ValueError, match="qk_norm="):
+    TransformerConfig(**base, qk_norm="layer")
+
+
+def test_swin_norm_moves_the_block_norms_after_the_sublayers():
+  from vqlm.nn.transformer import Block
+
+  x = jax.random.normal(jax.random.key(0), (2, 4, 16))
+  sin, cos = layers.rope_1d(jnp.broadcast_to(jnp.arange(4), (2, 4)), 8)
+  kw = dict(num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=24, attention_impl="xla")
+  pre, swin = Block(**kw), Block(**kw, swin_norm=True)
+  variables = pre.init(jax.random.key(1), x, None, sin, cos, None, None)
+  assert jax.tree.map(jnp.shape, swin.init(jax.random.key(1), x, None, sin, cos, None, None)) == (
+    jax.tree.map(jnp.shape, variables)
+  )
+  params = nn.meta.unbox(variables)["params"]
+  params["attn_norm"]["scale"] = jnp.linspace(0.5, 1.5, 16)
+  params["mlp_norm"]["scale"] = jnp.linspace(1.5, 0.5, 16)
+  got, _ = swin.apply({"params": params}, x, None, sin, cos, None, None)
+  bound = lambda mod, name: lambda h: mod.apply({"params": params[name]}, h)
+  attn = attention.Attention(**{k: kw[k] for k in ("num_heads", "num_kv_heads", "head_dim")})
+  rms = lambda name: bound(layers.RMSNorm(1e-6), name)
+  h = x + rms("attn_norm")(
+    attn.apply({"params": params["attn"]}, x, sin=sin, cos=cos, mask=None)[0]
+  )
+  want = h + rms("mlp_norm")(bound(layers.MLP(24), "mlp")(h))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  plain, _ = pre.apply({"params": params}, x, None, sin, cos, None, None)
+  assert float(jnp.abs(plain - got).max()) > 1e-2

@@ -1,5 +1,10 @@
 """Grouped-query self-attention with RoPE, optional QK-norm, packing masks and a KV cache.
 
+QK-norm (`qk_norm`, one of QK_NORMS): False; True or "rms" (RMSNorm over head_dim, one scale
+shared by the heads); "layernorm" (Chameleon's: a LayerNorm over head_dim, eps
+QK_LAYERNORM_EPS, with a scale and a bias per head, `[heads, head_dim]` for queries and
+`[kv_heads, head_dim]` for keys; `layers.HeadLayerNorm`). Applied before RoPE.
+
 Masks are boolean, True where a query may attend to a key, shaped `[B, 1, S, T]` (broadcast over
 heads):
   * training / full forward: `causal & (segment_ids[q] == segment_ids[k])` (`make_attention_mask`);
@@ -52,6 +57,9 @@ DType = Any
 KVCache = dict[str, jax.Array]
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+QK_NORMS = (False, True, "rms", "layernorm")
+# Chameleon's QK LayerNorm epsilon (fixed there, independent of the RMSNorm epsilon).
+QK_LAYERNORM_EPS = 1e-5
 # Splash's block sizes must be multiples of 128 (TPU lanes): sequences are padded to a multiple of
 # SPLASH_MIN_BLOCK, and each block is the largest of SPLASH_BLOCKS that divides the padded length.
 SPLASH_MIN_BLOCK = 128
@@ -59,6 +67,15 @@ SPLASH_BLOCKS = (512, 256, 128)
 # Added to masked logits: exp() of it underflows to exactly 0, and unlike finfo.min it cannot
 # overflow to -inf when added to a logit (a fully masked row softmaxes to uniform, not NaN).
 _MASKED = -1e30
+
+
+def qk_norm_kind(qk_norm: bool | str) -> str | None:
+  """None, "rms" or "layernorm" for a `qk_norm` setting (True means "rms"); else a UserError."""
+  if isinstance(qk_norm, str) and qk_norm in ("rms", "layernorm"):
+    return qk_norm
+  if isinstance(qk_norm, (bool, int)) and qk_norm in (0, 1):
+    return "rms" if qk_norm else None
+  raise UserError(f"qk_norm={qk_norm!r}; use one of {QK_NORMS}.")
 
 
 def make_attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -404,14 +421,15 @@ class Attention(nn.Module):
   """Multi-head / grouped-query self-attention with RoPE.
 
   Params: `query[embed, heads, head_dim]`, `key` and `value[embed, kv_heads, head_dim]`,
-  `out[heads, head_dim, embed]`; with `qk_norm`, RMSNorm scales `query_norm` / `key_norm`
-  over head_dim.
+  `out[heads, head_dim, embed]`; with `qk_norm` True / "rms", RMSNorm scales `query_norm` /
+  `key_norm` `[head_dim]`; with "layernorm", `query_norm` `{scale, bias}[heads, head_dim]` and
+  `key_norm` `{scale, bias}[kv_heads, head_dim]` (see QK_NORMS).
   """
 
   num_heads: int
   num_kv_heads: int
   head_dim: int
-  qk_norm: bool = False
+  qk_norm: bool | str = False
   attention_impl: str = "auto"
   query_chunks: int = 1
   norm_eps: float = 1e-6
@@ -455,9 +473,14 @@ class Attention(nn.Module):
     v = layers.Dense(
       (self.num_kv_heads, self.head_dim), axes=("embed", "kv_heads", "head_dim"), name="value", **kw
     )(x)
-    if self.qk_norm:
+    norm = qk_norm_kind(self.qk_norm)
+    if norm == "rms":
       q = layers.RMSNorm(self.norm_eps, name="query_norm", **kw)(q)
       k = layers.RMSNorm(self.norm_eps, name="key_norm", **kw)(k)
+    elif norm == "layernorm":
+      eps = QK_LAYERNORM_EPS
+      q = layers.HeadLayerNorm(eps, ("heads", "head_dim"), name="query_norm", **kw)(q)
+      k = layers.HeadLayerNorm(eps, ("kv_heads", "head_dim"), name="key_norm", **kw)(k)
     q = layers.constrain(layers.apply_rope(q, sin, cos), layers.ACT_HEADS)
     k = layers.constrain(layers.apply_rope(k, sin, cos), layers.ACT_KV_HEADS)
     v = layers.constrain(v, layers.ACT_KV_HEADS)

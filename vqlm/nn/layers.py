@@ -179,6 +179,42 @@ class RMSNorm(nn.Module):
     return jnp.asarray(y, self.dtype)
 
 
+class HeadLayerNorm(nn.Module):
+  """LayerNorm of each head's vector with per-head affine parameters (Chameleon's QK norm).
+
+  `x[..., H, D]` -> same shape: mean and variance over the last axis D only (in float32), then
+  `* scale + bias`, both `[H, D]` (a separate gamma and beta per head), named `axes` (default
+  `("heads", "head_dim")`; `("kv_heads", "head_dim")` for keys). Returned in `dtype`.
+  """
+
+  eps: float = 1e-5
+  axes: tuple[str, str] = ("heads", "head_dim")
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = tuple(x.shape[-2:])
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones_init(), self.axes),
+      shape,
+      self.param_dtype,
+    )
+    bias = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes),
+      shape,
+      self.param_dtype,
+    )
+    x32 = jnp.asarray(x, jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * jnp.asarray(scale, jnp.float32) + jnp.asarray(bias, jnp.float32)
+    return jnp.asarray(y, self.dtype)
+
+
 class MLP(nn.Module):
   """SwiGLU feed-forward: `wo(silu(x wi_gate) * (x wi_up))`, `[B, S, D] -> [B, S, D]`."""
 

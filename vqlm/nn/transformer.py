@@ -45,7 +45,9 @@ IMAGE_EMBED_INITS = ("learned", "codebook", "levels")
 
 
 class Block(nn.Module):
-  """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+  """One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`; with `swin_norm`
+  (Chameleon-30B's "Swin" order) the norms move after the sublayers: `x + norm(attn(x))`, then
+  `x + norm(mlp(x))` (the same two RMSNorms, `attn_norm` and `mlp_norm`).
 
   `__call__(x[B, S, D], cache, sin, cos, mask, positions, segment_ids) -> (x, new_cache)`; all
   arguments are arrays or None so the block can be scanned and rematerialised.
@@ -55,17 +57,20 @@ class Block(nn.Module):
   num_kv_heads: int
   head_dim: int
   mlp_dim: int
-  qk_norm: bool = False
+  qk_norm: bool | str = False
   attention_impl: str = "auto"
   query_chunks: int = 1
   norm_eps: float = 1e-6
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
+  swin_norm: bool = False
 
   @nn.compact
   def __call__(self, x, cache, sin, cos, mask, positions, segment_ids=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layers.RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
+    attn_norm = layers.RMSNorm(self.norm_eps, name="attn_norm", **kw)
+    mlp_norm = layers.RMSNorm(self.norm_eps, name="mlp_norm", **kw)
+    h = x if self.swin_norm else attn_norm(x)
     h, new_cache = attention.Attention(
       num_heads=self.num_heads,
       num_kv_heads=self.num_kv_heads,
@@ -77,10 +82,9 @@ class Block(nn.Module):
       name="attn",
       **kw,
     )(h, sin=sin, cos=cos, mask=mask, cache=cache, positions=positions, segment_ids=segment_ids)
-    x = layers.constrain(x + h, layers.ACT_EMBED)
-    h = layers.RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
-    h = layers.MLP(self.mlp_dim, name="mlp", **kw)(h)
-    x = layers.constrain(x + h, layers.ACT_EMBED)
+    x = layers.constrain(x + (attn_norm(h) if self.swin_norm else h), layers.ACT_EMBED)
+    h = layers.MLP(self.mlp_dim, name="mlp", **kw)(x if self.swin_norm else mlp_norm(x))
+    x = layers.constrain(x + (mlp_norm(h) if self.swin_norm else h), layers.ACT_EMBED)
     return x, new_cache
 
 
@@ -209,7 +213,9 @@ class TransformerConfig:
     num_kv_heads: key/value heads (grouped-query attention); None (or 0) = num_heads, see
       `kv_heads()`.
     head_dim: None (or 0) = dim // num_heads, see `head_size()`.
-    qk_norm: RMSNorm on queries and keys (per head).
+    qk_norm: norm of queries and keys per head: False | True or "rms" (RMSNorm over head_dim) |
+      "layernorm" (Chameleon's LayerNorm with a scale and bias per head; `attention.QK_NORMS`).
+    swin_norm: the RMSNorms after attention and MLP instead of before (Chameleon's `swin_norm`).
     tie_embeddings: logits from the embedding table; else a separate `head[embed, vocab]`.
     rope_theta: RoPE base.
     rope_2d: 2D rotary positions for image tokens (needs image_size, grid, head_dim % 4 == 0).
@@ -247,7 +253,7 @@ class TransformerConfig:
   mlp_dim: int
   num_kv_heads: int | None = None
   head_dim: int | None = None
-  qk_norm: bool = False
+  qk_norm: bool | str = False
   tie_embeddings: bool = True
   rope_theta: float = 10_000.0
   rope_2d: bool = False
@@ -268,6 +274,7 @@ class TransformerConfig:
   param_dtype: DType = jnp.float32
   attention_impl: str = "auto"
   query_chunks: int = 1
+  swin_norm: bool = False
 
   def __post_init__(self):
     # Normalise (frozen, hence object.__setattr__) so that configs from JSON or a ConfigDict
@@ -355,6 +362,7 @@ class TransformerConfig:
       raise UserError(f"remat_policy={self.remat_policy!r}; use one of {tuple(REMAT_POLICIES)}.")
     if int(self.query_chunks) < 1:
       raise UserError(f"query_chunks={self.query_chunks} must be >= 1 (1 turns chunking off).")
+    attention.qk_norm_kind(self.qk_norm)  # A UserError naming the valid settings.
     if self.attention_impl not in attention.IMPLEMENTATIONS:
       raise UserError(
         f"attention_impl={self.attention_impl!r}; use one of {attention.IMPLEMENTATIONS}."
@@ -582,6 +590,7 @@ class Transformer(nn.Module):
       attention_impl=cfg.attention_impl,
       query_chunks=cfg.query_chunks,
       norm_eps=cfg.norm_eps,
+      swin_norm=cfg.swin_norm,
       **kw,
     )
     block_cls = Block
