@@ -14,5 +14,10 @@ COMMANDS = {
   "latent": ("vqlm.commands.latent", "latent-space tools: neighbors|interpolate|attribute|sample"),
   "info": ("vqlm.commands.info", "a config's model and its parameter count"),
   "compile": ("vqlm.commands.compile", "compile a train step ahead of time; memory per device"),
+  "import": (
+    "vqlm.commands.interop",
+    "a public checkpoint (Chameleon, Janus, Llama, VQModel) as a run",
+  ),
+  "export": ("vqlm.commands.interop", "an LM run as a public checkpoint (--format llama)"),
   "bench": ("vqlm.bench.__main__", "benchmarks against baselines (vqlm bench lm|sample|...)"),
 }
