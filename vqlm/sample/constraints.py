@@ -15,6 +15,10 @@ Outside image runs, per mode:
                   (t2i: the prompt ends in `<boi>`; the output is `h*w` codes then `<eoi>`).
   * "video"       after `<eoi>`: `<frame>` (then `<boi>`) while frames are still to start, else
                   `<eos>`.
+  * "free"        text ids, `<bos>`, `<eos>`, `<boi>`, `<eoi>`, never image codes, and nothing
+                  structural: `<boi>` opens no run and nothing is forced (a row still stops
+                  after `<eos>`). Text generation as Chameleon's forward masks it (its logits
+                  hide only the image tokens), for imported models (`vqlm.interop.chameleon`).
 
 The state lives on device (`ConstraintState`, a pytree of `[B]` arrays) and is advanced inside the
 sampler's `lax.while_loop`; `initial_state` reads it off the prompts on the host, so a prompt may
@@ -33,8 +37,10 @@ from vqlm.errors import UserError
 from vqlm.vocab import Vocab
 
 MODES = ("text", "image", "interleaved", "video")
+# Not one of the grammar's MODES (no structure): `Sampler(..., mode=FREE)` only.
+FREE = "free"
 # Which class of ids a row may take when nothing is forced (rows of `Spec.class_table`).
-_FORCED, _IMAGE, _TEXT, _TEXT_OR_IMAGE = range(4)
+_FORCED, _IMAGE, _TEXT, _TEXT_OR_IMAGE, _FREE = range(5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +62,8 @@ class Spec:
 
   @classmethod
   def from_vocab(cls, vocab: Vocab, mode: str) -> "Spec":
-    if mode not in MODES:
-      raise UserError(f"mode={mode!r} is not one of {MODES}.")
+    if mode not in MODES + (FREE,):
+      raise UserError(f"mode={mode!r} is not one of {MODES + (FREE,)}.")
     return cls(
       mode=mode,
       text_size=vocab.text_size,
@@ -77,14 +83,16 @@ class Spec:
     return (ids >= self.image_offset) & (ids < self.image_offset + self.image_size)
 
   def class_table(self) -> np.ndarray:
-    """bool `[4, padded_size]`: the ids of each class (forced, image, text, text-or-image)."""
+    """bool `[5, padded_size]`: the ids of each class (forced, image, text, text-or-image,
+    free)."""
     ids = np.arange(self.padded_size)
     text = (ids < self.text_size) | (ids == self.eos_id)
     image = np.asarray(self.is_image(ids))
-    table = np.zeros((4, self.padded_size), bool)
+    table = np.zeros((5, self.padded_size), bool)
     table[_IMAGE] = image
     table[_TEXT] = text
     table[_TEXT_OR_IMAGE] = text | (ids == self.boi_id)
+    table[_FREE] = text | np.isin(ids, [self.bos_id, self.boi_id, self.eoi_id])
     return table
 
 
@@ -163,7 +171,7 @@ def initial_state(
             f"prompt {r} closes an image run after {in_run} codes; a run holds exactly {hw}."
           )
         open_run = False
-    still_open = open_run and in_run < hw
+    still_open = open_run and in_run < hw and spec.mode != FREE
     codes_left[r] = hw - in_run if still_open else 0
     started = int(open_run)  # A run the prompt opened (complete or not) counts as one image.
     if ids[-1] == spec.frame_id:
@@ -188,6 +196,8 @@ def initial_state(
 def min_new_tokens(spec: Spec, state: ConstraintState) -> int:
   """Fewest steps after which every active row has finished its open image run and, in the
   "image" / "video" modes, all its requested images (and, in "video", its `<eos>`)."""
+  if spec.mode == FREE:
+    return 0
   hw = spec.tokens_per_image
   codes, images = np.asarray(state.codes_left), np.asarray(state.images_left)
   last = np.asarray(state.last)
@@ -213,6 +223,9 @@ def forced_and_class(
   hw = spec.tokens_per_image
   last, codes_left, images_left = state.last, state.codes_left, state.images_left
   none = jnp.full_like(last, -1)
+  if spec.mode == FREE:
+    forced = jnp.where(state.done, spec.pad_id, none).astype(jnp.int32)
+    return forced, jnp.where(state.done, _FORCED, _FREE).astype(jnp.int32)
   if spec.mode in ("image", "video"):
     after_eoi = last == spec.eoi_id
     if spec.mode == "video":
@@ -253,7 +266,7 @@ def update(spec: Spec, state: ConstraintState, token: jax.Array) -> ConstraintSt
   token = jnp.asarray(token, jnp.int32)
   is_code = spec.is_image(token)
   codes_left = jnp.where(is_code, jnp.maximum(state.codes_left - 1, 0), state.codes_left)
-  opens = token == spec.boi_id
+  opens = (token == spec.boi_id) & (spec.mode != FREE)
   codes_left = jnp.where(opens, hw, codes_left)
   images_left = jnp.where(opens, jnp.maximum(state.images_left - 1, 0), state.images_left)
   done = state.done | (token == spec.eos_id)

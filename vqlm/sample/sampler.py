@@ -330,7 +330,7 @@ class Sampler:
     Args:
       prompts: B prompts of unified ids (each starting with `<bos>`), any lengths.
       max_new_tokens: static length of the decode loop (a row may stop earlier).
-      mode: "text" | "image" | "interleaved" | "video" (see `vqlm.sample.constraints`).
+      mode: "text" | "image" | "interleaved" | "video" | "free" (see `vqlm.sample.constraints`).
       sampling: text and image settings (default: temperature 1 for both).
       seed: the base seed; row r uses `row_seeds[r]` (default r) folded into it.
       cfg_scale: classifier-free guidance scale on image codes; None = no guidance (no doubled
