@@ -126,3 +126,46 @@ def test_patch_encoder_codes_depend_on_their_own_patch_only():
   # The same patch drawn at another place, in another image, gets the same latent.
   other = _images(b=1, h=16, w=24, seed=3).at[:, 12:16, 0:4].set(x[:, 4:8, 8:12])
   np.testing.assert_allclose(enc.apply(variables, other)[0, 3, 0], z[0, 1, 2], atol=1e-5)
+
+
+def test_group_norm_groups_and_eps_options():
+  from vqlm.errors import UserError
+  from vqlm.nn.autoencoder import group_norm
+
+  x = np.asarray(_images(b=1, h=4, w=4)[..., :1].repeat(8, axis=-1)) * np.arange(1, 9)
+  norm = group_norm(8, 2, 1e-2, "norm")
+  y = norm.apply(norm.init(rng_key(0), x), x)
+  g = x.reshape(1, 4, 4, 2, 4)
+  mean, var = g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
+  np.testing.assert_allclose(y, ((g - mean) / np.sqrt(var + 1e-2)).reshape(x.shape), atol=1e-5)
+  with pytest.raises(UserError, match="does not divide"):
+    group_norm(8, 3, 1e-6, "norm")
+  block = ResBlock(16, groups=4)
+  params = block.init(rng_key(0), jnp.zeros((1, 4, 4, 8)))["params"]
+  assert params["norm1"]["scale"].shape == (8,) and "skip" in params
+
+
+def test_taming_encoder_decoder_layout():
+  from vqlm.errors import UserError
+  from vqlm.nn.taming import TamingDecoder, TamingEncoder
+
+  kw = dict(channels=8, channel_multipliers=(1, 2), attention_levels=(1,), norm_groups=4)
+  enc = TamingEncoder(num_res_blocks=1, z_channels=5, latent_dim=3, **kw)
+  dec = TamingDecoder(num_res_blocks=2, z_channels=5, **kw)
+  x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+  ev = jax.eval_shape(enc.init, rng_key(0), x)
+  z = jax.eval_shape(enc.apply, ev, x)
+  assert z.shape == (2, 8, 8, 3)
+  p = ev["params"]
+  # The strided conv keeps the width; the next level's first block widens (1x1 skip).
+  assert p["down0_conv"]["kernel"].shape == (3, 3, 8, 8) and "down1_attn0" in p
+  assert p["down1_res0"]["skip"]["kernel"].shape == (1, 1, 8, 16) and "down0_attn0" not in p
+  assert p["conv_out"]["kernel"].shape[-1] == 5 and p["quant_conv"]["kernel"].shape == (5, 3)
+  dv = jax.eval_shape(dec.init, rng_key(0), z)
+  out = jax.eval_shape(dec.apply, dv, z)
+  assert out.shape == (2, 16, 16, 3) and out.dtype == jnp.float32
+  q = dv["params"]
+  assert q["post_quant_conv"]["kernel"].shape == (3, 5) and "up1_attn1" in q and "up0_res1" in q
+  assert q["up1_conv"]["kernel"].shape == (3, 3, 16, 16) and "attn" in q["mid"]
+  with pytest.raises(UserError, match="attention_levels"):
+    jax.eval_shape(TamingEncoder(**{**kw, "attention_levels": (5,)}).init, rng_key(0), x)

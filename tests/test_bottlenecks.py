@@ -326,3 +326,21 @@ def test_fsq_projects_when_dims_differ():
 def test_fsq_rejects_levels_below_two():
   with pytest.raises(ValueError, match="levels"):
     FSQ(levels=(1, 5)).init(rng_key(0), jnp.zeros((1, 1, 1, 2)))
+
+
+def test_vq_lookup_normalize_searches_raw_codes_and_returns_unit_rows():
+  # transformers' JanusVQVAE: argmin over the raw codebook, l2-normalised rows when decoding.
+  module = VectorQuantizer(codebook_size=8, latent_dim=3, lookup_normalize=True)
+  raw = np.array([[i + 1, i % 2, -i] for i in range(8)], np.float32)
+  z = jax.random.normal(rng_key(0), (1, 4, 4, 3)) * 3.0
+  variables = module.init(rng_key(1), z)
+  variables = {**variables, "params": {"codebook": jnp.asarray(raw)}}
+  z_q, aux = module.apply(variables, z)
+  expected = np.argmin(((np.asarray(z).reshape(-1, 1, 3) - raw[None]) ** 2).sum(-1), axis=-1)
+  np.testing.assert_array_equal(np.asarray(aux["indices"]).reshape(-1), expected)
+  unit = raw / np.linalg.norm(raw, axis=-1, keepdims=True)
+  np.testing.assert_allclose(z_q.reshape(-1, 3), unit[expected], atol=1e-6)
+  np.testing.assert_allclose(module.apply(variables, method=module.codebook), unit, atol=1e-6)
+  q, idx = module.apply(variables, z, method=module.quantize)
+  np.testing.assert_array_equal(idx, aux["indices"])
+  np.testing.assert_allclose(q, z_q, atol=1e-6)

@@ -157,3 +157,63 @@ def test_decoder_mirrors_encoder_unless_given():
   mirrored = jax.eval_shape(_model("identity").init, rng_key(0), x)["params"]
   assert mirrored["dec"]["conv_out"]["kernel"].shape == (3, 3, 8, 3)
   assert mirrored["dec"]["conv_in"]["kernel"].shape == (3, 3, 6, 16)
+
+
+TAMING = dict(
+  kind="taming", channels=8, channel_multipliers=(1, 2), num_res_blocks=1, norm_groups=4
+)
+
+
+def test_taming_tokenizer_mirrors_its_decoder_and_round_trips_codes():
+  model = ImageTokenizer(
+    encoder=dict(TAMING, latent_dim=4, z_channels=6, num_res_blocks=0, mid_attention=False),
+    bottleneck={"kind": "vq", "codebook_size": 16},
+  )
+  x = _images(size=8)
+  variables = jax.jit(model.init)(rng_key(0), x)
+  dec = variables["params"]["dec"]  # mirrored: z_channels too, without latent_dim
+  assert dec["post_quant_conv"]["kernel"].shape == (4, 6) and "up1_conv" in dec
+
+  @jax.jit
+  def run(variables, x):
+    recon, aux = model.apply(variables, x)
+    codes = tok.encode(model, variables, x)
+    return recon, aux["indices"], codes, tok.decode(model, variables, codes)
+
+  recon, indices, codes, decoded = run(variables, x)
+  np.testing.assert_array_equal(codes, indices)
+  np.testing.assert_allclose(decoded, recon, atol=1e-5)
+
+
+def test_decoderless_tokenizer_encodes_and_refuses_to_decode_in_one_line():
+  from vqlm.errors import UserError
+
+  model = ImageTokenizer(
+    encoder=dict(TAMING, latent_dim=4),
+    decoder={"kind": "none"},
+    bottleneck={"kind": "vq", "codebook_size": 16},
+  )
+  assert not model.has_decoder and _model("vq").has_decoder
+  x = _images()
+  variables = model.init(rng_key(0), x, method=ImageTokenizer.initialize)
+  assert set(variables["params"]) == {"enc", "quantizer"}
+  assert tok.encode(model, variables, x).shape == (2, 8, 8)
+  for call in (
+    lambda: tok.decode(model, variables, jnp.zeros((1, 8, 8), jnp.int32)),
+    lambda: model.apply(variables, x),
+  ):
+    with pytest.raises(UserError, match="no decoder") as info:
+      call()
+    assert "\n" not in str(info.value)
+  with pytest.raises(UserError, match="unknown decoder kind"):
+    ImageTokenizer(encoder=ENCODER, decoder={"kind": "x"}, bottleneck=BOTTLENECKS["vq"]).init(
+      rng_key(0), x
+    )
+
+
+def test_initialize_makes_the_same_variables_as_the_forward(vq):
+  model, variables = vq
+  shapes = jax.eval_shape(
+    lambda: model.init(rng_key(0), _images(), method=ImageTokenizer.initialize)
+  )
+  assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, variables)

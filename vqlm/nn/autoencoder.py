@@ -68,10 +68,23 @@ def check_kwargs(kwargs: dict[str, Any], where: str) -> None:
       check_int(f"{where}.channel_multipliers entry", m)
 
 
+def group_norm(channels: int, groups: int | None, eps: float, name: str, **kw: Any) -> nn.GroupNorm:
+  """GroupNorm over `channels` with `groups` groups (None: `num_groups(channels)`)."""
+  g = groups or num_groups(channels)
+  if channels % g:
+    raise UserError(f"norm_groups={g} does not divide {channels} channels; pick a divisor")
+  return nn.GroupNorm(g, epsilon=eps, name=name, **kw)
+
+
 class ResBlock(nn.Module):
-  """GroupNorm -> swish -> conv3x3, twice, plus a (1x1-projected) skip.  [B,H,W,C] -> [B,H,W,F]."""
+  """GroupNorm -> swish -> conv3x3, twice, plus a (1x1-projected) skip.  [B,H,W,C] -> [B,H,W,F].
+
+  `groups`: GroupNorm groups (None: the largest divisor of the channels <= 32); `eps` its epsilon.
+  """
 
   features: int
+  groups: int | None = None
+  eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -80,8 +93,8 @@ class ResBlock(nn.Module):
     conv = lambda f, k, name: nn.Conv(
       f, (k, k), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype, name=name
     )
-    norm = lambda c, name: nn.GroupNorm(
-      num_groups(c), dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    norm = lambda c, name: group_norm(
+      c, self.groups, self.eps, name, dtype=self.dtype, param_dtype=self.param_dtype
     )
     h = conv(self.features, 3, "conv1")(nn.swish(norm(x.shape[-1], "norm1")(x)))
     h = conv(self.features, 3, "conv2")(nn.swish(norm(self.features, "norm2")(h)))
@@ -93,19 +106,20 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
   """Single-head self-attention over all positions, residual.  [B,H,W,C] -> [B,H,W,C].
 
-  Logits and softmax are computed in float32.
+  Logits and softmax are computed in float32. `groups` / `eps`: its GroupNorm's, as `ResBlock`.
   """
 
+  groups: int | None = None
+  eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hh, ww, c = x.shape
-    dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    h = nn.GroupNorm(num_groups(c), dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
-      x
-    ).reshape(b, hh * ww, c)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dense = lambda name: nn.Dense(c, name=name, **kw)
+    h = group_norm(c, self.groups, self.eps, "norm", **kw)(x).reshape(b, hh * ww, c)
     q, k, v = dense("query")(h), dense("key")(h), dense("value")(h)
     logits = jnp.einsum("bqc,bkc->bqk", q.astype(jnp.float32), k.astype(jnp.float32))
     weights = jax.nn.softmax(logits / jnp.sqrt(jnp.float32(c)), axis=-1)
@@ -114,16 +128,21 @@ class AttnBlock(nn.Module):
 
 
 class MiddleBlock(nn.Module):
-  """The lowest-resolution block: ResBlock [-> AttnBlock -> ResBlock]."""
+  """The lowest-resolution block: ResBlock [-> AttnBlock -> ResBlock].  [B,h,w,C] -> [B,h,w,F].
+
+  `groups` / `eps`: the GroupNorms', as `ResBlock`.
+  """
 
   features: int
   attention: bool
+  groups: int | None = None
+  eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(groups=self.groups, eps=self.eps, dtype=self.dtype, param_dtype=self.param_dtype)
     x = ResBlock(self.features, name="res1", **kw)(x)
     if self.attention:
       x = AttnBlock(name="attn", **kw)(x)

@@ -166,6 +166,9 @@ class VectorQuantizer(nn.Module):
       params); a float in (0, 1) learns it by exponential moving averages of assigned counts and
       sums (in batch_stats, "codebook" loss is 0).
     l2_normalize: l2-normalise codes and (projected) inputs before the nearest-neighbour search.
+    lookup_normalize: l2-normalise only the codebook rows that come out (z_q, `lookup`,
+      `codebook()`), while the nearest-neighbour search compares the raw inputs with the raw
+      codebook (transformers' JanusVQVAE: argmin over raw codes, unit rows when decoding).
     kmeans_init: initialise the codebook by k-means++ and `kmeans_iters` Lloyd iterations on the
       first training batch (inside jit; batch_stats "initialized" records that it ran).
     kmeans_max_points: at most this many batch vectors (a random subset) feed k-means.
@@ -180,6 +183,7 @@ class VectorQuantizer(nn.Module):
   beta: float = 0.25
   ema_decay: float | None = None
   l2_normalize: bool = False
+  lookup_normalize: bool = False
   kmeans_init: bool = False
   kmeans_iters: int = 5
   kmeans_max_points: int = 16384
@@ -233,7 +237,13 @@ class VectorQuantizer(nn.Module):
     return self.embed_sum.value / smoothed[:, None]
 
   def codebook(self) -> jax.Array:
-    """The codebook [K, code_dim] float32 (unit rows when `l2_normalize`)."""
+    """The codebook [K, code_dim] float32 the decoder sees (unit rows when `l2_normalize` or
+    `lookup_normalize`)."""
+    raw = self._raw_codebook()
+    return _l2_normalize(raw) if self.l2_normalize or self.lookup_normalize else raw
+
+  def _search_codebook(self) -> jax.Array:
+    """The codebook [K, code_dim] float32 the nearest-neighbour search compares inputs with."""
     raw = self._raw_codebook()
     return _l2_normalize(raw) if self.l2_normalize else raw
 
@@ -251,7 +261,8 @@ class VectorQuantizer(nn.Module):
   def quantize(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
     """z [B,h,w,D] -> (z_q [B,h,w,D] float32, indices int32 [B,h,w]); no state change."""
     ze = self._to_code_space(z)
-    indices = nearest_code(ze.reshape(-1, ze.shape[-1]), self.codebook()).reshape(ze.shape[:-1])
+    flat = ze.reshape(-1, ze.shape[-1])
+    indices = nearest_code(flat, self._search_codebook()).reshape(ze.shape[:-1])
     return self.lookup(indices), indices
 
   def lookup(self, indices: jax.Array) -> jax.Array:
@@ -313,9 +324,8 @@ class VectorQuantizer(nn.Module):
     update = train and self.is_mutable_collection("batch_stats")
     if update and self.kmeans_init:
       self._maybe_kmeans_init(jax.lax.stop_gradient(flat))
-    codes = self.codebook()
-    indices = nearest_code(flat, codes)
-    q = jnp.take(codes, indices, axis=0)
+    indices = nearest_code(flat, self._search_codebook())
+    q = jnp.take(self.codebook(), indices, axis=0)
     commitment = self.beta * jnp.mean((flat - jax.lax.stop_gradient(q)) ** 2)
     if self.ema_decay is None:
       codebook_loss = jnp.mean((jax.lax.stop_gradient(flat) - q) ** 2)

@@ -1,9 +1,10 @@
 """The image tokenizer: encoder -> bottleneck -> decoder, with code-level encode/decode.
 
 Parameter tree: {"enc": Encoder, "quantizer": bottleneck, "dec": Decoder}; VQ/FSQ state lives in
-the "batch_stats" collection. Outside training, use the jit-friendly module-level helpers
-`encode(model, variables, images)`, `decode(model, variables, codes)` and
-`codebook(model, variables)`, where `variables = {"params": ..., "batch_stats": ...}`.
+the "batch_stats" collection. A tokenizer imported without decoder weights (`decoder.kind =
+"none"`) has no "dec": it encodes, and refuses to decode in one line. Outside training, use the
+jit-friendly module-level helpers `encode(model, variables, images)`, `decode(model, variables,
+codes)` and `codebook(model, variables)`, where `variables = {"params": ..., "batch_stats": ...}`.
 """
 
 from collections.abc import Mapping
@@ -15,8 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from vqlm.errors import UserError
-from vqlm.nn.autoencoder import ENCODERS, Decoder, Encoder, check_kwargs, factor_of
+from vqlm.nn import autoencoder
+from vqlm.nn.autoencoder import Decoder, Encoder, check_kwargs, factor_of
 from vqlm.nn.bottlenecks import DISCRETE, make_bottleneck
+from vqlm.nn.taming import TamingDecoder, TamingEncoder
+
+ENCODERS = {**autoencoder.ENCODERS, "taming": TamingEncoder}
+# "none": no decoder (an encoder-only import); decode refuses.
+DECODERS = {"conv": Decoder, "taming": TamingDecoder, "none": None}
 
 # Where the decoder's last conv lives in the params (adaptive GAN weight).
 LAST_LAYER = ("dec", "conv_out")
@@ -27,9 +34,12 @@ class ImageTokenizer(nn.Module):
 
   Attributes:
     encoder: Encoder kwargs (channels, channel_multipliers, num_res_blocks, attention_at_lowest,
-      latent_dim, dtype, param_dtype), with an optional "kind": "conv" (`Encoder`, the default)
-      or "patch" (`PatchEncoder`: each code from its own patch only; takes `mlp_blocks`).
-    decoder: Decoder kwargs; None mirrors the encoder's (without latent_dim and mlp_blocks).
+      latent_dim, dtype, param_dtype), with an optional "kind": "conv" (`Encoder`, the default),
+      "patch" (`PatchEncoder`: each code from its own patch only; takes `mlp_blocks`) or
+      "taming" (`vqlm.nn.taming.TamingEncoder`, the layout of imported VQGANs).
+    decoder: Decoder kwargs with an optional "kind": "conv" (`Decoder`), "taming"
+      (`TamingDecoder`) or "none" (no decoder: encode only); None mirrors the encoder's (without
+      latent_dim and mlp_blocks; kind "taming" for a taming encoder, else "conv").
     bottleneck: {"kind": ..., **bottleneck kwargs}; "latent_dim" defaults to the encoder's.
   """
 
@@ -69,13 +79,19 @@ class ImageTokenizer(nn.Module):
       raise UserError(f"unknown encoder kind '{encoder_kind}'; valid: {', '.join(ENCODERS)}")
     check_kwargs(enc, "encoder")
     self.enc = ENCODERS[encoder_kind](**enc)
-    dec = (
-      dict(self.decoder)
-      if self.decoder is not None
-      else {k: v for k, v in enc.items() if k not in ("latent_dim", "mlp_blocks")}
-    )
-    check_kwargs(dec, "decoder")
-    self.dec = Decoder(**dec)
+    if self.decoder is not None:
+      dec = dict(self.decoder)
+    else:
+      dec = {k: v for k, v in enc.items() if k not in ("latent_dim", "mlp_blocks")}
+      dec["kind"] = "taming" if encoder_kind == "taming" else "conv"
+    decoder_kind = dec.pop("kind", "conv")
+    if decoder_kind not in DECODERS:
+      raise UserError(f"unknown decoder kind '{decoder_kind}'; valid: {', '.join(DECODERS)}")
+    if decoder_kind == "none":
+      self.dec = None
+    else:
+      check_kwargs(dec, "decoder")
+      self.dec = DECODERS[decoder_kind](**dec)
     bkw = dict(self.bottleneck)
     kind = bkw.pop("kind", None)
     if kind is None:
@@ -107,11 +123,31 @@ class ImageTokenizer(nn.Module):
         f"{self.kind!r}; use encode_latent / decode_latent"
       )
 
+  @property
+  def has_decoder(self) -> bool:
+    """False for an encoder-only tokenizer (`decoder.kind = "none"`)."""
+    return dict(self.decoder or {}).get("kind") != "none"
+
+  def _check_decoder(self) -> None:
+    if self.dec is None:
+      raise UserError(
+        "this image tokenizer has no decoder (its source shipped encoder weights only): it can "
+        "encode images but not decode codes; import a checkpoint with decoder weights to decode"
+      )
+
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
     """images [B,H,W,3] in [-1, 1] -> (reconstruction [B,H,W,3] float32, bottleneck aux)."""
     self._check_images(images)
+    self._check_decoder()
     z_q, aux = self.quantizer(self.enc(images), train=train)
     return self.dec(z_q), aux
+
+  def initialize(self, images: jax.Array) -> jax.Array:
+    """Runs every submodule once (for `init`, decoder-less tokenizers too): images [B,H,W,3]
+    -> [B,H,W,3] float32 reconstructions, or the latents [B,h,w,C] without a decoder."""
+    self._check_images(images)
+    z_q, _ = self.quantizer(self.enc(images), train=False)
+    return z_q if self.dec is None else self.dec(z_q)
 
   def encode_latent(self, images: jax.Array) -> jax.Array:
     """images -> the decoder's input latents [B,h,w,C] (quantised for VQ/FSQ, mean for VAE)."""
@@ -121,6 +157,7 @@ class ImageTokenizer(nn.Module):
 
   def decode_latent(self, latents: jax.Array) -> jax.Array:
     """latents [B,h,w,C] -> images [B,H,W,3] float32."""
+    self._check_decoder()
     return self.dec(latents)
 
   def encode(self, images: jax.Array) -> jax.Array:
@@ -133,6 +170,7 @@ class ImageTokenizer(nn.Module):
   def decode(self, codes: jax.Array) -> jax.Array:
     """codes int [B,h,w] -> images [B,H,W,3] float32 (not clipped)."""
     self._check_discrete("decode")
+    self._check_decoder()
     if codes.ndim != 3:
       raise UserError(f"codes must be [B, h, w] integers, got shape {tuple(codes.shape)}")
     return self.dec(self.quantizer.lookup(codes))

@@ -33,11 +33,11 @@ def tokenizer_model(config: ml_collections.ConfigDict) -> ImageTokenizer:
 
 
 def abstract_variables(model: ImageTokenizer, image_size: int) -> dict[str, Any]:
-  """Boxed ShapeDtypeStructs of `model.init` (params and any `batch_stats`); nothing allocated."""
+  """Boxed ShapeDtypeStructs of `model.init` (params and any `batch_stats`); nothing allocated.
+  Encoder-only tokenizers (imported without decoder weights) too."""
   rngs = {name: jax.random.key(i) for i, name in enumerate(("params", "sample", "restart"))}
-  return jax.eval_shape(
-    lambda: model.init(rngs, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
-  )
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(rngs, images, method=ImageTokenizer.initialize))
 
 
 class TokenizerRun:
@@ -93,6 +93,11 @@ class TokenizerRun:
   def is_discrete(self) -> bool:
     """Whether the bottleneck gives integer codes (VQ, FSQ) rather than continuous latents."""
     return self.model.codebook_size > 0
+
+  @property
+  def has_decoder(self) -> bool:
+    """False for a tokenizer imported without decoder weights (it encodes; decode refuses)."""
+    return self.model.has_decoder
 
   @property
   def bottleneck(self) -> str:
