@@ -87,7 +87,8 @@ def _fake_checkpoint(path, config):
   import json
 
   kw = llama.lm_kwargs(config)
-  d, h, kvh, dh, f = (kw[k] for k in ("dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"))
+  d, h, kvh, f = (kw[k] for k in ("dim", "num_heads", "num_kv_heads", "mlp_dim"))
+  dh = kw["head_dim"] or d // h
   tensors = {"model.embed_tokens.weight": np.zeros((config["vocab_size"], d), np.float32)}
   for i in range(kw["num_layers"]):
     p = f"model.layers.{i}."
@@ -143,7 +144,8 @@ def test_lm_kwargs_reads_both_rope_spellings_and_gqa():
   old = llama.lm_kwargs({**BASE, "rope_theta": 5e5, "rope_scaling": None, "num_key_value_heads": 2})
   new = llama.lm_kwargs({**BASE, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
   assert old["rope_theta"] == new["rope_theta"] == 5e5
-  assert old["num_kv_heads"] == 2 and new["num_kv_heads"] == 4 and old["head_dim"] == 8
+  assert old["num_kv_heads"] == 2 and new["num_kv_heads"] == 4 and old["head_dim"] is None
+  assert llama.lm_kwargs({**BASE, "head_dim": 16})["head_dim"] == 16
 
 
 def test_convert_lm_new_rows_and_shapes_without_torch(tmp_path):
@@ -171,3 +173,232 @@ def test_convert_lm_refuses_weights_of_another_shape(tmp_path):
   ckpt = _fake_checkpoint(tmp_path, BASE)
   with pytest.raises(UserError, match="different models"):
     llama.convert_lm(ckpt, hf_config={**BASE, "intermediate_size": 64}, vocab_rows=32)
+
+
+# ---- runs: export and import -------------------------------------------------------------------
+
+
+def tokenizer_run_dir(path):
+  """A config-only vqlm image tokenizer run (tiny: 32 codes on an 8x8 grid); the importer reads
+  its layout from the config, never its checkpoint."""
+  from vqlm.runs import saved_config
+  from vqlm.stages import tokenizer_config
+
+  path.mkdir()
+  saved_config.save_config(str(path), tokenizer_config.get_config("size=tiny"))
+  return str(path)
+
+
+LM_MODEL = dict(
+  dim=DIM,
+  num_layers=LAYERS,
+  num_heads=HEADS,
+  num_kv_heads=KV_HEADS,
+  mlp_dim=MLP,
+  tie_embeddings=False,
+  rope_theta=500.0,
+  norm_eps=1e-5,
+)
+
+
+@pytest.fixture(scope="module")
+def vqlm_run(tmp_path_factory):
+  """A vqlm LM run with random parameters (norm scales away from 1) and a SentencePiece model."""
+  import jax
+
+  from vqlm import text as text_lib
+  from vqlm.interop import run_files
+  from vqlm.vocab import Vocab
+
+  root = tmp_path_factory.mktemp("vqlm_run")
+  tok = tokenizer_run_dir(root / "tok")
+  captions = [f"a {s} {c} shape {i}" for s in ("small", "large") for c in "rgb" for i in range(20)]
+  sp = text_lib.train_sentencepiece(captions, model_prefix=str(root / "sp"), vocab_size=48)
+  codes, grid = llama.image_layout(tok)
+  vocab = Vocab(text_lib.TextTokenizer.load(sp).vocab_size, codes, grid)
+  config = TransformerConfig(
+    **LM_MODEL,
+    vocab_size=vocab.padded_size,
+    image_offset=vocab.image_offset,
+    image_size=vocab.image_size,
+    grid=vocab.grid,
+  )
+  init = jax.jit(Transformer(config).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+    lambda x: np.asarray(x) + (0.1 * rng.standard_normal(x.shape) if x.ndim == 1 else 0),
+    nn_unbox(init["params"]),
+  )
+  run = run_files.write_lm_run(
+    str(root / "run"),
+    model_config=LM_MODEL,
+    vocab=vocab,
+    text_files={"text.model": sp},
+    params=params,
+    tokenizer_dir=tok,
+    seq_len=128,
+  )
+  return {"run": run, "tok": tok, "vocab": vocab, "root": root}
+
+
+def nn_unbox(tree):
+  import flax.linen as nn
+
+  return nn.meta.unbox(tree)
+
+
+def mixed_ids(vocab, seed=0):
+  """`[1, S]`: `<bos>` text `<boi>` one image's codes `<eoi>` text (unified ids)."""
+  rng = np.random.default_rng(seed)
+  image = rng.integers(vocab.image_offset, vocab.size, vocab.tokens_per_image)
+  return np.concatenate(
+    [
+      [vocab.bos_id],
+      rng.integers(0, vocab.text_size, 9),
+      [vocab.boi_id],
+      image,
+      [vocab.eoi_id],
+      rng.integers(0, vocab.text_size, 5),
+    ]
+  )[None]
+
+
+@pytest.fixture(scope="module")
+def exported(vqlm_run):
+  from vqlm.interop import llama_export
+
+  return llama_export.export_run(vqlm_run["run"], str(vqlm_run["root"] / "hf"))
+
+
+def test_export_then_import_gives_identical_parameters(vqlm_run, exported):
+  import jax
+
+  from vqlm.runs.lm_run import LMRun
+
+  for name in ("config.json", "generation_config.json", "model.safetensors", "vocab.json"):
+    assert (vqlm_run["root"] / "hf" / name).exists()
+  back = llama.import_run(exported, str(vqlm_run["root"] / "back"))
+  a, b = LMRun(vqlm_run["run"]), LMRun(back)
+  assert a.vocab == b.vocab and a.model.config == b.model.config
+  assert jax.tree.structure(a.params) == jax.tree.structure(b.params)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert b.config.data.tokenizer == vqlm_run["tok"]
+
+
+@pytest.mark.interop
+def test_export_matches_transformers_on_text_and_image_ids(vqlm_run, exported):
+  torch, transformers = _transformers()
+  from vqlm.runs.lm_run import LMRun
+
+  lm = LMRun(vqlm_run["run"])
+  ids = mixed_ids(lm.vocab)
+  ours, _ = lm.model.apply({"params": lm.params}, jnp.asarray(ids))
+  model = transformers.LlamaForCausalLM.from_pretrained(exported).eval()
+  ref = hf_logits(model, ids)
+  assert ref.shape == (1, ids.shape[1], lm.vocab.padded_size)
+  assert np.abs(np.asarray(ours) - ref).max() < 1e-4
+
+
+def test_export_refuses_options_llama_lacks():
+  from vqlm.interop.llama_export import check_llama_compatible
+
+  base = TransformerConfig(**LM_MODEL, vocab_size=128, image_offset=64, image_size=64, grid=(8, 8))
+  check_llama_compatible(base.replace(scan_layers=True, query_chunks=4, remat_policy="full"))
+  for change, name in [
+    (dict(rope_2d=True), "rope_2d"),
+    (dict(image_pos_embed=True), "image_pos_embed"),
+    (dict(image_embed_init="levels", code_levels=(8, 8)), "image_embed_init"),
+    (dict(qk_norm=True), "qk_norm"),
+  ]:
+    with pytest.raises(UserError, match=f"model.{name}="):
+      check_llama_compatible(base.replace(**change))
+
+
+WORDS = (
+  "the a red green blue small large circle square triangle at top left right center of".split()
+)
+
+
+def tokenizer_json(path, size):
+  """A tiny byte-level BPE tokenizer.json (<unk>=0, <s>=1, </s>=2, about `size` ids), offline."""
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+    vocab_size=size,
+    special_tokens=["<unk>", "<s>", "</s>"],
+    initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  rng = np.random.default_rng(0)
+  corpus = [" ".join(rng.choice(WORDS, 8)) for _ in range(400)]
+  tok.train_from_iterator(corpus, trainer)
+  tok.save(str(path))
+  assert tok.get_vocab_size() == size
+  return tok
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  """A tiny random Hugging Face Llama (300 rows, a ~280-id tokenizer: the tail is padding)
+  imported with a tokenizer run of 32 codes."""
+  root = tmp_path_factory.mktemp("imported")
+  src = root / "hf"
+  model = hf_llama(src, vocab=VOCAB, pad_token_id=2)
+  tok = tokenizer_json(src / "tokenizer.json", 280)
+  out = llama.import_run(str(src), str(root / "run"), image_tokenizer=tokenizer_run_dir(root / "t"))
+  return {"model": model, "tok": tok, "out": out, "src": str(src), "root": root}
+
+
+def test_import_refuses_a_text_only_run_and_other_models(tmp_path):
+  ckpt = _fake_checkpoint(tmp_path, {**BASE, "architectures": ["LlamaForCausalLM"]})
+  del ckpt
+  (tmp_path / "tokenizer.json").write_text("{}")
+  with pytest.raises(UserError, match="--image_tokenizer"):
+    llama.import_run(str(tmp_path), str(tmp_path / "run"))
+  other = tmp_path / "other"
+  _fake_checkpoint(other, {**BASE, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+  with pytest.raises(UserError, match="not LlamaForCausalLM"):
+    llama.import_run(str(other), str(tmp_path / "run"))
+
+
+@pytest.mark.interop
+def test_import_keeps_text_logits_and_greedy_generation(imported):
+  from vqlm.runs.lm_run import LMRun
+  from vqlm.sample.processors import SamplingConfig
+  from vqlm.sample.sampler import Sampler
+
+  lm = LMRun(imported["out"])
+  vocab = lm.vocab
+  assert vocab.text_size == 280 - 2  # <s> and </s> became vqlm's bos and eos
+  id_map = llama.text_id_map(280, {"bos": 1, "eos": 2}, vocab)
+  assert id_map[1] == vocab.bos_id and id_map[2] == vocab.eos_id and id_map[3] == 1
+  text = "a red circle at the top left of the green square"
+  source = [1] + imported["tok"].encode(text).ids
+  assert lm.text_tokenizer.encode(text) == [int(id_map[i]) for i in source[1:]]
+  # The logits of every source id are the source model's, at the permuted ids.
+  ours, _ = lm.model.apply({"params": lm.params}, jnp.asarray(id_map[source])[None])
+  ref = hf_logits(imported["model"], [source])
+  assert np.abs(np.asarray(ours)[..., id_map] - ref[..., :280]).max() < 1e-5
+  # Greedy decoding, 64 tokens, token for token (bos is never sampled by vqlm's text mode).
+  torch, _ = _transformers()
+  with torch.no_grad():
+    hf = (
+      imported["model"]
+      .generate(
+        torch.tensor([source]),
+        max_new_tokens=64,
+        min_new_tokens=64,
+        do_sample=False,
+        suppress_tokens=list(range(280, VOCAB)) + [1],
+        pad_token_id=2,
+      )[0, len(source) :]
+      .numpy()
+    )
+  sampler = Sampler(lm.model, {"params": lm.params}, vocab, cache_block=0)  # one compile
+  out = sampler([id_map[source]], max_new_tokens=64, mode="text", sampling=SamplingConfig.greedy())
+  n = int(out.lengths[0])
+  assert n == 64 or out.tokens[0, n - 1] == vocab.eos_id
+  np.testing.assert_array_equal(out.tokens[0, :n], id_map[hf[:n]])

@@ -39,16 +39,27 @@ returned tree (e.g. add `layer_N/attn/query_norm/scale` and set `qk_norm=True` i
 """
 
 from collections.abc import Iterable
+import json
+import os
 from typing import Any
 
+import flax.linen as nn
+import ml_dtypes
 import numpy as np
 
 from vqlm.errors import UserError
+from vqlm.interop import run_files
 from vqlm.interop.checkpoint_files import HFCheckpoint, Lazy, lazy
+from vqlm.runs import lm_run, saved_config, tokenizer_run
+from vqlm.vocab import Vocab
 
 # New rows: mean of the mapped rows + NEW_ROW_NOISE * (their std) * N(0, 1).
 NEW_ROW_NOISE = 0.02
 _ROPE_TYPES = ("default", None)
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+# Written beside an exported run's weights (vqlm.interop.llama_export): the run, its image
+# tokenizer and text model.
+EXPORT_FILE = "vqlm.json"
 
 
 def _rope(hf_config: dict[str, Any]) -> tuple[float, str | None, str]:
@@ -67,12 +78,12 @@ def _rope(hf_config: dict[str, Any]) -> tuple[float, str | None, str]:
 def lm_kwargs(hf_config: dict[str, Any], *, allow: Iterable[str] = ()) -> dict[str, Any]:
   """`TransformerConfig` kwargs of a Hugging Face Llama-family `config.json` (as a dict).
 
-  Returns `dim, num_layers, num_heads, num_kv_heads, head_dim, mlp_dim, tie_embeddings,
-  rope_theta, norm_eps` (`vocab_size` and the image fields come from the caller's `Vocab`).
-  Refuses, in one line naming the config key, what vqlm's Transformer cannot compute: a
-  `hidden_act` other than silu, rope scaling other than "default", `attention_bias` /
-  `mlp_bias`, a `sliding_window`, `partial_rotary_factor` < 1. Keys in `allow` are not checked
-  (an importer that handles them itself, e.g. Chameleon's own QK norms).
+  Returns `dim, num_layers, num_heads, num_kv_heads, head_dim (None when dim // num_heads),
+  mlp_dim, tie_embeddings, rope_theta, norm_eps` (`vocab_size` and the image fields come from
+  the caller's `Vocab`). Refuses, in one line naming the config key, what vqlm's Transformer
+  cannot compute: a `hidden_act` other than silu, rope scaling other than "default",
+  `attention_bias` / `mlp_bias`, a `sliding_window`, `partial_rotary_factor` < 1. Keys in
+  `allow` are not checked (an importer that handles them itself, e.g. Chameleon's QK norms).
   """
   allow = set(allow)
 
@@ -105,6 +116,8 @@ def lm_kwargs(hf_config: dict[str, Any], *, allow: Iterable[str] = ()) -> dict[s
       head_dim=int(hf_config.get("head_dim") or dim // heads),
       mlp_dim=int(hf_config["intermediate_size"]),
     )
+    if out["head_dim"] * heads == dim:
+      out["head_dim"] = None  # derived, as vqlm's configs write it
   except KeyError as e:
     raise UserError(f"config.json lacks {e.args[0]!r}; is it a Llama-family decoder?") from None
   out.update(
@@ -175,7 +188,7 @@ def layer_params(
   "wi_up", "wo"}}` of `Lazy` leaves, shapes as in the module docstring (`kwargs` from
   `lm_kwargs`). Checks every tensor's shape against `kwargs` before anything is read."""
   d, h, kvh = kwargs["dim"], kwargs["num_heads"], kwargs["num_kv_heads"]
-  dh, f = kwargs["head_dim"], kwargs["mlp_dim"]
+  dh, f = kwargs["head_dim"] or d // h, kwargs["mlp_dim"]
   p = layer_prefix
   expect = {
     "input_layernorm.weight": (d,),
@@ -276,3 +289,244 @@ def convert_lm(
       raise UserError(f"{head} has shape {ckpt.shape(head)}, expected {(rows, d)}")
     params["head"] = {"kernel": table(head, seed + 1, True)}
   return kwargs, params
+
+
+# ---- vqlm import llama ------------------------------------------------------------------------
+
+ROLES = ("bos", "eos", "pad")  # source special ids that take a vqlm special's slot
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def tokenizer_size(path: str) -> int:
+  """Ids of a Hugging Face `tokenizer.json` (its model's vocabulary and added tokens): the
+  largest id + 1. Read as JSON; the `tokenizers` package is not needed."""
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  vocab = (data.get("model") or {}).get("vocab") or {}
+  ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+  ids += [int(t["id"]) for t in data.get("added_tokens") or []]
+  if not ids:
+    raise UserError(f"{path} has no vocabulary; is it a Hugging Face tokenizer.json?")
+  return max(int(i) for i in ids) + 1
+
+
+def _first(value: Any) -> int | None:
+  if isinstance(value, (list, tuple)):
+    return int(value[0]) if value else None
+  return None if value is None else int(value)
+
+
+def special_roles(hf_config: dict[str, Any], src: str) -> dict[str, int]:
+  """`{"bos": id, "eos": id[, "pad": id]}`: the source ids that play vqlm's specials, from
+  `generation_config.json` where it has them, else `config.json` (the first of a list of eos
+  ids; the others stay text ids). A pad that is the bos or eos id is not a role (vqlm's pad gets
+  a new row)."""
+  gen: dict[str, Any] = {}
+  path = os.path.join(src, "generation_config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      gen = json.load(f)
+  roles = {}
+  for role in ROLES:
+    key = f"{role}_token_id"
+    value = _first(gen.get(key, hf_config.get(key)))
+    if value is not None and value not in roles.values():
+      roles[role] = value
+    elif role in ("bos", "eos") and value is None:
+      raise UserError(f"{src}: config.json has no {key}; set it to the source's {role} token id")
+  if "eos" not in roles:
+    raise UserError(f"{src}: bos and eos are the same id; vqlm needs two distinct specials")
+  return roles
+
+
+def text_id_map(source_size: int, roles: dict[str, int], vocab: Vocab) -> np.ndarray:
+  """int64 `[source_size]`: role ids -> their vqlm special, every other source id -> the next
+  vqlm text id (source order kept; `vocab.text_size == source_size - len(roles)`)."""
+  role_of = {i: vocab.special(r) for r, i in roles.items()}
+  out = np.empty(source_size, np.int64)
+  text = 0
+  for i in range(source_size):
+    if i in role_of:
+      out[i] = role_of[i]
+    else:
+      out[i] = text
+      text += 1
+  if text != vocab.text_size:
+    raise ValueError(f"{text} text ids for a vocab of text_size {vocab.text_size}")
+  return out
+
+
+def image_layout(tokenizer_dir: str) -> tuple[int, tuple[int, int]]:
+  """`(codebook size, (h, w) code grid)` of a vqlm image tokenizer run, from its config alone
+  (traced; its checkpoint is not read)."""
+  import jax
+  import jax.numpy as jnp
+
+  config = saved_config.load_config(tokenizer_dir)
+  if config.get("stage") != tokenizer_run.STAGE:
+    raise UserError(
+      f"--image_tokenizer {tokenizer_dir} is a {config.get('stage')} run; pass a vqlm image "
+      "tokenizer run (vqlm train --config configs/tokenizer.py, or vqlm import vqmodel)"
+    )
+  model = tokenizer_run.tokenizer_model(config)
+  if model.codebook_size <= 0:
+    raise UserError(f"--image_tokenizer {tokenizer_dir} has continuous latents; pass a VQ/FSQ run")
+  size = int(config.data.image_size)
+  abstract = nn.meta.unbox(tokenizer_run.abstract_variables(model, size))
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  codes = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.encode), abstract, images)
+  return int(model.codebook_size), tuple(int(g) for g in codes.shape[1:])
+
+
+def _model_config(kwargs: dict[str, Any], dtype: str) -> dict[str, Any]:
+  """`write_lm_run`'s model section: the converted shape, unscanned, in the source's dtype."""
+  out = {k: v for k, v in kwargs.items() if k != "vocab_size"}
+  out.update(scan_layers=False, remat_policy="none", dtype=dtype, param_dtype=dtype)
+  return out
+
+
+def _source_dtype(ckpt: HFCheckpoint, name: str) -> str:
+  return "bfloat16" if ckpt.dtype(name) == np.dtype(ml_dtypes.bfloat16) else "float32"
+
+
+def import_run(
+  src: str,
+  out: str,
+  *,
+  image_tokenizer: str | None = None,
+  overwrite: bool = False,
+  dtype: str | None = None,
+  **unused: Any,
+) -> str:
+  """`vqlm import llama SRC --out OUT [--image_tokenizer TOK]`: a Hugging Face Llama directory
+  (`config.json`, safetensors, `tokenizer.json`) -> a vqlm LM run in `out`; returns its path.
+
+  Ids are permuted, never renumbered in blocks: the source's bos / eos (/ pad, when it is its
+  own id) take vqlm's `<bos>` / `<eos>` / `<pad>` slots, every other source id keeps its order as
+  a vqlm text id (`text_id_map`), and the image codes of `image_tokenizer` (a vqlm tokenizer run)
+  are new ids at `image_offset + code`. Rows of new ids (`<boi>`, `<eoi>`, `<frame>`, a missing
+  `<pad>`, the reserved slots, the image codes, the padded tail) are `new_rows` (mean + small
+  noise), so the logits of the text ids are exactly the source model's. The run's text model is
+  the source's `tokenizer.json` with that id map (`vqlm.text_hf`).
+
+  vqlm's vocabulary always has image codes, so `image_tokenizer` is required (a UserError says
+  so), except for a directory written by `export_run` (it has a `vocab.json`): that one is read
+  back with its own vocabulary and the identity id map, `image_tokenizer` defaulting to the one
+  recorded at export. `dtype` ("float32" | "bfloat16") is the run's parameter and compute dtype
+  (default: bfloat16 for a bfloat16 checkpoint, else float32); other keyword arguments (flags of
+  other formats) are ignored.
+  """
+  del unused
+  if dtype is not None and dtype not in _NP_DTYPES:
+    raise UserError(f"--dtype {dtype}: use one of {sorted(_NP_DTYPES)}")
+  ckpt = HFCheckpoint(src)
+  hf_config = ckpt.config
+  arch = hf_config.get("architectures") or ["LlamaForCausalLM"]
+  if hf_config.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in arch:
+    raise UserError(
+      f"{src} is a {hf_config.get('model_type')} model ({arch[0]}), not LlamaForCausalLM; use "
+      "`vqlm import FORMAT` for its family (chameleon, janus, vqmodel)"
+    )
+  if os.path.exists(os.path.join(src, lm_run.VOCAB_FILE)):
+    return _import_exported(
+      ckpt, src, out, image_tokenizer=image_tokenizer, overwrite=overwrite, dtype=dtype
+    )
+  tokenizer_json = os.path.join(src, TOKENIZER_FILE)
+  if not os.path.exists(tokenizer_json):
+    raise UserError(f"{src} has no {TOKENIZER_FILE}; vqlm reads Llama text through it")
+  if not image_tokenizer:
+    raise UserError(
+      "vqlm LM runs always have image ids: pass --image_tokenizer TOK (a vqlm image tokenizer "
+      "run; its codes become new ids and the text logits stay the source's)"
+    )
+  codes, grid = image_layout(image_tokenizer)
+  roles = special_roles(hf_config, src)
+  size = tokenizer_size(tokenizer_json)
+  rows = ckpt.shape("model.embed_tokens.weight")[0]
+  if size > rows:
+    raise UserError(f"{TOKENIZER_FILE} has {size} ids but the embedding table only {rows} rows")
+  bad = {r: i for r, i in roles.items() if not 0 <= i < size}
+  if bad:
+    raise UserError(f"special ids {bad} lie outside the tokenizer's {size} ids; fix config.json")
+  vocab = Vocab(
+    text_size=size - len(roles), image_size=codes, grid=grid, text_model=lm_run.TEXT_MODEL
+  )
+  id_map = text_id_map(size, roles, vocab)
+  dtype = dtype or _source_dtype(ckpt, "model.embed_tokens.weight")
+  kwargs, params = convert_lm(
+    ckpt, id_map=id_map, vocab_rows=vocab.padded_size, dtype=np.dtype(_NP_DTYPES[dtype])
+  )
+  from vqlm import text_hf
+
+  text_model = text_hf.hf_text_model(tokenizer_json, id_map, text_size=vocab.text_size)
+  source = {"format": "llama", "path": os.path.abspath(src), "roles": roles}
+  return run_files.write_lm_run(
+    out,
+    model_config=_model_config(kwargs, dtype),
+    vocab=vocab,
+    text_files={lm_run.TEXT_MODEL: text_model},
+    params=params,
+    tokenizer_dir=image_tokenizer,
+    source=source,
+    seq_len=_seq_len(hf_config),
+    overwrite=overwrite,
+  )
+
+
+def _seq_len(hf_config: dict[str, Any]) -> int:
+  return int(hf_config.get("max_position_embeddings") or 2048)
+
+
+def _import_exported(
+  ckpt: HFCheckpoint,
+  src: str,
+  out: str,
+  *,
+  image_tokenizer: str | None,
+  overwrite: bool,
+  dtype: str | None,
+) -> str:
+  """A directory of `export_run`: its vocab.json, text model and the identity id map."""
+  vocab = Vocab.load(os.path.join(src, lm_run.VOCAB_FILE))
+  rows = ckpt.shape("model.embed_tokens.weight")[0]
+  if rows != vocab.padded_size:
+    raise UserError(
+      f"{src}: vocab.json has {vocab.padded_size} ids but the embedding table {rows} rows; "
+      "it was not written by `vqlm export --format llama`"
+    )
+  recorded: dict[str, Any] = {}
+  marker = os.path.join(src, EXPORT_FILE)
+  if os.path.exists(marker):
+    with open(marker) as f:
+      recorded = json.load(f)
+  tokenizer_dir = image_tokenizer or recorded.get("image_tokenizer") or None
+  if tokenizer_dir and not os.path.isdir(tokenizer_dir):
+    tokenizer_dir = None  # moved: LMRun asks for --tokenizer when images are needed
+  if tokenizer_dir and image_tokenizer:
+    codes, grid = image_layout(tokenizer_dir)
+    if (codes, grid) != (vocab.image_size, vocab.grid):
+      raise UserError(
+        f"--image_tokenizer {tokenizer_dir} has {codes} codes on a {grid} grid but {src} was "
+        f"exported for {vocab.image_size} codes on {vocab.grid}; pass the run it was trained with"
+      )
+  given = dtype
+  dtype = dtype or _source_dtype(ckpt, "model.embed_tokens.weight")
+  kwargs, params = convert_lm(ckpt, vocab_rows=vocab.padded_size, dtype=np.dtype(_NP_DTYPES[dtype]))
+  model_config = _model_config(kwargs, dtype)
+  # How the run computed (not what): its compute dtype unless --dtype, chunking, remat, kernel.
+  saved = recorded.get("model") or {}
+  for key in ("dtype", "remat_policy", "attention_impl", "query_chunks"):
+    if key in saved and not (key == "dtype" and given):
+      model_config[key] = saved[key]
+  text = os.path.join(src, recorded.get("text_model", vocab.text_model))
+  return run_files.write_lm_run(
+    out,
+    model_config=model_config,
+    vocab=vocab,
+    text_files={lm_run.TEXT_MODEL: text},
+    params=params,
+    tokenizer_dir=tokenizer_dir,
+    source={"format": "llama", "path": os.path.abspath(src), "exported_by": "vqlm"},
+    seq_len=_seq_len(ckpt.config),
+    overwrite=overwrite,
+  )
