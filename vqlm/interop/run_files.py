@@ -53,9 +53,11 @@ def _json_value(value: Any) -> Any:
     return {str(k): _json_value(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [_json_value(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return value.tolist()
   if isinstance(value, (np.integer, np.floating, np.bool_)):
     return value.item()
-  if isinstance(value, type) or isinstance(value, np.dtype) or hasattr(value, "dtype"):
+  if isinstance(value, (type, np.dtype)):  # np.float32, jnp.bfloat16, np.dtype("bfloat16")
     return np.dtype(value).name
   return value
 
