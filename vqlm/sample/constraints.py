@@ -15,10 +15,11 @@ Outside image runs, per mode:
                   (t2i: the prompt ends in `<boi>`; the output is `h*w` codes then `<eoi>`).
   * "video"       after `<eoi>`: `<frame>` (then `<boi>`) while frames are still to start, else
                   `<eos>`.
-  * "free"        text ids, `<bos>`, `<eos>`, `<boi>`, `<eoi>`, never image codes, and nothing
-                  structural: `<boi>` opens no run and nothing is forced (a row still stops
-                  after `<eos>`). Text generation as Chameleon's forward masks it (its logits
-                  hide only the image tokens), for imported models (`vqlm.interop.chameleon`).
+  * "free"        any id but image codes, `<frame>` and the reserved slots (so `<pad>` too),
+                  and nothing structural: `<boi>` opens no run and nothing is forced (a row
+                  still stops after `<eos>`). Text generation as Chameleon's forward masks it
+                  (its logits hide only the image tokens) for imported models, whose source
+                  ids fill the other slots (`vqlm.interop.chameleon`).
 
 The state lives on device (`ConstraintState`, a pytree of `[B]` arrays) and is advanced inside the
 sampler's `lax.while_loop`; `initial_state` reads it off the prompts on the host, so a prompt may
@@ -92,7 +93,7 @@ class Spec:
     table[_IMAGE] = image
     table[_TEXT] = text
     table[_TEXT_OR_IMAGE] = text | (ids == self.boi_id)
-    table[_FREE] = text | np.isin(ids, [self.bos_id, self.boi_id, self.eoi_id])
+    table[_FREE] = text | np.isin(ids, [self.pad_id, self.bos_id, self.boi_id, self.eoi_id])
     return table
 
 

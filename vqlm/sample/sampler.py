@@ -218,6 +218,9 @@ def _generate(
     cond = lambda st, end=end: (st.step < end) & ~jnp.all(st.machine.done)
     state = jax.lax.while_loop(cond, body, state)
   lengths = jnp.sum(state.tokens != spec.pad_id, axis=1).astype(jnp.int32)
+  if spec.mode == cons.FREE:  # <pad> may be drawn there: a row ends at its <eos> only
+    is_eos = state.tokens == spec.eos_id
+    lengths = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1) + 1, state.step)
   return state.tokens, lengths, state.logits
 
 
