@@ -14,6 +14,7 @@ from vqlm import runs
 from vqlm.errors import UserError
 from vqlm.interop import run_files
 from vqlm.interop.checkpoint_files import Lazy
+from vqlm.interop.placement import place_params
 from vqlm.nn.image_tokenizer import ImageTokenizer
 from vqlm.nn.transformer import Transformer
 from vqlm.runs import lm_run
@@ -106,6 +107,7 @@ def written(tmp_path_factory):
     tokenizer_dir=tok,
     source=SOURCE,
     seq_len=96,
+    place=place_params,  # the tokenizer above is read to host memory (the default)
   )
   return {"root": root, "tok": tok, "lm": lm, "tok_vars": variables, "params": params, "sp": sp}
 

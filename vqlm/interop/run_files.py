@@ -133,16 +133,20 @@ def check_tree(given: Any, abstract: Any, what: str) -> None:
       )
 
 
-def _read(tree: Any) -> Any:
-  """Every `Lazy` leaf read, one at a time, to a NumPy array (other leaves as arrays)."""
+def _read(tree: Any, abstract: Any) -> Any:
+  """Every leaf read (a `Lazy` one at a time) to a NumPy array; floating leaves in the dtype of
+  the model's parameter (`abstract`: the unboxed eval_shape tree of the same structure)."""
   if isinstance(tree, Mapping):
-    return {k: _read(v) for k, v in tree.items()}
-  return tree() if isinstance(tree, Lazy) else np.asarray(tree)
+    return {k: _read(v, abstract[k]) for k, v in tree.items()}
+  array = tree() if isinstance(tree, Lazy) else np.asarray(tree)
+  if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
+    return array.astype(abstract.dtype, copy=False)
+  return array
 
 
 def _placed(tree: Any, boxed: Any, place: Place | None, mesh_shape, rules) -> Any:
   if place is None:
-    return _read(tree)
+    return _read(tree, nn.meta.unbox(boxed))
   return place(tree, boxed, restore.inference_mesh(mesh_shape), mesh_lib.rules_from_config(rules))
 
 
