@@ -10,10 +10,12 @@ import jax
 import numpy as np
 import pytest
 
+from vqlm import imaging
 from vqlm.errors import UserError
-from vqlm.interop import chameleon_vq, janus_vq, vqmodel
+from vqlm.interop import chameleon_vq, janus_vq, run_files, vqmodel
 from vqlm.interop.checkpoint_files import HFCheckpoint, materialize, write_safetensors
 from vqlm.nn.image_tokenizer import ImageTokenizer
+from vqlm.runs.tokenizer_run import TokenizerRun
 
 pytestmark = pytest.mark.interop
 TOL = 1e-4
@@ -98,6 +100,18 @@ def test_diffusers_vqmodel_codes_and_decode(torch, tmp_path):
   assert _max_abs(decode(codes_ref.numpy()), images_ref) < TOL
   assert vqmodel.default_image_size(HFCheckpoint(str(tmp_path / "vq"))) == 32
 
+  # End to end: a tokenizer run directory, loaded as trained runs are.
+  out = vqmodel.import_run(str(tmp_path / "vq"), str(tmp_path / "run"))
+  run = TokenizerRun(out)
+  assert run.config.source.format == vqmodel.FORMAT and run.image_size == 32 and run.has_decoder
+  np.testing.assert_array_equal(run.encode(_nhwc(x)), codes_ref.numpy())
+  decoded = run.decode(codes_ref.numpy()).astype(np.int32)
+  assert np.abs(decoded - imaging.to_uint8(images_ref).astype(np.int32)).max() <= 1
+  with pytest.raises(UserError, match="not empty"):
+    vqmodel.import_run(str(tmp_path / "vq"), out)
+  assert vqmodel.import_run(str(tmp_path / "vq"), out, overwrite=True, image_size=64) == out
+  assert TokenizerRun(out).image_size == 64
+
 
 def _janus_reference(torch):
   from transformers import JanusVQVAE, JanusVQVAEConfig
@@ -177,6 +191,18 @@ def test_chameleon_vq_codes_and_no_decoder(torch, tmp_path):
   _check_codes(encode(_nhwc(x)), codes_ref)
   with pytest.raises(UserError, match="no decoder") as info:
     decode(codes_ref)
+  assert "\n" not in str(info.value)
+
+  # An encode-only run directory: TokenizerRun encodes, and decode refuses in one line.
+  model_kwargs, variables = chameleon_vq.convert(ckpt)
+  out = run_files.write_tokenizer_run(
+    str(tmp_path / "run"), model_kwargs=model_kwargs, image_size=32, variables=variables
+  )
+  run = TokenizerRun(out)
+  assert not run.has_decoder
+  np.testing.assert_array_equal(run.encode(_nhwc(x)), codes_ref)
+  with pytest.raises(UserError, match="no decoder") as info:
+    run.decode(codes_ref)
   assert "\n" not in str(info.value)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from vqlm.errors import UserError
+from vqlm.interop import run_files
 from vqlm.interop.checkpoint_files import HFCheckpoint, Lazy, lazy
 
 FORMAT = "diffusers VQModel"
@@ -245,8 +246,6 @@ def import_run(
   """Imports the diffusers `VQModel` directory `src` as the tokenizer run `out`; returns `out`.
   `image_size` (default: the config's `sample_size`) is the side of the images the run encodes."""
   del unused
-  from vqlm.interop import run_files
-
   ckpt = HFCheckpoint(src)
   model_kwargs, variables = convert(ckpt)
   size = int(image_size or default_image_size(ckpt))
