@@ -18,7 +18,8 @@ def test_import_torchvision_runs_vgg_and_inception():
   assert isinstance(torch_refs.torchvision_ops_loaded(), bool)
   x = torch.zeros(1, 3, 32, 32)
   with torch.no_grad():
-    assert torchvision.models.vgg16().features(x).shape == (1, 512, 1, 1)
+    vgg16_features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    assert vgg16_features(x).shape == (1, 512, 1, 1)
   inception = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
   assert isinstance(inception.Mixed_5b, torch.nn.Module)
   # lpips and pytorch_fid import torchvision themselves: they import once it has.

@@ -30,10 +30,11 @@ e.g. "Mixed_7c/branch_pool/conv/kernel" is [1, 1, 2048, 192]. 94 BasicConvs, 470
 21,785,568 parameters besides the BatchNorm statistics. `export_param_names()` lists every name
 with its shape.
 
-Converting the pytorch-fid weights (pt_inception-2015-12-05-6726825d.pth), where torch is installed:
-  sd = {k: v.numpy() for k, v in torch.load(PTH, map_location="cpu").items()}
-  numpy.savez("inception_fid.npz", **from_torch_state_dict(sd))
-then pass `vqlm eval --inception_weights inception_fid.npz`. Nothing here downloads anything.
+Converting the pytorch-fid weights (pt_inception-2015-12-05-6726825d.pth; a .safetensors of the
+same state dict needs no torch):
+  python -m vqlm.interop.fid_inception pt_inception-2015-12-05-6726825d.pth --out inception_fid.npz
+then pass `vqlm eval --inception_weights inception_fid.npz`. Nothing here downloads anything. The
+features match pytorch-fid's `InceptionV3([3])` to ~1e-5 (tests/test_interop_metrics.py).
 """
 
 from __future__ import annotations

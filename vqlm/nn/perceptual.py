@@ -7,12 +7,15 @@ Weight file format (a flat `numpy.savez` archive; VGG16 + LPIPS converts to it o
                              (LPIPS "lin" layers); default all ones
   "input_shift", "input_scale"  optional float [3]: inputs in [-1, 1] become (x - shift) / scale;
                              default the LPIPS scaling layer's values
-Stages s = 0, 1, ... each run their 3x3 convs (ReLU after every conv); stage s > 0 starts with a
-2x2 max-pool. The ReLU output of each stage's last conv is a tapped feature map (VGG16: the
-relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 taps).
+Stages s = 0, 1, ... each run their 3x3 convs (zero padding 1, ReLU after every conv); stage
+s > 0 starts with a 2x2 stride-2 max-pool that floors odd sizes like torch's MaxPool2d (a side of
+1 stays 1). The ReLU output of each stage's last conv is a tapped feature map (VGG16: the relu1_2,
+relu2_2, relu3_3, relu4_3, relu5_3 taps).
 
 Distance (per image): sum over stages of the spatial mean of sum_c lin_c * (f1_c - f2_c)^2, where
 f1, f2 are the feature maps unit-normalised over channels. Zero for identical images, symmetric.
+With VGG16 + the LPIPS heads (`python -m vqlm.interop.lpips`) this is `lpips.LPIPS(net="vgg")`'s
+forward on inputs in [-1, 1].
 """
 
 from collections.abc import Mapping, Sequence
@@ -25,8 +28,9 @@ import numpy as np
 
 from vqlm.errors import UserError
 
-_LPIPS_SHIFT = np.asarray([-0.030, -0.088, -0.188], np.float32)
-_LPIPS_SCALE = np.asarray([0.458, 0.448, 0.450], np.float32)
+# The LPIPS scaling layer (lpips.ScalingLayer): inputs in [-1, 1] -> (x - shift) / scale.
+LPIPS_SHIFT = np.asarray([-0.030, -0.088, -0.188], np.float32)
+LPIPS_SCALE = np.asarray([0.458, 0.448, 0.450], np.float32)
 _CONV_KEY = re.compile(r"stage(\d+)\.conv(\d+)\.(kernel|bias)$")
 FLAG = "--config.loss.perceptual_weights_path"
 
@@ -92,13 +96,13 @@ def random_feature_weights(
 
 def feature_maps(weights: FeatureWeights, images: jax.Array) -> list[jax.Array]:
   """The tapped feature maps (float32 [B, h_s, w_s, C_s], one per stage) of images in [-1, 1]."""
-  shift = jnp.asarray(weights.get("input_shift", _LPIPS_SHIFT), jnp.float32)
-  scale = jnp.asarray(weights.get("input_scale", _LPIPS_SCALE), jnp.float32)
+  shift = jnp.asarray(weights.get("input_shift", LPIPS_SHIFT), jnp.float32)
+  scale = jnp.asarray(weights.get("input_scale", LPIPS_SCALE), jnp.float32)
   h = (images.astype(jnp.float32) - shift) / scale
   taps = []
   for s, n_convs in enumerate(_structure(weights)):
     if s > 0:
-      h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+      h = _max_pool_2x2(h)
     for j in range(n_convs):
       h = jax.lax.conv_general_dilated(
         h,
@@ -110,6 +114,13 @@ def feature_maps(weights: FeatureWeights, images: jax.Array) -> list[jax.Array]:
       h = jax.nn.relu(h + weights[f"stage{s}.conv{j}.bias"].astype(jnp.float32))
     taps.append(h)
   return taps
+
+
+def _max_pool_2x2(h: jax.Array) -> jax.Array:
+  """2x2 stride-2 max pool of `[B, H, W, C]` -> `[B, H // 2, W // 2, C]` (torch's floor; a side
+  of 1 stays 1, where torch would fail)."""
+  pad = [(0, 0)] + [(0, 1 if n == 1 else 0) for n in h.shape[1:3]] + [(0, 0)]
+  return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), pad)
 
 
 def _unit(f: jax.Array, eps: float = 1e-20) -> jax.Array:
