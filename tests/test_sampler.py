@@ -12,7 +12,13 @@ import pytest
 from vqlm.nn import attention
 from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.sample.processors import SamplingConfig, Settings
-from vqlm.sample.sampler import MAX_CACHE_SEGMENTS, Sampler, bucket, cache_schedule
+from vqlm.sample.sampler import (
+  MAX_CACHE_SEGMENTS,
+  Sampler,
+  bucket,
+  cache_schedule,
+  pad_uncond_prompts,
+)
 from vqlm.vocab import Vocab
 
 VOCAB = Vocab(text_size=40, image_size=24, grid=(2, 3), num_reserved=2, pad_to=16)
@@ -156,6 +162,34 @@ def test_cfg_in_one_doubled_batch_equals_two_separate_passes(plain, sampler):
   sampler(prompts, max_new_tokens=HW + 1, mode="image", cfg_scale=0.5, seed=0, return_logits=True)
   fn = sampler._jitted[("image", HW + 1, True, True)]
   assert fn._cache_size() == 1
+
+
+def test_cfg_with_pad_masked_unconditional_prompts_as_janus_builds_them(plain, sampler):
+  """Janus's unconditional branch: the prompt, same length, every id but <bos>/<boi> -> <pad>
+  (attended); guidance mixes `uncond + scale * (cond - uncond)` on codes."""
+  model, variables = plain
+  prompts = [[BOS, 3, 4, 5, BOI], [BOS, 9, BOI]]
+  uncond = pad_uncond_prompts(prompts, VOCAB)
+  assert uncond == [[BOS, PAD, PAD, PAD, BOI], [BOS, PAD, BOI]]
+  scale = 3.0
+  out = sampler(
+    prompts,
+    max_new_tokens=HW + 1,
+    mode="image",
+    cfg_scale=scale,
+    uncond_prompts=uncond,
+    return_logits=True,
+  )
+  full = _full_logits(
+    model, variables, [p + out.tokens[r % 2].tolist() for r, p in enumerate(prompts + uncond)]
+  )
+  codes = slice(VOCAB.image_offset, VOCAB.image_offset + VOCAB.image_size)
+  for r, p in enumerate(prompts):
+    c = full[r, len(p) - 1 : len(p) - 1 + HW, codes]
+    u = full[2 + r, len(p) - 1 : len(p) - 1 + HW, codes]
+    np.testing.assert_allclose(out.logits[r, :HW, codes], u + scale * (c - u), atol=1e-4)
+  with pytest.raises(ValueError, match="<pad>"):  # conditional prompts still refuse <pad>
+    sampler([[BOS, PAD, BOI]], max_new_tokens=HW + 1, mode="image")
 
 
 def test_prompts_of_different_lengths_in_one_batch_match_each_alone(sampler):

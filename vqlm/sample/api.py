@@ -20,10 +20,23 @@ from tqdm.auto import tqdm
 from vqlm.errors import UserError
 from vqlm.sample import constraints as cons
 from vqlm.sample.processors import GREEDY, SamplingConfig
-from vqlm.sample.sampler import Sampler
+from vqlm.sample.sampler import Sampler, pad_uncond_prompts
 from vqlm.vocab import Vocab
 
 Part = str | np.ndarray | Sequence[int]
+# Unconditional prompts of classifier-free guidance: "drop" = `<bos> <boi>` (the caption dropped,
+# as vqlm trains with caption dropout); "pad" = the prompt with every id but `<bos>` / `<boi>`
+# replaced by `<pad>` (Janus's; an imported run records it as `source.cfg_uncond`).
+CFG_UNCOND = ("drop", "pad")
+
+
+def run_cfg_uncond(run: Any) -> str:
+  """The unconditional-prompt style a run was trained with: its config's `source.cfg_uncond`
+  (set by importers, e.g. Janus: "pad"), else "drop"."""
+  config = getattr(run, "config", None)
+  source = config.get("source", None) if hasattr(config, "get") else None
+  value = source.get("cfg_uncond", None) if hasattr(source, "get") else None
+  return value if value in CFG_UNCOND else "drop"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +67,8 @@ class Generator:
     progress: show a progress bar over batches.
     image_tokenizer: use this image tokenizer instead of `run.tokenizer_run()`.
     dtype: sampling compute dtype (`Sampler`'s; None: the model's own).
+    cfg_uncond: "drop" | "pad" (`CFG_UNCOND`), the unconditional prompts of guidance; None: the
+      run's own (`run_cfg_uncond`).
   """
 
   def __init__(
@@ -64,9 +79,13 @@ class Generator:
     progress: bool = True,
     image_tokenizer: Any = None,
     dtype: Any = None,
+    cfg_uncond: str | None = None,
   ):
     if batch_size <= 0:
       raise UserError(f"batch_size={batch_size} must be >= 1.")
+    if cfg_uncond is not None and cfg_uncond not in CFG_UNCOND:
+      raise UserError(f"cfg_uncond={cfg_uncond!r}; use one of {CFG_UNCOND}.")
+    self.cfg_uncond = cfg_uncond or run_cfg_uncond(run)
     self.run = run
     self.vocab: Vocab = run.vocab
     self.text_tokenizer = run.text_tokenizer
@@ -135,6 +154,21 @@ class Generator:
           "str, uint8 [H, W, 3] images, int [h, w] codes or 1-D int ids."
         )
     return ids
+
+  def uncond_ids(self, prompts: list[list[int]]) -> list[list[int]]:
+    """The unconditional guidance prompts of `prompts` (`cfg_uncond`'s style)."""
+    if self.cfg_uncond == "pad":
+      return pad_uncond_prompts(prompts, self.vocab)
+    return [[self.vocab.bos_id, self.vocab.boi_id]] * len(prompts)
+
+  def _check_reads_images(self, what: str) -> None:
+    """A one-line refusal where the model would have to read an image it cannot see."""
+    if getattr(self.run.model.config, "gen_embed_dim", 0):
+      raise UserError(
+        f"{what}: this LM (Janus) reads images only through its SigLIP encoder, which vqlm does "
+        "not import; it draws images and writes text, use a vqlm-trained or Chameleon run to "
+        "describe images"
+      )
 
   # ---- batching -----------------------------------------------------------------------------
 
@@ -212,7 +246,8 @@ class Generator:
       prompts: captions (`<bos> caption <boi>` is the model's prompt).
       num_per_prompt: images per caption.
       cfg_scale: classifier-free guidance scale (None or 1.0: none). The unconditional prompt is
-        `<bos> <boi>` (the caption dropped, as in training with caption dropout).
+        `<bos> <boi>` (the caption dropped, as in training with caption dropout), or with
+        `cfg_uncond="pad"` the prompt with the caption's ids replaced by `<pad>` (Janus's).
       sampling: text/image settings (default temperature 1, no top-k/top-p).
       seed: base seed; image `i` uses `(seed, i)`.
       batch_size: rows per sampler call (default: the Generator's).
@@ -248,7 +283,7 @@ class Generator:
       sampling=sampling,
       seed=seed,
       cfg_scale=float(cfg_scale) if use_cfg else None,
-      uncond_prompts=[[v.bos_id, v.boi_id]] * len(rows) if use_cfg else None,
+      uncond_prompts=self.uncond_ids(rows) if use_cfg else None,
     )
     hw = v.tokens_per_image
     codes = (tokens[:, :hw] - v.image_offset).reshape(len(rows), *v.grid).astype(np.int32)
@@ -266,6 +301,7 @@ class Generator:
     batch_size: int | None = None,
   ) -> list[str]:
     """Image-to-text: uint8 `[N, H, W, 3]` -> N captions (greedy by default)."""
+    self._check_reads_images("captioning")
     codes = self.encode_images(images)
     return self.caption_codes(
       codes, greedy=greedy, sampling=sampling, seed=seed, max_len=max_len, batch_size=batch_size
@@ -282,6 +318,7 @@ class Generator:
     batch_size: int | None = None,
   ) -> list[str]:
     """Image-to-text from code grids `[N, h, w]` (prompt `<bos> <boi> codes <eoi>`)."""
+    self._check_reads_images("captioning")
     codes = self.vocab.check_codes(codes)
     if codes.ndim != 3:
       raise UserError(f"codes must be [N, h, w], got shape {codes.shape}.")
@@ -325,10 +362,12 @@ class Generator:
     rows = [self.prompt_ids(p) for p in prompts]
     if not rows:
       raise UserError("no prompts given; pass at least one prompt.")
+    if any(self.vocab.eoi_id in r for r in rows):
+      self._check_reads_images("continuing a prompt that holds an image")
     uncond = None
     if cfg_scale is not None:
       uncond = (
-        [[self.vocab.bos_id, self.vocab.boi_id]] * len(rows)
+        self.uncond_ids(rows)
         if uncond_prompts is None
         else [self.prompt_ids(p) for p in uncond_prompts]
       )

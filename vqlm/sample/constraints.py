@@ -120,6 +120,7 @@ def initial_state(
   *,
   num_images: int | Sequence[int] = 1,
   active: Sequence[bool] | None = None,
+  allow_pad: bool = False,
 ) -> ConstraintState:
   """The state after each prompt (NumPy, host side).
 
@@ -129,6 +130,8 @@ def initial_state(
     num_images: "image"/"video" modes: image runs to finish per row, counting a run the prompt
       leaves open (t2i with a prompt ending in `<boi>`: 1; video: the number of new frames).
     active: rows marked False start done (batch padding).
+    allow_pad: accept `<pad>` inside prompts (unconditional guidance prompts that mask the
+      caption with `<pad>`, as Janus's do; `vqlm.sample.sampler.pad_uncond_prompts`).
   Raises:
     ValueError: on ids outside the vocabulary, pad ids, codes outside a run, or a count that
       cannot be met.
@@ -143,7 +146,7 @@ def initial_state(
     if ids.size == 0:
       raise UserError(f"prompt {r} is empty; start every prompt with <bos> (id {spec.bos_id}).")
     size = spec.image_offset + spec.image_size
-    if ids.min() < 0 or ids.max() >= size or np.any(ids == spec.pad_id):
+    if ids.min() < 0 or ids.max() >= size or (not allow_pad and np.any(ids == spec.pad_id)):
       raise UserError(
         f"prompt {r} holds ids outside [0, {size}) or <pad>; build prompts from "
         "Vocab ids without padding (the sampler pads)."

@@ -20,9 +20,11 @@ top-k work for the demo's vocabulary. Nothing in the loop syncs with the host, s
 unchanged under a mesh (the model's logical sharding constraints apply).
 
 Classifier-free guidance: the conditional rows `[0, B)` and unconditional rows `[B, 2B)` (the
-prompt with the caption dropped, `<bos> <boi>` as trained with caption dropout) run as one doubled
-batch; on image codes `logits = uncond + scale * (cond - uncond)`, and both halves are fed the same
-sampled token. The scale is a traced argument.
+prompt with the caption dropped, `<bos> <boi>` as trained with caption dropout; or any given
+unconditional prompts, which may hold `<pad>`: Janus's is the prompt with every id but `<bos>` and
+`<boi>` replaced by `<pad>`, `pad_uncond_prompts`) run as one doubled batch; on image codes
+`logits = uncond + scale * (cond - uncond)`, and both halves are fed the same sampled token. The
+scale is a traced argument.
 
 Randomness: row `r` draws one uniform at step `t` from
 `fold_in(fold_in(key(seed, impl="threefry2x32"), row_seeds[r]), t)`, so a row's sample depends on
@@ -89,6 +91,13 @@ class SampleOutput:
   tokens: np.ndarray
   lengths: np.ndarray
   logits: np.ndarray | None = None
+
+
+def pad_uncond_prompts(prompts: Sequence[Sequence[int]], vocab: Vocab) -> list[list[int]]:
+  """Janus's unconditional prompts: each prompt with every id except `<bos>` and `<boi>` replaced
+  by `<pad>` (same length and positions; the pads are attended, as in its `generate`)."""
+  keep = (vocab.bos_id, vocab.boi_id)
+  return [[int(i) if int(i) in keep else vocab.pad_id for i in p] for p in prompts]
 
 
 def bucket(n: int, multiple: int) -> int:
@@ -338,7 +347,8 @@ class Sampler:
       seed: the base seed; row r uses `row_seeds[r]` (default r) folded into it.
       cfg_scale: classifier-free guidance scale on image codes; None = no guidance (no doubled
         batch). A traced value: changing it does not recompile.
-      uncond_prompts: the B unconditional prompts for guidance (default `<bos> <boi>`).
+      uncond_prompts: the B unconditional prompts for guidance (default `<bos> <boi>`); they may
+        hold `<pad>` (e.g. `pad_uncond_prompts(prompts, vocab)`, Janus's).
       num_images: "image"/"video" modes: images to finish per row (see `initial_state`).
       batch_size: pad the batch to this many rows (inactive) so every call has one shape.
       return_logits: also return the logits after guidance, `[B, T, V]`.
@@ -373,7 +383,8 @@ class Sampler:
     machine = cons.initial_state(spec, rows, num_images=counts, active=active)
     if use_cfg:
       uncond = list(uncond_prompts) + [uncond_prompts[0]] * pad_rows
-      cons.initial_state(spec, uncond, num_images=counts, active=[False] * full)  # Validates ids.
+      # Validates ids; <pad> may mask the caption (Janus's unconditional branch).
+      cons.initial_state(spec, uncond, num_images=counts, active=[False] * full, allow_pad=True)
       rows = rows + uncond
     need = cons.min_new_tokens(spec, machine)
     if max_new_tokens < need:
