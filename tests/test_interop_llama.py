@@ -402,3 +402,27 @@ def test_import_keeps_text_logits_and_greedy_generation(imported):
   n = int(out.lengths[0])
   assert n == 64 or out.tokens[0, n - 1] == vocab.eos_id
   np.testing.assert_array_equal(out.tokens[0, :n], id_map[hf[:n]])
+
+
+def test_cli_import_and_export_in_bfloat16(vqlm_run, exported, capsys):
+  """`vqlm export --format llama` and `vqlm import llama --dtype bfloat16` through the command."""
+  import jax
+
+  from vqlm import cli
+  from vqlm.runs.lm_run import LMRun
+
+  root = vqlm_run["root"]
+  out = str(root / "hf_cli")
+  assert cli.main(["vqlm", "export", "--format", "llama", vqlm_run["run"], out]) == 0
+  assert cli.main(["vqlm", "export", "--format", "llama", vqlm_run["run"], out]) == 2
+  assert "--overwrite" in capsys.readouterr().err
+  argv = ["vqlm", "export", "--format", "llama", vqlm_run["run"], out, "--overwrite"]
+  assert cli.main(argv) == 0
+  argv = ["vqlm", "import", "llama", out, "--out", str(root / "bf16"), "--dtype", "bfloat16"]
+  assert cli.main(argv) == 0
+  lm = LMRun(str(root / "bf16"))
+  assert lm.model.config.param_dtype == jnp.bfloat16 and lm.model.config.dtype == jnp.bfloat16
+  a = LMRun(vqlm_run["run"]).params["layer_0"]["attn"]["query"]["kernel"]
+  b = lm.params["layer_0"]["attn"]["query"]["kernel"]
+  assert b.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(jax.device_get(a)).astype(jnp.bfloat16), b)

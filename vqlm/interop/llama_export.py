@@ -169,28 +169,51 @@ def export_run(run: str, out: str, *, overwrite: bool = False) -> str:
   returns its absolute path. Refuses a non-empty `out` unless `overwrite`, and LMs with options a
   Llama decoder lacks (`check_llama_compatible`)."""
   out = os.path.abspath(out)
-  if os.path.exists(out) and os.listdir(out) and not overwrite:
-    raise UserError(f"{out} exists and is not empty; pick a new OUT or pass --overwrite")
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    if not overwrite:
+      raise UserError(f"{out} exists and is not empty; pick a new OUT or pass --overwrite")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+      raise UserError(
+        f"{out} is not a checkpoint directory (no config.json), so --overwrite will not delete "
+        "it; pick a new or empty OUT"
+      )
   lm = LMRun(run)
   config = lm.model.config
   check_llama_compatible(config)
+  tmp = f"{out}.exporting-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    _write(lm, tmp)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(out):
+    shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+  os.replace(tmp, out)
+  return out
+
+
+def _write(lm: LMRun, out_dir: str) -> None:
+  """The files of `export_run` for the loaded run `lm`, into the existing `out_dir`."""
+  config = lm.model.config
   params = jax.device_get(nn.meta.unbox(lm.params))
   tensors = hf_tensors(params, config)
   seq_len = int(lm.config.train.seq_len)
-  os.makedirs(out, exist_ok=True)
-  write_safetensors(out, tensors)
-  with open(os.path.join(out, "config.json"), "w") as f:
+  os.makedirs(out_dir, exist_ok=True)
+  write_safetensors(out_dir, tensors)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config(config, lm.vocab, seq_len), f, indent=2)
   generation = {
     "bos_token_id": lm.vocab.bos_id,
     "eos_token_id": lm.vocab.eos_id,
     "pad_token_id": lm.vocab.pad_id,
   }
-  with open(os.path.join(out, "generation_config.json"), "w") as f:
+  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
     json.dump(generation, f, indent=2)
-  shutil.copyfile(os.path.join(lm.workdir, VOCAB_FILE), os.path.join(out, VOCAB_FILE))
+  shutil.copyfile(os.path.join(lm.workdir, VOCAB_FILE), os.path.join(out_dir, VOCAB_FILE))
   text = lm.vocab.text_model
-  shutil.copyfile(os.path.join(lm.workdir, text), os.path.join(out, text))
+  shutil.copyfile(os.path.join(lm.workdir, text), os.path.join(out_dir, text))
   tokenizer = lm.config.data.get("tokenizer") or ""
   record = {
     "format": "vqlm.llama_export/1",
@@ -201,6 +224,5 @@ def export_run(run: str, out: str, *, overwrite: bool = False) -> str:
     "seq_len": seq_len,
     "model": {k: v for k, v in config.to_dict().items() if k not in _VOCAB_FIELDS},
   }
-  with open(os.path.join(out, EXPORT_FILE), "w") as f:
+  with open(os.path.join(out_dir, EXPORT_FILE), "w") as f:
     json.dump(record, f, indent=2)
-  return out
