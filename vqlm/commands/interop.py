@@ -26,7 +26,8 @@ IMPORTERS = {
   ),
   "janus": (
     "vqlm.interop.janus:import_run",
-    "Janus (transformers' JanusForConditionalGeneration): an LM run",
+    "Janus / Janus-Pro (transformers' JanusForConditionalGeneration): an LM run that draws, with "
+    "its VQ tokenizer run in RUN/tokenizer (no captioning: its SigLIP encoder is not imported)",
   ),
   "llama": (
     "vqlm.interop.llama:import_run",
@@ -120,7 +121,7 @@ def _define_import(f) -> None:
     "image_tokenizer",
     None,
     "a vqlm image tokenizer run (e.g. from `vqlm import vqmodel`) whose codes are the imported "
-    "LM's image ids; the run records it (LM formats)",
+    "LM's image ids; the run records it (llama; janus and chameleon bring their own VQ)",
   )
   f.DEFINE_boolean("overwrite", False, "replace an existing run in --out")
   f.DEFINE_enum(
