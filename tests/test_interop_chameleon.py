@@ -139,17 +139,22 @@ def test_free_mode_never_draws_image_codes_and_opens_no_runs():
   prompts = [[vocab.bos_id, 3], [vocab.bos_id, vocab.boi_id], [vocab.bos_id, 5, *image]]
   state = cons.initial_state(spec, prompts)
   assert not np.any(state.codes_left) and cons.min_new_tokens(spec, state) == 0
-  key = jax.random.key(0)
   bias = jnp.zeros(vocab.padded_size).at[vocab.image_offset :].set(9.0)  # codes most likely
   bias = bias.at[jnp.asarray([vocab.boi_id, vocab.eos_id])].set(3.0)
-  tokens = []
-  for t in range(40):
+
+  @jax.jit
+  def step(state, t):
+    key = jax.random.fold_in(jax.random.key(0), t)
     forced, klass = cons.forced_and_class(spec, state, 40 - t)
     allowed = cons.allowed_ids(spec, forced, klass)
-    logits = jax.random.normal(jax.random.fold_in(key, t), (3, vocab.padded_size)) + bias
-    tok = jax.random.categorical(jax.random.fold_in(key, 100 + t), jnp.where(allowed, logits, -1e9))
+    logits = jax.random.normal(key, (3, vocab.padded_size)) + bias
+    tok = jax.random.categorical(jax.random.fold_in(key, 1), jnp.where(allowed, logits, -1e9))
     tok = jnp.where(forced >= 0, forced, tok)
-    state = cons.update(spec, state, tok)
+    return cons.update(spec, state, tok), tok
+
+  tokens = []
+  for t in range(40):
+    state, tok = step(state, t)
     assert not np.any(state.codes_left)
     tokens.append(np.asarray(tok))
   tokens = np.stack(tokens, 1)
@@ -265,15 +270,15 @@ def test_import_matches_transformers_logits_text_and_image_ids(imported):
 @pytest.mark.interop
 def test_greedy_generation_matches_transformers_generate(imported):
   """64 greedy tokens per prompt, vqlm's jitted sampler in mode "free" (image codes masked, as
-  transformers' forward masks them) against `generate`, token for token (the second prompt's
-  continuation draws <pad> and stops at </s>)."""
+  transformers' forward masks them) against `generate`, token for token; the third prompt's
+  continuation draws <s> and <pad> and stops at </s>."""
   from vqlm.sample.processors import SamplingConfig
   from vqlm.sample.sampler import Sampler
 
   torch, _ = _transformers()
   model, vocabulary, run, ids = imported
   words = [vocabulary[f"w{i}"] for i in np.random.default_rng(1).integers(0, WORDS, 3)]
-  prompts = [[vocabulary["<s>"], *words], _mixed(vocabulary, 1)[:40]]
+  prompts = [[vocabulary["<s>"], *words], _mixed(vocabulary, 1)[:40], _mixed(vocabulary, 23)[:40]]
   sampler = Sampler(run.model, {"params": run.params}, run.vocab, cache_block=0)
   out = sampler(
     [ids[p] for p in prompts], max_new_tokens=64, mode=cons.FREE, sampling=SamplingConfig.greedy()
@@ -287,3 +292,23 @@ def test_greedy_generation_matches_transformers_generate(imported):
     n = int(out.lengths[r])
     assert n == len(ref)
     np.testing.assert_array_equal(back[out.tokens[r, :n]], ref)
+  assert {vocabulary[t] for t in ("<s>", "<pad>")} <= set(ref[:-1]) and ref[-1] == vocabulary[
+    "</s>"
+  ]
+
+
+@pytest.mark.interop
+def test_swin_norm_import_matches_transformers_and_captions(tmp_path):
+  """Chameleon-30B's norm order (`swin_norm`), and the imported run through `LMRun.caption`."""
+  import vqlm
+
+  model = hf_chameleon(tmp_path / "src", swin_norm=True, seed=1)
+  run = vqlm.load(chameleon.import_run(str(tmp_path / "src"), str(tmp_path / "lm")))
+  assert run.model.config.swin_norm
+  vocabulary = tiny_vocabulary(seed=1)
+  roles = chameleon.special_roles(str(tmp_path / "src"), model.config.to_dict())
+  ids = chameleon.id_map(len(vocabulary), roles, chameleon.image_codes(vocabulary), run.vocab)
+  assert _logits_parity(model, vocabulary, run, ids) < 1e-4
+  images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  captions = run.caption(images, max_len=6)
+  assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
