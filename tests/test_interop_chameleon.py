@@ -298,12 +298,17 @@ def test_greedy_generation_matches_transformers_generate(imported):
 
 
 @pytest.mark.interop
-def test_swin_norm_import_matches_transformers_and_captions(tmp_path):
-  """Chameleon-30B's norm order (`swin_norm`), and the imported run through `LMRun.caption`."""
+def test_swin_norm_import_matches_transformers_and_captions(tmp_path, capsys):
+  """Chameleon-30B's norm order (`swin_norm`) imported by the `vqlm import` command, the
+  imported run through `LMRun.caption`, and an import that reuses that image tokenizer run."""
   import vqlm
+  from vqlm import cli
 
   model = hf_chameleon(tmp_path / "src", swin_norm=True, seed=1)
-  run = vqlm.load(chameleon.import_run(str(tmp_path / "src"), str(tmp_path / "lm")))
+  out = str(tmp_path / "lm")
+  assert cli.main(["vqlm", "import", "chameleon", str(tmp_path / "src"), "--out", out]) == 0
+  assert f"wrote {out}" in capsys.readouterr().out
+  run = vqlm.load(out)
   assert run.model.config.swin_norm
   vocabulary = tiny_vocabulary(seed=1)
   roles = chameleon.special_roles(str(tmp_path / "src"), model.config.to_dict())
@@ -312,3 +317,9 @@ def test_swin_norm_import_matches_transformers_and_captions(tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
   captions = run.caption(images, max_len=6)
   assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+  tokenizer = run.tokenizer_dir()
+  again = chameleon.import_run(
+    str(tmp_path / "src"), str(tmp_path / "lm2"), image_tokenizer=tokenizer
+  )
+  assert not (tmp_path / "lm2" / chameleon.TOKENIZER_DIR).exists()
+  assert vqlm.load(again).tokenizer_dir() == tokenizer
