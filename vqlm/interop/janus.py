@@ -286,6 +286,7 @@ def import_run(
     source=source,
     seq_len=int(text_config.get("max_position_embeddings") or 4096),
     overwrite=overwrite,
+    release=ckpt.close,
   )
   run_files.write_tokenizer_run(
     tokenizer_dir,
@@ -293,5 +294,6 @@ def import_run(
     image_size=image_size,
     variables=vq_variables,
     source={"format": FORMAT + "_vq", "path": src},
+    release=ckpt.close,
   )
   return out

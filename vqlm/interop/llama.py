@@ -470,6 +470,7 @@ def import_run(
     source=source,
     seq_len=_seq_len(hf_config),
     overwrite=overwrite,
+    release=ckpt.close,
   )
 
 
@@ -529,4 +530,5 @@ def _import_exported(
     source={"format": "llama", "path": os.path.abspath(src), "exported_by": "vqlm"},
     seq_len=_seq_len(ckpt.config),
     overwrite=overwrite,
+    release=ckpt.close,
   )

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from vqlm.errors import UserError
-from vqlm.interop.checkpoint_files import Lazy
+from vqlm.interop import placement
 from vqlm.nn.transformer import Transformer
 from vqlm.runs import lm_run, restore, saved_config, tokenizer_run
 from vqlm.runtime import mesh as mesh_lib
@@ -41,7 +41,8 @@ from vqlm.vocab import Vocab
 
 # `place(tree of Lazy / np.ndarray, boxed abstract params, mesh, rules) -> tree of jax.Array`:
 # reads each leaf and puts it on the mesh with the sharding its logical axes ask for
-# (vqlm.interop.placement.place_params); by default leaves are read one at a time to host memory.
+# (vqlm.interop.placement.place_params, the default, which reads one leaf at a time and calls
+# `release` after each: importers pass `HFCheckpoint.close`, so the source's mapped pages go too).
 Place = Callable[[Any, Any, Any, Any], Any]
 STEP = 0
 SIZE = "imported"  # config.size of an imported run (its shape is the model section, not a preset)
@@ -133,21 +134,12 @@ def check_tree(given: Any, abstract: Any, what: str) -> None:
       )
 
 
-def _read(tree: Any, abstract: Any) -> Any:
-  """Every leaf read (a `Lazy` one at a time) to a NumPy array; floating leaves in the dtype of
-  the model's parameter (`abstract`: the unboxed eval_shape tree of the same structure)."""
-  if isinstance(tree, Mapping):
-    return {k: _read(v, abstract[k]) for k, v in tree.items()}
-  array = tree() if isinstance(tree, Lazy) else np.asarray(tree)
-  if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
-    return array.astype(abstract.dtype, copy=False)
-  return array
-
-
-def _placed(tree: Any, boxed: Any, place: Place | None, mesh_shape, rules) -> Any:
+def _placed(tree: Any, boxed: Any, place: Place | None, mesh_shape, rules, release) -> Any:
+  mesh = restore.inference_mesh(mesh_shape)
+  rules = mesh_lib.rules_from_config(rules)
   if place is None:
-    return _read(tree, nn.meta.unbox(boxed))
-  return place(tree, boxed, restore.inference_mesh(mesh_shape), mesh_lib.rules_from_config(rules))
+    return placement.place_params(tree, boxed, mesh, rules, release=release)
+  return place(tree, boxed, mesh, rules)
 
 
 # ---- the directory -----------------------------------------------------------------------------
@@ -215,6 +207,7 @@ def write_lm_run(
   source: Mapping[str, Any] | None = None,
   seq_len: int | None = None,
   place: Place | None = None,
+  release: Callable[[], Any] | None = None,
   mesh_shape: Mapping[str, int] | None = None,
   overwrite: bool = False,
 ) -> str:
@@ -235,8 +228,9 @@ def write_lm_run(
       `config.data.tokenizer`; None for an LM that is never asked for images).
     source: what was imported (e.g. {"format": "chameleon", "path": SRC}), kept in config.json.
     seq_len: the context length recorded as `train.seq_len` (default: the config's).
-    place: reads and places the leaves on a mesh (see `Place`); default: read to host memory,
-      one leaf at a time.
+    place: reads and places the leaves on a mesh (see `Place`); default:
+      `placement.place_params`, one leaf at a time straight onto the mesh.
+    release: called after each leaf is placed by the default `place` (e.g. `HFCheckpoint.close`).
     mesh_shape: the mesh `place` places on (default: data-parallel over all devices).
     overwrite: replace an existing run in `out`.
   """
@@ -255,7 +249,7 @@ def write_lm_run(
     vocab.save(os.path.join(tmp, lm_run.VOCAB_FILE))
     lm_run.load_vocab(tmp)  # the text model fits the vocabulary (size and kind)
     saved_config.save_config(tmp, config)
-    placed = _placed(params, boxed, place, mesh_shape, config.mesh.rules)
+    placed = _placed(params, boxed, place, mesh_shape, config.mesh.rules, release)
     meta = {"stage": lm_run.STAGE, "source": _json_value(dict(source or {}))}
     _save_state(tmp, {"step": np.int32(STEP), "params": placed}, meta)
   except BaseException:
@@ -272,6 +266,7 @@ def write_tokenizer_run(
   variables: Mapping[str, Any],
   source: Mapping[str, Any] | None = None,
   place: Place | None = None,
+  release: Callable[[], Any] | None = None,
   mesh_shape: Mapping[str, int] | None = None,
   overwrite: bool = False,
 ) -> str:
@@ -283,7 +278,7 @@ def write_tokenizer_run(
     image_size: the side of the square images it encodes (`config.data.image_size`).
     variables: {"params": ..., and "batch_stats": ... when the model has them}, nested dicts of
       arrays or `Lazy` leaves (e.g. the VQ codebook `[K, D]`).
-    source, place, mesh_shape, overwrite: as for `write_lm_run`.
+    source, place, release, mesh_shape, overwrite: as for `write_lm_run`.
   """
   config = tokenizer_run_config(model_kwargs, image_size=image_size, source=source)
   model = tokenizer_run.tokenizer_model(config)
@@ -298,10 +293,10 @@ def write_tokenizer_run(
   try:
     saved_config.save_config(tmp, config)
     rules = config.mesh.rules
-    params = _placed(given["params"], want["params"], place, mesh_shape, rules)
+    params = _placed(given["params"], want["params"], place, mesh_shape, rules, release)
     state = {"step": np.int32(STEP), "params": params}
     if "batch_stats" in want:
-      stats = _placed(given["batch_stats"], want["batch_stats"], place, mesh_shape, rules)
+      stats = _placed(given["batch_stats"], want["batch_stats"], place, mesh_shape, rules, release)
       state["extra"] = {"batch_stats": stats}
     meta = {"stage": tokenizer_run.STAGE, "source": _json_value(dict(source or {}))}
     _save_state(tmp, state, meta)

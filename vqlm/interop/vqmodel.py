@@ -256,4 +256,5 @@ def import_run(
     variables=variables,
     source={"format": FORMAT, "path": os.path.abspath(src)},
     overwrite=overwrite,
+    release=ckpt.close,
   )
