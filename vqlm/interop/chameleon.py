@@ -244,6 +244,8 @@ def import_run(
   staging = None
   if image_tokenizer:
     tokenizer_dir = os.path.abspath(image_tokenizer)
+    if os.path.commonpath([tokenizer_dir, out]) == out:
+      raise UserError(f"--image_tokenizer {tokenizer_dir} lies inside --out; copy it elsewhere")
   else:
     staging = f"{out}.tokenizer-importing-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
