@@ -172,6 +172,7 @@ def _image_tokenizer(ckpt: HFCheckpoint, staging: str) -> str:
     image_size=chameleon_vq.image_size(ckpt),
     variables=variables,
     source={"format": "chameleon", "path": ckpt.path, "part": "vqmodel"},
+    release=ckpt.close,
   )
 
 
@@ -282,6 +283,7 @@ def import_run(
       source=source,
       seq_len=int(hf_config.get("max_position_embeddings") or 4096),
       overwrite=overwrite,
+      release=ckpt.close,  # the source's pages are unmapped after each tensor
     )
     if staging:
       os.replace(staging, tokenizer_dir)
