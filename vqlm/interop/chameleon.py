@@ -43,7 +43,7 @@ import numpy as np
 from vqlm.errors import UserError
 from vqlm.interop import llama, run_files
 from vqlm.interop.checkpoint_files import HFCheckpoint, lazy
-from vqlm.runs import lm_run, saved_config
+from vqlm.runs import lm_run
 from vqlm.vocab import Vocab
 
 IMAGE_PREFIX = "IMGIMG"
@@ -176,19 +176,6 @@ def _image_tokenizer(ckpt: HFCheckpoint, staging: str) -> str:
   )
 
 
-def _relative_tokenizer(out: str, tokenizer_dir: str) -> None:
-  """Records `tokenizer_dir` relative to `out` itself in its config.json (the run was written
-  under a temporary name), so the two runs, moved together, still find each other."""
-  path = os.path.join(out, saved_config.CONFIG_FILE)
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
-  data.setdefault(saved_config.RELATIVE_PATHS, {})["data.tokenizer"] = os.path.relpath(
-    tokenizer_dir, out
-  )
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-
-
 def import_run(
   src: str,
   out: str,
@@ -287,7 +274,6 @@ def import_run(
     )
     if staging:
       os.replace(staging, tokenizer_dir)
-    _relative_tokenizer(out, tokenizer_dir)
   finally:
     if staging:
       shutil.rmtree(staging, ignore_errors=True)

@@ -248,7 +248,7 @@ def write_lm_run(
     _write_text_files(tmp, text_files)
     vocab.save(os.path.join(tmp, lm_run.VOCAB_FILE))
     lm_run.load_vocab(tmp)  # the text model fits the vocabulary (size and kind)
-    saved_config.save_config(tmp, config)
+    saved_config.save_config(tmp, config, final_dir=out)
     placed = _placed(params, boxed, place, mesh_shape, config.mesh.rules, release)
     meta = {"stage": lm_run.STAGE, "source": _json_value(dict(source or {}))}
     _save_state(tmp, {"step": np.int32(STEP), "params": placed}, meta)
@@ -291,7 +291,7 @@ def write_tokenizer_run(
   check_tree(given, nn.meta.unbox(want), "the image tokenizer's variables")
   tmp = _start(out, overwrite)
   try:
-    saved_config.save_config(tmp, config)
+    saved_config.save_config(tmp, config, final_dir=out)
     rules = config.mesh.rules
     params = _placed(given["params"], want["params"], place, mesh_shape, rules, release)
     state = {"step": np.int32(STEP), "params": params}

@@ -24,15 +24,19 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Writes `WORKDIR/config.json` (process 0's view; every process has the same config)."""
+def save_config(
+  workdir: str, config: ml_collections.ConfigDict, *, final_dir: str | None = None
+) -> str:
+  """Writes `WORKDIR/config.json` (process 0's view; every process has the same config).
+  `final_dir`: where the run will live when it is written elsewhere first (the relative paths
+  are computed from there)."""
   path = os.path.join(workdir, CONFIG_FILE)
   data = config_to_dict(config)
   relative = {}
   for key in PATH_KEYS:
     value = _get(data, key)
     if isinstance(value, str) and os.path.isabs(value):
-      relative[key] = os.path.relpath(value, os.path.abspath(workdir))
+      relative[key] = os.path.relpath(value, os.path.abspath(final_dir or workdir))
   if relative:
     data[RELATIVE_PATHS] = relative
   # Every process of a multi-process run writes the same file: a temporary name of its own keeps
