@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vqlm.nn.token_embed import TokenEmbed
 from vqlm.nn.transformer import (
-  TokenEmbed,
   Transformer,
   TransformerConfig,
   count_params,
