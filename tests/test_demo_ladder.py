@@ -16,6 +16,19 @@ def _scene(*objects):
   return [dict(zip(("shape", "color", "size", "position"), o)) for o in objects]
 
 
+def test_object_pixels_are_the_rendered_objects_and_edits_are_judged_by_the_parser():
+  red = shapes.render(_scene(("circle", "red", "large", "center")), 32)
+  magenta = shapes.render(_scene(("circle", "magenta", "large", "center")), 32)
+  pixels = ladder_measures.object_pixels(np.stack([red, np.zeros_like(red)]))
+  np.testing.assert_array_equal(pixels[0], red.max(-1) > 0)
+  assert not pixels[1].any()
+  scenes = [_scene(("circle", "red", "large", "center"))] * 3
+  edited = np.stack([magenta, red, np.zeros_like(red)])
+  success, colour, kept = ladder_measures._judge_edits(edited, scenes, "magenta")
+  assert success == [True, False, False] and colour == [True, False, False]
+  assert kept == [True, True, False]
+
+
 @pytest.mark.parametrize(
   "scene",
   [

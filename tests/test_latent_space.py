@@ -131,6 +131,35 @@ def test_attribute_vector_is_the_mean_difference(vq):
     space.attribute(queries, vector[:4])
 
 
+def test_region_attribute_vector_is_the_mean_over_masked_positions(vq):
+  space, images = vq
+  red, blue = images.select("caption:red"), images.select("caption:blue")
+  pixels = np.zeros((len(red), 32, 32), bool)
+  pixels[:, 5, 9] = True  # one pixel -> the latent position (1, 2) of the 4x4 patches
+  pixels[0, 30, 31] = True  # and (7, 7) in the first image only
+  masks = space.region_masks(pixels)
+  assert masks.shape == (len(red), 8, 8) and masks.sum() == len(red) + 1
+  assert masks[:, 1, 2].all() and masks[0, 7, 7]
+  blue_masks = np.ones((len(blue), 8, 8), bool)
+  vector = space.attribute_vector(red, blue, with_masks=masks, without_masks=blue_masks)
+  z_red, z_blue = space.latents(red), space.latents(blue)
+  direct = z_red[masks].mean(0) - z_blue.reshape(-1, z_blue.shape[-1]).mean(0)
+  assert vector.shape == (8,) and vector.dtype == np.float32
+  np.testing.assert_allclose(vector, direct, rtol=1e-5, atol=1e-6)
+  queries = images.images[:2]
+  where = np.zeros((2, 8, 8), bool)
+  where[:, :4] = True
+  edited = space.attribute(queries, vector, strength=1.5, masks=where)
+  z = space.latents(queries)
+  np.testing.assert_array_equal(edited, space.decode(z + 1.5 * vector * where[..., None]))
+  with pytest.raises(UserError, match="both groups"):
+    space.attribute_vector(red, blue, with_masks=masks)
+  with pytest.raises(UserError, match="no latent position"):
+    space.attribute_vector(red, blue, with_masks=masks, without_masks=~blue_masks)
+  with pytest.raises(UserError, match="do not tile"):
+    space.region_masks(np.zeros((1, 30, 30), bool))
+
+
 def test_discrete_samples_are_random_codes_fixed_by_the_seed(vq):
   space, _ = vq
   images = space.sample(3, seed=7)

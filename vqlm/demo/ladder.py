@@ -192,7 +192,10 @@ class Ladder:
     colour_a, colour_b = p.attribute
     one = [e for e in pool if len(e["scene"]) == 1]
     with_b = [e["image"] for e in one if e["scene"][0]["color"] == colour_b]
-    with_a = [e["image"] for e in one if e["scene"][0]["color"] == colour_a]
+    # Colour A's single-object training images: half for the vector, half to choose its strength.
+    all_a = [e for e in one if e["scene"][0]["color"] == colour_a]
+    with_a = [e["image"] for e in all_a[: len(all_a) // 2]]
+    validation_a = all_a[len(all_a) // 2 :]
     edit = [e for e in single if e["scene"][0]["color"] == colour_a]
     if not edit:
       edit = [e for e in test if len(e["scene"]) == 1 and e["scene"][0]["color"] == colour_a]
@@ -254,11 +257,13 @@ class Ladder:
       top = found.pop("top1")[: p.show]
       found["image"] = self._save(f"neighbours_{rung}.png", pool_images[top], columns=p.show)
       results["neighbours"][rung] = found
-      if edit and with_a and with_b:
+      if edit and with_a and with_b and validation_a:
         edited, rates = measures.attribute_edits(
           space,
           with_images=np.stack(with_b),
           without_images=np.stack(with_a),
+          validation=np.stack([e["image"] for e in validation_a]),
+          validation_scenes=[e["scene"] for e in validation_a],
           queries=np.stack([e["image"] for e in edit]),
           query_scenes=[e["scene"] for e in edit],
           target=colour_b,
@@ -269,13 +274,16 @@ class Ladder:
     best = max(per_rung, key=lambda r: per_rung[r]["success"]) if per_rung else None
     # No rung is best when no edit succeeded anywhere.
     results["attributes"]["best"] = best if best and per_rung[best]["success"] > 0 else None
-    results["random_points"]["lm"] = self._lm_samples(test)
+    results["random_points"].update(self._lm_samples(test))
     results["voronoi"] = self._voronoi(np.stack([e["image"] for e in test[:64]]))
     self._write_results(results)
     self.log(f"wrote {os.path.join(self.workdir, LADDER_JSON)}")
 
-  def _lm_samples(self, test: list[dict]) -> dict:
+  def _lm_samples(self, test: list[dict]) -> dict[str, dict]:
+    """The VQ + LM rung's random points: codes the LM samples for test captions ("lm"), and,
+    through the same decoder, codes drawn uniformly ("lm_uniform")."""
     from vqlm.demo.recipe import PRESETS as MAIN_PRESETS
+    from vqlm.eval.latent_space import LatentSpace
     from vqlm.runs import LMRun
 
     q = MAIN_PRESETS[self.p.main]
@@ -286,12 +294,21 @@ class Ladder:
     images = run.generate(
       prompts, cfg_scale=q.cfg_scale, temperature=q.image_temperature, top_k=q.image_top_k, seed=0
     )
+    uniform = LatentSpace(run.tokenizer_run()).sample(self.p.samples, seed=0)
     return {
-      "valid_scene": measures.valid_rate(images),
-      "num": int(len(images)),
-      "how": "codes sampled by the LM for test captions",
-      "lm": self.lm_dir,
-      "image": self._save("random_lm.png", images, columns=8),
+      "lm": {
+        "valid_scene": measures.valid_rate(images),
+        "num": int(len(images)),
+        "how": "codes sampled by the LM for test captions",
+        "lm": self.lm_dir,
+        "image": self._save("random_lm.png", images, columns=8),
+      },
+      "lm_uniform": {
+        "valid_scene": measures.valid_rate(uniform),
+        "num": int(len(uniform)),
+        "how": "codes drawn uniformly, decoded by the LM's own tokenizer",
+        "image": self._save("random_lm_uniform.png", uniform, columns=8),
+      },
     }
 
   def _voronoi(self, images: np.ndarray) -> dict:

@@ -6,7 +6,8 @@
     random_points(space, reference)    # images decoded from random points + valid-scene rate
     interpolations(space, pairs)       # strips + valid rate of the intermediate frames
     neighbours(space, queries, pool)   # top-1 attribute agreement (data set metadata)
-    attribute_edits(space, ...)        # colour A -> colour B edits judged by the parser
+    attribute_edits(space, ...)        # colour A -> colour B edits at the object, judged by the
+                                       # parser, strength chosen on validation images
 
 Images are uint8 `[N, H, W, 3]`; scenes are the data set's lists of object dicts.
 """
@@ -22,6 +23,10 @@ from vqlm.eval import scene_parser
 
 _F32 = np.float32
 MIN_AGREEMENT = 0.95
+# Attribute edits: the strengths tried on the validation images, and the RGB distance from the
+# background beyond which a pixel belongs to an object (the palette's nearest colour is ~200 away).
+STRENGTHS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+OBJECT_DISTANCE = 60.0
 
 
 def rerender_agreement(
@@ -124,33 +129,79 @@ def neighbours(
   return out
 
 
-def attribute_edits(
-  space: Any,
-  *,
-  with_images: np.ndarray,
-  without_images: np.ndarray,
-  queries: np.ndarray,
-  query_scenes: Sequence[Sequence[Mapping[str, str]]],
-  target: str,
-) -> tuple[np.ndarray, dict[str, Any]]:
-  """Adds mean(latent | `with_images`) - mean(latent | `without_images`) to each single-object
-  query; an edit succeeds when the parser sees one object of colour `target` with the query's
-  shape, size and cell. Returns (edited images `[Q, H, W, 3]`, rates)."""
-  vector = space.attribute_vector(with_images, without_images)
-  edited = space.attribute(queries, vector)
+def object_pixels(images: np.ndarray) -> np.ndarray:
+  """bool `[N, H, W]`: the pixels of `images` (uint8 `[N, H, W, 3]`) that are not background
+  (farther from `shapes.BACKGROUND` than half the smallest palette colour's distance to it)."""
+  background = np.asarray(shapes.BACKGROUND, _F32)
+  distance = np.linalg.norm(np.asarray(images, _F32) - background, axis=-1)
+  return distance > OBJECT_DISTANCE
+
+
+def _judge_edits(
+  edited: np.ndarray, scenes: Sequence[Sequence[Mapping[str, str]]], target: str
+) -> tuple[list[bool], list[bool], list[bool]]:
+  """Per edit: (success, colour changed, shape and size kept) for single-object `scenes`."""
   success, colour, kept = [], [], []
-  for image, scene in zip(edited, query_scenes):
+  for image, scene in zip(edited, scenes):
     parsed = scene_parser.parse_image(image)
     obj = scene[0]
     same = [o for o in parsed if o["position"] == obj["position"]]
     colour.append(bool(same) and same[0]["color"] == target)
     kept.append(bool(same) and all(same[0][k] == obj[k] for k in ("shape", "size")))
     success.append(len(parsed) == 1 and colour[-1] and kept[-1])
+  return success, colour, kept
+
+
+def _mean(flags: Sequence[bool]) -> float:
+  return float(np.mean(flags)) if len(flags) else 0.0
+
+
+def attribute_edits(
+  space: Any,
+  *,
+  with_images: np.ndarray,
+  without_images: np.ndarray,
+  validation: np.ndarray,
+  validation_scenes: Sequence[Sequence[Mapping[str, str]]],
+  queries: np.ndarray,
+  query_scenes: Sequence[Sequence[Mapping[str, str]]],
+  target: str,
+  strengths: Sequence[float] = STRENGTHS,
+) -> tuple[np.ndarray, dict[str, Any]]:
+  """Colour edits in `space`'s latent. The attribute vector `[C]` is the mean latent over the
+  object's positions (`LatentSpace.region_masks` of `object_pixels`) of `with_images` minus that
+  of `without_images` (single-object training images of colour B and A); an edit adds
+  `strength * vector` at the query object's positions. The strength is the one of `strengths`
+  with the most successful edits of `validation` (more single-object training images of colour
+  A, none of them in `without_images`); the test `queries` are edited once, with it. An edit
+  succeeds when the parser sees one object, of colour `target`, with the query's shape, size
+  and cell. Returns (edited queries `[Q, H, W, 3]`, rates)."""
+  vector = space.attribute_vector(
+    with_images,
+    without_images,
+    with_masks=space.region_masks(object_pixels(with_images)),
+    without_masks=space.region_masks(object_pixels(without_images)),
+  )
+
+  def edit(images: np.ndarray, strength: float) -> np.ndarray:
+    masks = space.region_masks(object_pixels(images))
+    return space.attribute(images, vector, strength=strength, masks=masks)
+
+  by_strength = {
+    float(s): _mean(_judge_edits(edit(validation, s), validation_scenes, target)[0])
+    for s in strengths
+  }
+  strength = max(by_strength, key=lambda s: (by_strength[s], -s))  # ties: the smaller
+  edited = edit(queries, strength)
+  success, colour, kept = _judge_edits(edited, query_scenes, target)
   rates = {
     "num_queries": int(len(queries)),
-    "success": float(np.mean(success)) if success else 0.0,
-    "color_changed": float(np.mean(colour)) if colour else 0.0,
-    "rest_kept": float(np.mean(kept)) if kept else 0.0,
+    "success": _mean(success),
+    "color_changed": _mean(colour),
+    "rest_kept": _mean(kept),
+    "strength": strength,
+    "validation": {f"{s:g}": rate for s, rate in by_strength.items()},
+    "num_validation": int(len(validation)),
     "vector_norm": float(np.linalg.norm(vector.astype(_F32))),
   }
   return edited, rates

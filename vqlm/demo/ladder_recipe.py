@@ -38,6 +38,7 @@ LABELS = {
   "vqgan": "VQ-GAN",
   "vq2d": "VQ, 2-D codes",
   "lm": "VQ + LM",
+  "lm_uniform": "VQ + LM's tokenizer, uniform codes",
 }
 
 

@@ -15,6 +15,9 @@ Tools (images are uint8 `[N, H, W, 3]` at the run's size):
     space.interpolate(a, b, num=8)           # uint8 [8, H, W, 3], a's and b's reconstructions
     vector = space.attribute_vector(with_, without)   # float32 [h, w, C]: the mean difference
     space.attribute(queries, vector, strength=1.0)    # uint8 [Q, H, W, 3]
+    # Or over regions (e.g. each image's object): a [C] vector added where `masks` are set.
+    vector = space.attribute_vector(with_, without, with_masks=mw, without_masks=mo)
+    space.attribute(queries, vector, strength=2.0, masks=space.region_masks(pixel_masks))
     space.sample(16, seed=0, reference=images)        # uint8 [16, H, W, 3]
 
 `image_set(run, split=..., folder=...)` reads a data split of the run's data set (or a folder) and
@@ -215,28 +218,73 @@ class LatentSpace:
     t = np.linspace(0.0, 1.0, num, dtype=_F32)[:, None, None, None]
     return self.decode((1.0 - t) * z[0] + t * z[1])
 
-  def attribute_vector(self, with_images: np.ndarray, without_images: np.ndarray) -> np.ndarray:
-    """float32 `[h, w, C]`: mean latent of `with_images` minus mean latent of `without_images`
-    (each uint8 `[N, H, W, 3]`)."""
+  def region_masks(self, pixel_masks: np.ndarray) -> np.ndarray:
+    """bool `[N, h, w]`: the latent positions whose `factor x factor` patch holds any pixel of
+    `pixel_masks` (bool `[N, H, W]`, e.g. the pixels of an object)."""
+    pixel_masks = np.asarray(pixel_masks, bool)
+    n, height, width = pixel_masks.shape
+    h, w = self.run.latent_shape[:2]
+    if height % h or width % w:
+      raise UserError(f"masks of {height}x{width} pixels do not tile this run's {h}x{w} latents")
+    blocks = pixel_masks.reshape(n, h, height // h, w, width // w)
+    return blocks.any(axis=(2, 4))
+
+  def attribute_vector(
+    self,
+    with_images: np.ndarray,
+    without_images: np.ndarray,
+    *,
+    with_masks: np.ndarray | None = None,
+    without_masks: np.ndarray | None = None,
+  ) -> np.ndarray:
+    """The mean latent of `with_images` minus that of `without_images` (each uint8
+    `[N, H, W, 3]`): float32 `[h, w, C]`, position by position; or, given masks (bool
+    `[N, h, w]`, e.g. `region_masks` of each image's object), float32 `[C]`: the mean over the
+    masked positions of each group, so objects anywhere in the image add to one vector."""
+    if (with_masks is None) != (without_masks is None):
+      raise UserError("give masks for both groups of an attribute, or for neither")
     groups = []
-    for images, what in ((with_images, "with_images"), (without_images, "without_images")):
+    sides = ((with_images, with_masks, "with_images"), (without_images, without_masks, "without"))
+    for images, masks, what in sides:
       images = self._check_images(images, what)
       if images.shape[0] == 0:
         raise UserError(f"{what} is empty; an attribute needs images on both sides")
-      groups.append(self.latents(images).mean(axis=0, dtype=_F32))
+      z = self.latents(images)
+      if masks is None:
+        groups.append(z.mean(axis=0, dtype=_F32))
+        continue
+      masks = np.asarray(masks, bool)
+      if masks.shape != z.shape[:3]:
+        raise UserError(f"{what}: masks of shape {masks.shape}, latents {z.shape[:3]}")
+      if not masks.any():
+        raise UserError(f"{what}: the masks select no latent position")
+      groups.append(z[masks].mean(axis=0, dtype=_F32))
     return (groups[0] - groups[1]).astype(_F32)
 
   def attribute(
-    self, queries: np.ndarray, vector: np.ndarray, *, strength: float = 1.0
+    self,
+    queries: np.ndarray,
+    vector: np.ndarray,
+    *,
+    strength: float = 1.0,
+    masks: np.ndarray | None = None,
   ) -> np.ndarray:
-    """uint8 `[Q, H, W, 3]`: each query's latent plus `strength * vector`, decoded."""
+    """uint8 `[Q, H, W, 3]`: each query's latent plus `strength * vector` (`[h, w, C]`, or
+    `[C]` at every position), decoded; with `masks` (bool `[Q, h, w]`) only where they are
+    set."""
     z = self.latents(queries)
     vector = np.asarray(vector, _F32)
     if vector.shape not in (z.shape[1:], z.shape[-1:]):
       raise UserError(
         f"attribute vector has shape {vector.shape}; this run's latents are {z.shape[1:]}"
       )
-    return self.decode(z + _F32(strength) * vector)
+    step = _F32(strength) * np.broadcast_to(vector, z.shape)
+    if masks is not None:
+      masks = np.asarray(masks, bool)
+      if masks.shape != z.shape[:3]:
+        raise UserError(f"masks of shape {masks.shape}; the queries' latents are {z.shape[:3]}")
+      step = step * masks[..., None]
+    return self.decode(z + step)
 
   def latent_statistics(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32 per-channel `(mean [C], std [C])` of the latents of `images`, over images and

@@ -141,16 +141,26 @@ def _attributes(workdir: str, r: Mapping[str, Any]) -> str:
     return missing("attribute edits")
   a, b = esc(sec.get("from")), esc(sec.get("to"))
   rows = [
-    [_label(r, rung), pct(e.get("success")), pct(e.get("color_changed")), pct(e.get("rest_kept"))]
+    [
+      _label(r, rung),
+      pct(e.get("success")),
+      pct(e.get("color_changed")),
+      pct(e.get("rest_kept")),
+      f"{e['strength']:g}" if e.get("strength") is not None else "&ndash;",
+    ]
     for rung, e in per.items()
   ]
   best = sec.get("best")
   strips = [f"<p>Queries ({a})</p>{_image(workdir, sec.get('queries_image'), 'queries')}"]
   strips += [f"<p>{_label(r, k)}</p>{_image(workdir, e.get('image'), k)}" for k, e in per.items()]
   return (
-    f"<p>Latent + mean({b} objects) &minus; mean({a} objects), on single-object {a} test images. "
+    f"<p>At the object's latent positions: latent + strength &times; (mean over {b} objects' "
+    f"positions &minus; mean over {a} objects' positions), on single-object {a} test images; "
+    "the strength is the one that edited the most validation images (training images) right. "
     f"Best: <b>{_label(r, best) if best else '&ndash;'}</b>.</p>"
-    + _table(["rung", "edit succeeded", f"parser sees {b}", "shape, size, cell kept"], rows)
+    + _table(
+      ["rung", "edit succeeded", f"parser sees {b}", "shape, size, cell kept", "strength"], rows
+    )
     + "".join(strips)
   )
 
@@ -195,7 +205,9 @@ def build_ladder_report(workdir: str, *, timings: Mapping[str, Any] | None = Non
   rungs = list(r.get("rungs", []))
   bodies = {
     "reconstructions": _reconstructions(workdir, r),
-    "random-points": _rate_section(workdir, r, "random_points", rungs + ["lm"], "random points"),
+    "random-points": _rate_section(
+      workdir, r, "random_points", rungs + ["lm_uniform", "lm"], "random points"
+    ),
     "interpolation": note("Valid scenes: the intermediate frames (the ends are reconstructions).")
     + _rate_section(workdir, r, "interpolation", rungs, "interpolation"),
     "neighbours": _neighbours(workdir, r),
