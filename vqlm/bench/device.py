@@ -42,6 +42,7 @@ import numpy as np
 
 from vqlm.bench import peak
 from vqlm.errors import UserError
+from vqlm.testing.torch_refs import prepare_torch_imports
 
 PARTS = ("lm", "tokenizer", "sample")
 # Each part's time limit in seconds (`--time_limit` sets one for all): 7 minutes together, and
@@ -228,6 +229,7 @@ def time_torch_tokenizer(
     import torch
   except ImportError:
     return "skipped: torch not installed"
+  prepare_torch_imports()  # the interop extra's torchvision (vqlm.testing.torch_refs)
   try:
     from diffusers import VQModel
   except ImportError:

@@ -21,6 +21,7 @@ import numpy as np
 
 from vqlm.bench import peak
 from vqlm.nn.flops import flops_per_token
+from vqlm.testing.torch_refs import prepare_torch_imports
 
 
 def _define(f):
@@ -98,6 +99,7 @@ def time_torch(
   """Tokens/s of a transformers LlamaForCausalLM (SDPA attention) of the same shape as
   `Transformer(**kw)`, trained with AdamW on `device` ("cpu", "cuda"), float32 parameters under
   `torch.autocast` in kw["dtype"]; None (with a message unless `quiet`) without torch."""
+  prepare_torch_imports()  # the interop extra's torchvision (vqlm.testing.torch_refs)
   try:
     import torch
     import transformers

@@ -36,6 +36,7 @@ from vqlm.errors import UserError
 from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.sample.processors import SamplingConfig, Settings
 from vqlm.sample.sampler import Sampler
+from vqlm.testing.torch_refs import prepare_torch_imports
 from vqlm.vocab import Vocab
 
 PROMPT_TEXT_LEN = 8  # caption ids in each prompt: <bos> caption <boi>
@@ -105,6 +106,7 @@ def transformers_runner(
   """`run(batch, seed, threads)` with `LlamaForCausalLM.generate` on torch `device` ("cpu",
   "cuda"; `threads` applies to the CPU), or a skip message. `cache_implementation`: generate's
   ("static": a preallocated KV cache; None: transformers' default dynamic cache)."""
+  prepare_torch_imports()  # the interop extra's torchvision (vqlm.testing.torch_refs)
   try:
     import torch
     import transformers

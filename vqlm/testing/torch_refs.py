@@ -76,3 +76,13 @@ def torchvision_ops_loaded():
   """Whether torchvision's compiled ops loaded (False where the stand-in schemas were needed)."""
   torchvision = import_torchvision()
   return _LIBRARY is None and torchvision.extension._has_ops()
+
+
+def prepare_torch_imports() -> None:
+  """Makes `import transformers` / `import diffusers` work beside the interop extra's torchvision
+  (transformers imports torchvision when it is installed): imports torchvision the way
+  `import_torchvision` does; nothing where torch or torchvision is not installed."""
+  try:
+    import_torchvision()
+  except ImportError:
+    pass
