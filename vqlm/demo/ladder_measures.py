@@ -25,7 +25,7 @@ _F32 = np.float32
 MIN_AGREEMENT = 0.95
 # Attribute edits: the strengths tried on the validation images, and the RGB distance from the
 # background beyond which a pixel belongs to an object (the palette's nearest colour is ~200 away).
-STRENGTHS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+STRENGTHS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 OBJECT_DISTANCE = 60.0
 
 

@@ -64,6 +64,12 @@ class LadderPreset:
   pool: int  # Training images searched for neighbours (and split by colour for attributes).
   queries: int  # Single-object test queries (neighbours, attribute edits).
   fsq_levels: tuple[int, ...] = (8, 8, 8)
+  # The continuous rungs (autoencoder, VAE) downsample 8x: a 4x4x16 latent of a 32x32x3 image,
+  # 8% of its numbers. At 8x8x16 the VAE's prior samples were faint specks at any KL weight tried
+  # (1e-6 to 1e-1: at most ~10% parsed as scenes); at 4x4 each latent position spans an object
+  # cell and they are blurry objects (docs/experiments.md).
+  continuous_multipliers: tuple[int, ...] = (1, 1, 2, 2)
+  vae_kl_weight: float = 1e-2
   # Colour A -> colour B edits. Neither red nor magenta has a held-out colour-shape pair, so an
   # edit never asks for a pair the tokenizers never saw (blue triangles are held out).
   attribute: tuple[str, str] = ("red", "magenta")
@@ -136,6 +142,11 @@ def rung_config(p: LadderPreset, rung: str, data_dir: str) -> ml_collections.Con
   c.evals.tokenizer.update(num_examples=p.eval_images, batch_size=min(250, p.eval_images))
   if rung == "fsq":
     c.model.bottleneck.levels = tuple(p.fsq_levels)
+  if rung in ("autoencoder", "vae"):
+    c.model.encoder.channel_multipliers = tuple(p.continuous_multipliers)
+    c.model.decoder.channel_multipliers = tuple(p.continuous_multipliers)
+  if rung == "vae":
+    c.model.bottleneck.kl_weight = p.vae_kl_weight
   if gan:
     c.loss.disc_start = steps // 2  # The discriminator joins half way.
   if rung == VORONOI_RUNG:
