@@ -226,6 +226,20 @@ def _gib(b: int) -> str:
   return f"{b / GIB:10.4f} GiB  ({b:,} bytes)"
 
 
+def _memory_lines(facts: dict[str, Any], title: str) -> list[str]:
+  """The compile time and XLA's memory analysis (with `title`), as report lines."""
+  lines = [f"compiled in {facts['compile_seconds']:.1f}s"]
+  memory = facts["memory"]
+  if memory is None:
+    return lines + ["memory analysis: not available on this backend"]
+  lines.append(title)
+  lines += [f"  {name:<15}{_gib(value)}" for name, value in memory.items()]
+  if facts["device_memory"]:
+    verdict = "fits" if facts["fits"] else "DOES NOT FIT"
+    lines.append(f"  device memory  {facts['device_memory'] / GIB:10.4f} GiB: {verdict}")
+  return lines
+
+
 def apply_overrides(
   config: ml_collections.ConfigDict, *, mesh: str = "", batch: int = 0, seq_len: int = 0
 ) -> ml_collections.ConfigDict:
@@ -337,16 +351,7 @@ def report(facts: Mapping[str, Any]) -> list[str]:
   ]
   if facts["compile_seconds"] is None:
     return lines
-  lines.append(f"compiled in {facts['compile_seconds']:.1f}s")
-  memory = facts["memory"]
-  if memory is None:
-    lines.append("memory analysis: not available on this backend")
-  else:
-    lines.append("memory per device (XLA):")
-    lines += [f"  {name:<15}{_gib(value)}" for name, value in memory.items()]
-    if facts["device_memory"]:
-      verdict = "fits" if facts["fits"] else "DOES NOT FIT"
-      lines.append(f"  device memory  {facts['device_memory'] / GIB:10.4f} GiB: {verdict}")
+  lines += _memory_lines(facts, "memory per device (XLA):")
   if facts["xla_flops"] is not None:
     note = " (the scanned layer loop's body counted once)" if facts["scan_layers"] else ""
     lines.append(f"FLOPs per step per device (XLA cost analysis): {facts['xla_flops']:.4g}{note}")
@@ -501,16 +506,9 @@ def report_sampler(facts: Mapping[str, Any]) -> list[str]:
   ]
   if facts["compile_seconds"] is None:
     return lines
-  lines.append(f"compiled in {facts['compile_seconds']:.1f}s")
-  memory = facts["memory"]
-  if memory is None:
-    lines.append("memory analysis: not available on this backend")
-  else:
-    lines.append("memory per device (XLA; the cache is donated: aliased to the new one):")
-    lines += [f"  {name:<15}{_gib(value)}" for name, value in memory.items()]
-    if facts["device_memory"]:
-      verdict = "fits" if facts["fits"] else "DOES NOT FIT"
-      lines.append(f"  device memory  {facts['device_memory'] / GIB:10.4f} GiB: {verdict}")
+  lines += _memory_lines(
+    facts, "memory per device (XLA; the cache is donated: aliased to the new one):"
+  )
   if facts["xla_flops"] is not None:
     lines.append(f"FLOPs per decode step per device (XLA cost analysis): {facts['xla_flops']:.4g}")
   return lines

@@ -123,18 +123,7 @@ def special_roles(src: str, hf_config: dict[str, Any], tokens: dict[str, int]) -
 def text_id_map(source_rows: int, size: int, roles: dict[str, int], vocab: Vocab) -> np.ndarray:
   """int64 `[source_rows]`: a role's source id -> its vqlm special, other ids below the
   tokenizer's `size` -> the next vqlm text id (order kept), rows past `size` -> -1 (dropped)."""
-  role_of = {i: vocab.special(r) for r, i in roles.items()}
-  out = np.full(source_rows, -1, np.int64)
-  text = 0
-  for i in range(min(source_rows, size)):
-    if i in role_of:
-      out[i] = role_of[i]
-    else:
-      out[i] = text
-      text += 1
-  if text != vocab.text_size:
-    raise ValueError(f"{text} text ids for a vocab of text_size {vocab.text_size}")
-  return out
+  return llama.text_id_map(size, roles, vocab, rows=source_rows)
 
 
 def _linear(ckpt: HFCheckpoint, name: str, dtype: Any) -> dict[str, Lazy]:

@@ -339,13 +339,18 @@ def special_roles(hf_config: dict[str, Any], src: str) -> dict[str, int]:
   return roles
 
 
-def text_id_map(source_size: int, roles: dict[str, int], vocab: Vocab) -> np.ndarray:
-  """int64 `[source_size]`: role ids -> their vqlm special, every other source id -> the next
-  vqlm text id (source order kept; `vocab.text_size == source_size - len(roles)`)."""
+def text_id_map(
+  source_size: int, roles: dict[str, int], vocab: Vocab, *, rows: int | None = None
+) -> np.ndarray:
+  """int64 `[rows]` (default `source_size`): role ids -> their vqlm special, every other source
+  id below `source_size` -> the next vqlm text id (source order kept; `vocab.text_size ==
+  source_size - len(roles)`), rows past `source_size` (a table padded beyond its tokenizer)
+  -> -1 (dropped)."""
   role_of = {i: vocab.special(r) for r, i in roles.items()}
-  out = np.empty(source_size, np.int64)
+  rows = source_size if rows is None else rows
+  out = np.full(rows, -1, np.int64)
   text = 0
-  for i in range(source_size):
+  for i in range(min(rows, source_size)):
     if i in role_of:
       out[i] = role_of[i]
     else:
