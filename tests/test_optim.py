@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from vqlm.errors import UserError
 from vqlm.train import optim
 
 
@@ -159,3 +160,10 @@ def test_a_freeze_pattern_that_matches_nothing_is_one_line():
   tx, _ = optim.make_optimizer(learning_rate=0.1, warmup_steps=0, total_steps=10, freeze=("(",))
   with pytest.raises(optim.UserError, match="not a regular expression"):
     tx.init(_params())
+
+
+@pytest.mark.parametrize("freeze", [(0,), ("",), 7])
+def test_freeze_entries_that_are_not_patterns_are_one_line(freeze):
+  with pytest.raises(UserError, match="optim.freeze"):
+    tx, _ = optim.make_optimizer(learning_rate=0.1, warmup_steps=0, total_steps=10, freeze=freeze)
+    tx.init({"embed": jnp.zeros(2)})

@@ -152,6 +152,7 @@ def _build_abstract(config: ml_collections.ConfigDict):
 @example(("configs/lm.py:size=tiny", [("model.head_dim", 2**50)]))
 @example(("configs/lm.py:size=tiny", [("model.param_dtype", "1e+30")]))
 @example(("configs/lm.py:size=tiny", [("model.code_levels", "abc")]))
+@example(("configs/lm.py:size=tiny", [("optim.freeze", 0)]))
 @example(("configs/tokenizer.py:size=tiny", [("model.decoder.channels", 0)]))
 @example(("configs/tokenizer.py:size=tiny", [("model.encoder.channel_multipliers", "")]))
 @example(("configs/tokenizer.py:size=tiny", [("model.bottleneck.codebook_size", 0)]))

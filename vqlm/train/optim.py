@@ -52,6 +52,11 @@ def frozen_mask(params: Any, patterns: Sequence[str]) -> Any:
   """
   compiled = []
   for pattern in patterns:
+    if not isinstance(pattern, str) or not pattern:
+      raise UserError(
+        f"optim.freeze entry {pattern!r} is not a regular expression; give strings, e.g. "
+        "--config.optim.freeze=\"('embed/.*',)\""
+      )
     try:
       compiled.append(re.compile(pattern))
     except re.error as e:
@@ -137,6 +142,13 @@ def make_optimizer(
     end_lr_fraction=end_lr_fraction,
   )
   parts = []
+  if isinstance(freeze, str):
+    freeze = (freeze,)
+  if not isinstance(freeze, (tuple, list)):
+    raise UserError(
+      f"optim.freeze={freeze!r} must be a tuple of regular expressions, e.g. "
+      "--config.optim.freeze=\"('embed/.*',)\""
+    )
   freeze = tuple(freeze)
   if freeze:
     parts.append(optax.masked(optax.set_to_zero(), lambda p: frozen_mask(p, freeze)))
