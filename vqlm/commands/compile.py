@@ -226,6 +226,21 @@ def _gib(b: int) -> str:
   return f"{b / GIB:10.4f} GiB  ({b:,} bytes)"
 
 
+def _compile_into(facts: dict[str, Any], lowered: Any, device: Any) -> None:
+  """Compiles `lowered` and records in `facts` the compile time, XLA's memory analysis (and
+  whether it fits `device`'s memory) and XLA's FLOP count."""
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  facts["compile_seconds"] = time.perf_counter() - start
+  stats = compiled.memory_analysis()
+  if stats is not None:
+    facts["memory"] = memory_summary(stats)
+    facts["device_memory"] = _device_memory(device) or None
+    if facts["device_memory"]:
+      facts["fits"] = facts["memory"]["total"] <= facts["device_memory"]
+  facts["xla_flops"] = _flops(compiled)
+
+
 def _memory_lines(facts: dict[str, Any], title: str) -> list[str]:
   """The compile time and XLA's memory analysis (with `title`), as report lines."""
   lines = [f"compiled in {facts['compile_seconds']:.1f}s"]
@@ -320,17 +335,7 @@ def analyze(
   facts["lower_seconds"] = time.perf_counter() - start
   if lower_only:
     return facts
-  start = time.perf_counter()
-  compiled = lowered.compile()
-  facts["compile_seconds"] = time.perf_counter() - start
-
-  stats = compiled.memory_analysis()
-  if stats is not None:
-    facts["memory"] = memory_summary(stats)
-    facts["device_memory"] = _device_memory(device) or None
-    if facts["device_memory"]:
-      facts["fits"] = facts["memory"]["total"] <= facts["device_memory"]
-  facts["xla_flops"] = _flops(compiled)
+  _compile_into(facts, lowered, device)
   if config.get("stage") == "lm":
     facts["model_flops"] = _model_flops_per_step(config, trainer, state) / jax.device_count()
   return facts
@@ -479,16 +484,7 @@ def analyze_sampler(
   facts["lower_seconds"] = time.perf_counter() - start
   if lower_only:
     return facts
-  start = time.perf_counter()
-  compiled = lowered.compile()
-  facts["compile_seconds"] = time.perf_counter() - start
-  stats = compiled.memory_analysis()
-  if stats is not None:
-    facts["memory"] = memory_summary(stats)
-    facts["device_memory"] = _device_memory(device) or None
-    if facts["device_memory"]:
-      facts["fits"] = facts["memory"]["total"] <= facts["device_memory"]
-  facts["xla_flops"] = _flops(compiled)
+  _compile_into(facts, lowered, device)
   return facts
 
 
