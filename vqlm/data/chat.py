@@ -294,7 +294,8 @@ def conversation(
   min_objects: int = 1,
   max_objects: int = 2,
 ) -> dict[str, Any]:
-  """Instruction `index` of `(seed, split)`: `{"kind", "scene", "turns", "answer"}`.
+  """Instruction `index` of `(seed, split)`: `{"kind", "scene", "turns", "answer",
+  "question_kind"}` (the `question` kind of a "question" item, else None).
 
   `turns` is one user turn and one assistant turn; images are `SceneImage`s. `answer` is the
   exact reply text (questions, descriptions) or None (draw: the reply is the scene's image). The
@@ -308,17 +309,23 @@ def conversation(
   rng = np.random.default_rng([int(seed), shapes.SPLITS.index(split), int(index)])
   scene = shapes.sample_scene(rng, min_objects=min_objects, max_objects=max_objects, split=split)
   kind = _pick(rng, tuple(kinds))
-  image = SceneImage.of(scene)
+  image, question_kind = SceneImage.of(scene), None
   if kind == "draw":
     user, reply, answer = [draw_request(scene, rng)], [image], None
   else:
     if kind == "describe":
       text, answer = _pick(rng, DESCRIBE_TEMPLATES), shapes.caption(scene)
     else:
-      _, text, answer = question(scene, rng)
+      question_kind, text, answer = question(scene, rng)
     user, reply = ([image, text] if rng.random() < 0.5 else [text, image]), [answer]
   turns = [{"role": "user", "parts": user}, {"role": "assistant", "parts": reply}]
-  return {"kind": kind, "scene": scene, "turns": turns, "answer": answer}
+  return {
+    "kind": kind,
+    "scene": scene,
+    "turns": turns,
+    "answer": answer,
+    "question_kind": question_kind,
+  }
 
 
 def conversations(num: int, **kwargs) -> Iterator[dict[str, Any]]:

@@ -272,6 +272,33 @@ class Generator:
     rows = [[v.bos_id, *self.text_ids(p), v.boi_id] for p in prompts for _ in range(num_per_prompt)]
     if not rows:
       raise UserError("no prompts given; pass at least one caption.")
+    return self.draw_ids(
+      rows,
+      cfg_scale=cfg_scale,
+      sampling=sampling,
+      seed=seed,
+      batch_size=batch_size,
+      return_codes=return_codes,
+      first_row=first_row,
+    )
+
+  def draw_ids(
+    self,
+    rows: list[list[int]],
+    *,
+    cfg_scale: float | None = None,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    return_codes: bool = False,
+    first_row: int = 0,
+  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """One image per prompt of unified ids (each `<bos> ... <boi>`; `generate_images`' core,
+    the same seeding and guidance): uint8 `[N, H, W, 3]` (and int32 codes `[N, h, w]`)."""
+    v = self.vocab
+    bad = next((i for i, r in enumerate(rows) if not len(r) or r[-1] != v.boi_id), None)
+    if bad is not None:
+      raise UserError(f"image prompt {bad} does not end with <boi>; end each prompt with it.")
     use_cfg = cfg_scale is not None and float(cfg_scale) != 1.0
     tokens, _ = self._run_batches(
       rows,
@@ -322,14 +349,38 @@ class Generator:
     codes = self.vocab.check_codes(codes)
     if codes.ndim != 3:
       raise UserError(f"codes must be [N, h, w], got shape {codes.shape}.")
+    rows = [[self.vocab.bos_id, *self.image_ids(c)] for c in codes]
+    return self.write_ids(
+      rows,
+      greedy=greedy,
+      sampling=sampling,
+      seed=seed,
+      max_len=max_len,
+      batch_size=batch_size,
+      desc="captions",
+    )
+
+  def write_ids(
+    self,
+    rows: list[list[int]],
+    *,
+    greedy: bool = True,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    max_len: int = 48,
+    batch_size: int | None = None,
+    desc: str = "texts",
+  ) -> list[str]:
+    """The text after each prompt of unified ids (mode "text": up to `max_len` ids, ending at
+    `<eos>`; `caption_codes`' core), stripped; greedy by default. Row `i` uses seed
+    `(seed, i)`."""
     if greedy:
       if sampling is not None:
         raise UserError("greedy=True ignores `sampling`; pass greedy=False to sample.")
       sampling = SamplingConfig(text=GREEDY, image=GREEDY)
-    rows = [[self.vocab.bos_id, *self.image_ids(c)] for c in codes]
     tokens, lengths = self._run_batches(
       rows,
-      desc="captions",
+      desc=desc,
       batch_size=batch_size,
       mode="text",
       max_new_tokens=max_len,
