@@ -12,7 +12,8 @@ of `RUN/eval.json`. Training stages, `vqlm eval` and the demos run them this way
 Types: `reconstruction` (tokenizer runs: PSNR, SSIM, codebook statistics for discrete
 bottlenecks, KL and prior samples for a VAE, random-latent samples for an autoencoder,
 scene-parser agreement on shapes), `text_to_image`, `image_to_text`, `scene_fd` and
-`fid` (LM runs on shapes: images judged by the scene parser, captions parsed back into scenes).
+`fid` (LM runs on shapes: images judged by the scene parser, captions parsed back into scenes),
+`chat_draw` and `chat_qa` (instruction-tuned LMs: `vqlm.eval.chat_eval`).
 """
 
 from collections.abc import Callable, Mapping
@@ -360,22 +361,36 @@ TYPES: dict[str, type[Evaluator]] = {
 }
 
 
+def all_types() -> dict[str, type[Evaluator]]:
+  """TYPES and the chat LMs' evaluators, `chat_draw` and `chat_qa` (`vqlm.eval.chat_eval`, which
+  builds on this module)."""
+  from vqlm.eval import chat_eval
+
+  return {**TYPES, "chat_draw": chat_eval.ChatDraw, "chat_qa": chat_eval.ChatQA}
+
+
+# Evaluators that name their artefact files after their config.evals section.
+_NAMED = ("text_to_image", "chat_draw", "chat_qa")
+
+
 def build(evals: Mapping[str, Mapping[str, Any]], *, log_fn=print) -> dict[str, Evaluator]:
   """`{section: {"type": TYPE, **kwargs}}` -> `{section: Evaluator}`; errors name the valid types
   and the evaluator's own settings."""
+  types = all_types()
   out = {}
   for name, spec in evals.items():
     spec = dict(spec)
     kind = spec.pop("type", None)
-    if kind not in TYPES:
-      raise UserError(f"config.evals.{name}.type is {kind!r}; valid: {', '.join(TYPES)}")
+    if kind not in types:
+      raise UserError(f"config.evals.{name}.type is {kind!r}; valid: {', '.join(types)}")
     try:
-      out[name] = TYPES[kind](log_fn=log_fn, **spec)
+      out[name] = types[kind](log_fn=log_fn, **spec)
     except TypeError as e:
+      where = "vqlm/eval/chat_eval.py" if kind.startswith("chat_") else "vqlm/eval/evaluators.py"
       raise UserError(
-        f"config.evals.{name}: {e}; see vqlm/eval/evaluators.py for the settings of '{kind}'"
+        f"config.evals.{name}: {e}; see {where} for the settings of '{kind}'"
       ) from None
-    if kind == "text_to_image":
+    if kind in _NAMED:
       out[name].settings["name"] = name
   return out
 

@@ -1,0 +1,332 @@
+"""Instruction-following accuracy of a chat LM on shapes, judged exactly.
+
+Draw requests (`chat.conversation(kinds=("draw",))`: "please draw a little red circle in the
+middle and ...") are answered with images; each is parsed with the deterministic scene parser and
+compared with the request's scene (`draw_accuracy`, the metrics of `text_image.text_to_image`).
+Questions and description requests about an image (its codes in the user turn) are answered
+with text: a question is right when the reply is exactly its one-phrase answer, a description when
+`shapes.parse_caption` reads the reply back as the image's scene (`answer_accuracy`).
+
+Evaluators (`config.evals`, stage "lm"; both refuse an LM without chat turns in one line):
+
+    evals = {"chat_draw": {"type": "chat_draw", "split": "test_heldout", "cfg_scale": 2.0},
+             "chat_qa": {"type": "chat_qa", "num_items": 200}}
+
+Their items are `chat.conversation(i, seed=1000 + seed, split=...)`, not the instruction-tuning
+items (split "train"); every result lists the colour-shape pairs its prompts used, and which of
+them are held out of training (`shapes.HELDOUT_PAIRS`: every "test_heldout" scene has one).
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from vqlm.data import chat, shapes
+from vqlm.errors import UserError
+from vqlm.eval import evaluators, scene_parser, text_image
+from vqlm.sample import chat as sample_chat
+
+QUESTION_KINDS = ("color", "shape", "size", "position", "count")
+ITEM_SEED_OFFSET = 1000  # Evaluation items use seed 1000 + seed: not the tuning items.
+ENCODE_BATCH = 256
+
+
+def pairs_summary(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The colour-shape pairs the items use: `pairs_used` ("red circle", ...), those of them held
+  out of training (`heldout_pairs_used`) and the fraction of items with a held-out pair."""
+  heldout = set(shapes.HELDOUT_PAIRS)
+  used = chat.pairs_used(items)
+  with_heldout = [bool(chat.pairs_used([item]) & heldout) for item in items]
+  return {
+    "pairs_used": [f"{c} {s}" for c, s in sorted(used)],
+    "heldout_pairs_used": [f"{c} {s}" for c, s in sorted(used & heldout)],
+    "heldout_fraction": float(np.mean(with_heldout)) if items else 0.0,
+  }
+
+
+def _check_kinds(items: Sequence[Mapping[str, Any]], kinds: Sequence[str], what: str) -> None:
+  if not items:
+    raise UserError(f"{what} got no items; pass at least one chat.conversation item.")
+  bad = next((i for i, item in enumerate(items) if item.get("kind") not in kinds), None)
+  if bad is not None:
+    raise UserError(
+      f"{what}: item {bad} is a {items[bad].get('kind')!r} item; it scores {'/'.join(kinds)} "
+      f"items (chat.conversation(..., kinds={tuple(kinds)}))."
+    )
+
+
+def draw_accuracy(
+  generator: Any,
+  items: Sequence[Mapping[str, Any]],
+  *,
+  num_per_prompt: int = 2,
+  cfg_scale: float | None = None,
+  sampling: Any = None,
+  seed: int = 0,
+) -> tuple[dict[str, Any], np.ndarray]:
+  """Draws every request `num_per_prompt` times (`vqlm.sample.chat.draw`) and scores each image
+  against its item's scene with the scene parser.
+
+  Args:
+    generator: a `vqlm.sample.api.Generator` of a chat LM.
+    items: `chat.conversation(..., kinds=("draw",))` items.
+  Returns:
+    (metrics, images uint8 `[len(items) * num_per_prompt, H, W, 3]`): the metrics of
+    `text_image.text_to_image` (`num_prompts`, `num_images`, `scene_parser.summarize`,
+    `by_objects`) and `pairs_summary`.
+  """
+  _check_kinds(items, ("draw",), "draw_accuracy")
+  requests = [[item["turns"][0]] for item in items]
+  images = sample_chat.draw(
+    generator,
+    requests,
+    num_per_prompt=num_per_prompt,
+    cfg_scale=cfg_scale,
+    sampling=sampling,
+    seed=seed,
+  )
+  results, counts = [], []
+  for i, image in enumerate(images):
+    truth = items[i // num_per_prompt]["scene"]
+    results.append(scene_parser.compare(scene_parser.parse_image(image), truth))
+    counts.append(len(truth))
+  metrics = {
+    "num_prompts": len(items),
+    "num_images": len(images),
+    **scene_parser.summarize(results),
+    "by_objects": text_image._by_count(results, counts),
+    **pairs_summary(items),
+  }
+  return metrics, images
+
+
+def scene_encoder(generator: Any) -> Callable[[Sequence[Sequence[Mapping[str, Any]]]], list]:
+  """`encode(scenes) -> [codes [h, w], ...]`: each scene rendered at the image tokenizer's size
+  and encoded with `generator.encode_images` (distinct scenes once, in batches)."""
+  size = int(generator.image_tokenizer.image_size)
+
+  def encode(scenes):
+    keys = [shapes.canonical(s) for s in scenes]
+    distinct = list(dict.fromkeys(keys))
+    codes = {}
+    for start in range(0, len(distinct), ENCODE_BATCH):
+      chunk = distinct[start : start + ENCODE_BATCH]
+      images = np.stack([shapes.render(chat.SceneImage(k).objects(), size) for k in chunk])
+      codes.update(zip(chunk, generator.encode_images(images)))
+    return [codes[k] for k in keys]
+
+  return encode
+
+
+def with_image_codes(generator: Any, items: Sequence[Mapping[str, Any]]) -> list[list[dict]]:
+  """The user turn of each item with its `SceneImage`s replaced by the image tokenizer's codes."""
+  scenes = [
+    p.objects()
+    for item in items
+    for p in item["turns"][0]["parts"]
+    if isinstance(p, chat.SceneImage)
+  ]
+  codes = dict(zip((shapes.canonical(s) for s in scenes), scene_encoder(generator)(scenes)))
+  return [
+    chat.with_codes(item["turns"][:1], lambda s: codes[shapes.canonical(s)]) for item in items
+  ]
+
+
+def is_right(item: Mapping[str, Any], reply: str) -> bool:
+  """A question's reply is exactly its answer (stripped); a description's parses back
+  (`shapes.parse_caption`) into the item's scene."""
+  reply = reply.strip()
+  if item["kind"] == "describe":
+    parsed = shapes.parse_caption(reply)
+    return parsed is not None and shapes.canonical(parsed) == shapes.canonical(item["scene"])
+  return reply == item["answer"]
+
+
+def answer_accuracy(
+  generator: Any,
+  items: Sequence[Mapping[str, Any]],
+  *,
+  batch_size: int | None = None,
+  max_len: int = 48,
+) -> tuple[dict[str, Any], list[str]]:
+  """Greedy replies (`vqlm.sample.chat.reply`) to "question" / "describe" items, scored exactly.
+
+  Args:
+    generator: a `vqlm.sample.api.Generator` of a chat LM.
+    items: `chat.conversation(..., kinds=("question", "describe"))` items; their images are
+      rendered and encoded (`with_image_codes`).
+    max_len: most ids per reply.
+  Returns:
+    (metrics, replies): `accuracy` over all items, the accuracy per question kind (`color`,
+    `shape`, `size`, `position`, `count`) and of `describe` (groups present only), `num_items`,
+    `counts` (items per group), `describe_parseable` (the fraction of descriptions that are valid
+    captions) and `pairs_summary`.
+  """
+  _check_kinds(items, ("question", "describe"), "answer_accuracy")
+  conversations = with_image_codes(generator, items)
+  replies = sample_chat.reply(generator, conversations, batch_size=batch_size, max_len=max_len)
+  right = [is_right(item, r) for item, r in zip(items, replies)]
+  groups: dict[str, list[bool]] = {}
+  for item, ok in zip(items, right):
+    group = item["kind"] if item["kind"] == "describe" else item.get("question_kind")
+    if group not in QUESTION_KINDS + ("describe",):
+      raise UserError(f"question item without a question_kind ({item['turns'][0]['parts']}).")
+    groups.setdefault(group, []).append(ok)
+  order = [g for g in QUESTION_KINDS + ("describe",) if g in groups]
+  metrics: dict[str, Any] = {
+    "num_items": len(items),
+    "accuracy": float(np.mean(right)),
+    **{g: float(np.mean(groups[g])) for g in order},
+    "counts": {g: len(groups[g]) for g in order},
+  }
+  described = [r for item, r in zip(items, replies) if item["kind"] == "describe"]
+  if described:
+    metrics["describe_parseable"] = float(
+      np.mean([shapes.parse_caption(r) is not None for r in described])
+    )
+  metrics.update(pairs_summary(items))
+  return metrics, replies
+
+
+# ---- evaluators ---------------------------------------------------------------------------------
+
+
+def _items(settings: Mapping[str, Any], num: int, kinds: Sequence[str]) -> list[dict]:
+  return [
+    chat.conversation(
+      i,
+      seed=ITEM_SEED_OFFSET + int(settings["seed"]),
+      split=settings["split"],
+      kinds=tuple(kinds),
+      min_objects=settings["min_objects"],
+      max_objects=settings["max_objects"],
+    )
+    for i in range(num)
+  ]
+
+
+def _write_json(artefacts: str, name: str, value: Any) -> None:
+  os.makedirs(artefacts, exist_ok=True)
+  with open(os.path.join(artefacts, name), "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=1)
+
+
+class ChatDraw(evaluators._Generation):
+  """Draw requests of `split` ("test" or "test_heldout"), `images_per_prompt` images each, judged
+  by the scene parser (`draw_accuracy`); artefacts: a grid of the first 12 requests' images
+  (`NAME.png`) and their texts (`NAME.json`)."""
+
+  SPLITS = ("test", "test_heldout")
+
+  def __init__(
+    self,
+    *,
+    split: str = "test",
+    num_prompts: int = 100,
+    images_per_prompt: int = 2,
+    min_objects: int = 1,
+    max_objects: int = 3,
+    **kwargs,
+  ):
+    if split not in self.SPLITS:
+      raise UserError(f"chat_draw split={split!r}; use one of {self.SPLITS}")
+    super().__init__(
+      split=split, num_prompts=num_prompts, images_per_prompt=images_per_prompt, **kwargs
+    )
+    self.settings.update(min_objects=min_objects, max_objects=max_objects)
+
+  def run(self, run, artefacts=None):
+    from vqlm import imaging
+
+    sample_chat.require_chat_vocab(run.vocab)
+    evaluators._shapes_data(run)
+    s = self.settings
+    items = _items(s, s["num_prompts"], ("draw",))
+    metrics, images = draw_accuracy(
+      run.generator(batch_size=s["batch_size"]),
+      items,
+      num_per_prompt=s["images_per_prompt"],
+      cfg_scale=s["cfg_scale"],
+      sampling=evaluators._sampling(s["temperature"], s["top_k"]),
+      seed=s["seed"],
+    )
+    metrics["split"] = s["split"]
+    metrics["settings"] = {
+      "image_temperature": s["temperature"],
+      "image_top_k": s["top_k"],
+      "cfg_scale": s["cfg_scale"],
+    }
+    if artefacts:
+      name = s.get("name", "chat_draw")
+      shown = min(12, len(items))
+      os.makedirs(artefacts, exist_ok=True)
+      grid = imaging.make_grid(
+        images[: shown * s["images_per_prompt"]], columns=s["images_per_prompt"], scale=3
+      )
+      imaging.save_png(grid, os.path.join(artefacts, f"{name}.png"))
+      texts = [p for item in items[:shown] for p in item["turns"][0]["parts"]]
+      _write_json(artefacts, f"{name}.json", texts)
+    return metrics
+
+
+class ChatQA(evaluators.Evaluator):
+  """Questions and description requests about images of `split` (`answer_accuracy`, greedy
+  replies); artefacts: every item's request, truth and reply (`NAME.json`)."""
+
+  stage = "lm"
+
+  def __init__(
+    self,
+    *,
+    split: str = "test",
+    num_items: int = 200,
+    kinds: str | Sequence[str] = "question,describe",
+    min_objects: int = 1,
+    max_objects: int = 3,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_len: int = 48,
+    log_fn=print,
+  ):
+    kinds = tuple(k.strip() for k in kinds.split(",")) if isinstance(kinds, str) else tuple(kinds)
+    if not kinds or any(k not in ("question", "describe") for k in kinds):
+      raise UserError(f"chat_qa kinds={','.join(kinds)!r}; use 'question', 'describe' or both")
+    if split not in shapes.SPLITS:
+      raise UserError(f"chat_qa split={split!r}; use one of {shapes.SPLITS}")
+    super().__init__(
+      log_fn,
+      split=split,
+      num_items=num_items,
+      kinds=kinds,
+      min_objects=min_objects,
+      max_objects=max_objects,
+      seed=seed,
+      batch_size=batch_size,
+      max_len=max_len,
+    )
+
+  def run(self, run, artefacts=None):
+    sample_chat.require_chat_vocab(run.vocab)
+    evaluators._shapes_data(run)
+    s = self.settings
+    items = _items(s, s["num_items"], s["kinds"])
+    metrics, replies = answer_accuracy(
+      run.generator(batch_size=s["batch_size"]), items, max_len=s["max_len"]
+    )
+    metrics["split"] = s["split"]
+    if artefacts:
+      rows = [
+        {
+          "kind": item["question_kind"] or item["kind"],
+          "request": next(p for p in item["turns"][0]["parts"] if isinstance(p, str)),
+          "truth": item["answer"],
+          "reply": reply,
+          "right": is_right(item, reply),
+        }
+        for item, reply in zip(items, replies)
+      ]
+      _write_json(artefacts, f"{s.get('name', 'chat_qa')}.json", rows)
+    return metrics
