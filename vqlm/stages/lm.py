@@ -6,7 +6,9 @@ t2i / i2t / mix, clips of codes `[frames, h, w]` in video, and in document mode 
 `config.data.pairs_per_document` consecutive records (`make_source`: a `GroupedSource`).
 
 An LM run directory records everything generation needs: `config.json` (with the tokenizer run's
-path and the encoded data directory), `vocab.json` and `text.model` (SentencePiece).
+path and the encoded data directory), `vocab.json` and `text.model` (SentencePiece). With
+`config.data.chat.weight > 0` (instruction tuning, `vqlm.stages.chat_data`) chat examples are
+mixed into the training data and `chat_data.json` records them.
 """
 
 from collections.abc import Mapping
@@ -30,7 +32,7 @@ from vqlm.runs.lm_run import TEXT_MODEL, VOCAB_FILE, transformer_config
 from vqlm.runtime import mesh as mesh_lib
 from vqlm.runtime import workdir_lock
 from vqlm.runtime.config import as_kwargs
-from vqlm.stages import init_from
+from vqlm.stages import chat_data, init_from
 from vqlm.stages.wiring import make_trainer
 from vqlm.text import TextTokenizer, train_sentencepiece
 from vqlm.train import loop
@@ -68,6 +70,7 @@ def _prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=pr
   manifest = read_manifest(config.data.codes)
   grid, codebook_size = tuple(manifest["grid"]), int(manifest["codebook_size"])
   vocab_path = os.path.join(workdir, VOCAB_FILE)
+  chat = chat_data.settings(config)
   if os.path.exists(vocab_path):
     vocab = Vocab.load(vocab_path)
     if tuple(vocab.grid) != grid or vocab.image_size != codebook_size:
@@ -75,7 +78,7 @@ def _prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=pr
         f"{vocab_path} was made for a {vocab.grid} grid of {vocab.image_size} codes but "
         f"{config.data.codes} holds a {grid} grid of {codebook_size} codes; use a new --workdir"
       )
-    return vocab
+    return chat_data.with_chat_specials(vocab, existing=vocab_path) if chat else vocab
   text_model = os.path.join(workdir, TEXT_MODEL)
   if config.data.text_model:
     shutil.copyfile(config.data.text_model, text_model)
@@ -89,14 +92,18 @@ def _prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=pr
         f"the training split of {config.data.codes} has no captions to train the "
         "text model on; pass --config.data.text_model=PATH"
       )
+    if chat:  # The instructions' words too, so that every chat text round-trips.
+      texts += chat_data.corpus(chat, config.data.text_train_examples)
     made = train_sentencepiece(
       texts, model_prefix=text_model[: -len(".model")], vocab_size=config.data.text_vocab_size
     )
-    log_fn(f"trained the text model on {len(texts)} captions: {made}")
+    log_fn(f"trained the text model on {len(texts)} {'texts' if chat else 'captions'}: {made}")
   tokenizer = TextTokenizer.load(text_model)
   vocab = Vocab(
     text_size=tokenizer.vocab_size, image_size=codebook_size, grid=grid, text_model=TEXT_MODEL
   )
+  if chat:
+    vocab = chat_data.with_chat_specials(vocab)
   vocab.save(vocab_path)
   return vocab
 
@@ -315,8 +322,17 @@ class _Repeated:
     return self.source[index % len(self.source)]
 
 
-def make_eval_hook(trainer: loop.Trainer, config, vocab: Vocab, text_model: str):
-  """Validation perplexity per modality over `config.eval.num_batches` fixed batches."""
+def make_eval_hook(
+  trainer: loop.Trainer,
+  config,
+  vocab: Vocab,
+  text_model: str,
+  *,
+  extra: Mapping[str, list] | None = None,
+):
+  """Validation perplexity per modality over `config.eval.num_batches` fixed batches; `extra`
+  maps a metric prefix to more fixed host-local batches (e.g. "chat_": the chat validation
+  examples)."""
   source = make_source(config, "validation")
   if len(source) < config.train.batch_size:
     # A small validation split (e.g. 5% of one's own folder) is repeated to fill one batch.
@@ -336,14 +352,20 @@ def make_eval_hook(trainer: loop.Trainer, config, vocab: Vocab, text_model: str)
   batches = [b for _, b in zip(range(config.eval.num_batches), ds)]
   eval_step = jax.jit(trainer.task.eval_step)
 
+  def sums_over(state, fixed):
+    totals = None
+    for batch in fixed:
+      sums = jax.device_get(eval_step(state, mesh_lib.global_batch(batch, trainer.mesh)))
+      totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+    return totals
+
   def hook(state, step):
     del step
-    totals = None
     with trainer.context():
-      for batch in batches:
-        sums = jax.device_get(eval_step(state, mesh_lib.global_batch(batch, trainer.mesh)))
-        totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
-    return eval_summary(totals)
+      out = eval_summary(sums_over(state, batches))
+      for prefix, more in (extra or {}).items():
+        out.update({prefix + k: v for k, v in eval_summary(sums_over(state, more)).items()})
+    return out
 
   return hook
 
@@ -379,19 +401,45 @@ def train(
 def _train(config, workdir, *, progress, log_fn, extra_hooks, loop_kwargs, share_files) -> Any:
   config = _resolve_paths(config)
   check_data(config)
+  chat = chat_data.settings(config)
   runs.check_same_model(workdir, config, sections=("model",))
   vocab = prepare_vocab(config, workdir, log_fn=log_fn, share_files=share_files)
   text_model = os.path.join(workdir, TEXT_MODEL)
   check_seq_len(config, vocab, text_model)
+  chat_examples = None
+  if chat:
+    chat_examples = chat_data.prepare(
+      chat,
+      vocab=vocab,
+      text_model=text_model,
+      tokenizer_dir=config.data.tokenizer,
+      seq_len=config.train.seq_len,
+      text_weight=config.loss.text_weight,
+      image_weight=config.loss.image_weight,
+      progress=progress,
+      log_fn=log_fn,
+    )
   runs.save_config(workdir, config)
   trainer = build_trainer(config, vocab, progress=progress)
+  source = make_source(config, "train")
   transform = ExampleTransform(
     text_model=text_model,
     builder=make_builder(config, vocab, seed=config.train.seed),
     max_text_len=config.data.max_text_len,
   )
+  extra = {}
+  if chat_examples is not None:
+    source, transform = chat_data.mixture(
+      source, transform, chat_examples.train, weight=chat.weight, seed=chat.seed
+    )
+    chat_data.write_info(workdir, chat_examples.info, source)
+    extra["chat_"] = chat_examples.validation.batches(
+      config.train.batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
   data_iter = pipeline.make_iterator(
-    make_source(config, "train"),
+    source,
     global_batch_size=config.train.batch_size,
     transform=transform,
     seed=config.train.seed,
@@ -400,7 +448,7 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, loop_kwargs, share
   hooks = [
     loop.Hook(
       every=config.train.eval_every,
-      fn=make_eval_hook(trainer, config, vocab, text_model),
+      fn=make_eval_hook(trainer, config, vocab, text_model, extra=extra),
       name="valid",
     )
   ]

@@ -118,6 +118,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pairs_per_document=2,
     codebook_dim=0,
     num_threads=2,
+    # Instruction tuning (SFT, `vqlm.stages.chat_data`): shapes instructions (draw requests,
+    # questions about an image, descriptions; `vqlm.data.chat.conversation`) mixed into the data.
+    chat=dict(
+      # Fraction of training examples that are chat examples, in [0, 1); 0 is off (the vocab,
+      # data and batches are then exactly those of a run without chat). > 0 adds <user> and
+      # <assistant> to the vocab (a run started without them cannot add them: use init_from).
+      weight=0.0,
+      # Training instructions (split "train"), built and encoded once before training.
+      num_examples=20_000,
+      # Validation instructions (split "validation": other scenes); their loss on the assistant
+      # tokens is logged as valid/chat_loss, valid/chat_text_loss, valid/chat_image_loss.
+      validation_examples=256,
+      # Comma-separated subset of draw,question,describe.
+      kinds="draw,question,describe",
+      # Objects per scene (1..9 cells of the 3x3 grid).
+      min_objects=1,
+      max_objects=3,
+      # Seed of the instructions (`chat.conversation(i, seed=...)`) and of the mixture's order.
+      seed=0,
+    ),
   )
 
   c.model = dict(
