@@ -9,7 +9,7 @@ import importlib
 from vqlm.commands import flags as flag_lib
 from vqlm.errors import UserError
 
-STAGES = {"tokenizer": "vqlm.stages.tokenizer", "lm": "vqlm.stages.lm"}
+STAGES = {"tokenizer": "vqlm.stages.tokenizer", "lm": "vqlm.stages.lm", "tune": "vqlm.stages.tune"}
 
 
 def main(argv: list[str]) -> int:
