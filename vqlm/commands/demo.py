@@ -6,6 +6,10 @@ Re-running resumes: finished stages are skipped.
 `vqlm demo ladder --workdir runs/ladder [--preset smoke|default] [--main runs/demo]`: the same
 test images through an autoencoder, a VAE, a VQ-VAE, FSQ, a VQ-GAN and a VQ + LM
 (`vqlm.demo.ladder`), written to WORKDIR/ladder.html and WORKDIR/ladder.json.
+
+`vqlm demo tuning --workdir runs/tuning [--main runs/demo] [--preset smoke|default]`: the main
+demo's LM instruction-tuned (SFT), then preference-tuned (DPO, GRPO), each model measured
+(`vqlm.demo.tuning`), written to WORKDIR/tuning.html and WORKDIR/tuning.json.
 """
 
 from vqlm.commands import flags as flag_lib
@@ -14,6 +18,8 @@ from vqlm.commands import flags as flag_lib
 def main(argv: list[str]) -> int:
   if argv[1:2] == ["ladder"]:
     return ladder_main([f"{argv[0]} ladder", *argv[2:]])
+  if argv[1:2] == ["tuning"]:
+    return tuning_main([f"{argv[0]} tuning", *argv[2:]])
   from vqlm.demo import main as demo
 
   fv = flag_lib.parse(
@@ -79,4 +85,36 @@ def ladder_main(argv: list[str]) -> int:
     summary.append(f"attributes.best={best}")
   print("ladder results: " + ", ".join(summary))
   print(f"report: {workdir}/ladder.html")
+  return 0
+
+
+def tuning_main(argv: list[str]) -> int:
+  from vqlm.demo import tuning
+  from vqlm.demo.tuning_recipe import PRESETS
+
+  fv = flag_lib.parse(
+    argv,
+    lambda f: (
+      f.DEFINE_string("workdir", "runs/tuning", "tuning directory (created; resumed if present)"),
+      f.DEFINE_string("preset", "default", f"one of {', '.join(PRESETS)}"),
+      f.DEFINE_string(
+        "main",
+        "runs/demo",
+        "a main demo's directory (`vqlm demo`, the same preset): its LM is the starting point",
+      ),
+      f.DEFINE_string("stages", "all", f"comma-separated subset of {', '.join(tuning.STAGES)}"),
+      f.DEFINE_bool("progress", True, "show progress bars"),
+    ),
+  )
+  workdir = flag_lib.check_workdir(fv.workdir)
+  run = tuning.Tuning(workdir, main=fv.main, preset=fv.preset, progress=fv.progress)
+  results = run.run(tuning.tuning_stages(fv.stages))
+  summary = []
+  for model, entry in (results.get("models") or {}).items():
+    for section, key in (("requests", "scene"), ("heldout_requests", "scene")):
+      value = (entry.get(section) or {}).get(key)
+      if isinstance(value, float):
+        summary.append(f"{model}.{section}={value:.3f}")
+  print("tuning results: " + ", ".join(summary))
+  print(f"report: {workdir}/tuning.html")
   return 0

@@ -117,6 +117,16 @@ def kv_table(rows: Sequence[tuple[str, str]]) -> str:
   return f"<table>{body}</table>"
 
 
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """An HTML table: escaped header cells; row cells are HTML, the first left-aligned."""
+  head = "".join(f"<th>{esc(h)}</th>" for h in header)
+  body = "".join(
+    "<tr>" + f'<td class="text">{r[0]}</td>' + "".join(f"<td>{c}</td>" for c in r[1:]) + "</tr>"
+    for r in rows
+  )
+  return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def pick(items: Sequence[Any], count: int) -> list[Any]:
   """Up to `count` items evenly spaced, always the first and the last."""
   if len(items) <= count:

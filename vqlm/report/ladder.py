@@ -11,6 +11,7 @@ from typing import Any
 from vqlm import imaging
 from vqlm.errors import UserError
 from vqlm.report.common import STYLE, esc, img, missing, note, num, pct, read_json, seconds
+from vqlm.report.common import table as _table
 
 LADDER_FILE = "ladder.html"
 LADDER_SECTIONS = (
@@ -38,15 +39,6 @@ def _gif(workdir: str, name: Any, alt: str) -> str:
   with open(path, "rb") as f:
     data = base64.b64encode(f.read()).decode("ascii")
   return f'<img src="data:image/gif;base64,{data}" alt="{esc(alt)}">'
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-  head = "".join(f"<th>{esc(h)}</th>" for h in header)
-  body = "".join(
-    "<tr>" + f'<td class="text">{r[0]}</td>' + "".join(f"<td>{c}</td>" for c in r[1:]) + "</tr>"
-    for r in rows
-  )
-  return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _label(result: Mapping[str, Any], rung: str) -> str:

@@ -1,0 +1,110 @@
+"""What the tuning demo measures on each model, with the evaluators of `vqlm.eval`.
+
+Every model gets the main demo's own measures (its test prompts, its held-out captions, its
+captioning, with the main demo's sampling settings), so a fall is visible. Chat models (with
+`<user>`/`<assistant>` turns) also draw from free-form requests (`chat_draw`: 1-3 objects in any
+order and wording, on test scenes and on scenes with held-out colour-shape pairs) and answer
+questions about test images (`chat_qa`). The main demo's LM has no turns: it is given the same
+requests as plain captions (`<bos> request <boi>`), its "before" figure.
+"""
+
+import os
+
+from vqlm.data import chat
+from vqlm.demo.recipe import Preset as MainPreset
+from vqlm.demo.tuning_recipe import Preset
+from vqlm.eval import evaluators as evaluators_lib
+from vqlm.vocab import CHAT_SPECIALS
+
+# The chat evaluators draw their requests with this seed offset (`vqlm.eval.chat_eval`); the
+# native measure of a model without turns uses the same requests.
+REQUEST_SEED = 0
+
+
+def has_turns(vocab) -> bool:
+  return all(name in vocab.specials for name in CHAT_SPECIALS)
+
+
+def evaluator_specs(p: Preset, main: MainPreset, *, chat_turns: bool) -> dict:
+  """`{section: evaluator spec}` for one model."""
+  sampling = dict(
+    cfg_scale=main.cfg_scale, temperature=main.image_temperature, top_k=main.image_top_k
+  )
+  specs = {
+    "test_prompts": dict(
+      type="text_to_image",
+      split="test",
+      num_prompts=main.eval_prompts,
+      images_per_prompt=main.images_per_prompt,
+      seed=0,
+      **sampling,
+    ),
+    "heldout_captions": dict(
+      type="text_to_image",
+      split="test_heldout",
+      num_prompts=main.eval_prompts,
+      images_per_prompt=main.images_per_prompt,
+      seed=0,
+      **sampling,
+    ),
+    "captions": dict(type="image_to_text", split="test", num_images=main.caption_images),
+  }
+  if chat_turns:
+    for name, split in (("requests", "test"), ("heldout_requests", "test_heldout")):
+      specs[name] = dict(
+        type="chat_draw",
+        split=split,
+        num_prompts=p.measure_prompts,
+        images_per_prompt=p.images_per_prompt,
+        max_objects=p.max_objects,
+        seed=REQUEST_SEED,
+        **sampling,
+      )
+    specs["questions"] = dict(type="chat_qa", split="test", num_items=p.qa_items)
+  return specs
+
+
+def native_requests(run, p: Preset, main: MainPreset, *, split: str) -> dict:
+  """The chat_draw requests given to a model without turns as plain captions."""
+  from vqlm.eval import text_image
+  from vqlm.sample.processors import SamplingConfig, Settings
+
+  items = [
+    chat.conversation(
+      i, seed=1000 + REQUEST_SEED, split=split, kinds=("draw",), max_objects=p.max_objects
+    )
+    for i in range(p.measure_prompts)
+  ]
+  examples = [{"text": item["turns"][0]["parts"][0], "scene": item["scene"]} for item in items]
+  metrics, _ = text_image.text_to_image(
+    run.generator(batch_size=32),
+    examples,
+    num_per_prompt=p.images_per_prompt,
+    cfg_scale=main.cfg_scale,
+    sampling=SamplingConfig(
+      text=Settings(temperature=0.0),
+      image=Settings(temperature=main.image_temperature, top_k=main.image_top_k),
+    ),
+    seed=0,
+  )
+  metrics["prompt_format"] = "plain caption"
+  return metrics
+
+
+def measure_model(
+  run_dir: str, *, p: Preset, main: MainPreset, artefacts: str, progress: bool, log_fn=print
+) -> dict:
+  """Runs the measures on the LM run in `run_dir`; returns `{section: metrics}`."""
+  from vqlm.runs import LMRun
+
+  run = LMRun(run_dir)
+  run.progress = progress
+  chat_turns = has_turns(run.vocab)
+  os.makedirs(artefacts, exist_ok=True)
+  evaluators = evaluators_lib.build(evaluator_specs(p, main, chat_turns=chat_turns), log_fn=log_fn)
+  results = evaluators_lib.run_all(run, evaluators, artefacts=artefacts, log_fn=log_fn)
+  if not chat_turns:
+    for name, split in (("requests", "test"), ("heldout_requests", "test_heldout")):
+      results[name] = native_requests(run, p, main, split=split)
+  results["chat_turns"] = chat_turns
+  return results

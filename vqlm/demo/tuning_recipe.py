@@ -1,0 +1,128 @@
+"""The tuning demo's recipe: presets and the configs of its SFT and preference-tuning runs.
+
+Every run starts from the previous one (`config.init_from`): the main demo's LM -> SFT on a mix
+of its own caption/image data and chat instructions (`config.data.chat`) -> DPO on pairs of the
+SFT model's own drawings judged by the scene parser -> GRPO-style online policy gradient with the
+parser's score as reward. Prompts of every step come from the `train` split of shapes, which
+never holds a held-out colour-shape pair.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from vqlm.demo.recipe import Preset as MainPreset
+from vqlm.demo.recipe import lm_config as main_lm_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """How much of everything the tuning demo does."""
+
+  main: str  # The main demo preset whose LM this starts from.
+  sft_steps: int
+  sft_examples: int
+  sft_chat_weight: float
+  sft_lr: float
+  seq_len: int
+  dpo_prompts: int
+  dpo_steps: int
+  dpo_lr: float
+  dpo_beta: float
+  grpo_steps: int
+  grpo_lr: float
+  measure_prompts: int  # Requests per split for the chat drawing measures.
+  images_per_prompt: int
+  qa_items: int
+  max_objects: int = 3
+  batch_size: int = 32
+
+
+PRESETS = {
+  "smoke": Preset(
+    main="smoke",
+    sft_steps=60,
+    sft_examples=2000,
+    sft_chat_weight=0.5,
+    sft_lr=1e-3,
+    seq_len=128,
+    dpo_prompts=32,
+    dpo_steps=10,
+    dpo_lr=2e-5,
+    dpo_beta=0.1,
+    grpo_steps=4,
+    grpo_lr=1e-5,
+    measure_prompts=16,
+    images_per_prompt=1,
+    qa_items=32,
+  ),
+  "default": Preset(
+    main="default",
+    sft_steps=600,
+    sft_examples=20000,
+    sft_chat_weight=0.5,
+    sft_lr=1e-3,
+    seq_len=128,
+    dpo_prompts=256,
+    dpo_steps=120,
+    dpo_lr=2e-5,
+    dpo_beta=0.1,
+    grpo_steps=30,
+    grpo_lr=1e-5,
+    measure_prompts=100,
+    images_per_prompt=2,
+    qa_items=200,
+  ),
+}
+
+
+def sft_config(
+  p: Preset, main: MainPreset, *, codes: str, init_from: str
+) -> ml_collections.ConfigDict:
+  """The main demo's LM config, continued from its run on a chat + caption/image mix."""
+  c = main_lm_config(main, codes)
+  c.init_from = init_from
+  c.train.steps = p.sft_steps
+  c.train.seq_len = p.seq_len
+  c.train.batch_size = p.batch_size
+  c.train.eval_every = max(50, p.sft_steps // 4)
+  c.train.checkpoint_every = max(50, p.sft_steps // 2)
+  c.optim.learning_rate = p.sft_lr
+  c.optim.warmup_steps = max(1, min(50, p.sft_steps // 10))
+  c.data.chat.weight = p.sft_chat_weight
+  c.data.chat.num_examples = p.sft_examples
+  c.data.chat.max_objects = p.max_objects
+  return c
+
+
+def _tune_config(
+  method: str, p: Preset, *, init_from: str, steps: int, lr: float
+) -> ml_collections.ConfigDict:
+  from vqlm.stages import tune_config
+
+  c = tune_config.get_config(f"method={method}")
+  c.init_from = init_from
+  c.train.steps = steps
+  c.train.checkpoint_every = max(10, steps // 2)
+  c.train.eval_every = max(10, steps // 3)
+  c.optim.learning_rate = lr
+  c.optim.warmup_steps = max(1, min(10, steps // 10))
+  c.prompts.max_objects = p.max_objects
+  if p.main == "smoke":
+    c.prompts.num_eval = 8
+  return c
+
+
+def dpo_config(p: Preset, *, init_from: str) -> ml_collections.ConfigDict:
+  """DPO from the SFT run: pairs of its own drawings per request, judged by the scene parser."""
+  c = _tune_config("dpo", p, init_from=init_from, steps=p.dpo_steps, lr=p.dpo_lr)
+  c.prompts.num_prompts = p.dpo_prompts
+  c.dpo.beta = p.dpo_beta
+  return c
+
+
+def grpo_config(p: Preset, *, init_from: str) -> ml_collections.ConfigDict:
+  """Online GRPO from the DPO run: groups of drawings per request, the parser's score as reward."""
+  c = _tune_config("grpo", p, init_from=init_from, steps=p.grpo_steps, lr=p.grpo_lr)
+  c.prompts.num_prompts = max(4 * p.grpo_steps, 16)
+  return c

@@ -1,0 +1,217 @@
+"""The tuning demo's page: `WORKDIR/tuning.html` from `WORKDIR/tuning.json` (`vqlm.demo.tuning`),
+the runs' `metrics.jsonl` and the sample grids in `WORKDIR/samples/<model>/`, every image inlined.
+
+One table compares the models (the main demo's LM, then after SFT, DPO and GRPO), each step
+against the one before; curves show the SFT losses, the DPO pair accuracy and margin, and the
+GRPO reward and KL; grids show drawings from free-form requests, held-out ones included.
+"""
+
+from collections.abc import Mapping
+import json
+import os
+from typing import Any
+
+from vqlm import imaging
+from vqlm.errors import UserError
+from vqlm.report.common import (
+  STYLE,
+  esc,
+  img,
+  missing,
+  note,
+  pct,
+  read_json,
+  read_metrics,
+  seconds,
+  table,
+)
+from vqlm.report.figures import curves
+
+TUNING_FILE = "tuning.html"
+MODELS = (("main", "main demo LM"), ("sft", "+ SFT"), ("dpo", "+ DPO"), ("grpo", "+ GRPO"))
+SECTIONS = (
+  ("table", "Before and after each step"),
+  ("curves", "Training curves"),
+  ("drawings", "Drawing from requests"),
+  ("prompts", "What the tuning saw"),
+  ("timings", "Timings"),
+)
+# (label, section, key): rows of the comparison table (whole-scene rates unless named).
+ROWS = (
+  ("test prompts (main demo's captions)", "test_prompts", "scene"),
+  ("held-out pairs, main demo's captions", "heldout_captions", "scene"),
+  ("captioning test images", "captions", "scene"),
+  ("requests, any order and wording", "requests", "scene"),
+  ("held-out pairs, requests", "heldout_requests", "scene"),
+  ("questions about test images", "questions", "accuracy"),
+)
+
+
+def _value(entry: Mapping[str, Any], section: str, key: str) -> Any:
+  value = (entry.get(section) or {}).get(key)
+  return value
+
+
+def _comparison(r: Mapping[str, Any]) -> str:
+  models = r.get("models") or {}
+  shown = [(m, label) for m, label in MODELS if m in models]
+  if not shown:
+    return missing("measurements")
+  rows = []
+  for label, section, key in ROWS:
+    cells = [esc(label)]
+    previous = None
+    for model, _ in shown:
+      value = _value(models[model], section, key)
+      cell = pct(value)
+      if previous is not None and value is not None:
+        delta = 100.0 * (value - previous)
+        cls = "ok" if delta > 0.5 else "bad" if delta < -0.5 else ""
+        cell += f' <span class="{cls}">({delta:+.1f})</span>'
+      if model == "main" and section in ("requests", "heldout_requests"):
+        cell += "*"
+      if model == "main" and section == "questions":
+        cell = "&ndash; (no chat turns)"
+      cells.append(cell)
+      previous = value if value is not None else previous
+    rows.append(cells)
+  for count in (1, 2, 3):
+    cells = [esc(f"requests with {count} object{'s' if count > 1 else ''}")]
+    for model, _ in shown:
+      by = (models[model].get("requests") or {}).get("by_objects") or {}
+      cells.append(pct((by.get(f"{count}_objects") or {}).get("scene")))
+    rows.append(cells)
+  kinds = sorted(
+    {k for m, _ in shown for k in ((models[m].get("questions") or {}).get("by_kind") or {})}
+  )
+  for kind in kinds:
+    cells = [esc(f"questions: {kind}")]
+    for model, _ in shown:
+      by = (models[model].get("questions") or {}).get("by_kind") or {}
+      cells.append(pct((by.get(kind) or {}).get("accuracy")))
+    rows.append(cells)
+  header = ["measure"] + [label for _, label in shown]
+  return table(header, rows) + note(
+    "Whole-scene rates judged by the scene parser (every object's colour, shape, size and cell, "
+    "nothing extra); questions: exact answers. In brackets: the change against the column "
+    "before, in points. * The main demo's LM has no chat turns: it is given the requests as "
+    "plain captions."
+  )
+
+
+def _curves(workdir: str, r: Mapping[str, Any]) -> str:
+  models = r.get("models") or {}
+  parts = []
+  specs = {
+    "sft": [
+      ("validation loss", [("valid/loss", "captions/images"), ("valid/chat_loss", "chat")]),
+      ("training loss", [("train/loss", "train")]),
+    ],
+    "dpo": [
+      ("pair accuracy", [("train/reward_acc", "train"), ("valid/accuracy", "validation")]),
+      ("margin", [("train/margin", "train")]),
+      ("loss", [("train/loss", "train")]),
+    ],
+    "grpo": [
+      ("reward", [("train/reward", "mean reward")]),
+      ("KL to the reference", [("train/kl", "k3")]),
+      ("whole-scene rate", [("train/scene", "samples")]),
+    ],
+  }
+  for model, label in MODELS:
+    if model not in specs:
+      continue
+    run_dir = (models.get(model) or {}).get("run_dir") or os.path.join(workdir, model)
+    figure = curves(read_metrics(run_dir), specs[model], f"{label} curves")
+    if figure:
+      parts.append(f"<h3>{esc(label)}</h3>{figure}")
+  return "".join(parts) or missing("training curves")
+
+
+def _drawings(workdir: str, r: Mapping[str, Any]) -> str:
+  parts = []
+  for model, label in MODELS:
+    if model not in (r.get("models") or {}):
+      continue
+    for section, what in (("requests", "test requests"), ("heldout_requests", "held-out")):
+      png = os.path.join(workdir, "samples", model, f"{section}.png")
+      texts = os.path.join(workdir, "samples", model, f"{section}.json")
+      if not os.path.exists(png):
+        continue
+      caption = ""
+      if os.path.exists(texts):
+        with open(texts, encoding="utf-8") as f:
+          shown = json.load(f)
+        caption = "<ol>" + "".join(f"<li>{esc(t)}</li>" for t in shown[:6]) + "</ol>"
+      parts.append(f"<h3>{esc(label)}: {esc(what)}</h3>{img(imaging.load_png(png), what)}{caption}")
+  return "".join(parts) or missing("drawings")
+
+
+def _prompts(workdir: str, r: Mapping[str, Any]) -> str:
+  rows = []
+  for model, label in MODELS[1:]:
+    data = read_json(os.path.join(workdir, model, "chat_data.json"))
+    if not isinstance(data, Mapping):
+      data = read_json(os.path.join(workdir, model, "prompts.json"))
+    if not isinstance(data, Mapping):
+      continue
+    pairs = data.get("pairs_used") or []
+    heldout = data.get("heldout_pairs_used")
+    rows.append(
+      [
+        esc(label),
+        esc(data.get("num_examples", data.get("num_prompts", ""))),
+        esc(", ".join(data.get("kinds", []) if isinstance(data.get("kinds"), list) else [])),
+        esc(len(pairs)),
+        esc("none" if heldout == [] else heldout),
+      ]
+    )
+  if not rows:
+    return missing("prompt lists")
+  return table(
+    ["step", "examples / prompts", "kinds", "colour-shape pairs used", "held-out pairs used"], rows
+  ) + note("Every tuning prompt comes from the train split of shapes: no held-out pair.")
+
+
+def _timings(r: Mapping[str, Any], timings: Mapping[str, Any] | None) -> str:
+  t = dict(r.get("timings") or {})
+  t.update(timings or {})
+  if not t:
+    return missing("timings")
+  return table(["stage", "seconds"], [[esc(k), seconds(v)] for k, v in t.items()])
+
+
+def build_tuning_report(workdir: str, *, timings: Mapping[str, Any] | None = None) -> str:
+  """The tuning page's HTML text."""
+  r = read_json(os.path.join(workdir, "tuning.json"))
+  if not isinstance(r, Mapping):
+    raise UserError(f"{workdir} has no tuning.json; run `vqlm demo tuning --workdir {workdir}`")
+  bodies = {
+    "table": _comparison(r),
+    "curves": _curves(workdir, r),
+    "drawings": _drawings(workdir, r),
+    "prompts": _prompts(workdir, r),
+    "timings": _timings(r, timings),
+  }
+  title = f"vqlm tuning: {os.path.basename(os.path.abspath(workdir))} ({r.get('preset')})"
+  nav = "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name in SECTIONS)
+  parts = [
+    "<!DOCTYPE html>",
+    '<html lang="en"><head><meta charset="utf-8">',
+    f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>",
+    f"<h1>{esc(title)}</h1><nav>{nav}</nav>",
+  ]
+  for sid, name in SECTIONS:
+    parts.append(f'<section><h2 id="{sid}">{esc(name)}</h2>{bodies[sid]}</section>')
+  parts.append("</body></html>")
+  return "\n".join(parts)
+
+
+def write_tuning_report(workdir: str, *, timings: Mapping[str, Any] | None = None) -> str:
+  """Writes `WORKDIR/tuning.html`; returns its path."""
+  text = build_tuning_report(workdir, timings=timings)
+  path = os.path.join(workdir, TUNING_FILE)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+  return path
