@@ -336,3 +336,36 @@ def test_grpo_end_to_end_samples_with_the_current_parameters(tiny, tmp_path, cap
   assert _tune("grpo", source, out, "train.steps=4") == 0
   assert "resuming from step 3" in capsys.readouterr().out
   assert LMRun(str(out)).step == 4
+
+
+@pytest.mark.slow
+def test_new_parameters_do_not_recompile_the_sampler(tiny, tmp_path):
+  import jax
+
+  from vqlm.runs import LMRun
+
+  run = LMRun(chat_copy(tiny, tmp_path / "chat"))
+  policy = tune_data.Policy(
+    model=run.model,
+    params=run.params,
+    vocab=run.vocab,
+    text_tokenizer=run.text_tokenizer,
+    image_tokenizer=run.tokenizer_run(),
+    mesh=run.mesh,
+    rules=run.rules,
+    config=run.config,
+    sampling=tune_data.sampling_config(temperature=1.0, top_k=0),
+    cfg_scale=2.0,
+    batch_size=4,
+  )
+  items = tune_data.make_prompts(2, seed=1, kinds=("draw",), **_OBJ, split="train")
+  prompts = tune_data.prompt_turns(items, policy.image_tokenizer)
+  first = policy.sample(items, prompts, 2, seed=0)
+  jitted = policy.generator.sampler._jitted
+  sizes = {k: f._cache_size() for k, f in jitted.items()}
+  policy.set_params(jax.tree.map(lambda x: x * 1.5, run.params))
+  second = policy.sample(items, prompts, 2, seed=0)
+  assert {k: f._cache_size() for k, f in jitted.items()} == sizes and set(sizes.values()) == {1}
+  assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, second))
+  policy.set_params(run.params)
+  np.testing.assert_array_equal(policy.sample(items, prompts, 2, seed=0)[0][0], first[0][0])

@@ -33,7 +33,7 @@ METHODS = ("dpo", "grpo")
 # Per method: the learning rate and steps of a run on the demo's LM, and of a test-sized one.
 PRESETS = {
   ("dpo", "small"): dict(lr=5e-5, warmup=5, steps=60, batch_size=8, num_prompts=64, num_eval=32),
-  ("grpo", "small"): dict(lr=2e-5, warmup=2, steps=100, batch_size=0, num_prompts=256, num_eval=32),
+  ("grpo", "small"): dict(lr=5e-5, warmup=2, steps=100, batch_size=0, num_prompts=256, num_eval=32),
   ("dpo", "tiny"): dict(lr=1e-4, warmup=1, steps=4, batch_size=2, num_prompts=4, num_eval=0),
   ("grpo", "tiny"): dict(lr=1e-4, warmup=1, steps=3, batch_size=0, num_prompts=4, num_eval=0),
 }

@@ -161,8 +161,9 @@ class Policy:
   def sample(
     self, items: Sequence[Mapping[str, Any]], prompts: Sequence[list[dict]], k: int, *, seed: int
   ) -> list[Any]:
-    """`k` replies per item, item-major: codes `[h, w]` + decoded image for "draw" items
-    (`(codes, image)`), text for the others (sampled with `sampling`, row seeds `(seed, i)`)."""
+    """`k` replies per item, item-major: `(codes [h, w], image [H, W, 3])` for "draw" items,
+    text for the others; sampled with `sampling`, row i of the drawings with seed `(seed, i)`, of
+    the texts with `(seed + 1, i)`."""
     out: list[Any] = [None] * (len(items) * k)
     draw = [i for i, it in enumerate(items) if it["kind"] == "draw"]
     talk = [i for i, it in enumerate(items) if it["kind"] != "draw"]
