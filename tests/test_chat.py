@@ -255,3 +255,16 @@ def test_preference_pairs():
     assert not chat.pairs_used([pair]) & set(shapes.HELDOUT_PAIRS)
     if it["kind"] == "describe":
       assert shapes.parse_caption(wrong) is not None
+
+
+def test_restated_draw_replies_caption_the_scene_then_draw_it():
+  for i in range(20):
+    plain = chat.conversation(i, kinds=("draw",), max_objects=3)
+    restated = chat.conversation(i, kinds=("draw",), max_objects=3, restate=True)
+    assert restated["scene"] == plain["scene"]
+    assert restated["turns"][0] == plain["turns"][0]  # the same request
+    caption, image = restated["turns"][1]["parts"]
+    assert caption == shapes.caption(plain["scene"]) and image == plain["turns"][1]["parts"][0]
+    assert shapes.canonical(shapes.parse_caption(caption)) == shapes.canonical(plain["scene"])
+  question = chat.conversation(0, kinds=("question",), restate=True)
+  assert question == chat.conversation(0, kinds=("question",))

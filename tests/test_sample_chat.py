@@ -159,3 +159,37 @@ def test_draw_with_guidance(gen):
   )
   codes = out.tokens[0, : GRID[0] * GRID[1]] - gen.vocab.image_offset
   np.testing.assert_array_equal(gen.image_tokenizer.decode(codes.reshape(1, *GRID))[0], guided[0])
+
+
+def test_restate_is_the_text_before_the_models_image_and_draw_continues_it(gen):
+  v = gen.vocab
+  requests = ["draw a red circle", "draw a small red square at the top"]
+  captions = sample_chat.restate(gen, requests)
+  n_max = sample_chat.RESTATE_MAX_LEN
+  assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+  # The greedy interleaved continuation, read up to its first non-text id.
+  rows = [sample_chat.chat_prompt_ids(gen, r) for r in requests]
+  out = gen.sampler(
+    rows,
+    max_new_tokens=n_max + v.tokens_per_image + 2,
+    mode="interleaved",
+    sampling=SamplingConfig(text=Settings(temperature=0.0), image=Settings(temperature=0.0)),
+    batch_size=4,
+  )
+  for caption, row, n in zip(captions, out.tokens, out.lengths):
+    text = []
+    for t in row[:n]:
+      if not v.is_text(int(t)):
+        break
+      text.append(int(t))
+    assert caption == v.decode_text(gen.text_tokenizer, text[:n_max]).strip()
+  # draw(captions=...) draws from chat prompt + caption ids + <boi>; restate=True asks for them.
+  given = ["a large red circle in the center", "a small red square at the top"]
+  images = sample_chat.draw(gen, requests, seed=2, captions=given)
+  direct = gen.draw_ids([r + gen.text_ids(c) + [v.boi_id] for r, c in zip(rows, given)], seed=2)
+  np.testing.assert_array_equal(images, direct)
+  restated = sample_chat.draw(gen, requests, seed=2, restate=True)
+  rows_r = [r + gen.text_ids(c) + [v.boi_id] for r, c in zip(rows, captions)]
+  np.testing.assert_array_equal(restated, gen.draw_ids(rows_r, seed=2))
+  with pytest.raises(UserError, match="one per request"):
+    sample_chat.draw(gen, requests, captions=["only one"])

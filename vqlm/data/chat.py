@@ -293,6 +293,7 @@ def conversation(
   kinds: Sequence[str] = KINDS,
   min_objects: int = 1,
   max_objects: int = 2,
+  restate: bool = False,
 ) -> dict[str, Any]:
   """Instruction `index` of `(seed, split)`: `{"kind", "scene", "turns", "answer",
   "question_kind"}` (the `question` kind of a "question" item, else None).
@@ -300,6 +301,9 @@ def conversation(
   `turns` is one user turn and one assistant turn; images are `SceneImage`s. `answer` is the
   exact reply text (questions, descriptions) or None (draw: the reply is the scene's image). The
   scene follows `shapes.sample_scene(split=...)` (held-out pairs only in "test_heldout").
+  With `restate`, a draw reply first restates the request as the scene's caption
+  (`shapes.caption`: objects in cell order, canonical words), then the image. The same index
+  gives the same scene and request either way.
   """
   bad = [k for k in kinds if k not in KINDS]
   if bad or not kinds:
@@ -312,6 +316,8 @@ def conversation(
   image, question_kind = SceneImage.of(scene), None
   if kind == "draw":
     user, reply, answer = [draw_request(scene, rng)], [image], None
+    if restate:
+      reply = [shapes.caption(scene), image]
   else:
     if kind == "describe":
       text, answer = _pick(rng, DESCRIBE_TEMPLATES), shapes.caption(scene)

@@ -66,6 +66,7 @@ def draw_accuracy(
   cfg_scale: float | None = None,
   sampling: Any = None,
   seed: int = 0,
+  restate: bool = False,
 ) -> tuple[dict[str, Any], np.ndarray]:
   """Draws every request `num_per_prompt` times (`vqlm.sample.chat.draw`) and scores each image
   against its item's scene with the scene parser.
@@ -73,6 +74,8 @@ def draw_accuracy(
   Args:
     generator: a `vqlm.sample.api.Generator` of a chat LM.
     items: `chat.conversation(..., kinds=("draw",))` items.
+    restate: the model restates each request as a caption before drawing (`run_restates`); the
+      metrics then also hold `restated`, the fraction of captions that are exactly the scene's.
   Returns:
     (metrics, images uint8 `[len(items) * num_per_prompt, H, W, 3]`): the metrics of
     `text_image.text_to_image` (`num_prompts`, `num_images`, `scene_parser.summarize`,
@@ -80,6 +83,7 @@ def draw_accuracy(
   """
   _check_kinds(items, ("draw",), "draw_accuracy")
   requests = [[item["turns"][0]] for item in items]
+  captions = sample_chat.restate(generator, requests) if restate else None
   images = sample_chat.draw(
     generator,
     requests,
@@ -87,6 +91,7 @@ def draw_accuracy(
     cfg_scale=cfg_scale,
     sampling=sampling,
     seed=seed,
+    captions=captions,
   )
   results, counts = [], []
   for i, image in enumerate(images):
@@ -99,6 +104,7 @@ def draw_accuracy(
     **scene_parser.summarize(results),
     "by_objects": text_image._by_count(results, counts),
     **pairs_summary(items),
+    **_restated(items, captions),
   }
   return metrics, images
 
@@ -214,10 +220,39 @@ def _write_json(artefacts: str, name: str, value: Any) -> None:
     json.dump(value, f, indent=1)
 
 
+def run_restates(run: Any) -> bool:
+  """Whether a chat LM run restates requests before drawing: its `data.chat.restate`, or that of
+  the run it was tuned from (`init_from`, followed back to the instruction-tuned run)."""
+  from vqlm import runs
+
+  config, seen = run.config, set()
+  while config is not None:
+    chat_config = (config.get("data") or {}).get("chat") if "data" in config else None
+    if chat_config is not None and float(chat_config.get("weight", 0.0)) > 0:
+      return bool(chat_config.get("restate", False))
+    source = config.get("init_from")
+    if not source or source in seen:
+      return False
+    seen.add(source)
+    try:
+      config = runs.load_config(source)
+    except FileNotFoundError:
+      return False
+  return False
+
+
+def _restated(items: Sequence[Mapping[str, Any]], captions: Sequence[str] | None) -> dict:
+  if captions is None:
+    return {}
+  right = [c == shapes.caption(item["scene"]) for item, c in zip(items, captions)]
+  return {"restated": float(np.mean(right)), "captions": list(captions)}
+
+
 class ChatDraw(evaluators._Generation):
   """Draw requests of `split` ("test" or "test_heldout"), `images_per_prompt` images each, judged
   by the scene parser (`draw_accuracy`); artefacts: a grid of the first 12 requests' images
-  (`NAME.png`) and their texts (`NAME.json`)."""
+  (`NAME.png`) and their texts (`NAME.json`). `restate` None: as the run was tuned
+  (`run_restates`)."""
 
   SPLITS = ("test", "test_heldout")
 
@@ -229,6 +264,7 @@ class ChatDraw(evaluators._Generation):
     images_per_prompt: int = 2,
     min_objects: int = 1,
     max_objects: int = 3,
+    restate: bool | None = None,
     **kwargs,
   ):
     if split not in self.SPLITS:
@@ -236,7 +272,7 @@ class ChatDraw(evaluators._Generation):
     super().__init__(
       split=split, num_prompts=num_prompts, images_per_prompt=images_per_prompt, **kwargs
     )
-    self.settings.update(min_objects=min_objects, max_objects=max_objects)
+    self.settings.update(min_objects=min_objects, max_objects=max_objects, restate=restate)
 
   def run(self, run, artefacts=None):
     from vqlm import imaging
@@ -245,6 +281,7 @@ class ChatDraw(evaluators._Generation):
     evaluators._shapes_data(run)
     s = self.settings
     items = _items(s, s["num_prompts"], ("draw",))
+    restate = run_restates(run) if s["restate"] is None else bool(s["restate"])
     metrics, images = draw_accuracy(
       run.generator(batch_size=s["batch_size"]),
       items,
@@ -252,6 +289,7 @@ class ChatDraw(evaluators._Generation):
       cfg_scale=s["cfg_scale"],
       sampling=evaluators._sampling(s["temperature"], s["top_k"]),
       seed=s["seed"],
+      restate=restate,
     )
     metrics["split"] = s["split"]
     metrics["settings"] = {

@@ -23,9 +23,11 @@ import numpy as np
 
 from vqlm.data import chat
 from vqlm.errors import UserError
-from vqlm.sample.processors import SamplingConfig
+from vqlm.sample.processors import GREEDY, SamplingConfig
 from vqlm.vocab import CHAT_SPECIALS
 
+# Most text ids of a restated caption (the shapes captions of up to 3 objects need about 40).
+RESTATE_MAX_LEN = 48
 NO_CHAT = (
   "this LM has no chat turns; instruction-tune it with --config.data.chat.weight=0.5 "
   "(docs/tuning.md)"
@@ -102,8 +104,11 @@ def draw(
   batch_size: int | None = None,
   first_row: int = 0,
   return_codes: bool = False,
+  restate: bool = False,
+  captions: Sequence[str] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-  """The assistant's image for each request: prompt `chat_prompt_ids + <boi>`, mode "image".
+  """The assistant's image for each request: prompt `chat_prompt_ids + <boi>`, mode "image"
+  (with a caption: `chat_prompt_ids + caption ids + <boi>`).
 
   Args:
     generator: a `vqlm.sample.api.Generator` of a chat LM.
@@ -116,6 +121,9 @@ def draw(
     seed, first_row: image `i` of the call uses seed `(seed, first_row + i)`.
     batch_size: rows per sampler call (default: the Generator's).
     return_codes: also return the code grids.
+    restate: the assistant first restates each request as a caption (`restate`, greedy), then
+      draws it: the reply layout of a model tuned with `config.data.chat.restate`.
+    captions: the assistant's caption of each request, given (`restate` is then not asked).
   Returns:
     uint8 `[N, H, W, 3]`, `N = len(requests) * num_per_prompt`, prompt-major (and int32 codes
     `[N, h, w]`).
@@ -123,6 +131,12 @@ def draw(
   if num_per_prompt <= 0:
     raise UserError(f"num_per_prompt={num_per_prompt} must be >= 1.")
   prompts = _prompts(generator, requests, "requests")
+  if restate and captions is None:
+    captions = _restate_prompts(generator, prompts, batch_size=batch_size)
+  if captions is not None:
+    if isinstance(captions, str) or len(captions) != len(prompts):
+      raise UserError(f"captions must be a list of {len(prompts)} strings, one per request.")
+    prompts = [p + generator.text_ids(c) for p, c in zip(prompts, captions)]
   boi = generator.vocab.boi_id
   rows = [p + [boi] for p in prompts for _ in range(num_per_prompt)]
   return generator.draw_ids(
@@ -134,6 +148,53 @@ def draw(
     return_codes=return_codes,
     first_row=first_row,
   )
+
+
+def restate(
+  generator: Any,
+  requests: Sequence[str | Sequence[Mapping[str, Any]]],
+  *,
+  batch_size: int | None = None,
+  max_len: int = RESTATE_MAX_LEN,
+) -> list[str]:
+  """The caption a restating chat LM writes before its image, per request (greedy): the text
+  of its reply up to its `<boi>`.
+
+  Args:
+    generator: a `vqlm.sample.api.Generator` of a chat LM tuned with `config.data.chat.restate`.
+    requests: user texts or turn lists, as for `draw`.
+    max_len: most text ids of a caption.
+  """
+  return _restate_prompts(
+    generator, _prompts(generator, requests, "requests"), batch_size=batch_size, max_len=max_len
+  )
+
+
+def _restate_prompts(
+  generator: Any, prompts: list[list[int]], *, batch_size: int | None, max_len: int = 0
+) -> list[str]:
+  # Mode "interleaved" lets the model open its image (a step budget that fits one whole run);
+  # the caption is what comes before that `<boi>` (or before `<eos>`).
+  v = generator.vocab
+  max_len = max_len or RESTATE_MAX_LEN
+  tokens, lengths = generator._run_batches(
+    prompts,
+    desc="captions",
+    batch_size=batch_size,
+    mode="interleaved",
+    max_new_tokens=max_len + v.tokens_per_image + 2,
+    sampling=SamplingConfig(text=GREEDY, image=GREEDY),
+    seed=0,
+  )
+  captions = []
+  for row, n in zip(tokens, lengths):
+    text = []
+    for t in row[:n]:
+      if not v.is_text(int(t)):
+        break
+      text.append(int(t))
+    captions.append(v.decode_text(generator.text_tokenizer, text[:max_len]).strip())
+  return captions
 
 
 def reply(
@@ -175,4 +236,4 @@ def reply(
   )
 
 
-__all__ = ["NO_CHAT", "chat_prompt_ids", "draw", "reply", "require_chat_vocab"]
+__all__ = ["NO_CHAT", "chat_prompt_ids", "draw", "reply", "require_chat_vocab", "restate"]

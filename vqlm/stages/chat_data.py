@@ -42,6 +42,7 @@ class ChatSettings:
   min_objects: int
   max_objects: int
   seed: int
+  restate: bool = False
 
   def conversation(self, index: int, split: str) -> dict[str, Any]:
     return chat.conversation(
@@ -51,6 +52,7 @@ class ChatSettings:
       kinds=self.kinds,
       min_objects=self.min_objects,
       max_objects=self.max_objects,
+      restate=self.restate,
     )
 
   def items(self, split: str) -> list[dict[str, Any]]:
@@ -96,6 +98,9 @@ def settings(config: ml_collections.ConfigDict) -> ChatSettings | None:
       f"config.data.chat.min_objects={lo!r}, max_objects={hi!r} need 1 <= min_objects <= "
       f"max_objects <= {len(shapes.POSITIONS)}; e.g. {flag}max_objects=3"
     )
+  restate = c.get("restate", False)
+  if not isinstance(restate, bool):
+    raise UserError(f"config.data.chat.restate={restate!r} must be True or False")
   if weight == 0.0:
     return None
   return ChatSettings(
@@ -106,6 +111,7 @@ def settings(config: ml_collections.ConfigDict) -> ChatSettings | None:
     min_objects=lo,
     max_objects=hi,
     seed=c.seed,
+    restate=restate,
   )
 
 
@@ -233,6 +239,7 @@ def _info(chat_settings, items, built, *, seq_len: int, num_images: int) -> dict
     "min_objects": chat_settings.min_objects,
     "max_objects": chat_settings.max_objects,
     "seed": chat_settings.seed,
+    "restate": chat_settings.restate,
     "seq_len": seq_len,
     "distinct_images": num_images,
     "splits": splits,

@@ -135,6 +135,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Objects per scene (1..9 cells of the 3x3 grid).
       min_objects=1,
       max_objects=3,
+      # Draw replies restate the request as the scene's caption (objects in cell order, the
+      # captions' words) before the image: the model rewrites a free-form request into the
+      # caption form it draws best, then draws (`vqlm.sample.chat.draw(restate=True)`).
+      restate=False,
       # Seed of the instructions (`chat.conversation(i, seed=...)`) and of the mixture's order.
       seed=0,
     ),

@@ -266,6 +266,9 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, checkpoint_dir, af
         sampling=tune_data.sampling_config(temperature=s.temperature, top_k=s.top_k),
         cfg_scale=s.cfg_scale,
         batch_size=s.batch_size,
+        # A model instruction-tuned to restate requests first (`data.chat.restate`) is sampled,
+        # and its pairs built, in that layout.
+        restate=bool((source_config.data.get("chat") or {}).get("restate", False)),
       )
     return policy
 
