@@ -60,7 +60,9 @@ def evaluator_specs(p: Preset, main: MainPreset, *, chat_turns: bool) -> dict:
         seed=REQUEST_SEED,
         **sampling,
       )
-    specs["questions"] = dict(type="chat_qa", split="test", num_items=p.qa_items)
+    specs["questions"] = dict(
+      type="chat_qa", split="test", num_items=p.qa_items, max_objects=p.max_objects
+    )
   return specs
 
 

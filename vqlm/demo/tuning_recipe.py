@@ -34,7 +34,9 @@ class Preset:
   measure_prompts: int  # Requests per split for the chat drawing measures.
   images_per_prompt: int
   qa_items: int
-  max_objects: int = 3
+  # Objects per scene of every request and question: the main demo's scenes have 1-2 (3 fit
+  # the config too, with train.seq_len 144).
+  max_objects: int = 2
   batch_size: int = 32
 
 
@@ -48,27 +50,27 @@ PRESETS = {
     seq_len=128,
     dpo_prompts=32,
     dpo_steps=10,
-    dpo_lr=2e-5,
+    dpo_lr=5e-5,
     dpo_beta=0.1,
     grpo_steps=4,
-    grpo_lr=1e-5,
+    grpo_lr=5e-5,
     measure_prompts=16,
     images_per_prompt=1,
     qa_items=32,
   ),
   "default": Preset(
     main="default",
-    sft_steps=600,
+    sft_steps=900,
     sft_examples=20000,
     sft_chat_weight=0.5,
     sft_lr=1e-3,
     seq_len=128,
     dpo_prompts=256,
-    dpo_steps=120,
-    dpo_lr=2e-5,
+    dpo_steps=100,
+    dpo_lr=5e-5,
     dpo_beta=0.1,
     grpo_steps=30,
-    grpo_lr=1e-5,
+    grpo_lr=5e-5,
     measure_prompts=100,
     images_per_prompt=2,
     qa_items=200,
@@ -92,6 +94,7 @@ def sft_config(
   c.data.chat.weight = p.sft_chat_weight
   c.data.chat.num_examples = p.sft_examples
   c.data.chat.max_objects = p.max_objects
+  c.data.chat.restate = False
   return c
 
 

@@ -102,20 +102,21 @@ def _comparison(r: Mapping[str, Any]) -> str:
 def _curves(workdir: str, r: Mapping[str, Any]) -> str:
   models = r.get("models") or {}
   parts = []
+  held = [("eval/reward", "reward"), ("eval/exact", "whole scene")]
   specs = {
     "sft": [
       ("validation loss", [("valid/loss", "captions/images"), ("valid/chat_loss", "chat")]),
       ("training loss", [("train/loss", "train")]),
     ],
     "dpo": [
-      ("pair accuracy", [("train/reward_acc", "train"), ("valid/accuracy", "validation")]),
-      ("margin", [("train/margin", "train")]),
-      ("loss", [("train/loss", "train")]),
+      ("pair accuracy", [("train/reward_acc", "chosen preferred")]),
+      ("margin", [("train/margin", "beta x log-ratio gap")]),
+      ("validation requests", held),
     ],
     "grpo": [
-      ("reward", [("train/reward", "mean reward")]),
+      ("reward", [("train/reward", "mean"), ("train/reward_exact", "whole scene")]),
       ("KL to the reference", [("train/kl", "k3")]),
-      ("whole-scene rate", [("train/scene", "samples")]),
+      ("validation requests", held),
     ],
   }
   for model, label in MODELS:
