@@ -1,7 +1,7 @@
 """`vqlm train --config configs/<family>.py[:args] --workdir RUN [--config.x.y=value]`.
 
-Resumes from RUN/checkpoints when it exists. The stage (image tokenizer or LM) comes from the
-config's `stage` field.
+Resumes from RUN/checkpoints when it exists. The stage (image tokenizer, LM, or preference
+tuning of a chat LM: `configs/tune.py`) comes from the config's `stage` field.
 """
 
 import importlib
