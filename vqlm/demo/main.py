@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from vqlm.demo.recipe import PRESETS, lm_config, split_sizes, tokenizer_config
+from vqlm.demo.recipe import PRESETS, generation_evals, lm_config, split_sizes, tokenizer_config
 from vqlm.errors import UserError
 from vqlm.eval import evaluators as evaluators_lib
 from vqlm.runs import LMRun, TokenizerRun, read_eval, write_eval
@@ -148,32 +148,7 @@ class Demo:
 
   def evals(self) -> dict:
     """The generation evaluators of the demo (`vqlm.eval.evaluators`), in the order they run."""
-    p = self.p
-    sampling = dict(
-      cfg_scale=p.cfg_scale, temperature=p.image_temperature, top_k=p.image_top_k, batch_size=32
-    )
-    return {
-      "text_to_image": dict(
-        type="text_to_image",
-        split="test",
-        num_prompts=p.eval_prompts,
-        images_per_prompt=p.images_per_prompt,
-        seed=0,
-        **sampling,
-      ),
-      "text_to_image_heldout": dict(
-        type="text_to_image",
-        split="test_heldout",
-        num_prompts=p.eval_prompts,
-        images_per_prompt=p.images_per_prompt,
-        seed=0,
-        **sampling,
-      ),
-      "image_to_text": dict(
-        type="image_to_text", split="test", num_images=p.caption_images, batch_size=32
-      ),
-      "scene_fd": dict(type="scene_fd", split="test", num_prompts=200, seed=1, **sampling),
-    }
+    return generation_evals(self.p)
 
   def stage_generate(self) -> None:
     existing = read_eval(self.workdir)

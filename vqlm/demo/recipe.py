@@ -135,3 +135,22 @@ def lm_config(p: Preset, codes: str) -> ml_collections.ConfigDict:
   if p.fsq_levels:
     c.model.image_embed_init = "levels"
   return c
+
+
+def generation_evals(p: Preset) -> dict:
+  """The demo's generation evaluators (`vqlm.eval.evaluators` specs), in the order they run, with
+  the preset's sampling settings."""
+  sampling = dict(
+    cfg_scale=p.cfg_scale, temperature=p.image_temperature, top_k=p.image_top_k, batch_size=32
+  )
+  drawing = dict(
+    type="text_to_image", num_prompts=p.eval_prompts, images_per_prompt=p.images_per_prompt, seed=0
+  )
+  return {
+    "text_to_image": dict(split="test", **drawing, **sampling),
+    "text_to_image_heldout": dict(split="test_heldout", **drawing, **sampling),
+    "image_to_text": dict(
+      type="image_to_text", split="test", num_images=p.caption_images, batch_size=32
+    ),
+    "scene_fd": dict(type="scene_fd", split="test", num_prompts=200, seed=1, **sampling),
+  }

@@ -12,6 +12,7 @@ import os
 
 from vqlm.data import chat
 from vqlm.demo.recipe import Preset as MainPreset
+from vqlm.demo.recipe import generation_evals
 from vqlm.demo.tuning_recipe import Preset
 from vqlm.eval import evaluators as evaluators_lib
 from vqlm.vocab import CHAT_SPECIALS
@@ -26,30 +27,16 @@ def has_turns(vocab) -> bool:
 
 
 def evaluator_specs(p: Preset, main: MainPreset, *, chat_turns: bool) -> dict:
-  """`{section: evaluator spec}` for one model."""
-  sampling = dict(
-    cfg_scale=main.cfg_scale, temperature=main.image_temperature, top_k=main.image_top_k
-  )
+  """`{section: evaluator spec}` for one model: the main demo's own measures, then (chat models)
+  requests and questions with the main demo's sampling settings."""
+  ours = generation_evals(main)
   specs = {
-    "test_prompts": dict(
-      type="text_to_image",
-      split="test",
-      num_prompts=main.eval_prompts,
-      images_per_prompt=main.images_per_prompt,
-      seed=0,
-      **sampling,
-    ),
-    "heldout_captions": dict(
-      type="text_to_image",
-      split="test_heldout",
-      num_prompts=main.eval_prompts,
-      images_per_prompt=main.images_per_prompt,
-      seed=0,
-      **sampling,
-    ),
-    "captions": dict(type="image_to_text", split="test", num_images=main.caption_images),
+    "test_prompts": ours["text_to_image"],
+    "heldout_captions": ours["text_to_image_heldout"],
+    "captions": ours["image_to_text"],
   }
   if chat_turns:
+    sampling = {k: ours["text_to_image"][k] for k in ("cfg_scale", "temperature", "top_k")}
     for name, split in (("requests", "test"), ("heldout_requests", "test_heldout")):
       specs[name] = dict(
         type="chat_draw",

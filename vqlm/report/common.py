@@ -127,6 +127,34 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def html_page(
+  title: str, sections: Sequence[tuple[str, str]], bodies: dict, *, intro: str = ""
+) -> str:
+  """A self-contained page: the title, a navigation bar, `intro` (HTML), then one `<section>` per
+  `(id, heading)` of `sections` holding `bodies[id]` (HTML)."""
+  nav = "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name in sections)
+  parts = [
+    "<!DOCTYPE html>",
+    '<html lang="en"><head><meta charset="utf-8">',
+    f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>",
+    f"<h1>{esc(title)}</h1><nav>{nav}</nav>",
+  ]
+  if intro:
+    parts.append(intro)
+  for sid, name in sections:
+    parts.append(f'<section><h2 id="{sid}">{esc(name)}</h2>{bodies[sid]}</section>')
+  parts.append("</body></html>")
+  return "\n".join(parts)
+
+
+def write_text(path: str, text: str) -> str:
+  """Writes `text` to `path` atomically (a temporary file, then a rename); returns `path`."""
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+  return path
+
+
 def pick(items: Sequence[Any], count: int) -> list[Any]:
   """Up to `count` items evenly spaced, always the first and the last."""
   if len(items) <= count:

@@ -10,7 +10,18 @@ from typing import Any
 
 from vqlm import imaging
 from vqlm.errors import UserError
-from vqlm.report.common import STYLE, esc, img, missing, note, num, pct, read_json, seconds
+from vqlm.report.common import (
+  esc,
+  html_page,
+  img,
+  missing,
+  note,
+  num,
+  pct,
+  read_json,
+  seconds,
+  write_text,
+)
 from vqlm.report.common import table as _table
 
 LADDER_FILE = "ladder.html"
@@ -208,28 +219,14 @@ def build_ladder_report(workdir: str, *, timings: Mapping[str, Any] | None = Non
     "timings": _timings(r, timings),
   }
   title = f"vqlm ladder: {os.path.basename(os.path.abspath(workdir))} ({r.get('preset')})"
-  nav = "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name in LADDER_SECTIONS)
-  parts = [
-    "<!DOCTYPE html>",
-    '<html lang="en"><head><meta charset="utf-8">',
-    f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>",
-    f"<h1>{esc(title)}</h1><nav>{nav}</nav>",
-    note(
-      "A valid scene: the scene parser reads 1-2 objects and re-rendering them matches the "
-      "palette-snapped image on at least 95% of pixels."
-    ),
-  ]
-  for sid, name in LADDER_SECTIONS:
-    parts.append(f'<section><h2 id="{sid}">{esc(name)}</h2>{bodies[sid]}</section>')
-  parts.append("</body></html>")
-  return "\n".join(parts)
+  intro = note(
+    "A valid scene: the scene parser reads 1-2 objects and re-rendering them matches the "
+    "palette-snapped image on at least 95% of pixels."
+  )
+  return html_page(title, LADDER_SECTIONS, bodies, intro=intro)
 
 
 def write_ladder_report(workdir: str, *, timings: Mapping[str, Any] | None = None) -> str:
   """Writes `WORKDIR/ladder.html`; returns its path."""
   text = build_ladder_report(workdir, timings=timings)
-  path = os.path.join(workdir, LADDER_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-  return path
+  return write_text(os.path.join(workdir, LADDER_FILE), text)

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from vqlm import imaging
 from vqlm.errors import UserError
 from vqlm.report import sections, tables
-from vqlm.report.common import STYLE, esc, note, read_json, read_metrics
+from vqlm.report.common import esc, html_page, note, read_json, read_metrics, write_text
 
 REPORT_FILE = "report.html"
 # What the demo leaves in its directory (`vqlm.demo`); any one of them makes it a demo directory.
@@ -137,19 +137,8 @@ def build_report(
   if kind not in PAGE_SECTIONS:
     raise UserError(f"unknown report kind {kind!r}; valid: {', '.join(PAGE_SECTIONS)}")
   bodies = _demo_bodies(workdir, timings) if kind == "demo" else _run_bodies(workdir, kind)
-  page = PAGE_SECTIONS[kind]
   title = f"{TITLES[kind]}: {os.path.basename(os.path.abspath(workdir))}"
-  nav = "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name in page)
-  parts = [
-    "<!DOCTYPE html>",
-    '<html lang="en"><head><meta charset="utf-8">',
-    f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>",
-    f"<h1>{esc(title)}</h1><nav>{nav}</nav>",
-  ]
-  for sid, name in page:
-    parts.append(f'<section><h2 id="{sid}">{esc(name)}</h2>{bodies[sid]}</section>')
-  parts.append("</body></html>")
-  return "\n".join(parts)
+  return html_page(title, PAGE_SECTIONS[kind], bodies)
 
 
 def write_report(
@@ -159,11 +148,7 @@ def write_report(
   if not os.path.isdir(workdir):
     raise UserError(f"workdir '{workdir}' does not exist; train a run (or `vqlm demo`) first")
   text = build_report(workdir, kind=kind, timings=timings)
-  path = os.path.join(workdir, REPORT_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-  return path
+  return write_text(os.path.join(workdir, REPORT_FILE), text)
 
 
 def save_prompt_figure(

@@ -14,8 +14,8 @@ from typing import Any
 from vqlm import imaging
 from vqlm.errors import UserError
 from vqlm.report.common import (
-  STYLE,
   esc,
+  html_page,
   img,
   missing,
   note,
@@ -24,6 +24,7 @@ from vqlm.report.common import (
   read_metrics,
   seconds,
   table,
+  write_text,
 )
 from vqlm.report.figures import curves
 
@@ -195,24 +196,10 @@ def build_tuning_report(workdir: str, *, timings: Mapping[str, Any] | None = Non
     "timings": _timings(r, timings),
   }
   title = f"vqlm tuning: {os.path.basename(os.path.abspath(workdir))} ({r.get('preset')})"
-  nav = "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name in SECTIONS)
-  parts = [
-    "<!DOCTYPE html>",
-    '<html lang="en"><head><meta charset="utf-8">',
-    f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>",
-    f"<h1>{esc(title)}</h1><nav>{nav}</nav>",
-  ]
-  for sid, name in SECTIONS:
-    parts.append(f'<section><h2 id="{sid}">{esc(name)}</h2>{bodies[sid]}</section>')
-  parts.append("</body></html>")
-  return "\n".join(parts)
+  return html_page(title, SECTIONS, bodies)
 
 
 def write_tuning_report(workdir: str, *, timings: Mapping[str, Any] | None = None) -> str:
   """Writes `WORKDIR/tuning.html`; returns its path."""
   text = build_tuning_report(workdir, timings=timings)
-  path = os.path.join(workdir, TUNING_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-  return path
+  return write_text(os.path.join(workdir, TUNING_FILE), text)

@@ -26,19 +26,17 @@ import optax
 
 from vqlm.errors import UserError
 from vqlm.nn.transformer import Transformer
-from vqlm.train.lm_task import LMTask
-from vqlm.train.preference import DPOTask, grpo_loss, token_logps
+from vqlm.train.preference import ReferenceTask, grpo_loss, token_logps
 from vqlm.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 PART_PREFIX = "reward_"
 
 
-class GRPOTask(LMTask):
+class GRPOTask(ReferenceTask):
   """GRPO with the loop's Task interface (`init`, `train_step`).
 
-  `init` copies the initial parameters to `state.extra["reference"]`; a run that starts from
-  another run's parameters must call `reset_reference(state)` after loading them.
+  The reference model (the KL's) is `ReferenceTask`'s: `state.extra["reference"]`.
 
   Args:
     model, optimizer, image_offset, image_size, codebook: as for `LMTask`.
@@ -64,18 +62,12 @@ class GRPOTask(LMTask):
     super().__init__(
       model=model,
       optimizer=optimizer,
-      z_loss_weight=0.0,
       image_offset=image_offset,
       image_size=image_size,
       codebook=codebook,
     )
     self.kl_coef = float(kl_coef)
     self.clip_eps = float(clip_eps)
-
-  def init(self, rng: jax.Array, batch: Batch) -> TrainState:
-    return self.reset_reference(super().init(rng, batch))
-
-  reset_reference = staticmethod(DPOTask.reset_reference)
 
   def _token_logps(self, params: Any, extra: Mapping[str, Any], batch: Batch) -> jax.Array:
     """float32 `[B, S]` log-probs of the targets."""

@@ -143,13 +143,49 @@ def pair_batch(
   return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in _KEYS}
 
 
-class DPOTask(LMTask):
+class ReferenceTask(LMTask):
+  """An LM task tuned against a frozen reference model (DPO, GRPO): the reference parameters live
+  in `state.extra["reference"]` (never updated); `init` copies the initial parameters there, and
+  a run that starts from another run's parameters must call `reset_reference(state)` after
+  restoring them so the reference is the tuned-from model. No z-loss.
+
+  Args:
+    model, optimizer, image_offset, image_size, codebook: as for `LMTask`.
+  """
+
+  def __init__(
+    self,
+    *,
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    image_offset: int,
+    image_size: int,
+    codebook: jax.Array | None = None,
+  ):
+    super().__init__(
+      model=model,
+      optimizer=optimizer,
+      z_loss_weight=0.0,
+      image_offset=image_offset,
+      image_size=image_size,
+      codebook=codebook,
+    )
+
+  def init(self, rng: jax.Array, batch: Batch) -> TrainState:
+    return self.reset_reference(super().init(rng, batch))
+
+  @staticmethod
+  def reset_reference(state: TrainState) -> TrainState:
+    """The state with `extra["reference"]` a copy of its current params."""
+    reference = jax.tree.map(jnp.copy, state.params)
+    return state.replace(extra={**state.extra, "reference": reference})
+
+
+class DPOTask(ReferenceTask):
   """DPO on chat examples with the loop's Task interface (init, train_step, eval_step).
 
-  The batch is `pair_batch`'s: `[2B, S]` rows, chosen first. The reference parameters live in
-  `state.extra["reference"]` (never updated); `init` copies the initial parameters there, and a
-  run that starts from another run's parameters must call `reset_reference(state)` after
-  restoring them so the reference is the tuned-from model.
+  The batch is `pair_batch`'s: `[2B, S]` rows, chosen first; the reference model is
+  `ReferenceTask`'s.
 
   Args:
     model, optimizer, image_offset, image_size, codebook: as for `LMTask`.
@@ -171,21 +207,11 @@ class DPOTask(LMTask):
     super().__init__(
       model=model,
       optimizer=optimizer,
-      z_loss_weight=0.0,
       image_offset=image_offset,
       image_size=image_size,
       codebook=codebook,
     )
     self.beta = float(beta)
-
-  def init(self, rng: jax.Array, batch: Batch) -> TrainState:
-    return self.reset_reference(super().init(rng, batch))
-
-  @staticmethod
-  def reset_reference(state: TrainState) -> TrainState:
-    """The state with `extra["reference"]` a copy of its current params."""
-    reference = jax.tree.map(jnp.copy, state.params)
-    return state.replace(extra={**state.extra, "reference": reference})
 
   def _logps(self, params: Any, extra: Mapping[str, Any], batch: Batch) -> jax.Array:
     logits = self._forward(self._variables(params, extra), batch)
