@@ -135,6 +135,7 @@ class Policy:
     sampling: SamplingConfig,
     cfg_scale: float,
     batch_size: int,
+    restate: bool = False,
   ):
     chat_sampling.require_chat_vocab(vocab)
     run = types.SimpleNamespace(
@@ -153,6 +154,7 @@ class Policy:
     self.image_tokenizer = image_tokenizer
     self.sampling = sampling
     self.cfg_scale = float(cfg_scale)
+    self.restate = bool(restate)
 
   def set_params(self, params: Any) -> None:
     sampler = self.generator.sampler
@@ -161,25 +163,30 @@ class Policy:
   def sample(
     self, items: Sequence[Mapping[str, Any]], prompts: Sequence[list[dict]], k: int, *, seed: int
   ) -> list[Any]:
-    """`k` replies per item, item-major: `(codes [h, w], image [H, W, 3])` for "draw" items,
+    """`k` replies per item, item-major: `(codes [h, w], image [H, W, 3], caption)` for "draw"
+    items (the caption: the model's greedy restatement of the request when `restate`, else ""),
     text for the others; sampled with `sampling`, row i of the drawings with seed `(seed, i)`, of
     the texts with `(seed + 1, i)`."""
     out: list[Any] = [None] * (len(items) * k)
     draw = [i for i, it in enumerate(items) if it["kind"] == "draw"]
     talk = [i for i, it in enumerate(items) if it["kind"] != "draw"]
     if draw:
+      requests = [prompts[i] for i in draw]
+      captions = chat_sampling.restate(self.generator, requests) if self.restate else None
       images, codes = chat_sampling.draw(
         self.generator,
-        [prompts[i] for i in draw],
+        requests,
         num_per_prompt=k,
         cfg_scale=self.cfg_scale,
         sampling=self.sampling,
         seed=seed,
         return_codes=True,
+        captions=captions,
       )
       for n, i in enumerate(draw):
+        caption = captions[n] if captions is not None else ""
         for j in range(k):
-          out[i * k + j] = (codes[n * k + j], images[n * k + j])
+          out[i * k + j] = (codes[n * k + j], images[n * k + j], caption)
     if talk:
       texts = chat_sampling.reply(
         self.generator,
@@ -216,8 +223,9 @@ def evaluate(policy: Policy, items: Sequence[Mapping[str, Any]], prompts, *, see
 
 
 def _reply_part(reply: Any) -> list[Any]:
-  if isinstance(reply, tuple):
-    return [np.asarray(reply[0], np.int32)]
+  if isinstance(reply, tuple):  # (codes, image, caption): the caption (if any), then the codes.
+    caption = reply[2] if len(reply) > 2 else ""
+    return ([caption] if caption else []) + [np.asarray(reply[0], np.int32)]
   if isinstance(reply, str):
     return [reply] if reply.strip() else []
   return [reply]
@@ -303,15 +311,17 @@ def collect_pairs(
   for i, item in enumerate(items):
     row = rewards[i]
     best, worst = int(np.argmax(row)), int(np.argmin(row))
+    # A restating model's gold and perturbed replies carry the scene's true caption.
+    caption = shapes.caption(item["scene"]) if policy.restate else ""
     if row[best] >= 1.0:
       c, c_from, c_reward = replies[i * k + best], 0, 1.0
     else:
-      c = gold[i] if item["kind"] == "draw" else item["answer"]
+      c = (gold[i], None, caption) if item["kind"] == "draw" else item["answer"]
       c_from, c_reward = 1, 1.0
     if row[worst] < 1.0:
       r, r_from, r_reward = replies[i * k + worst], 0, float(row[worst])
     elif item["kind"] == "draw":
-      r, r_from = wrong[i], 1
+      r, r_from = (wrong[i], None, caption), 1
       r_reward = reward_parts(perturbed[i], item["scene"])["reward"]
     else:
       r, r_from = chat.preference_pair(item, seed=seed, index=i)["rejected"][0]["parts"][0], 1
