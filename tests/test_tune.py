@@ -60,10 +60,11 @@ class ScriptedPolicy:
   """`Policy.sample` with scripted replies: `replies_for(item)` lists an item's replies, scenes
   (drawn as reply j with codes `[[15, j], [15, j]]`) or texts."""
 
-  def __init__(self, replies_for):
+  def __init__(self, replies_for, *, restate=False):
     self.replies_for = replies_for
     self.image_tokenizer = FakeImageTokenizer()
     self.calls = 0
+    self.restate = restate
 
   def sample(self, items, prompts, k, *, seed):
     self.calls += 1
@@ -71,7 +72,9 @@ class ScriptedPolicy:
     for item in items:
       for j, reply in enumerate(self.replies_for(item)[:k]):
         if item["kind"] == "draw":
-          out.append((np.asarray([[15, j], [15, j]], np.int32), shapes.render(reply, SIZE)))
+          codes = np.asarray([[15, j], [15, j]], np.int32)
+          caption = shapes.caption(reply) if self.restate and reply else ""
+          out.append((codes, shapes.render(reply, SIZE), caption))
         else:
           out.append(reply)
     return out
@@ -146,6 +149,33 @@ def test_dpo_pairs_chosen_rejected_gold_and_perturbed(tok_vocab):
 
 
 _OBJ = dict(min_objects=1, max_objects=3)
+
+
+def test_restating_pairs_caption_the_scene_before_the_image(tok_vocab):
+  tokenizer, vocab = tok_vocab
+  items = tune_data.make_prompts(
+    2, seed=1, kinds=("draw",), min_objects=1, max_objects=1, split="train"
+  )
+  s0, s1 = (it["scene"] for it in items)
+  script = [[s0, recolour(s0)], [recolour(s1), recolour(s1)]]
+  policy = ScriptedPolicy(lambda item: script[items.index(item)], restate=True)
+  prompts = tune_data.prompt_turns(items, policy.image_tokenizer)
+  pairs = tune_data.collect_pairs(
+    policy,
+    items,
+    prompts,
+    samples_per_prompt=2,
+    vocab=vocab,
+    tokenizer=tokenizer,
+    seq_len=96,
+    seed=0,
+    log_fn=lambda _: None,
+  )
+  reply = lambda side, i: chat.parse(pairs[f"{side}_tokens"][i], vocab, tokenizer)[1]["parts"]  # noqa: E731
+  # Sampled replies keep the model's caption; the gold reply (item 1) carries the true one.
+  assert reply("chosen", 0)[0] == shapes.caption(s0)
+  assert reply("rejected", 0)[0] == shapes.caption(recolour(s0))
+  assert reply("chosen", 1)[0] == shapes.caption(s1) and len(reply("chosen", 1)) == 2
 
 
 def test_prompts_never_hold_a_heldout_pair_and_perturbations_stay_in_train():
