@@ -77,6 +77,7 @@ class Tuning:
       if stage not in STAGES:
         raise UserError(f"unknown tuning stage '{stage}'; valid: {', '.join(STAGES)}")
     os.makedirs(self.workdir, exist_ok=True)
+    self._write_results({**self.results(), "preset": self.preset_name})
     start_all = time.time()
     for stage in stages:
       start = time.time()

@@ -8,6 +8,7 @@ questions about test images (`chat_qa`). The main demo's LM has no turns: it is 
 requests as plain captions (`<bos> request <boi>`), its "before" figure.
 """
 
+import json
 import os
 
 from vqlm.data import chat
@@ -53,8 +54,12 @@ def evaluator_specs(p: Preset, main: MainPreset, *, chat_turns: bool) -> dict:
   return specs
 
 
-def native_requests(run, p: Preset, main: MainPreset, *, split: str) -> dict:
-  """The chat_draw requests given to a model without turns as plain captions."""
+def native_requests(
+  run, p: Preset, main: MainPreset, *, split: str, artefacts: str = "", name: str = ""
+) -> dict:
+  """The chat_draw requests given to a model without turns as plain captions; with `artefacts`,
+  the first 12 requests' images (`NAME.png`) and texts (`NAME.json`), as chat_draw saves them."""
+  from vqlm import imaging
   from vqlm.eval import text_image
   from vqlm.sample.processors import SamplingConfig, Settings
 
@@ -65,7 +70,7 @@ def native_requests(run, p: Preset, main: MainPreset, *, split: str) -> dict:
     for i in range(p.measure_prompts)
   ]
   examples = [{"text": item["turns"][0]["parts"][0], "scene": item["scene"]} for item in items]
-  metrics, _ = text_image.text_to_image(
+  metrics, images = text_image.text_to_image(
     run.generator(batch_size=32),
     examples,
     num_per_prompt=p.images_per_prompt,
@@ -77,6 +82,14 @@ def native_requests(run, p: Preset, main: MainPreset, *, split: str) -> dict:
     seed=0,
   )
   metrics["prompt_format"] = "plain caption"
+  if artefacts:
+    shown = min(12, len(examples))
+    grid = imaging.make_grid(
+      images[: shown * p.images_per_prompt], columns=p.images_per_prompt, scale=3
+    )
+    imaging.save_png(grid, os.path.join(artefacts, f"{name}.png"))
+    with open(os.path.join(artefacts, f"{name}.json"), "w", encoding="utf-8") as f:
+      json.dump([e["text"] for e in examples[:shown]], f, indent=1)
   return metrics
 
 
@@ -94,6 +107,6 @@ def measure_model(
   results = evaluators_lib.run_all(run, evaluators, artefacts=artefacts, log_fn=log_fn)
   if not chat_turns:
     for name, split in (("requests", "test"), ("heldout_requests", "test_heldout")):
-      results[name] = native_requests(run, p, main, split=split)
+      results[name] = native_requests(run, p, main, split=split, artefacts=artefacts, name=name)
   results["chat_turns"] = chat_turns
   return results

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 from vqlm import imaging
 from vqlm.errors import UserError
 from vqlm.report.common import (
@@ -27,6 +29,7 @@ from vqlm.report.common import (
   write_text,
 )
 from vqlm.report.figures import curves
+from vqlm.report.sections import split_grid_rows
 
 TUNING_FILE = "tuning.html"
 MODELS = (("main", "main demo LM"), ("sft", "+ SFT"), ("dpo", "+ DPO"), ("grpo", "+ GRPO"))
@@ -77,11 +80,13 @@ def _comparison(r: Mapping[str, Any]) -> str:
       previous = value if value is not None else previous
     rows.append(cells)
   for count in (1, 2, 3):
-    cells = [esc(f"requests with {count} object{'s' if count > 1 else ''}")]
+    values = []
     for model, _ in shown:
       by = (models[model].get("requests") or {}).get("by_objects") or {}
-      cells.append(pct((by.get(f"{count}_objects") or {}).get("scene")))
-    rows.append(cells)
+      values.append((by.get(f"{count}_objects") or {}).get("scene"))
+    if any(v is not None for v in values):
+      label = f"requests with {count} object{'s' if count > 1 else ''}"
+      rows.append([esc(label)] + [pct(v) for v in values])
   kinds = sorted(
     {k for m, _ in shown for k in ((models[m].get("questions") or {}).get("by_kind") or {})}
   )
@@ -130,23 +135,41 @@ def _curves(workdir: str, r: Mapping[str, Any]) -> str:
   return "".join(parts) or missing("training curves")
 
 
-def _drawings(workdir: str, r: Mapping[str, Any]) -> str:
+def _grid_rows(png: str, texts: str, shown: int) -> tuple[Any, list[str]]:
+  """The first `shown` rows (requests) of a chat_draw grid and their request texts."""
+  if not os.path.exists(png) or not os.path.exists(texts):
+    return None, []
+  with open(texts, encoding="utf-8") as f:
+    requests = [str(t) for t in json.load(f)]
+  grid = imaging.load_png(png)
+  rows = split_grid_rows(grid, len(requests))
+  if rows is None:
+    return grid, requests
+  return np.concatenate(rows[:shown], axis=0), requests[:shown]
+
+
+def _drawings(workdir: str, r: Mapping[str, Any], shown: int = 6) -> str:
+  """Per request set, every model's images for the same first requests, side by side."""
+  models = [(m, label) for m, label in MODELS if m in (r.get("models") or {})]
   parts = []
-  for model, label in MODELS:
-    if model not in (r.get("models") or {}):
+  for section, what in (("requests", "test requests"), ("heldout_requests", "held-out pairs")):
+    cells, requests = [], []
+    for model, _ in models:
+      base = os.path.join(workdir, "samples", model, section)
+      grid, texts = _grid_rows(base + ".png", base + ".json", shown)
+      cells.append(img(grid, f"{model} {what}") if grid is not None else missing(what))
+      requests = requests or texts
+    if not requests:
       continue
-    for section, what in (("requests", "test requests"), ("heldout_requests", "held-out")):
-      png = os.path.join(workdir, "samples", model, f"{section}.png")
-      texts = os.path.join(workdir, "samples", model, f"{section}.json")
-      if not os.path.exists(png):
-        continue
-      caption = ""
-      if os.path.exists(texts):
-        with open(texts, encoding="utf-8") as f:
-          shown = json.load(f)
-        caption = "<ol>" + "".join(f"<li>{esc(t)}</li>" for t in shown[:6]) + "</ol>"
-      parts.append(f"<h3>{esc(label)}: {esc(what)}</h3>{img(imaging.load_png(png), what)}{caption}")
-  return "".join(parts) or missing("drawings")
+    listing = "<ol>" + "".join(f"<li>{esc(t)}</li>" for t in requests) + "</ol>"
+    header = [label for _, label in models]
+    parts.append(f"<h3>{esc(what)}</h3>{table(header, [cells])}{listing}")
+  if not parts:
+    return missing("drawings")
+  return note(
+    "Rows: the requests listed below each table, two images each; the main demo's LM gets "
+    "them as plain captions."
+  ) + "".join(parts)
 
 
 def _prompts(workdir: str, r: Mapping[str, Any]) -> str:
