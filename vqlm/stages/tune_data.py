@@ -106,6 +106,11 @@ def score_reply(item: Mapping[str, Any], reply: Any) -> dict[str, float]:
 # ---- sampling with the parameters being tuned ---------------------------------------------------
 
 
+# Most text ids of a sampled answer: a description of 3 objects needs about 40; a reply sampled at
+# a high temperature may ramble, and a longer one would not fit the tuning examples.
+REPLY_MAX_LEN = 40
+
+
 class Policy:
   """A `Generator` over the parameters being tuned.
 
@@ -194,6 +199,7 @@ class Policy:
         greedy=False,
         sampling=self.sampling,
         seed=seed + 1,
+        max_len=REPLY_MAX_LEN,
       )
       for n, i in enumerate(talk):
         for j in range(k):
