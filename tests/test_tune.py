@@ -399,3 +399,20 @@ def test_new_parameters_do_not_recompile_the_sampler(tiny, tmp_path):
   assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, second))
   policy.set_params(run.params)
   np.testing.assert_array_equal(policy.sample(items, prompts, 2, seed=0)[0][0], first[0][0])
+
+
+def test_lengths_are_checked_for_the_reply_each_prompt_gets(tok_vocab):
+  tokenizer, vocab = tok_vocab
+  image_tokenizer = FakeImageTokenizer()
+  question = tune_data.make_prompts(1, seed=3, kinds=("question",), **_OBJ, split="train")
+  draw = tune_data.make_prompts(1, seed=3, kinds=("draw",), **_OBJ, split="train")
+  for items in (question, draw):
+    prompts = tune_data.prompt_turns(items, image_tokenizer)
+    kinds = [it["kind"] for it in items]
+    turns = list(prompts[0]) + [{"role": "assistant", "parts": []}]
+    base = len(chat.build(turns, vocab, tokenizer)["tokens"])
+    # A question's answer may take REPLY_MAX_LEN ids; a drawing an image and <eoi>.
+    reply = tune_data.REPLY_MAX_LEN if kinds[0] != "draw" else vocab.tokens_per_image + 2
+    tune_data.check_lengths(prompts, vocab, tokenizer, base + reply, kinds)
+    with pytest.raises(UserError, match=r"more than train.seq_len=\d+; set --config.train"):
+      tune_data.check_lengths(prompts, vocab, tokenizer, base + reply - 1, kinds)

@@ -241,7 +241,7 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, checkpoint_dir, af
     split="train",
   )
   prompts = tune_data.prompt_turns(items, image_tokenizer)
-  tune_data.check_lengths(prompts, vocab, tokenizer, seq_len)
+  tune_data.check_lengths(prompts, vocab, tokenizer, seq_len, [it["kind"] for it in items])
 
   policy = None
 

@@ -106,9 +106,10 @@ def score_reply(item: Mapping[str, Any], reply: Any) -> dict[str, float]:
 # ---- sampling with the parameters being tuned ---------------------------------------------------
 
 
-# Most text ids of a sampled answer: a description of 3 objects needs about 40; a reply sampled at
-# a high temperature may ramble, and a longer one would not fit the tuning examples.
-REPLY_MAX_LEN = 40
+# Most text ids of a sampled answer: the answers of 1-2 object scenes need at most 29 (a
+# description), 3 objects about 40; a reply sampled at a high temperature may ramble, and a longer
+# one would not fit the tuning examples (a cut reply counts as a wrong one).
+REPLY_MAX_LEN = 32
 
 
 class Policy:
@@ -264,11 +265,25 @@ def example(
   return sequences.pad(ex, seq_len, pad_id=vocab.pad_id)
 
 
-def check_lengths(prompts, vocab: Vocab, tokenizer: Any, seq_len: int) -> None:
-  """Refuses up front prompts whose longest reply (an image, `<eoi>`, `<eos>`) would not fit."""
+def check_lengths(
+  prompts, vocab: Vocab, tokenizer: Any, seq_len: int, kinds: Sequence[str] | None = None
+) -> None:
+  """Refuses up front prompts whose longest reply would not fit: an image (`<boi>` codes `<eoi>`
+  `<eos>`) for a draw prompt, `REPLY_MAX_LEN` text ids for the others (`kinds`: each prompt's
+  item kind; None: all draw)."""
   image = np.zeros(vocab.grid, np.int32)
-  for p in prompts:
-    example(p, image, vocab, tokenizer, seq_len)
+  for i, p in enumerate(prompts):
+    if kinds is None or kinds[i] == "draw":
+      example(p, image, vocab, tokenizer, seq_len)
+      continue
+    turns = list(p) + [{"role": "assistant", "parts": []}]
+    need = len(chat.build(turns, vocab, tokenizer)["tokens"]) + REPLY_MAX_LEN
+    if need > seq_len:
+      raise UserError(
+        f"a tuning example may have {need} tokens (an answer of up to {REPLY_MAX_LEN} ids), "
+        f"more than train.seq_len={seq_len}; set --config.train.seq_len={need} or lower "
+        "--config.prompts.max_objects"
+      )
 
 
 # ---- DPO pairs ----------------------------------------------------------------------------------
