@@ -74,9 +74,18 @@ def _param(name, arg, params, mesh, slow):
   return pytest.param(name, arg, params, mesh, marks=marks, id=f"{name}:{arg}")
 
 
+# Configs without a model of their own (it comes from the tuned run, `init_from`): nothing to
+# lower here; they load by path, and their stage is tested in tests/test_tune.py.
+NO_MODEL = {"tune.py": ("method=dpo", "method=grpo")}
+
+
 def test_every_config_file_is_covered():
   shipped = {f for f in os.listdir(CONFIGS) if f.endswith(".py")}
-  assert shipped == {p[0] for p in PRESETS}
+  assert shipped == {p[0] for p in PRESETS} | set(NO_MODEL)
+  for name, args in NO_MODEL.items():
+    for arg in args:
+      config = load_config(name, arg)
+      assert config.stage == "tune" and f"method={config.method}" == arg
 
 
 @pytest.mark.parametrize("name,arg,params,mesh", [_param(*p) for p in PRESETS])
