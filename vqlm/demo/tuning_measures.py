@@ -11,7 +11,6 @@ requests as plain captions (`<bos> request <boi>`), its "before" figure.
 import json
 import os
 
-from vqlm.data import chat
 from vqlm.demo.recipe import Preset as MainPreset
 from vqlm.demo.recipe import generation_evals
 from vqlm.demo.tuning_recipe import Preset
@@ -60,15 +59,12 @@ def native_requests(
   """The chat_draw requests given to a model without turns as plain captions; with `artefacts`,
   the first 12 requests' images (`NAME.png`) and texts (`NAME.json`), as chat_draw saves them."""
   from vqlm import imaging
-  from vqlm.eval import text_image
+  from vqlm.eval import chat_eval, text_image
   from vqlm.sample.processors import SamplingConfig, Settings
 
-  items = [
-    chat.conversation(
-      i, seed=1000 + REQUEST_SEED, split=split, kinds=("draw",), max_objects=p.max_objects
-    )
-    for i in range(p.measure_prompts)
-  ]
+  items = chat_eval.request_items(
+    p.measure_prompts, split=split, seed=REQUEST_SEED, max_objects=p.max_objects
+  )
   examples = [{"text": item["turns"][0]["parts"][0], "scene": item["scene"]} for item in items]
   metrics, images = text_image.text_to_image(
     run.generator(batch_size=32),

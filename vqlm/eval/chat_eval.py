@@ -200,18 +200,39 @@ def answer_accuracy(
 # ---- evaluators ---------------------------------------------------------------------------------
 
 
-def _items(settings: Mapping[str, Any], num: int, kinds: Sequence[str]) -> list[dict]:
+def request_items(
+  num: int,
+  *,
+  split: str,
+  seed: int = 0,
+  kinds: Sequence[str] = ("draw",),
+  min_objects: int = 1,
+  max_objects: int = 3,
+) -> list[dict]:
+  """The items the chat evaluators of `seed` use: `chat.conversation(i, seed=ITEM_SEED_OFFSET +
+  seed, ...)` for i < num (never the tuning items, whose seeds are small)."""
   return [
     chat.conversation(
       i,
-      seed=ITEM_SEED_OFFSET + int(settings["seed"]),
-      split=settings["split"],
+      seed=ITEM_SEED_OFFSET + int(seed),
+      split=split,
       kinds=tuple(kinds),
-      min_objects=settings["min_objects"],
-      max_objects=settings["max_objects"],
+      min_objects=min_objects,
+      max_objects=max_objects,
     )
     for i in range(num)
   ]
+
+
+def _items(settings: Mapping[str, Any], num: int, kinds: Sequence[str]) -> list[dict]:
+  return request_items(
+    num,
+    split=settings["split"],
+    seed=settings["seed"],
+    kinds=kinds,
+    min_objects=settings["min_objects"],
+    max_objects=settings["max_objects"],
+  )
 
 
 def _write_json(artefacts: str, name: str, value: Any) -> None:
