@@ -46,8 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.update(
     text_vocab_size=16000,
     max_text_len=125,
-    mode="mix",
-    t2i_ratio=0.7,
+    mixture="t2i=0.7,i2t=0.3",
     caption_dropout=0.1,
     num_threads=8,
   )

@@ -11,7 +11,7 @@ from vqlm.data.code_shards import CodeShards, encode_split, read_manifest
 from vqlm.data.moving_shapes import MovingShapesSource
 from vqlm.data.sequences import needed_seq_len
 from vqlm.runs import TokenizerRun
-from vqlm.stages import lm, lm_config
+from vqlm.stages import lm_config, lm_data
 from vqlm.vocab import Vocab
 
 FRAMES = 4  # moving_shapes' shortest clips
@@ -62,15 +62,17 @@ def _valid_loss(workdir) -> float:
 
 
 def _example(workdir, index: int = 0) -> tuple[dict, Vocab]:
-  """Training element `index` of a run's data through the stage's own transform."""
+  """Training row `index` of a run's data through the stage's own source and transform."""
   config = runs.load_config(str(workdir))
   vocab = Vocab.load(os.path.join(workdir, "vocab.json"))
-  transform = lm.ExampleTransform(
+  source, transform = lm_data.make_source(
+    config,
+    "train",
+    vocab=vocab,
     text_model=os.path.join(workdir, "text.model"),
-    builder=lm.make_builder(config, vocab, seed=config.train.seed),
-    max_text_len=config.data.max_text_len,
+    seed=config.train.seed,
   )
-  return transform(index, lm.make_source(config, "train")[index]), vocab
+  return transform(index, source[index]), vocab
 
 
 def _assert_one_error_line(capsys, message: str) -> None:
@@ -108,7 +110,7 @@ def test_document_mode_trains(tiny, tmp_path):
   workdir = tmp_path / "lm"
   seq_len = _seq_len(tiny["codes"], mode="document", pairs=k)
   code = _train(
-    workdir, tiny["codes"], "--config.data.mode=document", f"--config.train.seq_len={seq_len}"
+    workdir, tiny["codes"], "--config.data.mixture=document=1", f"--config.train.seq_len={seq_len}"
   )
   assert code == 0
   _valid_loss(workdir)
@@ -117,7 +119,7 @@ def test_document_mode_trains(tiny, tmp_path):
   assert len(_image_runs(example["tokens"], vocab)) == k
   assert set(example["segment_ids"].tolist()) <= {0, 1}
   records = CodeShards(tiny["codes"], "train")
-  source = lm.make_source(runs.load_config(str(workdir)), "train")
+  source = lm_data.records(runs.load_config(str(workdir)), "document", "train")
   assert len(source) == len(records) // k
   assert [r["index"] for r in source[1]] == [records[i]["index"] for i in range(k, 2 * k)]
 
@@ -136,7 +138,7 @@ def test_video_mode_trains(video_codes, tmp_path):
   code = _train(
     workdir,
     video_codes,
-    "--config.data.mode=video",
+    "--config.data.mixture=video=1",
     f"--config.data.frames={FRAMES}",
     f"--config.train.seq_len={seq_len}",
   )
@@ -156,10 +158,17 @@ def test_video_mode_trains(video_codes, tmp_path):
 @pytest.mark.parametrize(
   "overrides, message",
   [
-    (("--config.data.mode=mix",), f"--config.data.mode=video --config.data.frames={FRAMES}"),
-    (("--config.data.mode=video", "--config.data.frames=6"), f"--config.data.frames={FRAMES}"),
     (
-      ("--config.data.mode=video", f"--config.data.frames={FRAMES}", "--config.train.seq_len=96"),
+      ("--config.data.mixture=t2i=1",),
+      f"--config.data.mixture=video=1 --config.data.frames={FRAMES}",
+    ),
+    (("--config.data.mixture=video=1", "--config.data.frames=6"), f"--config.data.frames={FRAMES}"),
+    (
+      (
+        "--config.data.mixture=video=1",
+        f"--config.data.frames={FRAMES}",
+        "--config.train.seq_len=96",
+      ),
       "--config.train.seq_len=",
     ),
   ],
@@ -174,10 +183,48 @@ def test_video_config_mistakes_are_one_line(video_codes, tmp_path, capsys, overr
   [
     (("--config.data.pairs_per_document=0",), "pairs_per_document=0 must be >= 1"),
     (("--config.data.pairs_per_document=3",), "--config.train.seq_len="),
-    (("--config.data.mode=video", "--config.data.frames=4"), "encode a video source"),
+    (("--config.data.mixture=video=1", "--config.data.frames=4"), "encode a video source"),
+    (("--config.data.mixture=document=1,movie=1",), "unknown mode 'movie'"),
+    (("--config.data.mixture=document=-1",), "document=-1 must be >= 0"),
   ],
 )
 def test_document_config_mistakes_are_one_line(tiny, tmp_path, capsys, overrides, message):
-  args = ("--config.data.mode=document", *overrides)
+  args = ("--config.data.mixture=document=1", *overrides)
   assert _train(tmp_path / "lm", tiny["codes"], *args) == 2
   _assert_one_error_line(capsys, message)
+
+
+def test_a_mixture_of_modes_trains_with_packed_rows_and_per_mode_validation(
+  tiny, video_codes, tmp_path
+):
+  workdir = tmp_path / "lm"
+  seq_len = _seq_len(video_codes, mode="video", frames=FRAMES)
+  code = _train(
+    workdir,
+    tiny["codes"],
+    f"--config.data.video_codes={video_codes}",
+    "--config.data.mixture=t2i=0.25,i2t=0.25,video=0.5",
+    f"--config.data.frames={FRAMES}",
+    f"--config.train.seq_len={seq_len}",
+    "--config.eval.num_batches=3",
+  )
+  assert code == 0
+  last = [r for r in _metrics(workdir) if "valid/loss" in r][-1]
+  for mode in ("t2i", "i2t", "video"):
+    assert np.isfinite(last[f"valid/{mode}_loss"]), mode
+  config = runs.load_config(str(workdir))
+  vocab = Vocab.load(os.path.join(workdir, "vocab.json"))
+  source, transform = lm_data.make_source(
+    config, "train", vocab=vocab, text_model=os.path.join(workdir, "text.model"), seed=0
+  )
+  rows = [transform(i, source[i]) for i in range(8)]
+  names = [source[i][0] for i in range(8)]
+  assert sorted(set(names)) == ["i2t", "t2i", "video"]
+  per_t2i = lm_data.per_row(_seq_len(tiny["codes"], mode="t2i"), seq_len)
+  assert per_t2i >= 2
+  for name, row in zip(names, rows):
+    segments = set(row["segment_ids"].tolist()) - {0}
+    # An image row packs several examples, each its own segment; a clip fills its row alone.
+    assert len(segments) == (1 if name == "video" else per_t2i), name
+    image_runs = _image_runs(row["tokens"][row["segment_ids"] > 0], vocab)
+    assert len(image_runs) == (FRAMES if name == "video" else per_t2i)

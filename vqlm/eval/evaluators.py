@@ -13,7 +13,9 @@ Types: `reconstruction` (tokenizer runs: PSNR, SSIM, codebook statistics for dis
 bottlenecks, KL and prior samples for a VAE, random-latent samples for an autoencoder,
 scene-parser agreement on shapes), `text_to_image`, `image_to_text`, `scene_fd` and
 `fid` (LM runs on shapes: images judged by the scene parser, captions parsed back into scenes),
-`chat_draw` and `chat_qa` (instruction-tuned LMs: `vqlm.eval.chat_eval`).
+`chat_draw` and `chat_qa` (instruction-tuned LMs: `vqlm.eval.chat_eval`), `edit` (image editing
+by LMs trained on edit documents: `vqlm.eval.edit_eval`), `video_continuation` and `text_to_video`
+(video LMs on moving shapes: `vqlm.eval.video_eval`).
 """
 
 from collections.abc import Callable, Mapping
@@ -362,15 +364,23 @@ TYPES: dict[str, type[Evaluator]] = {
 
 
 def all_types() -> dict[str, type[Evaluator]]:
-  """TYPES and the chat LMs' evaluators, `chat_draw` and `chat_qa` (`vqlm.eval.chat_eval`, which
-  builds on this module)."""
-  from vqlm.eval import chat_eval
+  """TYPES and the evaluators of modules that build on this one: `chat_draw` and `chat_qa`
+  (`vqlm.eval.chat_eval`), `edit` (`vqlm.eval.edit_eval`), `video_continuation` and
+  `text_to_video` (`vqlm.eval.video_eval`)."""
+  from vqlm.eval import chat_eval, edit_eval, video_eval
 
-  return {**TYPES, "chat_draw": chat_eval.ChatDraw, "chat_qa": chat_eval.ChatQA}
+  return {
+    **TYPES,
+    "chat_draw": chat_eval.ChatDraw,
+    "chat_qa": chat_eval.ChatQA,
+    "edit": edit_eval.EditEval,
+    "video_continuation": video_eval.VideoContinuation,
+    "text_to_video": video_eval.TextToVideo,
+  }
 
 
 # Evaluators that name their artefact files after their config.evals section.
-_NAMED = ("text_to_image", "chat_draw", "chat_qa")
+_NAMED = ("text_to_image", "chat_draw", "chat_qa", "video_continuation", "text_to_video")
 
 
 def build(evals: Mapping[str, Mapping[str, Any]], *, log_fn=print) -> dict[str, Evaluator]:
@@ -386,7 +396,7 @@ def build(evals: Mapping[str, Mapping[str, Any]], *, log_fn=print) -> dict[str, 
     try:
       out[name] = types[kind](log_fn=log_fn, **spec)
     except TypeError as e:
-      where = "vqlm/eval/chat_eval.py" if kind.startswith("chat_") else "vqlm/eval/evaluators.py"
+      where = types[kind].__module__.replace(".", "/") + ".py"
       raise UserError(
         f"config.evals.{name}: {e}; see {where} for the settings of '{kind}'"
       ) from None

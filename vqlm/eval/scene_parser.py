@@ -12,6 +12,8 @@ Pipeline of `parse_image` (numpy + scipy.ndimage only):
    +-1 px shifts; the best intersection-over-union wins (ties: first in SHAPES x SIZES order).
 Clean renders parse back exactly; mild noise (Gaussian, stray pixels, slightly off sizes) does not
 change the nearest palette colour or the best template.
+`object_boxes` reads the same objects with the top-left corner of each one's pixels (the video
+measures of `vqlm.eval.video_eval` compare it with the true frame's).
 """
 
 from __future__ import annotations
@@ -84,18 +86,11 @@ def _best_template(mask: np.ndarray, geo: shapes.Layout) -> tuple[str, str, floa
   return best
 
 
-def parse_image(
-  image: np.ndarray, *, max_distance: float = 100.0, min_area_frac: float = 0.3
-) -> list[dict]:
-  """Scene read from `image` (uint8[H, W, 3], H == W >= 30), in canonical order.
-
-  Args:
-    image: a rendered, reconstructed or generated shapes image.
-    max_distance: RGB distance beyond which a pixel matches no palette colour.
-    min_area_frac: components with fewer pixels than this fraction of the smallest template's area
-      are dropped as noise.
-  """
-  image = _check_image(image)
+def _cell_masks(
+  image: np.ndarray, *, max_distance: float, min_area_frac: float
+) -> list[tuple[str, int, np.ndarray]]:
+  """Steps 1-3 of the pipeline: `(cell, colour index, bool mask [H, W])` of each object, in
+  POSITIONS order (the mask: the kept components of the cell's winning colour)."""
   geo = shapes.layout(image.shape[0])
   labels = snap(image, max_distance=max_distance)
   min_area = min_area_frac * min(
@@ -123,17 +118,53 @@ def parse_image(
     area = int(mask.sum())
     if cell not in per_cell or area > per_cell[cell][0]:
       per_cell[cell] = (area, ci)
-  scene = []
-  for cell in shapes.POSITIONS:
-    if cell not in per_cell:
-      continue
-    ci = per_cell[cell][1]
-    mask = groups[(cell, ci)]
+  return [
+    (cell, per_cell[cell][1], groups[(cell, per_cell[cell][1])])
+    for cell in shapes.POSITIONS
+    if cell in per_cell
+  ]
+
+
+def object_boxes(
+  image: np.ndarray, *, max_distance: float = 100.0, min_area_frac: float = 0.3
+) -> list[dict]:
+  """The objects `parse_image` reads, each with the top-left corner of its pixels: `{"shape",
+  "color", "size", "position", "top", "left"}`, where `top` / `left` (ints) are the smallest row
+  and column of the object's palette-coloured mask (on a clean render, the drawn object's origin).
+  Arguments as `parse_image`'s."""
+  image = _check_image(image)
+  geo = shapes.layout(image.shape[0])
+  out = []
+  for cell, ci, mask in _cell_masks(image, max_distance=max_distance, min_area_frac=min_area_frac):
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     shape, size, _ = _best_template(crop, geo)
-    scene.append({"shape": shape, "color": _COLOR_NAMES[ci], "size": size, "position": cell})
-  return scene
+    out.append(
+      {
+        "shape": shape,
+        "color": _COLOR_NAMES[ci],
+        "size": size,
+        "position": cell,
+        "top": int(rows[0]),
+        "left": int(cols[0]),
+      }
+    )
+  return out
+
+
+def parse_image(
+  image: np.ndarray, *, max_distance: float = 100.0, min_area_frac: float = 0.3
+) -> list[dict]:
+  """Scene read from `image` (uint8[H, W, 3], H == W >= 30), in canonical order.
+
+  Args:
+    image: a rendered, reconstructed or generated shapes image.
+    max_distance: RGB distance beyond which a pixel matches no palette colour.
+    min_area_frac: components with fewer pixels than this fraction of the smallest template's area
+      are dropped as noise.
+  """
+  boxes = object_boxes(image, max_distance=max_distance, min_area_frac=min_area_frac)
+  return [{k: o[k] for k in ("shape", "color", "size", "position")} for o in boxes]
 
 
 NUM_OCCUPANCY = len(shapes.POSITIONS) * len(shapes.COLORS) * len(shapes.SHAPES) * len(shapes.SIZES)

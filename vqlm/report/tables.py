@@ -306,7 +306,7 @@ def run_facts(workdir: str, config: Mapping[str, Any], rows: Sequence[Mapping[st
       if "grid" in vocab:
         parts.append("grid " + "x".join(str(g) for g in vocab["grid"]))
       facts.append(("vocabulary", esc(", ".join(parts))))
-    facts.append(("data mode", _v(data.get("mode"))))
+    facts.append(("data mixture", _v(data.get("mixture", data.get("mode")))))
     facts.append(("image tokenizer run", _v(data.get("tokenizer"))))
     facts.append(("code shards", _v(data.get("codes"))))
   steps = [r["step"] for r in rows if is_number(r.get("step"))]

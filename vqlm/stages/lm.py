@@ -1,9 +1,8 @@
 """Stage 2 from a config: text model + vocabulary, LM examples from code shards, the LM task,
 the loop.
 
-`config.data.mode` picks the layout (`vqlm.data.sequences`): one shard record per example in
-t2i / i2t / mix, clips of codes `[frames, h, w]` in video, and in document mode one document of
-`config.data.pairs_per_document` consecutive records (`make_source`: a `GroupedSource`).
+`config.data.mixture` weighs the modes (t2i, i2t, document, video, edit); `vqlm.stages.lm_data`
+turns it into one source of packed rows, and validation reports each mode's losses.
 
 An LM run directory records everything generation needs: `config.json` (with the tokenizer run's
 path and the encoded data directory), `vocab.json` and `text.model` (SentencePiece). With
@@ -14,7 +13,7 @@ mixed into the training data and `chat_data.json` records them.
 from collections.abc import Mapping
 import os
 import shutil
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +22,7 @@ import numpy as np
 
 from vqlm import runs
 from vqlm.data import pipeline
-from vqlm.data.code_shards import CodeShards, read_manifest
-from vqlm.data.sequences import GroupedSource, SequenceBuilder, needed_seq_len
+from vqlm.data.code_shards import read_manifest
 from vqlm.errors import UserError
 from vqlm.nn.transformer import Transformer
 from vqlm.runs import TokenizerRun
@@ -32,7 +30,7 @@ from vqlm.runs.lm_run import TEXT_MODEL, VOCAB_FILE, transformer_config
 from vqlm.runtime import mesh as mesh_lib
 from vqlm.runtime import workdir_lock
 from vqlm.runtime.config import as_kwargs
-from vqlm.stages import chat_data, init_from
+from vqlm.stages import chat_data, init_from, lm_data
 from vqlm.stages.wiring import make_trainer
 from vqlm.text import TextTokenizer, train_sentencepiece
 from vqlm.train import loop
@@ -83,10 +81,7 @@ def _prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=pr
   if config.data.text_model:
     shutil.copyfile(config.data.text_model, text_model)
   else:
-    shards = CodeShards(config.data.codes, "train")
-    n = min(len(shards), config.data.text_train_examples)
-    texts = [shards[i]["text"] for i in range(n)]
-    texts = [t for t in texts if t.strip()]
+    texts = lm_data.caption_texts(config, config.data.text_train_examples)
     if not texts:
       raise UserError(
         f"the training split of {config.data.codes} has no captions to train the "
@@ -94,10 +89,14 @@ def _prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=pr
       )
     if chat:  # The instructions' words too, so that every chat text round-trips.
       texts += chat_data.corpus(chat, config.data.text_train_examples)
+    edits = _edit_settings(config)
+    if edits:
+      texts += edits.module.texts(edits.settings)
     made = train_sentencepiece(
       texts, model_prefix=text_model[: -len(".model")], vocab_size=config.data.text_vocab_size
     )
-    log_fn(f"trained the text model on {len(texts)} {'texts' if chat else 'captions'}: {made}")
+    what = "texts" if chat or edits else "captions"
+    log_fn(f"trained the text model on {len(texts)} {what}: {made}")
   tokenizer = TextTokenizer.load(text_model)
   vocab = Vocab(
     text_size=tokenizer.vocab_size, image_size=codebook_size, grid=grid, text_model=TEXT_MODEL
@@ -108,128 +107,20 @@ def _prepare_vocab(config: ml_collections.ConfigDict, workdir: str, *, log_fn=pr
   return vocab
 
 
-def make_source(config: ml_collections.ConfigDict, split: str):
-  """The split's random-access elements for `config.data.mode`: shard records, or in document
-  mode groups of `pairs_per_document` consecutive records (the tail that fills no group is
-  dropped)."""
-  shards = CodeShards(config.data.codes, split)
-  if config.data.mode != "document":
-    return shards
-  k = _pairs_per_document(config)
-  if len(shards) < k:
-    raise UserError(
-      f"the '{split}' split of {config.data.codes} has {len(shards)} records, fewer than one "
-      f"document of config.data.pairs_per_document={k}; lower --config.data.pairs_per_document"
-    )
-  return GroupedSource(shards, k)
+class _Edits(NamedTuple):
+  module: Any  # vqlm.stages.edit_data
+  settings: Any
 
 
-def _pairs_per_document(config: ml_collections.ConfigDict) -> int:
-  k = int(config.data.get("pairs_per_document", 2))
-  if k < 1:
-    raise UserError(
-      f"config.data.pairs_per_document={k} must be >= 1; e.g. --config.data.pairs_per_document=2"
-    )
-  return k
+def _edit_settings(config: ml_collections.ConfigDict) -> _Edits | None:
+  """`config.data.edit` checked when the mixture reads edit documents (the module imported only
+  then), else None."""
+  if lm_data.mixture_weights(config)["edit"] <= 0:
+    return None
+  from vqlm.stages import edit_data  # pylint: disable=import-outside-toplevel
 
-
-class ExampleTransform:
-  """(index, element) -> padded LM example: captions encoded, then the sequence layout. An
-  element is a shard record, or in document mode a list of them (see `make_source`)."""
-
-  def __init__(self, *, text_model: str, builder: SequenceBuilder, max_text_len: int):
-    self.text_model = text_model
-    self.builder = builder
-    self.max_text_len = max_text_len
-    self._tokenizer = None
-
-  def __call__(self, index: int, element: dict | list[dict]) -> dict[str, np.ndarray]:
-    if self._tokenizer is None:
-      self._tokenizer = TextTokenizer.load(self.text_model)
-    if isinstance(element, Mapping):
-      return self.builder(self._record(element), index)
-    return self.builder([self._record(r) for r in element], index)
-
-  def _record(self, record: Mapping[str, Any]) -> dict[str, Any]:
-    # Captions beyond max_text_len are cut (checked up front on the training split, so this
-    # only guards against rare outliers; an over-long example must never stop an epoch).
-    text_ids = self.builder.vocab.encode_text(self._tokenizer, record["text"])[: self.max_text_len]
-    return {"text_ids": text_ids, "codes": record["codes"]}
-
-
-def make_builder(config: ml_collections.ConfigDict, vocab: Vocab, *, seed: int) -> SequenceBuilder:
-  d = config.data
-  return SequenceBuilder(
-    vocab=vocab,
-    mode=d.mode,
-    seq_len=config.train.seq_len,
-    t2i_ratio=d.t2i_ratio,
-    caption_dropout=d.caption_dropout,
-    text_weight=config.loss.text_weight,
-    image_weight=config.loss.image_weight,
-    mask_prompt=d.mask_prompt,
-    seed=seed,
-  )
-
-
-def check_data(config: ml_collections.ConfigDict) -> None:
-  """Fails early if the first training record does not suit `config.data.mode`: images `[h, w]`
-  for t2i / i2t / mix / document, clips `[frames, h, w]` for video."""
-  d = config.data
-  if d.mode == "document":
-    _pairs_per_document(config)
-  shards = CodeShards(d.codes, "train")
-  if not len(shards):
-    return
-  shape = tuple(np.shape(shards[0]["codes"]))
-  if d.mode == "video":
-    if len(shape) != 3:
-      raise UserError(
-        f"mode='video' needs clips of codes [frames, h, w] but {d.codes} holds images of codes "
-        f"{list(shape)}; encode a video source (`vqlm encode --data moving_shapes`) or set "
-        "--config.data.mode=mix"
-      )
-    frames = d.get("frames", 1)
-    if shape[0] != frames:
-      raise UserError(
-        f"the clips in {d.codes} have {shape[0]} frames but config.data.frames={frames}; "
-        f"set --config.data.frames={shape[0]}"
-      )
-  elif len(shape) != 2:
-    raise UserError(
-      f"{d.codes} holds video clips of codes {list(shape)} but config.data.mode={d.mode!r}; set "
-      f"--config.data.mode=video --config.data.frames={shape[0]}"
-    )
-
-
-def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab, text_model: str) -> None:
-  """Fails early if the captions (first 2000 training ones) or the sequences of
-  `config.data.mode` (pairs per document, frames per clip) do not fit train.seq_len."""
-  tokenizer = TextTokenizer.load(text_model)
-  shards = CodeShards(config.data.codes, "train")
-  longest = max(
-    (len(tokenizer.encode(shards[i]["text"])) for i in range(min(2000, len(shards)))), default=0
-  )
-  if longest > config.data.max_text_len:
-    raise UserError(
-      f"captions of up to {longest} text ids exceed data.max_text_len="
-      f"{config.data.max_text_len}; set --config.data.max_text_len={longest}"
-    )
-  mode = config.data.mode
-  frames = int(config.data.get("frames", 1)) if mode == "video" else 1
-  pairs = _pairs_per_document(config) if mode == "document" else 1
-  need = needed_seq_len(
-    vocab, max_text_len=config.data.max_text_len, mode=mode, frames=frames, pairs=pairs
-  )
-  if need > config.train.seq_len:
-    per = f"{pairs} x (" if pairs > 1 else ""
-    images = f"{frames} x " if frames > 1 else ""
-    raise UserError(
-      f"mode={mode!r} sequences need {need} tokens ({per}captions up to "
-      f"{config.data.max_text_len} ids + {images}{vocab.tokens_per_image} image codes"
-      f"{')' if per else ''} + specials) but train.seq_len is {config.train.seq_len}; set "
-      f"--config.train.seq_len={need}"
-    )
+  settings = edit_data.settings(config)
+  return None if settings is None else _Edits(edit_data, settings)
 
 
 def build_trainer(
@@ -271,6 +162,8 @@ def _resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
       "config.data.codes is empty: pass --config.data.codes=DIR made by `vqlm encode`"
     )
   config.data.codes = os.path.abspath(config.data.codes)
+  if config.data.get("video_codes"):
+    config.data.video_codes = os.path.abspath(config.data.video_codes)
   manifest = read_manifest(config.data.codes)
   if not config.data.tokenizer:
     config.data.tokenizer = manifest["tokenizer_run"]
@@ -328,41 +221,59 @@ def make_eval_hook(
   vocab: Vocab,
   text_model: str,
   *,
+  edit_examples: Any = None,
   extra: Mapping[str, list] | None = None,
 ):
-  """Validation perplexity per modality over `config.eval.num_batches` fixed batches; `extra`
-  maps a metric prefix to more fixed host-local batches (e.g. "chat_": the chat validation
-  examples)."""
-  source = make_source(config, "validation")
-  if len(source) < config.train.batch_size:
-    # A small validation split (e.g. 5% of one's own folder) is repeated to fill one batch.
-    source = _Repeated(source, config.train.batch_size)
-  builder = make_builder(config, vocab, seed=config.train.seed + 1)
-  transform = ExampleTransform(
-    text_model=text_model, builder=builder, max_text_len=config.data.max_text_len
+  """Validation perplexity per modality over fixed batches of every active mode (about
+  `config.eval.num_batches` in all): the overall metrics (`loss`, `image_loss`, ...) and, with
+  several modes, each mode's as `<mode>_loss`, ...; `extra` maps a metric prefix to more fixed
+  host-local batches (e.g. "chat_": the chat validation examples)."""
+  parts = lm_data.make_parts(
+    config,
+    "validation",
+    vocab=vocab,
+    text_model=text_model,
+    seed=config.train.seed + 1,
+    edit_examples=edit_examples,
   )
-  ds = pipeline.make_dataset(
-    source,
-    global_batch_size=config.train.batch_size,
-    transform=transform,
-    seed=0,
-    shuffle=False,
-    num_epochs=1,
-  )
-  batches = [b for _, b in zip(range(config.eval.num_batches), ds)]
+  per_mode = max(1, -(-config.eval.num_batches // len(parts)))
+  fixed = {}
+  for mode, part in parts.items():
+    source = part.source
+    if len(source) < config.train.batch_size:
+      # A small validation split (e.g. 5% of one's own folder) is repeated to fill one batch.
+      source = _Repeated(source, config.train.batch_size)
+    ds = pipeline.make_dataset(
+      source,
+      global_batch_size=config.train.batch_size,
+      transform=part.transform,
+      seed=0,
+      shuffle=False,
+      num_epochs=1,
+    )
+    fixed[mode] = [b for _, b in zip(range(per_mode), ds)]
   eval_step = jax.jit(trainer.task.eval_step)
 
-  def sums_over(state, fixed):
+  def sums_over(state, batches):
     totals = None
-    for batch in fixed:
+    for batch in batches:
       sums = jax.device_get(eval_step(state, mesh_lib.global_batch(batch, trainer.mesh)))
       totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
     return totals
 
+  def add(a, b):
+    return b if a is None else {k: a[k] + b[k] for k in a}
+
   def hook(state, step):
     del step
     with trainer.context():
-      out = eval_summary(sums_over(state, batches))
+      out, overall = {}, None
+      for mode, batches in fixed.items():
+        sums = sums_over(state, batches)
+        overall = add(overall, sums)
+        if len(fixed) > 1:
+          out.update({f"{mode}_{k}": v for k, v in eval_summary(sums).items()})
+      out.update(eval_summary(overall))
       for prefix, more in (extra or {}).items():
         out.update({prefix + k: v for k, v in eval_summary(sums_over(state, more)).items()})
     return out
@@ -400,12 +311,12 @@ def train(
 
 def _train(config, workdir, *, progress, log_fn, extra_hooks, loop_kwargs, share_files) -> Any:
   config = _resolve_paths(config)
-  check_data(config)
+  lm_data.check_data(config)
   chat = chat_data.settings(config)
   runs.check_same_model(workdir, config, sections=("model",))
   vocab = prepare_vocab(config, workdir, log_fn=log_fn, share_files=share_files)
   text_model = os.path.join(workdir, TEXT_MODEL)
-  check_seq_len(config, vocab, text_model)
+  lm_data.check_seq_len(config, vocab, text_model)
   chat_examples = None
   if chat:
     chat_examples = chat_data.prepare(
@@ -419,14 +330,32 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, loop_kwargs, share
       progress=progress,
       log_fn=log_fn,
     )
+  edit_examples = None
+  edits = _edit_settings(config)
+  if edits:
+    edit_examples = edits.module.prepare(
+      edits.settings,
+      vocab=vocab,
+      text_model=text_model,
+      tokenizer_dir=config.data.tokenizer,
+      seq_len=config.train.seq_len,
+      text_weight=config.loss.text_weight,
+      image_weight=config.loss.image_weight,
+      progress=progress,
+      log_fn=log_fn,
+    )
   runs.save_config(workdir, config)
   trainer = build_trainer(config, vocab, progress=progress)
-  source = make_source(config, "train")
-  transform = ExampleTransform(
+  source, transform = lm_data.make_source(
+    config,
+    "train",
+    vocab=vocab,
     text_model=text_model,
-    builder=make_builder(config, vocab, seed=config.train.seed),
-    max_text_len=config.data.max_text_len,
+    seed=config.train.seed,
+    edit_examples=edit_examples.train if edit_examples else None,
   )
+  if edit_examples is not None and jax.process_index() == 0:
+    edits.module.write_info(workdir, edit_examples.info)
   extra = {}
   if chat_examples is not None:
     source, transform = chat_data.mixture(
@@ -448,7 +377,14 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, loop_kwargs, share
   hooks = [
     loop.Hook(
       every=config.train.eval_every,
-      fn=make_eval_hook(trainer, config, vocab, text_model, extra=extra),
+      fn=make_eval_hook(
+        trainer,
+        config,
+        vocab,
+        text_model,
+        edit_examples=edit_examples.validation if edit_examples else None,
+        extra=extra,
+      ),
       name="valid",
     )
   ]

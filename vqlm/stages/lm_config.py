@@ -101,21 +101,40 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Data: code shards written by `vqlm encode` (the tokenizer run is read from their manifest when
   # `tokenizer` is empty); the SentencePiece model is trained on their captions unless given.
-  # mode: t2i | i2t | mix | document (`pairs_per_document` consecutive records per sequence) |
-  # video (records of codes [frames, h, w], e.g. `vqlm encode --data moving_shapes`).
+  # mixture: "mode=weight,...", the share of training rows of each mode (`vqlm.stages.lm_data`):
+  # t2i, i2t (a record of `codes` each), document (`pairs_per_document` consecutive records),
+  # video (a clip of `video_codes`: codes [frames, h, w], e.g. `vqlm encode --data
+  # moving_shapes`), edit (image-edit documents about shapes scenes, built from `edit`). Each row
+  # holds examples of one mode, packed as many as fit in train.seq_len.
   c.data = dict(
     codes="",
+    video_codes="",
     tokenizer="",
     text_model="",
     text_vocab_size=512 if small else 32000,
     text_train_examples=100_000,
-    mode="mix",
-    t2i_ratio=0.5,
+    mixture="t2i=0.5,i2t=0.5",
     caption_dropout=0.1,
     mask_prompt=False,
     max_text_len=29 if small else 128,
     frames=1,
     pairs_per_document=2,
+    # Image-edit documents (`vqlm.stages.edit_data`), read when the mixture gives edit a weight:
+    # <bos> <boi> source <eoi> instruction <boi> result <eoi> ... <eos> (loss after the source).
+    edit=dict(
+      # Training documents (split "train") and validation documents (split "validation"),
+      # built and encoded once before training.
+      num_examples=20_000,
+      validation_examples=256,
+      # Edits per document: 1 .. max_edits (a story of several edits in a row).
+      max_edits=1,
+      # Comma-separated subset of move,recolor,add,remove.
+      kinds="move,recolor,add,remove",
+      # Objects in the source scene.
+      min_objects=1,
+      max_objects=2,
+      seed=0,
+    ),
     codebook_dim=0,
     num_threads=2,
     # Instruction tuning (SFT, `vqlm.stages.chat_data`): shapes instructions (draw requests,

@@ -1,0 +1,380 @@
+"""The LM stage's training data: `config.data.mixture` (mode -> weight) -> one random-access
+source of packed rows `[seq_len]`.
+
+Modes and where their examples come from (layouts in `vqlm.data.sequences`):
+
+```
+t2i       a record of `data.codes`             <bos> caption <boi> codes <eoi> <eos>
+i2t       a record of `data.codes`             <bos> <boi> codes <eoi> caption <eos>
+document  `pairs_per_document` records         <bos> pair_1 ... pair_n <eos>
+video     a clip of `data.video_codes`         <bos> caption <boi> f_1 <eoi> <frame> ... <eos>
+edit      an edit document (`data.edit`)       <bos> <boi> src <eoi> instruction <boi> result ...
+```
+
+A weight is the share of training rows of that mode (normalised; 0 = off). Each row holds
+examples of one mode only, packed first-fit: as many as the longest example of the mode allows
+(`per_row`), with segment ids 1, 2, ... so attention stays within an example. Rows of short
+modes (t2i at seq_len 432: four examples per row) thus cost no more than one video row. The
+parts are interleaved by `chat_source.MixtureSource` (exact shares per block of 1024 rows,
+deterministic, resumable).
+
+`data.mixture` is a string `"t2i=0.5,i2t=0.5"` (or a mapping in Python); a config saved before
+it existed (`data.mode`, `data.t2i_ratio`) reads as the same mixture.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from vqlm.data.chat_source import MixtureSource, MixtureTransform
+from vqlm.data.code_shards import CodeShards, read_manifest
+from vqlm.data.sequences import GroupedSource, SequenceBuilder, needed_seq_len, pack
+from vqlm.errors import UserError
+from vqlm.text import TextTokenizer
+from vqlm.vocab import Vocab
+
+MODES = ("t2i", "i2t", "document", "video", "edit")
+IMAGE_MODES = ("t2i", "i2t", "document")  # read the image records of `data.codes`
+MIXTURE_FLAG = "--config.data.mixture"
+MIXTURE_BLOCK = 1024
+Example = dict[str, np.ndarray]
+
+
+def parse_mixture(value: str | Mapping[str, float]) -> dict[str, float]:
+  """`"t2i=0.5,i2t=0.5"` (or `{"t2i": 0.5, ...}`) -> `{mode: weight}` over every mode of `MODES`
+  (absent ones 0), checked: known modes, weights >= 0, at least one > 0."""
+  if isinstance(value, Mapping):
+    pairs = [(str(k), v) for k, v in value.items()]
+  else:
+    pairs = []
+    for item in str(value).split(","):
+      if not item.strip():
+        continue
+      name, eq, number = item.partition("=")
+      if not eq:
+        raise UserError(
+          f"config.data.mixture={value!r}: {item.strip()!r} is not mode=weight; e.g. "
+          f"{MIXTURE_FLAG}=t2i=0.4,i2t=0.4,video=0.2"
+        )
+      pairs.append((name.strip(), number.strip()))
+  weights = dict.fromkeys(MODES, 0.0)
+  for name, number in pairs:
+    if name not in MODES:
+      raise UserError(
+        f"config.data.mixture names an unknown mode {name!r}; modes: {', '.join(MODES)} "
+        f"(e.g. {MIXTURE_FLAG}=t2i=0.5,i2t=0.5)"
+      )
+    try:
+      weight = float(number)
+    except (TypeError, ValueError):
+      raise UserError(
+        f"config.data.mixture: the weight of {name} is {number!r}, not a number; e.g. "
+        f"{MIXTURE_FLAG}={name}=0.5"
+      ) from None
+    if not weight >= 0.0:  # also rejects NaN
+      raise UserError(f"config.data.mixture: {name}={number} must be >= 0")
+    weights[name] = weight
+  if sum(weights.values()) <= 0:
+    raise UserError(
+      f"config.data.mixture={value!r} gives every mode weight 0; e.g. "
+      f"{MIXTURE_FLAG}=t2i=0.5,i2t=0.5"
+    )
+  return weights
+
+
+def mixture_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The checked `config.data.mixture`; a config saved before it existed maps `data.mode` /
+  `data.t2i_ratio` onto it ("mix" -> t2i / i2t at t2i_ratio)."""
+  d = config.data
+  if "mixture" in d:
+    return parse_mixture(d.mixture)
+  mode = d.get("mode", "mix")
+  if mode == "mix":
+    ratio = float(d.get("t2i_ratio", 0.5))
+    return parse_mixture({"t2i": ratio, "i2t": 1.0 - ratio})
+  return parse_mixture({mode: 1.0})
+
+
+def active_modes(config: ml_collections.ConfigDict) -> list[str]:
+  """The modes of weight > 0, in `MODES` order."""
+  return [m for m, w in mixture_weights(config).items() if w > 0]
+
+
+def codes_dir(config: ml_collections.ConfigDict, mode: str) -> str:
+  """The code shards a mode reads: `data.video_codes` for video (falling back on `data.codes`,
+  so a video-only run may name its clips there), else `data.codes`."""
+  if mode == "video":
+    return config.data.get("video_codes", "") or config.data.codes
+  return config.data.codes
+
+
+def pairs_per_document(config: ml_collections.ConfigDict) -> int:
+  k = int(config.data.get("pairs_per_document", 2))
+  if k < 1:
+    raise UserError(
+      f"config.data.pairs_per_document={k} must be >= 1; e.g. --config.data.pairs_per_document=2"
+    )
+  return k
+
+
+def per_row(need: int, seq_len: int) -> int:
+  """How many examples of at most `need` tokens one row of `seq_len` holds (>= 1)."""
+  return max(1, seq_len // max(1, need))
+
+
+def needed(config: ml_collections.ConfigDict, vocab: Vocab, mode: str) -> int:
+  """Tokens per row an example of an image/video mode needs (captions up to max_text_len)."""
+  frames = int(config.data.get("frames", 1)) if mode == "video" else 1
+  pairs = pairs_per_document(config) if mode == "document" else 1
+  return needed_seq_len(
+    vocab, max_text_len=config.data.max_text_len, mode=mode, frames=frames, pairs=pairs
+  )
+
+
+def unpadded(example: Mapping[str, np.ndarray]) -> Example:
+  """A padded single-segment row (e.g. a `ChatExamples` item) cut to its segment."""
+  n = int((np.asarray(example["segment_ids"]) > 0).sum())
+  return {k: np.asarray(v)[:n] for k, v in example.items()}
+
+
+class ExampleTransform:
+  """(index, element) -> unpadded LM example of one mode: the caption(s) encoded, then the
+  sequence layout. An element is a shard record, or in document mode a list of them."""
+
+  def __init__(self, *, text_model: str, builder: SequenceBuilder, max_text_len: int):
+    self.text_model = text_model
+    self.builder = builder
+    self.max_text_len = max_text_len
+    self._tokenizer = None
+
+  def __call__(self, index: int, element: Mapping | list) -> Example:
+    if self._tokenizer is None:
+      self._tokenizer = TextTokenizer.load(self.text_model)
+    if isinstance(element, Mapping):
+      return self.builder(self._record(element), index)
+    return self.builder([self._record(r) for r in element], index)
+
+  def _record(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    # Captions beyond max_text_len are cut (checked up front on the training split, so this
+    # only guards against rare outliers; an over-long example must never stop an epoch).
+    text_ids = self.builder.vocab.encode_text(self._tokenizer, record["text"])[: self.max_text_len]
+    return {"text_ids": text_ids, "codes": record["codes"]}
+
+
+class PackedRows:
+  """(index, [element, ...]) -> one padded row `[seq_len]` holding each element's example as its
+  own segment (first fit; the group is sized so that they always fit). Element j of group i is
+  built with index `i * group + j`, so every example keeps its own deterministic randomness."""
+
+  def __init__(
+    self,
+    build: Callable[[int, Any], Example],
+    *,
+    group: int,
+    seq_len: int,
+    pad_id: int,
+  ):
+    self.build, self.group, self.seq_len, self.pad_id = build, group, seq_len, pad_id
+
+  def __call__(self, index: int, elements: Sequence[Any]) -> Example:
+    examples = [self.build(index * self.group + j, e) for j, e in enumerate(elements)]
+    rows = pack(examples, self.seq_len, pad_id=self.pad_id)
+    if len(rows) != 1:
+      raise UserError(
+        f"{len(examples)} examples did not fit one row of {self.seq_len} tokens; raise "
+        "--config.train.seq_len"
+      )
+    return rows[0]
+
+
+@dataclasses.dataclass
+class Part:
+  """One mode's rows: `source[i]` is a group of `group` elements, `transform(i, group)` a row."""
+
+  source: Any
+  transform: PackedRows
+  group: int
+
+
+def builder(config, vocab: Vocab, *, mode: str, seed: int) -> SequenceBuilder:
+  d = config.data
+  return SequenceBuilder(
+    vocab=vocab,
+    mode=mode,
+    seq_len=config.train.seq_len,
+    caption_dropout=d.caption_dropout if mode in ("t2i", "video") else 0.0,
+    text_weight=config.loss.text_weight,
+    image_weight=config.loss.image_weight,
+    mask_prompt=d.mask_prompt,
+    pack=True,
+    seed=seed,
+  )
+
+
+def records(config: ml_collections.ConfigDict, mode: str, split: str):
+  """The split's random-access elements of an image/video mode: shard records, or in document
+  mode groups of `pairs_per_document` consecutive records (the tail that fills no group is
+  dropped)."""
+  shards = CodeShards(codes_dir(config, mode), split)
+  if mode != "document":
+    return shards
+  k = pairs_per_document(config)
+  if len(shards) < k:
+    raise UserError(
+      f"the '{split}' split of {config.data.codes} has {len(shards)} records, fewer than one "
+      f"document of config.data.pairs_per_document={k}; lower --config.data.pairs_per_document"
+    )
+  return GroupedSource(shards, k)
+
+
+def make_parts(
+  config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  vocab: Vocab,
+  text_model: str,
+  seed: int,
+  edit_examples: Any = None,
+) -> dict[str, Part]:
+  """`{mode: Part}` of every active mode for `split` (`edit_examples`: the split's built edit
+  documents, a `ChatExamples`, needed when edit is active)."""
+  seq_len = config.train.seq_len
+  parts = {}
+  for mode in active_modes(config):
+    if mode == "edit":
+      if edit_examples is None:
+        raise UserError("mixture.edit > 0 but no edit examples were built (config.data.edit)")
+      group = per_row(int(edit_examples.lengths.max()), seq_len)
+      source = edit_examples
+
+      def build(index, element):
+        del index
+        return unpadded(element)
+
+    else:
+      group = per_row(needed(config, vocab, mode), seq_len)
+      source = records(config, mode, split)
+      build = ExampleTransform(
+        text_model=text_model,
+        builder=builder(config, vocab, mode=mode, seed=seed),
+        max_text_len=config.data.max_text_len,
+      )
+    if len(source) < group:
+      group = max(1, len(source))
+    parts[mode] = Part(
+      GroupedSource(source, group),
+      PackedRows(build, group=group, seq_len=seq_len, pad_id=vocab.pad_id),
+      group,
+    )
+  return parts
+
+
+def make_source(
+  config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  vocab: Vocab,
+  text_model: str,
+  seed: int,
+  edit_examples: Any = None,
+) -> tuple[Any, Callable[[int, Any], Example]]:
+  """The split's rows as `(source, transform)` for `pipeline.make_iterator`: one mode's part
+  alone, or the parts interleaved by weight (`MixtureSource`)."""
+  parts = make_parts(
+    config, split, vocab=vocab, text_model=text_model, seed=seed, edit_examples=edit_examples
+  )
+  if len(parts) == 1:
+    (part,) = parts.values()
+    return part.source, part.transform
+  weights = mixture_weights(config)
+  source = MixtureSource(
+    {m: p.source for m, p in parts.items()},
+    {m: weights[m] for m in parts},
+    seed=seed,
+    block=MIXTURE_BLOCK,
+  )
+  return source, MixtureTransform({m: p.transform for m, p in parts.items()})
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Fails early if an active mode's first training record does not suit it: images `[h, w]`
+  for t2i / i2t / document, clips `[frames, h, w]` of `data.frames` frames for video."""
+  d = config.data
+  modes = active_modes(config)
+  if "document" in modes:
+    pairs_per_document(config)
+  for mode in modes:
+    if mode == "edit":
+      continue
+    directory = codes_dir(config, mode)
+    shards = CodeShards(directory, "train")
+    if not len(shards):
+      continue
+    shape = tuple(np.shape(shards[0]["codes"]))
+    if mode == "video":
+      if len(shape) != 3:
+        raise UserError(
+          f"mixture video needs clips of codes [frames, h, w] but {directory} holds images of "
+          f"codes {list(shape)}; encode a video source (`vqlm encode --data moving_shapes`) "
+          "and pass it as --config.data.video_codes=DIR"
+        )
+      frames = d.get("frames", 1)
+      if shape[0] != frames:
+        raise UserError(
+          f"the clips in {directory} have {shape[0]} frames but config.data.frames={frames}; "
+          f"set --config.data.frames={shape[0]}"
+        )
+    elif len(shape) != 2:
+      raise UserError(
+        f"{directory} holds video clips of codes {list(shape)} but mixture {mode} reads images; "
+        f"set {MIXTURE_FLAG}=video=1 --config.data.frames={shape[0]}"
+      )
+  if "video" in modes and codes_dir(config, "video") != d.codes and d.codes:
+    image, video = read_manifest(d.codes), read_manifest(codes_dir(config, "video"))
+    if tuple(image["grid"]) != tuple(video["grid"]) or (
+      image["codebook_size"] != video["codebook_size"]
+    ):
+      raise UserError(
+        f"{d.video_codes} and {d.codes} were encoded by different image tokenizers; encode "
+        "both with the same run"
+      )
+
+
+def caption_texts(config: ml_collections.ConfigDict, limit: int) -> list[str]:
+  """Up to `limit` training captions of each code directory the active modes read (the text
+  model's training corpus)."""
+  texts = []
+  for directory in dict.fromkeys(codes_dir(config, m) for m in active_modes(config) if m != "edit"):
+    shards = CodeShards(directory, "train")
+    texts += [shards[i]["text"] for i in range(min(len(shards), limit))]
+  return [t for t in texts if t.strip()]
+
+
+def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab, text_model: str) -> None:
+  """Fails early if the captions (first 2000 training ones per code directory) or an active
+  mode's sequences (pairs per document, frames per clip) do not fit train.seq_len."""
+  tokenizer = TextTokenizer.load(text_model)
+  longest = max((len(tokenizer.encode(t)) for t in caption_texts(config, 2000)), default=0)
+  if longest > config.data.max_text_len:
+    raise UserError(
+      f"captions of up to {longest} text ids exceed data.max_text_len="
+      f"{config.data.max_text_len}; set --config.data.max_text_len={longest}"
+    )
+  for mode in active_modes(config):
+    if mode == "edit":
+      continue
+    need = needed(config, vocab, mode)
+    if need > config.train.seq_len:
+      frames = int(config.data.get("frames", 1)) if mode == "video" else 1
+      pairs = pairs_per_document(config) if mode == "document" else 1
+      per = f"{pairs} x (" if pairs > 1 else ""
+      images = f"{frames} x " if frames > 1 else ""
+      raise UserError(
+        f"{mode} sequences need {need} tokens ({per}captions up to "
+        f"{config.data.max_text_len} ids + {images}{vocab.tokens_per_image} image codes"
+        f"{')' if per else ''} + specials) but train.seq_len is {config.train.seq_len}; set "
+        f"--config.train.seq_len={need}"
+      )
