@@ -321,6 +321,7 @@ def test_local_multiprocess_stops_the_others_when_one_fails(tmp_path):
   assert "stopping the others" in proc.stderr
 
 
+@pytest.mark.ci
 def test_two_local_processes_train_the_tiny_lm(tmp_path):
   """Tokenizer -> encode -> LM on 2 processes through _process.sh (the SLURM entry point)."""
   # CPU code generation at -O0 halves compile time; what is under test is the distributed path.

@@ -5,6 +5,7 @@ import re
 import shutil
 
 import numpy as np
+import pytest
 
 DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "python-api.md")
 # The placeholder run directories of the page -> where the test puts copies of the tiny runs.
@@ -15,6 +16,7 @@ def python_blocks(text: str) -> list[str]:
   return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
+@pytest.mark.ci
 def test_every_python_block_of_the_page_runs(tiny, tmp_path, monkeypatch, capsys):
   with open(DOC, encoding="utf-8") as f:
     blocks = python_blocks(f.read())

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import runs_fsdp_script  # noqa: E402
 
 
+@pytest.mark.ci
 def test_fsdp8_run_loads_on_one_device_after_its_directory_moved(tiny, tmp_path):
   """Trained with fsdp=8 on 8 devices; loaded here, on one, after `mv`: the same parameters
   bit for bit, logits within 1e-5 and the same greedy tokens."""

@@ -49,6 +49,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.ci
 def test_two_processes_equal_one(tmp_path):
   single = str(tmp_path / "single.json")
   _run(["single", single], _env())
