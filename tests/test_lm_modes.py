@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from vqlm import cli, runs
+from vqlm import cli, imaging, runs
+from vqlm.data import shapes
 from vqlm.data.code_shards import CodeShards, encode_split, read_manifest
 from vqlm.data.moving_shapes import MovingShapesSource
 from vqlm.data.sequences import needed_seq_len
@@ -194,37 +195,59 @@ def test_document_config_mistakes_are_one_line(tiny, tmp_path, capsys, overrides
   _assert_one_error_line(capsys, message)
 
 
-def test_a_mixture_of_modes_trains_with_packed_rows_and_per_mode_validation(
+def test_a_mixture_of_every_mode_trains_packs_rows_validates_per_mode_and_continues(
   tiny, video_codes, tmp_path
 ):
   workdir = tmp_path / "lm"
   seq_len = _seq_len(video_codes, mode="video", frames=FRAMES)
+  modes = ("t2i", "i2t", "document", "video", "edit")
   code = _train(
     workdir,
     tiny["codes"],
     f"--config.data.video_codes={video_codes}",
-    "--config.data.mixture=t2i=0.25,i2t=0.25,video=0.5",
+    "--config.data.mixture=t2i=0.2,i2t=0.2,document=0.2,video=0.2,edit=0.2",
+    "--config.data.edit.num_examples=40",
+    "--config.data.edit.validation_examples=8",
     f"--config.data.frames={FRAMES}",
     f"--config.train.seq_len={seq_len}",
-    "--config.eval.num_batches=3",
+    "--config.eval.num_batches=5",
   )
   assert code == 0
   last = [r for r in _metrics(workdir) if "valid/loss" in r][-1]
-  for mode in ("t2i", "i2t", "video"):
+  for mode in modes:
     assert np.isfinite(last[f"valid/{mode}_loss"]), mode
+  assert os.path.exists(workdir / "edit_data.json")
+  # The rows of the modes read from code shards (edit rows are built up front by the stage).
   config = runs.load_config(str(workdir))
+  config.data.mixture = "t2i=0.2,i2t=0.2,document=0.2,video=0.2"
   vocab = Vocab.load(os.path.join(workdir, "vocab.json"))
   source, transform = lm_data.make_source(
     config, "train", vocab=vocab, text_model=os.path.join(workdir, "text.model"), seed=0
   )
-  rows = [transform(i, source[i]) for i in range(8)]
-  names = [source[i][0] for i in range(8)]
-  assert sorted(set(names)) == ["i2t", "t2i", "video"]
   per_t2i = lm_data.per_row(_seq_len(tiny["codes"], mode="t2i"), seq_len)
   assert per_t2i >= 2
-  for name, row in zip(names, rows):
+  seen = set()
+  for i in range(12):
+    name, row = source[i][0], transform(i, source[i])
+    seen.add(name)
     segments = set(row["segment_ids"].tolist()) - {0}
-    # An image row packs several examples, each its own segment; a clip fills its row alone.
-    assert len(segments) == (1 if name == "video" else per_t2i), name
     image_runs = _image_runs(row["tokens"][row["segment_ids"] > 0], vocab)
-    assert len(image_runs) == (FRAMES if name == "video" else per_t2i)
+    if name in ("t2i", "i2t"):  # several examples per row, each its own segment
+      assert len(segments) == per_t2i and len(image_runs) == per_t2i, name
+    if name == "video":  # a clip fills its row alone
+      assert len(segments) == 1 and len(image_runs) == FRAMES
+  assert seen == set(modes) - {"edit"}
+  # The trained run continues an edit document: a source image and an instruction -> one image.
+  src = tmp_path / "src.png"
+  imaging.save_png(
+    shapes.render([dict(shape="circle", color="red", size="large", position="center")], 32),
+    str(src),
+  )
+  out = tmp_path / "edited"
+  args = ["--image", str(src), "--text", "move the red circle to the right", "--mode", "image"]
+  assert _continue(workdir, *args, "--num_images", "1", "--out", str(out)) == 0
+  assert imaging.load_png(str(out / "image_000.png")).shape == (32, 32, 3)
+
+
+def _continue(workdir, *args: str) -> int:
+  return cli.main(["vqlm", "continue", "--workdir", str(workdir), *args])

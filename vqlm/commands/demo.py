@@ -10,9 +10,21 @@ test images through an autoencoder, a VAE, a VQ-VAE, FSQ, a VQ-GAN and a VQ + LM
 `vqlm demo tuning --workdir runs/tuning [--main runs/demo] [--preset smoke|default]`: the main
 demo's LM instruction-tuned (SFT), then preference-tuned (DPO, GRPO), each model measured
 (`vqlm.demo.tuning`), written to WORKDIR/tuning.html and WORKDIR/tuning.json.
+
+`vqlm demo video --workdir runs/video [--main runs/demo] [--preset smoke|default]`: the main demo's
+LM trained on a mix of captions/images, video clips and image edits, measured on video
+continuation, text-to-video and editing (`vqlm.demo.video`), written to WORKDIR/video.html and
+WORKDIR/video.json.
 """
 
 from vqlm.commands import flags as flag_lib
+
+SUB_DEMOS = """
+more demos (each with its own --help):
+  vqlm demo ladder  the same images through an autoencoder, a VAE, a VQ-VAE, FSQ, a VQ-GAN, VQ + LM
+  vqlm demo tuning  instruction (SFT) and preference tuning (DPO, GRPO) of the main demo's LM
+  vqlm demo video   the main demo's LM on captions, video clips and image edits: continuation,
+                    text-to-video, editing"""
 
 
 def main(argv: list[str]) -> int:
@@ -20,18 +32,26 @@ def main(argv: list[str]) -> int:
     return ladder_main([f"{argv[0]} ladder", *argv[2:]])
   if argv[1:2] == ["tuning"]:
     return tuning_main([f"{argv[0]} tuning", *argv[2:]])
+  if argv[1:2] == ["video"]:
+    return video_main([f"{argv[0]} video", *argv[2:]])
   from vqlm.demo import main as demo
 
-  fv = flag_lib.parse(
-    argv,
-    lambda f: (
-      f.DEFINE_string("workdir", "runs/demo", "demo directory (created; resumed if present)"),
-      f.DEFINE_string("preset", "default", f"one of {', '.join(demo.PRESETS)}"),
-      f.DEFINE_string("stages", "all", f"comma-separated subset of {', '.join(demo.STAGES)}"),
-      f.DEFINE_string("data_dir", "", "where the shapes data set is built (default WORKDIR/data)"),
-      f.DEFINE_bool("progress", True, "show progress bars"),
-    ),
-  )
+  try:
+    fv = flag_lib.parse(
+      argv,
+      lambda f: (
+        f.DEFINE_string("workdir", "runs/demo", "demo directory (created; resumed if present)"),
+        f.DEFINE_string("preset", "default", f"one of {', '.join(demo.PRESETS)}"),
+        f.DEFINE_string("stages", "all", f"comma-separated subset of {', '.join(demo.STAGES)}"),
+        f.DEFINE_string(
+          "data_dir", "", "where the shapes data set is built (default WORKDIR/data)"
+        ),
+        f.DEFINE_bool("progress", True, "show progress bars"),
+      ),
+    )
+  except flag_lib.HelpShown:
+    print(SUB_DEMOS)
+    raise
   workdir = flag_lib.check_workdir(fv.workdir)
   d = demo.Demo(workdir, preset=fv.preset, progress=fv.progress, data_dir=fv.data_dir)
   results = d.run(demo.main_stages(fv.stages))
@@ -117,4 +137,45 @@ def tuning_main(argv: list[str]) -> int:
         summary.append(f"{model}.{section}={value:.3f}")
   print("tuning results: " + ", ".join(summary))
   print(f"report: {workdir}/tuning.html")
+  return 0
+
+
+def video_main(argv: list[str]) -> int:
+  from vqlm.demo import video
+  from vqlm.demo.video_recipe import PRESETS
+
+  fv = flag_lib.parse(
+    argv,
+    lambda f: (
+      f.DEFINE_string("workdir", "runs/video", "video directory (created; resumed if present)"),
+      f.DEFINE_string("preset", "default", f"one of {', '.join(PRESETS)}"),
+      f.DEFINE_string(
+        "main",
+        "runs/demo",
+        "a main demo's directory (`vqlm demo`, the same preset): its LM is the starting point, "
+        "its tokenizer encodes the clips",
+      ),
+      f.DEFINE_string("stages", "all", f"comma-separated subset of {', '.join(video.STAGES)}"),
+      f.DEFINE_bool("progress", True, "show progress bars"),
+    ),
+  )
+  workdir = flag_lib.check_workdir(fv.workdir)
+  run = video.Video(workdir, main=fv.main, preset=fv.preset, progress=fv.progress)
+  results = run.run(video.video_stages(fv.stages))
+  summary = []
+  mixed = (results.get("models") or {}).get("mixed") or {}
+  for section, key in (
+    ("video_continuation", "next_frame"),
+    ("video_continuation", "third_frame"),
+    ("text_to_video", "clip_accuracy"),
+    ("edit_test", "accuracy"),
+    ("edit_heldout", "accuracy"),
+    ("text_to_image", "scene"),
+    ("image_to_text", "scene"),
+  ):
+    value = (mixed.get(section) or {}).get(key)
+    if isinstance(value, float):
+      summary.append(f"{section}.{key}={value:.3f}")
+  print("video results: " + ", ".join(summary))
+  print(f"report: {workdir}/video.html")
   return 0

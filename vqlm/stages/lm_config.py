@@ -115,6 +115,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     text_train_examples=100_000,
     mixture="t2i=0.5,i2t=0.5",
     caption_dropout=0.1,
+    # Clips whose caption is dropped (video mode): they teach continuing a clip from its frames
+    # alone; with the caption the frames follow from it.
+    video_caption_dropout=0.5,
     mask_prompt=False,
     max_text_len=29 if small else 128,
     frames=1,

@@ -199,13 +199,21 @@ class Part:
   group: int
 
 
+def caption_dropout(config: ml_collections.ConfigDict, mode: str) -> float:
+  """The chance that an example drops its caption: t2i `caption_dropout` (for guidance), video
+  `video_caption_dropout` (continuing from frames alone), none in the other modes."""
+  if mode == "video":
+    return float(config.data.get("video_caption_dropout", config.data.caption_dropout))
+  return float(config.data.caption_dropout) if mode == "t2i" else 0.0
+
+
 def builder(config, vocab: Vocab, *, mode: str, seed: int) -> SequenceBuilder:
   d = config.data
   return SequenceBuilder(
     vocab=vocab,
     mode=mode,
     seq_len=config.train.seq_len,
-    caption_dropout=d.caption_dropout if mode in ("t2i", "video") else 0.0,
+    caption_dropout=caption_dropout(config, mode),
     text_weight=config.loss.text_weight,
     image_weight=config.loss.image_weight,
     mask_prompt=d.mask_prompt,

@@ -1,0 +1,174 @@
+"""The video demo's recipe: presets and the config of its one LM run.
+
+The run starts from the main demo's LM (`config.init_from`, same model shapes, same vocabulary and
+text model) and trains on a weighted mix (`config.data.mixture`: share of training rows) of the
+main demo's caption/image pairs both ways (t2i, i2t), clips of the `moving_shapes` data set
+encoded by the main demo's image tokenizer (video) and image-edit documents built up front
+(edit, `config.data.edit`). Every sequence is packed to `train.seq_len`, which must hold one whole
+clip (`VIDEO_FRAMES` frames and a caption of up to the main LM's `max_text_len` ids).
+"""
+
+import dataclasses
+
+import ml_collections
+
+from vqlm.demo.recipe import Preset as MainPreset
+from vqlm.demo.recipe import lm_config as main_lm_config
+
+VIDEO_FRAMES = 6  # Frames per clip (moving_shapes draws 4 to 8).
+MODES = ("t2i", "i2t", "document", "video", "edit")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """How much of everything the video demo does."""
+
+  main: str  # The main demo preset whose LM this starts from (its sampling settings too).
+  train_clips: int  # moving_shapes clips encoded for training.
+  steps: int
+  batch_size: int
+  # One clip of VIDEO_FRAMES frames needs `needed_seq_len(vocab, max_text_len=29, mode="video",
+  # frames=6)` = 2 + 29 + 6 x (64 + 2) + 5 - 1 = 431 tokens with the main demo's 8x8 codes;
+  # rounded up to a multiple of 8.
+  seq_len: int
+  lr: float
+  # Shares of training rows per mode (`config.data.mixture`); documents are off by default.
+  t2i: float
+  i2t: float
+  video: float
+  edit: float
+  document: float = 0.0
+  # Edit documents built up front (`config.data.edit`).
+  edit_examples: int = 20000
+  edit_validation: int = 256
+  edit_kinds: str = "move,recolor,add,remove"
+  edit_max_edits: int = 1
+  edit_max_objects: int = 2
+  # Clips encoded for validation (per-mode validation loss) and test.
+  validation_clips: int = 256
+  test_clips: int = 256
+  # Measures: clips per video measure, edit items per split, and the LMs' sampling settings.
+  measure_clips: int = 100
+  measure_edits: int = 100
+  caption_measure: bool = True  # Video continuation with the clip's caption as well.
+  # Video frames greedy (the motion is deterministic), edits as the main demo draws.
+  video_temperature: float = 0.0
+  edit_temperature: float = 0.3
+  top_k: int = 0
+  measure_batch: int = 32
+  warmup_steps: int = 50
+
+
+PRESETS = {
+  # Minutes: every stage runs and every artefact appears, from a main smoke demo.
+  "smoke": Preset(
+    main="smoke",
+    train_clips=400,
+    steps=40,
+    batch_size=8,
+    seq_len=432,
+    lr=1e-3,
+    t2i=0.2,
+    i2t=0.2,
+    video=0.4,
+    edit=0.2,
+    edit_examples=500,
+    edit_validation=32,
+    validation_clips=32,
+    test_clips=32,
+    measure_clips=8,
+    measure_edits=8,
+    warmup_steps=4,
+  ),
+  # The default (<= 25 minutes beyond the main demo on 2 CPU cores).
+  "default": Preset(
+    main="default",
+    train_clips=5000,
+    steps=600,
+    batch_size=16,
+    seq_len=432,
+    lr=1e-3,
+    t2i=0.2,
+    i2t=0.2,
+    video=0.4,
+    edit=0.2,
+  ),
+}
+
+
+def mixture(p: Preset) -> dict[str, float]:
+  """The preset's shares of training rows, `{mode: weight}` (`config.data.mixture` is these as
+  "mode=weight,..." without the zeros)."""
+  return {mode: float(getattr(p, mode)) for mode in MODES}
+
+
+def clip_counts(p: Preset) -> dict[str, int]:
+  """moving_shapes clips encoded per split."""
+  return {"train": p.train_clips, "validation": p.validation_clips, "test": p.test_clips}
+
+
+def lm_config(
+  p: Preset, main: MainPreset, *, codes: str, video_codes: str, init_from: str
+) -> ml_collections.ConfigDict:
+  """The main demo's LM config, continued from its run (`init_from`) on the preset's mix of
+  caption/image pairs (`codes`), clips (`video_codes`) and edit documents."""
+  c = main_lm_config(main, codes)
+  c.init_from = init_from
+  c.train.steps = p.steps
+  c.train.seq_len = p.seq_len
+  c.train.batch_size = p.batch_size
+  c.train.eval_every = max(10, p.steps // 4)
+  c.train.checkpoint_every = max(10, p.steps // 2)
+  c.optim.learning_rate = p.lr
+  c.optim.warmup_steps = max(1, min(p.warmup_steps, p.steps // 10))
+  c.data.mixture = ",".join(f"{mode}={w:g}" for mode, w in mixture(p).items() if w > 0)
+  c.data.video_codes = video_codes
+  c.data.frames = VIDEO_FRAMES
+  c.data.edit.update(
+    num_examples=p.edit_examples,
+    validation_examples=p.edit_validation,
+    max_edits=p.edit_max_edits,
+    kinds=p.edit_kinds,
+    min_objects=1,
+    max_objects=p.edit_max_objects,
+    seed=0,
+  )
+  return c
+
+
+def video_evals(p: Preset, main: MainPreset) -> dict:
+  """`{section: evaluator spec}` of the video and edit measures (the mixed LM only); sampling as
+  the preset says, guidance for text-to-video as the main demo draws."""
+  sampling = dict(top_k=p.top_k, batch_size=p.measure_batch)
+  frame_sampling = dict(temperature=p.video_temperature, **sampling)
+  continuation = dict(
+    type="video_continuation",
+    split="test",
+    num_clips=p.measure_clips,
+    given_frames=3,
+    num_frames=VIDEO_FRAMES,
+    **frame_sampling,
+  )
+  specs = {"video_continuation": dict(continuation, with_caption=False)}
+  if p.caption_measure:
+    specs["video_continuation_captioned"] = dict(continuation, with_caption=True)
+  specs["text_to_video"] = dict(
+    type="text_to_video",
+    split="test",
+    num_clips=p.measure_clips,
+    num_frames=VIDEO_FRAMES,
+    cfg_scale=main.cfg_scale,
+    **frame_sampling,
+  )
+  for name, split in (("edit_test", "test"), ("edit_heldout", "test_heldout")):
+    specs[name] = dict(
+      type="edit",
+      split=split,
+      num_items=p.measure_edits,
+      kinds=p.edit_kinds,
+      seed=0,
+      max_objects=p.edit_max_objects,
+      temperature=p.edit_temperature,
+      **sampling,
+    )
+  return specs
