@@ -10,7 +10,7 @@ import pytest
 
 from vqlm.data import edits, shapes
 from vqlm.errors import UserError
-from vqlm.stages import edit_data
+from vqlm.stages import edit_data, prebuilt
 from vqlm.stages.lm_config import get_config
 from vqlm.text import TextTokenizer, train_sentencepiece
 from vqlm.vocab import Vocab
@@ -96,7 +96,7 @@ def text_model(tmp_path_factory):
 
 
 def test_prepare_builds_documents_once_per_scene(text_model, monkeypatch, tmp_path):
-  monkeypatch.setattr(edit_data, "TokenizerRun", FakeTokenizerRun)
+  monkeypatch.setattr(prebuilt, "TokenizerRun", FakeTokenizerRun)
   tokenizer = TextTokenizer.load(text_model)
   vocab = Vocab(text_size=tokenizer.vocab_size, image_size=K, grid=GRID, num_reserved=2, pad_to=16)
   s = edit_data.settings(_config(max_edits=2, num_examples=40, validation_examples=8, seed=1))
@@ -125,7 +125,8 @@ def test_prepare_builds_documents_once_per_scene(text_model, monkeypatch, tmp_pa
     assert texts == item["instructions"]
     for got, scene in zip(codes, item["scenes"], strict=True):
       np.testing.assert_array_equal(got, image_codes(shapes.render(scene, SIZE)))
-    assert not ex["loss_weights"][: hw + 2].any() and ex["loss_weights"][hw + 2 : n].min() >= 1.0
+    m = len(vocab.encode_text(tokenizer, item["instructions"][0])) + hw + 2  # through the source
+    assert not ex["loss_weights"][:m].any() and ex["loss_weights"][m:n].min() >= 1.0
     assert ex["loss_weights"][n:].sum() == 0 and ex["loss_weights"].max() == 2.0
   path = edit_data.write_info(str(tmp_path), info)
   with open(path) as f:
@@ -140,7 +141,7 @@ def test_prepare_builds_documents_once_per_scene(text_model, monkeypatch, tmp_pa
 
 
 def test_prepare_refuses_a_text_model_without_the_instructions(monkeypatch, tmp_path):
-  monkeypatch.setattr(edit_data, "TokenizerRun", FakeTokenizerRun)
+  monkeypatch.setattr(prebuilt, "TokenizerRun", FakeTokenizerRun)
   captions = [shapes.caption(shapes.sample_scene(np.random.default_rng(i))) for i in range(50)]
   path = train_sentencepiece(captions, model_prefix=str(tmp_path / "captions"), vocab_size=48)
   vocab = Vocab(text_size=TextTokenizer.load(path).vocab_size, image_size=K, grid=GRID)

@@ -21,10 +21,10 @@ SIZE, GRID, K = 32, (2, 2), 16  # images the scene parser reads; codes of 16x16 
 
 class PatchTokenizer:
   """A 32x32 image tokenizer: each code paints a 16x16 patch in one of 16 colours (the shapes
-  palette first); encode takes each patch's nearest colour."""
+  palette first); encode takes each patch's nearest colour. Also test_video_eval's."""
 
   image_size, grid, codebook_size = SIZE, GRID, K
-  config = SimpleNamespace(data=SimpleNamespace(name="shapes"))
+  config = SimpleNamespace(data=SimpleNamespace(name="shapes", image_size=SIZE))
 
   def __init__(self):
     extra = np.random.default_rng(0).integers(0, 256, size=(K - 7, 3))
@@ -44,7 +44,8 @@ class PatchTokenizer:
 
 
 class TinyRun:
-  """A random tiny LM with `PatchTokenizer` (what `LMRun` offers the Generator and evaluators)."""
+  """A random tiny LM with `PatchTokenizer` (what `LMRun` offers the Generator and evaluators).
+  Also test_video_eval's."""
 
   config = {"stage": "lm"}
 

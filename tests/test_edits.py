@@ -156,10 +156,13 @@ def test_layout_round_trip_and_loss_after_the_source(text):
     assert len(codes) == len(item["codes"])
     for got, want in zip(codes, item["codes"]):
       np.testing.assert_array_equal(got, want)
-    # No loss through the source image's <eoi> (target hw + 1); every target after it counts.
+    # No loss on the first instruction and through the source image's <eoi> (target
+    # n + hw + 1); every target after it counts.
+    n = len(vocab.encode_text(tokenizer, item["instructions"][0]))
     weights = example["loss_weights"]
-    assert example["targets"][hw + 1] == vocab.eoi_id and not weights[: hw + 2].any()
-    assert weights[hw + 2 :].all() and example["targets"][-1] == vocab.eos_id
+    assert example["targets"][n + hw + 1] == vocab.eoi_id and not weights[: n + hw + 2].any()
+    assert example["targets"][n + hw + 2] == vocab.boi_id  # the result follows the source
+    assert weights[n + hw + 2 :].all() and example["targets"][-1] == vocab.eos_id
     assert set(weights[vocab.is_image(example["targets"])][hw:]) == {2.0}
     # The sampling prompt of the first edit is the document up to the first result's <boi>.
     prompt = edits.prompt_ids(item["codes"][0], item["instructions"][0], vocab, tokenizer)
@@ -173,12 +176,15 @@ def test_parse_refuses_malformed_documents(text):
   item = edits.with_codes(items("train", num=1)[0], fake_codes)
   seg = edits.segment(item["codes"], item["instructions"], vocab, tokenizer).tokens.tolist()
   hw = vocab.tokens_per_image
+  n = len(vocab.encode_text(tokenizer, item["instructions"][0]))
+  instruction, source_end = seg[1 : 1 + n], n + hw + 3  # seg[:source_end]: <bos> text source
   for ids, match in (
-    (seg[:1] + seg[hw + 3 :], "starts with its source image"),
-    (seg[: hw + 3] + seg[-hw - 3 :], "no instruction before it"),
-    (seg[: -hw - 3], "ends with an instruction"),
-    (seg[:4] + [vocab.eoi_id], "not <boi>"),
-    (seg[: hw + 2] + [vocab.boi_id] + seg[hw + 3 :], "not closed by <eoi>"),
+    (seg[:source_end] + instruction + seg[source_end:], "followed by its result, not text"),
+    (seg[:1] + seg[1 + n :], "no instruction before it"),
+    (seg[:-1] + instruction, "ends with an instruction"),
+    (seg[:source_end] + [vocab.eos_id], "at least one result"),
+    (seg[: n + 4] + [vocab.eoi_id], "not <boi>"),
+    (seg[: n + hw + 2] + [vocab.boi_id] + seg[source_end:], "not closed by <eoi>"),
     (seg[:-1] + [vocab.frame_id], "unexpected <frame>"),
   ):
     with pytest.raises(UserError, match=match):

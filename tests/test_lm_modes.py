@@ -237,14 +237,14 @@ def test_a_mixture_of_every_mode_trains_packs_rows_validates_per_mode_and_contin
     if name == "video":  # a clip fills its row alone
       assert len(segments) == 1 and len(image_runs) == FRAMES
   assert seen == set(modes) - {"edit"}
-  # The trained run continues an edit document: a source image and an instruction -> one image.
+  # The trained run continues an edit document: an instruction and a source image -> one image.
   src = tmp_path / "src.png"
   imaging.save_png(
     shapes.render([dict(shape="circle", color="red", size="large", position="center")], 32),
     str(src),
   )
   out = tmp_path / "edited"
-  args = ["--image", str(src), "--text", "move the red circle to the right", "--mode", "image"]
+  args = ["--text", "move the red circle to the right", "--image", str(src), "--mode", "image"]
   assert _continue(workdir, *args, "--num_images", "1", "--out", str(out)) == 0
   assert imaging.load_png(str(out / "image_000.png")).shape == (32, 32, 3)
 

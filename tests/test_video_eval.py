@@ -4,17 +4,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from test_sampler import random_variables
+import test_edit_eval
+from test_edit_eval import GRID, SIZE, K
 
 from vqlm.data import shapes
 from vqlm.errors import UserError
 from vqlm.eval import evaluators, scene_parser, video_eval
-from vqlm.nn.transformer import Transformer, TransformerConfig
 from vqlm.sample import api
-from vqlm.text import TextTokenizer, train_sentencepiece
-from vqlm.vocab import Vocab
-
-SIZE = 32
+from vqlm.text import train_sentencepiece
 
 
 def clips(num=4, num_frames=6, split="test", seed=0):
@@ -206,62 +203,18 @@ def test_evaluators_build_run_and_write_artefacts(tmp_path):
 
 # ---- a tiny random LM: continue_videos through the real sampler ---------------------------------
 
-GRID, K = (2, 2), 16
 
+class TinyRun(test_edit_eval.TinyRun):
+  """test_edit_eval's tiny LM with a text model of clip captions and one Generator per batch
+  size."""
 
-class PatchTokenizer:
-  """16x16-patch palette quantiser at 32 px: codes index 16 colours (the shapes palette first)."""
-
-  image_size = SIZE
-
-  def __init__(self):
-    colours = [shapes.BACKGROUND, *shapes.COLORS.values()]
-    rest = np.random.default_rng(0).integers(0, 256, size=(K - len(colours), 3))
-    self.palette = np.concatenate([np.array(colours), rest]).astype(np.uint8)
-
-  def codebook(self):
-    return self.palette.astype(np.float32) / 127.5 - 1.0
-
-  def decode(self, codes):
-    return self.palette[np.asarray(codes)].repeat(16, axis=1).repeat(16, axis=2)
-
-  def encode(self, images):
-    images = np.asarray(images, np.float32)
-    means = images.reshape(len(images), 2, 16, 2, 16, 3).mean((2, 4))
-    return ((means[..., None, :] - self.palette) ** 2).sum(-1).argmin(-1).astype(np.int32)
-
-
-class TinyRun:
   def __init__(self, tmp_path_factory):
     texts = [c["text"] for c in clips(40, split="train")]
     path = train_sentencepiece(
       texts, model_prefix=str(tmp_path_factory.mktemp("sp") / "text"), vocab_size=60
     )
-    self.text_tokenizer = TextTokenizer.load(path)
-    self.vocab = Vocab(
-      text_size=self.text_tokenizer.vocab_size, image_size=K, grid=GRID, num_reserved=2, pad_to=16
-    )
-    self.model = Transformer(
-      TransformerConfig(
-        vocab_size=self.vocab.padded_size,
-        dim=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        mlp_dim=64,
-        image_offset=self.vocab.image_offset,
-        image_size=K,
-        grid=GRID,
-      )
-    )
-    self.params = random_variables(self.model)["params"]
-    self._tokenizer = PatchTokenizer()
-    self._tokenizer.config = SimpleNamespace(data=SimpleNamespace(name="shapes", image_size=SIZE))
-    self.config = {"stage": "lm"}
+    super().__init__(path)
     self._generators = {}
-
-  def tokenizer_run(self):
-    return self._tokenizer
 
   def generator(self, *, batch_size=8):  # one per batch size, as `LMRun.generator`
     if batch_size not in self._generators:

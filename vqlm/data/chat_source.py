@@ -332,18 +332,33 @@ def build_examples(
   """`chat.conversation` items -> padded LM examples (`chat.build`: loss only on assistant
   tokens). `codes` maps `shapes.canonical(scene)` to the scene's codes `[h, w]` (see
   `distinct_scenes`, `encode_scenes`); items longer than `seq_len` are dropped."""
+
+  def build(item):
+    turns = chat.with_codes(item["turns"], lambda scene: codes[shapes.canonical(scene)])
+    return chat.build(turns, vocab, tokenizer, text_weight=text_weight, image_weight=image_weight)
+
+  return build_padded(items, build, seq_len=seq_len, pad_id=vocab.pad_id)
+
+
+def build_padded(
+  items: Sequence[Mapping[str, Any]],
+  build: Callable[[Mapping[str, Any]], Example],
+  *,
+  seq_len: int,
+  pad_id: int,
+) -> BuiltChat:
+  """Items -> padded LM examples: `build(item)` gives an item's unpadded example; those longer
+  than `seq_len` are dropped (`kept` False), the others padded in item order with the items'
+  `kind`s."""
   examples, kinds = [], []
   kept = np.zeros(len(items), bool)
   lengths = np.zeros(len(items), np.int64)
   for i, item in enumerate(items):
-    turns = chat.with_codes(item["turns"], lambda scene: codes[shapes.canonical(scene)])
-    example = chat.build(
-      turns, vocab, tokenizer, text_weight=text_weight, image_weight=image_weight
-    )
+    example = build(item)
     lengths[i] = len(example["tokens"])
     if lengths[i] <= seq_len:
       kept[i] = True
       examples.append(example)
       kinds.append(item["kind"])
-  padded = ChatExamples.from_examples(examples, seq_len, pad_id=vocab.pad_id, kinds=kinds)
+  padded = ChatExamples.from_examples(examples, seq_len, pad_id=pad_id, kinds=kinds)
   return BuiltChat(padded, kept, lengths)

@@ -32,13 +32,16 @@ one, the other half without; items are drawn again from the same stream until on
 Layout (plain LM, no chat specials), loss only on the targets after the source image:
 
 ```
-<bos> <boi> src <eoi> instruction_1 <boi> result_1 <eoi> [instruction_2 <boi> result_2 <eoi>
+<bos> instruction_1 <boi> src <eoi> <boi> result_1 <eoi> [instruction_2 <boi> result_2 <eoi>
       ...] <eos>
-prompt (one edit):  <bos> <boi> src <eoi> instruction <boi>        (`prompt_ids`)
+prompt (one edit):  <bos> instruction <boi> src <eoi> <boi>        (`prompt_ids`)
 ```
 
-`build` gives the unpadded LM example (`sequences.to_example` with the prompt `<bos> <boi> src
-<eoi>` masked), `parse` reads ids back into code grids and instructions.
+The first instruction precedes the source so that no edit document starts as an image-to-text
+one does (`<bos> <boi> image <eoi>` then text, always a caption): with the instruction after the
+source, a model trained on both wrote edit instructions as captions of some images.
+`build` gives the unpadded LM example (`sequences.to_example` with the prompt `<bos>
+instruction_1 <boi> src <eoi>` masked), `parse` reads ids back into code grids and instructions.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -350,16 +353,22 @@ def segment(
   vocab: Vocab,
   tokenizer: TextTokenizer,
 ) -> sequences.Segment:
-  """`<bos> <boi> codes[0] <eoi> instructions[0] <boi> codes[1] <eoi> ... <eos>`; the prompt is
-  `<bos> <boi> codes[0] <eoi>`. Needs one more code grid `[h, w]` than instructions."""
+  """`<bos> instructions[0] <boi> codes[0] <eoi> <boi> codes[1] <eoi> instructions[1] <boi>
+  codes[2] <eoi> ... <eos>`; the prompt is `<bos> instructions[0] <boi> codes[0] <eoi>`. Needs one
+  more code grid `[h, w]` than instructions.
+
+  The first instruction comes before the source image so that no edit document starts like an
+  image-to-text one (`<bos> <boi> image <eoi> text`): after an image at the start, text is always
+  its caption."""
   if len(codes) != len(instructions) + 1 or not instructions:
     raise UserError(
       f"an edit document needs n >= 1 instructions and n + 1 images, got {len(instructions)} "
       f"and {len(codes)}."
     )
-  ids = [vocab.bos_id, *_image(codes[0], vocab)]
+  ids = [vocab.bos_id, *_text(instructions[0], vocab, tokenizer), *_image(codes[0], vocab)]
   prompt_len = len(ids)
-  for text, grid in zip(instructions, codes[1:]):
+  ids += _image(codes[1], vocab)
+  for text, grid in zip(instructions[1:], codes[2:]):
     ids += _text(text, vocab, tokenizer) + _image(grid, vocab)
   ids.append(vocab.eos_id)
   return sequences.Segment(np.asarray(ids, np.int32), prompt_len)
@@ -374,8 +383,8 @@ def build(
   image_weight: float = 1.0,
 ) -> sequences.Example:
   """An item with `"codes"` (`with_codes`) -> unpadded LM example of length L - 1: weight 0 on
-  the targets through the source image's `<eoi>`, `text_weight` / `image_weight` after it (the
-  instructions, the results and `<eos>`)."""
+  the targets through the source image's `<eoi>` (the first instruction and the source),
+  `text_weight` / `image_weight` after it (the results, later instructions and `<eos>`)."""
   if "codes" not in item:
     raise UserError("the edit item has no 'codes'; call edits.with_codes(item, encode) first.")
   seg = segment(item["codes"], item["instructions"], vocab, tokenizer)
@@ -387,12 +396,12 @@ def build(
 def prompt_ids(
   src_codes: np.ndarray, instruction: str, vocab: Vocab, tokenizer: TextTokenizer
 ) -> list[int]:
-  """The prompt of one edit: `<bos> <boi> src <eoi> instruction <boi>` (the sampler draws the
+  """The prompt of one edit: `<bos> instruction <boi> src <eoi> <boi>` (the sampler draws the
   result's codes and `<eoi>`)."""
   return [
     vocab.bos_id,
-    *_image(src_codes, vocab),
     *_text(instruction, vocab, tokenizer),
+    *_image(src_codes, vocab),
     vocab.boi_id,
   ]
 
@@ -403,8 +412,9 @@ def parse(
   """Inverse of `segment`: ids (a leading `<bos>` optional; read up to the first `<eos>` or
   `<pad>`) -> (code grids int32 `[h, w]`, instructions).
 
-  Raises UserError unless the ids are an image, then (text, image) pairs: a `<boi>` not followed
-  by `h*w` codes and `<eoi>`, text where an image must be, or other specials.
+  Raises UserError unless the ids are text, the source image, its result, then (text, image)
+  pairs: a `<boi>` not followed by `h*w` codes and `<eoi>`, text missing or where an image must
+  be, or other specials.
   """
   ids = [int(i) for i in np.asarray(ids, np.int64).reshape(-1)]
   if ids and ids[0] == vocab.bos_id:
@@ -416,8 +426,8 @@ def parse(
   while i < len(ids) and ids[i] not in (vocab.eos_id, vocab.pad_id):
     t = ids[i]
     if vocab.is_text(t):
-      if not codes:
-        raise UserError("an edit document starts with its source image, not text.")
+      if len(codes) == 1:
+        raise UserError("the source image of an edit document is followed by its result, not text.")
       run.append(t)
       i += 1
       continue
@@ -428,7 +438,7 @@ def parse(
       raise UserError(f"the image at position {i} is not <boi> + {hw} codes + <eoi>.")
     if ids[i + 1 + hw] != vocab.eoi_id:
       raise UserError(f"the image at position {i} is not closed by <eoi> after {hw} codes.")
-    if codes and not run:
+    if len(codes) != 1 and not run:
       raise UserError(f"the image at position {i} has no instruction before it.")
     if run:
       texts.append(tokenizer.decode(run))
@@ -437,4 +447,6 @@ def parse(
     i += hw + 2
   if run:
     raise UserError("an edit document ends with an instruction and no image after it.")
+  if len(codes) < 2:
+    raise UserError("an edit document needs its source image and at least one result.")
   return codes, texts

@@ -17,18 +17,17 @@ Layout: WORKDIR/{data, autoencoder, vae, vq, fsq, vqgan, vq2d, codes, lm, ladder
 WORKDIR/ladder.json, WORKDIR/ladder.html.
 """
 
-import json
 import os
 import time
 
 import numpy as np
 
 from vqlm import imaging
+from vqlm.demo import common
 from vqlm.demo import ladder_measures as measures
 from vqlm.demo.ladder_recipe import LABELS, PRESETS, RUNGS, VORONOI_RUNG, lm_preset, rung_config
 from vqlm.errors import UserError
 from vqlm.runs import read_eval
-from vqlm.runs.restore import latest_step
 
 STAGES = ("data", "rungs", "lm", "measure", "report")
 LADDER_JSON = "ladder.json"
@@ -41,10 +40,6 @@ SECTIONS = (
   "attributes",
   "voronoi",
 )
-
-
-def _latest_step(run_dir: str) -> int | None:
-  return latest_step(os.path.join(run_dir, "checkpoints"))
 
 
 class Ladder:
@@ -63,11 +58,9 @@ class Ladder:
   ):
     from vqlm.demo.main import Demo
 
-    if preset not in PRESETS:
-      raise UserError(f"unknown ladder preset '{preset}'; valid: {', '.join(PRESETS)}")
     self.workdir = workdir
     self.preset_name = preset
-    self.p = PRESETS[preset]
+    self.p = common.find_preset(PRESETS, preset, "ladder")
     self.progress = progress
     self.log = log_fn
     self.main = os.path.abspath(main) if main else ""
@@ -78,7 +71,7 @@ class Ladder:
     self.data_dir = self.data_dir or os.path.join(workdir, "data")
     if self.main:
       for part in ("tokenizer", "lm"):
-        if _latest_step(os.path.join(self.main, part)) is None:
+        if common.latest_step(os.path.join(self.main, part)) is None:
           raise UserError(
             f"--main {main} has no trained {part}/ (run `vqlm demo --workdir {main}` first)"
           )
@@ -100,9 +93,7 @@ class Ladder:
     return os.path.join(self.main, "lm") if self.main else self.demo.lm_dir
 
   def run(self, stages: tuple[str, ...] = STAGES) -> dict:
-    for stage in stages:
-      if stage not in STAGES:
-        raise UserError(f"unknown ladder stage '{stage}'; valid: {', '.join(STAGES)}")
+    common.check_stages(stages, STAGES, "ladder")
     start_all = time.time()
     for stage in stages:
       start = time.time()
@@ -118,18 +109,10 @@ class Ladder:
     return results
 
   def results(self) -> dict:
-    path = os.path.join(self.workdir, LADDER_JSON)
-    if not os.path.exists(path):
-      return {}
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return common.read_results(os.path.join(self.workdir, LADDER_JSON))
 
   def _write_results(self, results: dict) -> str:
-    path = os.path.join(self.workdir, LADDER_JSON)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
-    return path
+    return common.write_results(os.path.join(self.workdir, LADDER_JSON), results)
 
   # ---- training stages -----------------------------------------------------------------------
 
@@ -142,7 +125,7 @@ class Ladder:
     for rung in (*RUNGS, VORONOI_RUNG):
       config = rung_config(self.p, rung, self.data_dir)
       run_dir = self.rung_dir(rung)
-      if _latest_step(run_dir) == config.train.steps and "tokenizer" in read_eval(run_dir):
+      if common.latest_step(run_dir) == config.train.steps and "tokenizer" in read_eval(run_dir):
         self.log(f"{rung} already trained ({run_dir}); skipping")
         continue
       self.log(f"-- training the {LABELS[rung]} rung ({config.train.steps} steps)")
@@ -158,7 +141,7 @@ class Ladder:
     from vqlm.demo.recipe import lm_config
 
     steps = lm_config(self.demo.p, self.demo.codes_dir).train.steps
-    if _latest_step(self.demo.lm_dir) == steps:
+    if common.latest_step(self.demo.lm_dir) == steps:
       self.log(f"LM already trained ({self.demo.lm_dir}); skipping")
       return
     self.demo.stage_encode()
@@ -346,6 +329,4 @@ def _how(bottleneck: str) -> str:
 
 
 def ladder_stages(spec: str) -> tuple[str, ...]:
-  if not spec or spec == "all":
-    return STAGES
-  return tuple(s.strip() for s in spec.split(",") if s.strip())
+  return common.parse_stages(spec, STAGES)

@@ -18,17 +18,13 @@ import time
 
 import jax
 
+from vqlm.demo import common
 from vqlm.demo.recipe import PRESETS, generation_evals, lm_config, split_sizes, tokenizer_config
 from vqlm.errors import UserError
 from vqlm.eval import evaluators as evaluators_lib
 from vqlm.runs import LMRun, TokenizerRun, read_eval, write_eval
-from vqlm.runs.restore import latest_step
 
 STAGES = ("data", "tokenizer", "encode", "lm", "generate", "report")
-
-
-def _latest_step(run_dir: str) -> int | None:
-  return latest_step(os.path.join(run_dir, "checkpoints"))
 
 
 class Demo:
@@ -58,9 +54,7 @@ class Demo:
     self.timings: dict[str, float] = {}
 
   def run(self, stages: tuple[str, ...] = STAGES) -> dict:
-    for stage in stages:
-      if stage not in STAGES:
-        raise UserError(f"unknown demo stage '{stage}'; valid: {', '.join(STAGES)}")
+    common.check_stages(stages, STAGES, "demo")
     start_all = time.time()
     for stage in stages:
       start = time.time()
@@ -101,7 +95,7 @@ class Demo:
     from vqlm.stages import tokenizer as tokenizer_stage
 
     config = tokenizer_config(self.p, self.data_dir)
-    done = _latest_step(self.tokenizer_dir) == config.train.steps
+    done = common.latest_step(self.tokenizer_dir) == config.train.steps
     if done and "tokenizer" in read_eval(self.tokenizer_dir):
       self.log(f"tokenizer already trained ({self.tokenizer_dir}); skipping")
     else:
@@ -140,7 +134,7 @@ class Demo:
     from vqlm.stages import lm as lm_stage
 
     config = lm_config(self.p, self.codes_dir)
-    if _latest_step(self.lm_dir) == config.train.steps:
+    if common.latest_step(self.lm_dir) == config.train.steps:
       self.log(f"LM already trained ({self.lm_dir}); skipping")
       return
     os.makedirs(self.lm_dir, exist_ok=True)
@@ -177,9 +171,7 @@ class Demo:
 
 
 def main_stages(spec: str) -> tuple[str, ...]:
-  if not spec or spec == "all":
-    return STAGES
-  return tuple(s.strip() for s in spec.split(",") if s.strip())
+  return common.parse_stages(spec, STAGES)
 
 
 def device_summary() -> str:

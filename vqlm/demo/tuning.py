@@ -19,53 +19,25 @@ The main demo's LM has no chat turns: it is measured on the free-form requests a
 (`<bos> request <boi>`), and it cannot answer questions.
 """
 
-import json
 import os
 import time
 
-from vqlm.demo.recipe import PRESETS as MAIN_PRESETS
+from vqlm.demo import common
 from vqlm.demo.tuning_recipe import PRESETS, dpo_config, grpo_config, sft_config
 from vqlm.errors import UserError
-from vqlm.runs.restore import latest_step
 
 STAGES = ("sft", "dpo", "grpo", "measure", "report")
 MODELS = ("main", "sft", "dpo", "grpo")
 TUNING_JSON = "tuning.json"
 
 
-def _latest_step(run_dir: str) -> int | None:
-  return latest_step(os.path.join(run_dir, "checkpoints"))
-
-
-class Tuning:
+class Tuning(common.OnMain):
   """Runs the tuning demo's stages in `workdir`; `main` is a main demo's directory (its `lm/`,
-  `codes/` and `tokenizer/`)."""
+  `codes/` and `tokenizer/`). Arguments: `common.OnMain`'s."""
 
-  def __init__(
-    self,
-    workdir: str,
-    *,
-    main: str = "runs/demo",
-    preset: str = "default",
-    progress: bool = True,
-    log_fn=print,
-  ):
-    if preset not in PRESETS:
-      raise UserError(f"unknown tuning preset '{preset}'; valid: {', '.join(PRESETS)}")
-    self.workdir = workdir
-    self.preset_name = preset
-    self.p = PRESETS[preset]
-    self.main_preset = MAIN_PRESETS[self.p.main]
-    self.main = os.path.abspath(main)
-    if _latest_step(os.path.join(self.main, "lm")) is None:
-      raise UserError(
-        f"--main {main} has no trained lm/; run `vqlm demo --workdir {main}` first (or pass "
-        "--main DIR of a main demo)"
-      )
-    self.progress = progress
-    self.log = log_fn
-    self.artefacts = os.path.join(workdir, "samples")
-    self.timings: dict[str, float] = {}
+  NAME = "tuning"
+  PRESETS = PRESETS
+  RESULTS_FILE = TUNING_JSON
 
   def run_dir(self, model: str) -> str:
     if model == "main":
@@ -73,9 +45,7 @@ class Tuning:
     return os.path.join(self.workdir, model)
 
   def run(self, stages: tuple[str, ...] = STAGES) -> dict:
-    for stage in stages:
-      if stage not in STAGES:
-        raise UserError(f"unknown tuning stage '{stage}'; valid: {', '.join(STAGES)}")
+    common.check_stages(stages, STAGES, "tuning")
     os.makedirs(self.workdir, exist_ok=True)
     self._write_results({**self.results(), "preset": self.preset_name})
     start_all = time.time()
@@ -92,24 +62,11 @@ class Tuning:
     self._write_results(results)
     return results
 
-  def results(self) -> dict:
-    path = os.path.join(self.workdir, TUNING_JSON)
-    if not os.path.exists(path):
-      return {}
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-
-  def _write_results(self, results: dict) -> None:
-    path = os.path.join(self.workdir, TUNING_JSON)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
-
   # ---- training stages -----------------------------------------------------------------------
 
   def _train(self, model: str, config, train_fn) -> None:
     run_dir = self.run_dir(model)
-    if _latest_step(run_dir) == config.train.steps:
+    if common.latest_step(run_dir) == config.train.steps:
       self.log(f"{model} already trained ({run_dir}); skipping")
       return
     os.makedirs(run_dir, exist_ok=True)
@@ -131,7 +88,7 @@ class Tuning:
   def _tune(self, model: str, source: str, make_config) -> None:
     from vqlm.stages import tune as tune_stage
 
-    if _latest_step(self.run_dir(source)) is None:
+    if common.latest_step(self.run_dir(source)) is None:
       raise UserError(
         f"the {model} stage starts from the {source} model, which is not trained yet; run the "
         f"stages in order (--stages {source},{model})"
@@ -153,9 +110,9 @@ class Tuning:
     measured = results.setdefault("models", {})
     for model in MODELS:
       run_dir = self.run_dir(model)
-      if _latest_step(run_dir) is None:
+      if common.latest_step(run_dir) is None:
         continue
-      step = _latest_step(run_dir)
+      step = common.latest_step(run_dir)
       if measured.get(model, {}).get("step") == step:
         self.log(f"{model} already measured at step {step}; skipping")
         continue
@@ -184,6 +141,4 @@ class Tuning:
 
 
 def tuning_stages(spec: str) -> tuple[str, ...]:
-  if not spec or spec == "all":
-    return STAGES
-  return tuple(s.strip() for s in spec.split(",") if s.strip())
+  return common.parse_stages(spec, STAGES)

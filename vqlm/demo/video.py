@@ -17,63 +17,37 @@ Stages (each skipped when its output exists):
 """
 
 import dataclasses
-import json
 import os
 import time
 
-from vqlm.demo.recipe import PRESETS as MAIN_PRESETS
+from vqlm.demo import common
 from vqlm.demo.video_recipe import PRESETS, VIDEO_FRAMES, clip_counts, lm_config
 from vqlm.errors import UserError
-from vqlm.runs.restore import latest_step
 
 STAGES = ("encode", "lm", "measure", "report")
 MODELS = ("main", "mixed")
 VIDEO_JSON = "video.json"
 
 
-def _latest_step(run_dir: str) -> int | None:
-  return latest_step(os.path.join(run_dir, "checkpoints"))
-
-
-class Video:
+class Video(common.OnMain):
   """Runs the video demo's stages in `workdir`; `main` is a main demo's directory (its `lm/`,
-  `codes/` and `tokenizer/`)."""
+  `codes/` and `tokenizer/`). Arguments: `common.OnMain`'s."""
 
-  def __init__(
-    self,
-    workdir: str,
-    *,
-    main: str = "runs/demo",
-    preset: str = "default",
-    progress: bool = True,
-    log_fn=print,
-  ):
-    if preset not in PRESETS:
-      raise UserError(f"unknown video preset '{preset}'; valid: {', '.join(PRESETS)}")
-    self.workdir = workdir
-    self.preset_name = preset
-    self.p = PRESETS[preset]
-    self.main_preset = MAIN_PRESETS[self.p.main]
-    self.main = os.path.abspath(main)
-    if _latest_step(os.path.join(self.main, "lm")) is None:
-      raise UserError(
-        f"--main {main} has no trained lm/; run `vqlm demo --workdir {main} --preset "
-        f"{self.p.main}` first (or pass --main DIR of a main demo)"
-      )
-    self.progress = progress
-    self.log = log_fn
+  NAME = "video"
+  PRESETS = PRESETS
+  RESULTS_FILE = VIDEO_JSON
+  MAIN_COMMAND = "vqlm demo --workdir {main} --preset {preset}"
+
+  def __init__(self, workdir: str, **kwargs):
+    super().__init__(workdir, **kwargs)
     self.video_codes = os.path.join(workdir, "video_codes")
     self.lm_dir = os.path.join(workdir, "lm")
-    self.artefacts = os.path.join(workdir, "samples")
-    self.timings: dict[str, float] = {}
 
   def run_dir(self, model: str) -> str:
     return os.path.join(self.main, "lm") if model == "main" else self.lm_dir
 
   def run(self, stages: tuple[str, ...] = STAGES) -> dict:
-    for stage in stages:
-      if stage not in STAGES:
-        raise UserError(f"unknown video stage '{stage}'; valid: {', '.join(STAGES)}")
+    common.check_stages(stages, STAGES, "video")
     os.makedirs(self.workdir, exist_ok=True)
     self._write_results({**self.results(), **self._identity()})
     start_all = time.time()
@@ -96,24 +70,11 @@ class Video:
   def _identity(self) -> dict:
     return {"preset": self.preset_name, "main": self.main, "recipe": dataclasses.asdict(self.p)}
 
-  def results(self) -> dict:
-    path = os.path.join(self.workdir, VIDEO_JSON)
-    if not os.path.exists(path):
-      return {}
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-
-  def _write_results(self, results: dict) -> None:
-    path = os.path.join(self.workdir, VIDEO_JSON)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
-
   # ---- encode --------------------------------------------------------------------------------
 
   def _tokenizer_dir(self) -> str:
     path = os.path.join(self.main, "tokenizer")
-    if _latest_step(path) is None:
+    if common.latest_step(path) is None:
       raise UserError(
         f"{self.main} has no trained tokenizer/; run `vqlm demo --workdir {self.main} --preset "
         f"{self.p.main}` first"
@@ -202,7 +163,7 @@ class Video:
     from vqlm.stages import lm as lm_stage
 
     config = self.config()
-    if _latest_step(self.lm_dir) == config.train.steps:
+    if common.latest_step(self.lm_dir) == config.train.steps:
       self.log(f"mixed LM already trained ({self.lm_dir}); skipping")
       return False
     if not self.encoded():
@@ -226,7 +187,7 @@ class Video:
     measured = results.setdefault("models", {})
     for model in MODELS:
       run_dir = self.run_dir(model)
-      step = _latest_step(run_dir)
+      step = common.latest_step(run_dir)
       if step is None:
         self.log(f"{model} LM not trained ({run_dir}); not measured")
         continue
@@ -269,6 +230,4 @@ class Video:
 
 
 def video_stages(spec: str) -> tuple[str, ...]:
-  if not spec or spec == "all":
-    return STAGES
-  return tuple(s.strip() for s in spec.split(",") if s.strip())
+  return common.parse_stages(spec, STAGES)

@@ -211,17 +211,16 @@ def request_items(
 ) -> list[dict]:
   """The items the chat evaluators of `seed` use: `chat.conversation(i, seed=ITEM_SEED_OFFSET +
   seed, ...)` for i < num (never the tuning items, whose seeds are small)."""
-  return [
-    chat.conversation(
-      i,
+  return list(
+    chat.conversations(
+      num,
       seed=ITEM_SEED_OFFSET + int(seed),
       split=split,
       kinds=tuple(kinds),
       min_objects=min_objects,
       max_objects=max_objects,
     )
-    for i in range(num)
-  ]
+  )
 
 
 def _items(settings: Mapping[str, Any], num: int, kinds: Sequence[str]) -> list[dict]:
@@ -350,7 +349,7 @@ class ChatQA(evaluators.Evaluator):
     max_len: int = 48,
     log_fn=print,
   ):
-    kinds = tuple(k.strip() for k in kinds.split(",")) if isinstance(kinds, str) else tuple(kinds)
+    kinds = evaluators._names(kinds)
     if not kinds or any(k not in ("question", "describe") for k in kinds):
       raise UserError(f"chat_qa kinds={','.join(kinds)!r}; use 'question', 'describe' or both")
     if split not in shapes.SPLITS:

@@ -3,7 +3,7 @@
 Each item is one edit of a shapes scene ("move the red circle to the right", "make the red circle
 blue", "add a small green triangle at the bottom", "remove the red circle"): the source scene is
 rendered at the image tokenizer's size and encoded, the LM is prompted with
-`<bos> <boi> src <eoi> instruction <boi>` and draws exactly one image, and the image is right when
+`<bos> instruction <boi> src <eoi> <boi>` and draws exactly one image, and the image is right when
 the scene parser reads it as the edited scene exactly (every object's colour, shape, size and
 cell; `edits.apply` is the truth).
 
@@ -146,7 +146,7 @@ class EditEval(evaluators.Evaluator):
   ):
     if split not in SPLITS:
       raise UserError(f"edit split={split!r}; use one of {SPLITS}")
-    kinds = tuple(k.strip() for k in kinds.split(",")) if isinstance(kinds, str) else tuple(kinds)
+    kinds = evaluators._names(kinds)
     if not kinds or any(k not in edits.KINDS for k in kinds):
       raise UserError(f"edit kinds={','.join(kinds)!r}; use a subset of {','.join(edits.KINDS)}")
     if num_items < 1:

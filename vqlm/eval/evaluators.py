@@ -18,7 +18,7 @@ by LMs trained on edit documents: `vqlm.eval.edit_eval`), `video_continuation` a
 (video LMs on moving shapes: `vqlm.eval.video_eval`).
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import json
 import os
 from typing import Any
@@ -186,6 +186,11 @@ def _shapes_data(run: Any) -> Any:
       f"'{data.name}'. Leave it out of config.evals for this data set"
     )
   return data
+
+
+def _names(value: str | Sequence[str]) -> tuple[str, ...]:
+  """A comma-separated string ("question,describe") or a sequence of names -> a tuple of them."""
+  return tuple(k.strip() for k in value.split(",")) if isinstance(value, str) else tuple(value)
 
 
 def _sampling(temperature: float, top_k: int):

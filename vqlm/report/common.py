@@ -1,7 +1,7 @@
 """Small HTML helpers of the report: escaping, number formats, inlined PNGs, files by step."""
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import glob
 import html
 import io
@@ -16,6 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 from PIL import Image
+
+from vqlm.errors import UserError
 
 NOT_RUN = "not run"
 GRID_PAD = 2  # `imaging.make_grid`'s default padding, used by the sample grids.
@@ -62,6 +64,14 @@ def num(value: Any, digits: int = 3) -> str:
   return f"{value:.{digits}f}" if is_number(value) else "&ndash;"
 
 
+def change(value: float, before: float) -> str:
+  """` (+1.5)`: the change from `before` to `value` (fractions) in percentage points, marked "ok"
+  above +0.5 and "bad" below -0.5."""
+  delta = 100.0 * (value - before)
+  cls = "ok" if delta > 0.5 else "bad" if delta < -0.5 else ""
+  return f' <span class="{cls}">({delta:+.1f})</span>'
+
+
 def seconds(value: Any) -> str:
   return f"{value:.0f} s" if is_number(value) else esc(value)
 
@@ -96,6 +106,34 @@ def read_json(path: str) -> Any:
       return json.load(f)
   except (OSError, ValueError):
     return None
+
+
+def demo_results(workdir: str, demo: str) -> Mapping[str, Any]:
+  """`WORKDIR/<demo>.json`, the results of `vqlm demo <demo>`; a one-line UserError without it."""
+  r = read_json(os.path.join(workdir, f"{demo}.json"))
+  if not isinstance(r, Mapping):
+    raise UserError(f"{workdir} has no {demo}.json; run `vqlm demo {demo} --workdir {workdir}`")
+  return r
+
+
+def demo_title(workdir: str, demo: str, r: Mapping[str, Any]) -> str:
+  """The page title of a demo's results `r`: the demo, the work directory's name, the preset."""
+  return f"vqlm {demo}: {os.path.basename(os.path.abspath(workdir))} ({r.get('preset')})"
+
+
+def demo_timings(r: Mapping[str, Any], timings: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The seconds of the results `r`, updated with those of this command (`timings`)."""
+  t = dict(r.get("timings") or {})
+  t.update(timings or {})
+  return t
+
+
+def timings_table(r: Mapping[str, Any], timings: Mapping[str, Any] | None) -> str:
+  """A table of `demo_timings` (seconds per stage or measure), or a note that there are none."""
+  t = demo_timings(r, timings)
+  if not t:
+    return missing("timings")
+  return table(["stage", "seconds"], [[esc(k), seconds(v)] for k, v in t.items()])
 
 
 def step_of(path: str) -> int:

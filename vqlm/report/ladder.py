@@ -9,8 +9,9 @@ import os
 from typing import Any
 
 from vqlm import imaging
-from vqlm.errors import UserError
 from vqlm.report.common import (
+  demo_results,
+  demo_title,
   esc,
   html_page,
   img,
@@ -18,8 +19,7 @@ from vqlm.report.common import (
   note,
   num,
   pct,
-  read_json,
-  seconds,
+  timings_table,
   write_text,
 )
 from vqlm.report.common import table as _table
@@ -192,19 +192,9 @@ def _voronoi(workdir: str, r: Mapping[str, Any]) -> str:
   )
 
 
-def _timings(r: Mapping[str, Any], timings: Mapping[str, Any] | None) -> str:
-  t = dict(r.get("timings") or {})
-  t.update(timings or {})
-  if not t:
-    return missing("timings")
-  return _table(["stage", "seconds"], [[esc(k), seconds(v)] for k, v in t.items()])
-
-
 def build_ladder_report(workdir: str, *, timings: Mapping[str, Any] | None = None) -> str:
   """The ladder page's HTML text (see the module docstring)."""
-  r = read_json(os.path.join(workdir, "ladder.json"))
-  if not isinstance(r, Mapping):
-    raise UserError(f"{workdir} has no ladder.json; run `vqlm demo ladder --workdir {workdir}`")
+  r = demo_results(workdir, "ladder")
   rungs = list(r.get("rungs", []))
   bodies = {
     "reconstructions": _reconstructions(workdir, r),
@@ -216,9 +206,9 @@ def build_ladder_report(workdir: str, *, timings: Mapping[str, Any] | None = Non
     "neighbours": _neighbours(workdir, r),
     "attributes": _attributes(workdir, r),
     "voronoi": _voronoi(workdir, r),
-    "timings": _timings(r, timings),
+    "timings": timings_table(r, timings),
   }
-  title = f"vqlm ladder: {os.path.basename(os.path.abspath(workdir))} ({r.get('preset')})"
+  title = demo_title(workdir, "ladder", r)
   intro = note(
     "A valid scene: the scene parser reads 1-2 objects and re-rendering them matches the "
     "palette-snapped image on at least 95% of pixels."

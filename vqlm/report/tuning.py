@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 
 from vqlm import imaging
-from vqlm.errors import UserError
 from vqlm.report.common import (
+  change,
+  demo_results,
+  demo_title,
   esc,
   html_page,
   img,
@@ -24,8 +26,8 @@ from vqlm.report.common import (
   pct,
   read_json,
   read_metrics,
-  seconds,
   table,
+  timings_table,
   write_text,
 )
 from vqlm.report.figures import curves
@@ -69,9 +71,7 @@ def _comparison(r: Mapping[str, Any]) -> str:
       value = _value(models[model], section, key)
       cell = pct(value)
       if previous is not None and value is not None:
-        delta = 100.0 * (value - previous)
-        cls = "ok" if delta > 0.5 else "bad" if delta < -0.5 else ""
-        cell += f' <span class="{cls}">({delta:+.1f})</span>'
+        cell += change(value, previous)
       if model == "main" and section in ("requests", "heldout_requests"):
         cell += "*"
       if model == "main" and section == "questions":
@@ -198,28 +198,17 @@ def _prompts(workdir: str, r: Mapping[str, Any]) -> str:
   ) + note("Every tuning prompt comes from the train split of shapes: no held-out pair.")
 
 
-def _timings(r: Mapping[str, Any], timings: Mapping[str, Any] | None) -> str:
-  t = dict(r.get("timings") or {})
-  t.update(timings or {})
-  if not t:
-    return missing("timings")
-  return table(["stage", "seconds"], [[esc(k), seconds(v)] for k, v in t.items()])
-
-
 def build_tuning_report(workdir: str, *, timings: Mapping[str, Any] | None = None) -> str:
   """The tuning page's HTML text."""
-  r = read_json(os.path.join(workdir, "tuning.json"))
-  if not isinstance(r, Mapping):
-    raise UserError(f"{workdir} has no tuning.json; run `vqlm demo tuning --workdir {workdir}`")
+  r = demo_results(workdir, "tuning")
   bodies = {
     "table": _comparison(r),
     "curves": _curves(workdir, r),
     "drawings": _drawings(workdir, r),
     "prompts": _prompts(workdir, r),
-    "timings": _timings(r, timings),
+    "timings": timings_table(r, timings),
   }
-  title = f"vqlm tuning: {os.path.basename(os.path.abspath(workdir))} ({r.get('preset')})"
-  return html_page(title, SECTIONS, bodies)
+  return html_page(demo_title(workdir, "tuning", r), SECTIONS, bodies)
 
 
 def write_tuning_report(workdir: str, *, timings: Mapping[str, Any] | None = None) -> str:

@@ -20,6 +20,10 @@ from vqlm.data import shapes
 from vqlm.errors import UserError
 from vqlm.report.common import (
   GRID_PAD,
+  change,
+  demo_results,
+  demo_timings,
+  demo_title,
   esc,
   figure_img,
   html_page,
@@ -118,9 +122,7 @@ def _comparison(r: Mapping[str, Any]) -> str:
       if model == "mixed" and "main" in models and section in ("text_to_image", "image_to_text"):
         before = _metric(models["main"], section, key)
         if is_number(before) and is_number(value):
-          delta = 100.0 * (value - before)
-          cls = "ok" if delta > 0.5 else "bad" if delta < -0.5 else ""
-          cell += f' <span class="{cls}">({delta:+.1f})</span>'
+          cell += change(value, before)
       cells.append(cell)
     mixed = _metric(models.get("mixed") or {}, section, key)
     cells += ["&ge; " + pct(bar) if bar is not None else "&ndash;", _verdict(mixed, bar)]
@@ -380,8 +382,7 @@ def _recipe(r: Mapping[str, Any]) -> str:
 
 def _timings(r: Mapping[str, Any], timings: Mapping[str, Any] | None) -> str:
   """Seconds per stage (the latest run of each), their sum, then per measure."""
-  t = dict(r.get("timings") or {})
-  t.update(timings or {})
+  t = demo_timings(r, timings)
   t.pop("total", None)  # of the latest command only, which may have run some stages
   if not t:
     return missing("timings")
@@ -395,9 +396,7 @@ def _timings(r: Mapping[str, Any], timings: Mapping[str, Any] | None) -> str:
 
 def build_video_report(workdir: str, *, timings: Mapping[str, Any] | None = None) -> str:
   """The video page's HTML text."""
-  r = read_json(os.path.join(workdir, "video.json"))
-  if not isinstance(r, Mapping):
-    raise UserError(f"{workdir} has no video.json; run `vqlm demo video --workdir {workdir}`")
+  r = demo_results(workdir, "video")
   bodies = {
     "table": _comparison(r),
     "offsets": _offsets(r),
@@ -407,8 +406,7 @@ def build_video_report(workdir: str, *, timings: Mapping[str, Any] | None = None
     "recipe": _recipe(r),
     "timings": _timings(r, timings),
   }
-  title = f"vqlm video: {os.path.basename(os.path.abspath(workdir))} ({r.get('preset')})"
-  return html_page(title, SECTIONS, bodies)
+  return html_page(demo_title(workdir, "video", r), SECTIONS, bodies)
 
 
 def write_video_report(workdir: str, *, timings: Mapping[str, Any] | None = None) -> str:

@@ -9,26 +9,19 @@ training examples are chat examples (`vqlm.data.chat_source.MixtureSource`). Wit
 changes.
 """
 
-from collections import Counter
 from collections.abc import Mapping
 import dataclasses
-import json
-import os
-import time
 from typing import Any
 
-import jax
 import ml_collections
 
-from vqlm.data import chat, chat_source, shapes
+from vqlm.data import chat, chat_source
 from vqlm.errors import UserError
-from vqlm.runs import TokenizerRun
-from vqlm.text import TextTokenizer
+from vqlm.stages import prebuilt
 from vqlm.vocab import CHAT_SPECIALS, Vocab
 
 CHAT_DATA_FILE = "chat_data.json"
 MIXTURE_BLOCK = 1024
-MAX_DROPPED = 0.05  # the largest fraction of chat examples that may be dropped as too long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,31 +66,15 @@ def settings(config: ml_collections.ConfigDict) -> ChatSettings | None:
       f"config.data.chat.weight={c.weight} must be in [0, 1) (the fraction of chat examples; "
       f"0 is off); e.g. {flag}weight=0.5"
     )
-  kinds = c.kinds.split(",") if isinstance(c.kinds, str) else list(c.kinds)
-  kinds = tuple(k.strip() for k in kinds if k.strip())
-  bad = [k for k in kinds if k not in chat.KINDS]
-  if bad or not kinds:
-    raise UserError(
-      f"config.data.chat.kinds={c.kinds!r} has unknown kinds {bad}; pick from "
-      f"{','.join(chat.KINDS)}, e.g. {flag}kinds={','.join(chat.KINDS)}"
-    )
-  for name, least, example in (
-    ("num_examples", 1, 20_000),
-    ("validation_examples", 1, 256),
-    ("seed", 0, 0),
-  ):
-    value = c[name]
-    if not isinstance(value, int) or value < least:
-      raise UserError(
-        f"config.data.chat.{name}={value!r} must be an integer >= {least}; e.g. "
-        f"{flag}{name}={example}"
-      )
-  lo, hi = c.min_objects, c.max_objects
-  if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= len(shapes.POSITIONS)):
-    raise UserError(
-      f"config.data.chat.min_objects={lo!r}, max_objects={hi!r} need 1 <= min_objects <= "
-      f"max_objects <= {len(shapes.POSITIONS)}; e.g. {flag}max_objects=3"
-    )
+  kinds = prebuilt.check_kinds(c, "chat", chat.KINDS)
+  # True and False pass as the integers 1 and 0 here (config.data.edit refuses them).
+  prebuilt.check_integers(
+    c,
+    "chat",
+    (("num_examples", 1, 20_000), ("validation_examples", 1, 256), ("seed", 0, 0)),
+    allow_bool=True,
+  )
+  lo, hi = prebuilt.check_objects(c, "chat", example=3)
   restate = c.get("restate", False)
   if not isinstance(restate, bool):
     raise UserError(f"config.data.chat.restate={restate!r} must be True or False")
@@ -134,105 +111,17 @@ def corpus(chat_settings: ChatSettings, num: int) -> list[str]:
   return chat.texts(chat_settings.conversation(i, "train") for i in range(n))
 
 
-@dataclasses.dataclass
-class ChatData:
-  """The built chat examples of both splits and what `chat_data.json` records."""
-
-  train: chat_source.ChatExamples
-  validation: chat_source.ChatExamples
-  info: dict[str, Any]
-
-
-def prepare(
-  chat_settings: ChatSettings,
-  *,
-  vocab: Vocab,
-  text_model: str,
-  tokenizer_dir: str,
-  seq_len: int,
-  text_weight: float = 1.0,
-  image_weight: float = 1.0,
-  batch_size: int = 256,
-  progress: bool = True,
-  log_fn=print,
-) -> ChatData:
-  """Builds the chat examples: instructions of both splits, their scene images rendered at the
-  image tokenizer's size and encoded once per distinct scene, `chat.build`, padded to `seq_len`
-  (too-long examples dropped; more than 5% dropped is an error naming the seq_len that fits 99%).
-
-  Args:
-    chat_settings: `settings(config)`.
-    vocab: the run's vocabulary (with the chat specials).
-    text_model: the run's SentencePiece model; it must round-trip every instruction text.
-    tokenizer_dir: the image tokenizer run that made the code shards.
-    seq_len: tokens per training row.
-  """
-  start = time.perf_counter()
-  items = {s: chat_settings.items(s) for s in ("train", "validation")}
-  tokenizer = TextTokenizer.load(text_model)
-  texts = chat.texts(items["train"] + items["validation"])
-  bad = chat_source.unwritable_texts(texts, tokenizer)
-  if bad:
-    raise UserError(
-      f"the text model {text_model} cannot write {len(bad)} instruction texts (e.g. "
-      f"{bad[0]!r} reads back as {tokenizer.decode(tokenizer.encode(bad[0]))!r}); use a text "
-      "model trained on them too: leave --config.data.text_model and --config.init_from empty"
-    )
-  run = TokenizerRun(tokenizer_dir)
-  scenes = chat_source.distinct_scenes(items["train"] + items["validation"])
-  codes = chat_source.encode_scenes(
-    list(scenes.values()),
-    run.encode,
-    image_size=run.image_size,
-    batch_size=batch_size,
-    progress=progress and jax.process_index() == 0,
-  )
-  by_scene = dict(zip(scenes, codes))
-  built = {
-    split: chat_source.build_examples(
-      split_items,
-      vocab,
-      tokenizer,
-      codes=by_scene,
-      seq_len=seq_len,
-      text_weight=text_weight,
-      image_weight=image_weight,
-    )
-    for split, split_items in items.items()
-  }
-  for split, b in built.items():
-    if b.dropped > MAX_DROPPED * len(b.kept) or not len(b.examples):
-      raise UserError(
-        f"{b.dropped} of {len(b.kept)} {split} chat examples are longer than train.seq_len="
-        f"{seq_len}; set --config.train.seq_len={b.length_for(0.99)} (fits 99%) or lower "
-        "--config.data.chat.max_objects"
-      )
-  seconds = time.perf_counter() - start
-  log_fn(
-    f"built {len(built['train'].examples)} + {len(built['validation'].examples)} chat examples "
-    f"(train + validation; {built['train'].dropped} + {built['validation'].dropped} longer than "
-    f"seq_len={seq_len} dropped, {len(scenes)} distinct images) in {seconds:.1f} s"
-  )
-  info = _info(chat_settings, items, built, seq_len=seq_len, num_images=len(scenes))
-  info["build_seconds"] = round(seconds, 2)
-  return ChatData(built["train"].examples, built["validation"].examples, info)
+def prepare(chat_settings: ChatSettings, **kwargs: Any) -> prebuilt.Prepared:
+  """Builds the chat examples (`prebuilt.prepare` of `KIND`, same keyword arguments):
+  instructions of both splits, their scene images rendered at the image tokenizer's size and
+  encoded once per distinct scene, `chat.build`, padded to `seq_len` (too-long examples dropped;
+  more than 5% dropped is an error naming the seq_len that fits 99%). `vocab` must hold the chat
+  specials."""
+  return prebuilt.prepare(KIND, chat_settings, **kwargs)
 
 
 def _info(chat_settings, items, built, *, seq_len: int, num_images: int) -> dict[str, Any]:
-  splits, used = {}, {}
-  for split, b in built.items():
-    kept = [item for item, k in zip(items[split], b.kept) if k]
-    used[split] = chat.pairs_used(kept)
-    splits[split] = {
-      "examples": len(kept),
-      "requested": len(b.kept),
-      "dropped_too_long": b.dropped,
-      "by_kind": dict(sorted(Counter(item["kind"] for item in kept).items())),
-      "max_length": int(b.lengths.max()),
-    }
-  heldout = (used["train"] | used["validation"]) & set(shapes.HELDOUT_PAIRS)
-  if heldout:  # The train and validation splits never draw them (shapes.sample_scene).
-    raise AssertionError(f"chat examples use the held-out pairs {sorted(heldout)}")
+  splits, used, heldout = prebuilt.split_info("chat", items, built, pairs_used=chat.pairs_used)
   return {
     "weight": chat_settings.weight,
     "kinds": list(chat_settings.kinds),
@@ -247,6 +136,17 @@ def _info(chat_settings, items, built, *, seq_len: int, num_images: int) -> dict
     "validation_pairs_used": [list(p) for p in sorted(used["validation"])],
     "heldout_pairs_used": [list(p) for p in sorted(heldout)],
   }
+
+
+KIND = prebuilt.Kind(
+  name="chat",
+  texts_name="instruction texts",
+  texts=chat.texts,
+  scenes=chat_source.distinct_scenes,
+  build=chat_source.build_examples,
+  lower="max_objects",
+  info=_info,
+)
 
 
 def mixture(
@@ -271,16 +171,10 @@ def mixture(
 
 def write_info(workdir: str, info: Mapping[str, Any], source: chat_source.MixtureSource) -> str:
   """Writes `RUN/chat_data.json` (process 0) with the mixture's realised weights and length."""
-  path = os.path.join(workdir, CHAT_DATA_FILE)
   data = dict(info)
   data["mixture"] = {
     "weights_used": source.weights_used,
     "length": len(source),
     "usual_elements": len(source.parts["usual"]),
   }
-  if jax.process_index() == 0:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-  return path
+  return prebuilt.write_info(workdir, CHAT_DATA_FILE, data)

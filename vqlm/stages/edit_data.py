@@ -3,8 +3,8 @@
 With an edit weight w > 0 in `config.data.mixture` (e.g. "t2i=0.4,i2t=0.4,edit=0.2"),
 `num_examples` edit items (`vqlm.data.edits.edit_item`, split "train"; `validation_examples` of
 split "validation") are built before training: each distinct scene is rendered at the image
-tokenizer's size and encoded by it once, every item is laid out as `<bos> <boi> src <eoi>
-instruction <boi> result <eoi> ... <eos>` (`edits.build`: loss only after the source image) and
+tokenizer's size and encoded by it once, every item is laid out as `<bos> instruction <boi> src
+<eoi> <boi> result <eoi> ... <eos>` (`edits.build`: loss only after the source image) and
 padded to `train.seq_len`. The LM stage mixes them into the training rows at share w
 (`vqlm.stages.lm_data`); with w = 0 (or no `config.data.edit`: a config saved before it existed)
 nothing is built. The instructions must be writable by the run's text model: train it on
@@ -12,21 +12,15 @@ nothing is built. The instructions must be writable by the run's text model: tra
 """
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import dataclasses
-import json
-import os
-import time
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
 from vqlm.data import chat_source, edits, shapes
-from vqlm.errors import UserError
-from vqlm.runs import TokenizerRun
-from vqlm.stages import lm_data
+from vqlm.stages import lm_data, prebuilt
 from vqlm.text import TextTokenizer
 from vqlm.vocab import Vocab
 
@@ -71,33 +65,18 @@ def settings(config: ml_collections.ConfigDict) -> EditSettings | None:
   if c is None:
     return None
   weight = lm_data.mixture_weights(config)["edit"]
-  flag = "--config.data.edit."
-  kinds = c.kinds.split(",") if isinstance(c.kinds, str) else list(c.kinds)
-  kinds = tuple(k.strip() for k in kinds if k.strip())
-  bad = [k for k in kinds if k not in edits.KINDS]
-  if bad or not kinds:
-    raise UserError(
-      f"config.data.edit.kinds={c.kinds!r} has unknown kinds {bad}; pick from "
-      f"{','.join(edits.KINDS)}, e.g. {flag}kinds={','.join(edits.KINDS)}"
-    )
-  for name, least, example in (
-    ("num_examples", 1, 20_000),
-    ("validation_examples", 1, 256),
-    ("max_edits", 1, 1),
-    ("seed", 0, 0),
-  ):
-    value = c[name]
-    if not isinstance(value, int) or isinstance(value, bool) or value < least:
-      raise UserError(
-        f"config.data.edit.{name}={value!r} must be an integer >= {least}; e.g. "
-        f"{flag}{name}={example}"
-      )
-  lo, hi = c.min_objects, c.max_objects
-  if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= len(shapes.POSITIONS)):
-    raise UserError(
-      f"config.data.edit.min_objects={lo!r}, max_objects={hi!r} need 1 <= min_objects <= "
-      f"max_objects <= {len(shapes.POSITIONS)}; e.g. {flag}max_objects=2"
-    )
+  kinds = prebuilt.check_kinds(c, "edit", edits.KINDS)
+  prebuilt.check_integers(
+    c,
+    "edit",
+    (
+      ("num_examples", 1, 20_000),
+      ("validation_examples", 1, 256),
+      ("max_edits", 1, 1),
+      ("seed", 0, 0),
+    ),
+  )
+  lo, hi = prebuilt.check_objects(c, "edit", example=2)
   if weight == 0:
     return None
   return EditSettings(
@@ -119,15 +98,6 @@ def texts(edit_settings: EditSettings, num: int | None = None) -> list[str]:
   return edits.texts(edit_settings.item(i, "train") for i in range(n))
 
 
-@dataclasses.dataclass
-class EditData:
-  """The built edit examples of both splits and what `edit_data.json` records."""
-
-  train: chat_source.ChatExamples
-  validation: chat_source.ChatExamples
-  info: dict[str, Any]
-
-
 def build_examples(
   items: list[Mapping[str, Any]],
   vocab: Vocab,
@@ -140,120 +110,40 @@ def build_examples(
 ) -> chat_source.BuiltChat:
   """Edit items -> padded LM examples (`edits.build`); `codes` maps `shapes.canonical(scene)` to
   the scene's codes `[h, w]`; items longer than `seq_len` are dropped (`kept` is False)."""
-  examples, kinds = [], []
-  kept = np.zeros(len(items), bool)
-  lengths = np.zeros(len(items), np.int64)
-  for i, item in enumerate(items):
+
+  def build(item):
     item = edits.with_codes(item, lambda scene: codes[shapes.canonical(scene)])
-    example = edits.build(
-      item, vocab, tokenizer, text_weight=text_weight, image_weight=image_weight
-    )
-    lengths[i] = len(example["tokens"])
-    if lengths[i] <= seq_len:
-      kept[i] = True
-      examples.append(example)
-      kinds.append(item["kind"])
-  padded = chat_source.ChatExamples.from_examples(
-    examples, seq_len, pad_id=vocab.pad_id, kinds=kinds
-  )
-  return chat_source.BuiltChat(padded, kept, lengths)
+    return edits.build(item, vocab, tokenizer, text_weight=text_weight, image_weight=image_weight)
+
+  return chat_source.build_padded(items, build, seq_len=seq_len, pad_id=vocab.pad_id)
 
 
-def prepare(
-  edit_settings: EditSettings,
-  *,
-  vocab: Vocab,
-  text_model: str,
-  tokenizer_dir: str,
-  seq_len: int,
-  text_weight: float = 1.0,
-  image_weight: float = 1.0,
-  batch_size: int = 256,
-  progress: bool = True,
-  log_fn=print,
-) -> EditData:
-  """Builds the edit examples of both splits: every distinct scene rendered at the image
-  tokenizer's size and encoded once, `edits.build`, padded to `seq_len` (too-long examples
-  dropped; more than 5% dropped is an error naming the seq_len that fits 99%).
+def prepare(edit_settings: EditSettings, **kwargs: Any) -> prebuilt.Prepared:
+  """Builds the edit examples of both splits (`prebuilt.prepare` of `KIND`, same keyword
+  arguments): every distinct scene rendered at the image tokenizer's size and encoded once,
+  `edits.build`, padded to `seq_len` (too-long examples dropped; more than 5% dropped is an error
+  naming the seq_len that fits 99%)."""
+  return prebuilt.prepare(KIND, edit_settings, **kwargs)
 
-  Args:
-    edit_settings: `settings(config)`.
-    vocab: the run's vocabulary.
-    text_model: the run's SentencePiece model; it must round-trip every instruction.
-    tokenizer_dir: the image tokenizer run that made the code shards.
-    seq_len: tokens per training row.
-  """
-  start = time.perf_counter()
-  items = {s: edit_settings.items(s) for s in ("train", "validation")}
-  tokenizer = TextTokenizer.load(text_model)
-  bad = chat_source.unwritable_texts(edits.texts(items["train"] + items["validation"]), tokenizer)
-  if bad:
-    raise UserError(
-      f"the text model {text_model} cannot write {len(bad)} edit instructions (e.g. {bad[0]!r} "
-      f"reads back as {tokenizer.decode(tokenizer.encode(bad[0]))!r}); use a text model trained "
-      "on them too: leave --config.data.text_model and --config.init_from empty"
-    )
-  run = TokenizerRun(tokenizer_dir)
+
+def _distinct_scenes(items: Sequence[Mapping[str, Any]]) -> dict[tuple, list[dict]]:
+  """`{shapes.canonical(scene): scene}` of every scene of the items, first seen first."""
   scenes: dict[tuple, list[dict]] = {}
-  for item in items["train"] + items["validation"]:
+  for item in items:
     for scene in item["scenes"]:
       scenes.setdefault(shapes.canonical(scene), scene)
-  codes = chat_source.encode_scenes(
-    list(scenes.values()),
-    run.encode,
-    image_size=run.image_size,
-    batch_size=batch_size,
-    progress=progress and jax.process_index() == 0,
-  )
-  by_scene = dict(zip(scenes, codes))
-  built = {
-    split: build_examples(
-      split_items,
-      vocab,
-      tokenizer,
-      codes=by_scene,
-      seq_len=seq_len,
-      text_weight=text_weight,
-      image_weight=image_weight,
-    )
-    for split, split_items in items.items()
-  }
-  for split, b in built.items():
-    if b.dropped > MAX_DROPPED * len(b.kept) or not len(b.examples):
-      raise UserError(
-        f"{b.dropped} of {len(b.kept)} {split} edit examples are longer than train.seq_len="
-        f"{seq_len}; set --config.train.seq_len={b.length_for(0.99)} (fits 99%) or lower "
-        "--config.data.edit.max_edits"
-      )
-  seconds = time.perf_counter() - start
-  log_fn(
-    f"built {len(built['train'].examples)} + {len(built['validation'].examples)} edit examples "
-    f"(train + validation; {built['train'].dropped} + {built['validation'].dropped} longer than "
-    f"seq_len={seq_len} dropped, {len(scenes)} distinct images) in {seconds:.1f} s"
-  )
-  info = _info(edit_settings, items, built, seq_len=seq_len, num_images=len(scenes))
-  info["build_seconds"] = round(seconds, 2)
-  return EditData(built["train"].examples, built["validation"].examples, info)
+  return scenes
+
+
+def _edits_by_kind(kept: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  counts = Counter(e["kind"] for item in kept for e in item["edits"])
+  return {"edits_by_kind": dict(sorted(counts.items()))}
 
 
 def _info(edit_settings, items, built, *, seq_len: int, num_images: int) -> dict[str, Any]:
-  splits, used = {}, {}
-  for split, b in built.items():
-    kept = [item for item, k in zip(items[split], b.kept) if k]
-    used[split] = edits.pairs_used(kept)
-    splits[split] = {
-      "examples": len(kept),
-      "requested": len(b.kept),
-      "dropped_too_long": b.dropped,
-      "by_kind": dict(sorted(Counter(item["kind"] for item in kept).items())),
-      "edits_by_kind": dict(
-        sorted(Counter(e["kind"] for item in kept for e in item["edits"]).items())
-      ),
-      "max_length": int(b.lengths.max()),
-    }
-  heldout = (used["train"] | used["validation"]) & set(shapes.HELDOUT_PAIRS)
-  if heldout:  # edits.edit_item never draws them outside "test_heldout".
-    raise AssertionError(f"edit examples use the held-out pairs {sorted(heldout)}")
+  splits, used, heldout = prebuilt.split_info(
+    "edit", items, built, pairs_used=edits.pairs_used, counts=_edits_by_kind
+  )
   return {
     "weight": edit_settings.weight,
     "kinds": list(edit_settings.kinds),
@@ -269,12 +159,17 @@ def _info(edit_settings, items, built, *, seq_len: int, num_images: int) -> dict
   }
 
 
+KIND = prebuilt.Kind(
+  name="edit",
+  texts_name="edit instructions",
+  texts=edits.texts,
+  scenes=_distinct_scenes,
+  build=build_examples,
+  lower="max_edits",
+  info=_info,
+)
+
+
 def write_info(workdir: str, info: Mapping[str, Any]) -> str:
   """Writes `RUN/edit_data.json` (process 0; atomically) and returns its path."""
-  path = os.path.join(workdir, EDIT_DATA_FILE)
-  if jax.process_index() == 0:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(dict(info), f, indent=2)
-    os.replace(tmp, path)
-  return path
+  return prebuilt.write_info(workdir, EDIT_DATA_FILE, info)

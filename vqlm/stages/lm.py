@@ -11,6 +11,7 @@ mixed into the training data and `chat_data.json` records them.
 """
 
 from collections.abc import Mapping
+import functools
 import os
 import shutil
 from typing import Any, NamedTuple
@@ -121,6 +122,21 @@ def _edit_settings(config: ml_collections.ConfigDict) -> _Edits | None:
 
   settings = edit_data.settings(config)
   return None if settings is None else _Edits(edit_data, settings)
+
+
+def _prepare_examples(prepare, settings, *, config, vocab, text_model, progress, log_fn):
+  """`chat_data.prepare` or `edit_data.prepare` (`prepare`) of `settings` for the run."""
+  return prepare(
+    settings,
+    vocab=vocab,
+    text_model=text_model,
+    tokenizer_dir=config.data.tokenizer,
+    seq_len=config.train.seq_len,
+    text_weight=config.loss.text_weight,
+    image_weight=config.loss.image_weight,
+    progress=progress,
+    log_fn=log_fn,
+  )
 
 
 def build_trainer(
@@ -317,33 +333,17 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, loop_kwargs, share
   vocab = prepare_vocab(config, workdir, log_fn=log_fn, share_files=share_files)
   text_model = os.path.join(workdir, TEXT_MODEL)
   lm_data.check_seq_len(config, vocab, text_model)
-  chat_examples = None
-  if chat:
-    chat_examples = chat_data.prepare(
-      chat,
-      vocab=vocab,
-      text_model=text_model,
-      tokenizer_dir=config.data.tokenizer,
-      seq_len=config.train.seq_len,
-      text_weight=config.loss.text_weight,
-      image_weight=config.loss.image_weight,
-      progress=progress,
-      log_fn=log_fn,
-    )
-  edit_examples = None
+  examples = functools.partial(
+    _prepare_examples,
+    config=config,
+    vocab=vocab,
+    text_model=text_model,
+    progress=progress,
+    log_fn=log_fn,
+  )
+  chat_examples = examples(chat_data.prepare, chat) if chat else None
   edits = _edit_settings(config)
-  if edits:
-    edit_examples = edits.module.prepare(
-      edits.settings,
-      vocab=vocab,
-      text_model=text_model,
-      tokenizer_dir=config.data.tokenizer,
-      seq_len=config.train.seq_len,
-      text_weight=config.loss.text_weight,
-      image_weight=config.loss.image_weight,
-      progress=progress,
-      log_fn=log_fn,
-    )
+  edit_examples = examples(edits.module.prepare, edits.settings) if edits else None
   runs.save_config(workdir, config)
   trainer = build_trainer(config, vocab, progress=progress)
   source, transform = lm_data.make_source(

@@ -123,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     frames=1,
     pairs_per_document=2,
     # Image-edit documents (`vqlm.stages.edit_data`), read when the mixture gives edit a weight:
-    # <bos> <boi> source <eoi> instruction <boi> result <eoi> ... <eos> (loss after the source).
+    # <bos> instruction <boi> source <eoi> <boi> result <eoi> ... <eos> (loss after the source).
     edit=dict(
       # Training documents (split "train") and validation documents (split "validation"),
       # built and encoded once before training.

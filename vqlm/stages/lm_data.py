@@ -8,7 +8,7 @@ t2i       a record of `data.codes`             <bos> caption <boi> codes <eoi> <
 i2t       a record of `data.codes`             <bos> <boi> codes <eoi> caption <eos>
 document  `pairs_per_document` records         <bos> pair_1 ... pair_n <eos>
 video     a clip of `data.video_codes`         <bos> caption <boi> f_1 <eoi> <frame> ... <eos>
-edit      an edit document (`data.edit`)       <bos> <boi> src <eoi> instruction <boi> result ...
+edit      an edit document (`data.edit`)       <bos> instruction <boi> src <eoi> <boi> result ...
 ```
 
 A weight is the share of training rows of that mode (normalised; 0 = off). Each row holds
@@ -103,6 +103,11 @@ def active_modes(config: ml_collections.ConfigDict) -> list[str]:
   return [m for m, w in mixture_weights(config).items() if w > 0]
 
 
+def shard_modes(config: ml_collections.ConfigDict) -> list[str]:
+  """The active modes that read code shards: all but edit (built up front, `data.edit`)."""
+  return [m for m in active_modes(config) if m != "edit"]
+
+
 def codes_dir(config: ml_collections.ConfigDict, mode: str) -> str:
   """The code shards a mode reads: `data.video_codes` for video (falling back on `data.codes`,
   so a video-only run may name its clips there), else `data.codes`."""
@@ -125,10 +130,16 @@ def per_row(need: int, seq_len: int) -> int:
   return max(1, seq_len // max(1, need))
 
 
-def needed(config: ml_collections.ConfigDict, vocab: Vocab, mode: str) -> int:
-  """Tokens per row an example of an image/video mode needs (captions up to max_text_len)."""
+def _frames_and_pairs(config: ml_collections.ConfigDict, mode: str) -> tuple[int, int]:
+  """Images per clip (video) and image-caption pairs per example (document) of a mode."""
   frames = int(config.data.get("frames", 1)) if mode == "video" else 1
   pairs = pairs_per_document(config) if mode == "document" else 1
+  return frames, pairs
+
+
+def needed(config: ml_collections.ConfigDict, vocab: Vocab, mode: str) -> int:
+  """Tokens per row an example of an image/video mode needs (captions up to max_text_len)."""
+  frames, pairs = _frames_and_pairs(config, mode)
   return needed_seq_len(
     vocab, max_text_len=config.data.max_text_len, mode=mode, frames=frames, pairs=pairs
   )
@@ -314,9 +325,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   modes = active_modes(config)
   if "document" in modes:
     pairs_per_document(config)
-  for mode in modes:
-    if mode == "edit":
-      continue
+  for mode in shard_modes(config):
     directory = codes_dir(config, mode)
     shards = CodeShards(directory, "train")
     if not len(shards):
@@ -355,7 +364,7 @@ def caption_texts(config: ml_collections.ConfigDict, limit: int) -> list[str]:
   """Up to `limit` training captions of each code directory the active modes read (the text
   model's training corpus)."""
   texts = []
-  for directory in dict.fromkeys(codes_dir(config, m) for m in active_modes(config) if m != "edit"):
+  for directory in dict.fromkeys(codes_dir(config, m) for m in shard_modes(config)):
     shards = CodeShards(directory, "train")
     texts += [shards[i]["text"] for i in range(min(len(shards), limit))]
   return [t for t in texts if t.strip()]
@@ -371,13 +380,10 @@ def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab, text_model: s
       f"captions of up to {longest} text ids exceed data.max_text_len="
       f"{config.data.max_text_len}; set --config.data.max_text_len={longest}"
     )
-  for mode in active_modes(config):
-    if mode == "edit":
-      continue
+  for mode in shard_modes(config):
     need = needed(config, vocab, mode)
     if need > config.train.seq_len:
-      frames = int(config.data.get("frames", 1)) if mode == "video" else 1
-      pairs = pairs_per_document(config) if mode == "document" else 1
+      frames, pairs = _frames_and_pairs(config, mode)
       per = f"{pairs} x (" if pairs > 1 else ""
       images = f"{frames} x " if frames > 1 else ""
       raise UserError(

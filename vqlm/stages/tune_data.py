@@ -48,17 +48,16 @@ def make_prompts(
 ) -> list[dict[str, Any]]:
   """`chat.conversation` items 0..num-1 of `(seed, split)`; refuses any with a held-out pair
   outside "test_heldout" (the train and validation splits never draw one)."""
-  items = [
-    chat.conversation(
-      i,
+  items = list(
+    chat.conversations(
+      num,
       seed=seed,
       split=split,
       kinds=tuple(kinds),
       min_objects=min_objects,
       max_objects=max_objects,
     )
-    for i in range(num)
-  ]
+  )
   held = chat.pairs_used(items) & set(shapes.HELDOUT_PAIRS)
   if held and split != "test_heldout":
     raise AssertionError(f"held-out pairs {sorted(held)} in {split} prompts")
