@@ -51,9 +51,10 @@ class Preset:
   measure_clips: int = 100
   measure_edits: int = 100
   caption_measure: bool = True  # Video continuation with the clip's caption as well.
-  # Video frames greedy (the motion is deterministic), edits as the main demo draws.
+  # Greedy: a clip's next frames and an edit's result are each one exact image (greedy edits
+  # measured 52% / 18% on seen / held-out pairs against 44% / 19% at temperature 0.3).
   video_temperature: float = 0.0
-  edit_temperature: float = 0.3
+  edit_temperature: float = 0.0
   top_k: int = 0
   measure_batch: int = 32
   warmup_steps: int = 50
