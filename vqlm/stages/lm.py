@@ -270,15 +270,16 @@ def make_eval_hook(
     fixed[mode] = [b for _, b in zip(range(per_mode), ds)]
   eval_step = jax.jit(trainer.task.eval_step)
 
+  def add(a, b):
+    return b if a is None else {k: a[k] + b[k] for k in a}
+
   def sums_over(state, batches):
     totals = None
     for batch in batches:
-      sums = jax.device_get(eval_step(state, mesh_lib.global_batch(batch, trainer.mesh)))
-      totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+      totals = add(
+        totals, jax.device_get(eval_step(state, mesh_lib.global_batch(batch, trainer.mesh)))
+      )
     return totals
-
-  def add(a, b):
-    return b if a is None else {k: a[k] + b[k] for k in a}
 
   def hook(state, step):
     del step
