@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlm.bench import peak
+from vqlm.errors import UserError
 from vqlm.nn.flops import flops_per_token
 from vqlm.testing.torch_refs import prepare_torch_imports
 
@@ -32,19 +33,39 @@ def _define(f):
   f.DEFINE_integer("repeats", 3, "timed repeats; the best is reported")
   f.DEFINE_bool("torch", True, "also time transformers' LlamaForCausalLM (CPU only)")
   f.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default)")
+  f.DEFINE_bool(
+    "compare_full_loss",
+    False,
+    "with FSQ level embeddings (model.image_embed_init=levels), also time the loss from the "
+    "full logits (LMTask(factored_loss=False)) and print the ratio",
+  )
 
 
-def _vqlm_step(kw: Mapping[str, Any], vocab: int, batch: int, seq_len: int):
+def _vqlm_step(
+  kw: Mapping[str, Any], vocab: int, batch: int, seq_len: int, factored_loss: bool | None = None
+):
   from vqlm.nn.transformer import Transformer, TransformerConfig
   from vqlm.train.lm_task import LMTask
   from vqlm.train.optim import make_optimizer
 
+  # Image codes fill the top half of the vocabulary; with FSQ level embeddings, exactly
+  # prod(code_levels) ids below the top.
+  levels = kw.get("code_levels") if kw.get("image_embed_init") == "levels" else None
+  image_size = int(np.prod(levels)) if levels else vocab // 2
+  image_offset = vocab - image_size if levels else vocab // 2
+  if image_offset <= 0:
+    raise UserError(f"--vocab {vocab} leaves no room for text beside {image_size} image codes")
   model = Transformer(
-    TransformerConfig(vocab_size=vocab, image_offset=vocab // 2, image_size=vocab // 2, **kw)
+    TransformerConfig(vocab_size=vocab, image_offset=image_offset, image_size=image_size, **kw)
   )
   opt, _ = make_optimizer(learning_rate=1e-4, warmup_steps=10, total_steps=1000, weight_decay=0.1)
   task = LMTask(
-    model=model, optimizer=opt, z_loss_weight=0.0, image_offset=vocab // 2, image_size=vocab // 2
+    model=model,
+    optimizer=opt,
+    z_loss_weight=0.0,
+    image_offset=image_offset,
+    image_size=image_size,
+    factored_loss=factored_loss,
   )
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
@@ -63,10 +84,10 @@ def _vqlm_step(kw: Mapping[str, Any], vocab: int, batch: int, seq_len: int):
   return model, state, step, data, n
 
 
-def time_vqlm(kw: Mapping[str, Any], vocab, batch, seq_len, steps, repeats):
+def time_vqlm(kw: Mapping[str, Any], vocab, batch, seq_len, steps, repeats, factored_loss=None):
   """(tokens/s, compile seconds, parameters, model) of the jitted LMTask train step of a
   `Transformer(vocab_size=vocab, **kw)` on `[batch, seq_len]` random tokens (best of repeats)."""
-  model, state, step, data, n = _vqlm_step(kw, vocab, batch, seq_len)
+  model, state, step, data, n = _vqlm_step(kw, vocab, batch, seq_len, factored_loss)
   key = jax.random.key(1)
   start = time.perf_counter()
   state, m = step(state, data, key)
@@ -170,6 +191,15 @@ def main(argv: list[str]) -> int:
     f"seq_len={fv.seq_len} dtype={config.model.dtype}"
   )
   print(f"vqlm: {tps:,.0f} tokens/s (compile {compile_s:.1f}s, excluded)")
+  if fv.compare_full_loss:
+    from vqlm.nn.transformer import supports_factored_logits
+
+    if not supports_factored_logits(model.config):
+      print("the model has no factored logits (needs model.image_embed_init=levels): no A/B")
+    else:
+      full, _, _, _ = time_vqlm(kw, vocab, fv.batch, fv.seq_len, fv.steps, fv.repeats, False)
+      print(f"vqlm, loss from the full logits: {full:,.0f} tokens/s")
+      print(f"ratio factored / full loss: {tps / full:.2f}")
   peak_flops = peak.peak_flops(device, config.model.dtype)
   if peak_flops:
     fpt = flops_per_token(

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vqlm.errors import UserError, check_int
+from vqlm.nn.upsample_conv import UpsampleConv
 
 Dtype = Any
 
@@ -250,14 +251,8 @@ class Decoder(nn.Module):
       for j in range(self.num_res_blocks):
         h = ResBlock(features, name=f"up{i}_res{j}", **kw)(h)
       if i > 0:
-        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-        h = nn.Conv(
-          self.channels * self.channel_multipliers[i - 1],
-          (3, 3),
-          padding="SAME",
-          name=f"up{i}_conv",
-          **kw,
-        )(h)
+        features = self.channels * self.channel_multipliers[i - 1]
+        h = UpsampleConv(features, name=f"up{i}_conv", **kw)(h)
     h = nn.swish(nn.GroupNorm(num_groups(h.shape[-1]), name="norm_out", **kw)(h))
     self.sow("intermediates", "last_features", h)
     out = nn.Conv(self.out_channels, (3, 3), padding="SAME", name="conv_out", **kw)(h)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from vqlm.errors import UserError
 from vqlm.nn.autoencoder import AttnBlock, MiddleBlock, ResBlock, factor_of, group_norm
+from vqlm.nn.upsample_conv import UpsampleConv
 
 Dtype = Any
 
@@ -136,8 +137,7 @@ class TamingDecoder(nn.Module):
         if i in attention:
           h = AttnBlock(name=f"up{i}_attn{j}", **nkw)(h)
       if i > 0:
-        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-        h = nn.Conv(h.shape[-1], (3, 3), padding="SAME", name=f"up{i}_conv", **kw)(h)
+        h = UpsampleConv(h.shape[-1], name=f"up{i}_conv", **kw)(h)
     h = nn.swish(group_norm(h.shape[-1], self.norm_groups, self.norm_eps, "norm_out", **kw)(h))
     self.sow("intermediates", "last_features", h)
     out = nn.Conv(self.out_channels, (3, 3), padding="SAME", name="conv_out", **kw)(h)

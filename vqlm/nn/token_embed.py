@@ -57,8 +57,10 @@ class TokenEmbed(nn.Module):
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def table(self) -> jax.Array:
-    """The full `[vocab_size, dim]` table in `dtype`."""
+  def parts(self) -> dict[str, jax.Array]:
+    """The learned parts in `dtype`: `"rows"` `[vocab_size, dim]` the full table; with
+    `code_levels` also `"other"` `[vocab_size - image_size, dim]` (the rows of every id outside
+    the image codes, in id order) and `"levels"` `[sum(code_levels), dim]`."""
     init = nn.initializers.normal(stddev=1.0 / math.sqrt(self.dim))
     derived = bool(self.codebook_dim or self.code_levels)
     learned_rows = self.vocab_size - (self.image_size if derived else 0)
@@ -76,13 +78,13 @@ class TokenEmbed(nn.Module):
         (sum(self.code_levels), self.dim),
         self.param_dtype,
       )
-      image_rows = jnp.asarray(level_one_hot(self.code_levels), self.dtype) @ jnp.asarray(
-        levels, self.dtype
-      )
+      levels = jnp.asarray(levels, self.dtype)
+      image_rows = jnp.asarray(level_one_hot(self.code_levels), self.dtype) @ levels
       off = self.image_offset
-      return jnp.concatenate([emb[:off], image_rows, emb[off:]], axis=0)
+      rows = jnp.concatenate([emb[:off], image_rows, emb[off:]], axis=0)
+      return {"rows": rows, "other": emb, "levels": levels}
     if not self.codebook_dim:
-      return emb
+      return {"rows": emb}
     if not self.is_initializing() and not self.has_variable("codebook", "vectors"):
       raise UserError(
         "image_embed_init='codebook' needs the image tokenizer's codebook: pass "
@@ -100,7 +102,11 @@ class TokenEmbed(nn.Module):
     )
     image_rows = proj(jax.lax.stop_gradient(codebook))
     off = self.image_offset
-    return jnp.concatenate([emb[:off], image_rows, emb[off:]], axis=0)
+    return {"rows": jnp.concatenate([emb[:off], image_rows, emb[off:]], axis=0)}
+
+  def table(self) -> jax.Array:
+    """The full `[vocab_size, dim]` table in `dtype`."""
+    return self.parts()["rows"]
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     """`ids[B, S]` -> `[B, S, dim]`."""
@@ -113,3 +119,19 @@ class TokenEmbed(nn.Module):
     if rows is not None:
       table = table[rows[0] : rows[0] + rows[1]]
     return jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
+
+  def attend_levels(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The tied logits in factored form (needs `code_levels`): `x[B, S, dim]` ->
+    `(other [B, S, vocab_size - image_size], levels [B, S, sum(code_levels)])`, float32.
+
+    `other` holds the logits of every id outside the image codes, in id order (ids at and past
+    `image_offset + image_size` shifted down by `image_size`); image code `k`'s logit is
+    `sum_c levels[..., offset_c + d_c(k)]` (`level_one_hot`'s digits). The same logits as `attend`
+    up to rounding, at `vocab_size - image_size + sum(code_levels)` dot products per token
+    instead of `vocab_size` (`vqlm.train.lm_losses.factored_token_losses` reads them).
+    """
+    if not self.code_levels:
+      raise UserError("attend_levels needs code_levels (image_embed_init='levels').")
+    parts = self.parts()
+    product = lambda table: jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
+    return product(parts["other"]), product(parts["levels"])

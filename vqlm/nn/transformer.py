@@ -365,6 +365,7 @@ class Transformer(nn.Module):
     cache: Cache | None = None,
     decode: bool = False,
     logits_slice: tuple[int, int] | None = None,
+    factored_logits: bool = False,
   ) -> tuple[jax.Array, Cache | None]:
     """Logits for `tokens[B, S]`.
 
@@ -381,8 +382,11 @@ class Transformer(nn.Module):
         Within one call a row's positions must be consecutive.
       logits_slice: `(start, size)`: only the logits of ids `[start, start + size)` (e.g. the
         image codes, when a sampler may only draw codes), from that slice of the output table.
+      factored_logits: return the logits as `(other [B, S, vocab_size - image_size], levels
+        [B, S, sum(code_levels)])` (`TokenEmbed.attend_levels`; see `supports_factored_logits`).
     Returns:
-      `(logits [B, S, vocab_size] float32 (or [B, S, size]), new cache or None)`.
+      `(logits [B, S, vocab_size] float32 (or [B, S, size], or the factored pair), new cache or
+      None)`.
     """
     cfg = self.config
     b, s = tokens.shape
@@ -525,6 +529,14 @@ class Transformer(nn.Module):
       new_cache["layers"] = out_cache
 
     x = layers.RMSNorm(cfg.norm_eps, name="final_norm", **kw)(x)
+    if factored_logits:
+      if not supports_factored_logits(cfg) or logits_slice is not None:
+        raise UserError(
+          "factored_logits needs tie_embeddings, image_embed_init='levels' and no "
+          "gen_embed_dim or logits_slice."
+        )
+      other, level_logits = embed.attend_levels(x)
+      return (layers.constrain(other, layers.ACT_VOCAB), level_logits), new_cache
     if cfg.tie_embeddings:
       base = lambda h, rows: embed.attend(h, rows=rows)
     else:
@@ -538,6 +550,17 @@ class Transformer(nn.Module):
       )
     logits = layers.constrain(logits, layers.ACT_VOCAB)
     return logits, new_cache
+
+
+def supports_factored_logits(config: TransformerConfig) -> bool:
+  """Whether `Transformer(config)` can return factored logits: image codes are FSQ codes embedded
+  as sums of level embeddings and the head is tied to them (`vqlm.train.lm_losses`)."""
+  return bool(
+    config.tie_embeddings
+    and config.image_embed_init == "levels"
+    and config.code_levels
+    and not config.gen_embed_dim
+  )
 
 
 def param_counts(config: TransformerConfig) -> dict[str, int]:

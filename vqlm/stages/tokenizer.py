@@ -76,6 +76,7 @@ def _train(config, workdir, *, progress, log_fn, loop_kwargs) -> dict[str, float
   runs.check_same_model(workdir, config, sections=("model", "data"))
   runs.save_config(workdir, config)
   from vqlm.data import pipeline
+  from vqlm.data.memory_cache import cache_images
 
   trainer = build_trainer(config, progress=progress)
   source = source_from_config(config.data, "train")
@@ -90,6 +91,7 @@ def _train(config, workdir, *, progress, log_fn, loop_kwargs) -> dict[str, float
     log_fn(
       f"filters kept {counts['kept']} of {counts['total']} training images: {counts['removed']}"
     )
+  source = cache_images(source, log_fn=log_fn) or source
   data_iter = pipeline.make_iterator(
     source,
     global_batch_size=config.train.batch_size,

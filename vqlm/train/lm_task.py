@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from vqlm.errors import UserError
-from vqlm.nn.transformer import Transformer
+from vqlm.nn.transformer import Transformer, supports_factored_logits
+from vqlm.train.lm_losses import factored_token_losses, token_losses
 from vqlm.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -36,20 +37,6 @@ EVAL_SUM_KEYS = (
 )
 
 
-def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-token cross-entropy, squared log-partition and correctness, all float32 `[B, S]`.
-
-  A token is correct when its target's logit is the largest (ties count as correct); this reuses
-  the log-sum-exp's max instead of a separate argmax pass over the vocabulary.
-  """
-  logits = logits.astype(jnp.float32)
-  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-  log_z = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  correct = (target_logit >= top).astype(jnp.float32)
-  return log_z - target_logit, jnp.square(log_z), correct
-
-
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
   return num / jnp.maximum(den, 1e-8)
 
@@ -64,6 +51,9 @@ class LMTask:
     image_offset, image_size: the image id range of the vocabulary (for per-modality metrics).
     codebook: `[image_size, codebook_dim]` image tokenizer codebook, required when the model uses
       `image_embed_init="codebook"`; stored in `state.extra["codebook"]` (never trained).
+    factored_loss: compute the loss from factored logits (`vqlm.train.lm_losses`; exact, and
+      several times fewer head products for FSQ level embeddings). None: whenever the model
+      allows it (`supports_factored_logits`); False: always from the full logits.
   """
 
   def __init__(
@@ -75,6 +65,7 @@ class LMTask:
     image_offset: int,
     image_size: int,
     codebook: jax.Array | None = None,
+    factored_loss: bool | None = None,
   ):
     uses_codebook = model.config.image_embed_init == "codebook"
     if uses_codebook and codebook is None:
@@ -95,6 +86,12 @@ class LMTask:
     self.image_offset = int(image_offset)
     self.image_size = int(image_size)
     self.codebook = codebook
+    supported = supports_factored_logits(model.config)
+    if factored_loss and not supported:
+      raise UserError(
+        "factored_loss=True needs tied FSQ level embeddings (image_embed_init='levels')."
+      )
+    self.factored_loss = supported if factored_loss is None else bool(factored_loss)
 
   def _variables(self, params: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
     variables = {"params": params}
@@ -125,11 +122,28 @@ class LMTask:
       extra=extra,
     )
 
-  def _losses(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+  def _token_losses(self, variables, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Cross-entropy, log Z ** 2 and correctness `[B, S]`; from factored logits when the model
+    allows it (exact, and the `[B, S, vocab_size]` logits are never formed)."""
+    cfg = self.model.config
+    if not self.factored_loss:
+      return token_losses(self._forward(variables, batch), batch["targets"])
+    (other, levels), _ = self.model.apply(
+      variables,
+      batch["tokens"],
+      positions=batch["positions"],
+      segment_ids=batch["segment_ids"],
+      factored_logits=True,
+    )
+    return factored_token_losses(
+      other, levels, batch["targets"], image_offset=cfg.image_offset, code_levels=cfg.code_levels
+    )
+
+  def _losses(self, variables, batch: Batch) -> dict[str, jax.Array]:
     """Weighted sums over the batch (float32 scalars), keyed like EVAL_SUM_KEYS + z_sum."""
     targets = batch["targets"]
     weights = batch["loss_weights"].astype(jnp.float32)
-    ce, z, correct = token_losses(logits, targets)
+    ce, z, correct = self._token_losses(variables, batch)
     is_image = (targets >= self.image_offset) & (targets < self.image_offset + self.image_size)
     w_img = jnp.where(is_image, weights, 0.0)
     w_txt = weights - w_img
@@ -156,8 +170,7 @@ class LMTask:
     del rng
 
     def loss_fn(params):
-      logits = self._forward(self._variables(params, state.extra), batch)
-      sums = self._losses(logits, batch)
+      sums = self._losses(self._variables(params, state.extra), batch)
       ce = _safe_div(sums["loss_sum"], sums["weight"])
       z_loss = _safe_div(sums["z_sum"], sums["weight"])
       return ce + self.z_loss_weight * z_loss, (sums, ce, z_loss)
@@ -181,8 +194,7 @@ class LMTask:
 
   def eval_step(self, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     """Weighted sums (keys EVAL_SUM_KEYS); add them over batches, then `eval_summary`."""
-    logits = self._forward(self._variables(state.params, state.extra), batch)
-    sums = self._losses(logits, batch)
+    sums = self._losses(self._variables(state.params, state.extra), batch)
     return {k: sums[k] for k in EVAL_SUM_KEYS}
 
 
