@@ -116,13 +116,17 @@ def tokenizer_config(p: Preset, data_dir: str) -> ml_collections.ConfigDict:
   return c
 
 
-def lm_config(p: Preset, codes: str) -> ml_collections.ConfigDict:
+def lm_config(p: Preset, codes: str, *, caption_rows: bool = True) -> ml_collections.ConfigDict:
+  """The main demo's LM config. `caption_rows`: rows sized for the shapes captions
+  (`p.lm_seq_len`, `p.lm_max_text_len`); recipes with longer texts (chat, video) pass False and
+  keep the library's caption limit."""
   c = lm_defaults.get_config(f"size={p.lm_size}")
   c.data.codes = codes
   c.train.steps = p.lm_steps
   c.train.batch_size = p.lm_batch
-  c.train.seq_len = p.lm_seq_len
-  c.data.max_text_len = p.lm_max_text_len
+  if caption_rows:
+    c.train.seq_len = p.lm_seq_len
+    c.data.max_text_len = p.lm_max_text_len
   c.train.eval_every = max(100, p.lm_steps // 5)
   c.train.checkpoint_every = max(100, p.lm_steps // 4)
   c.optim.learning_rate = p.lm_lr

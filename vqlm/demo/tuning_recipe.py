@@ -13,7 +13,6 @@ import ml_collections
 
 from vqlm.demo.recipe import Preset as MainPreset
 from vqlm.demo.recipe import lm_config as main_lm_config
-from vqlm.stages import lm_config as lm_defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +83,8 @@ def sft_config(
   p: Preset, main: MainPreset, *, codes: str, init_from: str
 ) -> ml_collections.ConfigDict:
   """The main demo's LM config, continued from its run on a chat + caption/image mix."""
-  c = main_lm_config(main, codes)
+  c = main_lm_config(main, codes, caption_rows=False)
   c.init_from = init_from
-  # Longer texts than the main demo's captions: the library's caption limit.
-  c.data.max_text_len = lm_defaults.get_config("size=small").data.max_text_len
   c.train.steps = p.sft_steps
   c.train.seq_len = p.seq_len
   c.train.batch_size = p.batch_size

@@ -14,7 +14,6 @@ import ml_collections
 
 from vqlm.demo.recipe import Preset as MainPreset
 from vqlm.demo.recipe import lm_config as main_lm_config
-from vqlm.stages import lm_config as lm_defaults
 
 VIDEO_FRAMES = 6  # Frames per clip (moving_shapes draws 4 to 8).
 MODES = ("t2i", "i2t", "document", "video", "edit")
@@ -116,10 +115,8 @@ def lm_config(
 ) -> ml_collections.ConfigDict:
   """The main demo's LM config, continued from its run (`init_from`) on the preset's mix of
   caption/image pairs (`codes`), clips (`video_codes`) and edit documents."""
-  c = main_lm_config(main, codes)
+  c = main_lm_config(main, codes, caption_rows=False)
   c.init_from = init_from
-  # Longer texts than the main demo's captions: the library's caption limit.
-  c.data.max_text_len = lm_defaults.get_config("size=small").data.max_text_len
   c.train.steps = p.steps
   c.train.seq_len = p.seq_len
   c.train.batch_size = p.batch_size

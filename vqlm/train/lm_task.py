@@ -99,9 +99,14 @@ class LMTask:
       variables["codebook"] = extra["codebook"]
     return variables
 
-  def _forward(self, variables, batch: Batch) -> jax.Array:
+  def _forward(self, variables, batch: Batch, *, factored_logits: bool = False) -> Any:
+    """The model's logits `[B, S, vocab_size]` (with `factored_logits`, the factored pair)."""
     logits, _ = self.model.apply(
-      variables, batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+      variables,
+      batch["tokens"],
+      positions=batch["positions"],
+      segment_ids=batch["segment_ids"],
+      factored_logits=factored_logits,
     )
     return logits
 
@@ -128,13 +133,7 @@ class LMTask:
     cfg = self.model.config
     if not self.factored_loss:
       return token_losses(self._forward(variables, batch), batch["targets"])
-    (other, levels), _ = self.model.apply(
-      variables,
-      batch["tokens"],
-      positions=batch["positions"],
-      segment_ids=batch["segment_ids"],
-      factored_logits=True,
-    )
+    other, levels = self._forward(variables, batch, factored_logits=True)
     return factored_token_losses(
       other, levels, batch["targets"], image_offset=cfg.image_offset, code_levels=cfg.code_levels
     )
