@@ -38,6 +38,10 @@ class Preset:
   # 8 columns that were padding in every batch (the same examples and losses; 1.1x per step).
   lm_seq_len: int = 88
   lm_max_text_len: int = 20
+  # Shares of the LM's training rows (`config.data.mixture`). With the loss on the conditioned
+  # part only, a text-to-image row trains on its 65 image tokens and an image-to-text row on its
+  # caption (at most 18 tokens) at the same cost per row; captioning is learnt from fewer rows.
+  lm_mixture: str = "t2i=0.5,i2t=0.5"
   # Sampling defaults: the best cell of the guidance sweep in docs/evaluation.md.
   image_temperature: float = 0.3
   image_top_k: int = 0
@@ -64,12 +68,15 @@ PRESETS = {
     tokenizer_steps=2400,
     tokenizer_batch=64,
     lm_size="small",
-    lm_steps=1600,
+    lm_steps=1000,
     lm_batch=32,
     lm_lr=2e-3,
     eval_prompts=100,
     images_per_prompt=4,
     caption_images=200,
+    # Two text-to-image rows per caption row: 1000 steps reach what 1600 of an even mix did
+    # (docs/experiments.md, "can the default demo run 40% shorter?").
+    lm_mixture="t2i=0.67,i2t=0.33",
   ),
   # Longer. Not yet evaluated with the patch-FSQ tokenizer; with 5 FSQ channels the held-out
   # row peaked mid-training and fell as the LM learned the seen pairs (docs/experiments.md).
@@ -117,9 +124,10 @@ def tokenizer_config(p: Preset, data_dir: str) -> ml_collections.ConfigDict:
 
 
 def lm_config(p: Preset, codes: str, *, caption_rows: bool = True) -> ml_collections.ConfigDict:
-  """The main demo's LM config. `caption_rows`: rows sized for the shapes captions
-  (`p.lm_seq_len`, `p.lm_max_text_len`); recipes with longer texts (chat, video) pass False and
-  keep the library's caption limit."""
+  """The main demo's LM config. `caption_rows`: the main demo's caption/image rows, sized for the
+  shapes captions (`p.lm_seq_len`, `p.lm_max_text_len`) and mixed by `p.lm_mixture`; recipes with
+  longer texts and other modes (chat, video) pass False and keep the library's caption limit and
+  mixture."""
   c = lm_defaults.get_config(f"size={p.lm_size}")
   c.data.codes = codes
   c.train.steps = p.lm_steps
@@ -127,6 +135,7 @@ def lm_config(p: Preset, codes: str, *, caption_rows: bool = True) -> ml_collect
   if caption_rows:
     c.train.seq_len = p.lm_seq_len
     c.data.max_text_len = p.lm_max_text_len
+    c.data.mixture = p.lm_mixture
   c.train.eval_every = max(100, p.lm_steps // 5)
   c.train.checkpoint_every = max(100, p.lm_steps // 4)
   c.optim.learning_rate = p.lm_lr
