@@ -75,7 +75,7 @@ PRESETS = {
     images_per_prompt=4,
     caption_images=200,
     # Two text-to-image rows per caption row: 1000 steps reach what 1600 of an even mix did
-    # (docs/experiments.md, "can the default demo run 40% shorter?").
+    # (docs/experiments.md, "two text-to-image rows per caption row").
     lm_mixture="t2i=0.67,i2t=0.33",
   ),
   # Longer. Not yet evaluated with the patch-FSQ tokenizer; with 5 FSQ channels the held-out
