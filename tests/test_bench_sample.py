@@ -1,6 +1,9 @@
 """`python -m vqlm.bench sample`: image tokens/s of the sampler in alternating timed blocks."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -25,6 +28,8 @@ def test_tiny_reports_a_rate_per_batch_size(capsys):
       "4",
       "--codes",
       "32",
+      "--cpu_devices",
+      "1",
     ]
   )
   out = capsys.readouterr().out
@@ -67,6 +72,7 @@ def test_every_batch_size_is_timed_against_each_torch_thread_count(monkeypatch, 
 
   monkeypatch.setattr(sample_bench, "transformers_runner", fake_runner)
   argv = ["sample", "--size", "tiny", "--batches", "1,2", "--repeats", "1", "--blocks", "2"]
+  argv += ["--cpu_devices", "1"]
   assert (
     bench_main.main(argv + ["--grid", "4", "--codes", "32", "--hf_threads", "default,1,3"]) == 0
   )
@@ -75,3 +81,30 @@ def test_every_batch_size_is_timed_against_each_torch_thread_count(monkeypatch, 
   for batch in (1, 2):
     assert {t for b, t in calls if b == batch} == {1, 2, 3}
     assert re.search(rf"^\s+{batch} \|\s+\d+ \|\s+\d+ \|\s+\d+ \|\s+\d+ \|\s+[\d.]+x", out, re.M)
+
+
+def test_host_devices_time_one_decode_loop_per_device():
+  # A fresh process: JAX starts there with 2 host devices (a started JAX keeps its devices).
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  argv = ["sample", "--size", "tiny", "--batches", "1,4", "--repeats", "1", "--blocks", "1"]
+  argv += ["--skip_transformers", "--grid", "4", "--codes", "32", "--cpu_devices", "2"]
+  proc = subprocess.run(
+    [sys.executable, "-m", "vqlm.bench", *argv],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert "2 host devices" in out and "vqlm 2 dev tok/s" in out, out
+  # Batch 1 cannot be split: only the one-device sampler runs; batch 4 runs on both.
+  assert re.search(r"^\s+1 \|\s+\d+ \|\s+- \|", out, re.M), out
+  assert re.search(r"^\s+4 \|\s+\d+ \|\s+\d+ \|", out, re.M), out
+  assert "vqlm 2 dev first call at batch 4" in out and "vqlm 2 dev first call at batch 1" not in out
+
+
+def test_negative_cpu_devices_are_refused(capsys):
+  argv = ["sample", "--size", "tiny", "--cpu_devices", "-1", "--skip_transformers"]
+  assert bench_main.main(argv) == 2
+  assert "--cpu_devices" in capsys.readouterr().err

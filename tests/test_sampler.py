@@ -335,6 +335,21 @@ _MESH_SCRIPT = textwrap.dedent("""
     got = Sampler(model, sharded, t.VOCAB, mesh=mesh, rules=rules)(prompts, **kw)
     assert t._is_code(ref.tokens).any()
     np.testing.assert_array_equal(got.tokens, ref.tokens)
+
+    # A mesh that splits only the batch: one decode loop per device when the rows divide
+    # (guidance's doubled rows stay with their device), one partitioned loop when they do not.
+    data_only = Sampler(model, variables, t.VOCAB, mesh=mesh_lib.make_mesh({{"data": 4}}))
+    prompts8 = prompts + [p[:-1] + [7, t.BOI] for p in prompts]
+    kw8 = dict(kw, uncond_prompts=[[t.BOS, t.BOI]] * 8, return_logits=True)
+    assert data_only.loop_shards(8) == 4 and data_only.loop_shards(6) == 1
+    ref = Sampler(model, variables, t.VOCAB)(prompts8, **kw8)
+    got = data_only(prompts8, **kw8)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_array_equal(got.lengths, ref.lengths)
+    np.testing.assert_allclose(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    kw6 = dict(kw, uncond_prompts=[[t.BOS, t.BOI]] * 6)
+    ref = Sampler(model, variables, t.VOCAB)(prompts8[:6], **kw6)
+    np.testing.assert_array_equal(data_only(prompts8[:6], **kw6).tokens, ref.tokens)
     print("MESH-OK")
 """)
 

@@ -16,6 +16,12 @@ and with one thread (`--hf_threads`; its default pool can collapse on a busy mac
 is against the fastest. torch and transformers (the `bench` extra) are imported lazily; without
 them the baseline is skipped with a message.
 
+On a CPU the process starts with one host device per core (`--cpu_devices`, default: the
+machine's cores) and vqlm is timed twice: on one device, and with the batch split over all of
+them, one decode loop per device (`Sampler` on a data-only mesh; batch sizes that divide). torch
+uses the same cores through its thread pool. The ratio is the faster vqlm against the faster
+torch.
+
 vqlm's timing is end to end (prompt packing, prefill, the codes plus the forced `<eoi>`, and
 the copy back to the host), counting only the image codes. It samples from the image codes'
 logits alone (its "image" mode computes only those); `generate` computes and filters the whole
@@ -24,12 +30,14 @@ vocabulary's.
 
 import argparse
 from collections.abc import Callable
+import os
 import statistics
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 
 from vqlm.errors import UserError
@@ -70,13 +78,44 @@ def prompts(vocab: Vocab, batch: int, seed: int = 0) -> np.ndarray:
   ).astype(np.int64)
 
 
+def use_cpu_devices(count: int) -> str:
+  """Starts JAX's CPU backend with `count` host devices (0: one per core); returns what was done.
+  Only possible before JAX's first operation, and skipped when XLA_FLAGS already sets a count."""
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return "host devices from XLA_FLAGS"
+  count = count or os.cpu_count() or 1
+  if count == 1:
+    return "1 host device"
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # JAX already started (e.g. inside a test process): keep its devices.
+    return "JAX already started: --cpu_devices not applied"
+  return f"{count} host devices"
+
+
+def data_mesh() -> Mesh | None:
+  """A mesh splitting the batch over every CPU device; None on one device or an accelerator."""
+  devices = jax.devices()
+  if devices[0].platform != "cpu" or len(devices) < 2:
+    return None
+  return Mesh(np.asarray(devices), ("data",))
+
+
 def vqlm_runner(
-  kw: dict[str, Any], vocab: Vocab, *, top_k: int, dtype: str = "float32"
+  kw: dict[str, Any],
+  vocab: Vocab,
+  *,
+  top_k: int,
+  dtype: str = "float32",
+  mesh: Mesh | None = None,
+  params: Any = None,
 ) -> Callable[[int, int], None]:
-  """`run(batch, seed)`: one t2i grid per prompt with the vqlm sampler (compiles per batch)."""
+  """`run(batch, seed)`: one t2i grid per prompt with the vqlm sampler (compiles per batch);
+  with `mesh`, one decode loop per device (`run.shards(batch)` of them)."""
   model = Transformer(TransformerConfig(**kw))
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  sampler = Sampler(model, params, vocab, dtype=None if dtype == "float32" else dtype)
+  if params is None:
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  sampler = Sampler(model, params, vocab, dtype=None if dtype == "float32" else dtype, mesh=mesh)
   settings = Settings(temperature=1.0, top_k=top_k, top_p=1.0)
   sampling = SamplingConfig(text=settings, image=settings)
   n = vocab.tokens_per_image
@@ -91,6 +130,8 @@ def vqlm_runner(
     )
     assert res.tokens.shape == (batch, n + 1)
 
+  run.shards = sampler.loop_shards
+  run.params = params
   return run
 
 
@@ -206,6 +247,13 @@ def main(argv: list[str]) -> int:
     help="weights and compute of both samplers (vqlm keeps logits, softmax "
     "and sampling in float32)",
   )
+  parser.add_argument(
+    "--cpu_devices",
+    type=int,
+    default=0,
+    help="host devices JAX starts on a CPU (default 0: one per core); vqlm is also timed with "
+    "the batch split over them, one decode loop per device",
+  )
   args = parser.parse_args(argv[1:])
   try:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -218,6 +266,9 @@ def main(argv: list[str]) -> int:
     raise UserError(
       f"--hf_threads={args.hf_threads!r} must be comma-separated positive counts or 'default'"
     )
+  if args.cpu_devices < 0:
+    raise UserError(f"--cpu_devices={args.cpu_devices} must be >= 0 (0: one per core)")
+  devices_note = use_cpu_devices(args.cpu_devices)
   vocab = demo_vocab(args.grid, args.codes)
   kw = model_kwargs(args.size, vocab)
   n = vocab.tokens_per_image
@@ -227,9 +278,15 @@ def main(argv: list[str]) -> int:
     f"vocab={vocab.padded_size} ({vocab.text_size} text, {vocab.image_size} codes), "
     f"{n} image tokens per prompt, temperature 1, top_k={args.top_k}, "
     f"dtype={args.dtype}, device={jax.devices()[0].platform}, hf cache {args.hf_cache}, "
-    f"median of {args.blocks} x {args.repeats} runs"
+    f"median of {args.blocks} x {args.repeats} runs, {devices_note}"
   )
-  ours = vqlm_runner(kw, vocab, top_k=args.top_k, dtype=args.dtype)
+  ours = {"vqlm": vqlm_runner(kw, vocab, top_k=args.top_k, dtype=args.dtype)}
+  mesh = data_mesh()
+  if mesh is not None:  # The same weights, the batch split over the host devices.
+    params = ours["vqlm"].params
+    ours[f"vqlm {mesh.size} dev"] = vqlm_runner(
+      kw, vocab, top_k=args.top_k, dtype=args.dtype, mesh=mesh, params=params
+    )
   theirs = (
     "skipped: --skip_transformers"
     if args.skip_transformers
@@ -245,22 +302,26 @@ def main(argv: list[str]) -> int:
     print(f"transformers baseline {theirs}")
   rows = []
   for b in batches:
-    first = _timed(ours, b, 0)
-    print(f"vqlm first call at batch {b} (compile + run): {first:.2f} s")
-    ours(b, 1)  # Warm.
-    times = {"vqlm": []}
+    # vqlm on one device, and split over the host devices where the batch divides.
+    mine = {k: run for k, run in ours.items() if run.shards(b) > 1 or k == "vqlm"}
+    for name, run in mine.items():
+      first = _timed(run, b, 0)
+      print(f"{name} first call at batch {b} (compile + run): {first:.2f} s")
+      run(b, 1)  # Warm.
+    times = {name: [] for name in mine}
     variants = {}
     if not isinstance(theirs, str):
       # torch's default thread pool can collapse on a busy machine: time 1 thread as well (by
       # default) and compare against the fastest.
       counts = [theirs.default_threads if t == "default" else int(t) for t in hf_threads]
-      variants = {f"{c} thread{'s' if c > 1 else ''}": c for c in counts}
+      variants = {f"hf {c} thread{'s' if c > 1 else ''}": c for c in counts}
       for name, threads in variants.items():
         theirs(b, 0, threads)  # Warm.
         times[name] = []
     for block in range(args.blocks):  # Alternating blocks: load changes hit all alike.
-      ours(b, 1000 + block)  # Untimed: settles the runtime after the other sampler's block.
-      times["vqlm"] += [_timed(ours, b, 2 + block * args.repeats + i) for i in range(args.repeats)]
+      for name, run in mine.items():
+        run(b, 1000 + block)  # Untimed: settles the runtime after the other sampler's block.
+        times[name] += [_timed(run, b, 2 + block * args.repeats + i) for i in range(args.repeats)]
       for name, threads in variants.items():
         theirs(b, 1000 + block, threads)
         times[name] += [
@@ -268,16 +329,27 @@ def main(argv: list[str]) -> int:
         ]
     rate = {name: b * n / statistics.median(t) for name, t in times.items()}
     rows.append((b, rate))
-  names = [k for k in rows[0][1] if k != "vqlm"]
+  print_rates(rows, list(ours), list(variants), n)
+  return 0
+
+
+def print_rates(
+  rows: list[tuple[int, dict[str, float]]], ours: list[str], theirs: list[str], n: int
+) -> None:
+  """The table: tokens/s per batch size of each vqlm and torch variant ('-': not timed), and
+  the faster vqlm over the faster torch."""
+  cell = lambda rate, k, width: f"{rate[k]:>{width}.0f}" if k in rate else f"{'-':>{width}}"
   header = (
-    f"{'batch':>5} | {'vqlm tok/s':>10}"
-    + "".join(f" | {'hf ' + k + ' tok/s':>20}" for k in names)
+    f"{'batch':>5}"
+    + "".join(f" | {k + ' tok/s':>{max(10, len(k) + 6)}}" for k in ours)
+    + "".join(f" | {k + ' tok/s':>20}" for k in theirs)
     + f" | {'vqlm / best hf':>14}"
   )
   print(header)
   for b, rate in rows:
-    line = f"{b:>5} | {rate['vqlm']:>10.0f}" + "".join(f" | {rate[k]:>20.0f}" for k in names)
-    best = max((rate[k] for k in names), default=None)
-    line += f" | {rate['vqlm'] / best:>13.2f}x" if best else f" | {'-':>14}"
-    print(line + f"   (vqlm {rate['vqlm'] / n:.1f} images/s)")
-  return 0
+    line = f"{b:>5}" + "".join(f" | {cell(rate, k, max(10, len(k) + 6))}" for k in ours)
+    line += "".join(f" | {cell(rate, k, 20)}" for k in theirs)
+    mine = max(rate[k] for k in ours if k in rate)
+    best = max((rate[k] for k in theirs), default=None)
+    line += f" | {mine / best:>13.2f}x" if best else f" | {'-':>14}"
+    print(line + f"   (vqlm {mine / n:.1f} images/s)")

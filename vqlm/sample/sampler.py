@@ -19,6 +19,14 @@ an image run is forced, so rows draw from the image codes' logits alone, and (wi
 top-k work for the demo's vocabulary. Nothing in the loop syncs with the host, so it runs
 unchanged under a mesh (the model's logical sharding constraints apply).
 
+On a mesh that splits only the batch (its `data` axis; `fsdp`, `tensor` and the rest of size 1),
+rows never meet, so when the batch divides over the devices each device runs the prefill and
+decode loop on its own rows (`jax.shard_map`; the weights replicated once): no collective in the
+loop, and each device stops when its own rows are done. Partitioning the one loop instead
+(GSPMD) gathers the KV cache writes across devices at every layer and step. The samples are the
+same either way. On a CPU, one host device per core (`jax.config.update("jax_num_cpu_devices",
+N)` before JAX starts) runs the shards' matmuls side by side.
+
 Classifier-free guidance: the conditional rows `[0, B)` and unconditional rows `[B, 2B)` (the
 prompt with the caption dropped, `<bos> <boi>` as trained with caption dropout; or any given
 unconditional prompts, which may hold `<pad>`: Janus's is the prompt with every id but `<bos>` and
@@ -241,7 +249,8 @@ class Sampler:
     variables: `{"params": ...}` (+ `"codebook"` for codebook-initialised image embeddings).
     vocab: the run's Vocab.
     mesh, rules: optional mesh and logical-axis rules; the call then runs inside them and the
-      batch is sharded over the mesh's data x fsdp axes when it divides evenly.
+      batch is sharded over the mesh's data x fsdp axes when it divides evenly. A mesh that
+      splits only `data` runs one decode loop per device instead (`loop_shards`).
     prompt_bucket: prompt lengths are padded to a multiple of this.
     cache_dtype: KV cache dtype (default: the compute dtype).
     dtype: sample with the weights cast once to this dtype and computed in it (e.g. "bfloat16":
@@ -288,13 +297,25 @@ class Sampler:
     self.vocab = vocab
     self.mesh = mesh
     self.rules = tuple(rules or ())
+    self._data_only = mesh is not None and mesh.size > 1 and mesh.shape.get("data", 1) == mesh.size
+    if self._data_only:  # Replicated once here, not copied to every device at each call.
+      variables = jax.device_put(variables, mesh_lib.replicated(mesh))
+      self.variables = variables
     self.prompt_bucket = prompt_bucket
     self.cache_dtype = jnp.dtype(cache_dtype or model.config.dtype)
     self.cache_block = cache_block
     self._jitted = {}
 
-  def _fn(self, mode: str, max_new_tokens: int, use_cfg: bool, return_logits: bool):
-    key = (mode, max_new_tokens, use_cfg, return_logits)
+  def loop_shards(self, batch: int) -> int:
+    """Decode loops a call of `batch` rows runs side by side: the mesh's devices when the mesh
+    splits only `data` and `batch` divides over them, else 1 (one loop, partitioned by GSPMD
+    on a mesh)."""
+    if self._data_only and batch % self.mesh.size == 0:
+      return self.mesh.size
+    return 1
+
+  def _fn(self, mode: str, max_new_tokens: int, use_cfg: bool, return_logits: bool, shards: int):
+    key = (mode, max_new_tokens, use_cfg, return_logits, shards)
     if key not in self._jitted:
       fn = functools.partial(
         _generate,
@@ -306,11 +327,20 @@ class Sampler:
         cache_dtype=self.cache_dtype,
         cache_block=self.cache_block,
       )
+      if shards > 1:
+        rows, everywhere = P("data"), P()
+        fn = jax.shard_map(
+          fn,
+          mesh=self.mesh,
+          in_specs=(everywhere, rows, rows, rows, rows, everywhere, everywhere),
+          out_specs=(rows, rows, rows if return_logits else everywhere),
+          check_vma=False,
+        )
       self._jitted[key] = jax.jit(fn)
     return self._jitted[key]
 
-  def _context(self):
-    if self.mesh is None:
+  def _context(self, shards: int = 1):
+    if self.mesh is None or shards > 1:  # Per-device loops: no logical constraints inside.
       return contextlib.nullcontext()
     return mesh_lib.activate(self.mesh, self.rules)
 
@@ -386,6 +416,11 @@ class Sampler:
       # Validates ids; <pad> may mask the caption (Janus's unconditional branch).
       cons.initial_state(spec, uncond, num_images=counts, active=[False] * full, allow_pad=True)
       rows = rows + uncond
+    shards = self.loop_shards(full)
+    if use_cfg and shards > 1:
+      # Each device's loop holds its conditional rows, then their unconditional twins.
+      order = np.arange(2 * full).reshape(2, shards, full // shards).transpose(1, 0, 2)
+      rows = [rows[i] for i in order.reshape(-1)]
     need = cons.min_new_tokens(spec, machine)
     if max_new_tokens < need:
       raise UserError(
@@ -408,8 +443,8 @@ class Sampler:
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(row_seeds))
     machine = jax.tree.map(self._put, machine)
     scale = jnp.asarray(1.0 if cfg_scale is None else cfg_scale, jnp.float32)
-    fn = self._fn(mode, int(max_new_tokens), use_cfg, return_logits)
-    with self._context():
+    fn = self._fn(mode, int(max_new_tokens), use_cfg, return_logits, shards)
+    with self._context(shards):
       out_tokens, out_lengths, logits = fn(
         self.variables,
         self._put(tokens),
