@@ -114,7 +114,7 @@ def test_generate_images_with_guidance(gen):
   assert a.shape == (2, SIZE, SIZE, 3)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
-  fn = gen.sampler._jitted[("image", GRID[0] * GRID[1] + 1, True, False)]
+  fn = gen.sampler._jitted[("image", GRID[0] * GRID[1] + 1, True, False, 1)]
   assert fn._cache_size() == 1  # the scale is traced
 
 

@@ -160,7 +160,7 @@ def test_cfg_in_one_doubled_batch_equals_two_separate_passes(plain, sampler):
     np.testing.assert_allclose(out.logits[r], want, rtol=1e-5, atol=1e-4)
   # The guided draw differs from the unguided one, and a new scale does not recompile.
   sampler(prompts, max_new_tokens=HW + 1, mode="image", cfg_scale=0.5, seed=0, return_logits=True)
-  fn = sampler._jitted[("image", HW + 1, True, True)]
+  fn = sampler._jitted[("image", HW + 1, True, True, 1)]
   assert fn._cache_size() == 1
 
 
