@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSING_ON_DEVICE = ("ml_collections", "grain", "tensorflow_datasets", "diffusers", "tensorflow")
 
 
+@pytest.mark.ci  # A fresh process importing the whole bench: about 17 s.
 def test_dry_run_needs_none_of_the_libraries_the_device_image_lacks(tmp_path):
   """Every part, tiny, in a process where importing those libraries fails. PyTorch lines have
   figures where torch and transformers are installed, else say why not; the diffusers line is

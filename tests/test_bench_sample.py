@@ -83,6 +83,7 @@ def test_every_batch_size_is_timed_against_each_torch_thread_count(monkeypatch, 
     assert re.search(rf"^\s+{batch} \|\s+\d+ \|\s+\d+ \|\s+\d+ \|\s+\d+ \|\s+[\d.]+x", out, re.M)
 
 
+@pytest.mark.ci  # A fresh process (JAX started with 2 host devices): about 10 s.
 def test_host_devices_time_one_decode_loop_per_device():
   # A fresh process: JAX starts there with 2 host devices (a started JAX keeps its devices).
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
