@@ -23,16 +23,19 @@ On a mesh that splits only the batch (its `data` axis; `fsdp`, `tensor` and the 
 rows never meet, so when the batch divides over the devices each device runs the prefill and
 decode loop on its own rows (`jax.shard_map`; the weights replicated once): no collective in the
 loop, and each device stops when its own rows are done. Partitioning the one loop instead
-(GSPMD) gathers the KV cache writes across devices at every layer and step. The samples are the
-same either way. On a CPU, one host device per core (`jax.config.update("jax_num_cpu_devices",
-N)` before JAX starts) runs the shards' matmuls side by side.
+(GSPMD) gathers the KV cache writes across devices at every layer and step. The samples are
+those of one device up to float rounding (a matmul over fewer rows may round a logit's last bit
+differently, and a row at a near tie may then draw another code). On a CPU, one host device per
+core (`jax.config.update("jax_num_cpu_devices", N)` before JAX starts) runs the shards' matmuls
+side by side.
 
 Classifier-free guidance: the conditional rows `[0, B)` and unconditional rows `[B, 2B)` (the
 prompt with the caption dropped, `<bos> <boi>` as trained with caption dropout; or any given
 unconditional prompts, which may hold `<pad>`: Janus's is the prompt with every id but `<bos>` and
 `<boi>` replaced by `<pad>`, `pad_uncond_prompts`) run as one doubled batch; on image codes
 `logits = uncond + scale * (cond - uncond)`, and both halves are fed the same sampled token. The
-scale is a traced argument.
+scale is a traced argument. In per-device loops each device holds its conditional rows, then
+their unconditional twins.
 
 Randomness: row `r` draws one uniform at step `t` from
 `fold_in(fold_in(key(seed, impl="threefry2x32"), row_seeds[r]), t)`, so a row's sample depends on
