@@ -42,6 +42,7 @@ import numpy as np
 
 from vqlm.errors import UserError
 from vqlm.nn.transformer import Transformer, TransformerConfig
+from vqlm.runtime import mesh as mesh_lib
 from vqlm.sample.processors import SamplingConfig, Settings
 from vqlm.sample.sampler import Sampler
 from vqlm.testing.torch_refs import prepare_torch_imports
@@ -98,7 +99,7 @@ def data_mesh() -> Mesh | None:
   devices = jax.devices()
   if devices[0].platform != "cpu" or len(devices) < 2:
     return None
-  return Mesh(np.asarray(devices), ("data",))
+  return mesh_lib.make_mesh({"data": -1})
 
 
 def vqlm_runner(

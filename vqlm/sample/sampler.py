@@ -295,15 +295,14 @@ class Sampler:
       model = model.clone(config=model.config.replace(dtype=dtype, param_dtype=dtype))
       cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
       variables = {**variables, "params": jax.tree.map(cast, variables["params"])}
+    self._data_only = mesh is not None and mesh.size > 1 and mesh.shape.get("data", 1) == mesh.size
+    if self._data_only:  # Replicated once here, not copied to every device at each call.
+      variables = jax.device_put(variables, mesh_lib.replicated(mesh))
     self.model = model
     self.variables = variables
     self.vocab = vocab
     self.mesh = mesh
     self.rules = tuple(rules or ())
-    self._data_only = mesh is not None and mesh.size > 1 and mesh.shape.get("data", 1) == mesh.size
-    if self._data_only:  # Replicated once here, not copied to every device at each call.
-      variables = jax.device_put(variables, mesh_lib.replicated(mesh))
-      self.variables = variables
     self.prompt_bucket = prompt_bucket
     self.cache_dtype = jnp.dtype(cache_dtype or model.config.dtype)
     self.cache_block = cache_block
