@@ -268,3 +268,28 @@ def test_restated_draw_replies_caption_the_scene_then_draw_it():
     assert shapes.canonical(shapes.parse_caption(caption)) == shapes.canonical(plain["scene"])
   question = chat.conversation(0, kinds=("question",), restate=True)
   assert question == chat.conversation(0, kinds=("question",))
+
+
+def test_reasoned_question_replies_describe_the_image_then_answer():
+  from vqlm.eval import chat_eval
+
+  seen = set()
+  for i in range(40):
+    plain = chat.conversation(i, kinds=("question", "describe"), max_objects=3)
+    reasoned = chat.conversation(i, kinds=("question", "describe"), max_objects=3, reason=True)
+    assert reasoned["turns"][0] == plain["turns"][0] and reasoned["answer"] == plain["answer"]
+    (reply,) = reasoned["turns"][1]["parts"]
+    if plain["kind"] == "describe":
+      assert reasoned == plain  # Descriptions are captions already.
+      continue
+    seen.add(plain["question_kind"])
+    assert reply == f"{shapes.caption(plain['scene'])} so {plain['answer']}"
+    assert chat.final_answer(reply) == plain["answer"] == chat.final_answer(f" {plain['answer']} ")
+    assert chat_eval.is_right(reasoned, reply) and chat_eval.is_right(plain, plain["answer"])
+    # The rejected reply keeps the description and changes the answer.
+    (wrong,) = chat.preference_pair(reasoned, index=i)["rejected"][0]["parts"]
+    assert wrong.startswith(shapes.caption(plain["scene"]) + " so ") and wrong != reply
+    assert not chat_eval.is_right(reasoned, wrong)
+    # The answer decides: a right description with a wrong answer is wrong.
+    assert not chat_eval.is_right(reasoned, f"{shapes.caption(plain['scene'])} so blah")
+  assert seen == {"color", "shape", "size", "position", "count"}

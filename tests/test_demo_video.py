@@ -30,9 +30,12 @@ def test_recipe_configs_are_valid(name):
   weights = lm_data.mixture_weights(c)
   assert weights == mixture(p) and weights["video"] > 0 and weights["edit"] > 0
   assert sum(weights.values()) == pytest.approx(1.0)
-  # One clip fits a row: the main demo's LM (8x8 codes, captions up to 29 ids) needs 431.
+  # One clip fits a row: the main demo's LM (8x8 codes, clip captions up to 24 ids) needs 426; a
+  # row holds 5 caption/image pairs (captions up to 20 ids) or 3 single-edit documents (<= 146).
   main_vocab = Vocab(text_size=447, image_size=4096, grid=(8, 8))
-  assert lm_data.needed(c, main_vocab, "video") == 431 <= c.train.seq_len
+  assert lm_data.needed(c, main_vocab, "video") == 426 <= c.train.seq_len
+  assert lm_data.per_row(lm_data.needed(c, main_vocab, "t2i"), c.train.seq_len) == 5
+  assert lm_data.per_row(146, c.train.seq_len) == 3
   assert c.data.frames == VIDEO_FRAMES and c.train.seq_len % 8 == 0
   edits = edit_data.settings(c)
   assert edits is not None and edits.num_examples == p.edit_examples

@@ -64,3 +64,38 @@ def test_packed_rows_hold_each_example_as_its_own_segment():
 def test_unpadded_cuts_a_padded_row_to_its_segment():
   row = {"tokens": np.array([5, 6, 7, 0]), "segment_ids": np.array([1, 1, 1, 0])}
   assert lm_data.unpadded(row)["tokens"].tolist() == [5, 6, 7]
+
+
+def test_shuffle_objects_reorders_t2i_prompts_only(tmp_path):
+  from vqlm.data import shapes
+  from vqlm.text import TextTokenizer, train_sentencepiece
+
+  examples = list(shapes.make_examples(split="train", num_examples=300, min_objects=2, seed=0))
+  model = train_sentencepiece(
+    [e["text"] for e in examples], model_prefix=str(tmp_path / "text"), vocab_size=96
+  )
+  tok = TextTokenizer.load(model)
+  vocab = Vocab(text_size=tok.vocab_size, image_size=16, grid=(2, 2))
+  record = {"text": examples[0]["text"], "codes": np.zeros((2, 2), np.int32)}
+  canonical = tok.encode(record["text"])
+
+  def prompt_ids(mode, shuffle, index):
+    builder = sequences.SequenceBuilder(vocab=vocab, mode=mode, seq_len=96, pack=True)
+    transform = lm_data.ExampleTransform(
+      text_model=model, builder=builder, max_text_len=64, shuffle_objects=shuffle
+    )
+    tokens = transform(index, record)["tokens"].tolist()
+    text = [t for t in tokens if t < vocab.text_size and t != vocab.bos_id]
+    return text
+
+  shuffled = [tok.decode(prompt_ids("t2i", True, i)) for i in range(20)]
+  assert {shapes.parse_caption(t) == examples[0]["scene"] for t in shuffled} == {True}
+  assert len(set(shuffled)) == 2  # Both orders of the two objects, over 20 indices.
+  assert shuffled == [tok.decode(prompt_ids("t2i", True, i)) for i in range(20)]  # Deterministic.
+  assert prompt_ids("t2i", False, 3) == canonical
+  # Captions the LM writes (i2t) stay canonical.
+  config = lm_config.get_config("size=tiny")
+  config.data.shuffle_objects = True
+  assert [m for m in lm_data.MODES if lm_data.shuffles_objects(config, m)] == ["t2i"]
+  config.data.shuffle_objects = False
+  assert not lm_data.shuffles_objects(config, "t2i")

@@ -19,6 +19,10 @@ FRAMES = 4  # moving_shapes' shortest clips
 MAX_TEXT_LEN = lm_config.get_config("size=tiny").data.max_text_len
 
 
+# Clip captions ("a large red circle moves right from ...") are longer than 5 ids.
+VIDEO_CAPTION_LIMIT = ("--config.data.video_max_text_len=5",)
+
+
 def _seq_len(codes: str, **kwargs) -> int:
   """The sequence length the tiny LM needs for the code shards in `codes`."""
   m = read_manifest(codes)
@@ -171,6 +175,10 @@ def test_video_mode_trains(video_codes, tmp_path):
         "--config.train.seq_len=96",
       ),
       "--config.train.seq_len=",
+    ),
+    (
+      ("--config.data.mixture=video=1", f"--config.data.frames={FRAMES}", *VIDEO_CAPTION_LIMIT),
+      "video captions of up to .* exceed data.video_max_text_len=5; set --config.data.video_max",
     ),
   ],
 )

@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from vqlm.data import moving_shapes, shapes
+from vqlm.errors import UserError
 
 
 def _palette():
@@ -235,3 +236,37 @@ def test_moving_shapes_source_is_random_access_and_deterministic():
   np.testing.assert_array_equal(a["image"], a["frames"][0])
   assert " moves " in a["text"]
   assert not np.array_equal(src[0]["frames"], src[1]["frames"]) or src[0]["text"] != src[1]["text"]
+
+
+def test_reorder_and_shuffle_caption_keep_the_scene():
+  text = (
+    "a large red circle at the top left, a small blue square in the center and a large cyan "
+    "triangle on the right"
+  )
+  assert shapes.reorder_caption(text, "reversed") == (
+    "a large cyan triangle on the right, a small blue square in the center and a large red "
+    "circle at the top left"
+  )
+  assert shapes.reorder_caption(text, [0, 1, 2]) == text
+  rng = np.random.default_rng(0)
+  seen = set()
+  for _ in range(60):
+    shuffled = shapes.shuffle_caption(text, rng)
+    assert shapes.parse_caption(shuffled) == shapes.parse_caption(text)
+    seen.add(shuffled)
+  assert len(seen) == 6  # Every order of three objects comes up.
+  one = "a small blue square in the center"
+  assert shapes.shuffle_caption(one, rng) == one
+
+
+@pytest.mark.parametrize(
+  "text, order, message",
+  [
+    ("a photo of a dog", "reversed", "not a shapes caption"),
+    ("a small blue square in the center", [0, 0], "not a permutation"),
+    ("a small blue square in the center", "sorted", "must be 'reversed'"),
+  ],
+)
+def test_reorder_caption_refuses_what_it_cannot_reorder(text, order, message):
+  with pytest.raises(UserError, match=message):
+    shapes.reorder_caption(text, order)

@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
     ("tokenizer", "scene_agreement"),
     ("text_to_image", "scene"),
     ("text_to_image_heldout", "scene"),
+    ("text_to_image_reversed", "scene"),
     ("image_to_text", "scene"),
   ):
     if section in results and key in results[section]:

@@ -217,6 +217,9 @@ DESCRIBE_TEMPLATES = (
   "what do you see",
   "list the shapes in this image",
 )
+# Separates a reasoned reply's description of the image from its answer (no caption or answer
+# holds the word).
+REASON_WORD = "so"
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _QUESTIONS = ("color", "shape", "size", "position", "count")
 
@@ -294,6 +297,7 @@ def conversation(
   min_objects: int = 1,
   max_objects: int = 2,
   restate: bool = False,
+  reason: bool = False,
 ) -> dict[str, Any]:
   """Instruction `index` of `(seed, split)`: `{"kind", "scene", "turns", "answer",
   "question_kind"}` (the `question` kind of a "question" item, else None).
@@ -302,8 +306,10 @@ def conversation(
   exact reply text (questions, descriptions) or None (draw: the reply is the scene's image). The
   scene follows `shapes.sample_scene(split=...)` (held-out pairs only in "test_heldout").
   With `restate`, a draw reply first restates the request as the scene's caption
-  (`shapes.caption`: objects in cell order, canonical words), then the image. The same index
-  gives the same scene and request either way.
+  (`shapes.caption`: objects in cell order, canonical words), then the image. With `reason`, a
+  question's reply first describes the image (its caption), then gives the answer after
+  `REASON_WORD` ("a large red circle at the top left so red"; `final_answer` reads it back);
+  `answer` stays the answer alone. The same index gives the same scene and request either way.
   """
   bad = [k for k in kinds if k not in KINDS]
   if bad or not kinds:
@@ -324,6 +330,8 @@ def conversation(
     else:
       question_kind, text, answer = question(scene, rng)
     user, reply = ([image, text] if rng.random() < 0.5 else [text, image]), [answer]
+    if reason and kind == "question":
+      reply = [reasoned(scene, answer)]
   turns = [{"role": "user", "parts": user}, {"role": "assistant", "parts": reply}]
   return {
     "kind": kind,
@@ -332,6 +340,20 @@ def conversation(
     "answer": answer,
     "question_kind": question_kind,
   }
+
+
+def reasoned(scene: Sequence[Mapping[str, str]], answer: str) -> str:
+  """A question's reply that reads the image first: the scene's caption, `REASON_WORD`, then the
+  answer."""
+  return f"{shapes.caption(scene)} {REASON_WORD} {answer}"
+
+
+def final_answer(reply: str) -> str:
+  """The answer of a reply: the text after the last `REASON_WORD` of a reasoned reply
+  (`reasoned`), else the whole reply; stripped."""
+  marker = f" {REASON_WORD} "
+  reply = reply.strip()
+  return reply.rsplit(marker, 1)[1].strip() if marker in reply else reply
 
 
 def conversations(num: int, **kwargs) -> Iterator[dict[str, Any]]:
@@ -390,6 +412,10 @@ def preference_pair(item: Mapping[str, Any], *, seed: int = 0, index: int = 0) -
         break
     else:
       raise UserError(f"no wrong answer for {answer!r}.")
+    said = chosen["parts"][0]
+    if isinstance(said, str) and said != answer:
+      # A reasoned reply: the same description of the image, then the wrong answer.
+      wrong = said[: len(said) - len(answer)] + wrong
   rejected = {"role": "assistant", "parts": [wrong]}
   return {"prompt": [user], "chosen": [chosen], "rejected": [rejected]}
 

@@ -291,6 +291,32 @@ def parse_caption(text: str) -> list[dict] | None:
   return sort_scene(scene)
 
 
+def reorder_caption(text: str, order: Sequence[int] | str) -> str:
+  """The caption `text` with its objects listed in `order`: indices into its canonical order, or
+  "reversed"; a text that is not a shapes caption -> UserError."""
+  scene = parse_caption(text)
+  if scene is None:
+    raise UserError(
+      f"{text!r} is not a shapes caption; listing its objects in another order needs the shapes "
+      "captions (leave data.shuffle_objects off / object_order canonical for other data)"
+    )
+  if isinstance(order, str):
+    if order != "reversed":
+      raise UserError(f"order={order!r} must be 'reversed' or a list of indices")
+    order = range(len(scene) - 1, -1, -1)
+  if sorted(order) != list(range(len(scene))):
+    raise UserError(
+      f"order={list(order)} is not a permutation of the caption's {len(scene)} objects"
+    )
+  return join_phrases([object_phrase(scene[i]) for i in order])
+
+
+def shuffle_caption(text: str, rng: np.random.Generator) -> str:
+  """The caption `text` with its objects listed in a random order (`reorder_caption`)."""
+  scene = parse_caption(text)
+  return reorder_caption(text, rng.permutation(len(scene)).tolist() if scene else [])
+
+
 def split_rng(seed: int, split: str) -> np.random.Generator:
   """Independent random stream per (seed, split)."""
   if split not in SPLITS:

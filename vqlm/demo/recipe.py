@@ -42,6 +42,9 @@ class Preset:
   # part only, a text-to-image row trains on its 65 image tokens and an image-to-text row on its
   # caption (at most 18 tokens) at the same cost per row; captioning is learnt from fewer rows.
   lm_mixture: str = "t2i=0.5,i2t=0.5"
+  # Text-to-image rows list a caption's objects in a random order (`config.data.shuffle_objects`),
+  # so the LM draws a prompt whatever order it names the objects in.
+  lm_shuffle_objects: bool = False
   # Sampling defaults: the best cell of the guidance sweep in docs/evaluation.md.
   image_temperature: float = 0.3
   image_top_k: int = 0
@@ -152,6 +155,7 @@ def lm_config(p: Preset, codes: str, *, caption_rows: bool = True) -> ml_collect
   # which raised both text-to-image and image-to-text at the same steps (docs/experiments.md).
   c.data.mask_prompt = True
   c.data.caption_dropout = 0.05
+  c.data.shuffle_objects = p.lm_shuffle_objects
   if p.fsq_levels:
     c.model.image_embed_init = "levels"
   return c
@@ -169,6 +173,8 @@ def generation_evals(p: Preset) -> dict:
   return {
     "text_to_image": dict(split="test", **drawing, **sampling),
     "text_to_image_heldout": dict(split="test_heldout", **drawing, **sampling),
+    # The test prompts with their objects listed in reverse order.
+    "text_to_image_reversed": dict(split="test", object_order="reversed", **drawing, **sampling),
     "image_to_text": dict(
       type="image_to_text", split="test", num_images=p.caption_images, batch_size=32
     ),

@@ -38,6 +38,11 @@ class Preset:
   # the config too, with train.seq_len 144).
   max_objects: int = 2
   batch_size: int = 32
+  # Question replies describe the image before the answer (`config.data.chat.reason`).
+  sft_reason: bool = False
+  # The SFT's caption/image rows name their objects in a random order
+  # (`config.data.shuffle_objects`; the main demo's captions list them in cell order).
+  sft_shuffle_objects: bool = False
 
 
 PRESETS = {
@@ -96,6 +101,8 @@ def sft_config(
   c.data.chat.num_examples = p.sft_examples
   c.data.chat.max_objects = p.max_objects
   c.data.chat.restate = False
+  c.data.chat.reason = p.sft_reason
+  c.data.shuffle_objects = p.sft_shuffle_objects
   return c
 
 

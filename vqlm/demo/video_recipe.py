@@ -5,7 +5,7 @@ text model) and trains on a weighted mix (`config.data.mixture`: share of traini
 main demo's caption/image pairs both ways (t2i, i2t), clips of the `moving_shapes` data set
 encoded by the main demo's image tokenizer (video) and image-edit documents built up front
 (edit, `config.data.edit`). Every sequence is packed to `train.seq_len`, which must hold one whole
-clip (`VIDEO_FRAMES` frames and a caption of up to the main LM's `max_text_len` ids).
+clip (`VIDEO_FRAMES` frames and a caption of up to `video_max_text_len` ids).
 """
 
 import dataclasses
@@ -27,9 +27,10 @@ class Preset:
   train_clips: int  # moving_shapes clips encoded for training.
   steps: int
   batch_size: int
-  # One clip of VIDEO_FRAMES frames needs `needed_seq_len(vocab, max_text_len=29, mode="video",
-  # frames=6)` = 2 + 29 + 6 x (64 + 2) + 5 - 1 = 431 tokens with the main demo's 8x8 codes;
-  # rounded up to a multiple of 8.
+  # Row length. A row holds one clip of VIDEO_FRAMES frames (`needed_seq_len(vocab,
+  # max_text_len=24, mode="video", frames=6)` = 2 + 24 + 6 x (64 + 2) + 5 - 1 = 426 tokens with the
+  # main demo's 8x8 codes), or as many caption/image pairs (2 + 20 + 66 = 88 tokens: 5) or
+  # single-edit documents (at most 146: 3) as fit; 440 fits 3 edits where 432 fit 2.
   seq_len: int
   lr: float
   # Shares of training rows per mode (`config.data.mixture`); documents are off by default.
@@ -38,6 +39,9 @@ class Preset:
   video: float
   edit: float
   document: float = 0.0
+  # Caption ids kept: the main demo's images (`Preset.lm_max_text_len` of the main recipe: 20;
+  # their captions are at most 17) and the clips (at most 24: they also tell the motion).
+  video_max_text_len: int = 24
   # Edit documents built up front (`config.data.edit`).
   edit_examples: int = 20000
   edit_validation: int = 256
@@ -67,7 +71,7 @@ PRESETS = {
     train_clips=400,
     steps=40,
     batch_size=8,
-    seq_len=432,
+    seq_len=440,
     lr=1e-3,
     t2i=0.2,
     i2t=0.2,
@@ -87,7 +91,7 @@ PRESETS = {
     train_clips=5000,
     steps=800,
     batch_size=16,
-    seq_len=432,
+    seq_len=440,
     lr=2e-3,
     # A t2i or i2t row packs four pairs, and the main LM already draws and captions them: a
     # small share keeps both (measured in docs/evaluation.md) and leaves the rows to video/edit.
@@ -119,6 +123,8 @@ def lm_config(
   c.init_from = init_from
   c.train.steps = p.steps
   c.train.seq_len = p.seq_len
+  c.data.max_text_len = main.lm_max_text_len
+  c.data.video_max_text_len = p.video_max_text_len
   c.train.batch_size = p.batch_size
   c.train.eval_every = max(10, p.steps // 4)
   c.train.checkpoint_every = max(10, p.steps // 2)

@@ -142,13 +142,14 @@ def with_image_codes(generator: Any, items: Sequence[Mapping[str, Any]]) -> list
 
 
 def is_right(item: Mapping[str, Any], reply: str) -> bool:
-  """A question's reply is exactly its answer (stripped); a description's parses back
-  (`shapes.parse_caption`) into the item's scene."""
+  """A question's answer is exactly the item's (stripped; after the description of a reasoned
+  reply, `chat.final_answer`); a description parses back (`shapes.parse_caption`) into the item's
+  scene."""
   reply = reply.strip()
   if item["kind"] == "describe":
     parsed = shapes.parse_caption(reply)
     return parsed is not None and shapes.canonical(parsed) == shapes.canonical(item["scene"])
-  return reply == item["answer"]
+  return chat.final_answer(reply) == item["answer"]
 
 
 def answer_accuracy(

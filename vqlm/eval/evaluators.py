@@ -238,7 +238,23 @@ class _Generation(Evaluator):
 
 class TextToImage(_Generation):
   """Draws `images_per_prompt` images per caption of `split` and judges each with the scene
-  parser (whole scene, count, colour, shape, size, position; split by object count)."""
+  parser (whole scene, count, colour, shape, size, position; split by object count).
+  `object_order="reversed"` lists each caption's objects in the reverse of the data set's
+  canonical order (a prompt as a user may write it)."""
+
+  def __init__(self, *, object_order: str = "canonical", **kwargs):
+    if object_order not in ("canonical", "reversed"):
+      raise UserError(f"object_order={object_order!r} must be 'canonical' or 'reversed'")
+    super().__init__(**kwargs)
+    self.settings["object_order"] = object_order
+
+  def examples(self, run) -> list[dict]:
+    from vqlm.data import shapes
+
+    examples = super().examples(run)
+    if self.settings["object_order"] == "canonical":
+      return examples
+    return [dict(e, text=shapes.reorder_caption(e["text"], "reversed")) for e in examples]
 
   def run(self, run, artefacts=None):
     from vqlm import imaging

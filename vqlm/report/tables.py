@@ -125,14 +125,20 @@ def generation_table(metrics: Mapping[str, Any] | None, title: str, *, captions:
   return out
 
 
+REVERSED_TITLE = "Text to image (test prompts, objects named in reverse order)"
+
+
 def generation_summary(ev: Mapping[str, Any]) -> str:
   return "".join(
     generation_table(ev.get(section), title, captions=section == "image_to_text")
     for section, title in (
       ("text_to_image", "Text to image (test prompts)"),
       ("text_to_image_heldout", "Text to image (held-out colour-shape pairs)"),
+      ("text_to_image_reversed", REVERSED_TITLE),
       ("image_to_text", "Image to text (test images)"),
     )
+    # Runs from before the reversed-order measure existed have no such section.
+    if section in ev or section != "text_to_image_reversed"
   )
 
 
@@ -209,6 +215,8 @@ def _t2i_title(name: str) -> str:
     return "Text to image (test prompts)"
   if name == "text_to_image_heldout":
     return "Text to image (held-out colour-shape pairs)"
+  if name == "text_to_image_reversed":
+    return REVERSED_TITLE
   return f"Text to image ({name})"
 
 

@@ -36,6 +36,7 @@ class ChatSettings:
   max_objects: int
   seed: int
   restate: bool = False
+  reason: bool = False
 
   def conversation(self, index: int, split: str) -> dict[str, Any]:
     return chat.conversation(
@@ -46,6 +47,7 @@ class ChatSettings:
       min_objects=self.min_objects,
       max_objects=self.max_objects,
       restate=self.restate,
+      reason=self.reason,
     )
 
   def items(self, split: str) -> list[dict[str, Any]]:
@@ -75,9 +77,10 @@ def settings(config: ml_collections.ConfigDict) -> ChatSettings | None:
     allow_bool=True,
   )
   lo, hi = prebuilt.check_objects(c, "chat", example=3)
-  restate = c.get("restate", False)
-  if not isinstance(restate, bool):
-    raise UserError(f"config.data.chat.restate={restate!r} must be True or False")
+  restate, reason = c.get("restate", False), c.get("reason", False)
+  for name, value in (("restate", restate), ("reason", reason)):
+    if not isinstance(value, bool):
+      raise UserError(f"config.data.chat.{name}={value!r} must be True or False")
   if weight == 0.0:
     return None
   return ChatSettings(
@@ -89,6 +92,7 @@ def settings(config: ml_collections.ConfigDict) -> ChatSettings | None:
     max_objects=hi,
     seed=c.seed,
     restate=restate,
+    reason=reason,
   )
 
 
@@ -129,6 +133,7 @@ def _info(chat_settings, items, built, *, seq_len: int, num_images: int) -> dict
     "max_objects": chat_settings.max_objects,
     "seed": chat_settings.seed,
     "restate": chat_settings.restate,
+    "reason": chat_settings.reason,
     "seq_len": seq_len,
     "distinct_images": num_images,
     "splits": splits,

@@ -118,7 +118,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Clips whose caption is dropped (video mode): they teach continuing a clip from its frames
     # alone; with the caption the frames follow from it.
     video_caption_dropout=0.5,
+    # Caption ids a clip keeps (video mode); 0: max_text_len. Clip captions also tell the motion
+    # ("... moves right from the top left to the top right"), so they may need more than images'.
+    video_max_text_len=0,
     mask_prompt=False,
+    # t2i rows list a shapes caption's objects in a random order (the prompt a user writes need
+    # not follow the data set's canonical order); captions the LM writes (i2t) stay canonical.
+    shuffle_objects=False,
     max_text_len=29 if small else 128,
     frames=1,
     pairs_per_document=2,
@@ -161,6 +167,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # captions' words) before the image: the model rewrites a free-form request into the
       # caption form it draws best, then draws (`vqlm.sample.chat.draw(restate=True)`).
       restate=False,
+      # Question replies describe the image (its caption) before the answer ("a large red circle
+      # at the top left so red"): the model reads the scene in the form it captions best, then
+      # answers from that text (`vqlm.data.chat.reasoned`).
+      reason=False,
       # Seed of the instructions (`chat.conversation(i, seed=...)`) and of the mixture's order.
       seed=0,
     ),

@@ -29,6 +29,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from vqlm.data import shapes
 from vqlm.data.chat_source import MixtureSource, MixtureTransform
 from vqlm.data.code_shards import CodeShards, read_manifest
 from vqlm.data.sequences import GroupedSource, SequenceBuilder, needed_seq_len, pack
@@ -141,7 +142,7 @@ def needed(config: ml_collections.ConfigDict, vocab: Vocab, mode: str) -> int:
   """Tokens per row an example of an image/video mode needs (captions up to max_text_len)."""
   frames, pairs = _frames_and_pairs(config, mode)
   return needed_seq_len(
-    vocab, max_text_len=config.data.max_text_len, mode=mode, frames=frames, pairs=pairs
+    vocab, max_text_len=text_limit(config, mode)[0], mode=mode, frames=frames, pairs=pairs
   )
 
 
@@ -155,23 +156,36 @@ class ExampleTransform:
   """(index, element) -> unpadded LM example of one mode: the caption(s) encoded, then the
   sequence layout. An element is a shard record, or in document mode a list of them."""
 
-  def __init__(self, *, text_model: str, builder: SequenceBuilder, max_text_len: int):
+  def __init__(
+    self,
+    *,
+    text_model: str,
+    builder: SequenceBuilder,
+    max_text_len: int,
+    shuffle_objects: bool = False,
+  ):
     self.text_model = text_model
     self.builder = builder
     self.max_text_len = max_text_len
+    # Shapes captions with their objects in a random order (seeded by the example's index).
+    self.shuffle_objects = shuffle_objects
     self._tokenizer = None
 
   def __call__(self, index: int, element: Mapping | list) -> Example:
     if self._tokenizer is None:
       self._tokenizer = TextTokenizer.load(self.text_model)
     if isinstance(element, Mapping):
-      return self.builder(self._record(element), index)
-    return self.builder([self._record(r) for r in element], index)
+      return self.builder(self._record(element, index), index)
+    return self.builder([self._record(r, index) for r in element], index)
 
-  def _record(self, record: Mapping[str, Any]) -> dict[str, Any]:
+  def _record(self, record: Mapping[str, Any], index: int) -> dict[str, Any]:
+    text = record["text"]
+    if self.shuffle_objects:
+      rng = np.random.default_rng([self.builder.seed, int(index), 7])
+      text = shapes.shuffle_caption(text, rng)
     # Captions beyond max_text_len are cut (checked up front on the training split, so this
     # only guards against rare outliers; an over-long example must never stop an epoch).
-    text_ids = self.builder.vocab.encode_text(self._tokenizer, record["text"])[: self.max_text_len]
+    text_ids = self.builder.vocab.encode_text(self._tokenizer, text)[: self.max_text_len]
     return {"text_ids": text_ids, "codes": record["codes"]}
 
 
@@ -216,6 +230,12 @@ def caption_dropout(config: ml_collections.ConfigDict, mode: str) -> float:
   if mode == "video":
     return float(config.data.get("video_caption_dropout", config.data.caption_dropout))
   return float(config.data.caption_dropout) if mode == "t2i" else 0.0
+
+
+def shuffles_objects(config: ml_collections.ConfigDict, mode: str) -> bool:
+  """Whether `mode`'s captions list their objects in a random order: t2i prompts when
+  `data.shuffle_objects`; never a caption the LM is taught to write."""
+  return mode == "t2i" and bool(config.data.get("shuffle_objects", False))
 
 
 def builder(config, vocab: Vocab, *, mode: str, seed: int) -> SequenceBuilder:
@@ -279,7 +299,8 @@ def make_parts(
       build = ExampleTransform(
         text_model=text_model,
         builder=builder(config, vocab, mode=mode, seed=seed),
-        max_text_len=config.data.max_text_len,
+        max_text_len=text_limit(config, mode)[0],
+        shuffle_objects=shuffles_objects(config, mode),
       )
     if len(source) < group:
       group = max(1, len(source))
@@ -374,12 +395,19 @@ def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab, text_model: s
   """Fails early if the captions (first 2000 training ones per code directory) or an active
   mode's sequences (pairs per document, frames per clip) do not fit train.seq_len."""
   tokenizer = TextTokenizer.load(text_model)
-  longest = max((len(tokenizer.encode(t)) for t in caption_texts(config, 2000)), default=0)
-  if longest > config.data.max_text_len:
-    raise UserError(
-      f"captions of up to {longest} text ids exceed data.max_text_len="
-      f"{config.data.max_text_len}; set --config.data.max_text_len={longest}"
-    )
+  longest = {}
+  for mode in shard_modes(config):
+    directory = codes_dir(config, mode)
+    if directory not in longest:
+      shards = CodeShards(directory, "train")
+      texts = (shards[i]["text"] for i in range(min(len(shards), 2000)))
+      longest[directory] = max((len(tokenizer.encode(t)) for t in texts), default=0)
+    limit, field = text_limit(config, mode)
+    if longest[directory] > limit:
+      raise UserError(
+        f"{mode} captions of up to {longest[directory]} text ids exceed {field}={limit}; set "
+        f"--config.{field}={longest[directory]}"
+      )
   for mode in shard_modes(config):
     need = needed(config, vocab, mode)
     if need > config.train.seq_len:
@@ -388,7 +416,16 @@ def check_seq_len(config: ml_collections.ConfigDict, vocab: Vocab, text_model: s
       images = f"{frames} x " if frames > 1 else ""
       raise UserError(
         f"{mode} sequences need {need} tokens ({per}captions up to "
-        f"{config.data.max_text_len} ids + {images}{vocab.tokens_per_image} image codes"
+        f"{text_limit(config, mode)[0]} ids + {images}{vocab.tokens_per_image} image codes"
         f"{')' if per else ''} + specials) but train.seq_len is {config.train.seq_len}; set "
         f"--config.train.seq_len={need}"
       )
+
+
+def text_limit(config: ml_collections.ConfigDict, mode: str) -> tuple[int, str]:
+  """The most caption ids an example of `mode` keeps, and the config field that sets it: video
+  clips `data.video_max_text_len` when set (their captions tell the motion too, so they may be
+  longer than the images'), else `data.max_text_len`."""
+  if mode == "video" and int(config.data.get("video_max_text_len", 0)) > 0:
+    return int(config.data.video_max_text_len), "data.video_max_text_len"
+  return int(config.data.max_text_len), "data.max_text_len"

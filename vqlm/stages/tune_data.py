@@ -99,7 +99,7 @@ def score_reply(item: Mapping[str, Any], reply: Any) -> dict[str, float]:
     return reward_parts(scene_parser.parse_image(np.asarray(reply)), item["scene"])
   if kind == "describe":
     return reward_parts(shapes.parse_caption(str(reply)) or [], item["scene"])
-  return _question_parts(float(str(reply).strip() == item["answer"]))
+  return _question_parts(float(chat.final_answer(str(reply)) == item["answer"]))
 
 
 # ---- sampling with the parameters being tuned ---------------------------------------------------
