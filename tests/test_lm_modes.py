@@ -178,7 +178,7 @@ def test_video_mode_trains(video_codes, tmp_path):
     ),
     (
       ("--config.data.mixture=video=1", f"--config.data.frames={FRAMES}", *VIDEO_CAPTION_LIMIT),
-      "video captions of up to .* exceed data.video_max_text_len=5; set --config.data.video_max",
+      "exceed data.video_max_text_len=5; set --config.data.video_max_text_len=",
     ),
   ],
 )
