@@ -101,3 +101,20 @@ def test_tuning_smoke_end_to_end(tmp_path):
   assert "+ GRPO" in page and 'src="http' not in page
   # Re-running resumes: every training stage is skipped.
   assert cli.main(argv + ["--stages", "sft,dpo,grpo"]) == 0
+
+
+def test_every_model_is_measured_on_prompts_in_reverse_order():
+  from vqlm.demo import tuning_measures
+  from vqlm.demo.recipe import PRESETS as MAIN
+  from vqlm.demo.tuning_recipe import PRESETS
+  from vqlm.eval import evaluators
+
+  p = PRESETS["default"]
+  for turns in (False, True):
+    specs = tuning_measures.evaluator_specs(p, MAIN[p.main], chat_turns=turns)
+    assert specs["reversed_prompts"]["object_order"] == "reversed"
+    assert specs["reversed_prompts"]["split"] == "test"
+    built = evaluators.build({"reversed_prompts": specs["reversed_prompts"]}, log_fn=print)
+    assert built["reversed_prompts"].settings["object_order"] == "reversed"
+  with pytest.raises(UserError, match="object_order='sorted' must be 'canonical' or 'reversed'"):
+    evaluators.build({"x": {"type": "text_to_image", "object_order": "sorted"}}, log_fn=print)

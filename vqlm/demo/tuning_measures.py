@@ -33,6 +33,7 @@ def evaluator_specs(p: Preset, main: MainPreset, *, chat_turns: bool) -> dict:
   specs = {
     "test_prompts": ours["text_to_image"],
     "heldout_captions": ours["text_to_image_heldout"],
+    "reversed_prompts": ours["text_to_image_reversed"],
     "captions": ours["image_to_text"],
   }
   if chat_turns:

@@ -46,6 +46,7 @@ SECTIONS = (
 ROWS = (
   ("test prompts (main demo's captions)", "test_prompts", "scene"),
   ("held-out pairs, main demo's captions", "heldout_captions", "scene"),
+  ("test prompts, objects named in reverse order", "reversed_prompts", "scene"),
   ("captioning test images", "captions", "scene"),
   ("requests, any order and wording", "requests", "scene"),
   ("held-out pairs, requests", "heldout_requests", "scene"),
