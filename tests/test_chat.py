@@ -293,3 +293,25 @@ def test_reasoned_question_replies_describe_the_image_then_answer():
     # The answer decides: a right description with a wrong answer is wrong.
     assert not chat_eval.is_right(reasoned, f"{shapes.caption(plain['scene'])} so blah")
   assert seen == {"color", "shape", "size", "position", "count"}
+
+
+def test_dropped_requests_leave_the_user_turn_empty_and_the_rest_unchanged(tok_vocab):
+  tok, vocab = tok_vocab
+  dropped = 0
+  for i in range(60):
+    plain = chat.conversation(i, max_objects=2)
+    item = chat.conversation(i, max_objects=2, drop_request=0.3)
+    assert item["scene"] == plain["scene"] and item["turns"][1] == plain["turns"][1]
+    if item["turns"][0]["parts"] != plain["turns"][0]["parts"]:
+      assert item["kind"] == "draw" and item["turns"][0]["parts"] == []
+      dropped += 1
+      turns = chat.with_codes(item["turns"], lambda s: IMG)
+      ids = chat.segment(turns, vocab, tok)[0].tokens.tolist()
+      assert ids[:4] == [
+        vocab.bos_id,
+        vocab.special("user"),
+        vocab.special("assistant"),
+        vocab.boi_id,
+      ]
+  draws = sum(chat.conversation(i, max_objects=2)["kind"] == "draw" for i in range(60))
+  assert 0 < dropped < draws

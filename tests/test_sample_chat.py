@@ -159,6 +159,27 @@ def test_draw_with_guidance(gen):
   )
   codes = out.tokens[0, : GRID[0] * GRID[1]] - gen.vocab.image_offset
   np.testing.assert_array_equal(gen.image_tokenizer.decode(codes.reshape(1, *GRID))[0], guided[0])
+  # With chat_uncond, against an empty request: <bos> <user> <assistant> <boi>.
+  empty = sample_chat.chat_uncond_ids(gen.vocab)
+  assert empty == sample_chat.chat_prompt_ids(gen, [{"role": "user", "parts": []}]) + [
+    gen.vocab.boi_id
+  ]
+  chat_guided = sample_chat.draw(
+    gen, requests[:1], num_per_prompt=1, seed=1, cfg_scale=3.0, chat_uncond=True
+  )
+  out = gen.sampler(
+    [row],
+    max_new_tokens=GRID[0] * GRID[1] + 1,
+    mode="image",
+    seed=1,
+    cfg_scale=3.0,
+    uncond_prompts=[empty],
+    batch_size=4,
+  )
+  codes = out.tokens[0, : GRID[0] * GRID[1]] - gen.vocab.image_offset
+  decoded = gen.image_tokenizer.decode(codes.reshape(1, *GRID))[0]
+  np.testing.assert_array_equal(decoded, chat_guided[0])
+  assert not np.array_equal(chat_guided[0], guided[0])
 
 
 def test_restate_is_the_text_before_the_models_image_and_draw_continues_it(gen):

@@ -13,6 +13,7 @@ import sentencepiece
 from vqlm import cli
 from vqlm.data import chat, chat_source, shapes
 from vqlm.errors import UserError
+from vqlm.eval import chat_eval
 from vqlm.runs import LMRun, TokenizerRun
 from vqlm.stages import chat_data, lm
 from vqlm.stages.lm_config import get_config
@@ -38,6 +39,7 @@ def _config(tiny=None, **chat_fields):
     (dict(weight=0.5, num_examples=0), r"num_examples=0 must be an integer >= 1"),
     (dict(weight=0.5, min_objects=3, max_objects=2), "1 <= min_objects <= max_objects <= 9"),
     (dict(weight=0.0, max_objects=10), "max_objects <= 9"),  # checked when off too
+    (dict(weight=0.5, drop_request=1.0), r"drop_request=1.0 must be in \[0, 1\)"),
   ],
 )
 def test_bad_settings_are_one_line_errors(fields, match):
@@ -57,6 +59,14 @@ def test_settings():
   assert s.conversation(3, "validation") == chat.conversation(
     3, split="validation", kinds=("question", "draw"), max_objects=2
   )
+  s = chat_data.settings(_config(weight=0.25, drop_request=0.2, reason=True))
+  assert s.conversation(5, "train") == chat.conversation(
+    5, drop_request=0.2, reason=True, max_objects=3
+  )
+  # How a tuned run is sampled follows init_from back to the instruction-tuned run's settings.
+  sft = _config(weight=0.25, drop_request=0.2)
+  assert chat_eval.run_chat_uncond(sft) and not chat_eval.run_chat_uncond(_config(weight=0.25))
+  assert not chat_eval.run_chat_uncond(_config(drop_request=0.2))  # chat off
 
 
 def _pieces(path: str) -> list[tuple[str, float]]:

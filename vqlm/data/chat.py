@@ -298,6 +298,7 @@ def conversation(
   max_objects: int = 2,
   restate: bool = False,
   reason: bool = False,
+  drop_request: float = 0.0,
 ) -> dict[str, Any]:
   """Instruction `index` of `(seed, split)`: `{"kind", "scene", "turns", "answer",
   "question_kind"}` (the `question` kind of a "question" item, else None).
@@ -309,7 +310,10 @@ def conversation(
   (`shapes.caption`: objects in cell order, canonical words), then the image. With `reason`, a
   question's reply first describes the image (its caption), then gives the answer after
   `REASON_WORD` ("a large red circle at the top left so red"; `final_answer` reads it back);
-  `answer` stays the answer alone. The same index gives the same scene and request either way.
+  `answer` stays the answer alone. With probability `drop_request` a draw item's user turn is
+  empty (`<bos> <user> <assistant> <boi> image`): the model learns to draw with no request, the
+  unconditional prompt of guidance for chat drawing (`vqlm.sample.chat.CHAT_UNCOND`). The same
+  index gives the same scene and request either way.
   """
   bad = [k for k in kinds if k not in KINDS]
   if bad or not kinds:
@@ -332,6 +336,8 @@ def conversation(
     user, reply = ([image, text] if rng.random() < 0.5 else [text, image]), [answer]
     if reason and kind == "question":
       reply = [reasoned(scene, answer)]
+  if kind == "draw" and drop_request > 0 and rng.random() < drop_request:
+    user = []
   turns = [{"role": "user", "parts": user}, {"role": "assistant", "parts": reply}]
   return {
     "kind": kind,

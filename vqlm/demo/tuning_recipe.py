@@ -43,6 +43,9 @@ class Preset:
   # The SFT's caption/image rows name their objects in a random order
   # (`config.data.shuffle_objects`; the main demo's captions list them in cell order).
   sft_shuffle_objects: bool = False
+  # Draw instructions with no request (`config.data.chat.drop_request`): guidance for chat
+  # drawing against an empty request.
+  sft_drop_request: float = 0.0
 
 
 PRESETS = {
@@ -103,6 +106,7 @@ def sft_config(
   c.data.chat.restate = False
   c.data.chat.reason = p.sft_reason
   c.data.shuffle_objects = p.sft_shuffle_objects
+  c.data.chat.drop_request = p.sft_drop_request
   return c
 
 

@@ -67,6 +67,7 @@ def draw_accuracy(
   sampling: Any = None,
   seed: int = 0,
   restate: bool = False,
+  chat_uncond: bool = False,
 ) -> tuple[dict[str, Any], np.ndarray]:
   """Draws every request `num_per_prompt` times (`vqlm.sample.chat.draw`) and scores each image
   against its item's scene with the scene parser.
@@ -74,8 +75,10 @@ def draw_accuracy(
   Args:
     generator: a `vqlm.sample.api.Generator` of a chat LM.
     items: `chat.conversation(..., kinds=("draw",))` items.
-    restate: the model restates each request as a caption before drawing (`run_restates`); the
-      metrics then also hold `restated`, the fraction of captions that are exactly the scene's.
+    restate: the model restates each request as a caption before drawing (`instruction_settings`);
+      the metrics then also hold `restated`, the fraction of captions that are exactly the scene's.
+    chat_uncond: guidance against an empty request (`vqlm.sample.chat.draw`; a model tuned with
+      `data.chat.drop_request`).
   Returns:
     (metrics, images uint8 `[len(items) * num_per_prompt, H, W, 3]`): the metrics of
     `text_image.text_to_image` (`num_prompts`, `num_images`, `scene_parser.summarize`,
@@ -92,6 +95,7 @@ def draw_accuracy(
     sampling=sampling,
     seed=seed,
     captions=captions,
+    chat_uncond=chat_uncond,
   )
   results, counts = [], []
   for i, image in enumerate(images):
@@ -241,25 +245,38 @@ def _write_json(artefacts: str, name: str, value: Any) -> None:
     json.dump(value, f, indent=1)
 
 
-def run_restates(run: Any) -> bool:
-  """Whether a chat LM run restates requests before drawing: its `data.chat.restate`, or that of
-  the run it was tuned from (`init_from`, followed back to the instruction-tuned run)."""
+def instruction_settings(config: Any) -> Mapping[str, Any]:
+  """The `data.chat` settings a chat LM was instruction-tuned with: its config's, or those of the
+  run it was tuned from (`init_from`, followed back to the instruction-tuned run); {} if none.
+  They say how to sample it: `restate` (requests restated before drawing), `drop_request` > 0
+  (guidance against an empty request)."""
   from vqlm import runs
 
-  config, seen = run.config, set()
+  seen = set()
   while config is not None:
     chat_config = (config.get("data") or {}).get("chat") if "data" in config else None
     if chat_config is not None and float(chat_config.get("weight", 0.0)) > 0:
-      return bool(chat_config.get("restate", False))
+      return chat_config
     source = config.get("init_from")
     if not source or source in seen:
-      return False
+      return {}
     seen.add(source)
     try:
       config = runs.load_config(source)
     except FileNotFoundError:
-      return False
-  return False
+      return {}
+  return {}
+
+
+def run_restates(run: Any) -> bool:
+  """Whether a chat LM run restates requests before drawing (`instruction_settings`)."""
+  return bool(instruction_settings(run.config).get("restate", False))
+
+
+def run_chat_uncond(config: Any) -> bool:
+  """Whether a chat LM run learnt to draw with no request (`data.chat.drop_request` > 0), so
+  guidance for chat drawing is against an empty request."""
+  return float(instruction_settings(config).get("drop_request", 0.0)) > 0
 
 
 def _restated(items: Sequence[Mapping[str, Any]], captions: Sequence[str] | None) -> dict:
@@ -311,6 +328,7 @@ class ChatDraw(evaluators._Generation):
       sampling=evaluators._sampling(s["temperature"], s["top_k"]),
       seed=s["seed"],
       restate=restate,
+      chat_uncond=run_chat_uncond(run.config),
     )
     metrics["split"] = s["split"]
     metrics["settings"] = {

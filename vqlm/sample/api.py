@@ -293,9 +293,11 @@ class Generator:
     batch_size: int | None = None,
     return_codes: bool = False,
     first_row: int = 0,
+    uncond_prompts: list[list[int]] | None = None,
   ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """One image per prompt of unified ids (each `<bos> ... <boi>`; `generate_images`' core,
-    the same seeding and guidance): uint8 `[N, H, W, 3]` (and int32 codes `[N, h, w]`)."""
+    the same seeding and guidance): uint8 `[N, H, W, 3]` (and int32 codes `[N, h, w]`).
+    `uncond_prompts`: guidance's unconditional prompt per row (default `uncond_ids(rows)`)."""
     v = self.vocab
     bad = next((i for i, r in enumerate(rows) if not len(r) or r[-1] != v.boi_id), None)
     if bad is not None:
@@ -311,7 +313,7 @@ class Generator:
       sampling=sampling,
       seed=seed,
       cfg_scale=float(cfg_scale) if use_cfg else None,
-      uncond_prompts=self.uncond_ids(rows) if use_cfg else None,
+      uncond_prompts=(uncond_prompts or self.uncond_ids(rows)) if use_cfg else None,
     )
     hw = v.tokens_per_image
     codes = (tokens[:, :hw] - v.image_offset).reshape(len(rows), *v.grid).astype(np.int32)

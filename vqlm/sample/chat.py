@@ -10,7 +10,9 @@ a reply is the conversation so far, then `<assistant>` (`chat.prompt`):
     answers = reply(gen, [turns])
 
 `draw` continues the prompt with `<boi>` and samples one image (mode "image"; guidance against
-the LM's unconditional `<bos> <boi>`, learnt with caption dropout). `reply` samples text (mode
+the LM's unconditional `<bos> <boi>`, learnt with caption dropout, or with `chat_uncond` against
+an empty request, `<bos> <user> <assistant> <boi>`, learnt by a model tuned with
+`config.data.chat.drop_request`). `reply` samples text (mode
 "text": text ids until `<eos>`; the sampler never emits a role marker, so a reply is the text of
 one assistant turn). Both batch and seed rows as `Generator.generate_images` does: row `i` of a
 call draws with seed `(seed, first_row + i)`, whatever the batch size.
@@ -32,6 +34,12 @@ NO_CHAT = (
   "this LM has no chat turns; instruction-tune it with --config.data.chat.weight=0.5 "
   "(docs/tuning.md)"
 )
+
+
+def chat_uncond_ids(vocab: Any) -> list[int]:
+  """The unconditional prompt of chat drawing: an empty request, `<bos> <user> <assistant>
+  <boi>` (learnt from the draw instructions whose request was dropped)."""
+  return [vocab.bos_id, vocab.special("user"), vocab.special("assistant"), vocab.boi_id]
 
 
 def require_chat_vocab(vocab: Any) -> None:
@@ -106,6 +114,7 @@ def draw(
   return_codes: bool = False,
   restate: bool = False,
   captions: Sequence[str] | None = None,
+  chat_uncond: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """The assistant's image for each request: prompt `chat_prompt_ids + <boi>`, mode "image"
   (with a caption: `chat_prompt_ids + caption ids + <boi>`).
@@ -116,7 +125,8 @@ def draw(
       user turn).
     num_per_prompt: images per request.
     cfg_scale: classifier-free guidance scale (None or 1.0: none); the unconditional prompt is
-      `generator.uncond_ids` (`<bos> <boi>`).
+      `generator.uncond_ids` (`<bos> <boi>`), with `chat_uncond` an empty request
+      (`chat_uncond_ids`: for a model tuned with `config.data.chat.drop_request`).
     sampling: image settings (default temperature 1).
     seed, first_row: image `i` of the call uses seed `(seed, first_row + i)`.
     batch_size: rows per sampler call (default: the Generator's).
@@ -139,8 +149,10 @@ def draw(
     prompts = [p + generator.text_ids(c) for p, c in zip(prompts, captions)]
   boi = generator.vocab.boi_id
   rows = [p + [boi] for p in prompts for _ in range(num_per_prompt)]
+  uncond = [chat_uncond_ids(generator.vocab)] * len(rows) if chat_uncond else None
   return generator.draw_ids(
     rows,
+    uncond_prompts=uncond,
     cfg_scale=cfg_scale,
     sampling=sampling,
     seed=seed,
@@ -236,4 +248,12 @@ def reply(
   )
 
 
-__all__ = ["NO_CHAT", "chat_prompt_ids", "draw", "reply", "require_chat_vocab", "restate"]
+__all__ = [
+  "NO_CHAT",
+  "chat_prompt_ids",
+  "chat_uncond_ids",
+  "draw",
+  "reply",
+  "require_chat_vocab",
+  "restate",
+]

@@ -37,6 +37,7 @@ class ChatSettings:
   seed: int
   restate: bool = False
   reason: bool = False
+  drop_request: float = 0.0
 
   def conversation(self, index: int, split: str) -> dict[str, Any]:
     return chat.conversation(
@@ -48,6 +49,7 @@ class ChatSettings:
       max_objects=self.max_objects,
       restate=self.restate,
       reason=self.reason,
+      drop_request=self.drop_request,
     )
 
   def items(self, split: str) -> list[dict[str, Any]]:
@@ -81,6 +83,12 @@ def settings(config: ml_collections.ConfigDict) -> ChatSettings | None:
   for name, value in (("restate", restate), ("reason", reason)):
     if not isinstance(value, bool):
       raise UserError(f"config.data.chat.{name}={value!r} must be True or False")
+  drop_request = float(c.get("drop_request", 0.0))
+  if not 0.0 <= drop_request < 1.0:
+    raise UserError(
+      f"config.data.chat.drop_request={c.get('drop_request')} must be in [0, 1) (the fraction "
+      f"of draw instructions with no request); e.g. {flag}drop_request=0.1"
+    )
   if weight == 0.0:
     return None
   return ChatSettings(
@@ -93,6 +101,7 @@ def settings(config: ml_collections.ConfigDict) -> ChatSettings | None:
     seed=c.seed,
     restate=restate,
     reason=reason,
+    drop_request=drop_request,
   )
 
 
@@ -134,6 +143,7 @@ def _info(chat_settings, items, built, *, seq_len: int, num_images: int) -> dict
     "seed": chat_settings.seed,
     "restate": chat_settings.restate,
     "reason": chat_settings.reason,
+    "drop_request": chat_settings.drop_request,
     "seq_len": seq_len,
     "distinct_images": num_images,
     "splits": splits,

@@ -171,6 +171,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # at the top left so red"): the model reads the scene in the form it captions best, then
       # answers from that text (`vqlm.data.chat.reasoned`).
       reason=False,
+      # Fraction of draw instructions whose request is dropped (an empty user turn): the model
+      # learns to draw with no request, and chat drawing is guided against that empty request
+      # (`<bos> <user> <assistant> <boi>`) instead of the captions' `<bos> <boi>`.
+      drop_request=0.0,
       # Seed of the instructions (`chat.conversation(i, seed=...)`) and of the mixture's order.
       seed=0,
     ),

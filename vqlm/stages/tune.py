@@ -34,6 +34,7 @@ import numpy as np
 from vqlm import runs
 from vqlm.data import chat, pipeline
 from vqlm.errors import UserError
+from vqlm.eval import chat_eval
 from vqlm.eval.scene_reward import PARTS
 from vqlm.nn.transformer import Transformer
 from vqlm.runs import TokenizerRun
@@ -267,8 +268,10 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, checkpoint_dir, af
         cfg_scale=s.cfg_scale,
         batch_size=s.batch_size,
         # A model instruction-tuned to restate requests first (`data.chat.restate`) is sampled,
-        # and its pairs built, in that layout.
-        restate=bool((source_config.data.get("chat") or {}).get("restate", False)),
+        # and its pairs built, in that layout; one that learnt to draw with no request
+        # (`data.chat.drop_request`) is guided against an empty request.
+        restate=bool(chat_eval.instruction_settings(source_config).get("restate", False)),
+        chat_uncond=chat_eval.run_chat_uncond(source_config),
       )
     return policy
 

@@ -124,6 +124,8 @@ class Policy:
     config: the LM run's config (for its guidance style, `run_cfg_uncond`).
     sampling: image/text settings; cfg_scale: guidance on image codes (1: none).
     batch_size: sampler rows per call.
+    restate: draw replies restate the request first; chat_uncond: guidance against an empty
+      request (`vqlm.sample.chat.draw`).
   """
 
   def __init__(
@@ -141,6 +143,7 @@ class Policy:
     cfg_scale: float,
     batch_size: int,
     restate: bool = False,
+    chat_uncond: bool = False,
   ):
     chat_sampling.require_chat_vocab(vocab)
     run = types.SimpleNamespace(
@@ -160,6 +163,7 @@ class Policy:
     self.sampling = sampling
     self.cfg_scale = float(cfg_scale)
     self.restate = bool(restate)
+    self.chat_uncond = bool(chat_uncond)
 
   def set_params(self, params: Any) -> None:
     sampler = self.generator.sampler
@@ -187,6 +191,7 @@ class Policy:
         seed=seed,
         return_codes=True,
         captions=captions,
+        chat_uncond=self.chat_uncond,
       )
       for n, i in enumerate(draw):
         caption = captions[n] if captions is not None else ""
