@@ -315,3 +315,21 @@ def test_dropped_requests_leave_the_user_turn_empty_and_the_rest_unchanged(tok_v
       ]
   draws = sum(chat.conversation(i, max_objects=2)["kind"] == "draw" for i in range(60))
   assert 0 < dropped < draws
+
+
+def test_reworded_captions_name_the_same_scene_in_request_words():
+  rng = np.random.default_rng(0)
+  scene = [
+    {"shape": "circle", "color": "red", "size": "large", "position": "top left"},
+    {"shape": "square", "color": "blue", "size": "small", "position": "center"},
+  ]
+  texts = {chat.reworded_caption(shapes.caption(scene), rng) for _ in range(200)}
+  assert len(texts) > 20
+  for text in texts:
+    a, b = text.split(" and ")
+    assert {a.split()[2], b.split()[2]} == {"red", "blue"}
+    red = a if "red" in a else b
+    assert red.split()[1] in ("large", "big") and red.split()[3] == "circle"
+    assert red.split(" circle ")[1] in chat.WHERE_WORDS["top left"]
+  with pytest.raises(UserError, match="not a shapes caption; data.reword_prompts"):
+    chat.reworded_caption("a dog on a sofa", rng)

@@ -93,9 +93,36 @@ def test_shuffle_objects_reorders_t2i_prompts_only(tmp_path):
   assert len(set(shuffled)) == 2  # Both orders of the two objects, over 20 indices.
   assert shuffled == [tok.decode(prompt_ids("t2i", True, i)) for i in range(20)]  # Deterministic.
   assert prompt_ids("t2i", False, 3) == canonical
+
+  # Reworded prompts (half of them here): the same scene in a request's words, deterministic.
+  def reworded(index, limit=64):
+    builder = sequences.SequenceBuilder(vocab=vocab, mode="t2i", seq_len=96, pack=True)
+    transform = lm_data.ExampleTransform(
+      text_model=model, builder=builder, max_text_len=limit, reword_prompts=0.5
+    )
+    tokens = transform(index, record)["tokens"].tolist()
+    return tok.decode([t for t in tokens if t < vocab.text_size and t != vocab.bos_id])
+
+  texts = [reworded(i) for i in range(40)]
+  assert {shapes.parse_caption(t) is not None for t in texts} == {True, False}
+  for t in texts:
+    if shapes.parse_caption(t) is None:  # a rewording: big/little, corners, any order
+      assert set(t.split()) & {"big", "little", "large", "small"}
+  assert texts == [reworded(i) for i in range(40)]
+  # A rewording longer than the caption limit is never cut: the caption stands instead.
+  short = len(canonical)
+  assert all(
+    t == record["text"] or len(tok.encode(t)) <= short
+    for t in map(lambda i: reworded(i, short), range(40))
+  )
   # Captions the LM writes (i2t) stay canonical.
   config = lm_config.get_config("size=tiny")
   config.data.shuffle_objects = True
   assert [m for m in lm_data.MODES if lm_data.shuffles_objects(config, m)] == ["t2i"]
   config.data.shuffle_objects = False
   assert not lm_data.shuffles_objects(config, "t2i")
+  config.data.reword_prompts = 0.5
+  assert [lm_data.reword_share(config, m) for m in lm_data.MODES] == [0.5, 0, 0, 0, 0]
+  config.data.reword_prompts = 1.5
+  with pytest.raises(UserError, match=r"reword_prompts=1.5 must be in \[0, 1\]"):
+    lm_data.reword_share(config, "t2i")

@@ -238,13 +238,35 @@ def _join(phrases: Sequence[str], rng: np.random.Generator) -> str:
 def draw_request(scene: Sequence[Mapping[str, str]], rng: np.random.Generator) -> str:
   """'draw a big red circle in the middle and a small blue square at the top left' (objects in a
   random order, synonyms and a template drawn from `rng`); every attribute is named."""
+  phrases = _object_phrases(scene, rng)
+  return _pick(rng, DRAW_TEMPLATES).format(_join(phrases, rng))
+
+
+def _object_phrases(scene: Sequence[Mapping[str, str]], rng: np.random.Generator) -> list[str]:
   objects = [scene[int(k)] for k in rng.permutation(len(scene))]
-  phrases = [
+  return [
     f"a {_pick(rng, SIZE_WORDS[o['size']])} {o['color']} {o['shape']} "
     f"{_pick(rng, WHERE_WORDS[o['position']])}"
     for o in objects
   ]
-  return _pick(rng, DRAW_TEMPLATES).format(_join(phrases, rng))
+
+
+def reworded(scene: Sequence[Mapping[str, str]], rng: np.random.Generator) -> str:
+  """The scene described as a request names it, without the request's template: 'a big red
+  circle in the middle and a little blue square in the upper left' (objects in a random order,
+  size and position synonyms drawn from `rng`)."""
+  return _join(_object_phrases(scene, rng), rng)
+
+
+def reworded_caption(text: str, rng: np.random.Generator) -> str:
+  """A shapes caption reworded (`reworded`); a text that is not one -> UserError."""
+  scene = shapes.parse_caption(text)
+  if scene is None:
+    raise UserError(
+      f"{text!r} is not a shapes caption; data.reword_prompts works on shapes captions only "
+      "(set --config.data.reword_prompts=0 for other data)"
+    )
+  return reworded(scene, rng)
 
 
 def question(scene: Sequence[Mapping[str, str]], rng: np.random.Generator) -> tuple[str, str, str]:

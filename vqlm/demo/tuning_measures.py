@@ -28,7 +28,7 @@ def has_turns(vocab) -> bool:
 
 def evaluator_specs(p: Preset, main: MainPreset, *, chat_turns: bool) -> dict:
   """`{section: evaluator spec}` for one model: the main demo's own measures, then (chat models)
-  requests and questions with the main demo's sampling settings."""
+  requests (guidance `p.chat_cfg_scale`) and questions with the main demo's sampling settings."""
   ours = generation_evals(main)
   specs = {
     "test_prompts": ours["text_to_image"],
@@ -37,7 +37,8 @@ def evaluator_specs(p: Preset, main: MainPreset, *, chat_turns: bool) -> dict:
     "captions": ours["image_to_text"],
   }
   if chat_turns:
-    sampling = {k: ours["text_to_image"][k] for k in ("cfg_scale", "temperature", "top_k")}
+    sampling = {k: ours["text_to_image"][k] for k in ("temperature", "top_k")}
+    sampling["cfg_scale"] = p.chat_cfg_scale
     for name, split in (("requests", "test"), ("heldout_requests", "test_heldout")):
       specs[name] = dict(
         type="chat_draw",
@@ -71,7 +72,7 @@ def native_requests(
     run.generator(batch_size=32),
     examples,
     num_per_prompt=p.images_per_prompt,
-    cfg_scale=main.cfg_scale,
+    cfg_scale=p.chat_cfg_scale,
     sampling=SamplingConfig(
       text=Settings(temperature=0.0),
       image=Settings(temperature=main.image_temperature, top_k=main.image_top_k),

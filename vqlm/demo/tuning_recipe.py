@@ -43,6 +43,11 @@ class Preset:
   # The SFT's caption/image rows name their objects in a random order
   # (`config.data.shuffle_objects`; the main demo's captions list them in cell order).
   sft_shuffle_objects: bool = False
+  # The share of the SFT's caption/image rows whose prompt is reworded as a request names the
+  # scene (`config.data.reword_prompts`).
+  sft_reword_prompts: float = 0.0
+  # Guidance of chat drawing (the measures and the preference steps' samples).
+  chat_cfg_scale: float = 2.0
   # Draw instructions with no request (`config.data.chat.drop_request`): guidance for chat
   # drawing against an empty request.
   sft_drop_request: float = 0.0
@@ -106,6 +111,10 @@ def sft_config(
   c.data.chat.restate = False
   c.data.chat.reason = p.sft_reason
   c.data.shuffle_objects = p.sft_shuffle_objects
+  c.data.reword_prompts = p.sft_reword_prompts
+  if p.sft_reword_prompts:
+    # Reworded prompts of two objects take up to 32 ids with the main demo's text model.
+    c.data.max_text_len = 40
   c.data.chat.drop_request = p.sft_drop_request
   return c
 
@@ -123,6 +132,7 @@ def _tune_config(
   c.optim.learning_rate = lr
   c.optim.warmup_steps = max(1, min(10, steps // 10))
   c.prompts.max_objects = p.max_objects
+  c.sampling.cfg_scale = p.chat_cfg_scale
   if p.main == "smoke":
     c.prompts.num_eval = 8
   return c

@@ -125,6 +125,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # t2i rows list a shapes caption's objects in a random order (the prompt a user writes need
     # not follow the data set's canonical order); captions the LM writes (i2t) stay canonical.
     shuffle_objects=False,
+    # The share of t2i prompts (shapes captions) reworded as a request names the scene: objects
+    # in a random order, size and position synonyms ("a big red circle in the upper left and a
+    # little blue square in the middle"); `vqlm.data.chat.reworded`.
+    reword_prompts=0.0,
     max_text_len=29 if small else 128,
     frames=1,
     pairs_per_document=2,

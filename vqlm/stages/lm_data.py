@@ -29,7 +29,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vqlm.data import shapes
+from vqlm.data import chat, shapes
 from vqlm.data.chat_source import MixtureSource, MixtureTransform
 from vqlm.data.code_shards import CodeShards, read_manifest
 from vqlm.data.sequences import GroupedSource, SequenceBuilder, needed_seq_len, pack
@@ -163,12 +163,15 @@ class ExampleTransform:
     builder: SequenceBuilder,
     max_text_len: int,
     shuffle_objects: bool = False,
+    reword_prompts: float = 0.0,
   ):
     self.text_model = text_model
     self.builder = builder
     self.max_text_len = max_text_len
-    # Shapes captions with their objects in a random order (seeded by the example's index).
+    # Shapes captions with their objects in a random order, or (a `reword_prompts` share of the
+    # examples) reworded as requests name scenes; seeded by the example's index.
     self.shuffle_objects = shuffle_objects
+    self.reword_prompts = float(reword_prompts)
     self._tokenizer = None
 
   def __call__(self, index: int, element: Mapping | list) -> Example:
@@ -179,13 +182,20 @@ class ExampleTransform:
     return self.builder([self._record(r, index) for r in element], index)
 
   def _record(self, record: Mapping[str, Any], index: int) -> dict[str, Any]:
-    text = record["text"]
-    if self.shuffle_objects:
+    vocab, text = self.builder.vocab, record["text"]
+    text_ids = None
+    if self.shuffle_objects or self.reword_prompts:
       rng = np.random.default_rng([self.builder.seed, int(index), 7])
-      text = shapes.shuffle_caption(text, rng)
-    # Captions beyond max_text_len are cut (checked up front on the training split, so this
-    # only guards against rare outliers; an over-long example must never stop an epoch).
-    text_ids = self.builder.vocab.encode_text(self._tokenizer, text)[: self.max_text_len]
+      if self.reword_prompts and rng.random() < self.reword_prompts:
+        ids = vocab.encode_text(self._tokenizer, chat.reworded_caption(text, rng))
+        # A rewording longer than the caption limit is not cut: the caption stands instead.
+        text_ids = ids if len(ids) <= self.max_text_len else None
+      elif self.shuffle_objects:
+        text = shapes.shuffle_caption(text, rng)
+    if text_ids is None:
+      # Captions beyond max_text_len are cut (checked up front on the training split, so this
+      # only guards against rare outliers; an over-long example must never stop an epoch).
+      text_ids = vocab.encode_text(self._tokenizer, text)[: self.max_text_len]
     return {"text_ids": text_ids, "codes": record["codes"]}
 
 
@@ -236,6 +246,15 @@ def shuffles_objects(config: ml_collections.ConfigDict, mode: str) -> bool:
   """Whether `mode`'s captions list their objects in a random order: t2i prompts when
   `data.shuffle_objects`; never a caption the LM is taught to write."""
   return mode == "t2i" and bool(config.data.get("shuffle_objects", False))
+
+
+def reword_share(config: ml_collections.ConfigDict, mode: str) -> float:
+  """The share of `mode`'s captions reworded as a request would name the scene (t2i prompts,
+  `data.reword_prompts`; never a caption the LM is taught to write)."""
+  share = float(config.data.get("reword_prompts", 0.0)) if mode == "t2i" else 0.0
+  if not 0.0 <= share <= 1.0:
+    raise UserError(f"config.data.reword_prompts={share} must be in [0, 1]; e.g. 0.5")
+  return share
 
 
 def builder(config, vocab: Vocab, *, mode: str, seed: int) -> SequenceBuilder:
@@ -301,6 +320,7 @@ def make_parts(
         builder=builder(config, vocab, mode=mode, seed=seed),
         max_text_len=text_limit(config, mode)[0],
         shuffle_objects=shuffles_objects(config, mode),
+        reword_prompts=reword_share(config, mode),
       )
     if len(source) < group:
       group = max(1, len(source))
