@@ -148,17 +148,21 @@ def test_draw_with_guidance(gen):
   # Guidance runs against the generator's unconditional prompt, <bos> <boi>.
   turns = [{"role": "user", "parts": [requests[0]]}]
   row = sample_chat.chat_prompt_ids(gen, turns) + [gen.vocab.boi_id]
-  out = gen.sampler(
-    [row],
-    max_new_tokens=GRID[0] * GRID[1] + 1,
-    mode="image",
-    seed=1,
-    cfg_scale=3.0,
-    uncond_prompts=[[gen.vocab.bos_id, gen.vocab.boi_id]],
-    batch_size=4,
-  )
-  codes = out.tokens[0, : GRID[0] * GRID[1]] - gen.vocab.image_offset
-  np.testing.assert_array_equal(gen.image_tokenizer.decode(codes.reshape(1, *GRID))[0], guided[0])
+
+  def guided_by(uncond):
+    out = gen.sampler(
+      [row],
+      max_new_tokens=GRID[0] * GRID[1] + 1,
+      mode="image",
+      seed=1,
+      cfg_scale=3.0,
+      uncond_prompts=[uncond],
+      batch_size=4,
+    )
+    codes = out.tokens[0, : GRID[0] * GRID[1]] - gen.vocab.image_offset
+    return gen.image_tokenizer.decode(codes.reshape(1, *GRID))[0]
+
+  np.testing.assert_array_equal(guided_by([gen.vocab.bos_id, gen.vocab.boi_id]), guided[0])
   # With chat_uncond, against an empty request: <bos> <user> <assistant> <boi>.
   empty = sample_chat.chat_uncond_ids(gen.vocab)
   assert empty == sample_chat.chat_prompt_ids(gen, [{"role": "user", "parts": []}]) + [
@@ -167,18 +171,7 @@ def test_draw_with_guidance(gen):
   chat_guided = sample_chat.draw(
     gen, requests[:1], num_per_prompt=1, seed=1, cfg_scale=3.0, chat_uncond=True
   )
-  out = gen.sampler(
-    [row],
-    max_new_tokens=GRID[0] * GRID[1] + 1,
-    mode="image",
-    seed=1,
-    cfg_scale=3.0,
-    uncond_prompts=[empty],
-    batch_size=4,
-  )
-  codes = out.tokens[0, : GRID[0] * GRID[1]] - gen.vocab.image_offset
-  decoded = gen.image_tokenizer.decode(codes.reshape(1, *GRID))[0]
-  np.testing.assert_array_equal(decoded, chat_guided[0])
+  np.testing.assert_array_equal(guided_by(empty), chat_guided[0])
   assert not np.array_equal(chat_guided[0], guided[0])
 
 

@@ -46,7 +46,7 @@ class Preset:
   # The share of the SFT's caption/image rows whose prompt is reworded as a request names the
   # scene (`config.data.reword_prompts`).
   sft_reword_prompts: float = 0.0
-  # Guidance of chat drawing (the measures and the preference steps' samples).
+  # Guidance of the measures' chat drawing (the preference steps sample with `configs/tune.py`'s).
   chat_cfg_scale: float = 2.0
   # Draw instructions with no request (`config.data.chat.drop_request`): guidance for chat
   # drawing against an empty request.
@@ -132,7 +132,6 @@ def _tune_config(
   c.optim.learning_rate = lr
   c.optim.warmup_steps = max(1, min(10, steps // 10))
   c.prompts.max_objects = p.max_objects
-  c.sampling.cfg_scale = p.chat_cfg_scale
   if p.main == "smoke":
     c.prompts.num_eval = 8
   return c
