@@ -47,7 +47,9 @@ class Preset:
   # scene (`config.data.reword_prompts`).
   sft_reword_prompts: float = 0.0
   # Guidance of the measures' chat drawing (the preference steps sample with `configs/tune.py`'s).
-  chat_cfg_scale: float = 2.0
+  # None: the main demo's scale 2 made two-object requests worse than none (40% against 58% and
+  # 43% on two SFT models; docs/experiments.md).
+  chat_cfg_scale: float = 1.0
   # Draw instructions with no request (`config.data.chat.drop_request`): guidance for chat
   # drawing against an empty request.
   sft_drop_request: float = 0.0
