@@ -46,9 +46,9 @@ class Preset:
   # The share of the SFT's caption/image rows whose prompt is reworded as a request names the
   # scene (`config.data.reword_prompts`).
   sft_reword_prompts: float = 0.0
-  # Guidance of the measures' chat drawing (the preference steps sample with `configs/tune.py`'s).
-  # None: the main demo's scale 2 made two-object requests worse than none (40% against 58% and
-  # 43% on two SFT models; docs/experiments.md).
+  # Guidance of chat drawing, in the measures and in the preference steps' samples. None: the
+  # main demo's scale 2 made two-object requests worse than none (40% against 58% and 43% on two
+  # SFT models; docs/experiments.md).
   chat_cfg_scale: float = 1.0
   # Draw instructions with no request (`config.data.chat.drop_request`): guidance for chat
   # drawing against an empty request.
@@ -134,6 +134,7 @@ def _tune_config(
   c.optim.learning_rate = lr
   c.optim.warmup_steps = max(1, min(10, steps // 10))
   c.prompts.max_objects = p.max_objects
+  c.sampling.cfg_scale = p.chat_cfg_scale
   if p.main == "smoke":
     c.prompts.num_eval = 8
   return c
