@@ -334,7 +334,7 @@ def conversation(
   `REASON_WORD` ("a large red circle at the top left so red"; `final_answer` reads it back);
   `answer` stays the answer alone. With probability `drop_request` a draw item's user turn is
   empty (`<bos> <user> <assistant> <boi> image`): the model learns to draw with no request, the
-  unconditional prompt of guidance for chat drawing (`vqlm.sample.chat.CHAT_UNCOND`). The same
+  unconditional prompt of guidance for chat drawing (`vqlm.sample.chat.chat_uncond_ids`). The same
   index gives the same scene and request either way.
   """
   bad = [k for k in kinds if k not in KINDS]
@@ -440,10 +440,9 @@ def preference_pair(item: Mapping[str, Any], *, seed: int = 0, index: int = 0) -
         break
     else:
       raise UserError(f"no wrong answer for {answer!r}.")
-    said = chosen["parts"][0]
-    if isinstance(said, str) and said != answer:
+    if chosen["parts"][0] != answer:
       # A reasoned reply: the same description of the image, then the wrong answer.
-      wrong = said[: len(said) - len(answer)] + wrong
+      wrong = reasoned(item["scene"], wrong)
   rejected = {"role": "assistant", "parts": [wrong]}
   return {"prompt": [user], "chosen": [chosen], "rejected": [rejected]}
 

@@ -294,12 +294,7 @@ def parse_caption(text: str) -> list[dict] | None:
 def reorder_caption(text: str, order: Sequence[int] | str) -> str:
   """The caption `text` with its objects listed in `order`: indices into its canonical order, or
   "reversed"; a text that is not a shapes caption -> UserError."""
-  scene = parse_caption(text)
-  if scene is None:
-    raise UserError(
-      f"{text!r} is not a shapes caption; listing its objects in another order needs the shapes "
-      "captions (leave data.shuffle_objects off / object_order canonical for other data)"
-    )
+  scene = _scene_to_reorder(text)
   if isinstance(order, str):
     if order != "reversed":
       raise UserError(f"order={order!r} must be 'reversed' or a list of indices")
@@ -312,9 +307,19 @@ def reorder_caption(text: str, order: Sequence[int] | str) -> str:
 
 
 def shuffle_caption(text: str, rng: np.random.Generator) -> str:
-  """The caption `text` with its objects listed in a random order (`reorder_caption`)."""
+  """The caption `text` with its objects listed in a random order (as `reorder_caption`)."""
+  scene = _scene_to_reorder(text)
+  return join_phrases([object_phrase(scene[i]) for i in rng.permutation(len(scene))])
+
+
+def _scene_to_reorder(text: str) -> list[dict]:
   scene = parse_caption(text)
-  return reorder_caption(text, rng.permutation(len(scene)).tolist() if scene else [])
+  if scene is None:
+    raise UserError(
+      f"{text!r} is not a shapes caption; listing its objects in another order needs the shapes "
+      "captions (leave data.shuffle_objects off / object_order canonical for other data)"
+    )
+  return scene
 
 
 def split_rng(seed: int, split: str) -> np.random.Generator:

@@ -46,9 +46,9 @@ class Preset:
   # The share of the SFT's caption/image rows whose prompt is reworded as a request names the
   # scene (`config.data.reword_prompts`).
   sft_reword_prompts: float = 0.0
-  # Guidance of chat drawing, in the measures and in the preference steps' samples. None: the
-  # main demo's scale 2 made two-object requests worse than none (40% against 58% and 43% on two
-  # SFT models; docs/experiments.md).
+  # Guidance of chat drawing, in the measures and in the preference steps' samples; 1 is none:
+  # the main demo's scale 2 made two-object requests worse than none (40% against 58% and 43% on
+  # two SFT models; docs/experiments.md).
   chat_cfg_scale: float = 1.0
   # Draw instructions with no request (`config.data.chat.drop_request`): guidance for chat
   # drawing against an empty request.

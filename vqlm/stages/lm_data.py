@@ -183,19 +183,18 @@ class ExampleTransform:
 
   def _record(self, record: Mapping[str, Any], index: int) -> dict[str, Any]:
     vocab, text = self.builder.vocab, record["text"]
-    text_ids = None
     if self.shuffle_objects or self.reword_prompts:
       rng = np.random.default_rng([self.builder.seed, int(index), 7])
       if self.reword_prompts and rng.random() < self.reword_prompts:
         ids = vocab.encode_text(self._tokenizer, chat.reworded_caption(text, rng))
         # A rewording longer than the caption limit is not cut: the caption stands instead.
-        text_ids = ids if len(ids) <= self.max_text_len else None
+        if len(ids) <= self.max_text_len:
+          return {"text_ids": ids, "codes": record["codes"]}
       elif self.shuffle_objects:
         text = shapes.shuffle_caption(text, rng)
-    if text_ids is None:
-      # Captions beyond max_text_len are cut (checked up front on the training split, so this
-      # only guards against rare outliers; an over-long example must never stop an epoch).
-      text_ids = vocab.encode_text(self._tokenizer, text)[: self.max_text_len]
+    # Captions beyond max_text_len are cut (checked up front on the training split, so this
+    # only guards against rare outliers; an over-long example must never stop an epoch).
+    text_ids = vocab.encode_text(self._tokenizer, text)[: self.max_text_len]
     return {"text_ids": text_ids, "codes": record["codes"]}
 
 
