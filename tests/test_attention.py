@@ -9,6 +9,14 @@ import pytest
 from vqlm.nn import attention, layers
 
 
+@pytest.fixture(autouse=True)
+def float32_matmuls_in_full():
+  """The references here are float32; a GPU multiplies float32 in TF32 by default (about 1e-3
+  relative error), so each test runs with full-precision matmuls (no change on a CPU)."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def test_make_attention_mask_is_causal_and_within_segments():
   seg = jnp.array([[1, 1, 2, 2, 0]])
   mask = attention.make_attention_mask(seg)

@@ -9,6 +9,7 @@ import pytest
 
 from vqlm.bench import __main__ as bench_main
 from vqlm.bench import device
+from vqlm.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Not on the accelerator image: the bench must run without them.
@@ -111,3 +112,16 @@ def test_presets_match_the_configs_the_users_train():
   config = tokenizer_config.get_config("size=base")
   kw, image_size = device.tokenizer_model_kwargs("base")
   assert kw == as_kwargs(config.model) and image_size == config.data.image_size
+
+
+def test_lm_model_flag_overrides_the_step_and_names_unknown_keys():
+  args = device._parse(["x", "--lm_model", "remat_policy=none,query_chunks=1,scan_layers=false"])
+  s = device.settings_from(args)
+  assert s["lm_overrides"] == dict(remat_policy="none", query_chunks=1, scan_layers=False)
+  with pytest.raises(UserError, match=r"--lm_model item 'remat=none'.*remat_policy"):
+    device.settings_from(device._parse(["x", "--lm_model", "remat=none"]))
+
+
+def test_dry_run_lm_line_names_the_overrides(capsys):
+  assert device.main(["device", "--dry_run", "--parts", "lm", "--lm_model", "query_chunks=2"]) == 0
+  assert "attention auto -> xla, num_layers=1" in capsys.readouterr().out

@@ -310,7 +310,9 @@ def part_lm(s: Mapping[str, Any], budget: Budget, rows: list[dict]) -> str:
   steps, repeats = s["lm_steps"], s["repeats"]
   budget.check("the vqlm step")
   tps, compile_s, n, model = lm_bench.time_vqlm(kw, vocab, b, t, steps, repeats)
-  impl = attention.resolve_implementation("auto", kw["dtype"], head_dim=model.config.head_size())
+  impl = attention.resolve_implementation(
+    kw["attention_impl"], kw["dtype"], head_dim=model.config.head_size()
+  )
   fpt = flops_per_token(
     n,
     num_layers=model.config.num_layers,
@@ -321,7 +323,9 @@ def part_lm(s: Mapping[str, Any], budget: Budget, rows: list[dict]) -> str:
   device = jax.devices()[0]
   peak_flops = peak.peak_flops(device, kw["dtype"])
   mfu = lambda rate: rate * fpt / peak_flops if peak_flops else None  # The step uses one device.
-  what = f"LM {size} train step, {b} x {t} tokens, {kw['dtype']}, attention auto -> {impl}"
+  what = f"LM {size} train step, {b} x {t} tokens, {kw['dtype']}, attention "
+  what += f"{kw['attention_impl']} -> {impl}"
+  what += "".join(f", {k}={v}" for k, v in s["lm_overrides"].items() if k != "dtype")
   rows.append(
     _row(what, "tokens/s", tps, "not run yet", params=n, compile_s=compile_s, flops_per_token=fpt)
   )
@@ -369,6 +373,18 @@ def part_tokenizer(s: Mapping[str, Any], budget: Budget, rows: list[dict]) -> st
     learning_rate=1e-4, warmup_steps=10, total_steps=1000, b2=0.99, weight_decay=0.0
   )
   task = TokenizerTask(model_kwargs=kw, loss=dict(recon="l1"), optimizer=optimizer)
+  what = f"tokenizer {size} generator step, {b} x {image_size}x{image_size}, float32"
+  # PyTorch first: its cache goes back to the driver before XLA's pool grows (XLA keeps what it
+  # took, and after the vqlm step at 32 x 256x256 too little was left for PyTorch's).
+  where, why = torch_device()
+  theirs: float | str = why
+  if where:
+    budget.check("the PyTorch step")
+    theirs = time_torch_tokenizer(
+      kw, image_size, b, s["tokenizer_steps"], s["repeats"], device=where
+    )
+    _free_torch_memory()
+    rows.append(_row(what, "images/s", None, theirs, torch=why))  # kept if vqlm's step stops
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.uniform(-1, 1, (b, image_size, image_size, 3)).astype(np.float32))
   budget.check("the vqlm step")
@@ -383,17 +399,8 @@ def part_tokenizer(s: Mapping[str, Any], budget: Budget, rows: list[dict]) -> st
     repeats=s["repeats"],
   )
   del state
-  what = f"tokenizer {size} generator step, {b} x {image_size}x{image_size}, float32"
-  rows.append(_row(what, "images/s", b / per_step, "not run yet", params=n, compile_s=compile_s))
-  where, why = torch_device()
-  theirs: float | str = why
-  if where:
-    budget.check("the PyTorch step")
-    theirs = time_torch_tokenizer(
-      kw, image_size, b, s["tokenizer_steps"], s["repeats"], device=where
-    )
-    _free_torch_memory()
-  rows[-1] = _row(what, "images/s", b / per_step, theirs, **_extra(rows[-1]), torch=why)
+  row = _row(what, "images/s", b / per_step, theirs, params=n, compile_s=compile_s, torch=why)
+  rows[len(rows) - 1 if where else len(rows) :] = [row]
   return f"image tokenizer `{size}` training step: vqlm vs diffusers VQModel"
 
 
@@ -503,7 +510,26 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--lm_seq_len", type=int, default=0, help="LM tokens per sequence")
   parser.add_argument("--tokenizer_batch", type=int, default=0, help="images per step")
   parser.add_argument("--sample_batches", default="", help="comma-separated batch sizes")
+  parser.add_argument(
+    "--lm_model",
+    default="",
+    help="comma-separated KEY=VALUE overrides of the LM step's model, e.g. "
+    "remat_policy=none,query_chunks=1 (PyTorch's model follows the shapes)",
+  )
   return parser.parse_args(argv[1:])
+
+
+def _lm_model_overrides(text: str, size: str) -> dict[str, Any]:
+  """`--lm_model` as a dict: integers, true/false, else strings; keys of `lm_model_kwargs`."""
+  known = lm_model_kwargs(size)
+  out: dict[str, Any] = {}
+  for item in filter(None, (i.strip() for i in text.split(","))):
+    key, sep, value = item.partition("=")
+    if not sep or key not in known:
+      raise UserError(f"--lm_model item {item!r}: use KEY=VALUE with KEY in {', '.join(known)}")
+    low = value.lower()
+    out[key] = int(value) if value.isdigit() else {"true": True, "false": False}.get(low, value)
+  return out
 
 
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -514,6 +540,8 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     if value < 0:
       raise UserError(f"--{name}={value} must be positive")
     s[name] = value or s[name]
+  if args.lm_model:
+    s["lm_overrides"] = {**s["lm_overrides"], **_lm_model_overrides(args.lm_model, s["lm_size"])}
   if args.sample_batches:
     try:
       s["sample_batches"] = tuple(int(b) for b in args.sample_batches.split(",") if b.strip())
