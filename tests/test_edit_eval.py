@@ -116,7 +116,7 @@ def test_judge_counts_the_true_result_right_and_others_wrong(run):
     assert edit_eval.is_right(shapes.render(item["scenes"][1], SIZE), item["scenes"][1])
     assert not edit_eval.is_right(shapes.render(item["scenes"][0], SIZE), item["scenes"][1])
   gen = FakeGenerator(run, renders(items, 1))
-  metrics, images, parsed = edit_eval.edit_accuracy(gen, items, seed=7)
+  metrics, images, parsed, reasons = edit_eval.edit_accuracy(gen, items, seed=7)
   assert metrics["accuracy"] == 1.0 and metrics["unchanged"] == 0.0 and metrics["num_items"] == 24
   assert set(metrics["by_kind"]) == set(edits.KINDS) and set(metrics["by_kind"].values()) == {1.0}
   assert sum(metrics["counts"].values()) == 24 and gen.kwargs["seed"] == 7
@@ -126,15 +126,15 @@ def test_judge_counts_the_true_result_right_and_others_wrong(run):
   want = edits.prompt_ids(src, items[0]["instructions"][0], run.vocab, run.text_tokenizer)
   assert gen.rows[0] == want and want[-1] == run.vocab.boi_id
   # The source returned unchanged is wrong; half right is 0.5, per kind too.
-  metrics, _, _ = edit_eval.edit_accuracy(FakeGenerator(run, renders(items, 0)), items)
+  metrics, _, _, _ = edit_eval.edit_accuracy(FakeGenerator(run, renders(items, 0)), items)
   assert metrics["accuracy"] == 0.0 and metrics["unchanged"] == 1.0
   half = np.stack([renders(items, k % 2)[k] for k in range(24)])
-  metrics, _, _ = edit_eval.edit_accuracy(FakeGenerator(run, half), items)
+  metrics, _, _, _ = edit_eval.edit_accuracy(FakeGenerator(run, half), items)
   assert metrics["accuracy"] == 0.5
   moves = [k for k, item in enumerate(items) if item["kind"] == "move"]
   assert metrics["by_kind"]["move"] == pytest.approx(np.mean([k % 2 for k in moves]))
   held = edit_eval.eval_items(6, split="test_heldout")
-  metrics, _, _ = edit_eval.edit_accuracy(FakeGenerator(run, renders(held, 1)), held)
+  metrics, _, _, _ = edit_eval.edit_accuracy(FakeGenerator(run, renders(held, 1)), held)
   assert metrics["heldout_fraction"] == 1.0 and metrics["accuracy"] == 1.0
   stories = (edits.edit_item(i, max_edits=3) for i in range(20))
   story = next(item for item in stories if len(item["edits"]) > 1)
@@ -162,6 +162,7 @@ def test_evaluator_on_a_tiny_lm_writes_artefacts(run, tmp_path):
   fake = SimpleNamespace(
     generator=lambda batch_size: FakeGenerator(run, renders(items, 1)),
     tokenizer_run=run.tokenizer_run,
+    config={},
   )
   assert evaluator.run(fake)["accuracy"] == 1.0
 
@@ -177,3 +178,31 @@ def test_evaluator_settings_errors():
       evaluators.build({"x": {"type": "edit", **spec}})
   built = evaluators.build({"x": {"type": "edit", "kinds": "add, remove"}})
   assert built["x"].settings["kinds"] == ("add", "remove")
+
+
+def test_reasoned_edits_write_the_reason_then_draw_from_it(run, monkeypatch):
+  items = edit_eval.eval_items(8, seed=1)
+  truth = [edits.reason(item["scenes"][0], item["scenes"][1]) for item in items]
+  said = truth[:4] + [edits.reason(item["scenes"][0], item["scenes"][0]) for item in items[4:]]
+  asked = []
+
+  def text_before_image(generator, rows, *, batch_size):
+    asked.extend(rows)
+    return said
+
+  monkeypatch.setattr(edit_eval.sample_chat, "text_before_image", text_before_image)
+  # Drawn: the true result for the first 6 items, the source for the last 2.
+  images = np.stack([renders(items, 1 if k < 6 else 0)[k] for k in range(8)])
+  gen = FakeGenerator(run, images)
+  metrics, _, _, reasons = edit_eval.edit_accuracy(gen, items, reason=True)
+  assert reasons == said and metrics["accuracy"] == 6 / 8
+  assert metrics["reason_right"] == 0.5  # the last 4 reasons say the source again
+  assert metrics["drawn_as_said"] == 6 / 8  # items 0-3 and 6-7 drew what their reason said
+  v, tok = run.vocab, run.text_tokenizer
+  src = run.image_tokenizer.encode(renders(items[:1], 0))[0]
+  prompt = edits.prompt_ids(src, items[0]["instructions"][0], v, tok, reason=True)
+  assert asked[0] == prompt and prompt[-1] == v.eoi_id
+  assert gen.rows[0] == prompt + v.encode_text(tok, said[0]) + [v.boi_id]
+  # The evaluator reads the choice from the run's config.
+  config = SimpleNamespace(get=lambda key: {"edit": {"reason": True}} if key == "data" else None)
+  assert edit_eval.run_reasons_edits(config) and not edit_eval.run_reasons_edits({})

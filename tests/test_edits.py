@@ -130,6 +130,7 @@ def test_instructions_name_each_object_uniquely():
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
   corpus = edits.texts(items("train", num=300, max_edits=2)) + edits.texts(items("test_heldout"))
+  corpus += [edits.with_reasons(item)["reasons"][0] for item in items("train", num=100)]
   path = train_sentencepiece(
     corpus, model_prefix=str(tmp_path_factory.mktemp("sp") / "text"), vocab_size=64
   )
@@ -193,3 +194,40 @@ def test_parse_refuses_malformed_documents(text):
   assert texts == item["instructions"] and len(codes) == 2
   with pytest.raises(UserError, match="n >= 1 instructions and n \\+ 1 images"):
     edits.segment(item["codes"], [], vocab, tokenizer)
+
+
+def test_reasoned_layout_round_trip_and_loss_on_the_reason(text):
+  vocab, tokenizer = text
+  for item in items("train", num=12, max_edits=2):
+    item = edits.with_codes(edits.with_reasons(item), fake_codes)
+    assert item["reasons"][0] == (
+      f"{edits.scene_caption(item['scenes'][0])} so {edits.scene_caption(item['scenes'][1])}"
+    )
+    assert edits.reasoned_scene(item["reasons"][-1]) in (item["scenes"][-1], [])
+    example = edits.build(item, vocab, tokenizer)
+    ids = np.concatenate([example["tokens"], example["targets"][-1:]])
+    codes, texts = edits.parse(ids, vocab, tokenizer, reasoned=True)
+    runs = [f"{i} {r}" for i, r in zip(item["instructions"][1:], item["reasons"][1:])]
+    assert texts == [item["instructions"][0], item["reasons"][0], *runs]
+    for got, want in zip(codes, item["codes"]):
+      np.testing.assert_array_equal(got, want)
+    # The prompt ends with the source; the reason after it is the first target with a loss.
+    prompt = edits.prompt_ids(
+      item["codes"][0], item["instructions"][0], vocab, tokenizer, reason=True
+    )
+    assert prompt == ids[: len(prompt)].tolist() and prompt[-1] == vocab.eoi_id
+    weights = example["loss_weights"]
+    assert not weights[: len(prompt) - 1].any() and weights[len(prompt) - 1 :].all()
+    reason_ids = vocab.encode_text(tokenizer, item["reasons"][0])
+    assert ids[len(prompt) : len(prompt) + len(reason_ids)].tolist() == reason_ids
+    assert ids[len(prompt) + len(reason_ids)] == vocab.boi_id
+    # Read as a plain document, text after the source is refused.
+    with pytest.raises(UserError, match="followed by its result, not text"):
+      edits.parse(ids, vocab, tokenizer)
+  # Removing the only object leaves an empty scene, said "nothing".
+  lone = [obj("red", "circle", "center")]
+  assert edits.reason(lone, []) == "a large red circle in the center so nothing"
+  assert edits.reasoned_scene("a large red circle in the center so nothing") == []
+  assert edits.reasoned_scene("so a blue blob") is None
+  with pytest.raises(UserError, match="one reason per instruction"):
+    edits.segment(item["codes"], item["instructions"], vocab, tokenizer, reasons=[])

@@ -42,6 +42,18 @@ one does (`<bos> <boi> image <eoi>` then text, always a caption): with the instr
 source, a model trained on both wrote edit instructions as captions of some images.
 `build` gives the unpadded LM example (`sequences.to_example` with the prompt `<bos>
 instruction_1 <boi> src <eoi>` masked), `parse` reads ids back into code grids and instructions.
+
+Reasoned edits (`with_reasons`, `config.data.edit.reason`): before each result the document says
+what the edit does in words, the scene before and the scene after as captions joined by
+`REASON_WORD`, then draws the result from that:
+
+```
+<bos> instruction <boi> src <eoi> caption(src) so caption(result) <boi> result <eoi> <eos>
+prompt (one edit):  <bos> instruction <boi> src <eoi>          (`prompt_ids(..., reason=True)`)
+```
+
+The model then reads the source as it captions images, edits a sentence, and draws the result
+from its caption as it draws captions, rather than editing codes in place.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -57,6 +69,8 @@ from vqlm.vocab import Vocab
 
 KINDS = ("move", "recolor", "add", "remove")
 STORY = "story"  # the kind of an item with several edits
+REASON_WORD = "so"  # joins the captions of the scene before and after an edit in its reason
+EMPTY_SCENE = "nothing"  # the caption of a scene with no object left (a reason's text)
 # direction -> (row, column) step on the 3x3 grid, and its words in an instruction.
 DIRECTIONS: dict[str, tuple[int, int]] = {
   "right": (0, 1),
@@ -322,6 +336,36 @@ def edit_item(
   )
 
 
+def scene_caption(scene: Sequence[Mapping[str, str]]) -> str:
+  """`shapes.caption(scene)`, or `EMPTY_SCENE` for a scene with no objects."""
+  return shapes.caption(scene) if scene else EMPTY_SCENE
+
+
+def reason(before: Sequence[Mapping[str, str]], after: Sequence[Mapping[str, str]]) -> str:
+  """An edit said in words: `"<caption of before> so <caption of after>"`."""
+  return f"{scene_caption(before)} {REASON_WORD} {scene_caption(after)}"
+
+
+def reasoned_result(text: str) -> str:
+  """The caption of the result in a reason (`reason`): the text after its last `REASON_WORD`,
+  stripped (the whole text when it has none)."""
+  marker = f" {REASON_WORD} "
+  return text.rsplit(marker, 1)[1].strip() if marker in text else text.strip()
+
+
+def reasoned_scene(text: str) -> list[dict] | None:
+  """The scene of a reason's result caption (`reasoned_result`; `EMPTY_SCENE`: no objects), or
+  None when it is not a shapes caption."""
+  result = reasoned_result(text)
+  return [] if result == EMPTY_SCENE else shapes.parse_caption(result)
+
+
+def with_reasons(item: Mapping[str, Any]) -> dict[str, Any]:
+  """The item with `"reasons"`: `reason(scenes[k - 1], scenes[k])` for each of its edits."""
+  scenes = item["scenes"]
+  return {**item, "reasons": [reason(a, b) for a, b in zip(scenes[:-1], scenes[1:])]}
+
+
 def texts(items: Iterable[Mapping[str, Any]]) -> list[str]:
   """Every instruction of the items, in order (a corpus for the SentencePiece model)."""
   return [text for item in items for text in item["instructions"]]
@@ -352,10 +396,13 @@ def segment(
   instructions: Sequence[str],
   vocab: Vocab,
   tokenizer: TextTokenizer,
+  reasons: Sequence[str] | None = None,
 ) -> sequences.Segment:
   """`<bos> instructions[0] <boi> codes[0] <eoi> <boi> codes[1] <eoi> instructions[1] <boi>
   codes[2] <eoi> ... <eos>`; the prompt is `<bos> instructions[0] <boi> codes[0] <eoi>`. Needs one
-  more code grid `[h, w]` than instructions.
+  more code grid `[h, w]` than instructions. With `reasons` (one per instruction, `reason`), each
+  result's `<boi>` follows its reason: `... codes[0] <eoi> reasons[0] <boi> codes[1] <eoi>
+  instructions[1] reasons[1] <boi> codes[2] ...` (one text run of both).
 
   The first instruction comes before the source image so that no edit document starts like an
   image-to-text one (`<bos> <boi> image <eoi> text`): after an image at the start, text is always
@@ -365,11 +412,14 @@ def segment(
       f"an edit document needs n >= 1 instructions and n + 1 images, got {len(instructions)} "
       f"and {len(codes)}."
     )
+  if reasons is not None and len(reasons) != len(instructions):
+    raise UserError(f"an edit document needs one reason per instruction, got {len(reasons)}.")
   ids = [vocab.bos_id, *_text(instructions[0], vocab, tokenizer), *_image(codes[0], vocab)]
   prompt_len = len(ids)
-  ids += _image(codes[1], vocab)
-  for text, grid in zip(instructions[1:], codes[2:]):
-    ids += _text(text, vocab, tokenizer) + _image(grid, vocab)
+  runs = ["", *instructions[1:]]
+  for k, (run, grid) in enumerate(zip(runs, codes[1:])):
+    text = " ".join(t for t in (run, reasons[k] if reasons is not None else "") if t)
+    ids += (_text(text, vocab, tokenizer) if text else []) + _image(grid, vocab)
   ids.append(vocab.eos_id)
   return sequences.Segment(np.asarray(ids, np.int32), prompt_len)
 
@@ -384,33 +434,38 @@ def build(
 ) -> sequences.Example:
   """An item with `"codes"` (`with_codes`) -> unpadded LM example of length L - 1: weight 0 on
   the targets through the source image's `<eoi>` (the first instruction and the source),
-  `text_weight` / `image_weight` after it (the results, later instructions and `<eos>`)."""
+  `text_weight` / `image_weight` after it (the results, later instructions and `<eos>`). An item
+  with `"reasons"` (`with_reasons`) gets the reasoned layout."""
   if "codes" not in item:
     raise UserError("the edit item has no 'codes'; call edits.with_codes(item, encode) first.")
-  seg = segment(item["codes"], item["instructions"], vocab, tokenizer)
+  seg = segment(item["codes"], item["instructions"], vocab, tokenizer, item.get("reasons"))
   return sequences.to_example(
     seg, vocab, text_weight=text_weight, image_weight=image_weight, mask_prompt=True
   )
 
 
 def prompt_ids(
-  src_codes: np.ndarray, instruction: str, vocab: Vocab, tokenizer: TextTokenizer
+  src_codes: np.ndarray,
+  instruction: str,
+  vocab: Vocab,
+  tokenizer: TextTokenizer,
+  *,
+  reason: bool = False,
 ) -> list[int]:
   """The prompt of one edit: `<bos> instruction <boi> src <eoi> <boi>` (the sampler draws the
-  result's codes and `<eoi>`)."""
-  return [
-    vocab.bos_id,
-    *_text(instruction, vocab, tokenizer),
-    *_image(src_codes, vocab),
-    vocab.boi_id,
-  ]
+  result's codes and `<eoi>`); with `reason`, without the last `<boi>` (the model writes its
+  reason first)."""
+  ids = [vocab.bos_id, *_text(instruction, vocab, tokenizer), *_image(src_codes, vocab)]
+  return ids if reason else ids + [vocab.boi_id]
 
 
 def parse(
-  ids: Sequence[int], vocab: Vocab, tokenizer: TextTokenizer
+  ids: Sequence[int], vocab: Vocab, tokenizer: TextTokenizer, *, reasoned: bool = False
 ) -> tuple[list[np.ndarray], list[str]]:
   """Inverse of `segment`: ids (a leading `<bos>` optional; read up to the first `<eos>` or
-  `<pad>`) -> (code grids int32 `[h, w]`, instructions).
+  `<pad>`) -> (code grids int32 `[h, w]`, instructions). `reasoned` (a document with reasons):
+  the texts are every text run, the reason after the source included (`[instructions[0],
+  reasons[0], instructions[1] + " " + reasons[1], ...]`).
 
   Raises UserError unless the ids are text, the source image, its result, then (text, image)
   pairs: a `<boi>` not followed by `h*w` codes and `<eoi>`, text missing or where an image must
@@ -426,7 +481,7 @@ def parse(
   while i < len(ids) and ids[i] not in (vocab.eos_id, vocab.pad_id):
     t = ids[i]
     if vocab.is_text(t):
-      if len(codes) == 1:
+      if len(codes) == 1 and not reasoned:
         raise UserError("the source image of an edit document is followed by its result, not text.")
       run.append(t)
       i += 1
@@ -438,7 +493,7 @@ def parse(
       raise UserError(f"the image at position {i} is not <boi> + {hw} codes + <eoi>.")
     if ids[i + 1 + hw] != vocab.eoi_id:
       raise UserError(f"the image at position {i} is not closed by <eoi> after {hw} codes.")
-    if len(codes) != 1 and not run:
+    if (len(codes) != 1 or reasoned) and not run:
       raise UserError(f"the image at position {i} has no instruction before it.")
     if run:
       texts.append(tokenizer.decode(run))

@@ -48,6 +48,9 @@ class Preset:
   edit_kinds: str = "move,recolor,add,remove"
   edit_max_edits: int = 1
   edit_max_objects: int = 2
+  # Each edit said in words before its result ("<caption of the source> so <caption of the
+  # result>", `vqlm.data.edits.reason`): the measures let the LM write it, then draw.
+  edit_reason: bool = False
   # Clips encoded for validation (per-mode validation loss) and test.
   validation_clips: int = 256
   test_clips: int = 256
@@ -144,6 +147,7 @@ def lm_config(
     min_objects=1,
     max_objects=p.edit_max_objects,
     seed=0,
+    reason=p.edit_reason,
   )
   return c
 

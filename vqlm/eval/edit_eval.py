@@ -5,7 +5,8 @@ blue", "add a small green triangle at the bottom", "remove the red circle"): the
 rendered at the image tokenizer's size and encoded, the LM is prompted with
 `<bos> instruction <boi> src <eoi> <boi>` and draws exactly one image, and the image is right when
 the scene parser reads it as the edited scene exactly (every object's colour, shape, size and
-cell; `edits.apply` is the truth).
+cell; `edits.apply` is the truth). An LM trained on reasoned edits (`config.data.edit.reason`) is
+prompted without the last `<boi>`, writes its reason (greedy; `edits.reason`), then draws.
 
 Evaluator (`config.evals`, stage "lm"):
 
@@ -13,7 +14,9 @@ Evaluator (`config.evals`, stage "lm"):
              "edit_heldout": {"type": "edit", "split": "test_heldout"}}
 
 Metrics: `accuracy`, `by_kind` (accuracy per edit kind present), `counts`, `unchanged` (the
-fraction of images that are the source scene again), `num_items`, `heldout_fraction`.
+fraction of images that are the source scene again), `num_items`, `heldout_fraction`; with
+reasons, `reason_right` (the reason's result caption is the edited scene's) and `drawn_as_said`
+(the image is the scene of the reason's result caption).
 "test_heldout" items hold a colour-shape pair never seen in training (`shapes.HELDOUT_PAIRS`) in
 the source or the result.
 Artefacts: `edit_<split>.json` (every item: instruction, source, truth, parsed scene, verdict) and
@@ -29,6 +32,7 @@ import numpy as np
 from vqlm.data import edits, shapes
 from vqlm.errors import UserError
 from vqlm.eval import chat_eval, evaluators, scene_parser
+from vqlm.sample import chat as sample_chat
 
 SPLITS = ("test", "test_heldout")
 SHOWN = 12  # items in the png grid
@@ -75,7 +79,8 @@ def edit_accuracy(
   sampling: Any = None,
   seed: int = 0,
   batch_size: int | None = None,
-) -> tuple[dict[str, Any], np.ndarray, list[list[dict]]]:
+  reason: bool = False,
+) -> tuple[dict[str, Any], np.ndarray, list[list[dict]], list[str] | None]:
   """Draws one result image per single-edit item and judges it.
 
   Args:
@@ -83,9 +88,12 @@ def edit_accuracy(
       `text_tokenizer`, `image_tokenizer.image_size`).
     items: `edits.edit_item(..., max_edits=1)` items.
     sampling: the image sampling settings (`draw_ids`'); seed: row i draws with `(seed, i)`.
+    reason: the LM writes each edit's reason before its result (trained with
+      `config.data.edit.reason`).
   Returns:
-    (metrics, images uint8 `[N, H, W, 3]`, the parsed scenes): `accuracy`, `by_kind`, `counts`,
-    `unchanged`, `num_items` and `heldout_fraction` (items with a held-out pair).
+    (metrics, images uint8 `[N, H, W, 3]`, the parsed scenes, the reasons or None):
+    `accuracy`, `by_kind`, `counts`, `unchanged`, `num_items` and `heldout_fraction` (items with
+    a held-out pair), with reasons `reason_right` and `drawn_as_said`.
   """
   if not items:
     raise UserError("edit_accuracy got no items; pass at least one edits.edit_item item.")
@@ -101,8 +109,13 @@ def edit_accuracy(
   sources = chat_eval.scene_encoder(generator)([item["scenes"][0] for item in items])
   v, tok = generator.vocab, generator.text_tokenizer
   rows = [
-    edits.prompt_ids(codes, item["instructions"][0], v, tok) for codes, item in zip(sources, items)
+    edits.prompt_ids(codes, item["instructions"][0], v, tok, reason=reason)
+    for codes, item in zip(sources, items)
   ]
+  reasons = None
+  if reason:
+    reasons = sample_chat.text_before_image(generator, rows, batch_size=batch_size)
+    rows = [row + list(v.encode_text(tok, r)) + [v.boi_id] for row, r in zip(rows, reasons)]
   images = generator.draw_ids(rows, sampling=sampling, seed=seed, batch_size=batch_size)
   parsed = [scene_parser.parse_image(image) for image in images]
   right = [same_scene(p, item["scenes"][1]) for p, item in zip(parsed, items)]
@@ -121,7 +134,23 @@ def edit_accuracy(
       np.mean([bool(edits.pairs_used([it]) & set(shapes.HELDOUT_PAIRS)) for it in items])
     ),
   }
-  return metrics, np.asarray(images), parsed
+  if reasons is not None:
+    said = [edits.reasoned_scene(r) for r in reasons]
+    metrics["reason_right"] = float(
+      np.mean([s is not None and same_scene(s, it["scenes"][1]) for s, it in zip(said, items)])
+    )
+    metrics["drawn_as_said"] = float(
+      np.mean([s is not None and same_scene(p, s) for s, p in zip(said, parsed)])
+    )
+  return metrics, np.asarray(images), parsed, reasons
+
+
+def run_reasons_edits(config: Any) -> bool:
+  """Whether the run was trained on reasoned edit documents (`config.data.edit.reason`; a
+  config without it: no)."""
+  data = config.get("data")
+  edit = data.get("edit") if data is not None else None
+  return bool(edit is not None and edit.get("reason", False))
 
 
 class EditEval(evaluators.Evaluator):
@@ -180,20 +209,27 @@ class EditEval(evaluators.Evaluator):
     s = self.settings
     items = self.items()
     generator = run.generator(batch_size=s["batch_size"])
-    metrics, images, parsed = edit_accuracy(
+    reason = run_reasons_edits(run.config)
+    metrics, images, parsed, reasons = edit_accuracy(
       generator,
       items,
       sampling=evaluators._sampling(s["temperature"], s["top_k"]),
       seed=s["seed"],
       batch_size=s["batch_size"],
+      reason=reason,
     )
     metrics["split"] = s["split"]
-    metrics["settings"] = {"image_temperature": s["temperature"], "image_top_k": s["top_k"]}
+    metrics["settings"] = {
+      "image_temperature": s["temperature"],
+      "image_top_k": s["top_k"],
+      "reason": reason,
+    }
     if artefacts:
-      self._write(artefacts, items, images, parsed, int(generator.image_tokenizer.image_size))
+      size = int(generator.image_tokenizer.image_size)
+      self._write(artefacts, items, images, parsed, size, reasons)
     return metrics
 
-  def _write(self, artefacts, items, images, parsed, size: int) -> None:
+  def _write(self, artefacts, items, images, parsed, size: int, reasons=None) -> None:
     from vqlm import imaging
 
     name = f"edit_{self.settings['split']}"
@@ -205,8 +241,9 @@ class EditEval(evaluators.Evaluator):
         "truth": item["scenes"][1],
         "parsed": scene,
         "right": same_scene(scene, item["scenes"][1]),
+        **({"reason": reasons[i]} if reasons is not None else {}),
       }
-      for item, scene in zip(items, parsed)
+      for i, (item, scene) in enumerate(zip(items, parsed))
     ]
     chat_eval._write_json(artefacts, f"{name}.json", rows)
     shown = min(SHOWN, len(items))

@@ -142,7 +142,7 @@ def draw(
     raise UserError(f"num_per_prompt={num_per_prompt} must be >= 1.")
   prompts = _prompts(generator, requests, "requests")
   if restate and captions is None:
-    captions = _restate_prompts(generator, prompts, batch_size=batch_size)
+    captions = text_before_image(generator, prompts, batch_size=batch_size)
   if captions is not None:
     if isinstance(captions, str) or len(captions) != len(prompts):
       raise UserError(f"captions must be a list of {len(prompts)} strings, one per request.")
@@ -177,14 +177,17 @@ def restate(
     requests: user texts or turn lists, as for `draw`.
     max_len: most text ids of a caption.
   """
-  return _restate_prompts(
+  return text_before_image(
     generator, _prompts(generator, requests, "requests"), batch_size=batch_size, max_len=max_len
   )
 
 
-def _restate_prompts(
+def text_before_image(
   generator: Any, prompts: list[list[int]], *, batch_size: int | None, max_len: int = 0
 ) -> list[str]:
+  """The text the model writes (greedy) after each prompt of unified ids before it opens an
+  image (or ends), at most `max_len` ids (default RESTATE_MAX_LEN), stripped: a restated
+  request's caption, or an edit's reason (`vqlm.data.edits.reason`)."""
   # Mode "interleaved" lets the model open its image (a step budget that fits one whole run);
   # the caption is what comes before that `<boi>` (or before `<eos>`).
   v = generator.vocab

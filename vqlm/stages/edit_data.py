@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from vqlm.data import chat_source, edits, shapes
+from vqlm.errors import UserError
 from vqlm.stages import lm_data, prebuilt
 from vqlm.text import TextTokenizer
 from vqlm.vocab import Vocab
@@ -40,9 +41,10 @@ class EditSettings:
   min_objects: int
   max_objects: int
   seed: int
+  reason: bool = False  # Documents say each edit in words before its result (`edits.reason`).
 
   def item(self, index: int, split: str) -> dict[str, Any]:
-    return edits.edit_item(
+    item = edits.edit_item(
       index,
       seed=self.seed,
       split=split,
@@ -51,6 +53,7 @@ class EditSettings:
       max_objects=self.max_objects,
       max_edits=self.max_edits,
     )
+    return edits.with_reasons(item) if self.reason else item
 
   def items(self, split: str) -> list[dict[str, Any]]:
     n = self.num_examples if split == "train" else self.validation_examples
@@ -77,6 +80,9 @@ def settings(config: ml_collections.ConfigDict) -> EditSettings | None:
     ),
   )
   lo, hi = prebuilt.check_objects(c, "edit", example=2)
+  reason = c.get("reason", False)
+  if not isinstance(reason, bool):
+    raise UserError(f"--config.data.edit.reason={reason!r}: use true or false")
   if weight == 0:
     return None
   return EditSettings(
@@ -88,6 +94,7 @@ def settings(config: ml_collections.ConfigDict) -> EditSettings | None:
     min_objects=lo,
     max_objects=hi,
     seed=c.seed,
+    reason=reason,
   )
 
 
@@ -151,6 +158,7 @@ def _info(edit_settings, items, built, *, seq_len: int, num_images: int) -> dict
     "min_objects": edit_settings.min_objects,
     "max_objects": edit_settings.max_objects,
     "seed": edit_settings.seed,
+    "reason": edit_settings.reason,
     "seq_len": seq_len,
     "distinct_images": num_images,
     "splits": splits,

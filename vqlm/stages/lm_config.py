@@ -147,6 +147,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       min_objects=1,
       max_objects=2,
       seed=0,
+      # Say each edit in words before its result: "<caption of the source> so <caption of the
+      # result>" (`vqlm.data.edits.reason`); the edit evaluator then lets the model write it.
+      reason=False,
     ),
     codebook_dim=0,
     num_threads=2,
