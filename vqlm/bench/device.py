@@ -42,7 +42,6 @@ import numpy as np
 
 from vqlm.bench import peak
 from vqlm.errors import UserError
-from vqlm.testing.torch_refs import prepare_torch_imports
 
 PARTS = ("lm", "tokenizer", "sample")
 # Each part's time limit in seconds (`--time_limit` sets one for all): 7 minutes together, and
@@ -220,69 +219,6 @@ def _free_torch_memory() -> None:
       torch.cuda.empty_cache()
 
 
-def time_torch_tokenizer(
-  kw: Mapping[str, Any], image_size: int, batch: int, steps: int, repeats: int, device: str
-) -> float | str:
-  """Images/s of the generator step of a diffusers `VQModel` shaped like `ImageTokenizer(**kw)`
-  (L1 + commitment loss, AdamW, clipping), or a skip message."""
-  try:
-    import torch
-  except ImportError:
-    return "skipped: torch not installed"
-  prepare_torch_imports()  # the interop extra's torchvision (vqlm.testing.torch_refs)
-  try:
-    from diffusers import VQModel
-  except ImportError:
-    return "skipped: diffusers not installed"
-  from vqlm.nn.autoencoder import num_groups
-
-  enc, vq = kw["encoder"], kw["bottleneck"]
-  mults = tuple(enc["channel_multipliers"])
-  torch.manual_seed(0)
-  if device == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-  model = VQModel(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * len(mults),
-    up_block_types=("UpDecoderBlock2D",) * len(mults),
-    block_out_channels=tuple(enc["channels"] * m for m in mults),
-    layers_per_block=enc["num_res_blocks"],
-    latent_channels=enc["latent_dim"],
-    sample_size=image_size,
-    num_vq_embeddings=vq["codebook_size"],
-    vq_embed_dim=vq["code_dim"],
-    norm_num_groups=num_groups(enc["channels"]),
-    mid_block_add_attention=enc["attention_at_lowest"],
-  ).to(device)
-  model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
-  images = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-  def one():
-    recon, commit = model(images, return_dict=False)
-    loss = (recon - images).abs().mean() + commit
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-  one()
-  one()
-  sync()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(steps):
-      one()
-    sync()
-    best = min(best, (time.perf_counter() - start) / steps)
-  return batch / best
-
-
 # -- the parts ----------------------------------------------------------------------------------
 
 
@@ -363,6 +299,7 @@ def _extra(row: dict) -> dict:
 def part_tokenizer(s: Mapping[str, Any], budget: Budget, rows: list[dict]) -> str:
   import flax.linen as nn
 
+  from vqlm.bench import tokenizer as tokenizer_bench
   from vqlm.bench.tokenizer import time_calls
   from vqlm.train.optim import make_optimizer
   from vqlm.train.tokenizer_task import TokenizerTask
@@ -380,7 +317,7 @@ def part_tokenizer(s: Mapping[str, Any], budget: Budget, rows: list[dict]) -> st
   theirs: float | str = why
   if where:
     budget.check("the PyTorch step")
-    theirs = time_torch_tokenizer(
+    theirs = tokenizer_bench.time_torch_tokenizer(
       kw, image_size, b, s["tokenizer_steps"], s["repeats"], device=where
     )
     _free_torch_memory()

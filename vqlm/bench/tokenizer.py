@@ -11,7 +11,7 @@ only jax, flax, optax, orbax and ml-collections; importing the module (for `time
 `vqlm.bench.device` does) needs none of ml-collections either.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import time
 from typing import Any
 
@@ -56,6 +56,71 @@ def time_calls(
     carry = jax.block_until_ready(carry)
     best = min(best, (time.perf_counter() - start) / steps)
   return compile_s, best, carry
+
+
+def time_torch_tokenizer(
+  kw: Mapping[str, Any], image_size: int, batch: int, steps: int, repeats: int, device: str
+) -> float | str:
+  """Images/s of the generator step of a diffusers `VQModel` shaped like `ImageTokenizer(**kw)`
+  (L1 + commitment loss, AdamW, clipping), or a skip message."""
+  try:
+    import torch
+  except ImportError:
+    return "skipped: torch not installed"
+  from vqlm.testing.torch_refs import prepare_torch_imports
+
+  prepare_torch_imports()  # the interop extra's torchvision (vqlm.testing.torch_refs)
+  try:
+    from diffusers import VQModel
+  except ImportError:
+    return "skipped: diffusers not installed"
+  from vqlm.nn.autoencoder import num_groups
+
+  enc, vq = kw["encoder"], kw["bottleneck"]
+  mults = tuple(enc["channel_multipliers"])
+  torch.manual_seed(0)
+  if device == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+  model = VQModel(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * len(mults),
+    up_block_types=("UpDecoderBlock2D",) * len(mults),
+    block_out_channels=tuple(enc["channels"] * m for m in mults),
+    layers_per_block=enc["num_res_blocks"],
+    latent_channels=enc["latent_dim"],
+    sample_size=image_size,
+    num_vq_embeddings=vq["codebook_size"],
+    vq_embed_dim=vq["code_dim"],
+    norm_num_groups=num_groups(enc["channels"]),
+    mid_block_add_attention=enc["attention_at_lowest"],
+  ).to(device)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+  images = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def one():
+    recon, commit = model(images, return_dict=False)
+    loss = (recon - images).abs().mean() + commit
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  one()
+  one()
+  sync()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      one()
+    sync()
+    best = min(best, (time.perf_counter() - start) / steps)
+  return batch / best
 
 
 def main(argv: list[str]) -> int:
