@@ -53,7 +53,9 @@ prompt (one edit):  <bos> instruction <boi> src <eoi>          (`prompt_ids(...,
 ```
 
 The model then reads the source as it captions images, edits a sentence, and draws the result
-from its caption as it draws captions, rather than editing codes in place.
+from its caption as it draws captions, rather than editing codes in place. On the video demo it
+made fewer edits right than the plain layout: the sentence edit was the weak step
+(docs/evaluation.md).
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
