@@ -11,7 +11,7 @@ plus `dtype`, `remat_policy`, ...) and import no config library: `vqlm.bench.dev
 on an accelerator.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import time
 from typing import Any
 
@@ -161,17 +161,25 @@ def time_torch(
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  one()
-  one()
+  return batch * seq_len / best_step_seconds(one, steps=steps, repeats=repeats, sync=sync)
+
+
+def best_step_seconds(
+  step: Callable[[], Any], *, steps: int, repeats: int, sync: Callable
+) -> float:
+  """Seconds per call of a PyTorch training `step`: two warm-up calls, then the best of `repeats`
+  timed runs of `steps` calls, each closed by `sync()` (the device's synchronize)."""
+  step()
+  step()
   sync()
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
     for _ in range(steps):
-      one()
+      step()
     sync()
     best = min(best, time.perf_counter() - start)
-  return batch * seq_len * steps / best
+  return best / steps
 
 
 def main(argv: list[str]) -> int:

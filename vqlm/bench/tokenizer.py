@@ -67,6 +67,7 @@ def time_torch_tokenizer(
     import torch
   except ImportError:
     return "skipped: torch not installed"
+  from vqlm.bench.lm import best_step_seconds
   from vqlm.testing.torch_refs import prepare_torch_imports
 
   prepare_torch_imports()  # the interop extra's torchvision (vqlm.testing.torch_refs)
@@ -110,17 +111,7 @@ def time_torch_tokenizer(
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  one()
-  one()
-  sync()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(steps):
-      one()
-    sync()
-    best = min(best, (time.perf_counter() - start) / steps)
-  return batch / best
+  return batch / best_step_seconds(one, steps=steps, repeats=repeats, sync=sync)
 
 
 def main(argv: list[str]) -> int:
