@@ -9,6 +9,7 @@ from vqlm.nn.autoencoder import (
   Encoder,
   PatchEncoder,
   ResBlock,
+  SplitPatchEncoder,
   factor_of,
   num_groups,
   output_conv,
@@ -126,6 +127,35 @@ def test_patch_encoder_codes_depend_on_their_own_patch_only():
   # The same patch drawn at another place, in another image, gets the same latent.
   other = _images(b=1, h=16, w=24, seed=3).at[:, 12:16, 0:4].set(x[:, 4:8, 8:12])
   np.testing.assert_allclose(enc.apply(variables, other)[0, 3, 0], z[0, 1, 2], atol=1e-5)
+
+
+def test_split_patch_encoder_keeps_form_and_colour_in_their_own_channels():
+  from vqlm.data import shapes
+  from vqlm.errors import UserError
+
+  enc = SplitPatchEncoder(
+    channels=8, channel_multipliers=(1, 2, 2), latent_dim=6, mlp_blocks=1, colour_channels=2
+  )
+  scene = lambda color, shape: [
+    {"shape": shape, "color": color, "size": "large", "position": "center"}
+  ]
+  image = lambda color, shape: jnp.asarray(shapes.render(scene(color, shape), 32)) / 127.5 - 1.0
+  red_tri, blue_tri = image("red", "triangle"), image("blue", "triangle")
+  red_sq = image("red", "square")
+  x = jnp.stack([red_tri, blue_tri, red_sq])
+  variables = enc.init(rng_key(0), x)
+  z = np.asarray(enc.apply(variables, x))
+  assert z.shape == (3, 8, 8, 6)
+  # Another colour moves only the colour channels; another form (same colour) only the form ones.
+  recolor, reshape = np.abs(z[1] - z[0]), np.abs(z[2] - z[0])
+  assert recolor[..., 4:].max() > 1e-3 and recolor[..., :4].max() < 1e-5
+  assert reshape[..., :4].max() > 1e-3
+  # Patches with red pixels in both images have the same colour input, so the same colour latents.
+  drawn = lambda im: (np.asarray(im).max(-1) > -1).reshape(8, 4, 8, 4).any((1, 3))
+  both = drawn(red_tri) & drawn(red_sq)
+  assert both.sum() >= 4 and reshape[both][:, 4:].max() < 1e-5
+  with pytest.raises(UserError, match="colour_channels=6 must be in 1..latent_dim - 1"):
+    SplitPatchEncoder(channels=8, latent_dim=6, colour_channels=6).init(rng_key(0), x)
 
 
 def test_group_norm_groups_and_eps_options():

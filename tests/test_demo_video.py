@@ -39,9 +39,14 @@ def test_recipe_configs_are_valid(name):
   assert c.data.frames == VIDEO_FRAMES and c.train.seq_len % 8 == 0
   edits = edit_data.settings(c)
   assert edits is not None and edits.num_examples == p.edit_examples
-  assert edits.reason == p.edit_reason
-  c.data.edit.reason = not p.edit_reason
-  assert edit_data.settings(c).reason != p.edit_reason
+  assert edits.reason == p.edit_reason == ""
+  c.data.edit.reason = True
+  assert edit_data.settings(c).reason == "scene"
+  c.data.edit.reason_style = "change"
+  assert edit_data.settings(c).reason == "change"
+  c.data.edit.reason_style = "words"
+  with pytest.raises(UserError, match="reason_style='words': use one of scene, change"):
+    edit_data.settings(c)
   # The model is the main demo's (init_from needs the same shapes).
   base = MAIN_PRESETS[p.main]
   assert c.size == base.lm_size and c.model.image_pos_embed

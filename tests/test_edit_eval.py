@@ -205,4 +205,14 @@ def test_reasoned_edits_write_the_reason_then_draw_from_it(run, monkeypatch):
   assert gen.rows[0] == prompt + v.encode_text(tok, said[0]) + [v.boi_id]
   # The evaluator reads the choice from the run's config.
   config = SimpleNamespace(get=lambda key: {"edit": {"reason": True}} if key == "data" else None)
-  assert edit_eval.run_reasons_edits(config) and not edit_eval.run_reasons_edits({})
+  assert edit_eval.run_reasons_edits(config) == "scene" and not edit_eval.run_reasons_edits({})
+  change = {"edit": {"reason": True, "reason_style": "change"}}
+  config = SimpleNamespace(get=lambda key: change if key == "data" else None)
+  assert edit_eval.run_reasons_edits(config) == "change"
+  # Change reasons: the scene said is the source with the named object changed.
+  said[:] = [edits.reason(it["scenes"][0], it["scenes"][1], "change") for it in items]
+  said[6] = said[7] = "nothing so nothing"  # says the source again
+  metrics, _, _, _ = edit_eval.edit_accuracy(gen, items, reason="change")
+  assert metrics["reason_right"] == 6 / 8 and metrics["drawn_as_said"] == 1.0
+  with pytest.raises(UserError, match="edit reason='words'"):
+    edit_eval.edit_accuracy(gen, items, reason="words")

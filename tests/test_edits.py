@@ -231,3 +231,31 @@ def test_reasoned_layout_round_trip_and_loss_on_the_reason(text):
   assert edits.reasoned_scene("so a blue blob") is None
   with pytest.raises(UserError, match="one reason per instruction"):
     edits.segment(item["codes"], item["instructions"], vocab, tokenizer, reasons=[])
+
+
+def test_change_reasons_name_the_changed_object_and_give_the_result_back():
+  src = [obj("red", "circle", "top left", "small"), obj("blue", "square", "center")]
+  cases = {
+    "move the blue square down": "a large blue square in the center so a large blue square at "
+    "the bottom",
+    "make the red circle green": "a small red circle at the top left so a small green circle at "
+    "the top left",
+    "remove the red circle": "a small red circle at the top left so nothing",
+    "add a small cyan triangle on the right": "nothing so a small cyan triangle on the right",
+  }
+  for text, want in cases.items():
+    after = edits.apply(src, edits.interpret(src, text))
+    assert edits.reason(src, after, "change") == want
+    assert edits.reasoned_scene(want, src, "change") == after
+  for item in items("train", num=40):
+    item = edits.with_reasons(item, "change")
+    said = edits.reasoned_scene(item["reasons"][0], item["scenes"][0], "change")
+    assert said == item["scenes"][1]
+  # A reason naming an object the source lacks, a taken cell or no object says no scene.
+  assert edits.reasoned_scene("a small red circle on the left so nothing", src, "change") is None
+  assert (
+    edits.reasoned_scene("nothing so a small cyan triangle in the center", src, "change") is None
+  )
+  assert edits.reasoned_scene("a blue blob", src, "change") is None
+  with pytest.raises(UserError, match="reason style 'words'"):
+    edits.reason(src, src, "words")

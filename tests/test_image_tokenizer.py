@@ -145,6 +145,27 @@ def test_patch_encoder_tokenizer_from_config_round_trips_codes():
   np.testing.assert_array_equal(tok.encode(model, variables, moved)[:, 7, 7], codes[:, 0, 0])
 
 
+def test_split_encoder_tokenizer_from_config_and_its_errors():
+  from vqlm.errors import UserError
+  from vqlm.runtime.config import as_kwargs
+  from vqlm.stages.tokenizer_config import get_config
+
+  config = get_config("size=tiny,encoder=split,bottleneck=fsq")
+  assert config.model.bottleneck.levels == (4,) * 6 and config.model.encoder.latent_dim == 6
+  assert "colour_channels" not in config.model.decoder
+  model = ImageTokenizer(**as_kwargs(config.model))
+  images = _images(size=32)
+  variables = model.init(rng_key(0), images)
+  codes = tok.encode(model, variables, images)
+  assert codes.shape == (2, 8, 8) and tok.decode(model, variables, codes).shape == (2, 32, 32, 3)
+  with pytest.raises(UserError, match="encoder=split needs bottleneck=fsq"):
+    get_config("size=tiny,encoder=split,bottleneck=vq")
+  # An FSQ with a projection (latent_dim != len(levels)) would mix form and colour again.
+  config.model.bottleneck.levels = (4, 4, 4, 4)
+  with pytest.raises(UserError, match="one level per latent channel"):
+    ImageTokenizer(**as_kwargs(config.model)).init(rng_key(0), images)
+
+
 def test_decoder_mirrors_encoder_unless_given():
   model = ImageTokenizer(
     encoder=ENCODER,

@@ -55,7 +55,10 @@ prompt (one edit):  <bos> instruction <boi> src <eoi>          (`prompt_ids(...,
 The model then reads the source as it captions images, edits a sentence, and draws the result
 from its caption as it draws captions, rather than editing codes in place. On the video demo it
 made fewer edits right than the plain layout: the sentence edit was the weak step
-(docs/evaluation.md).
+(docs/evaluation.md). The "change" style (`REASON_STYLES`) says only the object the edit changes,
+before and after (`a small blue square at the bottom left so a small blue square at the bottom`,
+`nothing` for the missing side of an addition or a removal): the model names the object it acts
+on as it captions it, then edits the source's codes where the reason says.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -73,6 +76,9 @@ KINDS = ("move", "recolor", "add", "remove")
 STORY = "story"  # the kind of an item with several edits
 REASON_WORD = "so"  # joins the captions of the scene before and after an edit in its reason
 EMPTY_SCENE = "nothing"  # the caption of a scene with no object left (a reason's text)
+# How a reason says an edit: the captions of the whole scene before and after ("scene"), or the
+# one object the edit changes, before and after ("change").
+REASON_STYLES = ("scene", "change")
 # direction -> (row, column) step on the 3x3 grid, and its words in an instruction.
 DIRECTIONS: dict[str, tuple[int, int]] = {
   "right": (0, 1),
@@ -343,9 +349,20 @@ def scene_caption(scene: Sequence[Mapping[str, str]]) -> str:
   return shapes.caption(scene) if scene else EMPTY_SCENE
 
 
-def reason(before: Sequence[Mapping[str, str]], after: Sequence[Mapping[str, str]]) -> str:
-  """An edit said in words: `"<caption of before> so <caption of after>"`."""
-  return f"{scene_caption(before)} {REASON_WORD} {scene_caption(after)}"
+def reason(
+  before: Sequence[Mapping[str, str]], after: Sequence[Mapping[str, str]], style: str = "scene"
+) -> str:
+  """An edit said in words. Style "scene": `"<caption of before> so <caption of after>"`; style
+  "change": the object the edit changes, as it is before and after (`"a small blue square at the
+  bottom left so a small blue square at the bottom"`; `EMPTY_SCENE` for the missing side of an
+  addition or a removal)."""
+  if style == "scene":
+    return f"{scene_caption(before)} {REASON_WORD} {scene_caption(after)}"
+  if style != "change":
+    raise UserError(f"reason style {style!r}; use one of {REASON_STYLES}")
+  old = [o for o in shapes.sort_scene(before) if o not in after]
+  new = [o for o in shapes.sort_scene(after) if o not in before]
+  return f"{scene_caption(old)} {REASON_WORD} {scene_caption(new)}"
 
 
 def reasoned_result(text: str) -> str:
@@ -355,17 +372,35 @@ def reasoned_result(text: str) -> str:
   return text.rsplit(marker, 1)[1].strip() if marker in text else text.strip()
 
 
-def reasoned_scene(text: str) -> list[dict] | None:
-  """The scene of a reason's result caption (`reasoned_result`; `EMPTY_SCENE`: no objects), or
-  None when it is not a shapes caption."""
-  result = reasoned_result(text)
-  return [] if result == EMPTY_SCENE else shapes.parse_caption(result)
+def _caption_scene(text: str) -> list[dict] | None:
+  text = text.strip()
+  return [] if text == EMPTY_SCENE else shapes.parse_caption(text)
 
 
-def with_reasons(item: Mapping[str, Any]) -> dict[str, Any]:
-  """The item with `"reasons"`: `reason(scenes[k - 1], scenes[k])` for each of its edits."""
+def reasoned_scene(
+  text: str, source: Sequence[Mapping[str, str]] | None = None, style: str = "scene"
+) -> list[dict] | None:
+  """The scene a reason says the edit makes, or None when its text does not parse. Style
+  "scene": its result caption (`reasoned_result`); style "change": `source` without the object
+  before the change and with the object after it (None also when `source` lacks the former)."""
+  if style == "scene":
+    return _caption_scene(reasoned_result(text))
+  marker = f" {REASON_WORD} "
+  if style != "change" or source is None or marker not in text:
+    return None
+  old, new = (_caption_scene(part) for part in text.split(marker, 1))
+  if old is None or new is None or any(o not in source for o in old):
+    return None
+  scene = [o for o in source if o not in old] + new
+  if len({o["position"] for o in scene}) != len(scene):
+    return None
+  return shapes.sort_scene(scene)
+
+
+def with_reasons(item: Mapping[str, Any], style: str = "scene") -> dict[str, Any]:
+  """The item with `"reasons"`: `reason(scenes[k - 1], scenes[k], style)` for each edit."""
   scenes = item["scenes"]
-  return {**item, "reasons": [reason(a, b) for a, b in zip(scenes[:-1], scenes[1:])]}
+  return {**item, "reasons": [reason(a, b, style) for a, b in zip(scenes[:-1], scenes[1:])]}
 
 
 def texts(items: Iterable[Mapping[str, Any]]) -> list[str]:

@@ -48,10 +48,11 @@ class Preset:
   edit_kinds: str = "move,recolor,add,remove"
   edit_max_edits: int = 1
   edit_max_objects: int = 2
-  # Each edit said in words before its result ("<caption of the source> so <caption of the
-  # result>", `vqlm.data.edits.reason`): the measures let the LM write it, then draw. Off: at
-  # 1600 steps it made 55% / 14% of the edits against 68% / 33% (docs/evaluation.md).
-  edit_reason: bool = False
+  # Each edit said in words before its result, in a style of `vqlm.data.edits.REASON_STYLES`
+  # ("scene": "<caption of the source> so <caption of the result>"; "change": the changed object
+  # before and after); "" is off. The measures let the LM write it, then draw. Off: at 1600
+  # steps "scene" made 55% / 14% of the edits against 68% / 33% (docs/evaluation.md).
+  edit_reason: str = ""
   # Clips encoded for validation (per-mode validation loss) and test.
   validation_clips: int = 256
   test_clips: int = 256
@@ -151,7 +152,8 @@ def lm_config(
     min_objects=1,
     max_objects=p.edit_max_objects,
     seed=0,
-    reason=p.edit_reason,
+    reason=bool(p.edit_reason),
+    reason_style=p.edit_reason or "scene",
   )
   return c
 

@@ -15,8 +15,8 @@ Evaluator (`config.evals`, stage "lm"):
 
 Metrics: `accuracy`, `by_kind` (accuracy per edit kind present), `counts`, `unchanged` (the
 fraction of images that are the source scene again), `num_items`, `heldout_fraction`; with
-reasons, `reason_right` (the reason's result caption is the edited scene's) and `drawn_as_said`
-(the image is the scene of the reason's result caption).
+reasons, `reason_right` (the scene the reason says, `edits.reasoned_scene`, is the edited one) and
+`drawn_as_said` (the image is the scene the reason says).
 "test_heldout" items hold a colour-shape pair never seen in training (`shapes.HELDOUT_PAIRS`) in
 the source or the result.
 Artefacts: `edit_<split>.json` (every item: instruction, source, truth, parsed scene, verdict) and
@@ -79,7 +79,7 @@ def edit_accuracy(
   sampling: Any = None,
   seed: int = 0,
   batch_size: int | None = None,
-  reason: bool = False,
+  reason: bool | str = False,
 ) -> tuple[dict[str, Any], np.ndarray, list[list[dict]], list[str] | None]:
   """Draws one result image per single-edit item and judges it.
 
@@ -89,7 +89,7 @@ def edit_accuracy(
     items: `edits.edit_item(..., max_edits=1)` items.
     sampling: the image sampling settings (`draw_ids`'); seed: row i draws with `(seed, i)`.
     reason: the LM writes each edit's reason before its result (trained with
-      `config.data.edit.reason`).
+      `config.data.edit.reason`): its style (`edits.REASON_STYLES`; True is "scene"), or False.
   Returns:
     (metrics, images uint8 `[N, H, W, 3]`, the parsed scenes, the reasons or None):
     `accuracy`, `by_kind`, `counts`, `unchanged`, `num_items` and `heldout_fraction` (items with
@@ -103,17 +103,20 @@ def edit_accuracy(
       f"edit item {several} has {len(items[several]['instructions'])} edits; the evaluator "
       "scores single edits (edits.edit_item(..., max_edits=1))"
     )
+  style = "scene" if reason is True else str(reason or "")
+  if style and style not in edits.REASON_STYLES:
+    raise UserError(f"edit reason={reason!r}; use False or one of {edits.REASON_STYLES}")
   check = getattr(generator, "_check_reads_images", None)
   if check is not None:
     check("image editing")
   sources = chat_eval.scene_encoder(generator)([item["scenes"][0] for item in items])
   v, tok = generator.vocab, generator.text_tokenizer
   rows = [
-    edits.prompt_ids(codes, item["instructions"][0], v, tok, reason=reason)
+    edits.prompt_ids(codes, item["instructions"][0], v, tok, reason=bool(style))
     for codes, item in zip(sources, items)
   ]
   reasons = None
-  if reason:
+  if style:
     reasons = sample_chat.text_before_image(generator, rows, batch_size=batch_size)
     rows = [row + list(v.encode_text(tok, r)) + [v.boi_id] for row, r in zip(rows, reasons)]
   images = generator.draw_ids(rows, sampling=sampling, seed=seed, batch_size=batch_size)
@@ -135,7 +138,7 @@ def edit_accuracy(
     ),
   }
   if reasons is not None:
-    said = [edits.reasoned_scene(r) for r in reasons]
+    said = [edits.reasoned_scene(r, it["scenes"][0], style) for r, it in zip(reasons, items)]
     metrics["reason_right"] = float(
       np.mean([s is not None and same_scene(s, it["scenes"][1]) for s, it in zip(said, items)])
     )
@@ -145,12 +148,14 @@ def edit_accuracy(
   return metrics, np.asarray(images), parsed, reasons
 
 
-def run_reasons_edits(config: Any) -> bool:
-  """Whether the run was trained on reasoned edit documents (`config.data.edit.reason`; a
-  config without it: no)."""
+def run_reasons_edits(config: Any) -> str:
+  """The reason style of the run's edit documents (`config.data.edit.reason` and
+  `reason_style`), or "" when they have none (also for a config without them)."""
   data = config.get("data")
   edit = data.get("edit") if data is not None else None
-  return bool(edit is not None and edit.get("reason", False))
+  if edit is None or not edit.get("reason", False):
+    return ""
+  return str(edit.get("reason_style", "scene"))
 
 
 class EditEval(evaluators.Evaluator):

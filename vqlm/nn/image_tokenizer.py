@@ -22,6 +22,8 @@ from vqlm.nn.bottlenecks import DISCRETE, make_bottleneck
 from vqlm.nn.taming import TamingDecoder, TamingEncoder
 
 ENCODERS = {**autoencoder.ENCODERS, "taming": TamingEncoder}
+# Encoder kwargs a mirrored decoder does not take.
+ENCODER_ONLY = ("latent_dim", "mlp_blocks", "colour_channels")
 # "none": no decoder (an encoder-only import); decode refuses.
 DECODERS = {"conv": Decoder, "taming": TamingDecoder, "none": None}
 
@@ -35,7 +37,9 @@ class ImageTokenizer(nn.Module):
   Attributes:
     encoder: Encoder kwargs (channels, channel_multipliers, num_res_blocks, attention_at_lowest,
       latent_dim, dtype, param_dtype), with an optional "kind": "conv" (`Encoder`, the default),
-      "patch" (`PatchEncoder`: each code from its own patch only; takes `mlp_blocks`) or
+      "patch" (`PatchEncoder`: each code from its own patch only; takes `mlp_blocks`), "split"
+      (`SplitPatchEncoder`: the same with a patch's form and colour in separate channels; takes
+      `colour_channels`, and an FSQ bottleneck of exactly `latent_dim` levels) or
       "taming" (`vqlm.nn.taming.TamingEncoder`, the layout of imported VQGANs).
     decoder: Decoder kwargs with an optional "kind": "conv" (`Decoder`), "taming"
       (`TamingDecoder`) or "none" (no decoder: encode only); None mirrors the encoder's (without
@@ -82,7 +86,7 @@ class ImageTokenizer(nn.Module):
     if self.decoder is not None:
       dec = dict(self.decoder)
     else:
-      dec = {k: v for k, v in enc.items() if k not in ("latent_dim", "mlp_blocks")}
+      dec = {k: v for k, v in enc.items() if k not in ENCODER_ONLY}
       dec["kind"] = "taming" if encoder_kind == "taming" else "conv"
     decoder_kind = dec.pop("kind", "conv")
     if decoder_kind not in DECODERS:
@@ -106,6 +110,12 @@ class ImageTokenizer(nn.Module):
           f"{latent_dim}; drop it from the bottleneck config"
         )
       bkw["latent_dim"] = latent_dim
+    if encoder_kind == "split" and len(bkw.get("levels", ())) != latent_dim:
+      raise UserError(
+        f"the split encoder needs an FSQ bottleneck with one level per latent channel "
+        f"(latent_dim={latent_dim}); set --config.model.encoder.latent_dim and "
+        "--config.model.bottleneck.latent_dim to len(levels)"
+      )
     self.quantizer = make_bottleneck(kind, **bkw)
 
   def _check_images(self, images: jax.Array) -> None:

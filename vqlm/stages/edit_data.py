@@ -41,7 +41,9 @@ class EditSettings:
   min_objects: int
   max_objects: int
   seed: int
-  reason: bool = False  # Documents say each edit in words before its result (`edits.reason`).
+  # How documents say each edit in words before its result (`edits.REASON_STYLES`); "": they
+  # do not (`edits.reason`).
+  reason: str = ""
 
   def item(self, index: int, split: str) -> dict[str, Any]:
     item = edits.edit_item(
@@ -53,7 +55,7 @@ class EditSettings:
       max_objects=self.max_objects,
       max_edits=self.max_edits,
     )
-    return edits.with_reasons(item) if self.reason else item
+    return edits.with_reasons(item, self.reason) if self.reason else item
 
   def items(self, split: str) -> list[dict[str, Any]]:
     n = self.num_examples if split == "train" else self.validation_examples
@@ -83,6 +85,11 @@ def settings(config: ml_collections.ConfigDict) -> EditSettings | None:
   reason = c.get("reason", False)
   if not isinstance(reason, bool):
     raise UserError(f"--config.data.edit.reason={reason!r}: use true or false")
+  style = c.get("reason_style", "scene")
+  if style not in edits.REASON_STYLES:
+    raise UserError(
+      f"--config.data.edit.reason_style={style!r}: use one of {', '.join(edits.REASON_STYLES)}"
+    )
   if weight == 0:
     return None
   return EditSettings(
@@ -94,7 +101,7 @@ def settings(config: ml_collections.ConfigDict) -> EditSettings | None:
     min_objects=lo,
     max_objects=hi,
     seed=c.seed,
-    reason=reason,
+    reason=style if reason else "",
   )
 
 

@@ -8,7 +8,8 @@ Arguments (`key=value,...`):
   data        shapes | digits | photos | mnist | cifar10 | imagenet2012 | coco_captions | folder
   bottleneck  vq | fsq | gaussian | identity
   encoder     conv (ResNet, each code sees a wide context) | patch (each code a function of its own
-              patch only: `vqlm.nn.autoencoder.PatchEncoder`)
+              patch only: `vqlm.nn.autoencoder.PatchEncoder`) | split (patch, with a patch's form
+              and colour in separate FSQ channels: `SplitPatchEncoder`; needs bottleneck=fsq)
   gan         add the PatchGAN discriminator (VQ-GAN); on by default for base/large/dalle
   image_size  override the size's default resolution
 """
@@ -109,13 +110,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "conv": dict(autoencoder),
       # Twice the width of the conv encoder's lowest level, 2 residual MLP blocks per patch.
       "patch": dict(autoencoder, kind="patch", channels=2 * s["channels"], mlp_blocks=2),
+      # The patch encoder with form and colour in separate channels; FSQ only (below).
+      "split": dict(
+        autoencoder, kind="split", channels=2 * s["channels"], mlp_blocks=2, colour_channels=2
+      ),
     },
   )
+  if arg.encoder == "split":
+    if arg.bottleneck != "fsq":
+      raise UserError("encoder=split needs bottleneck=fsq (one latent channel per FSQ level)")
+    # Six channels of 4 levels: 4 of form, 2 of colour; no projection around the FSQ.
+    s = dict(s, latent_dim=6)
   c.model = dict(
     encoder=dict(encoder, latent_dim=s["latent_dim"]),
     decoder=dict(autoencoder),
     bottleneck=bottleneck_config(arg.bottleneck, s),
   )
+  if arg.encoder == "split":
+    c.model.bottleneck.levels = (4,) * 6
 
   c.loss = dict(
     recon="l1" if gan else "l2",
