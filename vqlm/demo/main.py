@@ -2,8 +2,9 @@
 
 Stages (each shows progress, is skipped when its output exists, and can be run alone):
   data       build the shapes data set (TFDS, ArrayRecord; no download)
-  tokenizer  train the image tokenizer (patch encoder, FSQ with 6 channels of 4 levels: 32x32 ->
-             8x8 codes of 4096, each a function of its own 4x4 patch) and evaluate it
+  tokenizer  train the image tokenizer (split patch encoder, FSQ with 6 channels of 4 levels:
+             32x32 -> 8x8 codes of 4096, each a function of its own 4x4 patch, 4 channels for
+             the patch's form and 2 for its colour) and evaluate it
   encode     encode the data set once into code shards
   lm         train the SentencePiece model on the captions, then the LM on a t2i + i2t mix with
              caption dropout
