@@ -247,10 +247,16 @@ def test_change_reasons_name_the_changed_object_and_give_the_result_back():
     after = edits.apply(src, edits.interpret(src, text))
     assert edits.reason(src, after, "change") == want
     assert edits.reasoned_scene(want, src, "change") == after
-  for item in items("train", num=40):
-    item = edits.with_reasons(item, "change")
-    said = edits.reasoned_scene(item["reasons"][0], item["scenes"][0], "change")
-    assert said == item["scenes"][1]
+  for style in ("change", "caption_change"):
+    for item in items("train", num=40):
+      item = edits.with_reasons(item, style)
+      said = edits.reasoned_scene(item["reasons"][0], item["scenes"][0], style)
+      assert said == item["scenes"][1]
+  # The caption first, then the change; read back only in its own style.
+  text = edits.reason(src, [src[1]], "caption_change")
+  assert text == f"{shapes.caption(src)} so a small red circle at the top left so nothing"
+  assert edits.reasoned_scene(text, src, "caption_change") == [src[1]]
+  assert edits.reasoned_scene(text, src, "change") is None
   # A reason naming an object the source lacks, a taken cell or no object says no scene.
   assert edits.reasoned_scene("a small red circle on the left so nothing", src, "change") is None
   assert (

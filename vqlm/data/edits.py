@@ -76,9 +76,10 @@ KINDS = ("move", "recolor", "add", "remove")
 STORY = "story"  # the kind of an item with several edits
 REASON_WORD = "so"  # joins the captions of the scene before and after an edit in its reason
 EMPTY_SCENE = "nothing"  # the caption of a scene with no object left (a reason's text)
-# How a reason says an edit: the captions of the whole scene before and after ("scene"), or the
-# one object the edit changes, before and after ("change").
-REASON_STYLES = ("scene", "change")
+# How a reason says an edit: the captions of the whole scene before and after ("scene"), the one
+# object the edit changes, before and after ("change"), or the source's caption and then that
+# change ("caption_change").
+REASON_STYLES = ("scene", "change", "caption_change")
 # direction -> (row, column) step on the 3x3 grid, and its words in an instruction.
 DIRECTIONS: dict[str, tuple[int, int]] = {
   "right": (0, 1),
@@ -355,14 +356,16 @@ def reason(
   """An edit said in words. Style "scene": `"<caption of before> so <caption of after>"`; style
   "change": the object the edit changes, as it is before and after (`"a small blue square at the
   bottom left so a small blue square at the bottom"`; `EMPTY_SCENE` for the missing side of an
-  addition or a removal)."""
+  addition or a removal); style "caption_change": the caption of before, `REASON_WORD`, then the
+  change, so that the model names the changed object by copying it from its own caption."""
+  if style not in REASON_STYLES:
+    raise UserError(f"reason style {style!r}; use one of {REASON_STYLES}")
   if style == "scene":
     return f"{scene_caption(before)} {REASON_WORD} {scene_caption(after)}"
-  if style != "change":
-    raise UserError(f"reason style {style!r}; use one of {REASON_STYLES}")
   old = [o for o in shapes.sort_scene(before) if o not in after]
   new = [o for o in shapes.sort_scene(after) if o not in before]
-  return f"{scene_caption(old)} {REASON_WORD} {scene_caption(new)}"
+  change = f"{scene_caption(old)} {REASON_WORD} {scene_caption(new)}"
+  return change if style == "change" else f"{scene_caption(before)} {REASON_WORD} {change}"
 
 
 def reasoned_result(text: str) -> str:
@@ -381,14 +384,15 @@ def reasoned_scene(
   text: str, source: Sequence[Mapping[str, str]] | None = None, style: str = "scene"
 ) -> list[dict] | None:
   """The scene a reason says the edit makes, or None when its text does not parse. Style
-  "scene": its result caption (`reasoned_result`); style "change": `source` without the object
-  before the change and with the object after it (None also when `source` lacks the former)."""
+  "scene": its result caption (`reasoned_result`); styles "change" and "caption_change":
+  `source` without the object before the change and with the object after it (None also when
+  `source` lacks the former)."""
   if style == "scene":
     return _caption_scene(reasoned_result(text))
-  marker = f" {REASON_WORD} "
-  if style != "change" or source is None or marker not in text:
+  parts = text.split(f" {REASON_WORD} ")
+  if style not in REASON_STYLES or source is None or len(parts) != 2 + (style != "change"):
     return None
-  old, new = (_caption_scene(part) for part in text.split(marker, 1))
+  old, new = (_caption_scene(part) for part in parts[-2:])
   if old is None or new is None or any(o not in source for o in old):
     return None
   scene = [o for o in source if o not in old] + new

@@ -50,8 +50,8 @@ class Preset:
   edit_max_objects: int = 2
   # Each edit said in words before its result, in a style of `vqlm.data.edits.REASON_STYLES`
   # ("scene": "<caption of the source> so <caption of the result>"; "change": the changed object
-  # before and after); "" is off. The measures let the LM write it, then draw. Off: at 1600
-  # steps "scene" made 55% / 14% of the edits against 68% / 33% (docs/evaluation.md).
+  # before and after; "caption_change": the source's caption, then the change); "" is off. The
+  # measures let the LM write it, then draw (docs/evaluation.md).
   edit_reason: str = ""
   # Clips encoded for validation (per-mode validation loss) and test.
   validation_clips: int = 256

@@ -150,8 +150,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Say each edit in words before its result: "<caption of the source> so <caption of the
       # result>" (`vqlm.data.edits.reason`); the edit evaluator then lets the model write it.
       reason=False,
-      # What the reason says: "scene" (both scenes' captions) or "change" (only the object the
-      # edit changes, before and after: "a small red circle on the left so nothing").
+      # What the reason says: "scene" (both scenes' captions), "change" (only the object the
+      # edit changes, before and after: "a small red circle on the left so nothing") or
+      # "caption_change" (the source's caption, then the change).
       reason_style="scene",
     ),
     codebook_dim=0,
