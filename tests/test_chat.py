@@ -229,6 +229,15 @@ def _answer(q, scene):
   return obj[key]
 
 
+def test_a_kind_named_twice_is_drawn_twice_as_often():
+  kinds = ("draw", "question", "question", "describe")
+  counts = {k: 0 for k in chat.KINDS}
+  for it in chat.conversations(2000, kinds=kinds, seed=5):
+    counts[it["kind"]] += 1
+  assert counts["question"] / 2000 == pytest.approx(0.5, abs=0.04)
+  assert counts["draw"] / 2000 == pytest.approx(0.25, abs=0.04)
+
+
 def test_pairs_used_and_heldout():
   train = list(chat.conversations(200, max_objects=3, seed=5))
   held = set(shapes.HELDOUT_PAIRS)

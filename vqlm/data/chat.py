@@ -327,7 +327,8 @@ def conversation(
 
   `turns` is one user turn and one assistant turn; images are `SceneImage`s. `answer` is the
   exact reply text (questions, descriptions) or None (draw: the reply is the scene's image). The
-  scene follows `shapes.sample_scene(split=...)` (held-out pairs only in "test_heldout").
+  scene follows `shapes.sample_scene(split=...)` (held-out pairs only in "test_heldout"). The
+  kind is drawn uniformly from `kinds`: a kind named twice is drawn twice as often.
   With `restate`, a draw reply first restates the request as the scene's caption
   (`shapes.caption`: objects in cell order, canonical words), then the image. With `reason`, a
   question's reply first describes the image (its caption), then gives the answer after

@@ -169,7 +169,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Validation instructions (split "validation": other scenes); their loss on the assistant
       # tokens is logged as valid/chat_loss, valid/chat_text_loss, valid/chat_image_loss.
       validation_examples=256,
-      # Comma-separated subset of draw,question,describe.
+      # Comma-separated subset of draw,question,describe; a kind named twice is drawn twice as
+      # often ("draw,question,question,describe": half of the instructions are questions).
       kinds="draw,question,describe",
       # Objects per scene (1..9 cells of the 3x3 grid).
       min_objects=1,
