@@ -39,9 +39,10 @@ def test_recipe_configs_are_valid(name):
   assert c.data.frames == VIDEO_FRAMES and c.train.seq_len % 8 == 0
   edits = edit_data.settings(c)
   assert edits is not None and edits.num_examples == p.edit_examples
-  assert edits.reason == p.edit_reason == ""
+  assert edits.reason == p.edit_reason == "caption_change"
+  c.data.edit.reason = False
+  assert edit_data.settings(c).reason == ""
   c.data.edit.reason = True
-  assert edit_data.settings(c).reason == "scene"
   c.data.edit.reason_style = "change"
   assert edit_data.settings(c).reason == "change"
   c.data.edit.reason_style = "words"
