@@ -58,7 +58,8 @@ made fewer edits right than the plain layout: the sentence edit was the weak ste
 (docs/evaluation.md). The "change" style (`REASON_STYLES`) says only the object the edit changes,
 before and after (`a small blue square at the bottom left so a small blue square at the bottom`,
 `nothing` for the missing side of an addition or a removal): the model names the object it acts
-on as it captions it, then edits the source's codes where the reason says.
+on as it captions it, then edits the source's codes where the reason says; "caption_change"
+writes the source's caption first, then that change.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence

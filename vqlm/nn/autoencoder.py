@@ -190,6 +190,18 @@ class Encoder(nn.Module):
     return nn.Conv(self.latent_dim, (1, 1), name="conv_out", **kw)(h)
 
 
+def residual_mlp_blocks(h: jax.Array, *, width: int, blocks: int, prefix: str, **kw) -> jax.Array:
+  """`blocks` pre-norm residual MLP blocks on the last axis of `h` [..., width] (LayerNorm, Dense
+  to 2 x width, swish, Dense back), named `{prefix}{i}_norm/_in/_out`; called inside a compact
+  module's method, so the layers are that module's."""
+  for i in range(blocks):
+    y = nn.Dense(2 * width, name=f"{prefix}{i}_in", **kw)(
+      nn.LayerNorm(name=f"{prefix}{i}_norm", **kw)(h)
+    )
+    h = h + nn.Dense(width, name=f"{prefix}{i}_out", **kw)(nn.swish(y))
+  return h
+
+
 class PatchEncoder(Encoder):
   """Images [B,H,W,3] in [-1, 1] -> latents [B,H/f,W/f,latent_dim], each from its own f x f patch.
 
@@ -210,9 +222,7 @@ class PatchEncoder(Encoder):
     f = self.factor
     width = self.channels * self.channel_multipliers[-1]
     h = nn.Conv(width, (f, f), strides=(f, f), padding="VALID", name="patch_in", **kw)(images)
-    for i in range(self.mlp_blocks):
-      y = nn.Dense(2 * width, name=f"mlp{i}_in", **kw)(nn.LayerNorm(name=f"mlp{i}_norm", **kw)(h))
-      h = h + nn.Dense(width, name=f"mlp{i}_out", **kw)(nn.swish(y))
+    h = residual_mlp_blocks(h, width=width, blocks=self.mlp_blocks, prefix="mlp", **kw)
     h = nn.swish(nn.LayerNorm(name="norm_out", **kw)(h))
     return nn.Dense(self.latent_dim, name="conv_out", **kw)(h)
 
@@ -253,11 +263,7 @@ class SplitPatchEncoder(PatchEncoder):
 
     def mlp(x: jax.Array, name: str, out: int) -> jax.Array:
       x = nn.Dense(width, name=f"{name}_in", **kw)(x.astype(self.dtype))
-      for i in range(self.mlp_blocks):
-        y = nn.Dense(2 * width, name=f"{name}{i}_in", **kw)(
-          nn.LayerNorm(name=f"{name}{i}_norm", **kw)(x)
-        )
-        x = x + nn.Dense(width, name=f"{name}{i}_out", **kw)(nn.swish(y))
+      x = residual_mlp_blocks(x, width=width, blocks=self.mlp_blocks, prefix=name, **kw)
       x = nn.swish(nn.LayerNorm(name=f"{name}_norm_out", **kw)(x))
       return nn.Dense(out, name=f"{name}_out", **kw)(x)
 
