@@ -304,6 +304,49 @@ def test_reasoned_question_replies_describe_the_image_then_answer():
   assert seen == {"color", "shape", "size", "position", "count"}
 
 
+def test_focused_replies_restate_the_question_next_to_what_answers_it():
+  from vqlm.eval import chat_eval
+
+  seen = set()
+  for i in range(60):
+    plain = chat.conversation(i, kinds=("question",), max_objects=3, reason=True)
+    focused = chat.conversation(i, kinds=("question",), max_objects=3, reason=True, focus=True)
+    assert focused["turns"][0] == plain["turns"][0] and focused["answer"] == plain["answer"]
+    assert plain["focus"] is None
+    (reply,) = focused["turns"][1]["parts"]
+    caption, focus, answer = reply.split(" so ")
+    assert caption == shapes.caption(plain["scene"]) and focus == focused["focus"]
+    assert answer == plain["answer"] and chat.final_answer(reply) == answer
+    assert chat_eval.is_right(focused, reply)
+    # The answer follows from the focus and the caption alone.
+    objects = shapes.parse_caption(caption)
+    phrase = {o["position"]: shapes.POSITION_PHRASES[o["position"]] for o in objects}
+    kind = focused["question_kind"]
+    seen.add(kind)
+    if kind in ("color", "shape", "size"):
+      attribute, where = focus.split(" ", 1)
+      assert attribute == kind
+      (obj,) = [o for o in objects if phrase[o["position"]] == where]
+      assert obj[kind] == answer
+    elif kind == "position":
+      color, shape = focus.split(" ")
+      (obj,) = [o for o in objects if (o["color"], o["shape"]) == (color, shape)]
+      assert phrase[obj["position"]] == answer
+    else:
+      counted, listed = focus.split(" in ")
+      values = listed.split(" ")
+      assert len(values) == len(objects)
+      n = len(values) if counted == "shapes" else values.count(counted)
+      assert chat.NUMBERS[n] == answer
+    # The rejected reply keeps the description and the focus and changes the answer.
+    (wrong,) = chat.preference_pair(focused, index=i)["rejected"][0]["parts"]
+    assert wrong.rsplit(" so ", 1)[0] == f"{caption} so {focus}" and wrong != reply
+    assert not chat_eval.is_right(focused, wrong)
+  assert seen == {"color", "shape", "size", "position", "count"}
+  with pytest.raises(UserError, match="reason=True"):
+    chat.conversation(0, focus=True)
+
+
 def test_dropped_requests_leave_the_user_turn_empty_and_the_rest_unchanged(tok_vocab):
   tok, vocab = tok_vocab
   dropped = 0

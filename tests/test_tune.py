@@ -401,6 +401,44 @@ def test_new_parameters_do_not_recompile_the_sampler(tiny, tmp_path):
   np.testing.assert_array_equal(policy.sample(items, prompts, 2, seed=0)[0][0], first[0][0])
 
 
+def test_dpo_pairs_of_questions_take_the_tuned_models_reply_layout(tok_vocab):
+  tokenizer, vocab = tok_vocab
+  items = tune_data.make_prompts(
+    2,
+    seed=3,
+    kinds=("question",),
+    min_objects=1,
+    max_objects=1,
+    split="train",
+    reason=True,
+    focus=True,
+  )
+  gold = [it["turns"][1]["parts"][0] for it in items]
+  assert all(g.count(" so ") == 2 for g in gold)
+  script = [["not an answer", "nor this"], [gold[1], gold[1]]]
+  policy = ScriptedPolicy(lambda item: script[items.index(item)])
+  prompts = tune_data.prompt_turns(items, policy.image_tokenizer)
+  pairs = tune_data.collect_pairs(
+    policy,
+    items,
+    prompts,
+    samples_per_prompt=2,
+    vocab=vocab,
+    tokenizer=tokenizer,
+    seq_len=160,
+    seed=0,
+    log_fn=lambda _: None,
+  )
+  np.testing.assert_array_equal(pairs["chosen_from"], [1, 0])
+  np.testing.assert_array_equal(pairs["rejected_from"], [0, 1])
+  part = lambda side, i: assistant_part(pairs[f"{side}_tokens"][i], vocab, tokenizer)  # noqa: E731
+  # None right: the gold reply (description, focus, answer) is chosen.
+  assert part("chosen", 0) == gold[0] and part("rejected", 0) == "not an answer"
+  # All right: the rejected reply is the same description and focus with a wrong answer.
+  wrong = part("rejected", 1)
+  assert wrong.rsplit(" so ", 1)[0] == gold[1].rsplit(" so ", 1)[0] and wrong != gold[1]
+
+
 def test_lengths_are_checked_for_the_reply_each_prompt_gets(tok_vocab):
   tokenizer, vocab = tok_vocab
   image_tokenizer = FakeImageTokenizer()

@@ -269,12 +269,21 @@ def reworded_caption(text: str, rng: np.random.Generator) -> str:
   return reworded(scene, rng)
 
 
-def question(scene: Sequence[Mapping[str, str]], rng: np.random.Generator) -> tuple[str, str, str]:
-  """A question about the scene's image and its exact answer: `(kind, question, answer)`.
+def question(
+  scene: Sequence[Mapping[str, str]], rng: np.random.Generator
+) -> tuple[str, str, str, str]:
+  """A question about the scene's image, its exact answer and its focus:
+  `(kind, question, answer, focus)`.
 
   Kinds: "color", "shape", "size" (of the object at a named cell: 'red', 'circle', 'large'),
   "position" (of a colour-shape pair that occurs once: 'at the top left', as in captions) and
   "count" (all objects, one colour or one shape: 'two', 'zero').
+
+  The focus restates what the question asks in the captions' words, next to what the caption
+  says about it, so a reasoned reply can answer from the words just before it (`reasoned`):
+  "color in the center" (the attribute and the cell's caption phrase), "blue square" (the pair
+  whose position is asked; its caption phrase follows it there too), "red in blue red" (the
+  counted colour or shape, or "shapes", then that attribute of every object in caption order).
   """
   obj = scene[int(rng.integers(len(scene)))]
   where = _pick(rng, WHERE_WORDS[obj["position"]])
@@ -284,30 +293,40 @@ def question(scene: Sequence[Mapping[str, str]], rng: np.random.Generator) -> tu
     if sum(p["color"] == o["color"] and p["shape"] == o["shape"] for p in scene) == 1
   ]
   kind = _pick(rng, _QUESTIONS if unique else tuple(q for q in _QUESTIONS if q != "position"))
+  cell = f"{kind} {shapes.POSITION_PHRASES[obj['position']]}"
   if kind == "color":
     text = _pick(rng, ("what color is the shape {}", "what colour is the object {}"))
-    return kind, text.format(where), obj["color"]
+    return kind, text.format(where), obj["color"], cell
   if kind == "shape":
     text = _pick(rng, ("what shape is {}", "which shape is {}"))
-    return kind, text.format(where), obj["shape"]
+    return kind, text.format(where), obj["shape"], cell
   if kind == "size":
     text = _pick(rng, ("is the shape {} big or small", "how big is the object {}"))
-    return kind, text.format(where), obj["size"]
+    return kind, text.format(where), obj["size"], cell
   if kind == "position":
     obj = _pick(rng, unique)
     text = _pick(rng, ("where is the {} {}", "where is the {} {} in the image"))
-    return kind, text.format(obj["color"], obj["shape"]), shapes.POSITION_PHRASES[obj["position"]]
+    pair = f"{obj['color']} {obj['shape']}"
+    return (
+      kind,
+      text.format(obj["color"], obj["shape"]),
+      shapes.POSITION_PHRASES[obj["position"]],
+      pair,
+    )
   which = _pick(rng, ("all", "color", "shape"))
   if which == "all":
     text = _pick(rng, ("how many shapes are there", "how many objects are in the image"))
-    n = len(scene)
+    n, counted, attribute = len(scene), "shapes", "shape"
   elif which == "color":
-    color = _pick(rng, tuple(shapes.COLORS))
-    text, n = f"how many {color} shapes are there", sum(o["color"] == color for o in scene)
+    counted = _pick(rng, tuple(shapes.COLORS))
+    text, attribute = f"how many {counted} shapes are there", "color"
+    n = sum(o["color"] == counted for o in scene)
   else:
-    shape = _pick(rng, shapes.SHAPES)
-    text, n = f"how many {shape}s are there", sum(o["shape"] == shape for o in scene)
-  return kind, text, NUMBERS[n]
+    counted = _pick(rng, shapes.SHAPES)
+    text, attribute = f"how many {counted}s are there", "shape"
+    n = sum(o["shape"] == counted for o in scene)
+  listed = " ".join(o[attribute] for o in shapes.sort_scene(scene))
+  return kind, text, NUMBERS[n], f"{counted} in {listed}"
 
 
 def conversation(
@@ -320,10 +339,12 @@ def conversation(
   max_objects: int = 2,
   restate: bool = False,
   reason: bool = False,
+  focus: bool = False,
   drop_request: float = 0.0,
 ) -> dict[str, Any]:
   """Instruction `index` of `(seed, split)`: `{"kind", "scene", "turns", "answer",
-  "question_kind"}` (the `question` kind of a "question" item, else None).
+  "question_kind", "focus"}` (the `question` kind of a "question" item, else None; the focus of
+  a focused reply, else None).
 
   `turns` is one user turn and one assistant turn; images are `SceneImage`s. `answer` is the
   exact reply text (questions, descriptions) or None (draw: the reply is the scene's image). The
@@ -333,7 +354,9 @@ def conversation(
   (`shapes.caption`: objects in cell order, canonical words), then the image. With `reason`, a
   question's reply first describes the image (its caption), then gives the answer after
   `REASON_WORD` ("a large red circle at the top left so red"; `final_answer` reads it back);
-  `answer` stays the answer alone. With probability `drop_request` a draw item's user turn is
+  `answer` stays the answer alone. With `focus` too, the question's focus (`question`) comes
+  between the description and the answer ("a large red circle at the top left so color at the
+  top left so red"). With probability `drop_request` a draw item's user turn is
   empty (`<bos> <user> <assistant> <boi> image`): the model learns to draw with no request, the
   unconditional prompt of guidance for chat drawing (`vqlm.sample.chat.chat_uncond_ids`). The same
   index gives the same scene and request either way.
@@ -343,10 +366,12 @@ def conversation(
     raise UserError(f"kinds={list(kinds)} must be a non-empty subset of {KINDS}.")
   if index < 0 or seed < 0:
     raise UserError(f"index={index} and seed={seed} must be >= 0.")
+  if focus and not reason:
+    raise UserError("focus=True needs reason=True (the focus sits inside a reasoned reply).")
   rng = np.random.default_rng([int(seed), shapes.SPLITS.index(split), int(index)])
   scene = shapes.sample_scene(rng, min_objects=min_objects, max_objects=max_objects, split=split)
   kind = _pick(rng, tuple(kinds))
-  image, question_kind = SceneImage.of(scene), None
+  image, question_kind, focus_text = SceneImage.of(scene), None, None
   if kind == "draw":
     user, reply, answer = [draw_request(scene, rng)], [image], None
     if restate:
@@ -355,10 +380,11 @@ def conversation(
     if kind == "describe":
       text, answer = _pick(rng, DESCRIBE_TEMPLATES), shapes.caption(scene)
     else:
-      question_kind, text, answer = question(scene, rng)
+      question_kind, text, answer, focus_text = question(scene, rng)
     user, reply = ([image, text] if rng.random() < 0.5 else [text, image]), [answer]
     if reason and kind == "question":
-      reply = [reasoned(scene, answer)]
+      focus_text = focus_text if focus else None
+      reply = [reasoned(scene, answer, focus_text)]
   if kind == "draw" and drop_request > 0 and rng.random() < drop_request:
     user = []
   turns = [{"role": "user", "parts": user}, {"role": "assistant", "parts": reply}]
@@ -368,12 +394,15 @@ def conversation(
     "turns": turns,
     "answer": answer,
     "question_kind": question_kind,
+    "focus": focus_text if reason and focus else None,
   }
 
 
-def reasoned(scene: Sequence[Mapping[str, str]], answer: str) -> str:
+def reasoned(scene: Sequence[Mapping[str, str]], answer: str, focus: str | None = None) -> str:
   """A question's reply that reads the image first: the scene's caption, `REASON_WORD`, then the
-  answer."""
+  answer; with a `focus` (`question`), the focus and `REASON_WORD` come before the answer."""
+  if focus:
+    return f"{shapes.caption(scene)} {REASON_WORD} {focus} {REASON_WORD} {answer}"
   return f"{shapes.caption(scene)} {REASON_WORD} {answer}"
 
 
@@ -442,8 +471,8 @@ def preference_pair(item: Mapping[str, Any], *, seed: int = 0, index: int = 0) -
     else:
       raise UserError(f"no wrong answer for {answer!r}.")
     if chosen["parts"][0] != answer:
-      # A reasoned reply: the same description of the image, then the wrong answer.
-      wrong = reasoned(item["scene"], wrong)
+      # A reasoned reply: the same description of the image (and focus), then the wrong answer.
+      wrong = reasoned(item["scene"], wrong, item.get("focus"))
   rejected = {"role": "assistant", "parts": [wrong]}
   return {"prompt": [user], "chosen": [chosen], "rejected": [rejected]}
 

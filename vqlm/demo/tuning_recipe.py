@@ -40,6 +40,8 @@ class Preset:
   batch_size: int = 32
   # Question replies describe the image before the answer (`config.data.chat.reason`).
   sft_reason: bool = False
+  # ... and name what the question asks about before the answer (`config.data.chat.focus`).
+  sft_focus: bool = False
   # The SFT's instruction kinds (`config.data.chat.kinds`); a kind named twice is drawn twice
   # as often.
   sft_chat_kinds: str = "draw,question,describe"
@@ -56,6 +58,9 @@ class Preset:
   # Draw instructions with no request (`config.data.chat.drop_request`): guidance for chat
   # drawing against an empty request.
   sft_drop_request: float = 0.0
+  # The instruction kinds of the preference steps' prompts (`config.prompts.kinds` of the tune
+  # stage): draw requests, and questions whose answers the exactness judge scores.
+  tune_kinds: str = "draw"
 
 
 PRESETS = {
@@ -123,6 +128,7 @@ def sft_config(
   c.data.chat.max_objects = p.max_objects
   c.data.chat.restate = False
   c.data.chat.reason = p.sft_reason
+  c.data.chat.focus = p.sft_focus
   c.data.chat.kinds = p.sft_chat_kinds
   c.data.shuffle_objects = p.sft_shuffle_objects
   c.data.reword_prompts = p.sft_reword_prompts
@@ -146,6 +152,7 @@ def _tune_config(
   c.optim.learning_rate = lr
   c.optim.warmup_steps = max(1, min(10, steps // 10))
   c.prompts.max_objects = p.max_objects
+  c.prompts.kinds = p.tune_kinds
   c.sampling.cfg_scale = p.chat_cfg_scale
   if p.main == "smoke":
     c.prompts.num_eval = 8

@@ -37,6 +37,7 @@ class ChatSettings:
   seed: int
   restate: bool = False
   reason: bool = False
+  focus: bool = False
   drop_request: float = 0.0
 
   def conversation(self, index: int, split: str) -> dict[str, Any]:
@@ -49,6 +50,7 @@ class ChatSettings:
       max_objects=self.max_objects,
       restate=self.restate,
       reason=self.reason,
+      focus=self.focus,
       drop_request=self.drop_request,
     )
 
@@ -80,9 +82,14 @@ def settings(config: ml_collections.ConfigDict) -> ChatSettings | None:
   )
   lo, hi = prebuilt.check_objects(c, "chat", example=3)
   restate, reason = c.get("restate", False), c.get("reason", False)
-  for name, value in (("restate", restate), ("reason", reason)):
+  focus = c.get("focus", False)
+  for name, value in (("restate", restate), ("reason", reason), ("focus", focus)):
     if not isinstance(value, bool):
       raise UserError(f"config.data.chat.{name}={value!r} must be True or False")
+  if focus and not reason:
+    raise UserError(
+      "config.data.chat.focus=True needs reasoned replies; add --config.data.chat.reason=True"
+    )
   drop_request = float(c.get("drop_request", 0.0))
   if not 0.0 <= drop_request < 1.0:
     raise UserError(
@@ -101,6 +108,7 @@ def settings(config: ml_collections.ConfigDict) -> ChatSettings | None:
     seed=c.seed,
     restate=restate,
     reason=reason,
+    focus=focus,
     drop_request=drop_request,
   )
 
@@ -143,6 +151,7 @@ def _info(chat_settings, items, built, *, seq_len: int, num_images: int) -> dict
     "seed": chat_settings.seed,
     "restate": chat_settings.restate,
     "reason": chat_settings.reason,
+    "focus": chat_settings.focus,
     "drop_request": chat_settings.drop_request,
     "seq_len": seq_len,
     "distinct_images": num_images,

@@ -183,6 +183,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # at the top left so red"): the model reads the scene in the form it captions best, then
       # answers from that text (`vqlm.data.chat.reasoned`).
       reason=False,
+      # With reason: the reply names what the question asks about, in the captions' words,
+      # between the description and the answer ("... so color at the top left so red"): the
+      # answer is read from the words just before it (`vqlm.data.chat.question`'s focus).
+      focus=False,
       # Fraction of draw instructions whose request is dropped (an empty user turn): the model
       # learns to draw with no request, and chat drawing is guided against that empty request
       # (`<bos> <user> <assistant> <boi>`) instead of the captions' `<bos> <boi>`.

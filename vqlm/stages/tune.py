@@ -233,6 +233,9 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, checkpoint_dir, af
   )
   resume_step = latest_step(checkpoint_dir)
   p = config.prompts
+  # Gold and wrong answers to questions take the layout the model was instruction-tuned with.
+  instruction = chat_eval.instruction_settings(source_config)
+  layout = {key: bool(instruction.get(key, False)) for key in ("reason", "focus")}
   items = tune_data.make_prompts(
     p.num_prompts,
     seed=p.seed,
@@ -240,6 +243,7 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, checkpoint_dir, af
     min_objects=p.min_objects,
     max_objects=p.max_objects,
     split="train",
+    **layout,
   )
   prompts = tune_data.prompt_turns(items, image_tokenizer)
   tune_data.check_lengths(prompts, vocab, tokenizer, seq_len, [it["kind"] for it in items])

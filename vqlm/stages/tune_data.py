@@ -7,9 +7,9 @@ caption parses to, an answer to a question by exactness.
 
 DPO pairs (`collect_pairs`, once per run, cached in `RUN/pairs.npz`): `samples_per_prompt` replies
 per prompt from the tuned-from model; chosen = the best reply if perfect (reward 1), else the
-gold reply (the scene's image encoded by the image tokenizer, or the exact answer); rejected = the
-worst reply if imperfect, else a perturbed scene's image (a wrong answer for questions), so every
-prompt gives one pair.
+gold reply (the scene's image encoded by the image tokenizer, or the item's reply text);
+rejected = the worst reply if imperfect, else a perturbed scene's image (a wrong answer for
+questions), so every prompt gives one pair.
 
 GRPO rollouts (`RolloutIterator`): `prompts_per_step` prompts x `group_size` replies sampled with
 the policy's current parameters (`Policy.set_params`, which swaps the sampler's parameters without
@@ -44,10 +44,20 @@ PAIRS_FILE = "pairs.npz"
 
 
 def make_prompts(
-  num: int, *, seed: int, kinds: Sequence[str], min_objects: int, max_objects: int, split: str
+  num: int,
+  *,
+  seed: int,
+  kinds: Sequence[str],
+  min_objects: int,
+  max_objects: int,
+  split: str,
+  reason: bool = False,
+  focus: bool = False,
 ) -> list[dict[str, Any]]:
   """`chat.conversation` items 0..num-1 of `(seed, split)`; refuses any with a held-out pair
-  outside "test_heldout" (the train and validation splits never draw one)."""
+  outside "test_heldout" (the train and validation splits never draw one). `reason`, `focus`:
+  question replies (the gold ones of DPO pairs, their wrong answers) laid out as the tuned
+  model was instruction-tuned to write them (`chat.conversation`)."""
   items = list(
     chat.conversations(
       num,
@@ -56,6 +66,8 @@ def make_prompts(
       kinds=tuple(kinds),
       min_objects=min_objects,
       max_objects=max_objects,
+      reason=reason,
+      focus=focus and reason,
     )
   )
   held = chat.pairs_used(items) & set(shapes.HELDOUT_PAIRS)
@@ -108,7 +120,7 @@ def score_reply(item: Mapping[str, Any], reply: Any) -> dict[str, float]:
 # Most text ids of a sampled answer: the answers of 1-2 object scenes need at most 29 (a
 # description), 3 objects about 40; a reply sampled at a high temperature may ramble, and a longer
 # one would not fit the tuning examples (a cut reply counts as a wrong one).
-REPLY_MAX_LEN = 32
+REPLY_MAX_LEN = 40
 
 
 class Policy:
@@ -341,7 +353,8 @@ def collect_pairs(
     if row[best] >= 1.0:
       c, c_from, c_reward = replies[i * k + best], 0, 1.0
     else:
-      c = (gold[i], None, caption) if item["kind"] == "draw" else item["answer"]
+      # A question's gold reply is the item's: reasoned (and focused) as the model was tuned.
+      c = (gold[i], None, caption) if item["kind"] == "draw" else item["turns"][1]["parts"][0]
       c_from, c_reward = 1, 1.0
     if row[worst] < 1.0:
       r, r_from, r_reward = replies[i * k + worst], 0, float(row[worst])
