@@ -247,7 +247,7 @@ def test_change_reasons_name_the_changed_object_and_give_the_result_back():
     after = edits.apply(src, edits.interpret(src, text))
     assert edits.reason(src, after, "change") == want
     assert edits.reasoned_scene(want, src, "change") == after
-  for style in ("change", "caption_change"):
+  for style in ("change", "caption_change", "focus_change"):
     for item in items("train", num=40):
       item = edits.with_reasons(item, style)
       said = edits.reasoned_scene(item["reasons"][0], item["scenes"][0], style)
@@ -257,6 +257,19 @@ def test_change_reasons_name_the_changed_object_and_give_the_result_back():
   assert text == f"{shapes.caption(src)} so a small red circle at the top left so nothing"
   assert edits.reasoned_scene(text, src, "caption_change") == [src[1]]
   assert edits.reasoned_scene(text, src, "change") is None
+  # The caption, the instruction's name of the object, then the change.
+  for text, name in (
+    ("remove the red circle", "red circle"),
+    ("add a small cyan triangle on the right", "small cyan triangle"),
+  ):
+    after = edits.apply(src, edits.interpret(src, text))
+    focused = edits.reason(src, after, "focus_change")
+    assert focused == f"{shapes.caption(src)} so {name} so {edits.reason(src, after, 'change')}"
+    assert edits.reasoned_scene(focused, src, "focus_change") == after
+    assert edits.reasoned_scene(focused, src, "caption_change") is None
+  twins = [dict(src[0], position="center", size="large"), src[0]]
+  removed = edits.apply(twins, edits.interpret(twins, "remove the large red circle"))
+  assert edits.reason(twins, removed, "focus_change").split(" so ")[1] == "large red circle"
   # A reason naming an object the source lacks, a taken cell or no object says no scene.
   assert edits.reasoned_scene("a small red circle on the left so nothing", src, "change") is None
   assert (

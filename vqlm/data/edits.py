@@ -78,9 +78,10 @@ STORY = "story"  # the kind of an item with several edits
 REASON_WORD = "so"  # joins the captions of the scene before and after an edit in its reason
 EMPTY_SCENE = "nothing"  # the caption of a scene with no object left (a reason's text)
 # How a reason says an edit: the captions of the whole scene before and after ("scene"), the one
-# object the edit changes, before and after ("change"), or the source's caption and then that
-# change ("caption_change").
-REASON_STYLES = ("scene", "change", "caption_change")
+# object the edit changes, before and after ("change"), the source's caption and then that
+# change ("caption_change"), or the source's caption, the words that name the changed object,
+# then the change ("focus_change").
+REASON_STYLES = ("scene", "change", "caption_change", "focus_change")
 # direction -> (row, column) step on the 3x3 grid, and its words in an instruction.
 DIRECTIONS: dict[str, tuple[int, int]] = {
   "right": (0, 1),
@@ -358,7 +359,11 @@ def reason(
   "change": the object the edit changes, as it is before and after (`"a small blue square at the
   bottom left so a small blue square at the bottom"`; `EMPTY_SCENE` for the missing side of an
   addition or a removal); style "caption_change": the caption of before, `REASON_WORD`, then the
-  change, so that the model names the changed object by copying it from its own caption."""
+  change, so that the model names the changed object by copying it from its own caption; style
+  "focus_change": the caption of before, the object's name (`focus`), then the change ("a large
+  red circle at the top and a small blue square on the left so blue square so a small blue
+  square on the left so a small blue square in the center"): the change is then looked up in
+  the caption by the words just before it, not by the instruction's far back."""
   if style not in REASON_STYLES:
     raise UserError(f"reason style {style!r}; use one of {REASON_STYLES}")
   if style == "scene":
@@ -366,7 +371,27 @@ def reason(
   old = [o for o in shapes.sort_scene(before) if o not in after]
   new = [o for o in shapes.sort_scene(after) if o not in before]
   change = f"{scene_caption(old)} {REASON_WORD} {scene_caption(new)}"
-  return change if style == "change" else f"{scene_caption(before)} {REASON_WORD} {change}"
+  if style == "change":
+    return change
+  if style == "focus_change":
+    change = f"{focus(before, old, new)} {REASON_WORD} {change}"
+  return f"{scene_caption(before)} {REASON_WORD} {change}"
+
+
+def focus(
+  before: Sequence[Mapping[str, str]],
+  old: Sequence[Mapping[str, str]],
+  new: Sequence[Mapping[str, str]],
+) -> str:
+  """The words that name an edit's object: its `reference` in the scene `before` (the object
+  the edit moves, recolours or removes: `old`), or the size, colour and shape of an added one
+  (`new`)."""
+  if old:
+    name = reference(before, old[0])
+    if name is not None:
+      return name
+  obj = (old or new)[0]
+  return f"{obj['size']} {obj['color']} {obj['shape']}"
 
 
 def reasoned_result(text: str) -> str:
@@ -391,7 +416,8 @@ def reasoned_scene(
   if style == "scene":
     return _caption_scene(reasoned_result(text))
   parts = text.split(f" {REASON_WORD} ")
-  if style not in REASON_STYLES or source is None or len(parts) != 2 + (style != "change"):
+  want = {"change": 2, "caption_change": 3, "focus_change": 4}
+  if style not in want or source is None or len(parts) != want[style]:
     return None
   old, new = (_caption_scene(part) for part in parts[-2:])
   if old is None or new is None or any(o not in source for o in old):

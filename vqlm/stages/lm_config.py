@@ -152,7 +152,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       reason=False,
       # What the reason says: "scene" (both scenes' captions), "change" (only the object the
       # edit changes, before and after: "a small red circle on the left so nothing") or
-      # "caption_change" (the source's caption, then the change).
+      # "caption_change" (the source's caption, then the change) or "focus_change" (the
+      # source's caption, the instruction's name of the object, then the change).
       reason_style="scene",
     ),
     codebook_dim=0,
