@@ -118,3 +118,19 @@ def test_every_model_is_measured_on_prompts_in_reverse_order():
     assert built["reversed_prompts"].settings["object_order"] == "reversed"
   with pytest.raises(UserError, match="object_order='sorted' must be 'canonical' or 'reversed'"):
     evaluators.build({"x": {"type": "text_to_image", "object_order": "sorted"}}, log_fn=print)
+
+
+def test_the_preset_sets_each_steps_prompts_and_the_sft_reply_layout():
+  import dataclasses
+
+  from vqlm.demo.recipe import PRESETS as MAIN
+  from vqlm.demo.tuning_recipe import PRESETS, dpo_config, grpo_config, sft_config
+
+  p = dataclasses.replace(
+    PRESETS["default"], dpo_kinds="draw", grpo_kinds="draw,question", sft_focus=True
+  )
+  assert dpo_config(p, init_from="SFT").prompts.kinds == "draw"
+  grpo = grpo_config(p, init_from="DPO")
+  assert grpo.prompts.kinds == "draw,question" and grpo.init_from == "DPO"
+  sft = sft_config(p, MAIN[p.main], codes="CODES", init_from="MAIN")
+  assert sft.data.chat.reason is True and sft.data.chat.focus is True

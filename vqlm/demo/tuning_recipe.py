@@ -58,9 +58,10 @@ class Preset:
   # Draw instructions with no request (`config.data.chat.drop_request`): guidance for chat
   # drawing against an empty request.
   sft_drop_request: float = 0.0
-  # The instruction kinds of the preference steps' prompts (`config.prompts.kinds` of the tune
-  # stage): draw requests, and questions whose answers the exactness judge scores.
-  tune_kinds: str = "draw"
+  # The instruction kinds of each preference step's prompts (`config.prompts.kinds` of the tune
+  # stage): draw requests (judged by the scene parser), questions (by exactness).
+  dpo_kinds: str = "draw"
+  grpo_kinds: str = "draw"
 
 
 PRESETS = {
@@ -140,7 +141,7 @@ def sft_config(
 
 
 def _tune_config(
-  method: str, p: Preset, *, init_from: str, steps: int, lr: float
+  method: str, p: Preset, *, init_from: str, steps: int, lr: float, kinds: str
 ) -> ml_collections.ConfigDict:
   from vqlm.stages import tune_config
 
@@ -152,7 +153,7 @@ def _tune_config(
   c.optim.learning_rate = lr
   c.optim.warmup_steps = max(1, min(10, steps // 10))
   c.prompts.max_objects = p.max_objects
-  c.prompts.kinds = p.tune_kinds
+  c.prompts.kinds = kinds
   c.sampling.cfg_scale = p.chat_cfg_scale
   if p.main == "smoke":
     c.prompts.num_eval = 8
@@ -161,7 +162,7 @@ def _tune_config(
 
 def dpo_config(p: Preset, *, init_from: str) -> ml_collections.ConfigDict:
   """DPO from the SFT run: pairs of its own drawings per request, judged by the scene parser."""
-  c = _tune_config("dpo", p, init_from=init_from, steps=p.dpo_steps, lr=p.dpo_lr)
+  c = _tune_config("dpo", p, init_from=init_from, steps=p.dpo_steps, lr=p.dpo_lr, kinds=p.dpo_kinds)
   c.prompts.num_prompts = p.dpo_prompts
   c.dpo.beta = p.dpo_beta
   return c
@@ -169,6 +170,8 @@ def dpo_config(p: Preset, *, init_from: str) -> ml_collections.ConfigDict:
 
 def grpo_config(p: Preset, *, init_from: str) -> ml_collections.ConfigDict:
   """Online GRPO from the DPO run: groups of drawings per request, the parser's score as reward."""
-  c = _tune_config("grpo", p, init_from=init_from, steps=p.grpo_steps, lr=p.grpo_lr)
+  c = _tune_config(
+    "grpo", p, init_from=init_from, steps=p.grpo_steps, lr=p.grpo_lr, kinds=p.grpo_kinds
+  )
   c.prompts.num_prompts = max(4 * p.grpo_steps, 16)
   return c
