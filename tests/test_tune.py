@@ -86,6 +86,22 @@ def recolour(scene):
   return [dict(scene[0], color=color)] + [dict(o) for o in scene[1:]]
 
 
+def collect_two(policy, items, prompts, tok_vocab, *, seq_len):
+  """`collect_pairs` of two samples per prompt, seed 0, quiet."""
+  tokenizer, vocab = tok_vocab
+  return tune_data.collect_pairs(
+    policy,
+    items,
+    prompts,
+    samples_per_prompt=2,
+    vocab=vocab,
+    tokenizer=tokenizer,
+    seq_len=seq_len,
+    seed=0,
+    log_fn=lambda _: None,
+  )
+
+
 def assistant_part(row_tokens, vocab, tokenizer):
   turns = chat.parse(row_tokens, vocab, tokenizer)
   assert [t["role"] for t in turns] == ["user", "assistant"]
@@ -108,17 +124,7 @@ def test_dpo_pairs_chosen_rejected_gold_and_perturbed(tok_vocab):
   policy = ScriptedPolicy(lambda item: script[items.index(item)])
   prompts = tune_data.prompt_turns(items, policy.image_tokenizer)
   policy.image_tokenizer.scenes = []
-  pairs = tune_data.collect_pairs(
-    policy,
-    items,
-    prompts,
-    samples_per_prompt=2,
-    vocab=vocab,
-    tokenizer=tokenizer,
-    seq_len=96,
-    seed=0,
-    log_fn=lambda _: None,
-  )
+  pairs = collect_two(policy, items, prompts, tok_vocab, seq_len=96)
   np.testing.assert_array_equal(pairs["chosen_from"], [0, 1, 0, 0])
   np.testing.assert_array_equal(pairs["rejected_from"], [0, 0, 1, 0])
   np.testing.assert_array_equal(pairs["chosen_reward"], 1.0)
@@ -160,17 +166,7 @@ def test_restating_pairs_caption_the_scene_before_the_image(tok_vocab):
   script = [[s0, recolour(s0)], [recolour(s1), recolour(s1)]]
   policy = ScriptedPolicy(lambda item: script[items.index(item)], restate=True)
   prompts = tune_data.prompt_turns(items, policy.image_tokenizer)
-  pairs = tune_data.collect_pairs(
-    policy,
-    items,
-    prompts,
-    samples_per_prompt=2,
-    vocab=vocab,
-    tokenizer=tokenizer,
-    seq_len=96,
-    seed=0,
-    log_fn=lambda _: None,
-  )
+  pairs = collect_two(policy, items, prompts, tok_vocab, seq_len=96)
   reply = lambda side, i: chat.parse(pairs[f"{side}_tokens"][i], vocab, tokenizer)[1]["parts"]  # noqa: E731
   # Sampled replies keep the model's caption; the gold reply (item 1) carries the true one.
   assert reply("chosen", 0)[0] == shapes.caption(s0)
@@ -418,17 +414,7 @@ def test_dpo_pairs_of_questions_take_the_tuned_models_reply_layout(tok_vocab):
   script = [["not an answer", "nor this"], [gold[1], gold[1]]]
   policy = ScriptedPolicy(lambda item: script[items.index(item)])
   prompts = tune_data.prompt_turns(items, policy.image_tokenizer)
-  pairs = tune_data.collect_pairs(
-    policy,
-    items,
-    prompts,
-    samples_per_prompt=2,
-    vocab=vocab,
-    tokenizer=tokenizer,
-    seq_len=160,
-    seed=0,
-    log_fn=lambda _: None,
-  )
+  pairs = collect_two(policy, items, prompts, tok_vocab, seq_len=160)
   np.testing.assert_array_equal(pairs["chosen_from"], [1, 0])
   np.testing.assert_array_equal(pairs["rejected_from"], [0, 1])
   part = lambda side, i: assistant_part(pairs[f"{side}_tokens"][i], vocab, tokenizer)  # noqa: E731
