@@ -246,7 +246,9 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, checkpoint_dir, af
     **layout,
   )
   prompts = tune_data.prompt_turns(items, image_tokenizer)
-  tune_data.check_lengths(prompts, vocab, tokenizer, seq_len, [it["kind"] for it in items])
+  reply_len = tune_data.reply_max_len(focus=layout["focus"])
+  kinds_of = [it["kind"] for it in items]
+  tune_data.check_lengths(prompts, vocab, tokenizer, seq_len, kinds_of, reply_len=reply_len)
 
   policy = None
 
@@ -276,6 +278,7 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, checkpoint_dir, af
         # (`data.chat.drop_request`) is guided against an empty request.
         restate=bool(chat_eval.instruction_settings(source_config).get("restate", False)),
         chat_uncond=chat_eval.run_chat_uncond(source_config),
+        reply_len=reply_len,
       )
     return policy
 

@@ -120,7 +120,14 @@ def score_reply(item: Mapping[str, Any], reply: Any) -> dict[str, float]:
 # Most text ids of a sampled answer: the answers of 1-2 object scenes need at most 29 (a
 # description), 3 objects about 40; a reply sampled at a high temperature may ramble, and a longer
 # one would not fit the tuning examples (a cut reply counts as a wrong one).
-REPLY_MAX_LEN = 40
+REPLY_MAX_LEN = 32
+# The ids a focused reply adds (`chat.conversation(focus=True)`: at most 10 on 1-2 objects).
+FOCUS_IDS = 8
+
+
+def reply_max_len(*, focus: bool = False) -> int:
+  """Most text ids of a sampled answer of a model tuned with (or without) focused replies."""
+  return REPLY_MAX_LEN + (FOCUS_IDS if focus else 0)
 
 
 class Policy:
@@ -138,6 +145,7 @@ class Policy:
     batch_size: sampler rows per call.
     restate: draw replies restate the request first; chat_uncond: guidance against an empty
       request (`vqlm.sample.chat.draw`).
+    reply_len: most text ids of a sampled answer (`reply_max_len`).
   """
 
   def __init__(
@@ -156,8 +164,10 @@ class Policy:
     batch_size: int,
     restate: bool = False,
     chat_uncond: bool = False,
+    reply_len: int = REPLY_MAX_LEN,
   ):
     chat_sampling.require_chat_vocab(vocab)
+    self.reply_len = int(reply_len)
     run = types.SimpleNamespace(
       model=model,
       params=params,
@@ -216,7 +226,7 @@ class Policy:
         greedy=False,
         sampling=self.sampling,
         seed=seed + 1,
-        max_len=REPLY_MAX_LEN,
+        max_len=self.reply_len,
       )
       for n, i in enumerate(talk):
         for j in range(k):
@@ -282,10 +292,16 @@ def example(
 
 
 def check_lengths(
-  prompts, vocab: Vocab, tokenizer: Any, seq_len: int, kinds: Sequence[str] | None = None
+  prompts,
+  vocab: Vocab,
+  tokenizer: Any,
+  seq_len: int,
+  kinds: Sequence[str] | None = None,
+  *,
+  reply_len: int = REPLY_MAX_LEN,
 ) -> None:
   """Refuses up front prompts whose longest reply would not fit: an image (`<boi>` codes `<eoi>`
-  `<eos>`) for a draw prompt, `REPLY_MAX_LEN` text ids for the others (`kinds`: each prompt's
+  `<eos>`) for a draw prompt, `reply_len` text ids for the others (`kinds`: each prompt's
   item kind; None: all draw)."""
   image = np.zeros(vocab.grid, np.int32)
   for i, p in enumerate(prompts):
@@ -293,10 +309,10 @@ def check_lengths(
       example(p, image, vocab, tokenizer, seq_len)
       continue
     turns = list(p) + [{"role": "assistant", "parts": []}]
-    need = len(chat.build(turns, vocab, tokenizer)["tokens"]) + REPLY_MAX_LEN
+    need = len(chat.build(turns, vocab, tokenizer)["tokens"]) + reply_len
     if need > seq_len:
       raise UserError(
-        f"a tuning example may have {need} tokens (an answer of up to {REPLY_MAX_LEN} ids), "
+        f"a tuning example may have {need} tokens (an answer of up to {reply_len} ids), "
         f"more than train.seq_len={seq_len}; set --config.train.seq_len={need} or lower "
         "--config.prompts.max_objects"
       )
