@@ -50,9 +50,10 @@ class Preset:
   edit_max_objects: int = 2
   # Each edit said in words before its result, in a style of `vqlm.data.edits.REASON_STYLES`
   # ("scene": "<caption of the source> so <caption of the result>"; "change": the changed object
-  # before and after; "caption_change": the source's caption, then the change); "" is off. The
-  # measures let the LM write it, then draw. "caption_change" at 1800 steps: edits 75% / 69%
-  # against 71% / 65% without reasons at 1600 (docs/evaluation.md).
+  # before and after; "caption_change": the source's caption, then the change; "focus_change":
+  # the object's name between the two); "" is off. The measures let the LM write it, then draw.
+  # "caption_change" at 1800 steps: edits 75% / 69% against 71% / 65% without reasons at 1600
+  # and 65% / 65% in the "focus_change" style (docs/experiments.md).
   edit_reason: str = "caption_change"
   # Clips encoded for validation (per-mode validation loss) and test.
   validation_clips: int = 256
