@@ -381,9 +381,9 @@ def conversation(
       text, answer = _pick(rng, DESCRIBE_TEMPLATES), shapes.caption(scene)
     else:
       question_kind, text, answer, focus_text = question(scene, rng)
+      focus_text = focus_text if focus else None
     user, reply = ([image, text] if rng.random() < 0.5 else [text, image]), [answer]
     if reason and kind == "question":
-      focus_text = focus_text if focus else None
       reply = [reasoned(scene, answer, focus_text)]
   if kind == "draw" and drop_request > 0 and rng.random() < drop_request:
     user = []
@@ -394,7 +394,7 @@ def conversation(
     "turns": turns,
     "answer": answer,
     "question_kind": question_kind,
-    "focus": focus_text if reason and focus else None,
+    "focus": focus_text,
   }
 
 

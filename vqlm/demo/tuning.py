@@ -8,8 +8,9 @@ Stages (each skipped when its output exists):
            instructions about shapes scenes (draw requests in any order and wording, questions,
            descriptions; `config.data.chat`)
   dpo      pairs of the SFT model's own drawings per request, chosen/rejected by the scene parser
-  grpo     groups of drawings per request sampled online, the parser's score as reward, a KL
-           penalty to the DPO model
+  grpo     groups of replies per prompt sampled online (default preset: draw requests and
+           questions), the parser's score or the answer's exactness as reward, a KL penalty to
+           the DPO model
   measure  every model that exists (main, sft, dpo, grpo) on: the main demo's test prompts and
            held-out captions, captioning, drawing from free-form requests (test and held-out
            colour-shape pairs), questions about test images -> WORKDIR/tuning.json

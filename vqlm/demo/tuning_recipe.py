@@ -102,7 +102,7 @@ PRESETS = {
     # prompts, against 0.75 at 2e-5 and 1.5 at 5e-5 (docs/experiments.md).
     dpo_lr=1e-5,
     dpo_beta=0.1,
-    # GRPO on drawings and questions (the parser's score, exact answers): questions 90.5 -> 94%
+    # GRPO on drawings and questions (the parser's score, exact answers): questions 90 -> 94%
     # in 80 steps, where 30 steps on drawings alone left them at 90.5%.
     grpo_steps=80,
     grpo_lr=5e-5,
@@ -164,7 +164,8 @@ def _tune_config(
 
 
 def dpo_config(p: Preset, *, init_from: str) -> ml_collections.ConfigDict:
-  """DPO from the SFT run: pairs of its own drawings per request, judged by the scene parser."""
+  """DPO from the SFT run: pairs of its own replies per prompt (`p.dpo_kinds`), judged by the
+  scene parser (drawings) or by exactness (answers)."""
   c = _tune_config("dpo", p, init_from=init_from, steps=p.dpo_steps, lr=p.dpo_lr, kinds=p.dpo_kinds)
   c.prompts.num_prompts = p.dpo_prompts
   c.dpo.beta = p.dpo_beta
@@ -172,7 +173,8 @@ def dpo_config(p: Preset, *, init_from: str) -> ml_collections.ConfigDict:
 
 
 def grpo_config(p: Preset, *, init_from: str) -> ml_collections.ConfigDict:
-  """Online GRPO from the DPO run: groups of drawings per request, the parser's score as reward."""
+  """Online GRPO from the DPO run: groups of replies per prompt (drawings scored by the scene
+  parser, answers to questions by exactness, as `p.grpo_kinds` says)."""
   c = _tune_config(
     "grpo", p, init_from=init_from, steps=p.grpo_steps, lr=p.grpo_lr, kinds=p.grpo_kinds
   )
