@@ -30,3 +30,13 @@ def test_recipes_without_caption_rows_keep_the_library_rows_and_mix():
   assert c.train.seq_len == library.train.seq_len
   assert c.data.max_text_len == library.data.max_text_len
   assert lm_data.mixture_weights(c) == lm_data.mixture_weights(library)
+
+
+def test_tokenizer_config_takes_the_presets_shifts(tmp_path):
+  import dataclasses
+
+  from vqlm.demo.recipe import tokenizer_config
+
+  p = dataclasses.replace(PRESETS["smoke"], tokenizer_max_shift=2, tokenizer_shift_fraction=0.25)
+  c = tokenizer_config(p, str(tmp_path))
+  assert (c.data.max_shift, c.data.shift_fraction) == (2, 0.25)

@@ -115,3 +115,24 @@ def test_empty_and_too_small_data_sets_fail_clearly():
 def test_image_transform_scales_to_unit_range():
   out = pipeline.image_transform()(0, {"image": np.array([[[0, 255, 127]]], np.uint8)})
   np.testing.assert_allclose(out["image"], [[[-1.0, 1.0, 127 / 127.5 - 1]]], rtol=1e-6)
+
+
+def test_image_transform_shifts_are_seeded_by_the_example_index():
+  image = np.full((8, 8, 3), 10, np.uint8)
+  image[3, 3] = 250
+  shifted = pipeline.image_transform(max_shift=2, seed=1)
+  first = [shifted(i, {"image": image})["image"] for i in range(20)]
+  again = [shifted(i, {"image": image})["image"] for i in range(20)]
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+  bright = {tuple(np.argwhere(x[..., 0] > 0.9)[0]) for x in first}
+  assert len(bright) > 5 and all(1 <= y <= 5 and 1 <= x <= 5 for y, x in bright)
+  plain = pipeline.image_transform()(7, {"image": image})["image"]
+  assert tuple(np.argwhere(plain[..., 0] > 0.9)[0]) == (3, 3)
+  half = pipeline.image_transform(max_shift=2, shift_fraction=0.5, seed=1)
+  moved = [not np.array_equal(half(i, {"image": image})["image"], plain) for i in range(200)]
+  assert 60 < sum(moved) < 140  # about half (a drawn shift of (0, 0) leaves an image in place)
+  with pytest.raises(ValueError, match="config.data.max_shift must be >= 0"):
+    pipeline.image_transform(max_shift=-1)
+  with pytest.raises(ValueError, match="shift_fraction must be in"):
+    pipeline.image_transform(max_shift=2, shift_fraction=1.5)

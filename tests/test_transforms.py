@@ -155,3 +155,22 @@ def test_float_uint8_round_trip():
     transforms.to_float(floats)
   with pytest.raises(ValueError, match="floating image"):
     transforms.to_uint8(pixels)
+
+
+def test_random_shift_translates_and_fills_with_the_edge():
+  background = np.full((12, 12, 3), 200, np.uint8)
+  image = background.copy()
+  image[5:7, 4:6] = (255, 0, 0)
+  seen = set()
+  rng = np.random.default_rng(0)
+  for _ in range(400):
+    out = transforms.random_shift(image, 2, rng)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    ys, xs = np.nonzero((out == (255, 0, 0)).all(-1))
+    assert len(ys) == 4  # the object moved whole; the uncovered pixels are background
+    assert ((out == 200).all(-1).sum()) == 12 * 12 - 4
+    seen.add((int(ys.min()) - 5, int(xs.min()) - 4))
+  assert seen == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+  np.testing.assert_array_equal(transforms.random_shift(image, 0, rng), image)
+  with pytest.raises(ValueError, match="max_shift must be >= 0"):
+    transforms.random_shift(image, -1, rng)

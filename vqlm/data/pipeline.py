@@ -16,6 +16,7 @@ import grain
 import jax
 import numpy as np
 
+from vqlm.data import transforms
 from vqlm.errors import UserError
 
 Example = Mapping[str, Any]
@@ -102,12 +103,26 @@ def make_iterator(source: Any, **kwargs) -> BatchIterator:
   return BatchIterator(make_dataset(source, **kwargs), num_threads=num_threads)
 
 
-def image_transform(image_key: str = "image") -> Callable[[int, Example], dict]:
-  """The tokenizer's per-example transform: uint8 [H, W, 3] -> float32 [H, W, 3] in [-1, 1]."""
+def image_transform(
+  image_key: str = "image", *, max_shift: int = 0, shift_fraction: float = 1.0, seed: int = 0
+) -> Callable[[int, Example], dict]:
+  """The tokenizer's per-example transform: uint8 [H, W, 3] -> float32 [H, W, 3] in [-1, 1].
+
+  `max_shift` > 0 translates a `shift_fraction` of the images by up to that many pixels on each
+  axis (`transforms.random_shift`), drawn from `(seed, index)`: the same stream after a restart
+  and on any number of processes. It shows a tokenizer objects where the data set never draws
+  them, e.g. the in-between positions of a moving object."""
+  if max_shift < 0:
+    raise UserError(f"config.data.max_shift must be >= 0, got {max_shift}")
+  if not 0.0 <= shift_fraction <= 1.0:
+    raise UserError(f"config.data.shift_fraction must be in [0, 1], got {shift_fraction}")
 
   def transform(index: int, example: Example) -> dict:
-    del index
     image = np.asarray(example[image_key])
+    if max_shift:
+      rng = np.random.default_rng([int(seed), int(index)])
+      if rng.random() < shift_fraction:
+        image = transforms.random_shift(image, max_shift, rng)
     return {"image": image.astype(np.float32) / 127.5 - 1.0}
 
   return transform

@@ -108,6 +108,19 @@ def random_crop(image: np.ndarray, size: Size, rng: np.random.Generator) -> np.n
   return image[top : top + h, left : left + w].copy()
 
 
+def random_shift(image: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+  """`image` `[H, W, ...]` translated by a random `(dy, dx)`, each uniform in
+  `[-max_shift, max_shift]`; the pixels it uncovers repeat the nearest edge pixel (for a plain
+  background, more background). Same shape as `image`."""
+  image = _check_image(image)
+  if max_shift < 0:
+    raise UserError(f"max_shift must be >= 0, got {max_shift}")
+  if max_shift == 0:
+    return image.copy()
+  pad = [(max_shift, max_shift)] * 2 + [(0, 0)] * (image.ndim - 2)
+  return random_crop(np.pad(image, pad, mode="edge"), image.shape[:2], rng)
+
+
 def resize_shorter_then_center_crop(
   image: np.ndarray, size: int, method: str = "bicubic"
 ) -> np.ndarray:

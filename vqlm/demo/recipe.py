@@ -33,6 +33,9 @@ class Preset:
   # "patch" encoder, whose 6 channels each mix form and colour (docs/experiments.md).
   tokenizer_encoder: str = "split"
   fsq_levels: tuple[int, ...] = (4, 4, 4, 4, 4, 4)
+  # Tokenizer training images translated by up to this many pixels (`config.data.max_shift`).
+  tokenizer_max_shift: int = 0
+  tokenizer_shift_fraction: float = 1.0
   # LM rows: the shapes captions are at most 17 text ids, so a caption/image pair fits in 85
   # tokens; rows of 88 (captions up to 20 ids) instead of the library's 96 (up to 29) leave out
   # 8 columns that were padding in every batch (the same examples and losses; 1.1x per step).
@@ -117,6 +120,8 @@ def tokenizer_config(p: Preset, data_dir: str) -> ml_collections.ConfigDict:
     c.model.bottleneck.levels = tuple(p.fsq_levels)
   c.data.data_dir = data_dir
   c.data.source_kwargs.sizes = split_sizes(p)
+  c.data.max_shift = p.tokenizer_max_shift
+  c.data.shift_fraction = p.tokenizer_shift_fraction
   c.train.steps = p.tokenizer_steps
   c.train.batch_size = p.tokenizer_batch
   c.train.sample_every = max(50, p.tokenizer_steps // 6)

@@ -95,7 +95,11 @@ def _train(config, workdir, *, progress, log_fn, loop_kwargs) -> dict[str, float
   data_iter = pipeline.make_iterator(
     source,
     global_batch_size=config.train.batch_size,
-    transform=pipeline.image_transform(),
+    transform=pipeline.image_transform(
+      max_shift=int(config.data.get("max_shift", 0)),
+      shift_fraction=float(config.data.get("shift_fraction", 1.0)),
+      seed=config.train.seed,
+    ),
     seed=config.train.seed,
     num_threads=config.data.get("num_threads", 2),
   )

@@ -92,6 +92,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Quality filters on the training split (vqlm/data/filters.py), e.g.
     # {"min_pixel_std": 2.0, "exact_duplicates": True}; counts go to WORKDIR/filters.json.
     filters={},
+    # Translate each training image by up to this many pixels per axis (0: off), so the
+    # tokenizer sees objects where a data set never draws them, e.g. the in-between positions
+    # of moving objects.
+    max_shift=0,
+    # ... that share of them (the rest as the data set draws them).
+    shift_fraction=1.0,
     # Source-specific options (e.g. shapes: min/max objects and split sizes; folder:
     # validation_fraction). A folder of images is given as data_dir.
     source_kwargs=({"min_objects": 1, "max_objects": 2} if arg.data == "shapes" else {}),
