@@ -96,3 +96,34 @@ def test_continue_video_writes_the_new_frames(run_continue, tmp_path, capsys):
 def test_continue_without_a_prompt_names_the_flags(run_continue, capsys):
   assert run_continue() == 2
   assert "--text" in capsys.readouterr().err
+
+
+def test_continue_edit_writes_the_reason_and_the_edited_image(
+  run_continue, tmp_path, monkeypatch, capsys
+):
+  from vqlm.sample import edit as sample_edit
+
+  source = square_png(tmp_path / "scene.png", size=48)
+  argv = ["--edit", "--text", "make the square blue", "--image", source]
+  assert run_continue(*argv, "--out", str(tmp_path / "no")) == 2  # the tiny LM has no reasons
+  assert "reasoned edits" in capsys.readouterr().err
+  asked = {}
+
+  def edit_images(gen, instructions, images, **kwargs):  # tested in test_sample_edit.py
+    asked.update(kwargs, instructions=instructions, shape=images.shape)
+    return images[:, ::-1], ["a large red square so a large red square so a large blue square"]
+
+  monkeypatch.setattr(continue_cmd, "reason_style", lambda run: "caption_change")
+  monkeypatch.setattr(sample_edit, "edit_images", edit_images)
+  assert run_continue(*argv, "--seed", "3", "--out", str(tmp_path / "e")) == 0
+  assert asked["instructions"] == ["make the square blue"] and asked["shape"] == (1, 32, 32, 3)
+  assert asked["style"] == "caption_change" and asked["choose_object"] and asked["seed"] == 3
+  assert sorted(os.listdir(tmp_path / "e")) == ["continuation.txt", "image_000.png"]
+  text = (tmp_path / "e" / "continuation.txt").read_text().strip()
+  assert text == "a large red square so a large red square so a large blue square <image 0>"
+  assert imaging.load_png(str(tmp_path / "e" / "image_000.png")).shape == (32, 32, 3)
+  assert run_continue(*argv, "--nochoose_object", "--out", str(tmp_path / "f")) == 0
+  assert not asked["choose_object"]
+  capsys.readouterr()
+  assert run_continue("--edit", "--image", source, "--text", "make it blue") == 2
+  assert "--edit takes one --text" in capsys.readouterr().err

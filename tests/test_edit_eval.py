@@ -190,7 +190,7 @@ def test_reasoned_edits_write_the_reason_then_draw_from_it(run, monkeypatch):
     asked.extend(rows)
     return said
 
-  monkeypatch.setattr(edit_eval.sample_chat, "text_before_image", text_before_image)
+  monkeypatch.setattr(edit_eval.sample_edit.sample_chat, "text_before_image", text_before_image)
   # Drawn: the true result for the first 6 items, the source for the last 2.
   images = np.stack([renders(items, 1 if k < 6 else 0)[k] for k in range(8)])
   gen = FakeGenerator(run, images)

@@ -17,6 +17,7 @@ from vqlm.sample.sampler import (
   Sampler,
   bucket,
   cache_schedule,
+  continuation_logps,
   pad_uncond_prompts,
 )
 from vqlm.vocab import Vocab
@@ -306,6 +307,29 @@ def test_bad_arguments_raise(plain, sampler):
     Sampler(model, variables, VOCAB, cache_block=-1)
 
 
+def test_continuation_logps_sum_the_log_probabilities_of_a_full_forward_pass(plain, sampler):
+  model, variables = plain
+  prompts = [[BOS, 3], [BOS, 5, 6, 7, BOI, *CODES, EOI], [BOS]]
+  continuations = [[4, 9, 2], [11], [BOI, *CODES[:2]]]
+  got = continuation_logps(sampler, prompts, continuations, batch_size=2)
+  seqs = [p + c for p, c in zip(prompts, continuations)]
+  logits = _full_logits(model, variables, seqs).astype(np.float64)
+  logps = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = [
+    sum(logps[i, k - 1, seq[k]] for k in range(len(p), len(seq)))
+    for i, (p, seq) in enumerate(zip(prompts, seqs))
+  ]
+  assert got.dtype == np.float32 and got.shape == (3,)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # One row alone scores as it does in a batch with others.
+  alone = continuation_logps(sampler, prompts[1:2], continuations[1:2], batch_size=2)
+  np.testing.assert_allclose(alone, got[1:2], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="2 prompts for 3 continuations"):
+    continuation_logps(sampler, prompts[:2], continuations)
+  with pytest.raises(ValueError, match="at least one id"):
+    continuation_logps(sampler, [[BOS]], [[]])
+
+
 _MESH_SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -335,6 +359,13 @@ _MESH_SCRIPT = textwrap.dedent("""
     got = Sampler(model, sharded, t.VOCAB, mesh=mesh, rules=rules)(prompts, **kw)
     assert t._is_code(ref.tokens).any()
     np.testing.assert_array_equal(got.tokens, ref.tokens)
+    # Scoring continuations (teacher-forced) on the sharded weights.
+    from vqlm.sample.sampler import continuation_logps
+    ends = [[3, 4], [5], [6, 7, 8], [9]]
+    ref_logps = continuation_logps(Sampler(model, variables, t.VOCAB), prompts, ends, batch_size=4)
+    got_logps = continuation_logps(
+        Sampler(model, sharded, t.VOCAB, mesh=mesh, rules=rules), prompts, ends, batch_size=4)
+    np.testing.assert_allclose(got_logps, ref_logps, rtol=1e-4, atol=1e-4)
 
     # A mesh that splits only the batch: one decode loop per device when the rows divide
     # (guidance's doubled rows stay with their device), one partitioned loop when they do not.

@@ -10,6 +10,12 @@ image tokenizer's size (as `vqlm caption` does). Writes to the directory `--out`
 `--mode` constrains what is generated: `interleaved` (text and images, the default), `text` (no
 images) or `image` (`--num_images` images, then stop).
 
+Edit: `vqlm continue --workdir LM_RUN --edit --text "make the red circle blue" --image scene.png`
+with an LM trained on reasoned edits (the video demo's): the model writes its reason, the object
+the edit acts on chosen among its caption's objects by its likelihood (`vqlm.sample.edit`;
+`--nochoose_object`: the greedy reason), then draws the result: `DIR/continuation.txt` holds the
+reason and `<image 0>`, `DIR/image_000.png` the edited image.
+
 Video: `vqlm continue --workdir LM_RUN --frames f1.png,f2.png --num_frames 4 [--caption "..."]`
 continues the clip given by its frames and writes `DIR/frame_000.png ...` (the new frames only).
 """
@@ -28,6 +34,13 @@ def load_run(workdir: str, tokenizer: str | None = None):
   from vqlm.runs import LMRun
 
   return LMRun(workdir, tokenizer=tokenizer or None)
+
+
+def reason_style(run) -> str:
+  """The reason style of the run's edit documents, "" without reasons (a seam for tests)."""
+  from vqlm.eval.edit_eval import run_reasons_edits
+
+  return run_reasons_edits(run.config)
 
 
 def ordered_parts(argv: list[str]) -> list[tuple[str, str]]:
@@ -82,6 +95,18 @@ def main(argv: list[str]) -> int:
         "mode", "interleaved", ["interleaved", "text", "image"], "what may be generated"
       ),
       f.DEFINE_integer("num_images", 1, "--mode image: images to generate"),
+      f.DEFINE_bool(
+        "edit",
+        False,
+        "an image edit (--text INSTRUCTION --image SOURCE) by an LM trained on reasoned edits: "
+        "the reason, then the edited image",
+      ),
+      f.DEFINE_bool(
+        "choose_object",
+        True,
+        "--edit: the object the reason acts on is chosen among its caption's objects by the "
+        "model's likelihood (--nochoose_object: the greedy reason)",
+      ),
       f.DEFINE_integer("max_new_tokens", 128, "most new tokens (not for --frames)"),
       f.DEFINE_float("temperature", 1.0, "text and image-code temperature (0 = greedy)"),
       f.DEFINE_integer("top_k", 0, "keep the k most likely tokens (0 = all)"),
@@ -105,6 +130,8 @@ def main(argv: list[str]) -> int:
     v for k, v in parts if k == "image"
   ] != fv.image:
     raise UserError("cannot read the order of --text/--image; write them as --text=... --image=...")
+  if fv.edit and (video or [k for k, _ in parts] != ["text", "image"]):
+    raise UserError('--edit takes one --text "instruction" then one --image SOURCE, no --frames')
   if video:
     frames = [p.strip() for p in fv.frames.split(",") if p.strip()]
     if not frames:
@@ -133,9 +160,13 @@ def main(argv: list[str]) -> int:
 
   settings = Settings(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p)
   sampling = SamplingConfig(text=settings, image=settings).check()
-  gen = generator_for(
-    load_run(fv.workdir, fv.tokenizer), dtype=None if fv.dtype == "model" else fv.dtype
-  )
+  run = load_run(fv.workdir, fv.tokenizer)
+  if fv.edit and not reason_style(run):
+    raise UserError(
+      "--edit needs an LM trained on reasoned edits (config.data.edit.reason, as the video "
+      "demo's); for another LM use --mode image --num_images 1"
+    )
+  gen = generator_for(run, dtype=None if fv.dtype == "model" else fv.dtype)
   gen.progress = fv.progress
   size = getattr(gen.image_tokenizer, "image_size", None)
   if video:
@@ -150,6 +181,8 @@ def main(argv: list[str]) -> int:
       imaging.save_png(frame, os.path.join(out_dir, f"frame_{k:03d}.png"))
     print(f"wrote {out_dir}: {len(new)} frames frame_000.png ... frame_{len(new) - 1:03d}.png")
     return 0
+  if fv.edit:
+    return _edit(gen, fv, fit_images(part_images, size), sampling, out_dir)
   images = iter(fit_images(part_images, size) if part_images else [])
   prompt = [value if kind == "text" else next(images) for kind, value in parts]
   out = gen.continue_sequence(
@@ -163,4 +196,23 @@ def main(argv: list[str]) -> int:
   text, num_images = write_continuation(out_dir, out.segments)
   print(text)
   print(f"wrote {out_dir}: {TEXT_FILE} and {num_images} image(s)")
+  return 0
+
+
+def _edit(gen, fv, images, sampling, out_dir: str) -> int:
+  from vqlm.sample import edit as sample_edit
+
+  style = reason_style(gen.run)
+  edited, reasons = sample_edit.edit_images(
+    gen,
+    fv.text,
+    images,
+    style=style,
+    choose_object=fv.choose_object and style in sample_edit.CHOOSABLE,
+    sampling=sampling,
+    seed=fv.seed,
+  )
+  text, _ = write_continuation(out_dir, [reasons[0], edited[0]])
+  print(text)
+  print(f"wrote {out_dir}: {TEXT_FILE} and image_000.png")
   return 0

@@ -6,7 +6,10 @@ rendered at the image tokenizer's size and encoded, the LM is prompted with
 `<bos> instruction <boi> src <eoi> <boi>` and draws exactly one image, and the image is right when
 the scene parser reads it as the edited scene exactly (every object's colour, shape, size and
 cell; `edits.apply` is the truth). An LM trained on reasoned edits (`config.data.edit.reason`) is
-prompted without the last `<boi>`, writes its reason (greedy; `edits.reason`), then draws.
+prompted without the last `<boi>`, writes its reason (greedy; `edits.reason`), then draws. With
+reasons in the "caption_change" style and `choose_object` (the default), the object the reason
+says the edit acts on is chosen among the objects of the model's own caption by the model's
+likelihood (`vqlm.sample.edit`); `choose_object=False` measures the greedy reason alone.
 
 Evaluator (`config.evals`, stage "lm"):
 
@@ -16,7 +19,8 @@ Evaluator (`config.evals`, stage "lm"):
 Metrics: `accuracy`, `by_kind` (accuracy per edit kind present), `counts`, `unchanged` (the
 fraction of images that are the source scene again), `num_items`, `heldout_fraction`; with
 reasons, `reason_right` (the scene the reason says, `edits.reasoned_scene`, is the edited one) and
-`drawn_as_said` (the image is the scene the reason says).
+`drawn_as_said` (the image is the scene the reason says), and when choosing, `free_reason_right`
+(`reason_right` of the greedy reasons the choice started from).
 "test_heldout" items hold a colour-shape pair never seen in training (`shapes.HELDOUT_PAIRS`) in
 the source or the result.
 Artefacts: `edit_<split>.json` (every item: instruction, source, truth, parsed scene, verdict) and
@@ -32,7 +36,7 @@ import numpy as np
 from vqlm.data import edits, shapes
 from vqlm.errors import UserError
 from vqlm.eval import chat_eval, evaluators, scene_parser
-from vqlm.sample import chat as sample_chat
+from vqlm.sample import edit as sample_edit
 
 SPLITS = ("test", "test_heldout")
 SHOWN = 12  # items in the png grid
@@ -80,6 +84,7 @@ def edit_accuracy(
   seed: int = 0,
   batch_size: int | None = None,
   reason: bool | str = False,
+  choose_object: bool = False,
 ) -> tuple[dict[str, Any], np.ndarray, list[list[dict]], list[str] | None]:
   """Draws one result image per single-edit item and judges it.
 
@@ -90,6 +95,10 @@ def edit_accuracy(
     sampling: the image sampling settings (`draw_ids`'); seed: row i draws with `(seed, i)`.
     reason: the LM writes each edit's reason before its result (trained with
       `config.data.edit.reason`): its style (`edits.REASON_STYLES`; True is "scene"), or False.
+    choose_object: with reasons of a style in `vqlm.sample.edit.CHOOSABLE`, the object the
+      reason says the edit acts on is chosen among its caption's objects by the model's
+      likelihood (`vqlm.sample.edit.choose_reasons`); `free_reason_right` then says how often the
+      greedy reason alone was right.
   Returns:
     (metrics, images uint8 `[N, H, W, 3]`, the parsed scenes, the reasons or None):
     `accuracy`, `by_kind`, `counts`, `unchanged`, `num_items` and `heldout_fraction` (items with
@@ -115,11 +124,19 @@ def edit_accuracy(
     edits.prompt_ids(codes, item["instructions"][0], v, tok, reason=bool(style))
     for codes, item in zip(sources, items)
   ]
-  reasons = None
+  reasons = free = None
   if style:
-    reasons = sample_chat.text_before_image(generator, rows, batch_size=batch_size)
-    rows = [row + list(v.encode_text(tok, r)) + [v.boi_id] for row, r in zip(rows, reasons)]
-  images = generator.draw_ids(rows, sampling=sampling, seed=seed, batch_size=batch_size)
+    images, reasons, free = sample_edit.draw_reasoned(
+      generator,
+      rows,
+      style=style,
+      choose_object=choose_object,
+      sampling=sampling,
+      seed=seed,
+      batch_size=batch_size,
+    )
+  else:
+    images = generator.draw_ids(rows, sampling=sampling, seed=seed, batch_size=batch_size)
   parsed = [scene_parser.parse_image(image) for image in images]
   right = [same_scene(p, item["scenes"][1]) for p, item in zip(parsed, items)]
   same = [same_scene(p, item["scenes"][0]) for p, item in zip(parsed, items)]
@@ -139,13 +156,23 @@ def edit_accuracy(
   }
   if reasons is not None:
     said = [edits.reasoned_scene(r, it["scenes"][0], style) for r, it in zip(reasons, items)]
-    metrics["reason_right"] = float(
-      np.mean([s is not None and same_scene(s, it["scenes"][1]) for s, it in zip(said, items)])
-    )
+    metrics["reason_right"] = reasons_right(reasons, items, style)
+    if choose_object:
+      metrics["free_reason_right"] = reasons_right(free, items, style)
     metrics["drawn_as_said"] = float(
       np.mean([s is not None and same_scene(p, s) for s, p in zip(said, parsed)])
     )
   return metrics, np.asarray(images), parsed, reasons
+
+
+def reasons_right(
+  reasons: Sequence[str], items: Sequence[Mapping[str, Any]], style: str
+) -> float:
+  """The fraction of reasons whose scene (`edits.reasoned_scene`) is the item's edited one."""
+  said = [edits.reasoned_scene(r, it["scenes"][0], style) for r, it in zip(reasons, items)]
+  return float(
+    np.mean([s is not None and same_scene(s, it["scenes"][1]) for s, it in zip(said, items)])
+  )
 
 
 def run_reasons_edits(config: Any) -> str:
@@ -176,6 +203,7 @@ class EditEval(evaluators.Evaluator):
     temperature: float = 0.3,
     top_k: int = 0,
     batch_size: int = 32,
+    choose_object: bool = True,
     log_fn=print,
   ):
     if split not in SPLITS:
@@ -196,6 +224,7 @@ class EditEval(evaluators.Evaluator):
       temperature=temperature,
       top_k=top_k,
       batch_size=batch_size,
+      choose_object=bool(choose_object),
     )
 
   def items(self) -> list[dict[str, Any]]:
@@ -215,6 +244,7 @@ class EditEval(evaluators.Evaluator):
     items = self.items()
     generator = run.generator(batch_size=s["batch_size"])
     reason = run_reasons_edits(run.config)
+    choose = s["choose_object"] and reason in sample_edit.CHOOSABLE
     metrics, images, parsed, reasons = edit_accuracy(
       generator,
       items,
@@ -222,12 +252,14 @@ class EditEval(evaluators.Evaluator):
       seed=s["seed"],
       batch_size=s["batch_size"],
       reason=reason,
+      choose_object=choose,
     )
     metrics["split"] = s["split"]
     metrics["settings"] = {
       "image_temperature": s["temperature"],
       "image_top_k": s["top_k"],
       "reason": reason,
+      "choose_object": choose,
     }
     if artefacts:
       size = int(generator.image_tokenizer.image_size)

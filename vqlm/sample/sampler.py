@@ -461,3 +461,57 @@ class Sampler:
     return SampleOutput(
       tokens=np.asarray(out_tokens)[:b], lengths=np.asarray(out_lengths)[:b], logits=logits
     )
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _continuation_logps(model, variables, tokens, starts, lengths):
+  """Summed log-probabilities of `tokens[b, starts[b]:lengths[b]]` given what precedes them."""
+  logits, _ = model.apply(variables, tokens)
+  logps = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logps, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, S - 1]
+  position = jnp.arange(1, tokens.shape[1])[None]
+  inside = (position >= starts[:, None]) & (position < lengths[:, None])
+  return jnp.sum(jnp.where(inside, picked, 0.0), axis=-1)
+
+
+def continuation_logps(
+  sampler: Sampler,
+  prompts: Sequence[Sequence[int]],
+  continuations: Sequence[Sequence[int]],
+  *,
+  batch_size: int = 8,
+) -> np.ndarray:
+  """How likely the model finds each continuation after its prompt (teacher-forced, one forward
+  pass per batch): float32 `[N]`, the sum over the continuation's ids of log p(id | the ids
+  before it), in float32 whatever the model's dtype. Rows are right-padded to a multiple of
+  `sampler.prompt_bucket` and batches to `batch_size` rows, so calls share compiled shapes."""
+  if len(prompts) != len(continuations):
+    raise UserError(f"{len(prompts)} prompts for {len(continuations)} continuations; pass pairs.")
+  if batch_size <= 0:
+    raise UserError(f"batch_size={batch_size} must be >= 1.")
+  rows = [[int(i) for i in p] + [int(i) for i in c] for p, c in zip(prompts, continuations)]
+  if any(len(p) == 0 or len(c) == 0 for p, c in zip(prompts, continuations)):
+    raise UserError("every prompt (starting with <bos>) and continuation needs at least one id.")
+  if not rows:
+    return np.zeros((0,), np.float32)
+  width = bucket(max(len(r) for r in rows), sampler.prompt_bucket)
+  out = []
+  for first in range(0, len(rows), batch_size):
+    chunk = rows[first : first + batch_size]
+    tokens = np.full((batch_size, width), sampler.vocab.pad_id, np.int32)
+    starts = np.zeros(batch_size, np.int32)
+    lengths = np.zeros(batch_size, np.int32)
+    for i, row in enumerate(chunk):
+      tokens[i, : len(row)] = row
+      starts[i] = len(prompts[first + i])
+      lengths[i] = len(row)
+    with sampler._context():
+      sums = _continuation_logps(
+        sampler.model,
+        sampler.variables,
+        sampler._put(tokens),
+        sampler._put(starts),
+        sampler._put(lengths),
+      )
+    out.append(np.asarray(jax.device_get(sums))[: len(chunk)])
+  return np.concatenate(out).astype(np.float32)
