@@ -77,8 +77,8 @@ class TinyRun:
     return api.generator_for(self, batch_size=batch_size, progress=False)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def tiny_run(tmp_path_factory):
+  """A TinyRun whose text tokenizer knows the edit corpus (seen and held-out)."""
   corpus = edits.texts(edit_eval.eval_items(300)) + edits.texts(
     edit_eval.eval_items(100, split="test_heldout")
   )
@@ -86,6 +86,11 @@ def run(tmp_path_factory):
     corpus, model_prefix=str(tmp_path_factory.mktemp("sp") / "text"), vocab_size=64
   )
   return TinyRun(path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  return tiny_run(tmp_path_factory)
 
 
 class FakeGenerator:

@@ -2,13 +2,18 @@
 
 import numpy as np
 import pytest
-from test_edit_eval import SIZE, FakeGenerator, renders
-from test_edit_eval import run  # noqa: F401  (the module's tiny LM fixture)
+from test_edit_eval import SIZE, FakeGenerator, renders, tiny_run
 
 from vqlm.data import edits
 from vqlm.errors import UserError
 from vqlm.eval import edit_eval
 from vqlm.sample import edit as sample_edit
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  return tiny_run(tmp_path_factory)
+
 
 TWO = "a small yellow circle in the center and a large cyan circle at the bottom left"
 
@@ -30,7 +35,7 @@ def _prompts(run, items):
   ]
 
 
-def test_the_likeliest_candidate_is_kept_and_the_model_writes_the_rest(run, monkeypatch):  # noqa: F811
+def test_the_likeliest_candidate_is_kept_and_the_model_writes_the_rest(run, monkeypatch):
   items = edit_eval.eval_items(2, seed=3)
   prompts = _prompts(run, items)
   free = [f"{TWO} so a small yellow circle in the center so nothing", "purple so what"]
@@ -64,7 +69,7 @@ def test_the_likeliest_candidate_is_kept_and_the_model_writes_the_rest(run, monk
   )
 
 
-def test_edit_images_on_a_tiny_lm_scores_with_the_model(run):  # noqa: F811
+def test_edit_images_on_a_tiny_lm_scores_with_the_model(run):
   items = edit_eval.eval_items(3, seed=5)
   gen = run.generator(batch_size=4)
   images, reasons = sample_edit.edit_images(
@@ -78,7 +83,7 @@ def test_edit_images_on_a_tiny_lm_scores_with_the_model(run):  # noqa: F811
     sample_edit.edit_images(gen, ["a", "b"], renders(items[:1], 0))
 
 
-def test_the_evaluator_reports_the_greedy_reasons_next_to_the_chosen(run, monkeypatch):  # noqa: F811
+def test_the_evaluator_reports_the_greedy_reasons_next_to_the_chosen(run, monkeypatch):
   items = edit_eval.eval_items(4, seed=2)
   truth = [edits.reason(it["scenes"][0], it["scenes"][1], "caption_change") for it in items]
   wrong = [edits.reason(it["scenes"][0], it["scenes"][0], "caption_change") for it in items]

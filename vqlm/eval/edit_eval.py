@@ -165,9 +165,7 @@ def edit_accuracy(
   return metrics, np.asarray(images), parsed, reasons
 
 
-def reasons_right(
-  reasons: Sequence[str], items: Sequence[Mapping[str, Any]], style: str
-) -> float:
+def reasons_right(reasons: Sequence[str], items: Sequence[Mapping[str, Any]], style: str) -> float:
   """The fraction of reasons whose scene (`edits.reasoned_scene`) is the item's edited one."""
   said = [edits.reasoned_scene(r, it["scenes"][0], style) for r, it in zip(reasons, items)]
   return float(
