@@ -35,7 +35,7 @@ def _entry(requests, heldout, questions, test=0.99):
     "captions": {"scene": 1.0},
     "requests": {"scene": requests, "by_objects": {"2_objects": {"scene": requests}}},
     "heldout_requests": {"scene": heldout},
-    "questions": {"accuracy": questions, "by_kind": {"color": {"accuracy": questions}}},
+    "questions": {"accuracy": questions, "color": questions},
   }
 
 
@@ -48,6 +48,7 @@ def test_report_compares_each_step_with_the_one_before(tmp_path):
     "sft": _entry(0.95, 0.80, 0.97),
     "dpo": _entry(0.97, 0.78, 0.97),
   }
+  models["dpo"]["questions"]["free_accuracy"] = 0.9  # answers chosen by likelihood
   with open(os.path.join(workdir, "tuning.json"), "w", encoding="utf-8") as f:
     json.dump({"preset": "smoke", "models": models, "timings": {"sft": 12.0}}, f)
   os.makedirs(os.path.join(workdir, "sft"))
@@ -67,6 +68,9 @@ def test_report_compares_each_step_with_the_one_before(tmp_path):
   assert '95.0% <span class="ok">(+55.0)</span>' in page
   assert '78.0% <span class="bad">(-2.0)</span>' in page
   assert "no chat turns" in page and "questions: color" in page
+  assert "questions: shape" not in page  # kinds not measured are left out
+  free = "greedy replies (answers not chosen)</td><td>&ndash; (no chat turns)</td><td>&ndash;</td>"
+  assert free + "<td>90.0%" in page
   assert "held-out pairs used" in page and ">none<" in page
 
 

@@ -50,7 +50,11 @@ def evaluator_specs(p: Preset, main: MainPreset, *, chat_turns: bool) -> dict:
         **sampling,
       )
     specs["questions"] = dict(
-      type="chat_qa", split="test", num_items=p.qa_items, max_objects=p.max_objects
+      type="chat_qa",
+      split="test",
+      num_items=p.qa_items,
+      max_objects=p.max_objects,
+      choose_answer=p.qa_choose_answer,
     )
   return specs
 

@@ -62,6 +62,10 @@ class Preset:
   # stage): draw requests (judged by the scene parser), questions (by exactness).
   dpo_kinds: str = "draw"
   grpo_kinds: str = "draw"
+  # The questions' measure chooses each reasoned reply's answer among what the reply's caption
+  # says, by the model's likelihood (`vqlm.sample.answer`); False: the greedy replies alone (the
+  # measure reports both either way when True: `accuracy` and `free_accuracy`).
+  qa_choose_answer: bool = True
 
 
 PRESETS = {

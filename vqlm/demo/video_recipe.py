@@ -52,12 +52,11 @@ class Preset:
   # ("scene": "<caption of the source> so <caption of the result>"; "change": the changed object
   # before and after; "caption_change": the source's caption, then the change; "focus_change":
   # the object's name between the two); "" is off. The measures let the LM write it, then draw.
-  # "caption_change" at 1800 steps: edits 75% / 69% against 71% / 65% without reasons at 1600
-  # and 65% / 65% in the "focus_change" style (docs/experiments.md).
+  # "caption_change" made the most edits right of the styles tried (docs/experiments.md).
   edit_reason: str = "caption_change"
   # The measures choose the object a "caption_change" reason acts on among the objects of the
-  # model's own caption, by the model's likelihood (`vqlm.sample.edit`): on the default preset,
-  # edits 98% / 93% (seen / held-out) against 76% / 76% with the greedy reason alone.
+  # model's own caption, by the model's likelihood (`vqlm.sample.edit`); False: the greedy
+  # reason alone (docs/evaluation.md compares the two).
   edit_choose_object: bool = True
   # Clips encoded for validation (per-mode validation loss) and test.
   validation_clips: int = 256
@@ -66,12 +65,12 @@ class Preset:
   measure_clips: int = 100
   measure_edits: int = 100
   caption_measure: bool = True  # Video continuation with the clip's caption as well.
-  # Greedy: a clip's next frames and an edit's result are each one exact image (greedy edits
-  # measured 52% / 18% on seen / held-out pairs against 44% / 19% at temperature 0.3).
+  # Greedy: a clip's next frames and an edit's result are each one exact image (greedy made
+  # more edits right than temperature 0.3; docs/experiments.md).
   video_temperature: float = 0.0
   edit_temperature: float = 0.0
   # Guidance of text-to-video (against the clip without its caption, the same frames drawn so
-  # far). The main demo's 2 lowers it: whole clips 49% against 56% with none (docs/evaluation.md).
+  # far). The main demo's 2 lowered whole clips against none (docs/evaluation.md).
   t2v_cfg_scale: float = 1.0
   top_k: int = 0
   measure_batch: int = 32

@@ -27,6 +27,7 @@ import numpy as np
 from vqlm.data import chat, shapes
 from vqlm.errors import UserError
 from vqlm.eval import evaluators, scene_parser, text_image
+from vqlm.sample import answer as sample_answer
 from vqlm.sample import chat as sample_chat
 
 QUESTION_KINDS = ("color", "shape", "size", "position", "count")
@@ -162,6 +163,7 @@ def answer_accuracy(
   *,
   batch_size: int | None = None,
   max_len: int = 48,
+  choose_answer: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
   """Greedy replies (`vqlm.sample.chat.reply`) to "question" / "describe" items, scored exactly.
 
@@ -170,15 +172,24 @@ def answer_accuracy(
     items: `chat.conversation(..., kinds=("question", "describe"))` items; their images are
       rendered and encoded (`with_image_codes`).
     max_len: most ids per reply.
+    choose_answer: the answer of each reasoned reply is chosen among what its caption says by the
+      model's likelihood (`vqlm.sample.answer.choose_answers`); `free_accuracy` then says how
+      often the greedy replies were right.
   Returns:
     (metrics, replies): `accuracy` over all items, the accuracy per question kind (`color`,
     `shape`, `size`, `position`, `count`) and of `describe` (groups present only), `num_items`,
     `counts` (items per group), `describe_parseable` (the fraction of descriptions that are valid
-    captions) and `pairs_summary`.
+    captions), `free_accuracy` when choosing, and `pairs_summary`.
   """
   _check_kinds(items, ("question", "describe"), "answer_accuracy")
   conversations = with_image_codes(generator, items)
-  replies = sample_chat.reply(generator, conversations, batch_size=batch_size, max_len=max_len)
+  free = None
+  if choose_answer:
+    replies, free = sample_answer.choose_answers(
+      generator, conversations, batch_size=batch_size, max_len=max_len
+    )
+  else:
+    replies = sample_chat.reply(generator, conversations, batch_size=batch_size, max_len=max_len)
   right = [is_right(item, r) for item, r in zip(items, replies)]
   groups: dict[str, list[bool]] = {}
   for item, ok in zip(items, right):
@@ -193,6 +204,8 @@ def answer_accuracy(
     **{g: float(np.mean(groups[g])) for g in order},
     "counts": {g: len(groups[g]) for g in order},
   }
+  if free is not None:
+    metrics["free_accuracy"] = float(np.mean([is_right(it, r) for it, r in zip(items, free)]))
   described = [r for item, r in zip(items, replies) if item["kind"] == "describe"]
   if described:
     metrics["describe_parseable"] = float(
@@ -351,7 +364,8 @@ class ChatDraw(evaluators._Generation):
 
 class ChatQA(evaluators.Evaluator):
   """Questions and description requests about images of `split` (`answer_accuracy`, greedy
-  replies); artefacts: every item's request, truth and reply (`NAME.json`)."""
+  replies; `choose_answer`: each reasoned reply's answer chosen by the model's likelihood, and
+  `free_accuracy` beside it); artefacts: every item's request, truth and reply (`NAME.json`)."""
 
   stage = "lm"
 
@@ -366,6 +380,7 @@ class ChatQA(evaluators.Evaluator):
     seed: int = 0,
     batch_size: int = 32,
     max_len: int = 48,
+    choose_answer: bool = False,
     log_fn=print,
   ):
     kinds = evaluators._names(kinds)
@@ -383,6 +398,7 @@ class ChatQA(evaluators.Evaluator):
       seed=seed,
       batch_size=batch_size,
       max_len=max_len,
+      choose_answer=bool(choose_answer),
     )
 
   def run(self, run, artefacts=None):
@@ -391,7 +407,10 @@ class ChatQA(evaluators.Evaluator):
     s = self.settings
     items = _items(s, s["num_items"], s["kinds"])
     metrics, replies = answer_accuracy(
-      run.generator(batch_size=s["batch_size"]), items, max_len=s["max_len"]
+      run.generator(batch_size=s["batch_size"]),
+      items,
+      max_len=s["max_len"],
+      choose_answer=s.get("choose_answer", False),
     )
     metrics["split"] = s["split"]
     if artefacts:

@@ -21,6 +21,7 @@ from vqlm.report.common import (
   esc,
   html_page,
   img,
+  is_number,
   missing,
   note,
   pct,
@@ -51,7 +52,12 @@ ROWS = (
   ("requests, any order and wording", "requests", "scene"),
   ("held-out pairs, requests", "heldout_requests", "scene"),
   ("questions about test images", "questions", "accuracy"),
+  ("questions, greedy replies (answers not chosen)", "questions", "free_accuracy"),
 )
+# The chat_qa metrics per question kind and of descriptions (`vqlm.eval.chat_eval`).
+ANSWER_GROUPS = ("color", "shape", "size", "position", "count", "describe")
+# Keys whose row is left out when no model has them (measured only with some settings).
+OPTIONAL_KEYS = ("free_accuracy",)
 
 
 def _value(entry: Mapping[str, Any], section: str, key: str) -> Any:
@@ -66,6 +72,8 @@ def _comparison(r: Mapping[str, Any]) -> str:
     return missing("measurements")
   rows = []
   for label, section, key in ROWS:
+    if key in OPTIONAL_KEYS and all(_value(models[m], section, key) is None for m, _ in shown):
+      continue
     cells = [esc(label)]
     previous = None
     for model, _ in shown:
@@ -88,15 +96,10 @@ def _comparison(r: Mapping[str, Any]) -> str:
     if any(v is not None for v in values):
       label = f"requests with {count} object{'s' if count > 1 else ''}"
       rows.append([esc(label)] + [pct(v) for v in values])
-  kinds = sorted(
-    {k for m, _ in shown for k in ((models[m].get("questions") or {}).get("by_kind") or {})}
-  )
-  for kind in kinds:
-    cells = [esc(f"questions: {kind}")]
-    for model, _ in shown:
-      by = (models[model].get("questions") or {}).get("by_kind") or {}
-      cells.append(pct((by.get(kind) or {}).get("accuracy")))
-    rows.append(cells)
+  for kind in ANSWER_GROUPS:
+    values = [(models[m].get("questions") or {}).get(kind) for m, _ in shown]
+    if any(is_number(v) for v in values):
+      rows.append([esc(f"questions: {kind}")] + [pct(v) for v in values])
   header = ["measure"] + [label for _, label in shown]
   return table(header, rows) + note(
     "Whole-scene rates judged by the scene parser (every object's colour, shape, size and cell, "

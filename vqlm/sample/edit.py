@@ -15,8 +15,8 @@ model write its caption (greedy), scores each of those candidates after it with 
 (the summed log-probability of `caption so candidate so`, `sampler.continuation_logps`), keeps
 the likeliest, and lets the model write the rest of the reason (greedy) from there. Nothing but
 the model's own words and likelihoods goes in: the source scene, the instruction's parse and the
-truth are never read. Measured on the video demo (docs/evaluation.md): seen edits 76% -> 98%,
-held-out 76% -> 93%.
+truth are never read. `docs/evaluation.md` ("Video and image editing") has what the choice
+changes on the video demo.
 """
 
 from collections.abc import Sequence

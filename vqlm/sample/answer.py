@@ -1,0 +1,86 @@
+"""Answers to questions about an image, chosen among what the model's own caption says.
+
+A chat LM tuned on reasoned replies (`vqlm.data.chat.reasoned`) answers a question about an image
+by captioning the image first, then "so", then the answer:
+
+    what shape is at the top left?
+    -> a small red circle at the top left and a large blue square in the center so circle
+
+Written freely (greedy), the caption is nearly always right; the answer after it is where such a
+model errs: it reads the other object's shape or size, or restates a cell in other words. The
+answer has few possible values: a colour, shape, size or cell phrase of one of the objects its
+caption lists, or a number up to how many objects it lists. `choose_answers` lets the model write
+its reply (greedy); where the reply is reasoned, it scores each of those candidates after the
+caption with the model itself (the summed log-probability of `caption so candidate <eos>`,
+`sampler.continuation_logps`) and keeps the likeliest. Only the model's own words and likelihoods
+go in: the image's scene, the question's kind and the truth are never read. Replies without
+"so" (descriptions) are kept as written.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from vqlm.data import chat, shapes
+from vqlm.sample import chat as sample_chat
+from vqlm.sample.sampler import continuation_logps
+
+SO = f" {chat.REASON_WORD} "
+
+
+def candidates(caption: str) -> list[str]:
+  """What may follow `caption so` in a reasoned reply: the colour, shape, size and cell phrase of
+  each object of the caption (`shapes.parse_caption`), then the numbers from "zero" to the
+  number of objects; [] when the caption does not parse."""
+  objects = shapes.parse_caption(caption)
+  if not objects:
+    return []
+  out: list[str] = []
+  for o in objects:
+    for word in (o["color"], o["shape"], o["size"], shapes.POSITION_PHRASES[o["position"]]):
+      if word not in out:
+        out.append(word)
+  return out + [n for n in chat.NUMBERS[: len(objects) + 1] if n not in out]
+
+
+def choose_answers(
+  generator: Any,
+  conversations: Sequence[Sequence[Mapping[str, Any]]],
+  *,
+  max_len: int = 48,
+  batch_size: int | None = None,
+) -> tuple[list[str], list[str]]:
+  """The reply to each conversation, its answer chosen by likelihood (module docstring).
+
+  Args:
+    generator: a `vqlm.sample.api.Generator` of a chat LM tuned on reasoned replies.
+    conversations: turn lists ending with a user turn (as `sample_chat.reply` takes).
+    max_len: most ids per free reply.
+  Returns:
+    (replies, free_replies): the replies with chosen answers, and the greedy replies.
+  """
+  bs = batch_size or generator.batch_size
+  free = sample_chat.reply(generator, conversations, max_len=max_len, batch_size=bs)
+  v, tok = generator.vocab, generator.text_tokenizer
+  prompts = [sample_chat.chat_prompt_ids(generator, turns) for turns in conversations]
+  owners, texts = [], []
+  for row, reply in enumerate(free):
+    if SO not in reply:
+      continue
+    caption = reply.split(SO)[0].strip()
+    for candidate in candidates(caption):
+      owners.append(row)
+      texts.append(f"{caption}{SO}{candidate}")
+  scores = continuation_logps(
+    generator.sampler,
+    [prompts[row] for row in owners],
+    [list(v.encode_text(tok, text)) + [v.eos_id] for text in texts],
+    batch_size=bs,
+  )
+  best: dict[int, tuple[float, str]] = {}
+  for row, text, score in zip(owners, texts, scores):
+    if row not in best or score > best[row][0]:
+      best[row] = (float(score), text)
+  return [best[row][1] if row in best else reply for row, reply in enumerate(free)], free
+
+
+__all__ = ["candidates", "choose_answers"]
