@@ -2,6 +2,8 @@
 
 `Sampler` (sampler.py) is the device-side engine over unified ids; `Generator` (api.py) turns
 captions, images and videos into prompts and generated ids back into images and text.
+`chat.py` prompts chat LMs; `edit.py` and `answer.py` choose the part of a reasoned edit or
+answer that has few right values by the model's own likelihood.
 """
 
 from vqlm.sample.api import (
