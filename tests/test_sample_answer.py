@@ -9,7 +9,7 @@ from test_sample_chat import make_run
 from vqlm.data import chat
 from vqlm.eval import chat_eval
 from vqlm.sample import answer as sample_answer
-from vqlm.sample import api
+from vqlm.sample import api, choice
 
 TWO = "a small yellow circle in the center and a large cyan circle at the bottom left"
 
@@ -47,7 +47,7 @@ def test_the_likeliest_answer_is_kept_and_other_replies_stay(gen, monkeypatch):
     out[4] = -1.0  # "cyan": the fifth candidate of TWO
     return out
 
-  monkeypatch.setattr(sample_answer, "continuation_logps", scores)
+  monkeypatch.setattr(choice, "continuation_logps", scores)
   replies, got_free = sample_answer.choose_answers(gen, conversations)
   assert got_free == free
   # Only the reasoned reply whose caption parses is scored: its 10 candidates, each ending the

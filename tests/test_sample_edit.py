@@ -7,6 +7,7 @@ from test_edit_eval import SIZE, FakeGenerator, renders, tiny_run
 from vqlm.data import edits
 from vqlm.errors import UserError
 from vqlm.eval import edit_eval
+from vqlm.sample import choice
 from vqlm.sample import edit as sample_edit
 
 
@@ -53,7 +54,7 @@ def test_the_likeliest_candidate_is_kept_and_the_model_writes_the_rest(run, monk
     return np.asarray([-5.0, -1.0, -9.0, -3.0], np.float32)
 
   monkeypatch.setattr(sample_edit.sample_chat, "text_before_image", text_before_image)
-  monkeypatch.setattr(sample_edit, "continuation_logps", scores)
+  monkeypatch.setattr(choice, "continuation_logps", scores)
   gen = run.generator(batch_size=4)
   reasons, got_free = sample_edit.choose_reasons(gen, prompts)
   v, tok = run.vocab, run.text_tokenizer

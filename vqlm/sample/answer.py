@@ -12,7 +12,7 @@ answer has few possible values: a colour, shape, size or cell phrase of one of t
 caption lists, or a number up to how many objects it lists. `choose_answers` lets the model write
 its reply (greedy); where the reply is reasoned, it scores each of those candidates after the
 caption with the model itself (the summed log-probability of `caption so candidate <eos>`,
-`sampler.continuation_logps`) and keeps the likeliest. Only the model's own words and likelihoods
+`choice.likeliest`) and keeps the likeliest. Only the model's own words and likelihoods
 go in: the image's scene, the question's kind and the truth are never read. Replies without
 "so" (descriptions) are kept as written.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 from vqlm.data import chat, shapes
 from vqlm.sample import chat as sample_chat
-from vqlm.sample.sampler import continuation_logps
+from vqlm.sample.choice import likeliest
 
 SO = f" {chat.REASON_WORD} "
 
@@ -60,27 +60,16 @@ def choose_answers(
   """
   bs = batch_size or generator.batch_size
   free = sample_chat.reply(generator, conversations, max_len=max_len, batch_size=bs)
-  v, tok = generator.vocab, generator.text_tokenizer
   prompts = [sample_chat.chat_prompt_ids(generator, turns) for turns in conversations]
-  owners, texts = [], []
-  for row, reply in enumerate(free):
-    if SO not in reply:
-      continue
-    caption = reply.split(SO)[0].strip()
-    for candidate in candidates(caption):
-      owners.append(row)
-      texts.append(f"{caption}{SO}{candidate}")
-  scores = continuation_logps(
-    generator.sampler,
-    [prompts[row] for row in owners],
-    [list(v.encode_text(tok, text)) + [v.eos_id] for text in texts],
+  captions = [reply.split(SO)[0].strip() if SO in reply else None for reply in free]
+  chosen = likeliest(
+    generator,
+    prompts,
+    [[f"{c}{SO}{answer}" for answer in candidates(c)] if c else [] for c in captions],
+    end_ids=[generator.vocab.eos_id],
     batch_size=bs,
   )
-  best: dict[int, tuple[float, str]] = {}
-  for row, text, score in zip(owners, texts, scores):
-    if row not in best or score > best[row][0]:
-      best[row] = (float(score), text)
-  return [best[row][1] if row in best else reply for row, reply in enumerate(free)], free
+  return [c or reply for c, reply in zip(chosen, free)], free
 
 
 __all__ = ["candidates", "choose_answers"]

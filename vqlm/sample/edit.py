@@ -12,7 +12,7 @@ the instruction with the other object's size or cell ("so a large cyan circle in
 and the drawing follows the wrong words. That part has only a few right answers: one of the
 objects its own caption lists, or "nothing" (an addition). `choose_reasons` therefore lets the
 model write its caption (greedy), scores each of those candidates after it with the model itself
-(the summed log-probability of `caption so candidate so`, `sampler.continuation_logps`), keeps
+(the summed log-probability of `caption so candidate so`, `choice.likeliest`), keeps
 the likeliest, and lets the model write the rest of the reason (greedy) from there. Nothing but
 the model's own words and likelihoods goes in: the source scene, the instruction's parse and the
 truth are never read. `docs/evaluation.md` ("Video and image editing") has what the choice
@@ -27,7 +27,7 @@ import numpy as np
 from vqlm.data import edits, shapes
 from vqlm.errors import UserError
 from vqlm.sample import chat as sample_chat
-from vqlm.sample.sampler import continuation_logps
+from vqlm.sample.choice import likeliest
 
 # The reason styles whose middle part `choose_reasons` picks: the source's caption comes first.
 CHOOSABLE = ("caption_change",)
@@ -67,22 +67,12 @@ def choose_reasons(
   bs = batch_size or generator.batch_size
   free = sample_chat.text_before_image(generator, prompts, batch_size=bs)
   captions = [reason.split(SO)[0].strip() for reason in free]
-  owners, texts = [], []
-  for row, caption in enumerate(captions):
-    for candidate in candidates(caption):
-      owners.append(row)
-      texts.append(f"{caption}{SO}{candidate}{SO.rstrip()}")
-  scores = continuation_logps(
-    generator.sampler,
-    [prompts[row] for row in owners],
-    [v.encode_text(tok, text) for text in texts],
+  starts = likeliest(
+    generator,
+    prompts,
+    [[f"{c}{SO}{candidate}{SO.rstrip()}" for candidate in candidates(c)] for c in captions],
     batch_size=bs,
   )
-  best: dict[int, tuple[float, str]] = {}
-  for row, text, score in zip(owners, texts, scores):
-    if row not in best or score > best[row][0]:
-      best[row] = (float(score), text)
-  starts = [best[row][1] for row in range(len(prompts))]
   rests = sample_chat.text_before_image(
     generator,
     [prompt + list(v.encode_text(tok, start)) for prompt, start in zip(prompts, starts)],
