@@ -347,6 +347,41 @@ def test_focused_replies_restate_the_question_next_to_what_answers_it():
     chat.conversation(0, focus=True)
 
 
+def test_object_focus_names_the_asked_about_object_by_its_caption_phrase():
+  seen = set()
+  for i in range(60):
+    plain = chat.conversation(i, kinds=("question",), max_objects=3, reason=True, focus=True)
+    named = chat.conversation(i, kinds=("question",), max_objects=3, reason=True, focus="object")
+    # The same question, answer and scene; only the focus differs.
+    assert named["turns"][0] == plain["turns"][0] and named["answer"] == plain["answer"]
+    (reply,) = named["turns"][1]["parts"]
+    caption, focus, answer = reply.split(" so ")
+    assert caption == shapes.caption(named["scene"]) and focus == named["focus"]
+    assert answer == named["answer"] and chat.final_answer(reply) == answer
+    kind = named["question_kind"]
+    seen.add(kind)
+    if kind == "count":
+      assert focus == plain["focus"]  # counts keep the question's focus
+      continue
+    # The focus is one of the caption's object phrases, and the answer is that object's.
+    (obj,) = shapes.parse_caption(focus)
+    assert obj in named["scene"] and focus in caption
+    want = shapes.POSITION_PHRASES[obj["position"]] if kind == "position" else obj[kind]
+    assert answer == want
+  assert seen == {"color", "shape", "size", "position", "count"}
+  with pytest.raises(UserError, match="focus='cell'"):
+    chat.conversation(0, reason=True, focus="cell")
+  with pytest.raises(UserError, match="question focus='cell'"):
+    chat.question(
+      [{"shape": "circle", "color": "red", "size": "large", "position": "center"}],
+      np.random.default_rng(0),
+      focus="cell",
+    )
+  assert chat.reply_focus({"focus": True, "focus_style": "object"}) == "object"
+  assert chat.reply_focus({"focus": True}) is True and chat.reply_focus({"reason": True}) is False
+  assert chat.reply_focus({"focus": False, "focus_style": "object"}) is False
+
+
 def test_dropped_requests_leave_the_user_turn_empty_and_the_rest_unchanged(tok_vocab):
   tok, vocab = tok_vocab
   dropped = 0

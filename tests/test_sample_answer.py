@@ -93,3 +93,45 @@ def test_the_measure_reports_the_greedy_replies_beside_the_chosen(gen, monkeypat
   assert metrics["accuracy"] == 1.0 and metrics["free_accuracy"] == 0.5
   metrics, replies = chat_eval.answer_accuracy(fake, items)
   assert replies == wrong and metrics["accuracy"] == 0.0 and "free_accuracy" not in metrics
+
+
+def test_focus_candidates_are_the_captions_objects_for_object_focused_replies():
+  reply = f"{TWO} so a large cyan circle in the center so cyan"
+  assert sample_answer.focus_candidates(reply) == [
+    f"{TWO} so a small yellow circle in the center so",
+    f"{TWO} so a large cyan circle at the bottom left so",
+  ]
+  assert sample_answer.focus_candidates(f"{TWO} so cyan") == []  # not focused
+  assert sample_answer.focus_candidates(f"{TWO} so circle in cyan yellow so two") == []  # a count
+  assert sample_answer.focus_candidates("purple so a red circle in the center so red") == []
+
+
+def test_an_object_focused_reply_has_its_object_chosen_then_goes_on(gen, monkeypatch):
+  free = [f"{TWO} so a large cyan circle in the center so yellow", f"{TWO} so two"]
+  monkeypatch.setattr(sample_answer.sample_chat, "reply", lambda *a, **k: list(free))
+  written = {}
+
+  def write_ids(rows, **kwargs):
+    written["rows"] = rows
+    return [" cyan"]
+
+  monkeypatch.setattr(gen, "write_ids", write_ids)
+  calls = []
+
+  def likeliest(generator, prompts, candidates, *, end_ids=(), batch_size=None):
+    calls.append(candidates)
+    if len(calls) == 1:  # the objects of row 0; row 1 is not focused
+      assert candidates[1] == []
+      return [candidates[0][1], None]
+    return [None, None]  # the answers: keep what the model wrote
+
+  monkeypatch.setattr(sample_answer, "likeliest", likeliest)
+  conversations = ["what colour is the object at the bottom left", "how many circles"]
+  replies, got_free = sample_answer.choose_answers(gen, conversations)
+  start = f"{TWO} so a large cyan circle at the bottom left so"
+  v, tok = gen.vocab, gen.text_tokenizer
+  prompt = chat.prompt([{"role": "user", "parts": [conversations[0]]}], v, tok).tolist()
+  assert written["rows"] == [prompt + v.encode_text(tok, start)]
+  assert replies == [f"{start} cyan", f"{TWO} so two"] and got_free == free
+  # The answers are chosen after the chosen object: "caption so object so ANSWER".
+  assert calls[1][0][0] == f"{start} yellow" and calls[1][1][0] == f"{TWO} so yellow"

@@ -41,6 +41,7 @@ def _config(tiny=None, **chat_fields):
     (dict(weight=0.0, max_objects=10), "max_objects <= 9"),  # checked when off too
     (dict(weight=0.5, drop_request=1.0), r"drop_request=1.0 must be in \[0, 1\)"),
     (dict(weight=0.5, focus=True), r"focus=True needs reasoned replies"),
+    (dict(weight=0.5, reason=True, focus=True, focus_style="cell"), r"focus_style='cell'; use"),
   ],
 )
 def test_bad_settings_are_one_line_errors(fields, match):
@@ -69,6 +70,12 @@ def test_settings():
     2, reason=True, focus=True, kinds=("question",), max_objects=3
   )
   assert s.conversation(2, "train")["focus"]
+  s = chat_data.settings(
+    _config(weight=0.25, reason=True, focus=True, focus_style="object", kinds="question")
+  )
+  assert s.focus == "object" and s.conversation(2, "train") == chat.conversation(
+    2, reason=True, focus="object", kinds=("question",), max_objects=3
+  )
   # How a tuned run is sampled follows init_from back to the instruction-tuned run's settings.
   sft = _config(weight=0.25, drop_request=0.2)
   assert chat_eval.run_chat_uncond(sft) and not chat_eval.run_chat_uncond(_config(weight=0.25))

@@ -425,6 +425,32 @@ def test_dpo_pairs_of_questions_take_the_tuned_models_reply_layout(tok_vocab):
   assert wrong.rsplit(" so ", 1)[0] == gold[1].rsplit(" so ", 1)[0] and wrong != gold[1]
 
 
+def test_object_focused_gold_replies_and_their_answer_budget(tok_vocab):
+  tokenizer, vocab = tok_vocab
+  items = tune_data.make_prompts(
+    6,
+    seed=3,
+    kinds=("question",),
+    min_objects=1,
+    max_objects=2,
+    split="train",
+    reason=True,
+    focus="object",
+  )
+  budget = tune_data.reply_max_len(focus="object")
+  assert budget > tune_data.reply_max_len(focus=True) > tune_data.reply_max_len()
+  for it in items:
+    gold = it["turns"][1]["parts"][0]
+    assert (
+      gold.split(" so ")[1] == it["focus"] and len(vocab.encode_text(tokenizer, gold)) <= budget
+    )
+  # Without reasons there is no focus.
+  plain = tune_data.make_prompts(
+    1, seed=3, kinds=("question",), min_objects=1, max_objects=1, split="train", focus="object"
+  )
+  assert plain[0]["focus"] is None
+
+
 def test_lengths_are_checked_for_the_reply_each_prompt_gets(tok_vocab):
   tokenizer, vocab = tok_vocab
   image_tokenizer = FakeImageTokenizer()

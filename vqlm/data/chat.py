@@ -222,6 +222,10 @@ DESCRIBE_TEMPLATES = (
 REASON_WORD = "so"
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _QUESTIONS = ("color", "shape", "size", "position", "count")
+# What a focused reply names between its caption and its answer (`question`): what the question
+# asks, in the captions' words ("question"), or the caption phrase of the object it asks about
+# ("object").
+FOCUS_STYLES = ("question", "object")
 
 
 def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
@@ -270,7 +274,7 @@ def reworded_caption(text: str, rng: np.random.Generator) -> str:
 
 
 def question(
-  scene: Sequence[Mapping[str, str]], rng: np.random.Generator
+  scene: Sequence[Mapping[str, str]], rng: np.random.Generator, *, focus: str = "question"
 ) -> tuple[str, str, str, str]:
   """A question about the scene's image, its exact answer and its focus:
   `(kind, question, answer, focus)`.
@@ -284,7 +288,13 @@ def question(
   "color in the center" (the attribute and the cell's caption phrase), "blue square" (the pair
   whose position is asked; its caption phrase follows it there too), "red in blue red" (the
   counted colour or shape, or "shapes", then that attribute of every object in caption order).
+  With `focus="object"` the focus of a question about one object (colour, shape, size,
+  position) is that object's caption phrase instead ("a large red circle at the top left"), so
+  the answer is copied from the phrase just before it; counts keep theirs. The same `rng` draws
+  the same question either way.
   """
+  if focus not in FOCUS_STYLES:
+    raise UserError(f"question focus={focus!r}; use one of {FOCUS_STYLES}")
   obj = scene[int(rng.integers(len(scene)))]
   where = _pick(rng, WHERE_WORDS[obj["position"]])
   unique = [
@@ -294,15 +304,19 @@ def question(
   ]
   kind = _pick(rng, _QUESTIONS if unique else tuple(q for q in _QUESTIONS if q != "position"))
   cell = f"{kind} {shapes.POSITION_PHRASES[obj['position']]}"
+
+  def named(o: Mapping[str, str], question_focus: str) -> str:
+    return shapes.object_phrase(o) if focus == "object" else question_focus
+
   if kind == "color":
     text = _pick(rng, ("what color is the shape {}", "what colour is the object {}"))
-    return kind, text.format(where), obj["color"], cell
+    return kind, text.format(where), obj["color"], named(obj, cell)
   if kind == "shape":
     text = _pick(rng, ("what shape is {}", "which shape is {}"))
-    return kind, text.format(where), obj["shape"], cell
+    return kind, text.format(where), obj["shape"], named(obj, cell)
   if kind == "size":
     text = _pick(rng, ("is the shape {} big or small", "how big is the object {}"))
-    return kind, text.format(where), obj["size"], cell
+    return kind, text.format(where), obj["size"], named(obj, cell)
   if kind == "position":
     obj = _pick(rng, unique)
     text = _pick(rng, ("where is the {} {}", "where is the {} {} in the image"))
@@ -311,7 +325,7 @@ def question(
       kind,
       text.format(obj["color"], obj["shape"]),
       shapes.POSITION_PHRASES[obj["position"]],
-      pair,
+      named(obj, pair),
     )
   which = _pick(rng, ("all", "color", "shape"))
   if which == "all":
@@ -339,7 +353,7 @@ def conversation(
   max_objects: int = 2,
   restate: bool = False,
   reason: bool = False,
-  focus: bool = False,
+  focus: bool | str = False,
   drop_request: float = 0.0,
 ) -> dict[str, Any]:
   """Instruction `index` of `(seed, split)`: `{"kind", "scene", "turns", "answer",
@@ -356,16 +370,20 @@ def conversation(
   `REASON_WORD` ("a large red circle at the top left so red"; `final_answer` reads it back);
   `answer` stays the answer alone. With `focus` too, the question's focus (`question`) comes
   between the description and the answer ("a large red circle at the top left so color at the
-  top left so red"). With probability `drop_request` a draw item's user turn is
-  empty (`<bos> <user> <assistant> <boi> image`): the model learns to draw with no request, the
-  unconditional prompt of guidance for chat drawing (`vqlm.sample.chat.chat_uncond_ids`). The same
-  index gives the same scene and request either way.
+  top left so red"); `focus="object"` names the asked-about object by its caption phrase instead
+  (`question`: "... so a large red circle at the top left so red"). With probability
+  `drop_request` a draw item's user turn is empty (`<bos> <user> <assistant> <boi> image`): the
+  model learns to draw with no request, the unconditional prompt of guidance for chat drawing
+  (`vqlm.sample.chat.chat_uncond_ids`). The same index gives the same scene and request either
+  way.
   """
   bad = [k for k in kinds if k not in KINDS]
   if bad or not kinds:
     raise UserError(f"kinds={list(kinds)} must be a non-empty subset of {KINDS}.")
   if index < 0 or seed < 0:
     raise UserError(f"index={index} and seed={seed} must be >= 0.")
+  if focus not in (False, True) + FOCUS_STYLES:
+    raise UserError(f"focus={focus!r}; use False, True or one of {FOCUS_STYLES}")
   if focus and not reason:
     raise UserError("focus=True needs reason=True (the focus sits inside a reasoned reply).")
   rng = np.random.default_rng([int(seed), shapes.SPLITS.index(split), int(index)])
@@ -380,7 +398,8 @@ def conversation(
     if kind == "describe":
       text, answer = _pick(rng, DESCRIBE_TEMPLATES), shapes.caption(scene)
     else:
-      question_kind, text, answer, focus_text = question(scene, rng)
+      style = focus if isinstance(focus, str) else "question"
+      question_kind, text, answer, focus_text = question(scene, rng, focus=style)
       focus_text = focus_text if focus else None
     user, reply = ([image, text] if rng.random() < 0.5 else [text, image]), [answer]
     if reason and kind == "question":
@@ -404,6 +423,14 @@ def reasoned(scene: Sequence[Mapping[str, str]], answer: str, focus: str | None 
   if focus:
     return f"{shapes.caption(scene)} {REASON_WORD} {focus} {REASON_WORD} {answer}"
   return f"{shapes.caption(scene)} {REASON_WORD} {answer}"
+
+
+def reply_focus(settings: Mapping[str, Any]) -> bool | str:
+  """The `focus` of `conversation` for `data.chat` settings (`focus`, `focus_style`): False, True
+  (the question's focus) or "object"."""
+  if not settings.get("focus", False):
+    return False
+  return "object" if settings.get("focus_style", "question") == "object" else True
 
 
 def final_answer(reply: str) -> str:

@@ -42,6 +42,9 @@ class Preset:
   sft_reason: bool = False
   # ... and name what the question asks about before the answer (`config.data.chat.focus`).
   sft_focus: bool = False
+  # What a focused reply names (`config.data.chat.focus_style`): "question" (what the question
+  # asks, in the captions' words) or "object" (the caption phrase of the object it asks about).
+  sft_focus_style: str = "question"
   # The SFT's instruction kinds (`config.data.chat.kinds`); a kind named twice is drawn twice
   # as often.
   sft_chat_kinds: str = "draw,question,describe"
@@ -137,6 +140,7 @@ def sft_config(
   c.data.chat.restate = False
   c.data.chat.reason = p.sft_reason
   c.data.chat.focus = p.sft_focus
+  c.data.chat.focus_style = p.sft_focus_style
   c.data.chat.kinds = p.sft_chat_kinds
   c.data.shuffle_objects = p.sft_shuffle_objects
   c.data.reword_prompts = p.sft_reword_prompts

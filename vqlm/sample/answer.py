@@ -15,6 +15,12 @@ caption with the model itself (the summed log-probability of `caption so candida
 `choice.likeliest`) and keeps the likeliest. Only the model's own words and likelihoods
 go in: the image's scene, the question's kind and the truth are never read. Replies without
 "so" (descriptions) are kept as written.
+
+A model tuned to name the object a question asks about before answering (`data.chat.focus` with
+`focus_style="object"`: "caption so a large blue circle at the top right so blue") has that
+object chosen first, among its caption's objects, by the likelihood of `caption so object so`:
+written greedily, the object's first words (size, colour) come before the cell that tells which
+object the question means, and the model can commit to the wrong one.
 """
 
 from collections.abc import Mapping, Sequence
@@ -42,6 +48,18 @@ def candidates(caption: str) -> list[str]:
   return out + [n for n in chat.NUMBERS[: len(objects) + 1] if n not in out]
 
 
+def focus_candidates(reply: str) -> list[str]:
+  """For a reply focused on one object ("caption so OBJECT so answer", `chat.question`'s
+  focus="object"): `caption so PHRASE so` for the caption phrase of each object of its caption;
+  [] for any other reply."""
+  parts = reply.split(SO)
+  objects = shapes.parse_caption(parts[0]) if len(parts) == 3 else None
+  named = shapes.parse_caption(parts[1]) if objects else None
+  if not objects or not named or len(named) != 1:
+    return []
+  return [f"{parts[0]}{SO}{shapes.object_phrase(o)}{SO.rstrip()}" for o in objects]
+
+
 def choose_answers(
   generator: Any,
   conversations: Sequence[Sequence[Mapping[str, Any]]],
@@ -50,6 +68,10 @@ def choose_answers(
   batch_size: int | None = None,
 ) -> tuple[list[str], list[str]]:
   """The reply to each conversation, its answer chosen by likelihood (module docstring).
+
+  A reply focused on one object (`focus_candidates`) first has that object chosen among its
+  caption's objects the same way; the model then writes the rest of its reply (greedy) from
+  there, and the answer is chosen after it.
 
   Args:
     generator: a `vqlm.sample.api.Generator` of a chat LM tuned on reasoned replies.
@@ -60,16 +82,31 @@ def choose_answers(
   """
   bs = batch_size or generator.batch_size
   free = sample_chat.reply(generator, conversations, max_len=max_len, batch_size=bs)
+  v, tok = generator.vocab, generator.text_tokenizer
   prompts = [sample_chat.chat_prompt_ids(generator, turns) for turns in conversations]
-  captions = [reply.split(SO)[0].strip() if SO in reply else None for reply in free]
+  replies = list(free)
+  starts = likeliest(generator, prompts, [focus_candidates(r) for r in free], batch_size=bs)
+  focused = [row for row, start in enumerate(starts) if start]
+  if focused:
+    rests = generator.write_ids(
+      [prompts[row] + list(v.encode_text(tok, starts[row])) for row in focused],
+      greedy=True,
+      max_len=max_len,
+      batch_size=bs,
+      desc="answers",
+    )
+    for row, rest in zip(focused, rests):
+      replies[row] = f"{starts[row]} {rest.strip()}"
+  prefixes = [reply.rsplit(SO, 1)[0].strip() if SO in reply else None for reply in replies]
+  captions = [p.split(SO)[0] if p else None for p in prefixes]
   chosen = likeliest(
     generator,
     prompts,
-    [[f"{c}{SO}{answer}" for answer in candidates(c)] if c else [] for c in captions],
-    end_ids=[generator.vocab.eos_id],
+    [[f"{p}{SO}{a}" for a in candidates(c)] if p else [] for p, c in zip(prefixes, captions)],
+    end_ids=[v.eos_id],
     batch_size=bs,
   )
-  return [c or reply for c, reply in zip(chosen, free)], free
+  return [c or reply for c, reply in zip(chosen, replies)], free
 
 
-__all__ = ["candidates", "choose_answers"]
+__all__ = ["candidates", "choose_answers", "focus_candidates"]

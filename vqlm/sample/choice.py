@@ -34,6 +34,8 @@ def likeliest(
   v, tok = generator.vocab, generator.text_tokenizer
   owners = [row for row, texts in enumerate(candidates) for _ in texts]
   texts = [text for row_texts in candidates for text in row_texts]
+  if not texts:
+    return [None] * len(prompts)
   scores = continuation_logps(
     generator.sampler,
     [prompts[row] for row in owners],

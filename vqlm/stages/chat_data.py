@@ -37,7 +37,7 @@ class ChatSettings:
   seed: int
   restate: bool = False
   reason: bool = False
-  focus: bool = False
+  focus: bool | str = False  # `chat.reply_focus`: False, True or "object"
   drop_request: float = 0.0
 
   def conversation(self, index: int, split: str) -> dict[str, Any]:
@@ -86,6 +86,12 @@ def settings(config: ml_collections.ConfigDict) -> ChatSettings | None:
   for name, value in (("restate", restate), ("reason", reason), ("focus", focus)):
     if not isinstance(value, bool):
       raise UserError(f"config.data.chat.{name}={value!r} must be True or False")
+  style = c.get("focus_style", "question")
+  if style not in chat.FOCUS_STYLES:
+    raise UserError(
+      f"config.data.chat.focus_style={style!r}; use one of {chat.FOCUS_STYLES}, "
+      f"e.g. {flag}focus_style=object"
+    )
   if focus and not reason:
     raise UserError(
       "config.data.chat.focus=True needs reasoned replies; add --config.data.chat.reason=True"
@@ -108,7 +114,7 @@ def settings(config: ml_collections.ConfigDict) -> ChatSettings | None:
     seed=c.seed,
     restate=restate,
     reason=reason,
-    focus=focus,
+    focus=chat.reply_focus(c),
     drop_request=drop_request,
   )
 

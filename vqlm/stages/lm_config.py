@@ -188,6 +188,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # between the description and the answer ("... so color at the top left so red"): the
       # answer is read from the words just before it (`vqlm.data.chat.question`'s focus).
       focus=False,
+      # With focus: what the reply names, "question" (as above) or "object": the caption phrase
+      # of the object a colour, shape, size or position question asks about ("... so a large red
+      # circle at the top left so red"; counts keep the question's focus).
+      focus_style="question",
       # Fraction of draw instructions whose request is dropped (an empty user turn): the model
       # learns to draw with no request, and chat drawing is guided against that empty request
       # (`<bos> <user> <assistant> <boi>`) instead of the captions' `<bos> <boi>`.

@@ -235,7 +235,10 @@ def _train(config, workdir, *, progress, log_fn, extra_hooks, checkpoint_dir, af
   p = config.prompts
   # Gold and wrong answers to questions take the layout the model was instruction-tuned with.
   instruction = chat_eval.instruction_settings(source_config)
-  layout = {key: bool(instruction.get(key, False)) for key in ("reason", "focus")}
+  layout = {
+    "reason": bool(instruction.get("reason", False)),
+    "focus": chat.reply_focus(instruction),
+  }
   items = tune_data.make_prompts(
     p.num_prompts,
     seed=p.seed,

@@ -52,7 +52,7 @@ def make_prompts(
   max_objects: int,
   split: str,
   reason: bool = False,
-  focus: bool = False,
+  focus: bool | str = False,
 ) -> list[dict[str, Any]]:
   """`chat.conversation` items 0..num-1 of `(seed, split)`; refuses any with a held-out pair
   outside "test_heldout" (the train and validation splits never draw one). `reason`, `focus`:
@@ -67,7 +67,7 @@ def make_prompts(
       min_objects=min_objects,
       max_objects=max_objects,
       reason=reason,
-      focus=focus and reason,
+      focus=focus if reason else False,
     )
   )
   held = chat.pairs_used(items) & set(shapes.HELDOUT_PAIRS)
@@ -121,13 +121,14 @@ def score_reply(item: Mapping[str, Any], reply: Any) -> dict[str, float]:
 # description), 3 objects about 40; a reply sampled at a high temperature may ramble, and a longer
 # one would not fit the tuning examples (a cut reply counts as a wrong one).
 REPLY_MAX_LEN = 32
-# The ids a focused reply adds (`chat.conversation(focus=True)`: at most 10 on 1-2 objects).
-FOCUS_IDS = 8
+# The ids a focused reply adds (`chat.conversation(focus=True)`: at most 10 on 1-2 objects;
+# focus="object": an object's caption phrase and "so", at most 14).
+FOCUS_IDS = {True: 8, "object": 14}
 
 
-def reply_max_len(*, focus: bool = False) -> int:
+def reply_max_len(*, focus: bool | str = False) -> int:
   """Most text ids of a sampled answer of a model tuned with (or without) focused replies."""
-  return REPLY_MAX_LEN + (FOCUS_IDS if focus else 0)
+  return REPLY_MAX_LEN + (FOCUS_IDS[focus] if focus else 0)
 
 
 class Policy:
