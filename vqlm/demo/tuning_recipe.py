@@ -93,24 +93,27 @@ PRESETS = {
   # minutes beyond the main demo on an AMD EPYC 2-core machine.
   "default": Preset(
     main="default",
-    # 2400 steps with prompts in any order and half of them reworded: requests 100% (two
-    # objects too) and test prompts 99.5%, where 900 steps reached 80.5% and 98%.
+    # 2400 steps with prompts in any order and half of them reworded (docs/experiments.md).
     sft_steps=2400,
     sft_examples=20000,
     sft_chat_weight=0.5,
     sft_lr=1e-3,
-    seq_len=128,
+    # Question replies: the caption, the asked-about object's phrase, then the answer (the
+    # object and the answer chosen by likelihood in the measures); 136 tokens hold the tune
+    # stage's question examples with such replies.
+    seq_len=136,
     sft_reason=True,
+    sft_focus=True,
+    sft_focus_style="object",
     sft_shuffle_objects=True,
     sft_reword_prompts=0.5,
     dpo_prompts=256,
     dpo_steps=100,
-    # 1e-5: DPO on pairs whose chosen samples are almost all perfect cost 0.25 points of test
-    # prompts, against 0.75 at 2e-5 and 1.5 at 5e-5 (docs/experiments.md).
+    # 1e-5: DPO on pairs whose chosen samples are almost all perfect cost the fewest test
+    # prompts of the rates tried (docs/experiments.md).
     dpo_lr=1e-5,
     dpo_beta=0.1,
-    # GRPO on drawings and questions (the parser's score, exact answers): questions 90 -> 94%
-    # in 80 steps, where 30 steps on drawings alone left them at 90.5%.
+    # GRPO on drawings and questions (the parser's score, exact answers; docs/experiments.md).
     grpo_steps=80,
     grpo_lr=5e-5,
     grpo_kinds="draw,question",

@@ -121,14 +121,14 @@ def score_reply(item: Mapping[str, Any], reply: Any) -> dict[str, float]:
 # description), 3 objects about 40; a reply sampled at a high temperature may ramble, and a longer
 # one would not fit the tuning examples (a cut reply counts as a wrong one).
 REPLY_MAX_LEN = 32
-# The ids a focused reply adds (`chat.conversation(focus=True)`: at most 10 on 1-2 objects;
-# focus="object": an object's caption phrase and "so", at most 14).
-FOCUS_IDS = {True: 8, "object": 14}
+# The ids a focused reply adds (`chat.conversation(focus=True)` or focus="object": at most 11
+# on 1-2 objects with the demo's text model, a whole focused reply at most 33).
+FOCUS_IDS = 8
 
 
 def reply_max_len(*, focus: bool | str = False) -> int:
   """Most text ids of a sampled answer of a model tuned with (or without) focused replies."""
-  return REPLY_MAX_LEN + (FOCUS_IDS[focus] if focus else 0)
+  return REPLY_MAX_LEN + (FOCUS_IDS if focus else 0)
 
 
 class Policy:
