@@ -38,7 +38,7 @@ def test_candidates_are_the_captions_words_and_numbers_up_to_its_objects():
 def test_the_likeliest_answer_is_kept_and_other_replies_stay(gen, monkeypatch):
   conversations = ["what colour is the object at the bottom left", "describe it", "where is it"]
   free = [f"{TWO} so yellow", TWO, "purple so what"]
-  monkeypatch.setattr(sample_answer.sample_chat, "reply", lambda *a, **k: list(free))
+  monkeypatch.setattr(sample_answer.sample_chat, "write_replies", lambda *a, **k: list(free))
   scored = []
 
   def scores(sampler, prompts, continuations, *, batch_size):
@@ -63,7 +63,7 @@ def test_the_likeliest_answer_is_kept_and_other_replies_stay(gen, monkeypatch):
 
 def test_choose_answers_on_a_tiny_lm_scores_with_the_model(gen, monkeypatch):
   free = [f"{TWO} so yellow", f"{TWO} so zero"]
-  monkeypatch.setattr(sample_answer.sample_chat, "reply", lambda *a, **k: list(free))
+  monkeypatch.setattr(sample_answer.sample_chat, "write_replies", lambda *a, **k: list(free))
   replies, _ = sample_answer.choose_answers(gen, ["what colour is it", "how many are there"])
   # The tiny LM's likelihoods decide; whatever they say, each reply is the caption, "so" and one
   # of its candidates, and the same prompt with the same candidates chooses the same.
@@ -108,7 +108,7 @@ def test_focus_candidates_are_the_captions_objects_for_object_focused_replies():
 
 def test_an_object_focused_reply_has_its_object_chosen_then_goes_on(gen, monkeypatch):
   free = [f"{TWO} so a large cyan circle in the center so yellow", f"{TWO} so two"]
-  monkeypatch.setattr(sample_answer.sample_chat, "reply", lambda *a, **k: list(free))
+  monkeypatch.setattr(sample_answer.sample_chat, "write_replies", lambda *a, **k: list(free))
   written = {}
 
   def write_ids(rows, **kwargs):

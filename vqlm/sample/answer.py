@@ -81,9 +81,9 @@ def choose_answers(
     (replies, free_replies): the replies with chosen answers, and the greedy replies.
   """
   bs = batch_size or generator.batch_size
-  free = sample_chat.reply(generator, conversations, max_len=max_len, batch_size=bs)
+  prompts = sample_chat.reply_prompts(generator, conversations)
+  free = sample_chat.write_replies(generator, prompts, max_len=max_len, batch_size=bs)
   v, tok = generator.vocab, generator.text_tokenizer
-  prompts = [sample_chat.chat_prompt_ids(generator, turns) for turns in conversations]
   replies = list(free)
   starts = likeliest(generator, prompts, [focus_candidates(r) for r in free], batch_size=bs)
   focused = [row for row, start in enumerate(starts) if start]

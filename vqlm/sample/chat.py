@@ -232,14 +232,43 @@ def reply(
   Returns:
     one stripped string per conversation.
   """
+  return write_replies(
+    generator,
+    reply_prompts(generator, conversations),
+    greedy=greedy,
+    sampling=sampling,
+    seed=seed,
+    max_len=max_len,
+    batch_size=batch_size,
+  )
+
+
+def reply_prompts(
+  generator: Any, conversations: Sequence[Sequence[Mapping[str, Any]]]
+) -> list[list[int]]:
+  """The prompt ids of the assistant's reply to each conversation (`chat_prompt_ids`; images
+  encoded once), after checking that each ends with a user turn."""
   if isinstance(conversations, Sequence) and not isinstance(conversations, str):
     for i, c in enumerate(conversations):
       last = _turns(c, f"conversations[{i}]")[-1]
       if not isinstance(c, str) and (not isinstance(last, Mapping) or last.get("role") != "user"):
         raise UserError(f"conversations[{i}] must end with a user turn for the assistant to reply.")
+  return _prompts(generator, conversations, "conversations")
+
+
+def write_replies(
+  generator: Any,
+  rows: Sequence[Sequence[int]],
+  *,
+  greedy: bool = True,
+  sampling: SamplingConfig | None = None,
+  seed: int = 0,
+  max_len: int = 48,
+  batch_size: int | None = None,
+) -> list[str]:
+  """`reply` from prompt ids (`reply_prompts`): one stripped string per row."""
   if max_len <= 0:
     raise UserError(f"max_len={max_len} must be >= 1.")
-  rows = _prompts(generator, conversations, "conversations")
   return generator.write_ids(
     rows,
     greedy=greedy,
@@ -257,6 +286,8 @@ __all__ = [
   "chat_uncond_ids",
   "draw",
   "reply",
+  "reply_prompts",
   "require_chat_vocab",
   "restate",
+  "write_replies",
 ]
